@@ -1,0 +1,408 @@
+"""Study file (TOML) -> frozen dataclasses; the only module that parses the file."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from cycle_optuna.errors import ConfigError
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "sophia")
+SCHEDULES = ("constant", "cosine", "cyclical", "onecycle")
+SAMPLERS = ("cycle", "reference", "tpe", "random", "cmaes")
+PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "patient", "none")
+DEVICES = ("auto", "cpu", "cuda")
+DIRECTIONS = ("minimize",)
+
+
+@dataclass(frozen=True)
+class StudySection:
+    name: str = "study"
+    storage: str | None = None  # None -> $CYCLE_OPTUNA_STORAGE or sqlite:///studies/<name>.db
+    direction: str = "minimize"  # the objective is validation loss
+    n_trials: int = 20  # total for the study across all workers
+    seed: int = 0  # seeds data split, model init and sampler
+    artifact_dir: str | None = None  # None -> studies/<name>-artifacts (checkpoints, best model)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"  # "synthetic", or a path to a .npz (X [N,T,F], y [N]) or .csv file
+    n_samples: int = 2400  # synthetic only
+    seq_len: int = 32  # synthetic only
+    n_features: int = 8  # synthetic only
+    n_classes: int = 3  # synthetic only; files infer it from the labels
+    noise: float = 1.0  # synthetic only: per-channel noise scale
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    label_column: str = "label"  # csv only
+    sample_column: str = "sample"  # csv only: rows sharing an id form one sequence
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    optimizer: str = "adamw"  # adamw | adam | sgd | lion | sophia
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # constant | cosine | cyclical | onecycle
+    warmup_epochs: float = 1.0  # linear warmup, may be fractional
+    cyclical_low_ratio: float = 0.1  # cyclical: triangle between lr*ratio and lr
+    cyclical_period_epochs: float = 2.0  # cyclical: epochs per full up-down cycle
+    grad_clip: float = 1.0  # max grad norm; 0 disables
+    max_bad_batches: int = 20  # consecutive non-finite losses before stopping as diverged
+    early_stopping_patience: int = 5  # epochs without val improvement; 0 disables
+    min_delta: float = 1e-4  # val loss improvement that resets patience
+    augment_jitter: float = 0.0  # std of gaussian noise added to train inputs
+    augment_scale: float = 0.0  # train inputs scaled by U(1-s, 1+s) per sample
+    init_gain: float = 0.1  # reduced-gain init of linear layers
+    device: str = "auto"  # auto picks cuda when present
+    threads: int = 0  # torch intra-op threads per worker; 0 = cores // workers
+    compile: bool = False  # torch.compile the model
+    eval_batch_size: int = 512
+
+
+@dataclass(frozen=True)
+class Hyperparams:
+    """The trial's parameters; [baseline] sets every one, [space] varies any subset."""
+
+    lr: float = 5e-4
+    batch_size: int = 32
+    hidden_dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    dropout: float = 0.1
+    weight_decay: float = 0.01
+
+
+PARAM_NAMES = tuple(f.name for f in dataclasses.fields(Hyperparams))
+
+
+@dataclass(frozen=True)
+class ParamSpace:
+    """One searchable parameter: a numeric range or a list of choices."""
+
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    type: str = "tpe"
+    n_startup_trials: int = 5  # tpe/cmaes: random trials before modelling
+    lr_factor: float = 2.0  # cycle: multiplicative lr step
+    noise_margin: float = 0.002  # cycle: relative improvement that counts
+    plateau_cycles: int = 4  # cycle: cycles without improvement before exploring
+    fallback: str = "tpe"  # cycle: sampler for exploration and uncovered params
+
+
+@dataclass(frozen=True)
+class PrunerConfig:
+    type: str = "median"
+    n_startup_trials: int = 3
+    n_warmup_steps: int = 2  # epochs before a trial can be pruned
+    percentile: float = 50.0  # percentile only
+    min_resource: int = 1  # successive_halving/hyperband
+    reduction_factor: int = 3  # successive_halving/hyperband
+    patience: int = 3  # patient only
+    min_delta: float = 0.0  # patient only
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    study: StudySection
+    data: DataConfig
+    train: TrainConfig
+    baseline: Hyperparams
+    space: tuple[ParamSpace, ...]
+    sampler: SamplerConfig
+    pruner: PrunerConfig
+    path: str | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, stored on the study."""
+        out = dataclasses.asdict(self)
+        out.pop("path")
+        data_path = resolve_data_path(self)
+        if data_path is not None:
+            out["data"]["source"] = str(data_path.resolve())
+        out["space"] = {p["name"]: {k: v for k, v in p.items() if k != "name" and v not in (None, False)} for p in out["space"]}
+        for p in out["space"].values():
+            if "choices" in p:
+                p["choices"] = list(p["choices"])
+        return out
+
+    def trial_definition(self) -> dict[str, Any]:
+        """The parts that define what a trial means; workers of one study must agree on them."""
+        d = self.to_dict()
+        return {k: d[k] for k in ("data", "train", "baseline", "space")}
+
+
+_SECTIONS = {
+    "study": StudySection,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "baseline": Hyperparams,
+    "sampler": SamplerConfig,
+    "pruner": PrunerConfig,
+}
+_SPACE_KEYS = ("low", "high", "log", "step", "choices")
+
+
+def _suggest(word: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(word, allowed, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class _Checker:
+    """Carries the file name so every error names file and key."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.where}: {key}: {msg}")
+
+    def build(self, section: str, cls: type, raw: Any) -> Any:
+        if not isinstance(raw, Mapping):
+            raise self.fail(section, f"must be a table, got {type(raw).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in raw.items():
+            if key not in fields:
+                raise self.fail(f"{section}.{key}", f"unknown key{_suggest(key, list(fields))}; allowed: {', '.join(fields)}")
+            kwargs[key] = self.coerce(f"{section}.{key}", value, fields[key].default)
+        return cls(**kwargs)
+
+    def coerce(self, key: str, value: Any, default: Any) -> Any:
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise self.fail(key, f"must be true or false, got {value!r}")
+            return value
+        if isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.fail(key, f"must be an integer, got {value!r}")
+            return value
+        if isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise self.fail(key, f"must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise self.fail(key, f"must be finite, got {value!r}")
+            return float(value)
+        if isinstance(default, str) or default is None:
+            if not isinstance(value, str):
+                raise self.fail(key, f"must be a string, got {value!r}")
+            return value
+        raise self.fail(key, f"unsupported value {value!r}")  # pragma: no cover
+
+    def one_of(self, key: str, value: str, allowed: tuple[str, ...]) -> None:
+        if value not in allowed:
+            raise self.fail(key, f"'{value}' is not one of {', '.join(allowed)}{_suggest(value, list(allowed))}")
+
+    def at_least(self, key: str, value: float, low: float, *, strict: bool = False) -> None:
+        if value < low or (strict and value == low):
+            raise self.fail(key, f"must be {'>' if strict else '>='} {low}, got {value}")
+
+    def space_param(self, name: str, raw: Any) -> ParamSpace:
+        key = f"space.{name}"
+        if name not in PARAM_NAMES:
+            raise self.fail(key, f"unknown parameter{_suggest(name, list(PARAM_NAMES))}; allowed: {', '.join(PARAM_NAMES)}")
+        if not isinstance(raw, Mapping):
+            raise self.fail(key, "must be a table like {low = 1, high = 6} or {choices = [32, 64]}")
+        for k in raw:
+            if k not in _SPACE_KEYS:
+                raise self.fail(f"{key}.{k}", f"unknown key{_suggest(k, list(_SPACE_KEYS))}; allowed: {', '.join(_SPACE_KEYS)}")
+        is_int = isinstance(getattr(Hyperparams(), name), int)
+        if "choices" in raw:
+            extra = set(raw) - {"choices"}
+            if extra:
+                raise self.fail(key, f"choices cannot be combined with {', '.join(sorted(extra))}")
+            choices = raw["choices"]
+            if not isinstance(choices, list) or not choices:
+                raise self.fail(f"{key}.choices", "must be a non-empty list")
+            checked = tuple(self.coerce(f"{key}.choices", c, 0 if is_int else 0.0) for c in choices)
+            if len(set(checked)) != len(checked):
+                raise self.fail(f"{key}.choices", f"has duplicates: {list(checked)}")
+            return ParamSpace(name, choices=checked)
+        if "low" not in raw or "high" not in raw:
+            raise self.fail(key, "needs both low and high (or choices)")
+        kind = 0 if is_int else 0.0
+        low = self.coerce(f"{key}.low", raw["low"], kind)
+        high = self.coerce(f"{key}.high", raw["high"], kind)
+        log = self.coerce(f"{key}.log", raw.get("log", False), False)
+        step = raw.get("step")
+        if step is not None:
+            step = self.coerce(f"{key}.step", step, kind)
+            if step <= 0:
+                raise self.fail(f"{key}.step", f"must be > 0, got {step}")
+            if log:
+                raise self.fail(key, "step and log cannot be combined")
+        if low > high:
+            raise self.fail(key, f"low must be <= high, got low={low}, high={high}")
+        if log and low <= 0:
+            raise self.fail(f"{key}.low", f"must be > 0 on a log scale, got {low}")
+        return ParamSpace(name, low=low, high=high, log=log, step=step)
+
+
+def parse(raw: Mapping[str, Any], where: str = "<study>", *, check_files: bool = True) -> StudyConfig:
+    """Validate a parsed TOML document into a StudyConfig."""
+    c = _Checker(where)
+    allowed = [*_SECTIONS, "space"]
+    for section in raw:
+        if section not in allowed:
+            raise c.fail(section, f"unknown section{_suggest(section, allowed)}; allowed: {', '.join(allowed)}")
+    parts = {name: c.build(name, cls, raw.get(name, {})) for name, cls in _SECTIONS.items()}
+    raw_space = raw.get("space", {})
+    if not isinstance(raw_space, Mapping):
+        raise c.fail("space", "must be a table of parameters")
+    space = tuple(c.space_param(name, spec) for name, spec in raw_space.items())
+    cfg = StudyConfig(space=space, path=None if where == "<study>" else where, **parts)
+    _validate(c, cfg, check_files)
+    return cfg
+
+
+def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
+    s, d, t, b = cfg.study, cfg.data, cfg.train, cfg.baseline
+    if not s.name or not all(ch.isalnum() or ch in "-_." for ch in s.name):
+        raise c.fail("study.name", f"must be letters, digits, '-', '_' or '.', got {s.name!r}")
+    c.one_of("study.direction", s.direction, DIRECTIONS)
+    c.at_least("study.n_trials", s.n_trials, 1)
+    c.at_least("data.val_fraction", d.val_fraction, 0, strict=True)
+    c.at_least("data.test_fraction", d.test_fraction, 0, strict=True)
+    if d.val_fraction + d.test_fraction >= 0.9:
+        raise c.fail("data", f"val_fraction + test_fraction must be < 0.9, got {d.val_fraction + d.test_fraction}")
+    if d.source == "synthetic":
+        c.at_least("data.n_samples", d.n_samples, 30)
+        c.at_least("data.seq_len", d.seq_len, 4)
+        c.at_least("data.n_features", d.n_features, 2)
+        c.at_least("data.n_classes", d.n_classes, 2)
+        c.at_least("data.noise", d.noise, 0)
+    else:
+        src = resolve_data_path(cfg)
+        if src.suffix.lower() not in (".npz", ".csv"):
+            raise c.fail("data.source", f"must be 'synthetic' or a .npz/.csv file, got {d.source!r}")
+        if check_files and not src.is_file():
+            raise c.fail("data.source", f"file not found: {src}")
+    c.at_least("train.epochs", t.epochs, 1)
+    c.one_of("train.optimizer", t.optimizer, OPTIMIZERS)
+    c.one_of("train.schedule", t.schedule, SCHEDULES)
+    c.one_of("train.device", t.device, DEVICES)
+    c.at_least("train.warmup_epochs", t.warmup_epochs, 0)
+    if not 0 < t.cyclical_low_ratio <= 1:
+        raise c.fail("train.cyclical_low_ratio", f"must be in (0, 1], got {t.cyclical_low_ratio}")
+    c.at_least("train.cyclical_period_epochs", t.cyclical_period_epochs, 0, strict=True)
+    for key in ("grad_clip", "augment_jitter", "augment_scale", "min_delta", "momentum"):
+        c.at_least(f"train.{key}", getattr(t, key), 0)
+    if t.augment_scale >= 1:
+        raise c.fail("train.augment_scale", f"must be < 1, got {t.augment_scale}")
+    c.at_least("train.init_gain", t.init_gain, 0, strict=True)
+    c.at_least("train.max_bad_batches", t.max_bad_batches, 1)
+    c.at_least("train.early_stopping_patience", t.early_stopping_patience, 0)
+    c.at_least("train.threads", t.threads, 0)
+    c.at_least("train.eval_batch_size", t.eval_batch_size, 1)
+    _validate_params(c, "baseline", b)
+    for p in cfg.space:
+        _check_baseline_in_space(c, p, getattr(b, p.name))
+    _check_heads_divide_hidden(c, cfg)
+    sp = cfg.sampler
+    c.one_of("sampler.type", sp.type, SAMPLERS)
+    c.one_of("sampler.fallback", sp.fallback, ("tpe", "random", "cmaes"))
+    c.at_least("sampler.n_startup_trials", sp.n_startup_trials, 0)
+    c.at_least("sampler.lr_factor", sp.lr_factor, 1, strict=True)
+    c.at_least("sampler.noise_margin", sp.noise_margin, 0)
+    c.at_least("sampler.plateau_cycles", sp.plateau_cycles, 1)
+    pr = cfg.pruner
+    c.one_of("pruner.type", pr.type, PRUNERS)
+    c.at_least("pruner.n_startup_trials", pr.n_startup_trials, 0)
+    c.at_least("pruner.n_warmup_steps", pr.n_warmup_steps, 0)
+    if not 0 <= pr.percentile <= 100:
+        raise c.fail("pruner.percentile", f"must be in [0, 100], got {pr.percentile}")
+    c.at_least("pruner.min_resource", pr.min_resource, 1)
+    c.at_least("pruner.reduction_factor", pr.reduction_factor, 2)
+    c.at_least("pruner.patience", pr.patience, 0)
+    c.at_least("pruner.min_delta", pr.min_delta, 0)
+
+
+def _validate_params(c: _Checker, section: str, hp: Hyperparams) -> None:
+    c.at_least(f"{section}.lr", hp.lr, 0, strict=True)
+    c.at_least(f"{section}.batch_size", hp.batch_size, 1)
+    c.at_least(f"{section}.hidden_dim", hp.hidden_dim, 1)
+    c.at_least(f"{section}.n_layers", hp.n_layers, 1)
+    c.at_least(f"{section}.n_heads", hp.n_heads, 1)
+    if not 0 <= hp.dropout < 1:
+        raise c.fail(f"{section}.dropout", f"must be in [0, 1), got {hp.dropout}")
+    c.at_least(f"{section}.weight_decay", hp.weight_decay, 0)
+
+
+def _check_baseline_in_space(c: _Checker, p: ParamSpace, value: Any) -> None:
+    if p.choices is not None:
+        if value not in p.choices:
+            raise c.fail(f"baseline.{p.name}", f"{value} is outside the space: choices are {list(p.choices)}")
+    elif not p.low <= value <= p.high:
+        raise c.fail(f"baseline.{p.name}", f"{value} is outside the space [{p.low}, {p.high}]")
+
+
+def _values(cfg: StudyConfig, name: str) -> tuple[Any, ...]:
+    for p in cfg.space:
+        if p.name == name:
+            if p.choices is not None:
+                return p.choices
+            return tuple(range(int(p.low), int(p.high) + 1)) if p.high - p.low <= 4096 else ()
+    return (getattr(cfg.baseline, name),)
+
+
+def _check_heads_divide_hidden(c: _Checker, cfg: StudyConfig) -> None:
+    b = cfg.baseline
+    if b.hidden_dim % b.n_heads:
+        raise c.fail("baseline.n_heads", f"{b.n_heads} does not divide hidden_dim {b.hidden_dim}")
+    hidden, heads = _values(cfg, "hidden_dim"), _values(cfg, "n_heads")
+    if hidden and heads and not any(h % n == 0 for h in hidden for n in heads):
+        raise c.fail("space.n_heads", f"no choice of n_heads {list(heads)} divides any hidden_dim {list(hidden)}")
+
+
+def load(path: str | Path) -> StudyConfig:
+    """Read and validate a study file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: study file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read study file: {e.strerror}") from e
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    return parse(raw, str(path))
+
+
+def from_dict(d: Mapping[str, Any]) -> StudyConfig:
+    """Rebuild a config stored on a study by :meth:`StudyConfig.to_dict`."""
+    raw = {k: v for k, v in d.items() if k in (*_SECTIONS, "space")}
+    raw["study"] = {k: v for k, v in raw.get("study", {}).items() if v is not None}
+    raw = {k: ({kk: vv for kk, vv in v.items() if vv is not None} if k != "space" else v) for k, v in raw.items()}
+    return parse(raw, "<stored study config>", check_files=False)
+
+
+def resolve_data_path(cfg: StudyConfig) -> Path | None:
+    """The data file, relative to the study file; None for the synthetic task."""
+    if cfg.data.source == "synthetic":
+        return None
+    src = Path(cfg.data.source)
+    if cfg.path and not src.is_absolute():
+        src = Path(cfg.path).parent / src
+    return src
+
+
+def override(cfg: StudyConfig, **study_fields: Any) -> StudyConfig:
+    """A copy with [study] fields replaced (n_trials, storage from the command line)."""
+    changes = {k: v for k, v in study_fields.items() if v is not None}
+    return dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, **changes)) if changes else cfg
