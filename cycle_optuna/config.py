@@ -131,10 +131,12 @@ class StudyConfig:
         """JSON-ready form, stored on the study."""
         out = dataclasses.asdict(self)
         out.pop("path")
+        # absolute paths, so the stored config works without the study file (best, report, dashboard)
         data_path = resolve_data_path(self)
         if data_path is not None:
             out["data"]["source"] = str(data_path.resolve())
-        out["space"] = {p["name"]: {k: v for k, v in p.items() if k != "name" and v not in (None, False)} for p in out["space"]}
+        out["study"]["artifact_dir"] = str(resolve_artifact_dir(self).resolve())
+        out["space"] = {p["name"]: {k: v for k, v in p.items() if k != "name" and v is not None and v is not False} for p in out["space"]}
         for p in out["space"].values():
             if "choices" in p:
                 p["choices"] = list(p["choices"])
@@ -264,7 +266,7 @@ def parse(raw: Mapping[str, Any], where: str = "<study>", *, check_files: bool =
     if not isinstance(raw_space, Mapping):
         raise c.fail("space", "must be a table of parameters")
     space = tuple(c.space_param(name, spec) for name, spec in raw_space.items())
-    cfg = StudyConfig(space=space, path=None if where == "<study>" else where, **parts)
+    cfg = StudyConfig(space=space, path=None if where.startswith("<") else where, **parts)
     _validate(c, cfg, check_files)
     return cfg
 
@@ -309,9 +311,11 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
     c.at_least("train.threads", t.threads, 0)
     c.at_least("train.eval_batch_size", t.eval_batch_size, 1)
     _validate_params(c, "baseline", b)
+    _check_space_feasible(c, cfg)
     for p in cfg.space:
         _check_baseline_in_space(c, p, getattr(b, p.name))
-    _check_heads_divide_hidden(c, cfg)
+    if b.hidden_dim % b.n_heads:
+        raise c.fail("baseline.n_heads", f"{b.n_heads} does not divide hidden_dim {b.hidden_dim}")
     sp = cfg.sampler
     c.one_of("sampler.type", sp.type, SAMPLERS)
     c.one_of("sampler.fallback", sp.fallback, ("tpe", "random", "cmaes"))
@@ -359,10 +363,7 @@ def _values(cfg: StudyConfig, name: str) -> tuple[Any, ...]:
     return (getattr(cfg.baseline, name),)
 
 
-def _check_heads_divide_hidden(c: _Checker, cfg: StudyConfig) -> None:
-    b = cfg.baseline
-    if b.hidden_dim % b.n_heads:
-        raise c.fail("baseline.n_heads", f"{b.n_heads} does not divide hidden_dim {b.hidden_dim}")
+def _check_space_feasible(c: _Checker, cfg: StudyConfig) -> None:
     hidden, heads = _values(cfg, "hidden_dim"), _values(cfg, "n_heads")
     if hidden and heads and not any(h % n == 0 for h in hidden for n in heads):
         raise c.fail("space.n_heads", f"no choice of n_heads {list(heads)} divides any hidden_dim {list(hidden)}")
@@ -400,6 +401,19 @@ def resolve_data_path(cfg: StudyConfig) -> Path | None:
     if cfg.path and not src.is_absolute():
         src = Path(cfg.path).parent / src
     return src
+
+
+def study_dir(cfg: StudyConfig) -> Path:
+    """Where a study's local files go: beside its study file, else ./studies."""
+    return Path(cfg.path).parent if cfg.path else Path("studies")
+
+
+def resolve_artifact_dir(cfg: StudyConfig) -> Path:
+    """Directory of the study's artifacts (checkpoints, saved models)."""
+    if cfg.study.artifact_dir:
+        path = Path(cfg.study.artifact_dir)
+        return path if path.is_absolute() or not cfg.path else Path(cfg.path).parent / path
+    return study_dir(cfg) / f"{cfg.study.name}-artifacts"
 
 
 def override(cfg: StudyConfig, **study_fields: Any) -> StudyConfig:

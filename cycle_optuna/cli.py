@@ -1,0 +1,192 @@
+"""`cycle-optuna` command line: parse, call the package, print with rich."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from typing import Callable, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cycle_optuna.errors import CycleOptunaError
+
+out = Console()
+err = Console(stderr=True)
+
+EXAMPLES = {
+    "run": """examples:
+  cycle-optuna run studies/quick.toml
+  cycle-optuna run studies/seed.toml --n-trials 30
+  cycle-optuna run studies/seed.toml --storage postgresql+psycopg://user:pass@db/optuna""",
+    "worker": """examples:
+  cycle-optuna worker studies/seed.toml
+  CYCLE_OPTUNA_STORAGE=postgresql+psycopg://user:pass@db/optuna cycle-optuna worker studies/seed.toml""",
+    "best": """examples:
+  cycle-optuna best studies/seed.toml
+  cycle-optuna best studies/seed.toml --json""",
+}
+
+
+def _load(args: argparse.Namespace):
+    """The study file with command-line overrides, and its storage URL."""
+    from cycle_optuna import config, storage
+
+    cfg = config.override(config.load(args.study), n_trials=getattr(args, "n_trials", None))
+    return cfg, storage.resolve_url(cfg, args.storage)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cycle_optuna import storage, worker
+
+    cfg, url = _load(args)
+    out.print(f"study [bold]{cfg.study.name}[/] on {storage.mask(url)}: "
+              f"{cfg.study.n_trials} trials, sampler {cfg.sampler.type}, pruner {cfg.pruner.type}")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=out, transient=False) as progress:
+        trials = progress.add_task("trials", total=cfg.study.n_trials, info="")
+        epochs = progress.add_task("epochs", total=cfg.train.epochs, info="")
+
+        def on_trial_start(done: int) -> None:
+            progress.update(trials, completed=done)
+            progress.reset(epochs, total=cfg.train.epochs)
+
+        def on_epoch(trial, m) -> None:
+            progress.update(epochs, completed=m.epoch + 1, description=f"cycle {trial.number + 1}",
+                            info=f"val loss {m.val_loss:.4f}  acc {m.val_accuracy:.1%}")
+
+        def on_trial_end(study, t) -> None:
+            progress.update(trials, completed=worker.trials_counted(study), info=_trial_line(t))
+
+        hooks = worker.Hooks(on_trial_start=on_trial_start, on_epoch=on_epoch, on_trial_end=on_trial_end)
+        study = worker.run_worker(cfg, url, hooks=hooks)
+        progress.update(trials, completed=worker.trials_counted(study))
+    _print_cycles(study)
+    return 0
+
+
+def _trial_line(t) -> str:
+    value = "-" if t.value is None else f"{t.value:.4f}"
+    return f"last: cycle {t.number + 1} {t.state.name.lower()} {value}"
+
+
+def _print_cycles(study) -> None:
+    from cycle_optuna.api import cycles
+
+    table = Table(title=f"cycles of {study.study_name}")
+    for col in ("cycle", "val loss", "accuracy", "improvement", "state", "changes"):
+        table.add_column(col, justify="right" if col not in ("state", "changes") else "left")
+    for c in cycles(study):
+        table.add_row(
+            str(c.cycle),
+            "-" if c.value is None else f"{c.value:.4f}",
+            "-" if c.val_accuracy is None else f"{c.val_accuracy:.2%}",
+            "-" if c.improvement_pct is None else f"{c.improvement_pct:.2f}%",
+            c.state.lower(),
+            c.key_change,
+        )
+    out.print(table)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from cycle_optuna import storage, worker
+
+    cfg, url = _load(args)
+    err.print(f"worker on study {cfg.study.name} at {storage.mask(url)}")
+    study = worker.run_worker(cfg, url)
+    err.print(f"study {cfg.study.name}: {worker.trials_counted(study)} of {cfg.study.n_trials} trials")
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    import json
+
+    from cycle_optuna import api
+
+    cfg, url = _load(args)
+    trial = api.best_trial(cfg.path, storage=url)
+    if args.json:
+        out.print_json(json.dumps({"number": trial.number, "value": trial.value, "params": trial.params,
+                                   "user_attrs": trial.user_attrs}, default=str))
+        return 0
+    table = Table(title=f"best of {cfg.study.name}: cycle {trial.number + 1}")
+    table.add_column("name")
+    table.add_column("value", justify="right")
+    table.add_row("val loss", f"{trial.value:.4f}")
+    for k, v in trial.params.items():
+        table.add_row(k, str(v))
+    out.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cycle-optuna",
+        description="Tune small transformers in improvement cycles with Optuna.",
+        epilog="Run 'cycle-optuna COMMAND --help' for a command's options and examples.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("study", metavar="STUDY.toml", help="the study file")
+        p.add_argument("--storage", metavar="URL",
+                       help="storage URL (default: $CYCLE_OPTUNA_STORAGE, the study file, or sqlite beside it)")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks of unexpected errors")
+        p.set_defaults(func=func)
+        return p
+
+    run = command("run", cmd_run, "run the study's trials with progress, then print the cycle table")
+    run.add_argument("--n-trials", type=_positive, metavar="N", help="total trials the study should hold")
+    wk = command("worker", cmd_worker, "run one worker on the study (start several, on many machines)")
+    wk.add_argument("--n-trials", type=_positive, metavar="N", help="total trials the study should hold")
+    best = command("best", cmd_best, "print the best trial's parameters and metrics")
+    best.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns 0 ok, 2 bad input, 1 unexpected error, 130 interrupted."""
+    args = build_parser().parse_args(argv)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    logging.captureWarnings(True)
+    from cycle_optuna.storage import mask
+
+    try:
+        return args.func(args)
+    except CycleOptunaError as e:
+        err.print(f"[bold red]error:[/] {mask(str(e))}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the boundary that turns surprises into exit code 1
+        if args.debug:
+            raise
+        err.print(f"[bold red]unexpected error:[/] {mask(f'{type(e).__name__}: {e}')} (rerun with --debug for the traceback)",
+                  highlight=False, soft_wrap=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
