@@ -1,0 +1,282 @@
+"""CycleSampler: improvement cycles (local moves from the incumbent) as an Optuna sampler."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler, CmaEsSampler, RandomSampler, TPESampler
+from optuna.storages import InMemoryStorage
+from optuna.study import Study, StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from cycle_optuna.sampler._history import FIXED_ATTR, PROPOSAL_ATTR, History, HistoryCache
+from cycle_optuna.sampler._moves import Roles, coerce, contains, is_ordered, repair, step_value
+from cycle_optuna.sampler._rules import Planner, Settings
+
+PARENT_ATTR, MOVE_ATTR, REASON_ATTR = "cycle_parent", "cycle_move", "cycle_reason"
+_WAIT_RECENT_S = 10.0  # only trials created this recently may still be writing their proposal
+_WAIT_S = {True: 0.25, False: 2.0}  # longest wait for them: in-memory (threads) / shared storages
+_MAX_ENTRIES = 1024
+
+
+@dataclass
+class _Entry:
+    payload: dict[str, Any]
+    space: dict[str, BaseDistribution] | None  # relative search space; None until needed
+
+
+def sampler_name(sampler: BaseSampler) -> str:
+    """Short name used in explanations: tpe, random, cmaes, or the class name."""
+    for cls, name in ((TPESampler, "tpe"), (RandomSampler, "random"), (CmaEsSampler, "cmaes")):
+        if isinstance(sampler, cls):
+            return name
+    return type(sampler).__name__
+
+
+class CycleSampler(BaseSampler):
+    """Tune like a researcher in improvement cycles, as an Optuna sampler.
+
+    Cycle 1 (trial 0) is ``baseline``. Each later trial starts from the incumbent (the best
+    finished trial, where "better" means better by more than ``noise_margin``) and changes one
+    parameter: lr x/÷ ``lr_factor``, layers +-1, hidden to the next/previous choice (heads kept
+    dividing it), dropout +-, batch size to the next/previous choice, other numeric parameters
+    up/down. A move that improved is repeated (with a larger step after two in a row); one that
+    did not sends the search back to the incumbent to try the opposite, then the next move, then
+    the same moves with smaller steps. A ``diagnosis`` user attr on trials, when present, orders
+    the moves. After ``plateau_cycles`` trials without improvement, or once every move is taken,
+    one trial comes from ``fallback``. Every decision is derived from the study's trials, so
+    many workers can share one study; running trials count as taken.
+
+    Each proposed trial gets user attrs ``cycle_parent`` (trial number or None), ``cycle_move``
+    and ``cycle_reason`` (one sentence). See ``docs/sampler.md`` for the full rules.
+
+    Args:
+        baseline: Parameter values of the first trial; missing ones come from ``fallback``.
+        seed: Seed of the default fallback sampler (the rules themselves are deterministic).
+        lr_factor: Multiplicative lr step, > 1.
+        noise_margin: Relative improvement that counts (0.002 = 0.2% of the incumbent value).
+        plateau_cycles: Trials without improvement before one exploration trial, >= 1.
+        fallback: Sampler for exploration trials and parameters the rules do not move
+            (unordered categoricals; all non-role parameters if ``generic_moves`` is False).
+            Defaults to ``TPESampler(seed=seed)``.
+        roles: Which parameter is the lr, layers, hidden, heads, dropout and batch size.
+        generic_moves: Move numeric parameters that have no role by stepping them up/down.
+    """
+
+    def __init__(
+        self,
+        *,
+        baseline: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        lr_factor: float = 2.0,
+        noise_margin: float = 0.002,
+        plateau_cycles: int = 4,
+        fallback: BaseSampler | None = None,
+        roles: Roles | None = None,
+        generic_moves: bool = True,
+    ) -> None:
+        if baseline is not None and not isinstance(baseline, Mapping):
+            raise ValueError(f"baseline must map parameter names to values, but got {baseline=}.")
+        if isinstance(lr_factor, bool) or not isinstance(lr_factor, (int, float)) or not (
+            math.isfinite(lr_factor) and lr_factor > 1
+        ):
+            raise ValueError(f"lr_factor must be a finite number > 1, but got {lr_factor=}.")
+        if isinstance(noise_margin, bool) or not isinstance(noise_margin, (int, float)) or not (
+            math.isfinite(noise_margin) and noise_margin >= 0
+        ):
+            raise ValueError(f"noise_margin must be a finite number >= 0, but got {noise_margin=}.")
+        if isinstance(plateau_cycles, bool) or not isinstance(plateau_cycles, int) or plateau_cycles < 1:
+            raise ValueError(f"plateau_cycles must be an integer >= 1, but got {plateau_cycles=}.")
+        if fallback is not None and not isinstance(fallback, BaseSampler):
+            raise ValueError(f"fallback must be an optuna sampler, but got {fallback=}.")
+        if roles is not None and not isinstance(roles, Roles):
+            raise ValueError(f"roles must be a cycle_optuna.sampler.Roles, but got {roles=}.")
+        self._baseline = dict(baseline or {})
+        self._lr_factor = float(lr_factor)
+        self._plateau_cycles = plateau_cycles
+        self._fallback = fallback if fallback is not None else TPESampler(seed=seed)
+        self._roles = roles or Roles()
+        self._generic_moves = bool(generic_moves)
+        self._history = HistoryCache(self._movable, float(noise_margin))
+        self._entries: OrderedDict[tuple[int, int], _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_entries"] = OrderedDict()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def reseed_rng(self) -> None:
+        self._fallback.reseed_rng()
+
+    # -- BaseSampler -------------------------------------------------------------------------
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        self._raise_error_if_multi_objective(study)
+        self._fallback.before_trial(study, trial)
+        self._entry(study, trial, wait=True)
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        self._raise_error_if_multi_objective(study)
+        entry = self._entry(study, trial)
+        if entry.space is None:
+            entry.space = self._relative_space(self._view(study, trial))
+        return dict(entry.space)
+
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        self._raise_error_if_multi_objective(study)
+        if not search_space:
+            return {}
+        entry = self._entry(study, trial)
+        if entry.payload.get("kind") == "explore":
+            return self._explore_relative(study, trial, search_space)
+        params = entry.payload.get("params") or {}
+        return {k: v for k, v in params.items() if k in search_space and contains(search_space[k], v)}
+
+    def sample_independent(
+        self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        self._raise_error_if_multi_objective(study)
+        payload = self._entry(study, trial).payload
+        kind = payload.get("kind")
+        if kind != "explore":
+            value = coerce(param_distribution, (payload.get("params") or {}).get(param_name))
+            if value is not None:
+                return value
+            base = coerce(param_distribution, self._baseline.get(param_name))
+            if base is not None:
+                if kind == "lazy" and param_name == payload.get("param"):
+                    role = self._roles.role_of(param_name)
+                    moved = step_value(
+                        param_distribution, base, int(payload.get("dir", 1)), 1.0,
+                        factor=self._lr_factor if role == "lr" else 2.0,
+                        multiplicative=role in ("lr", "hidden", "batch"),
+                    )
+                    base = base if moved is None else moved
+                return repair(self._roles, param_name, param_distribution, base, trial.params)
+        value = self._fallback.sample_independent(study, trial, param_name, param_distribution)
+        return repair(self._roles, param_name, param_distribution, value, trial.params)
+
+    def after_trial(
+        self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        self._fallback.after_trial(study, trial, state, values)
+        with self._lock:
+            self._entries.pop((id(study._storage), trial._trial_id), None)
+
+    # -- decisions ---------------------------------------------------------------------------
+    def _movable(self, name: str, dist: BaseDistribution) -> bool:
+        return is_ordered(dist) and (self._generic_moves or self._roles.role_of(name) is not None)
+
+    def _relative_space(self, hist: History) -> dict[str, BaseDistribution]:
+        f = hist.fold
+        return {k: d for k, d in f.space.items() if k not in f.conflicts and not d.single() and self._movable(k, d)}
+
+    def _view(self, study: Study, trial: FrozenTrial) -> History:
+        # The whole study, also inside HyperbandPruner's bracket view: the cycle is one
+        # sequence across brackets and duplicates must be avoided study-wide.
+        return self._history.view(study._storage, study._study_id, study.direction, trial.number)
+
+    def _entry(self, study: Study, trial: FrozenTrial, *, wait: bool = False) -> _Entry:
+        key = (id(study._storage), trial._trial_id)
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is not None:
+            return entry
+        stored = trial.system_attrs.get(PROPOSAL_ATTR)
+        if isinstance(stored, dict):
+            entry = _Entry(stored, None)
+        else:
+            entry = self._decide(study, trial, wait)
+        with self._lock:
+            self._entries[key] = entry
+            while len(self._entries) > _MAX_ENTRIES:
+                self._entries.popitem(last=False)
+        return entry
+
+    def _decide(self, study: Study, trial: FrozenTrial, wait: bool) -> _Entry:
+        self._raise_error_if_multi_objective(study)
+        hist = self._view(study, trial)
+        if wait and self._wait_for_earlier(study, trial, hist):
+            hist = self._view(study, trial)
+        settings = Settings(
+            roles=self._roles,
+            baseline=self._baseline,
+            lr_factor=self._lr_factor,
+            plateau_cycles=self._plateau_cycles,
+            fallback_name=sampler_name(self._fallback),
+            minimize=study.direction != StudyDirection.MAXIMIZE,
+            movable=self._movable,
+        )
+        planner = Planner(settings, hist, trial.number)
+        fixed = trial.system_attrs.get(FIXED_ATTR)
+        if isinstance(fixed, dict) and fixed:
+            payload, reason = planner.enqueued(fixed)
+        else:
+            payload, reason = planner.decide()
+        self._write(study, trial, payload, reason)
+        return _Entry(payload, dict(planner.space))
+
+    def _wait_for_earlier(self, study: Study, trial: FrozenTrial, hist: History) -> bool:
+        """Wait briefly for earlier running trials that have not written their proposal yet,
+        so that two workers asking at the same moment do not pick the same move."""
+        now = datetime.datetime.now()
+
+        def undecided(t: FrozenTrial) -> bool:
+            return (
+                t.number < trial.number
+                and t.state == TrialState.RUNNING
+                and PROPOSAL_ATTR not in t.system_attrs
+                and not t.params
+                and t.datetime_start is not None
+                and abs((now - t.datetime_start).total_seconds()) < _WAIT_RECENT_S
+            )
+
+        storage = study._storage
+        waiting = [t._trial_id for t in hist.pending if undecided(t)]
+        if not waiting:
+            return False
+        deadline = time.monotonic() + _WAIT_S[isinstance(storage, InMemoryStorage)]
+        delay = 0.005
+        while waiting and time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            waiting = [tid for tid in waiting if undecided(storage.get_trial(tid))]
+        return True
+
+    def _write(self, study: Study, trial: FrozenTrial, payload: dict[str, Any], reason: str) -> None:
+        storage = study._storage
+        storage.set_trial_system_attr(trial._trial_id, PROPOSAL_ATTR, payload)
+        for key, value in ((PARENT_ATTR, payload.get("parent")), (MOVE_ATTR, payload["move"]), (REASON_ATTR, reason)):
+            storage.set_trial_user_attr(trial._trial_id, key, value)
+            if isinstance(trial.user_attrs, dict):
+                trial.user_attrs[key] = value  # so the objective sees them without a reload
+
+    def _explore_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        fb = self._fallback
+        fb_space = {k: d for k, d in fb.infer_relative_search_space(study, trial).items() if k in search_space}
+        params = dict(fb.sample_relative(study, trial, fb_space)) if fb_space else {}
+        for name, dist in search_space.items():
+            if name not in params:
+                params[name] = fb.sample_independent(study, trial, name, dist)
+        heads, hidden = self._roles.heads, self._roles.hidden
+        name = heads if heads in params else hidden  # heads follows hidden when both are new
+        if name in params:
+            params[name] = repair(self._roles, name, search_space[name], params[name], {**trial.params, **params})
+        return params

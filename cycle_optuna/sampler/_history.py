@@ -1,0 +1,198 @@
+"""What the CycleSampler knows, folded from the study's trials, with a per-process cache.
+
+Finished trials never change, so the leading run of finished trials is folded once and kept;
+only the trials after the first unfinished one are folded again on each call. Asking is
+therefore O(new trials), not O(all trials), apart from the storage's own ``get_all_trials``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from optuna.distributions import BaseDistribution
+from optuna.storages import BaseStorage
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from cycle_optuna.sampler._moves import compatible, config_key
+
+PROPOSAL_ATTR = "cycle:proposal"  # system attr: the decision, as JSON, written before sampling
+FIXED_ATTR = "fixed_params"  # Optuna's system attr for enqueued trials
+
+
+@dataclass
+class Rec:
+    """One trial as the rules see it."""
+
+    number: int
+    state: TrialState
+    value: float | None  # finite objective value of a COMPLETE trial, else None
+    config: dict[str, Any]  # rule-covered params (the proposal, overridden by actual params)
+    diagnosis: str | None
+    kind: str  # baseline | move | explore | lazy | enqueued | "" (not proposed by us)
+    parent: int | None
+    param: str | None  # the parameter the move changed
+    direction: int
+    scale: float
+    move: str
+    improved: bool = False  # became the incumbent when it finished
+    beaten: float | None = None  # the incumbent value it beat
+
+    @property
+    def cycle(self) -> int:
+        return self.number + 1
+
+
+@dataclass
+class Fold:
+    """The small, copyable part of the state."""
+
+    incumbent: Rec | None = None
+    base: Rec | None = None  # the first trial proposed as baseline or with params
+    last_finished: Rec | None = None
+    last_explore: int = -1
+    n_trials: int = 0  # trials seen, WAITING ones excluded
+    space: dict[str, BaseDistribution] = field(default_factory=dict)  # union, latest wins
+    conflicts: set[str] = field(default_factory=set)  # names seen with incompatible distributions
+
+    def copy(self) -> Fold:
+        return Fold(
+            self.incumbent, self.base, self.last_finished, self.last_explore, self.n_trials,
+            dict(self.space), set(self.conflicts),
+        )
+
+
+@dataclass
+class History:
+    """A snapshot: the fold plus lookups over every trial except the one being decided."""
+
+    fold: Fold
+    _recs: dict[int, Rec]
+    _tail_recs: dict[int, Rec]
+    _keys: set[tuple]
+    _tail_keys: set[tuple]
+    pending: list[FrozenTrial]  # unfinished trials other than the current one
+
+    def rec(self, number: int | None) -> Rec | None:
+        if number is None:
+            return None
+        return self._tail_recs.get(number) or self._recs.get(number)
+
+    def known(self, key: tuple) -> bool:
+        return key in self._tail_keys or key in self._keys
+
+
+@dataclass
+class _Cache:
+    direction: StudyDirection
+    fold: Fold = field(default_factory=Fold)
+    recs: dict[int, Rec] = field(default_factory=dict)
+    keys: set[tuple] = field(default_factory=set)
+    done: int = 0  # trials 0..done-1 are finished and folded
+
+
+class HistoryCache:
+    """Per-process cache of folded trials, one entry per (storage, study)."""
+
+    def __init__(self, movable: Callable[[str, BaseDistribution], bool], noise_margin: float) -> None:
+        self._movable = movable
+        self._margin = noise_margin
+        self._caches: dict[tuple[int, int], _Cache] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_movable": self._movable, "_margin": self._margin}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["_movable"], state["_margin"])  # type: ignore[misc]
+
+    def better(self, a: float, b: float, direction: StudyDirection) -> bool:
+        """`a` improves on `b` by more than the relative noise margin."""
+        margin = self._margin * abs(b)
+        if direction == StudyDirection.MAXIMIZE:
+            return a > b + margin
+        return a < b - margin
+
+    def view(self, storage: BaseStorage, study_id: int, direction: StudyDirection, exclude: int) -> History:
+        trials = storage.get_all_trials(study_id, deepcopy=False)
+        with self._lock:
+            key = (id(storage), study_id)
+            cache = self._caches.get(key)
+            if (
+                cache is None
+                or cache.direction != direction
+                or cache.done > len(trials)
+                or (cache.done and trials[cache.done - 1].number != cache.done - 1)
+            ):
+                cache = self._caches[key] = _Cache(direction)
+            if any(t.number != i for i, t in enumerate(trials[cache.done : cache.done + 1], cache.done)):
+                trials = sorted(trials, key=lambda t: t.number)  # storages list by number; be safe
+            i = cache.done
+            while i < len(trials) and trials[i].state.is_finished() and trials[i].number == i:
+                self._fold(cache.fold, cache.recs, cache.keys, trials[i], direction)
+                i += 1
+            cache.done = i
+            fold, recs, keys = cache.fold.copy(), cache.recs, cache.keys
+        tail_recs: dict[int, Rec] = {}
+        tail_keys: set[tuple] = set()
+        pending = []
+        for t in trials[i:]:
+            if t.number == exclude:
+                continue
+            if not t.state.is_finished():
+                pending.append(t)
+            self._fold(fold, tail_recs, tail_keys, t, direction)
+        return History(fold, recs, tail_recs, keys, tail_keys, pending)
+
+    def _fold(self, f: Fold, recs: dict[int, Rec], keys: set[tuple], t: FrozenTrial, direction: StudyDirection) -> None:
+        if t.state == TrialState.WAITING:
+            fixed = t.system_attrs.get(FIXED_ATTR)
+            if isinstance(fixed, dict) and fixed:
+                keys.add(config_key(fixed))
+            return
+        prop = t.system_attrs.get(PROPOSAL_ATTR)
+        prop = prop if isinstance(prop, dict) else {}
+        for name, dist in t.distributions.items():
+            old = f.space.get(name)
+            if old is not None and not compatible(old, dist):
+                f.conflicts.add(name)
+            f.space[name] = dist
+        config = dict(prop.get("params") or {})
+        for name, value in t.params.items():
+            if self._movable(name, t.distributions[name]):
+                config[name] = value
+        value = None
+        if t.state == TrialState.COMPLETE and t.values is not None and len(t.values) == 1:
+            if math.isfinite(t.values[0]):
+                value = float(t.values[0])
+        diagnosis = t.user_attrs.get("diagnosis")
+        rec = Rec(
+            number=t.number,
+            state=t.state,
+            value=value,
+            config=config,
+            diagnosis=diagnosis if isinstance(diagnosis, str) else None,
+            kind=str(prop.get("kind", "")),
+            parent=prop.get("parent"),
+            param=prop.get("param"),
+            direction=int(prop.get("dir", 0) or 0),
+            scale=float(prop.get("scale", 1.0) or 1.0),
+            move=str(prop.get("move", "")),
+        )
+        recs[t.number] = rec
+        f.n_trials += 1
+        if config:
+            keys.add(config_key(config))
+        if f.base is None and rec.kind != "explore" and (config or rec.kind == "baseline"):
+            f.base = rec
+        if rec.kind == "explore":
+            f.last_explore = max(f.last_explore, t.number)
+        if t.state.is_finished():
+            f.last_finished = rec
+            if value is not None and (f.incumbent is None or self.better(value, f.incumbent.value, direction)):  # type: ignore[arg-type]
+                rec.improved = True
+                rec.beaten = f.incumbent.value if f.incumbent is not None else None
+                f.incumbent = rec

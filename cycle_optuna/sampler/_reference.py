@@ -1,0 +1,147 @@
+"""The reference's own schedule, kept for side-by-side comparison, and the study-file factory."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.samplers import BaseSampler, CmaEsSampler, RandomSampler, TPESampler
+from optuna.study import Study
+from optuna.trial import FrozenTrial
+
+from cycle_optuna.config import SamplerConfig
+from cycle_optuna.sampler._cycle import MOVE_ATTR, PARENT_ATTR, REASON_ATTR, CycleSampler
+from cycle_optuna.sampler._moves import Roles, coerce, repair, step_value
+
+
+class ReferenceScheduleSampler(BaseSampler):
+    """The reference summary's rule: every cycle multiplies lr by ``lr_factor`` and grows
+    capacity (layers +1; hidden to the next choice once layers are at their maximum), starting
+    from ``baseline`` and never backing off. Trial ``n`` is the schedule applied ``n`` times.
+
+    Parameters outside the schedule keep their baseline value, or come from ``fallback``
+    (default ``RandomSampler(seed)``) when the baseline lacks them.
+    """
+
+    def __init__(
+        self,
+        *,
+        baseline: Mapping[str, Any],
+        seed: int | None = None,
+        lr_factor: float = 2.0,
+        roles: Roles | None = None,
+        fallback: BaseSampler | None = None,
+    ) -> None:
+        if not isinstance(baseline, Mapping):
+            raise ValueError(f"baseline must map parameter names to values, but got {baseline=}.")
+        if isinstance(lr_factor, bool) or not isinstance(lr_factor, (int, float)) or not (
+            math.isfinite(lr_factor) and lr_factor > 1
+        ):
+            raise ValueError(f"lr_factor must be a finite number > 1, but got {lr_factor=}.")
+        self._baseline = dict(baseline)
+        self._lr_factor = float(lr_factor)
+        self._roles = roles or Roles()
+        self._fallback = fallback if fallback is not None else RandomSampler(seed=seed)
+
+    def reseed_rng(self) -> None:
+        self._fallback.reseed_rng()
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        self._raise_error_if_multi_objective(study)
+        n, f = trial.number, self._lr_factor
+        if n == 0:
+            parent, move, reason = None, "baseline", "cycle 1: baseline configuration"
+        else:
+            lr = "doubled lr" if f == 2 else f"multiplied lr by {f:g}"
+            parent, move = n - 1, f"lr x{f:g}, capacity up"
+            reason = f"cycle {n + 1}: reference schedule: {lr} and grew capacity from cycle {n} (no backing off)"
+        for key, value in ((PARENT_ATTR, parent), (MOVE_ATTR, move), (REASON_ATTR, reason)):
+            study._storage.set_trial_user_attr(trial._trial_id, key, value)
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return {}
+
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(
+        self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        self._raise_error_if_multi_objective(study)
+        dist, n, roles = param_distribution, trial.number, self._roles
+        base = coerce(dist, self._baseline.get(param_name))
+        if base is None:
+            value = self._fallback.sample_independent(study, trial, param_name, dist)
+            return repair(roles, param_name, dist, value, trial.params)
+        role = roles.role_of(param_name)
+        value = base
+        if n and role == "lr" and isinstance(dist, FloatDistribution):
+            value = min(base * self._lr_factor**n, dist.high)
+            value = coerce(dist, value) if coerce(dist, value) is not None else base
+        elif n and role == "layers":
+            value = self._walk(dist, base, n)
+        elif n and role == "hidden":
+            value = self._walk(dist, base, n - self._layer_room(study, trial))
+        return repair(roles, param_name, dist, value, trial.params)
+
+    @staticmethod
+    def _walk(dist: BaseDistribution, value: Any, steps: int) -> Any:
+        for _ in range(max(0, steps)):
+            nxt = step_value(dist, value, +1, 1.0, factor=2.0, multiplicative=False)
+            if nxt is None:
+                break
+            value = nxt
+        return value
+
+    def _layer_room(self, study: Study, trial: FrozenTrial) -> int:
+        """Cycles the layers take to reach their maximum; hidden grows after that."""
+        name = self._roles.layers
+        dist = trial.distributions.get(name) if name else None
+        if dist is None and name:
+            for t in reversed(study._storage.get_all_trials(study._study_id, deepcopy=False)):
+                if name in t.distributions:
+                    dist = t.distributions[name]
+                    break
+        base = coerce(dist, self._baseline.get(name)) if dist is not None else None
+        if base is None:
+            return 0
+        room = 0
+        while (base := step_value(dist, base, +1, 1.0, factor=2.0, multiplicative=False)) is not None:
+            room += 1
+        return room
+
+
+def make_sampler(cfg: SamplerConfig, *, baseline: Mapping[str, Any], seed: int) -> BaseSampler:
+    """The sampler a study file's [sampler] section names, seeded by the study seed."""
+    if cfg.type == "cycle":
+        return CycleSampler(
+            baseline=baseline,
+            seed=seed,
+            lr_factor=cfg.lr_factor,
+            noise_margin=cfg.noise_margin,
+            plateau_cycles=cfg.plateau_cycles,
+            fallback=_plain(cfg.fallback, cfg, seed),
+        )
+    if cfg.type == "reference":
+        return ReferenceScheduleSampler(baseline=baseline, seed=seed, lr_factor=cfg.lr_factor)
+    return _plain(cfg.type, cfg, seed)
+
+
+def _plain(kind: str, cfg: SamplerConfig, seed: int) -> BaseSampler:
+    if kind == "tpe":
+        return TPESampler(n_startup_trials=cfg.n_startup_trials, seed=seed)
+    if kind == "random":
+        return RandomSampler(seed=seed)
+    if kind == "cmaes":
+        # Categorical params (hidden, heads, batch) are sampled independently by design.
+        return CmaEsSampler(
+            n_startup_trials=cfg.n_startup_trials,
+            seed=seed,
+            independent_sampler=RandomSampler(seed=seed),
+            warn_independent_sampling=False,
+        )
+    raise ValueError(f"sampler type must be one of cycle, reference, tpe, random, cmaes, but got {kind=}.")
+
