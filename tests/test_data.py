@@ -1,0 +1,263 @@
+"""Tasks: synthetic generator, file loaders, stratified split, leakage-free normalisation."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cycle_optuna.config import DataConfig
+from cycle_optuna.data import bayes_predict, load_task, make_synthetic, normalise, stratified_split, train_stats
+from cycle_optuna.errors import DataError
+
+SMALL = DataConfig(n_samples=300, seq_len=8, n_features=4)
+
+
+def _write_npz(path: Path, x, y) -> Path:
+    np.savez(path, X=x, y=y)
+    return path
+
+
+def _toy(n: int = 60, t: int = 5, f: int = 3, k: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, t, f)).astype(np.float32) * 3 + 5, np.arange(n) % k
+
+
+def _write_csv(path: Path, x: np.ndarray, y: np.ndarray, *, header=("sample", "label", "f0", "f1")) -> Path:
+    lines = [",".join(header)]
+    for i, (seq, label) in enumerate(zip(x, y)):
+        for row in seq:
+            lines.append(",".join([f"s{i}", str(label), *(repr(float(v)) for v in row)]))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- synthetic task -----------------------------------------------------------------------------
+
+
+def test_synthetic_is_deterministic():
+    x1, y1 = make_synthetic(SMALL, 3)
+    x2, y2 = make_synthetic(SMALL, 3)
+    assert x1.dtype == np.float32 and y1.dtype == np.int64
+    assert x1.shape == (300, 8, 4)
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(y1, y2)
+
+
+def test_synthetic_seeds_differ():
+    x1, _ = make_synthetic(SMALL, 0)
+    x2, _ = make_synthetic(SMALL, 1)
+    assert not np.allclose(x1, x2)
+
+
+def test_synthetic_classes_balanced_and_time_means_uninformative():
+    x, y = make_synthetic(dataclasses.replace(SMALL, n_samples=3000), 0)
+    assert np.bincount(y).tolist() == [1000, 1000, 1000]
+    # Class means of the time-averaged features agree within noise: a linear model on them is at chance.
+    means = np.stack([x[y == c].mean(axis=(0, 1)) for c in range(3)])
+    assert np.abs(means - means.mean(0)).max() < 0.15
+
+
+def test_bayes_oracle_beats_chance_but_not_perfect():
+    cfg = dataclasses.replace(SMALL, n_samples=1500, seq_len=16, n_features=8)
+    x, y = make_synthetic(cfg, 0)
+    acc = (bayes_predict(cfg, x) == y).mean()
+    assert 0.8 < acc < 0.995
+
+
+# --- split and normalisation ----------------------------------------------------------------------
+
+
+def test_load_task_is_deterministic_per_seed():
+    a, b, c = load_task(SMALL, 1), load_task(SMALL, 1), load_task(SMALL, 2)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_val, b.y_val)
+    assert not torch.equal(a.y_val, c.y_val)
+
+
+def test_stratified_split_proportions():
+    d = load_task(SMALL, 0)  # 100 per class, 15% val, 15% test
+    for y in (d.y_train, d.y_val, d.y_test):
+        assert y.dtype == torch.int64
+    assert torch.bincount(d.y_val).tolist() == [15, 15, 15]
+    assert torch.bincount(d.y_test).tolist() == [15, 15, 15]
+    assert torch.bincount(d.y_train).tolist() == [70, 70, 70]
+    assert (d.n_classes, d.seq_len, d.n_features) == (3, 8, 4)
+
+
+def test_stats_come_from_train_split_only(tmp_path):
+    x, y = _toy(90)
+    d = load_task(DataConfig(), 0, data_path=_write_npz(tmp_path / "a.npz", x, y))
+    tr, va, te = stratified_split("a.npz", y, 3, 0.15, 0.15, 0)
+    assert sorted(np.concatenate([tr, va, te]).tolist()) == list(range(90))
+    mean, std = train_stats(x[tr])
+    np.testing.assert_array_equal(d.mean, mean)
+    np.testing.assert_array_equal(d.std, std)
+    full_mean, _ = train_stats(x)
+    assert not np.allclose(d.mean, full_mean, atol=1e-4)
+    np.testing.assert_allclose(d.x_train.numpy().reshape(-1, 3).mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(d.x_train.numpy().reshape(-1, 3).std(0), 1, atol=1e-3)
+
+
+def test_val_and_test_rows_do_not_change_stats(tmp_path):
+    x, y = _toy(90)
+    d = load_task(DataConfig(), 0, data_path=_write_npz(tmp_path / "a.npz", x, y))
+    _, va, te = stratified_split("a.npz", y, 3, 0.15, 0.15, 0)
+    x2 = x.copy()
+    x2[np.concatenate([va, te])] = 1000.0
+    d2 = load_task(DataConfig(), 0, data_path=_write_npz(tmp_path / "b.npz", x2, y))
+    np.testing.assert_array_equal(d.mean, d2.mean)
+    np.testing.assert_array_equal(d.std, d2.std)
+    assert torch.equal(d.x_train, d2.x_train)
+    assert not torch.equal(d.x_val, d2.x_val)
+
+
+def test_constant_feature_std_is_floored(tmp_path):
+    x, y = _toy(60)
+    x[:, :, 1] = 7.0
+    d = load_task(DataConfig(), 0, data_path=_write_npz(tmp_path / "a.npz", x, y))
+    assert d.std[1] == 1.0
+    assert torch.isfinite(d.x_train).all()
+
+
+def test_normalise_numpy_and_torch_agree():
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    mean, std = np.arange(4, dtype=np.float32), np.full(4, 2, dtype=np.float32)
+    a = normalise(x, mean, std)
+    b = normalise(torch.from_numpy(x), mean, std)
+    assert isinstance(a, np.ndarray) and isinstance(b, torch.Tensor)
+    np.testing.assert_allclose(a, b.numpy())
+    np.testing.assert_allclose(a[0, 0], [0, 0, 0, 0])
+
+
+def test_stats_are_json_ready():
+    import json
+
+    s = load_task(SMALL, 0).stats()
+    assert json.loads(json.dumps(s)) == s
+    assert len(s["mean"]) == 4 and s["seq_len"] == 8 and s["n_classes"] == 3
+    assert s["n_train"] + s["n_val"] + s["n_test"] == 300
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def test_npz_round_trip(tmp_path):
+    x, y = _toy(60)
+    d = load_task(DataConfig(), 0, data_path=_write_npz(tmp_path / "a.npz", x, y))
+    assert d.n_classes == 3 and d.seq_len == 5 and d.n_features == 3
+    assert len(d.y_train) + len(d.y_val) + len(d.y_test) == 60
+    restored = d.x_val.numpy() * d.std + d.mean
+    rows = {tuple(np.round(r.ravel(), 3)) for r in x}
+    assert all(tuple(np.round(r.ravel(), 3)) in rows for r in restored)
+
+
+def test_npz_accepts_integral_float_labels(tmp_path):
+    x, y = _toy(30)
+    d = load_task(DataConfig(), 0, data_path=_write_npz(tmp_path / "a.npz", x, y.astype(np.float64)))
+    assert d.y_train.dtype == torch.int64
+
+
+def test_csv_round_trip(tmp_path):
+    x, y = _toy(30, t=4, f=2)
+    csv_d = load_task(DataConfig(), 0, data_path=_write_csv(tmp_path / "a.csv", x, y))
+    npz_d = load_task(DataConfig(), 0, data_path=_write_npz(tmp_path / "a.npz", x, y))
+    assert torch.allclose(csv_d.x_train, npz_d.x_train, atol=1e-5)
+    assert torch.equal(csv_d.y_test, npz_d.y_test)
+
+
+def test_csv_custom_columns_and_interleaved_ids(tmp_path):
+    p = tmp_path / "c.csv"
+    rows = ["id,a,cls,b"]
+    for step in range(3):  # rows of different sequences interleaved: each id keeps its file order
+        for i in range(9):
+            rows.append(f"q{i},{i * 10 + step},{i % 3},{-step}")
+    p.write_text("\n".join(rows))
+    d = load_task(DataConfig(sample_column="id", label_column="cls", val_fraction=0.34, test_fraction=0.34), 0,
+                  data_path=p)
+    raw = d.x_train.numpy() * d.std + d.mean
+    assert raw.shape[1:] == (3, 2)
+    np.testing.assert_allclose(np.diff(raw[:, :, 0], axis=1), 1, atol=1e-4)  # a = i*10 + step, in order
+    np.testing.assert_allclose(raw[:, :, 1], [[0, -1, -2]] * len(raw), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda x, y: (x[:, :, 0], y), "X must be 3-D"),
+        (lambda x, y: (x, y[:-1]), "y must be 1-D with len N=60"),
+        (lambda x, y: (x, y.reshape(-1, 1)), "y must be 1-D"),
+        (lambda x, y: (x.astype(str), y), "X must be numeric"),
+        (lambda x, y: (x, y.astype(str)), "y must hold integer labels"),
+        (lambda x, y: (np.where(np.arange(60)[:, None, None] == 7, np.nan, x), y), "NaN/inf"),
+        (lambda x, y: (np.where(np.arange(60)[:, None, None] == 7, np.inf, x), y), "NaN/inf"),
+        (lambda x, y: (x, np.zeros_like(y)), "only one class"),
+        (lambda x, y: (x, np.where(y == 1, 3, y)), "class(es) [1] have no samples"),
+        (lambda x, y: (x, np.where(y == 1, -1, y)), "negative label -1"),
+        (lambda x, y: (x, np.where(y == 1, 1.5, y)), "must be integers 0..K-1"),
+        (lambda x, y: (x[:62], np.r_[np.zeros(59, int), 1]), "too few to split"),
+    ],
+)
+def test_npz_errors(tmp_path, make, needle):
+    x, y = make(*_toy(60))
+    path = _write_npz(tmp_path / "bad.npz", x, y)
+    with pytest.raises(DataError) as e:
+        load_task(DataConfig(), 0, data_path=path)
+    msg = str(e.value)
+    assert str(path) in msg and needle in msg and "\n" not in msg
+
+
+def test_npz_missing_arrays(tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, features=np.zeros((4, 2, 2)), y=np.arange(4) % 2)
+    with pytest.raises(DataError, match=r"bad\.npz: missing array\(s\) X \(found: features, y\)"):
+        load_task(DataConfig(), 0, data_path=path)
+
+
+def test_missing_file(tmp_path):
+    for name in ("nope.npz", "nope.csv"):
+        with pytest.raises(DataError, match=f"{name}: data file not found"):
+            load_task(DataConfig(), 0, data_path=tmp_path / name)
+
+
+def test_not_an_npz(tmp_path):
+    path = tmp_path / "junk.npz"
+    path.write_text("hello")
+    with pytest.raises(DataError, match=r"junk\.npz: not a readable \.npz"):
+        load_task(DataConfig(), 0, data_path=path)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("id,label,f0\ns0,0,1\n", "missing sample_column column 'sample'"),
+        ("sample,cls,f0\ns0,0,1\n", "missing label_column column 'label'"),
+        ("sample,label\ns0,0\n", "no feature columns"),
+        ("sample,label,f0\ns0,0,1\ns0,0,abc\n", "line 3: column 'f0' value 'abc' is not a number"),
+        ("sample,label,f0\ns0,0,1\ns0,x,2\n", "line 3: label 'x' is not a number"),
+        ("sample,label,f0\ns0,0,1\ns0,1,2\n", "changes label from 0 to 1"),
+        ("sample,label,f0\ns0,0,1\ns0,0,2\ns1,1,3\n", "ragged sequences"),
+        ("sample,label,f0\ns0,0,1\ns1,1\n", "line 3: 2 fields"),
+        ("sample,label,f0\n", "no data rows"),
+        ("", "empty csv"),
+        ("sample,label,f0\ns0,0,nan\ns1,1,2\n", "NaN/inf"),
+        ("sample,label,f0\ns0,0,1\ns1,-1,2\n", "negative label"),
+        ("sample,label,f0\ns0,2,1\ns1,3,2\n", "class(es) [0, 1] have no samples"),
+    ],
+)
+def test_csv_errors(tmp_path, text, needle):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(DataError) as e:
+        load_task(DataConfig(), 0, data_path=path)
+    msg = str(e.value)
+    assert str(path) in msg and needle in msg and "\n" not in msg
+
+
+def test_unsupported_suffix(tmp_path):
+    path = tmp_path / "a.parquet"
+    path.write_text("x")
+    with pytest.raises(DataError, match="expected .npz or .csv"):
+        load_task(DataConfig(), 0, data_path=path)
