@@ -56,6 +56,9 @@ def open_study(
         study.set_user_attr(CONFIG_ATTR, cfg.to_dict())
     if data is not None and STATS_ATTR not in study.user_attrs:
         study.set_user_attr(STATS_ATTR, data.stats())
+    if cfg.sampler.type not in ("cycle", "reference") and not study.get_trials(deepcopy=False):
+        # cycle 1 is the baseline for every sampler; the cycle samplers propose it themselves
+        study.enqueue_trial({p.name: getattr(cfg.baseline, p.name) for p in cfg.space})
     return study
 
 
