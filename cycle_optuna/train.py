@@ -9,6 +9,7 @@ the device would still advance Adam's moments and step count).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cycle_optuna.config import Hyperparams, TrainConfig
 from cycle_optuna.data import TaskData
@@ -315,10 +317,15 @@ def train_and_evaluate(data: TaskData, hp: Hyperparams, cfg: TrainConfig, *, see
             yb = y_tr[idx]
             lr = lr_at(step, base_lr=hp.lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, cfg=cfg)
             step += 1
-            loss = F.cross_entropy(net(xb).float(), yb)
-            # SophiaH estimates the Hessian from the gradient's graph on its update steps.
+            # SophiaH estimates the Hessian from the gradient's graph on its update steps; CPU's fused
+            # attention kernel has no double backward, so those steps use the math kernel.
             hessian_step = sophia and opt.param_groups[0].get("step", 0) % opt.update_period == 0
-            loss.backward(create_graph=hessian_step)
+            with sdpa_kernel(SDPBackend.MATH) if hessian_step else contextlib.nullcontext():
+                loss = F.cross_entropy(net(xb).float(), yb)
+            with warnings.catch_warnings() if hessian_step else contextlib.nullcontext():
+                # torch warns of a grad<->param cycle; zero_grad(set_to_none=True) below breaks it.
+                warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+                loss.backward(create_graph=hessian_step)
             if cfg.grad_clip > 0:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             else:

@@ -1,0 +1,334 @@
+"""The training loop, run for real on shrunk configs (each test a second or two on one CPU core)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.optim.lr_scheduler import OneCycleLR
+
+from cycle_optuna.config import DataConfig, Hyperparams, TrainConfig
+from cycle_optuna.data import load_task
+from cycle_optuna.errors import ConfigError
+from cycle_optuna.train import (EpochMetrics, build_model, evaluate, lr_at, lr_factor, resolve_device,
+                                train_and_evaluate)
+
+HP = Hyperparams(lr=3e-3, batch_size=16, hidden_dim=16, n_layers=1, n_heads=2, dropout=0.1, weight_decay=0.01)
+CFG = TrainConfig(epochs=6, schedule="constant", warmup_epochs=0, early_stopping_patience=0, device="cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny models gain nothing from more, and the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def easy(tmp_path_factory):
+    """A linearly separable task (class shifts feature 0), loaded through the real .npz path."""
+    rng = np.random.default_rng(0)
+    y = np.arange(150) % 3
+    x = rng.normal(size=(150, 6, 3)).astype(np.float32)
+    x[:, :, 0] += 1.5 * (y[:, None] - 1)
+    path = tmp_path_factory.mktemp("easy") / "easy.npz"
+    np.savez(path, X=x, y=y)
+    return load_task(DataConfig(), 0, data_path=path)
+
+
+@pytest.fixture(scope="module")
+def hard():
+    """150 samples of the default synthetic task: a big model memorises them, a tiny one cannot."""
+    return load_task(DataConfig(n_samples=150, seq_len=16, n_features=8), 0)
+
+
+def _run(data, hp=HP, cfg=CFG, seed=0, **kw):
+    return train_and_evaluate(data, hp, cfg, seed=seed, **kw)
+
+
+def _curve(result):
+    return [(m.epoch, m.train_loss, m.val_loss, m.val_accuracy, m.lr, m.nan_batches) for m in result.history]
+
+
+def _with_x_train(data, x):
+    return dataclasses.replace(data, x_train=x)
+
+
+def test_learns_easy_task(easy):
+    r = _run(easy, cfg=dataclasses.replace(CFG, epochs=10))
+    assert r.history[-1].train_loss < r.history[0].train_loss - 0.3
+    assert r.best_val_accuracy > 0.8  # chance is 1/3
+    assert not r.diverged and r.nan_batches == 0 and r.epochs_run == 10
+    assert r.samples_per_second > 0 and r.train_seconds > 0
+    assert r.final_train_loss == r.history[r.best_epoch].train_loss
+
+
+def test_same_seed_same_history(easy):
+    a, b, c = _run(easy), _run(easy), _run(easy, seed=1)
+    assert _curve(a) == _curve(b)
+    assert _curve(a) != _curve(c)
+
+
+def test_nan_inputs_skip_batches_and_training_continues(easy):
+    x = easy.x_train.clone()
+    x[[3, 40, 77], 2, 1] = float("nan")
+    r = _run(_with_x_train(easy, x))
+    assert not r.diverged
+    assert all(1 <= m.nan_batches <= 3 for m in r.history)  # the three poisoned samples' batches
+    assert r.nan_batches == sum(m.nan_batches for m in r.history)
+    assert all(math.isfinite(m.train_loss) and math.isfinite(m.val_loss) for m in r.history)
+    assert r.best_val_accuracy > 0.6
+    assert all(torch.isfinite(p).all() for p in r.model.parameters())
+
+
+def test_all_nan_inputs_diverge_without_raising(easy):
+    reports = []
+    x = torch.full_like(easy.x_train, float("nan"))
+    r = _run(_with_x_train(easy, x), cfg=dataclasses.replace(CFG, max_bad_batches=3), report=reports.append)
+    assert r.diverged and not r.stopped_early
+    assert r.best_val_loss == math.inf and r.best_epoch == -1
+    assert r.nan_batches == 3 and r.epochs_run == 1 and reports == []
+
+
+def test_huge_lr_diverges_without_raising(easy):
+    r = _run(easy, dataclasses.replace(HP, lr=1e12), dataclasses.replace(CFG, optimizer="sgd", grad_clip=0.0))
+    assert r.diverged
+    assert r.epochs_run < CFG.epochs
+
+
+def _param_change(data, result, cfg, hp=HP, seed=0):
+    torch.manual_seed(seed)
+    init = build_model(data, hp, cfg)
+    return sum((p - q).abs().sum().item() for p, q in zip(result.model.parameters(), init.parameters()))
+
+
+def test_grad_clip_bounds_each_step(easy):
+    cfg = dataclasses.replace(CFG, epochs=1, optimizer="sgd", momentum=0.0)
+    hp = dataclasses.replace(HP, lr=0.1, weight_decay=0.0)
+    tiny, off = dataclasses.replace(cfg, grad_clip=1e-6), dataclasses.replace(cfg, grad_clip=0.0)
+    steps = math.ceil(len(easy.y_train) / hp.batch_size)
+    n_params = sum(p.numel() for p in build_model(easy, hp, cfg).parameters())
+    clipped = _param_change(easy, _run(easy, hp, tiny), tiny, hp)
+    free = _param_change(easy, _run(easy, hp, off), off, hp)
+    # L1 change per step <= sqrt(n) * L2 change <= sqrt(n) * lr * clip.
+    assert clipped <= steps * math.sqrt(n_params) * 0.1 * 1e-6
+    assert free > 1000 * clipped
+
+
+def test_early_stopping_stops_and_restores_best(easy):
+    # min_delta so large that nothing after the first epoch counts: stops after exactly `patience` more.
+    cfg = dataclasses.replace(CFG, epochs=20, early_stopping_patience=3, min_delta=10.0)
+    r = _run(easy, cfg=cfg)
+    assert r.stopped_early and r.epochs_run == 4
+    losses = [m.val_loss for m in r.history]
+    assert r.best_val_loss == min(losses) and r.best_epoch == losses.index(min(losses))
+    loss, acc = evaluate(r.model, easy.x_val, easy.y_val, 64)
+    assert loss == pytest.approx(r.best_val_loss, abs=1e-6)
+    assert acc == pytest.approx(r.best_val_accuracy)
+
+
+def test_early_stopping_restores_best_when_val_gets_worse(hard):
+    hp = dataclasses.replace(HP, lr=1e-2, hidden_dim=32, dropout=0.0)
+    r = _run(hard, hp, dataclasses.replace(CFG, epochs=40, early_stopping_patience=4))
+    assert r.stopped_early and r.best_epoch < r.epochs_run - 1
+    assert r.history[-1].val_loss > r.best_val_loss
+    assert evaluate(r.model, hard.x_val, hard.y_val, 7)[0] == pytest.approx(r.best_val_loss, abs=1e-6)
+
+
+def test_augmentation_changes_training_but_not_validation(easy):
+    cfg = dataclasses.replace(CFG, epochs=2, augment_jitter=3.0, augment_scale=0.5)
+    x_before = easy.x_train.clone()
+    aug, plain = _run(easy, cfg=cfg), _run(easy)
+    assert aug.history[0].train_loss != plain.history[0].train_loss
+    assert torch.equal(easy.x_train, x_before)
+    # The recorded val loss is the clean val loss of the restored best weights.
+    assert evaluate(aug.model, easy.x_val, easy.y_val, 64)[0] == pytest.approx(aug.best_val_loss, abs=1e-6)
+
+
+# --- schedules ----------------------------------------------------------------------------------
+
+
+def _factors(schedule, steps_per_epoch=10, epochs=4, **kw):
+    cfg = TrainConfig(schedule=schedule, **kw)
+    return [lr_factor(s, steps_per_epoch=steps_per_epoch, epochs=epochs, cfg=cfg) for s in range(steps_per_epoch * epochs)]
+
+
+def test_linear_warmup_then_constant():
+    f = _factors("constant", warmup_epochs=0.5)
+    assert f[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert set(f[5:]) == {1.0}
+    assert _factors("constant", warmup_epochs=0)[0] == 1.0
+
+
+def test_cosine_decays_to_about_zero():
+    f = _factors("cosine", warmup_epochs=1)
+    assert f[9] == 1.0 and f[10] == 1.0
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[25] == pytest.approx(0.5)
+    assert 0 < f[-1] < 0.01
+
+
+def test_cyclical_is_a_triangle_between_low_and_peak():
+    f = _factors("cyclical", warmup_epochs=0, cyclical_low_ratio=0.1, cyclical_period_epochs=2.0)
+    assert f[0] == 1.0 and f[10] == pytest.approx(0.1) and f[20] == 1.0 and f[30] == pytest.approx(0.1)
+    assert f[5] == pytest.approx(0.55)
+    assert min(f) == pytest.approx(0.1) and max(f) == 1.0
+
+
+def test_onecycle_matches_torch():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = OneCycleLR(opt, max_lr=0.1, total_steps=40, cycle_momentum=False)
+    expected = []
+    for _ in range(40):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    got = [lr_at(s, base_lr=0.1, steps_per_epoch=10, epochs=4, cfg=TrainConfig(schedule="onecycle")) for s in range(40)]
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_epoch_metrics_lr_follows_the_schedule(easy):
+    cfg = dataclasses.replace(CFG, epochs=3, schedule="cosine", warmup_epochs=0.5)
+    r = _run(easy, cfg=cfg)
+    spe = math.ceil(len(easy.y_train) / HP.batch_size)
+    expected = [lr_at((e + 1) * spe - 1, base_lr=HP.lr, steps_per_epoch=spe, epochs=3, cfg=cfg) for e in range(3)]
+    assert [m.lr for m in r.history] == pytest.approx(expected)
+
+
+# --- optimizers ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("optimizer", "lr"), [("adamw", 3e-3), ("adam", 3e-3), ("sgd", 0.05), ("lion", 1e-3),
+                                               ("sophia", 3e-3)])
+def test_each_optimizer_reduces_loss(easy, optimizer, lr):
+    cfg = dataclasses.replace(CFG, epochs=3, optimizer=optimizer)
+    r = _run(easy, dataclasses.replace(HP, lr=lr), cfg)
+    assert not r.diverged
+    assert r.best_val_loss < math.log(3) - 0.1  # the reduced-gain init starts at ~ln 3
+
+
+# --- hooks, checkpoints, resume -----------------------------------------------------------------
+
+
+def test_report_sees_every_epoch_and_its_exceptions_propagate(easy):
+    class Stop(Exception):
+        pass
+
+    seen: list[EpochMetrics] = []
+
+    def report(m: EpochMetrics) -> None:
+        seen.append(m)
+        if m.epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _run(easy, report=report)
+    assert [m.epoch for m in seen] == [0, 1]
+    assert math.isfinite(seen[0].val_loss) and 0 <= seen[0].val_accuracy <= 1
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sophia"])
+def test_resume_equals_uninterrupted(easy, tmp_path, optimizer):
+    cfg = dataclasses.replace(CFG, epochs=4, schedule="cosine", warmup_epochs=0.5, augment_jitter=0.1,
+                              optimizer=optimizer)
+    full = _run(easy, cfg=cfg)
+
+    class Crash(Exception):
+        pass
+
+    path = tmp_path / "ckpt.pt"
+
+    def save_then_crash(epoch: int, state: dict) -> None:
+        torch.save(state, path)
+        if epoch == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        _run(easy, cfg=cfg, checkpoint=save_then_crash)
+    state = torch.load(path, weights_only=True)
+    assert state["epoch"] == 1
+    torch.manual_seed(123)  # whatever the caller did in between must not matter
+    resumed = _run(easy, cfg=cfg, resume=state)
+    assert [c[:5] for c in _curve(resumed)] == [c[:5] for c in _curve(full)]
+    assert (resumed.best_val_loss, resumed.best_epoch) == (full.best_val_loss, full.best_epoch)
+    for p, q in zip(resumed.model.parameters(), full.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_resume_of_a_finished_run_trains_no_more(easy):
+    states = []
+    cfg = dataclasses.replace(CFG, epochs=20, early_stopping_patience=2, min_delta=10.0)
+    first = _run(easy, cfg=cfg, checkpoint=lambda e, s: states.append(s))
+    again = _run(easy, cfg=cfg, resume=states[-1])
+    assert first.stopped_early and again.stopped_early
+    assert _curve(again) == _curve(first)
+
+
+# --- devices and options ------------------------------------------------------------------------
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="cuda"):
+            resolve_device("cuda")
+
+
+def test_compile_failure_falls_back_to_eager(easy, monkeypatch):
+    def broken(model, *a, **kw):
+        def fail(*a, **kw):
+            raise RuntimeError("no compiler")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="no compiler"):
+        r = _run(easy, cfg=dataclasses.replace(CFG, epochs=2, compile=True))
+    assert _curve(r) == _curve(_run(easy, cfg=dataclasses.replace(CFG, epochs=2)))
+
+
+def test_threads_option_sets_torch_threads(easy):
+    before = torch.get_num_threads()
+    try:
+        _run(easy, cfg=dataclasses.replace(CFG, epochs=1, threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+# --- hyperparameters matter (the same effects docs/task.md measures on the default task) ---------
+
+
+def test_too_high_lr_is_clearly_worse(easy):
+    good = _run(easy, cfg=dataclasses.replace(CFG, epochs=4))
+    bad = _run(easy, dataclasses.replace(HP, lr=0.3), dataclasses.replace(CFG, epochs=4))
+    assert good.best_val_accuracy > 0.85
+    assert bad.diverged or (bad.best_val_loss > 1.3 * good.best_val_loss
+                            and bad.best_val_accuracy < good.best_val_accuracy - 0.2)
+
+
+BIG = dataclasses.replace(HP, lr=1e-3, hidden_dim=64, n_layers=2, n_heads=4, dropout=0.0, weight_decay=0.0)
+
+
+@pytest.fixture(scope="module")
+def big_run(hard):
+    return _run(hard, BIG, dataclasses.replace(CFG, epochs=30))
+
+
+def test_big_model_without_dropout_overfits(big_run):
+    last = big_run.history[-1]
+    assert min(m.train_loss for m in big_run.history) < 0.3  # it memorises the training set
+    assert last.train_loss < 0.5 * last.val_loss  # train loss << val loss
+    assert last.val_loss > big_run.best_val_loss + 0.3  # and val loss has risen past its best
+
+
+def test_tiny_model_underfits(hard, big_run):
+    tiny = dataclasses.replace(BIG, hidden_dim=2, n_layers=1, n_heads=1)
+    small = _run(hard, tiny, dataclasses.replace(CFG, epochs=30))
+    assert min(m.train_loss for m in small.history) > 0.9  # cannot even fit the training set
+    assert min(m.train_loss for m in big_run.history) < 0.3
