@@ -1,0 +1,308 @@
+"""Python queries on a study: load it, its best params/trial/model, and one record per cycle."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import optuna
+import torch
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from cycle_optuna import config as config_mod
+from cycle_optuna import storage as storage_mod
+from cycle_optuna.config import PARAM_NAMES, Hyperparams, StudyConfig
+from cycle_optuna.errors import ConfigError, StorageError
+
+# Same names as cycle_optuna.worker (kept here so queries do not import the training stack).
+CONFIG_ATTR = "cycle_optuna_config"
+STATS_ATTR = "data_stats"
+MODEL_ATTR = "model_artifact_id"
+
+StudyLike = Union[optuna.Study, str, os.PathLike]
+
+
+def load_study(path_or_name: StudyLike, storage: str | BaseStorage | None = None) -> optuna.Study:
+    """The study of a .toml study file, or the study of that name in `storage` / $CYCLE_OPTUNA_STORAGE."""
+    if isinstance(path_or_name, optuna.Study):
+        return path_or_name
+    path = Path(path_or_name)
+    if path.suffix.lower() == ".toml" or path.is_file():
+        cfg = config_mod.load(path)
+        name = cfg.study.name
+        url = storage if isinstance(storage, BaseStorage) else storage_mod.resolve_url(cfg, storage)
+    else:
+        name = str(path_or_name)
+        url = storage or os.environ.get(storage_mod.ENV_VAR)
+        if not url:
+            raise ConfigError(
+                f"{name!r} is not a study file; to load a study by name pass storage=URL "
+                f"or set ${storage_mod.ENV_VAR}"
+            )
+    store = url if isinstance(url, BaseStorage) else _open(url)
+    where = "the given storage" if isinstance(url, BaseStorage) else storage_mod.mask(url)
+    try:
+        return optuna.load_study(study_name=name, storage=store)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False))
+        held = f"it holds: {', '.join(names)}" if names else "it holds no studies"
+        raise StorageError(f"no study named {name!r} in {where} ({held})") from None
+
+
+def _open(url: str) -> BaseStorage:
+    """Open for reading: a missing SQLite file is an error, not a new empty database."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        db = Path(url.removeprefix("sqlite:///").split("?")[0])
+        if not db.is_file():
+            raise StorageError(f"no study database at {db} (run the study first)")
+    return storage_mod.open_storage(url, heartbeat=False)
+
+
+def study_config(study: optuna.Study) -> StudyConfig | None:
+    """The config stored on the study when it was created; None for studies made elsewhere."""
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    return config_mod.from_dict(stored) if stored else None
+
+
+def baseline_params(study: optuna.Study) -> dict[str, Any]:
+    """Every hyperparameter's baseline value (stored config, else the defaults)."""
+    cfg = study_config(study)
+    base = cfg.baseline if cfg is not None else Hyperparams()
+    return {name: getattr(base, name) for name in PARAM_NAMES}
+
+
+def best_trial(study: StudyLike, storage: str | BaseStorage | None = None) -> FrozenTrial:
+    """The completed trial with the lowest validation loss."""
+    study = load_study(study, storage)
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise StorageError(f"study {study.study_name!r} has no completed trials yet")
+    return study.best_trial
+
+
+def best_params(study: StudyLike, storage: str | BaseStorage | None = None) -> dict[str, Any]:
+    """All hyperparameters of the best trial: its searched params over the baseline for the rest."""
+    study = load_study(study, storage)
+    return {**baseline_params(study), **best_trial(study).params}
+
+
+@dataclass(frozen=True)
+class Cycle:
+    """One improvement cycle (one trial): what was tried, what came out, and why."""
+
+    cycle: int  # trial.number + 1
+    number: int
+    state: str  # COMPLETE, PRUNED, FAIL, RUNNING, WAITING
+    value: float | None  # best validation loss (the objective)
+    params: dict[str, Any]  # every hyperparameter (searched ones over the baseline)
+    searched: dict[str, Any]  # trial.params: only the searched ones
+    key_change: str
+    curve: list[float] = field(repr=False)  # validation loss per epoch
+    metrics: dict[str, Any] = field(repr=False)  # the trial's numeric user attrs
+    diagnosis: str | None = None
+    reason: str | None = None  # why it was pruned / failed, or the sampler's explanation
+
+    @property
+    def val_accuracy(self) -> float | None:
+        return self.metrics.get("val_accuracy")
+
+    @property
+    def improvement_pct(self) -> float | None:
+        """First-to-best validation loss over the cycle's epochs, in %."""
+        return self.metrics.get("improvement_pct")
+
+    @property
+    def epochs_run(self) -> int:
+        return int(self.metrics.get("epochs_run") or len(self.curve))
+
+    @property
+    def n_params(self) -> int | None:
+        return self.metrics.get("n_params")
+
+    @property
+    def diverged(self) -> bool:
+        return self.diagnosis == "diverged"
+
+
+def cycles(study: StudyLike, storage: str | BaseStorage | None = None) -> list[Cycle]:
+    """One record per trial, in trial order."""
+    study = load_study(study, storage)
+    base = baseline_params(study)
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    by_number = {t.number: t for t in trials}
+    out = []
+    for i, t in enumerate(trials):
+        attrs = t.user_attrs
+        curve = [float(t.intermediate_values[s]) for s in sorted(t.intermediate_values)]
+        metrics = {k: v for k, v in attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if "improvement_pct" not in metrics and len(curve) >= 2 and curve[0] > 0:
+            metrics["improvement_pct"] = round(100.0 * (curve[0] - min(curve)) / curve[0], 3)
+        params = {**base, **t.params}
+        parent = attrs.get("cycle_parent")
+        ref = by_number.get(parent) if isinstance(parent, int) else (trials[i - 1] if i else None)
+        reason = attrs.get("prune_reason") or attrs.get("error") or attrs.get("cycle_reason")
+        if t.state == TrialState.FAIL and not reason:
+            reason = t.system_attrs.get("fail_reason")
+        out.append(Cycle(
+            cycle=t.number + 1, number=t.number, state=t.state.name, value=t.value, params=params,
+            searched=dict(t.params), key_change=_key_change(t, ref, base), curve=curve, metrics=metrics,
+            diagnosis=attrs.get("diagnosis"), reason=reason,
+        ))
+    return out
+
+
+def _key_change(t: FrozenTrial, ref: FrozenTrial | None, base: dict[str, Any]) -> str:
+    move = t.user_attrs.get("cycle_move")
+    if move == "baseline" or (ref is None and {**base, **t.params} == base):
+        return "baseline configuration"
+    before = {**base, **(ref.params if ref is not None else {})}
+    diff = ", ".join(
+        f"{k} {_fmt(before.get(k))} -> {_fmt(v)}" for k, v in t.params.items() if before.get(k) != v
+    )
+    if move:
+        return f"{move}: {diff}" if diff else str(move)
+    return diff or ("first trial" if ref is None else "no change")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class CycleModel(torch.nn.Module):
+    """The best trial's trained model with its input normalisation: call it on raw data.
+
+    ``model(x)`` returns logits for raw ``[N, T, F]`` input; ``predict`` returns class indices and
+    ``predict_proba`` class probabilities, for numpy arrays or tensors, one sequence or a batch.
+    """
+
+    def __init__(self, net: torch.nn.Module, mean: Any, std: Any, *, params: dict[str, Any], trial_number: int) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)))
+        self.register_buffer("std", torch.as_tensor(np.asarray(std, dtype=np.float32)))
+        self.params = dict(params)
+        self.trial_number = trial_number
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x.float() - self.mean) / self.std)
+
+    def _logits(self, x: Any) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, torch.Tensor) else x
+        single = x.dim() == 2
+        with torch.inference_mode():
+            logits = self(x.to(self.mean.device)[None] if single else x.to(self.mean.device))
+        return logits[0] if single else logits
+
+    def predict_proba(self, x: Any) -> np.ndarray:
+        """Class probabilities for raw input ``[N, T, F]`` (or one ``[T, F]`` sequence)."""
+        return torch.softmax(self._logits(x).float(), dim=-1).cpu().numpy()
+
+    def predict(self, x: Any) -> np.ndarray:
+        """Class indices for raw input ``[N, T, F]`` (or one ``[T, F]`` sequence)."""
+        return self._logits(x).argmax(dim=-1).cpu().numpy()
+
+
+def study_artifact_dir(study: optuna.Study) -> Path | None:
+    """Where the study's artifacts live: $CYCLE_OPTUNA_ARTIFACT_DIR, else the stored config's dir."""
+    env = os.environ.get(storage_mod.ARTIFACTS_ENV_VAR)
+    if env:
+        return Path(env)
+    cfg = study_config(study)
+    return config_mod.resolve_artifact_dir(cfg) if cfg is not None else None
+
+
+def load_best_model(
+    study: StudyLike, storage: str | BaseStorage | None = None, *, artifact_dir: str | os.PathLike | None = None
+) -> CycleModel:
+    """The best trial's trained model, in eval mode on CPU, normalising raw input itself."""
+    study = load_study(study, storage)
+    trial = best_trial(study)
+    artifact_id = trial.user_attrs.get(MODEL_ATTR)
+    if not artifact_id:
+        why = trial.user_attrs.get("model_save_error", "it was run without an artifact store")
+        raise StorageError(f"best trial (cycle {trial.number + 1}) has no saved model: {why}")
+    where = Path(artifact_dir) if artifact_dir is not None else study_artifact_dir(study)
+    if where is None or not where.is_dir():
+        raise StorageError(f"artifact directory of study {study.study_name!r} not found: {where}")
+    store = optuna.artifacts.FileSystemArtifactStore(where)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt"
+        try:
+            optuna.artifacts.download_artifact(artifact_store=store, file_path=str(path), artifact_id=artifact_id)
+        except (FileNotFoundError, optuna.artifacts.exceptions.ArtifactNotFound):
+            raise StorageError(f"model artifact {artifact_id} of cycle {trial.number + 1} is missing from {where}") from None
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    from cycle_optuna.model import TransformerClassifier
+
+    net = TransformerClassifier(**payload["model_kwargs"])
+    net.load_state_dict(payload["state_dict"])
+    params = {**baseline_params(study), **payload.get("params", trial.params)}
+    return CycleModel(net, payload["mean"], payload["std"], params=params, trial_number=trial.number).eval()
+
+
+@dataclass(frozen=True)
+class HeldOutScore:
+    """The best model on the held-out test split (never used to select it)."""
+
+    loss: float
+    accuracy: float
+    n: int
+    cycle: int
+
+
+def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *, model: CycleModel | None = None) -> HeldOutScore:
+    """Held-out test loss and accuracy of the best trial's model, on the study's own data split."""
+    from cycle_optuna.data import load_task
+    from cycle_optuna.train import evaluate
+
+    study = load_study(study, storage)
+    cfg = study_config(study)
+    if cfg is None:
+        raise StorageError(f"study {study.study_name!r} has no stored cycle-optuna config; cannot rebuild its test split")
+    model = model if model is not None else load_best_model(study)
+    data = load_task(cfg.data, cfg.study.seed, data_path=config_mod.resolve_data_path(cfg))
+    stats = study.user_attrs.get(STATS_ATTR)
+    if stats and not np.allclose(stats["mean"], data.mean, rtol=1e-4, atol=1e-5):
+        raise StorageError(f"data of study {study.study_name!r} changed since it ran; its test split cannot be rebuilt")
+    # the split is normalised already, so evaluate the inner network
+    loss, acc = evaluate(model.net, data.x_test, data.y_test, cfg.train.eval_batch_size)
+    return HeldOutScore(loss=loss, accuracy=acc, n=int(data.y_test.shape[0]), cycle=model.trial_number + 1)
+
+
+
+def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, with_test: bool = True) -> dict[str, Any]:
+    """The best trial as JSON-ready data, with the field names of ``optuna best-trial -f json``."""
+    study = load_study(study, storage)
+    t = best_trial(study)
+    fmt = "%Y-%m-%d %H:%M:%S"  # optuna CLI's datetime format
+    rec: dict[str, Any] = {
+        "number": t.number,
+        "value": t.value,
+        "datetime_start": t.datetime_start.strftime(fmt) if t.datetime_start else None,
+        "datetime_complete": t.datetime_complete.strftime(fmt) if t.datetime_complete else None,
+        "duration": str(t.duration) if t.duration is not None else None,
+        "params": dict(t.params),
+        "user_attrs": {k: _json(v) for k, v in t.user_attrs.items()},
+        "state": t.state.name,
+        "study_name": study.study_name,
+        "cycle": t.number + 1,
+        "hyperparams": best_params(study),
+    }
+    if with_test:
+        try:
+            score = held_out_score(study)
+            rec.update(test_accuracy=score.accuracy, test_loss=score.loss, n_test=score.n)
+        except StorageError as e:
+            rec.update(test_accuracy=None, test_loss=None, test_error=str(e))
+    return rec
+
+
+def _json(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v if isinstance(v, (int, float, str, bool, list, dict)) or v is None else str(v)
