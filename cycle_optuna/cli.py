@@ -21,6 +21,7 @@ EXAMPLES = {
     "run": """examples:
   cycle-optuna run studies/quick.toml
   cycle-optuna run studies/seed.toml --n-trials 30
+  cycle-optuna run studies/seed.toml --workers 4
   cycle-optuna run studies/seed.toml --storage postgresql+psycopg://user:pass@db/optuna""",
     "worker": """examples:
   cycle-optuna worker studies/seed.toml
@@ -45,6 +46,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg, url = _load(args)
     out.print(f"study [bold]{cfg.study.name}[/] on {storage.mask(url)}: "
               f"{cfg.study.n_trials} trials, sampler {cfg.sampler.type}, pruner {cfg.pruner.type}")
+    worker.install_signal_handlers()
+    if args.workers > 1:
+        return _run_workers(args, cfg, url)
+    stats = worker.WorkerStats()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}"))
     with Progress(*columns, console=out, transient=False) as progress:
@@ -63,8 +68,42 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress.update(trials, completed=worker.trials_counted(study), info=_trial_line(t))
 
         hooks = worker.Hooks(on_trial_start=on_trial_start, on_epoch=on_epoch, on_trial_end=on_trial_end)
-        study = worker.run_worker(cfg, url, hooks=hooks)
+        try:
+            study = worker.run_worker(cfg, url, hooks=hooks, stats=stats)
+        except KeyboardInterrupt:
+            err.print(f"interrupted: {stats.summary()}")
+            return worker.interrupt_exit_code()
         progress.update(trials, completed=worker.trials_counted(study))
+    _print_cycles(study)
+    return 0
+
+
+def _run_workers(args: argparse.Namespace, cfg, url: str) -> int:
+    """`run --workers K`: K local worker processes, one combined view polled from the storage."""
+    import signal
+
+    from cycle_optuna import config, status, worker
+
+    study = worker.open_study(cfg, url)  # created once here, so the children do not race to create it
+    prefix = str(config.study_dir(cfg) / cfg.study.name)
+    procs = worker.start_local_workers(cfg.path, url, args.workers, n_trials=args.n_trials, log_prefix=prefix)
+    try:
+        status.watch(study, cfg.study.n_trials, procs, epochs=cfg.train.epochs, console=out)
+    except KeyboardInterrupt:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p, _ in procs:
+            p.wait()
+        err.print(f"interrupted: {args.workers} workers stopped; their running trials were handed back for retry")
+        return worker.interrupt_exit_code()
+    failed = [(p.returncode, log) for p, log in procs if p.returncode != 0]
+    for code, log in failed:
+        lines = [line for line in open(log).read().splitlines() if line.strip()]
+        err.print(f"a worker exited with code {code}: {lines[-1] if lines else ''} (log: {log})",
+                  highlight=False, soft_wrap=True)
+    if failed:
+        return failed[0][0] if failed[0][0] > 0 else 1
     _print_cycles(study)
     return 0
 
@@ -96,9 +135,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from cycle_optuna import storage, worker
 
     cfg, url = _load(args)
+    worker.install_signal_handlers()
     err.print(f"worker on study {cfg.study.name} at {storage.mask(url)}")
-    study = worker.run_worker(cfg, url)
+    stats = worker.WorkerStats()
+    try:
+        study = worker.run_worker(cfg, url, stats=stats)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: {stats.summary()}")
+        return worker.interrupt_exit_code()
+    err.print(stats.summary())
     err.print(f"study {cfg.study.name}: {worker.trials_counted(study)} of {cfg.study.n_trials} trials")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cycle_optuna import status
+
+    cfg, url = _load(args)
+    out.print(status.render(status.collect(status.load(cfg, url), cfg.study.n_trials), epochs=cfg.train.epochs))
     return 0
 
 
@@ -145,8 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = command("run", cmd_run, "run the study's trials with progress, then print the cycle table")
     run.add_argument("--n-trials", type=_positive, metavar="N", help="total trials the study should hold")
+    run.add_argument("--workers", type=_positive, metavar="K", default=1,
+                     help="local worker processes sharing the study (default 1, in this process)")
     wk = command("worker", cmd_worker, "run one worker on the study (start several, on many machines)")
     wk.add_argument("--n-trials", type=_positive, metavar="N", help="total trials the study should hold")
+    command("status", cmd_status, "trials by state, running trials with their workers, best so far")
     best = command("best", cmd_best, "print the best trial's parameters and metrics")
     best.add_argument("--json", action="store_true", help="machine-readable output")
     return parser

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import math
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +16,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
 from cycle_optuna import space
+from cycle_optuna import storage as storage_mod
 from cycle_optuna.config import Hyperparams, PrunerConfig, StudyConfig
 from cycle_optuna.data import TaskData
 from cycle_optuna.model import count_params
@@ -21,6 +24,8 @@ from cycle_optuna.train import EpochMetrics, TrainResult, train_and_evaluate
 
 DIAGNOSES = ("diverged", "unstable", "underfit", "overfit", "converging", "converged")
 MODEL_FILE = "model.pt"
+CHECKPOINT_ATTR = "checkpoint_artifact_id"  # user attr: the trial's latest epoch checkpoint
+RESUMED_ATTR = "resumed_from"  # user attr on a retry: "trial N epoch E"
 
 
 def make_pruner(cfg: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
@@ -105,7 +110,19 @@ class Objective:
                 )
                 raise optuna.TrialPruned(f"epoch {m.epoch + 1}: val loss {m.val_loss:.4f}")
 
-        result = train_and_evaluate(self.data, hp, self.cfg.train, seed=self.cfg.study.seed, report=report)
+        ckpt = TrialCheckpoints(self.artifact_store, trial) if self.artifact_store is not None else None
+        try:
+            result = train_and_evaluate(
+                self.data, hp, self.cfg.train, seed=self.cfg.study.seed, report=report,
+                checkpoint=ckpt.save if ckpt else None, resume=ckpt.resume_state() if ckpt else None,
+            )
+        except Exception as e:
+            # an interrupted trial, or one cut off by the database, is retried from its checkpoint
+            if ckpt is not None and not storage_mod.is_connection_error(e):
+                ckpt.discard()
+            raise
+        if ckpt is not None:
+            ckpt.discard()
         diagnosis = diagnose(result, self.data.n_classes)
         first = next((h.val_loss for h in result.history if math.isfinite(h.val_loss)), math.nan)
         attrs = {
@@ -146,6 +163,69 @@ class Objective:
                 trial.set_user_attr("model_save_error", str(e))
                 return
         trial.set_user_attr("model_artifact_id", artifact_id)
+
+
+class TrialCheckpoints:
+    """A trial's epoch checkpoints in the artifact store; a retry resumes from its failed parent's.
+
+    Only the latest checkpoint is kept (its id is the trial's CHECKPOINT_ATTR, written after the
+    file is complete), and all of them go once the trial finishes, so disk stays bounded.
+    """
+
+    def __init__(self, store: optuna.artifacts.FileSystemArtifactStore, trial: optuna.Trial) -> None:
+        self.store, self.trial = store, trial
+        self.latest: str | None = None
+        self.inherited: list[str] = []  # failed ancestors' checkpoints, deleted when this trial ends
+
+    def resume_state(self) -> dict | None:
+        """The newest checkpoint of the trial this one retries (RetryFailedTrialCallback's
+        `failed_trial`/`retry_history` system attrs), or None to start from scratch."""
+        trials = {t.number: t for t in self.trial.study.get_trials(deepcopy=False)}
+        me = trials[self.trial.number].system_attrs
+        ancestors = list(me.get("retry_history") or ([me["failed_trial"]] if "failed_trial" in me else []))
+        self.inherited = [trials[n].user_attrs[CHECKPOINT_ATTR] for n in ancestors
+                          if n in trials and CHECKPOINT_ATTR in trials[n].user_attrs]
+        for number in reversed(ancestors):
+            artifact_id = trials[number].user_attrs.get(CHECKPOINT_ATTR) if number in trials else None
+            if artifact_id is None:
+                continue
+            try:
+                with self.store.open_reader(artifact_id) as f:
+                    state = torch.load(io.BytesIO(f.read()), weights_only=True)
+            except (OSError, ArtifactNotFound, RuntimeError, ValueError) as e:
+                self.trial.set_user_attr("resume_error", f"checkpoint of trial {number}: {e}")
+                continue
+            self.trial.set_user_attr(RESUMED_ATTR, f"trial {number} epoch {state['epoch'] + 1}")
+            return state
+        return None
+
+    def save(self, epoch: int, state: dict) -> None:
+        """checkpoint= hook of train_and_evaluate: store `state`, then drop the previous one."""
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        buf.seek(0)
+        artifact_id = f"checkpoint-{uuid.uuid4().hex}"
+        try:
+            self.store.write(artifact_id, buf)
+        except OSError as e:  # a full disk costs resumability, not the trial
+            self.trial.set_user_attr("checkpoint_error", str(e))
+            return
+        self.trial.set_user_attr(CHECKPOINT_ATTR, artifact_id)
+        previous, self.latest = self.latest, artifact_id
+        if previous is not None:
+            self._remove(previous)
+
+    def discard(self) -> None:
+        """Delete this trial's and its ancestors' checkpoints (the trial has ended)."""
+        for artifact_id in dict.fromkeys([*self.inherited, *([self.latest] if self.latest else [])]):
+            self._remove(artifact_id)
+        self.inherited, self.latest = [], None
+
+    def _remove(self, artifact_id: str) -> None:
+        try:
+            self.store.remove(artifact_id)
+        except (OSError, ArtifactNotFound):
+            pass
 
 
 def model_kwargs(data: TaskData, hp: Hyperparams, init_gain: float) -> dict:

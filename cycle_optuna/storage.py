@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
 import os
 import re
+import socket
+from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 import optuna
 import sqlalchemy.exc
 from optuna.artifacts import FileSystemArtifactStore
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from sqlalchemy.engine import make_url
 
@@ -17,10 +23,16 @@ from cycle_optuna.config import StudyConfig, resolve_artifact_dir, study_dir
 from cycle_optuna.errors import StorageError
 
 ENV_VAR = "CYCLE_OPTUNA_STORAGE"
-HEARTBEAT_SECONDS = 10  # a killed worker's trial is failed after GRACE_SECONDS without a beat
-GRACE_SECONDS = 30
+ARTIFACTS_ENV_VAR = "CYCLE_OPTUNA_ARTIFACT_DIR"  # overrides [study] artifact_dir (a volume shared by machines)
+# A killed worker's trial is failed after GRACE_SECONDS without a beat and retried; both can be
+# lowered through the environment (tests, fast-preempting clusters).
+HEARTBEAT_SECONDS = int(os.environ.get("CYCLE_OPTUNA_HEARTBEAT_SECONDS", 10))
+GRACE_SECONDS = int(os.environ.get("CYCLE_OPTUNA_GRACE_SECONDS", 30))
 MAX_RETRY = 3  # a trial failed by a dead worker is retried this many times
 SQLITE_TIMEOUT_SECONDS = 120  # SQLite writers wait this long for the lock instead of failing
+WORKER_ATTR = "worker"  # user attr "host:pid" of the worker running a trial
+
+_log = logging.getLogger(__name__)
 
 _PASSWORD = re.compile(r"(?P<head>[a-z0-9+]+://[^:/@]*:)(?P<pw>[^@]*)(?P<tail>@)", re.IGNORECASE)
 
@@ -38,8 +50,13 @@ def resolve_url(cfg: StudyConfig, flag: str | None = None) -> str:
     return f"sqlite:///{study_dir(cfg) / (cfg.study.name + '.db')}"
 
 
+def worker_id() -> str:
+    """This process as "host:pid", written on the trials it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def artifact_store(cfg: StudyConfig) -> FileSystemArtifactStore:
-    """Optuna's filesystem artifact store at :func:`artifact_dir` (created if missing)."""
+    """Optuna's filesystem artifact store at the study's artifact_dir (created if missing)."""
     path = resolve_artifact_dir(cfg)
     path.mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(path)
@@ -68,11 +85,12 @@ def open_storage(url: str, *, heartbeat: bool = True) -> BaseStorage:
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
     beat = dict(
         heartbeat_interval=HEARTBEAT_SECONDS,
-        grace_period=GRACE_SECONDS,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=MAX_RETRY),
+        grace_period=max(GRACE_SECONDS, HEARTBEAT_SECONDS + 1),
+        # the retry keeps the dead trial's learning curve, so pruning and resuming agree
+        heartbeat_stale_trial_callback=retry_callback(),
     ) if heartbeat else {}
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=False, **beat)
+        return _Storage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=False, **beat)
     except ModuleNotFoundError as e:
         extra = " (pip install 'cycle-optuna[mysql]')" if backend in ("mysql", "mariadb") else ""
         raise StorageError(f"storage {mask(url)}: driver not installed: {e.name}{extra}") from None
@@ -87,3 +105,101 @@ def _journal(url: str) -> BaseStorage:
         raise StorageError(f"bad storage URL {url!r}: expected journal:///path/to/study.log")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(path))
+
+
+def retry_callback() -> RetryHeartbeatStaleTrialCallback:
+    """Re-queues a failed trial (same params, same learning curve) as a WAITING retry."""
+    return RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=True)
+
+
+class _Storage(RDBStorage):
+    """RDBStorage whose heartbeat survives a database restart."""
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        # An exception here would end Optuna's heartbeat thread for good, and the trial would be
+        # failed as stale although its worker is alive; a missed beat is harmless, so skip it.
+        try:
+            super().record_heartbeat(trial_id)
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+            _log.warning("heartbeat of trial %d skipped: %s", trial_id, mask(str(e).splitlines()[0]))
+
+
+def is_connection_error(e: BaseException) -> bool:
+    """True when `e` means the database went away (restart, network), not a bug or bad input."""
+    if isinstance(e, optuna.exceptions.StorageInternalError):
+        e = e.__cause__ or e
+        if not isinstance(e, sqlalchemy.exc.SQLAlchemyError):
+            return True
+    if isinstance(e, sqlalchemy.exc.DBAPIError):
+        return e.connection_invalidated or isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
+    return isinstance(e, (sqlalchemy.exc.DisconnectionError, sqlalchemy.exc.TimeoutError))
+
+
+@contextlib.contextmanager
+def cap_lock(storage: BaseStorage, url: str, study_name: str) -> Iterator[None]:
+    """Serialise "count the study's trials, then create one" across workers, so n_trials is exact.
+
+    PostgreSQL: a session advisory lock; MySQL/MariaDB: GET_LOCK; SQLite and journal files: an
+    flock beside the file (their workers share one machine). Held only while a trial is created.
+    """
+    key = f"cycle-optuna:{study_name}"
+    storage = _unwrap(storage)
+    if isinstance(storage, RDBStorage):
+        backend = make_url(storage.url).get_backend_name()
+        if backend == "postgresql":
+            number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+            with storage.engine.connect() as conn:
+                conn.exec_driver_sql(f"SELECT pg_advisory_lock({number})")
+                conn.commit()
+                try:
+                    yield
+                finally:
+                    with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
+                        conn.exec_driver_sql(f"SELECT pg_advisory_unlock({number})")
+                        conn.commit()
+            return
+        if backend in ("mysql", "mariadb"):
+            name = hashlib.sha256(key.encode()).hexdigest()[:60]
+            with storage.engine.connect() as conn:
+                conn.exec_driver_sql(f"SELECT GET_LOCK('{name}', 600)")
+                try:
+                    yield
+                finally:
+                    with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
+                        conn.exec_driver_sql(f"SELECT RELEASE_LOCK('{name}')")
+            return
+        path = make_url(storage.url).database
+    else:
+        path = url.removeprefix("journal:").removeprefix("//")
+    if not path or path == ":memory:":
+        yield
+        return
+    import fcntl
+
+    # "<db>-<hash>.lock": beside the file, and matched by the studies/*.db-* ignore rule
+    with open(f"{path}-{hashlib.sha256(key.encode()).hexdigest()[:8]}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _unwrap(storage: BaseStorage) -> BaseStorage:
+    # optuna.Study wraps an RDBStorage in its private caching layer
+    return getattr(storage, "_backend", storage)
+
+
+def last_heartbeats(storage: BaseStorage, study: optuna.Study) -> dict[int, datetime]:
+    """Trial number -> last heartbeat (UTC) of the study's running trials; empty without heartbeats."""
+    storage = _unwrap(storage)
+    if not isinstance(storage, RDBStorage) or storage.get_heartbeat_interval() is None:
+        return {}
+    sql = sqlalchemy.text(
+        "SELECT t.number, h.heartbeat FROM trial_heartbeats h JOIN trials t ON t.trial_id = h.trial_id "
+        "WHERE t.study_id = :sid AND t.state = 'RUNNING'"
+    )
+    with storage.engine.connect() as conn:
+        rows = conn.execute(sql, {"sid": study._study_id}).all()
+    # SQLite hands back text; the others datetimes (naive UTC, as Optuna writes them)
+    return {int(n): datetime.fromisoformat(hb) if isinstance(hb, str) else hb for n, hb in rows}

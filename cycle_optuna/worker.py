@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-from dataclasses import dataclass
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable
 
 import optuna
@@ -23,6 +31,12 @@ from cycle_optuna.train import EpochMetrics
 CONFIG_ATTR = "cycle_optuna_config"
 STATS_ATTR = "data_stats"
 _FINAL = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+POLL_SECONDS = 1.0  # how often an idle worker looks for retries while other workers finish
+RECONNECT_SECONDS = 300  # a worker gives up after this long without its database
+
+THREADS_ENV_VAR = "CYCLE_OPTUNA_THREADS"  # set by `run --workers K` for its children
+
+_log = logging.getLogger(__name__)
 
 
 def build_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
@@ -35,6 +49,7 @@ def open_study(
     cfg: StudyConfig, url: str, *, data: TaskData | None = None, create: bool = True
 ) -> optuna.Study:
     """Create or load the study; refuse one whose stored trial definition differs from `cfg`."""
+    cfg = _with_env_artifacts(cfg)
     storage = storage_mod.open_storage(url)
     name = cfg.study.name
     exists = name in {s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
@@ -56,9 +71,12 @@ def open_study(
         study.set_user_attr(CONFIG_ATTR, cfg.to_dict())
     if data is not None and STATS_ATTR not in study.user_attrs:
         study.set_user_attr(STATS_ATTR, data.stats())
-    if cfg.sampler.type not in ("cycle", "reference") and not study.get_trials(deepcopy=False):
-        # cycle 1 is the baseline for every sampler; the cycle samplers propose it themselves
-        study.enqueue_trial({p.name: getattr(cfg.baseline, p.name) for p in cfg.space})
+    if cfg.sampler.type not in ("cycle", "reference"):
+        # cycle 1 is the baseline for every sampler; the cycle samplers propose it themselves.
+        # Under the cap lock, so workers starting together enqueue it once.
+        with storage_mod.cap_lock(storage, url, name):
+            if not study.get_trials(deepcopy=False):
+                study.enqueue_trial({p.name: getattr(cfg.baseline, p.name) for p in cfg.space})
     return study
 
 
@@ -84,13 +102,6 @@ def _check_same_definition(cfg: StudyConfig, stored: dict) -> None:
     )
 
 
-def trials_counted(study: optuna.Study) -> int:
-    """Trials toward the study's n_trials cap: all, except failures that were retried."""
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
-    return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
-
-
 def default_threads(workers: int) -> int:
     """Intra-op threads per worker so that workers x threads <= cores."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))
@@ -105,23 +116,202 @@ class Hooks:
     on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None
 
 
+@dataclass
+class WorkerStats:
+    """What one worker did; filled as it runs, so it is complete even after an interrupt."""
+
+    worker: str = field(default_factory=storage_mod.worker_id)
+    states: Counter = field(default_factory=Counter)  # state name -> trials this worker ended
+    requeued: list[int] = field(default_factory=list)  # trials it handed back (interrupt, lost database)
+    reconnects: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def summary(self) -> str:
+        done = ", ".join(f"{n} {s.lower()}" for s, n in sorted(self.states.items())) or "no trials"
+        extra = f"; handed back trial {', '.join(map(str, self.requeued))} for retry" if self.requeued else ""
+        again = f"; reconnected {self.reconnects}x" if self.reconnects else ""
+        return f"worker {self.worker}: {done} in {time.monotonic() - self.started:.0f}s{extra}{again}"
+
+
+_SIGNALLED: list[int] = []
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM (docker stop, kill) ends the running trial the way Ctrl-C does."""
+
+    def handler(signum: int, frame: object) -> None:
+        first = not _SIGNALLED
+        _SIGNALLED.append(signum)
+        if first:  # later signals must not cut short the hand-back of the running trial
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def interrupt_exit_code() -> int:
+    """128 + the signal that stopped the worker (130 for Ctrl-C, 143 for SIGTERM)."""
+    return 128 + (_SIGNALLED[-1] if _SIGNALLED else signal.SIGINT)
+
+
+def _with_env_artifacts(cfg: StudyConfig) -> StudyConfig:
+    path = os.environ.get(storage_mod.ARTIFACTS_ENV_VAR)
+    return config_mod.override(cfg, artifact_dir=path) if path else cfg
+
+
 def run_worker(
-    cfg: StudyConfig, url: str, *, workers: int = 1, hooks: Hooks | None = None
+    cfg: StudyConfig,
+    url: str,
+    *,
+    workers: int = 1,
+    hooks: Hooks | None = None,
+    stats: WorkerStats | None = None,
 ) -> optuna.Study:
-    """Run trials until the study holds cfg.study.n_trials of them (shared cap across workers)."""
+    """Run trials until the study holds cfg.study.n_trials of them (shared cap across workers).
+
+    The cap is exact: workers count and create trials under a storage lock. Retries of trials whose
+    worker died are run first. Once the cap is reached the worker stays while other workers' trials
+    run (one of them may die and need a retry), then returns. A trial interrupted by Ctrl-C/SIGTERM
+    or cut off by a lost database is failed and re-queued; its retry resumes from its checkpoint.
+    """
     hooks = hooks or Hooks()
-    torch.set_num_threads(cfg.train.threads or default_threads(workers))
+    stats = stats if stats is not None else WorkerStats()
+    cfg = _with_env_artifacts(cfg)
+    torch.set_num_threads(cfg.train.threads or int(os.environ.get(THREADS_ENV_VAR, 0)) or default_threads(workers))
     data = load_task(cfg.data, cfg.study.seed, data_path=config_mod.resolve_data_path(cfg))
     study = open_study(cfg, url, data=data)
     objective = Objective(cfg, data, artifact_store=storage_mod.artifact_store(cfg), on_epoch=hooks.on_epoch)
-
-    def after(study: optuna.Study, trial: FrozenTrial) -> None:
-        if hooks.on_trial_end is not None:
-            hooks.on_trial_end(study, trial)
-
-    while trials_counted(study) < cfg.study.n_trials:
-        if hooks.on_trial_start is not None:
-            hooks.on_trial_start(trials_counted(study))
-        # catch=(Exception,): a bad trial is recorded as FAIL with its reason; the worker carries on
-        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[after], gc_after_trial=False)
+    loop = _Loop(study, url, cfg.study.n_trials, objective, hooks, stats)
+    loop.run()
     return study
+
+
+class _Loop:
+    """One worker's trial loop; see :func:`run_worker`."""
+
+    def __init__(self, study: optuna.Study, url: str, n_trials: int, objective: Callable,
+                 hooks: Hooks, stats: WorkerStats) -> None:
+        self.study, self.url, self.n_trials = study, url, n_trials
+        self.objective, self.hooks, self.stats = objective, hooks, stats
+        self.lock = contextlib.ExitStack()
+        self.current: int | None = None  # number of the trial this worker runs
+        self.lost = False  # the current trial failed because the database went away
+
+    def run(self) -> None:
+        down_since: float | None = None
+        while True:
+            try:
+                step = self._step()
+                down_since = None
+            except KeyboardInterrupt:
+                self._hand_back()
+                raise
+            except Exception as e:
+                if not storage_mod.is_connection_error(e):
+                    raise
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > RECONNECT_SECONDS:
+                    raise StorageError(f"lost the storage {storage_mod.mask(self.url)} for "
+                                       f"{RECONNECT_SECONDS}s: {storage_mod.mask(str(e).splitlines()[0])}") from None
+                self.stats.reconnects += 1
+                _log.warning("storage unreachable, retrying: %s", storage_mod.mask(str(e).splitlines()[0]))
+                time.sleep(min(10.0, 2.0 ** min(self.stats.reconnects, 4) / 4))
+                self._hand_back_if_lost()
+                continue
+            if step == "done":
+                return
+            if step == "wait":
+                time.sleep(POLL_SECONDS)
+
+    def _step(self) -> str:
+        study = self.study
+        with contextlib.ExitStack() as held:
+            held.enter_context(storage_mod.cap_lock(study._storage, self.url, study.study_name))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            counted = _count(trials)
+            if counted >= self.n_trials and not any(t.state == TrialState.WAITING for t in trials):
+                alive = storage_mod.last_heartbeats(study._storage, study)
+                return "wait" if alive else "done"
+            self.lock = held.pop_all()  # released once the trial exists (first line of the objective)
+        try:
+            if self.hooks.on_trial_start is not None:
+                self.hooks.on_trial_start(min(counted, self.n_trials))
+            self.current, self.lost = None, False
+            # catch=(Exception,): a bad trial is recorded as FAIL with its reason; the worker carries on
+            study.optimize(self._objective, n_trials=1, catch=(Exception,), callbacks=[self._after],
+                           gc_after_trial=False)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker failed our trial as stale (we lost the database too long); it is retried
+        finally:
+            self.lock.close()
+        self._hand_back_if_lost()
+        return "run"
+
+    def _objective(self, trial: optuna.Trial) -> float:
+        self.lock.close()
+        self.current = trial.number
+        trial.set_user_attr(storage_mod.WORKER_ATTR, self.stats.worker)
+        try:
+            return self.objective(trial)
+        except Exception as e:
+            self.lost = storage_mod.is_connection_error(e)
+            raise
+
+    def _after(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if not self.lost:  # a trial cut off by the database is handed back, not counted as failed
+            self.stats.states[trial.state.name] += 1
+        if self.hooks.on_trial_end is not None:
+            self.hooks.on_trial_end(study, trial)
+
+    def _hand_back_if_lost(self) -> None:
+        if self.lost:
+            self._hand_back()
+
+    def _hand_back(self) -> None:
+        """Fail this worker's unfinished trial and queue its retry (which resumes from its checkpoint)."""
+        number, self.current, self.lost = self.current, None, False
+        if number is None:
+            return
+        trials = self.study.get_trials(deepcopy=False)
+        trial = next((t for t in trials if t.number == number), None)
+        if trial is None or any(number in t.system_attrs.get("retry_history", ()) for t in trials):
+            return
+        if trial.state == TrialState.RUNNING:
+            self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+            trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
+        if trial.state == TrialState.FAIL:
+            storage_mod.retry_callback()(self.study, trial)
+            self.stats.requeued.append(number)
+
+
+def _count(trials: list[FrozenTrial]) -> int:
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
+
+
+def trials_counted(study: optuna.Study) -> int:
+    """Trials toward the study's n_trials cap: all, except failures that were retried."""
+    return _count(study.get_trials(deepcopy=False))
+
+
+def start_local_workers(
+    study_file: str, url: str, workers: int, *, n_trials: int | None, log_prefix: str
+) -> list[tuple[subprocess.Popen, str]]:
+    """Start `workers` `cycle-optuna worker` processes on one study; (process, log file) pairs.
+
+    The URL travels in the environment, so its password never shows in `ps`.
+    """
+    env = {**os.environ, storage_mod.ENV_VAR: url, THREADS_ENV_VAR: str(default_threads(workers))}
+    args = [sys.executable, "-m", "cycle_optuna.cli", "worker", str(study_file)]
+    if n_trials is not None:
+        args += ["--n-trials", str(n_trials)]
+    os.makedirs(os.path.dirname(log_prefix) or ".", exist_ok=True)
+    procs = []
+    for i in range(workers):
+        log = f"{log_prefix}-worker-{i + 1}.log"
+        with open(log, "w") as f:
+            procs.append((subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT), log))
+    return procs

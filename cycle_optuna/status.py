@@ -1,0 +1,122 @@
+"""What a study's workers are doing: trials by state, running trials, best so far (`status`, `run --workers`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Group
+from rich.table import Table
+
+from cycle_optuna import storage as storage_mod
+from cycle_optuna.worker import trials_counted
+
+
+@dataclass(frozen=True)
+class RunningTrial:
+    number: int
+    worker: str  # "host:pid", or "?" before the worker wrote it
+    epochs_done: int
+    last_heartbeat: datetime | None  # UTC; None without heartbeats (journal storage)
+    resumed_from: str | None
+
+
+@dataclass(frozen=True)
+class StudyStatus:
+    name: str
+    n_trials: int  # the cap
+    counted: int  # trials toward the cap (retried failures excluded)
+    states: dict[str, int]
+    running: list[RunningTrial] = field(default_factory=list)
+    best: FrozenTrial | None = None
+
+    @property
+    def finished(self) -> int:
+        """Trials that ended for good (retried failures excluded)."""
+        return self.counted - self.states.get("RUNNING", 0) - self.states.get("WAITING", 0)
+
+
+def collect(study: optuna.Study, n_trials: int) -> StudyStatus:
+    """Read the study's state from its storage."""
+    trials = study.get_trials(deepcopy=False)
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    beats = storage_mod.last_heartbeats(study._storage, study)
+    running = [
+        RunningTrial(t.number, str(t.user_attrs.get(storage_mod.WORKER_ATTR, "?")), len(t.intermediate_values),
+                     beats.get(t.number), t.user_attrs.get("resumed_from"))
+        for t in trials if t.state == TrialState.RUNNING
+    ]
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = min(done, key=lambda t: t.value) if done else None
+    return StudyStatus(study.study_name, n_trials, trials_counted(study), states, running, best)
+
+
+def _ago(when: datetime | None) -> str:
+    if when is None:
+        return "-"
+    if when.tzinfo is None:  # Optuna stores naive UTC
+        when = when.replace(tzinfo=timezone.utc)
+    return f"{(datetime.now(timezone.utc) - when).total_seconds():.0f}s ago"
+
+
+def render(s: StudyStatus, *, epochs: int | None = None) -> Group:
+    """Rich tables: states, running trials with their workers, best so far."""
+    head = Table(title=f"study {s.name}: {s.finished} of {s.n_trials} trials finished", show_header=True)
+    for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"):
+        head.add_column(state.lower(), justify="right")
+    head.add_row(*(str(s.states.get(state, 0)) for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")))
+    parts: list = [head]
+    if s.running:
+        run = Table(title="running")
+        for col in ("cycle", "epochs", "worker", "last heartbeat", "resumed from"):
+            run.add_column(col)
+        for r in sorted(s.running, key=lambda r: r.number):
+            run.add_row(str(r.number + 1), f"{r.epochs_done}" + (f"/{epochs}" if epochs else ""), r.worker,
+                        _ago(r.last_heartbeat), r.resumed_from or "")
+        parts.append(run)
+    if s.best is not None:
+        b = s.best
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in b.params.items())
+        acc = b.user_attrs.get("val_accuracy")
+        parts.append(f"best so far: cycle {b.number + 1}, val loss {b.value:.4f}"
+                     + (f", accuracy {acc:.2%}" if isinstance(acc, (int, float)) else "") + f" ({params})")
+    return Group(*parts)
+
+
+def watch(study: optuna.Study, n_trials: int, procs: list, *, epochs: int | None, console, interval: float = 1.0) -> StudyStatus:
+    """Live combined view of local worker processes until they all exit; the last status."""
+    from rich.live import Live
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[info]}"), console=console)
+    task = bar.add_task("trials", total=n_trials, info="")
+    last = collect(study, n_trials)
+    with Live(Group(bar, render(last, epochs=epochs)), console=console, refresh_per_second=4) as live:
+        while True:
+            alive = sum(p.poll() is None for p, _ in procs)
+            try:
+                last = collect(study, n_trials)
+            except Exception as e:  # noqa: BLE001 - the view must not die while the database restarts
+                if not storage_mod.is_connection_error(e):
+                    raise
+            bar.update(task, completed=min(last.finished, n_trials), info=f"{alive} worker(s) running")
+            live.update(Group(bar, render(last, epochs=epochs)))
+            if not alive:
+                return last
+            time.sleep(interval)
+
+
+def load(cfg, url: str) -> optuna.Study:
+    """The existing study of `cfg` at `url`, without creating or changing anything."""
+    from cycle_optuna.errors import StorageError
+
+    storage = storage_mod.open_storage(url)
+    if cfg.study.name not in optuna.get_all_study_names(storage):
+        raise StorageError(f"no study named {cfg.study.name!r} in {storage_mod.mask(url)}")
+    return optuna.load_study(study_name=cfg.study.name, storage=storage)
