@@ -158,7 +158,8 @@ class CycleSampler(BaseSampler):
             if value is not None:
                 return value
             base = coerce(param_distribution, self._baseline.get(param_name))
-            if base is not None:
+            # Uncovered params keep the baseline only in the startup trials; later the fallback has them.
+            if base is not None and (kind in ("baseline", "lazy") or self._movable(param_name, param_distribution)):
                 if kind == "lazy" and param_name == payload.get("param"):
                     role = self._roles.role_of(param_name)
                     moved = step_value(
@@ -221,6 +222,7 @@ class CycleSampler(BaseSampler):
             fallback_name=sampler_name(self._fallback),
             minimize=study.direction != StudyDirection.MAXIMIZE,
             movable=self._movable,
+            generic_moves=self._generic_moves,
         )
         planner = Planner(settings, hist, trial.number)
         fixed = trial.system_attrs.get(FIXED_ATTR)

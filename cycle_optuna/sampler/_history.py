@@ -23,6 +23,10 @@ PROPOSAL_ATTR = "cycle:proposal"  # system attr: the decision, as JSON, written 
 FIXED_ATTR = "fixed_params"  # Optuna's system attr for enqueued trials
 
 
+def lazy_key(parent: int | None, param: str | None, direction: int) -> tuple:
+    return ("lazy", parent, param, direction)
+
+
 @dataclass
 class Rec:
     """One trial as the rules see it."""
@@ -184,7 +188,9 @@ class HistoryCache:
         )
         recs[t.number] = rec
         f.n_trials += 1
-        if config:
+        if rec.kind == "lazy":  # a move decided before the space was known: claim the move itself
+            keys.add(lazy_key(rec.parent, rec.param, rec.direction))
+        if config and (rec.kind != "lazy" or t.state.is_finished()):  # a running lazy trial's params are partial
             keys.add(config_key(config))
         if f.base is None and rec.kind != "explore" and (config or rec.kind == "baseline"):
             f.base = rec

@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping
 from optuna.distributions import BaseDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from cycle_optuna.sampler._history import History, Rec
+from cycle_optuna.sampler._history import History, Rec, lazy_key
 from cycle_optuna.sampler._moves import (
     Roles,
     coerce,
@@ -42,6 +42,7 @@ class Settings:
     fallback_name: str
     minimize: bool
     movable: Callable[[str, BaseDistribution], bool]  # which params the rules move
+    generic_moves: bool
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class Planner:
                 continue
             cfg, label = moved
             if self.hist.known(config_key(cfg)):
+                continue
+            if c.scale == 1.0 and self.hist.known(lazy_key(base.number, c.param, c.direction)):
                 continue
             prev = plan[i - 1] if i else None
             payload = {
@@ -157,13 +160,25 @@ class Planner:
 
     # -- moves -------------------------------------------------------------------------------
     def _base_config(self, base: Rec) -> dict[str, Any]:
+        """The incumbent's covered params; a base without a result (the baseline trial still
+        running, or pruned) is completed from the baseline, so that proposals made before and
+        after its params became known compare equal."""
         config = dict(base.config)
-        if base is not self.hist.fold.incumbent:  # no result yet: fill what the baseline trial has not suggested
-            for name, dist in self.space.items():
-                if name not in config:
-                    v = coerce(dist, self.s.baseline.get(name))
-                    if v is not None:
-                        config[name] = v
+        if base is self.hist.fold.incumbent:
+            return config
+        f, roles = self.hist.fold, self.s.roles
+        for name, value in self.s.baseline.items():
+            if name in config or name in f.conflicts:
+                continue
+            dist = f.space.get(name)
+            if dist is not None:
+                v = coerce(dist, value) if self.s.movable(name, dist) else None
+            elif is_numeric_choice(value) and (self.s.generic_moves or roles.role_of(name)):
+                v = value
+            else:
+                v = None
+            if v is not None:
+                config[name] = v
         return config
 
     def _apply(self, config: dict[str, Any], c: _Candidate) -> tuple[dict[str, Any], str] | None:
@@ -210,9 +225,8 @@ class Planner:
     def _startup(self) -> tuple[dict[str, Any], str]:
         """No parameter seen yet (first trial, or workers starting together): baseline, then
         moves from the baseline resolved lazily as each parameter is suggested."""
-        n, k = self.n, self.hist.fold.n_trials
-        base = self.hist.fold.base
-        if k == 0 or base is None:
+        n, base = self.n, self.hist.fold.base
+        if base is None:
             if self.s.baseline:
                 return {"kind": "baseline", "parent": None, "move": "baseline", "params": {}}, f"cycle {n + 1}: baseline configuration"
             fb = self.s.fallback_name
@@ -225,10 +239,10 @@ class Planner:
         names = [x for x in names if x and is_numeric_choice(self.s.baseline.get(x))]
         role_names = set(roles.as_dict().values())
         names += sorted(x for x, v in self.s.baseline.items() if x not in role_names and is_numeric_choice(v))
-        moves = [(x, d) for x in names for d in (+1, -1)]
-        if k - 1 >= len(moves):
+        free = [(x, d) for x in names for d in (+1, -1) if not self.hist.known(lazy_key(base.number, x, d))]
+        if not free:
             return self._explore(f"cycle {base.cycle} has no result yet and every first move is taken")
-        name, d = moves[k - 1]
+        name, d = free[0]
         label = f"{roles.role_of(name) or name} {'up' if d > 0 else 'down'}"
         payload = {"kind": "lazy", "parent": base.number, "param": name, "dir": d, "scale": 1.0, "move": label, "params": {}}
         return payload, f"cycle {n + 1}: cycle {base.cycle} is still running; trying a neighbour of it meanwhile: {label}"
