@@ -39,7 +39,7 @@ AR_COEF = 0.6  # lag-1 autocorrelation of the channel noise
 _STD_FLOOR = 1e-6
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: field-wise == on tensors is ambiguous; compare by identity
 class TaskData:
     """Normalised train/val/test tensors plus the train-split statistics used to normalise them."""
 
