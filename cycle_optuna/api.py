@@ -176,8 +176,9 @@ def _fmt(v: Any) -> str:
 class CycleModel(torch.nn.Module):
     """The best trial's trained model with its input normalisation: call it on raw data.
 
-    ``model(x)`` returns logits for raw ``[N, T, F]`` input; ``predict`` returns class indices and
-    ``predict_proba`` class probabilities, for numpy arrays or tensors, one sequence or a batch.
+    ``model(x)`` returns logits for raw ``[N, T, F]`` input (T <= ``seq_len``, F = ``n_features``);
+    ``predict`` returns class indices and ``predict_proba`` class probabilities, for numpy arrays or
+    tensors, one ``[T, F]`` sequence or a batch. ``params`` holds the trial's hyperparameters.
     """
 
     def __init__(self, net: torch.nn.Module, mean: Any, std: Any, *, params: dict[str, Any], trial_number: int) -> None:
@@ -187,6 +188,8 @@ class CycleModel(torch.nn.Module):
         self.register_buffer("std", torch.as_tensor(np.asarray(std, dtype=np.float32)))
         self.params = dict(params)
         self.trial_number = trial_number
+        self.n_features = int(self.mean.shape[0])
+        self.seq_len = int(getattr(net, "seq_len", 0)) or None  # longest input sequence
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x.float() - self.mean) / self.std)

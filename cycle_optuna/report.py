@@ -122,6 +122,10 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _n(k: int, noun: str) -> str:
+    return f"{k} {noun}{'' if k == 1 else 's'}"
+
+
 def _pct(v: float | None, digits: int = 2) -> str:
     return "-" if v is None else f"{100 * v:.{digits}f}%"
 
@@ -326,9 +330,9 @@ def _pruning(a: Analysis) -> list[str]:
     saved = sum(max(0, a.epochs - c.epochs_run) for c in stopped)
     early = sum(max(0, a.epochs - c.epochs_run) for c in a.complete)
     budget = a.epochs * max(1, len(a.cycles))
-    return lines + [f"- Pruning stopped {len(stopped)} cycles and saved **{saved} epochs** "
+    return lines + [f"- Pruning stopped {_n(len(stopped), 'cycle')} and saved **{saved} epochs** "
                     f"({100 * saved / budget:.1f}% of the {budget}-epoch budget of {len(a.cycles)} cycles)",
-                    f"- Early stopping saved another {early} epochs in complete cycles", ""]
+                    f"- Early stopping saved another {_n(early, 'epoch')} in complete cycles", ""]
 
 
 def _worked(a: Analysis) -> list[str]:
@@ -346,7 +350,7 @@ def _worked(a: Analysis) -> list[str]:
             misses.append(c)
     lines += wins or ["- No cycle improved on the first complete cycle."]
     lines += ["", "### What failed", ""]
-    lines.append(f"- **Did not improve:** {len(misses)} complete cycles"
+    lines.append(f"- **Did not improve:** {_n(len(misses), 'complete cycle')}"
                  + (": " + "; ".join(f"cycle {c.cycle} ({c.key_change})" for c in misses[:8]) if misses else ""))
     for label, group in (("Diverged", a.diverged), ("Pruned", a.pruned), ("Failed", a.failed)):
         lines.append(f"- **{label}:** {len(group)}")
@@ -388,7 +392,7 @@ def _recommendations(a: Analysis) -> list[str]:
                             f"widen the range downwards (e.g. low = {_fmt(_widen(p, p.low, -1))})")
     div = [c.params["lr"] for c in a.diverged if c.params.get("lr")]
     if div:
-        recs.append(f"Keep the learning rate below {_fmt(min(div))}: {len(div)} cycles diverged at or above it")
+        recs.append(f"Keep the learning rate below {_fmt(min(div))}: {_n(len(div), 'cycle')} diverged at or above it")
     advice = {"converging": "the best cycle was still improving at its last epoch: raise train.epochs",
               "underfit": "the best cycle underfits (loss near chance): raise capacity or epochs",
               "overfit": "the best cycle overfits: raise dropout or weight_decay, or add data",

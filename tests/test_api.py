@@ -1,0 +1,152 @@
+"""Python API: load_study, best_trial/best_params, cycles, load_best_model, best_record, the docs snippet."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cycle_optuna import api, best_params, best_trial, cycles, load_best_model, load_study
+from cycle_optuna.data import load_task
+from cycle_optuna.errors import ConfigError, StorageError
+from conftest_report import make_study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("api")
+    return {v: make_study(tmp / v, v) for v in ("cycle", "tpe")}
+
+
+def test_load_study_from_file_and_by_name(studies, monkeypatch):
+    path = studies["cycle"]
+    study = load_study(path)
+    assert study.study_name == "refcycles"
+    url = f"sqlite:///{path.parent / 'refcycles.db'}"
+    assert load_study("refcycles", storage=url).study_name == "refcycles"
+    monkeypatch.setenv("CYCLE_OPTUNA_STORAGE", url)
+    assert len(load_study("refcycles").trials) == 6
+    assert load_study(study) is study
+
+
+def test_load_study_errors_are_one_clear_line(studies, tmp_path):
+    with pytest.raises(ConfigError, match="storage"):
+        load_study("refcycles")
+    url = f"sqlite:///{studies['cycle'].parent / 'refcycles.db'}"
+    with pytest.raises(StorageError, match="no study named 'nope'.*refcycles"):
+        load_study("nope", storage=url)
+    missing = tmp_path / "missing.db"
+    with pytest.raises(StorageError, match="no study database"):
+        load_study("x", storage=f"sqlite:///{missing}")
+    assert not missing.exists()  # a query must not create an empty database
+
+
+def test_best_trial_and_params(studies):
+    assert best_trial(studies["cycle"]).number == 0
+    assert best_trial(studies["tpe"]).number == 4
+    params = best_params(studies["tpe"])
+    # searched params of the best trial over the stored baseline: every hyperparameter is present
+    assert params == {"lr": 3.9e-3, "batch_size": 32, "hidden_dim": 32, "n_layers": 3, "n_heads": 2,
+                      "dropout": 0.0, "weight_decay": 0.01}
+
+
+def test_no_completed_trials_is_a_clear_error(tmp_path):
+    import optuna
+
+    study = optuna.create_study(study_name="empty", storage=f"sqlite:///{tmp_path / 'e.db'}")
+    with pytest.raises(StorageError, match="no completed trials yet"):
+        best_trial(study)
+
+
+def test_cycles_records(studies):
+    rec = cycles(studies["cycle"])
+    assert [c.cycle for c in rec] == [1, 2, 3, 4, 5, 6]
+    assert [c.state for c in rec] == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED", "PRUNED", "FAIL"]
+    assert rec[0].key_change == "baseline configuration"
+    # the cycle sampler's move, then what changed against its parent (cycle 5's parent is cycle 1)
+    assert rec[1].key_change == "lr x2: lr 0.0005 -> 0.001, n_layers 2 -> 3"
+    assert rec[4].key_change.startswith("n_layers +1: lr 0.0005 -> 0.001, n_layers 2 -> 6")
+    assert rec[3].diverged and "non-finite" in rec[3].reason
+    assert rec[5].reason == "CUDA out of memory"
+    assert rec[0].curve == pytest.approx([0.927, 0.921, 0.9192, 0.9195])
+    assert rec[0].val_accuracy == pytest.approx(0.4709) and rec[0].epochs_run == 4
+    assert rec[0].params["batch_size"] == 32 and "batch_size" not in rec[0].searched
+    # without sampler attrs the key change is what differs from the previous cycle
+    tpe = cycles(studies["tpe"])
+    assert tpe[0].key_change == "baseline configuration"
+    assert tpe[1].key_change == "lr 0.0005 -> 0.001, n_layers 1 -> 2"
+
+
+def test_load_best_model_predicts_on_raw_data(studies):
+    model = load_best_model(studies["tpe"])
+    assert isinstance(model, torch.nn.Module) and not model.training
+    assert model.params["n_layers"] == 3 and model.trial_number == 4
+    cfg = api.study_config(load_study(studies["tpe"]))
+    data = load_task(cfg.data, cfg.study.seed)
+    raw = data.x_test.numpy() * data.std + data.mean  # what a user has: unnormalised sequences
+    with torch.inference_mode():
+        expected = model.net(data.x_test).argmax(1).numpy()
+    assert np.array_equal(model.predict(raw), expected)
+    proba = model.predict_proba(raw)
+    assert proba.shape == (len(raw), 3) and np.allclose(proba.sum(1), 1, atol=1e-5)
+    assert model.predict(raw[0]).shape == ()  # one [T, F] sequence
+    assert (model.seq_len, model.n_features) == (6, 3)
+
+
+def test_load_best_model_without_artifact(tmp_path):
+    path = make_study(tmp_path, "tpe", with_model=False)
+    with pytest.raises(StorageError, match="no saved model"):
+        load_best_model(path)
+
+
+def test_held_out_score_uses_the_test_split(studies):
+    score = api.held_out_score(studies["tpe"])
+    cfg = api.study_config(load_study(studies["tpe"]))
+    data = load_task(cfg.data, cfg.study.seed)
+    model = load_best_model(studies["tpe"])
+    acc = float((model.net(data.x_test).argmax(1) == data.y_test).double().mean())
+    assert score.n == len(data.y_test) and score.accuracy == pytest.approx(acc) and score.cycle == 5
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_best_record_uses_optuna_cli_field_names(studies, monkeypatch, capsys):
+    from optuna.cli import main as optuna_cli
+
+    path = studies["cycle"]
+    url = f"sqlite:///{path.parent / 'refcycles.db'}"
+    monkeypatch.setattr(sys, "argv", ["optuna", "best-trial", "--study-name", "refcycles", "--storage", url, "-f", "json"])
+    assert optuna_cli() == 0
+    out = capsys.readouterr().out
+    theirs = json.loads(out[out.index("{"):])
+    ours = api.best_record(path)
+    assert set(theirs) <= set(ours)
+    for key in theirs:
+        assert ours[key] == theirs[key], key
+    assert ours["cycle"] == 1 and 0 <= ours["test_accuracy"] <= 1
+
+
+def _snippet() -> str:
+    """The python block of README.md's Python API section, else of docs/python-api.md."""
+    for doc in (ROOT / "README.md", ROOT / "docs" / "python-api.md"):
+        if doc.exists():
+            text = doc.read_text()
+            m = re.search(r"```python\n(.*?load_best_model.*?)```", text, re.S)
+            if m:
+                return m.group(1)
+    pytest.fail("no python block using load_best_model in README.md or docs/python-api.md")
+
+
+def test_documented_snippet_runs(tmp_path, monkeypatch, capsys):
+    make_study(tmp_path / "studies", "tpe", name="quick")
+    monkeypatch.chdir(tmp_path)  # the snippet names studies/quick.toml, as a user in the repository would
+    exec(compile(_snippet(), "python-api snippet", "exec"), {"__name__": "__snippet__"})
+    out = capsys.readouterr().out
+    assert "cycle 5: val loss 0.6400" in out
+    assert "held-out test accuracy" in out
