@@ -125,7 +125,18 @@ class _Storage(RDBStorage):
 
 
 def is_connection_error(e: BaseException) -> bool:
-    """True when `e` means the database went away (restart, network), not a bug or bad input."""
+    """True when `e`, or what it arose from, means the database went away (restart, network)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        # e.g. Optuna's trial runner fails with UnboundLocalError while handling a lost connection
+        if _is_connection_error(e):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _is_connection_error(e: BaseException) -> bool:
     if isinstance(e, optuna.exceptions.StorageInternalError):
         e = e.__cause__ or e
         if not isinstance(e, sqlalchemy.exc.SQLAlchemyError):

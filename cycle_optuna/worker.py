@@ -216,7 +216,7 @@ class _Loop:
                 self.stats.reconnects += 1
                 _log.warning("storage unreachable, retrying: %s", storage_mod.mask(str(e).splitlines()[0]))
                 time.sleep(min(10.0, 2.0 ** min(self.stats.reconnects, 4) / 4))
-                self._hand_back_if_lost()
+                self.lost = self.current is not None  # a trial cut off mid-way is handed back next step
                 continue
             if step == "done":
                 return
@@ -224,6 +224,7 @@ class _Loop:
                 time.sleep(POLL_SECONDS)
 
     def _step(self) -> str:
+        self._hand_back_if_lost()
         study = self.study
         with contextlib.ExitStack() as held:
             held.enter_context(storage_mod.cap_lock(study._storage, self.url, study.study_name))
@@ -248,6 +249,7 @@ class _Loop:
         finally:
             self.lock.close()
         self._hand_back_if_lost()
+        self.current = None
         return "run"
 
     def _objective(self, trial: optuna.Trial) -> float:

@@ -1,0 +1,105 @@
+"""Helpers for the worker/fault/compose tests: a tiny study file, worker processes, DB polling."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = """
+[study]
+name = "{name}"
+n_trials = {n_trials}
+seed = 0
+
+[data]
+n_samples = {n_samples}
+seq_len = 4
+n_features = 2
+
+[train]
+epochs = {epochs}
+warmup_epochs = 0.0
+early_stopping_patience = 0
+threads = 1
+
+[baseline]
+lr = 1e-3
+batch_size = 32
+hidden_dim = 8
+n_layers = 1
+n_heads = 2
+dropout = 0.0
+
+[space]
+lr = {{ low = 1e-4, high = 1e-2, log = true }}
+
+[sampler]
+type = "random"
+
+[pruner]
+type = "none"
+"""
+
+
+def write_study(directory: Path, *, name: str = "tiny", n_trials: int = 4, epochs: int = 1,
+                n_samples: int = 30) -> Path:
+    """A study whose trials take a fraction of a second."""
+    path = directory / f"{name}.toml"
+    path.write_text(TINY.format(name=name, n_trials=n_trials, epochs=epochs, n_samples=n_samples))
+    return path
+
+
+# The real CLI, with each epoch checkpoint followed by a pause, so a test can hit a trial mid-way.
+SLOW_EPOCHS = (
+    "import sys, time\n"
+    "import cycle_optuna.objective as o\n"
+    "save = o.TrialCheckpoints.save\n"
+    "def slow(self, epoch, state):\n"
+    "    save(self, epoch, state)\n"
+    "    time.sleep({pause})\n"
+    "o.TrialCheckpoints.save = slow\n"
+    "from cycle_optuna.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "CYCLE_OPTUNA_STORAGE"}
+    env.update(CYCLE_OPTUNA_HEARTBEAT_SECONDS="1", CYCLE_OPTUNA_GRACE_SECONDS="3", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def start_cli(args: list[str], *, pause: float = 0.0, env: dict | None = None, cwd: Path | None = None,
+              log: Path | None = None) -> subprocess.Popen:
+    """`cycle-optuna ARGS` in a new process (epochs slowed by `pause` seconds)."""
+    code = SLOW_EPOCHS.format(pause=pause)
+    out = open(log, "w") if log else subprocess.PIPE
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env or worker_env(), cwd=cwd,
+                            stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def trials(url: str, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
+    """The study's trials, or [] before it exists."""
+    storage = optuna.storages.RDBStorage(url) if "://" in url else url
+    try:
+        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    except KeyError:
+        return []
