@@ -1,0 +1,140 @@
+"""Cycle report: sections, numbers from the study, data-derived recommendations, real PNG plots."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib.image
+import optuna
+import pytest
+
+from cycle_optuna import api, plots, report
+from conftest_report import make_study
+
+SECTIONS = (
+    "## Overview", "## Best configuration (cycle", "## Performance metrics across cycles", "## Key insights",
+    "### 1. Model capacity vs performance", "### 2. Learning rate impact", "### 3. Training dynamics",
+    "### 4. Parameter importances", "### 5. Epochs saved by pruning", "### What worked", "### What failed",
+    "## Recommendations for the next run", "## Loss reduction analysis", "## Plots", "## Conclusion",
+)
+PNGS = ("history.png", "curves.png", "lr_vs_loss.png", "capacity_vs_loss.png", "importances.png")
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    tmp = tmp_path_factory.mktemp("report")
+    out = {}
+    for variant in ("cycle", "tpe"):
+        path = report.write_report(make_study(tmp / variant, variant), tmp / f"{variant}-out")
+        out[variant] = (path, path.read_text())
+    return out
+
+
+def test_report_has_every_section_and_plot(written):
+    path, text = written["cycle"]
+    for heading in SECTIONS:
+        assert heading in text, heading
+    for png in PNGS:
+        assert f"]({png})" in text
+        assert (path.parent / png).stat().st_size > 10_000, png
+
+
+@pytest.mark.parametrize("png", PNGS)
+def test_plots_are_real_pngs_of_sensible_size(written, png):
+    for path, _ in written.values():
+        file = path.parent / png
+        assert file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        h, w, _ = matplotlib.image.imread(file).shape
+        assert 300 <= h <= 2000 and 500 <= w <= 2000
+
+
+def test_numbers_come_from_the_study(written):
+    path, text = written["cycle"]
+    assert "Best validation loss **0.9192** in cycle 1: no later cycle beat the baseline" in text
+    assert "**Validation accuracy:** 47.09%" in text
+    score = api.held_out_score(path.parent.parent / "cycle" / "cycle.toml")
+    assert f"**Held-out test accuracy:** {100 * score.accuracy:.2f}%" in text
+    table = [line for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(table) == 6
+    assert table[0].startswith("| 1 | 0.9192 **best** | 47.09% | 0.84% | baseline configuration | complete (converged)")
+    assert table[3].endswith("| diverged |") and "pruned at epoch 2" in table[4] and table[5].endswith("| fail |")
+    assert "(3 complete, 1 pruned, 1 diverged, 1 failed)" in text
+    # cycles 4 and 5 ran 2 of 4 epochs each: 4 epochs saved of the 24-epoch budget
+    assert "Pruning stopped 2 cycles and saved **4 epochs** (16.7% of the 24-epoch budget" in text
+    assert "**Sequence:** 0.0005 -> 0.001 -> 0.002 -> 0.004 -> 0.001 -> 0.00025" in text
+    assert "**Finding:** Smaller models performed better" in text
+    assert "**Cycle 3** had the best accuracy (47.68%) despite not having the best loss" in text
+    assert "cycle 4 (lr 0.004, hidden 128, 5 layers, 4 heads): diverged: the loss became non-finite" in text
+    assert "cycle 6 (lr 0.00025, hidden 32, 2 layers, 4 heads): CUDA out of memory" in text
+    assert "**Best improvement:** 3.15% (cycle 3)" in text
+    assert "loss of complete cycles in 0.9192 - 0.9213" in text
+
+
+def test_recommendations_are_derived_from_the_data(written):
+    _, cyc = written["cycle"]
+    _, tpe = written["tpe"]
+    assert "Keep the learning rate below 0.004: 1 cycle diverged" in cyc
+    assert "No new best in the last 5 cycles: the search has plateaued" in cyc
+    # best lr 0.0039 of [1e-4, 4e-3]: at the edge of the range -> widen it
+    assert "Best lr 0.0039 sits at the upper edge of [0.0001, 0.004]: widen the range upwards (e.g. high = 0.008)" in tpe
+    assert "Best hidden_dim 32 is the largest choice of [16, 32]: add a larger choice" in tpe
+    assert "still improving at its last epoch: raise train.epochs" in tpe
+    assert "The last cycle set the best loss: run more cycles" in tpe
+    assert "upper edge" not in cyc and "plateaued" not in tpe
+
+
+def test_two_studies_give_visibly_different_reports(written):
+    _, cyc = written["cycle"]
+    _, tpe = written["tpe"]
+    assert "## Best configuration (cycle 1)" in cyc and "## Best configuration (cycle 5)" in tpe
+    assert "**0.6400** in cycle 5, 34.02% below cycle 1 (0.9700)" in tpe
+    assert "**Finding:** Larger models performed better" in tpe
+    assert "lr 0.0005 -> 0.001, n_layers 1 -> 2" in tpe  # TPE: key changes are parameter differences
+    assert "lr x2: lr 0.0005 -> 0.001" in cyc  # cycle sampler: its move first
+    assert "sampler `cycle`" in cyc and "sampler `tpe`" in tpe
+    shared = set(cyc.splitlines()) & set(tpe.splitlines())
+    assert len(shared) < 0.3 * len(cyc.splitlines())
+
+
+def test_importances_use_optunas_evaluator(written, tmp_path):
+    path, text = written["tpe"]
+    study = api.load_study(path.parent.parent / "tpe" / "tpe.toml")
+    expected = optuna.importance.get_param_importances(study)
+    top = next(iter(expected))
+    assert f"| {top} | {expected[top]:.3f} |" in text
+
+
+def test_report_of_a_study_without_completed_cycles(tmp_path):
+    study = optuna.create_study(study_name="fresh", storage=f"sqlite:///{tmp_path / 'f.db'}")
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.PRUNED, params={}, distributions={}, intermediate_values={0: 1.2},
+        user_attrs={"prune_reason": "fell behind", "epochs_run": 1},
+    ))
+    path = report.write_report(study, tmp_path / "out", test=False)
+    text = path.read_text()
+    assert "No cycle has completed yet." in text and "1. Run the study" in text
+    assert "cycle 1 (lr 0.0005" in text and "fell behind" in text
+    assert all((path.parent / png).stat().st_size > 5_000 for png in PNGS)
+
+
+def test_default_output_dir_is_beside_the_study_file(tmp_path, monkeypatch):
+    path = make_study(tmp_path, "tpe")
+    monkeypatch.setattr(api, "held_out_score", lambda *a, **k: (_ for _ in ()).throw(api.StorageError("skip")))
+    out = report.write_report(path)
+    assert out == tmp_path / "tpewide-report" / "report.md"
+    assert "unavailable (skip)" in out.read_text()
+
+
+def test_curves_plot_shows_pruned_cycles(tmp_path, monkeypatch):
+    cyc = api.cycles(api.load_study(make_study(tmp_path, "cycle")))
+    drawn = []
+    real = plots._save
+
+    def grab(fig, path):
+        drawn.extend(line.get_label() for line in fig.axes[0].get_lines())
+        return real(fig, path)
+
+    monkeypatch.setattr(plots, "_save", grab)
+    plots.curves(cyc, tmp_path / "c.png")
+    assert {"cycle 1", "cycle 4 (pruned)", "cycle 5 (pruned)"} <= set(drawn)
