@@ -1,0 +1,108 @@
+"""Dashboard: optuna-dashboard serves the study (and its artifacts) over HTTP, loopback by default."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cycle_optuna import dashboard
+from cycle_optuna.errors import CycleOptunaError
+from conftest_report import make_study
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        body = r.read()
+        return r.status, (json.loads(body) if "json" in r.headers.get("Content-Type", "") else body)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    path = make_study(tmp_path_factory.mktemp("dash"), "cycle")
+    dash = dashboard.make_dashboard(path, port=0)
+    dash.start()
+    yield dash
+    dash.close()
+
+
+def test_reads_the_study_through_the_http_api(served):
+    base = f"http://127.0.0.1:{served.port}"
+    _, studies = _get(f"{base}/api/studies")
+    (summary,) = [s for s in studies["study_summaries"] if s["study_name"] == "refcycles"]
+    assert served.url == f"{base}/dashboard/studies/{summary['study_id']}"
+    _, detail = _get(f"{base}/api/studies/{summary['study_id']}")
+    assert detail["name"] == "refcycles"
+    assert [t["state"] for t in detail["trials"]] == ["Complete", "Complete", "Complete", "Pruned", "Pruned", "Fail"]
+    assert detail["best_trials"][0]["number"] == 0
+    assert detail["trials"][0]["intermediate_values"][0] == {"step": 0, "value": 0.927}
+    assert "cycle_optuna_config" in {a["key"] for a in detail["user_attrs"]}
+    # the artifact store is wired: the best trial's model.pt downloads through the dashboard
+    (artifact,) = detail["trials"][0]["artifacts"]
+    status, body = _get(f"{base}/artifacts/{summary['study_id']}/{detail['trials'][0]['trial_id']}/{artifact['artifact_id']}")
+    assert status == 200 and artifact["filename"] == "model.pt" and len(body) > 10_000
+    status, page = _get(served.url)
+    assert status == 200 and b"<html" in page.lower()
+
+
+def test_binds_loopback_by_default_without_warning(served):
+    assert served.server.server_address[0] == "127.0.0.1"
+    assert served.warning is None
+    assert dashboard.DEFAULT_HOST == "127.0.0.1"
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True),
+                                            ("127.0.0.2", True), ("0.0.0.0", False), ("::", False),
+                                            ("192.168.1.5", False), ("myhost.example", False)])
+def test_is_loopback(host, loopback):
+    assert dashboard.is_loopback(host) is loopback
+    assert (dashboard.exposure_warning(host, 8080) is None) is loopback
+
+
+def test_warns_when_bound_beyond_loopback(served):
+    dash = dashboard.make_dashboard(Path(served.artifact_dir).parent / "cycle.toml", host="0.0.0.0", port=0)
+    try:
+        assert "no authentication" in dash.warning and f"0.0.0.0:{dash.port}" in dash.warning
+        assert dash.url.startswith(f"http://127.0.0.1:{dash.port}/")  # a URL that opens, not 0.0.0.0
+    finally:
+        dash.server.server_close()
+
+
+def test_port_in_use_is_a_clear_error(served):
+    with pytest.raises(CycleOptunaError, match=f"cannot listen on 127.0.0.1:{served.port}"):
+        dashboard.make_dashboard(Path(served.artifact_dir).parent / "cycle.toml", port=served.port)
+
+
+def test_launch_prints_the_url_and_serves(tmp_path):
+    path = make_study(tmp_path, "tpe")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = f"from cycle_optuna.dashboard import launch; launch({str(path)!r}, port={port})"
+    env = {k: v for k, v in os.environ.items() if k != "CYCLE_OPTUNA_STORAGE"}
+    proc = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if line.startswith("open ") or not line:
+                break
+        out = "".join(lines)
+        m = re.search(r"open (http://127\.0\.0\.1:\d+/dashboard/studies/\d+)", out)
+        assert m, out
+        assert "warning" not in out and f"artifacts: {tmp_path / 'tpewide-artifacts'}" in out
+        assert _get(m.group(1))[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
