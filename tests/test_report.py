@@ -138,3 +138,22 @@ def test_curves_plot_shows_pruned_cycles(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "_save", grab)
     plots.curves(cyc, tmp_path / "c.png")
     assert {"cycle 1", "cycle 4 (pruned)", "cycle 5 (pruned)"} <= set(drawn)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_end_to_end_on_a_real_study(quick_study):
+    """Real trials from the lead's worker, then the report, the held-out score and the model."""
+    import numpy as np
+
+    from cycle_optuna import config, storage, worker
+
+    cfg = config.override(config.load(quick_study), n_trials=2)
+    worker.run_worker(cfg, storage.resolve_url(cfg))
+    text = report.write_report(quick_study).read_text()
+    best = api.best_trial(quick_study)
+    assert f"## Best configuration (cycle {best.number + 1})" in text and f"{best.value:.4f}" in text
+    score = api.held_out_score(quick_study)
+    assert f"**Held-out test accuracy:** {100 * score.accuracy:.2f}%" in text
+    model = api.load_best_model(quick_study)
+    assert model.predict(np.zeros((2, model.seq_len, model.n_features))).shape == (2,)
