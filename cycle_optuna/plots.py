@@ -90,14 +90,16 @@ def curves(cycles: Sequence[Cycle], path: Path) -> Path:
 
 def _scatter(cycles: Sequence[Cycle], x_of, path: Path, *, xlabel: str, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
+    shown = []
     for c in cycles:
         x, loss = x_of(c), _loss(c)
         if x is None or loss is None:
             continue
+        shown.append(c)
         ax.scatter(x, loss, color=_color(c), marker="o" if c.state == "COMPLETE" else "x", zorder=3)
         ax.annotate(str(c.cycle), (x, loss), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xscale("log")
-    _legend(ax, cycles)
+    _legend(ax, shown)
     ax.set(xlabel=xlabel, ylabel="validation loss", title=title)
     ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
