@@ -39,6 +39,8 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def _legend(ax: plt.Axes, cycles: Sequence[Cycle]) -> None:
     seen = {("diverged" if c.diverged else c.state.lower()): _color(c) for c in cycles}
+    if not seen:
+        return
     for label, color in seen.items():
         ax.scatter([], [], color=color, label=label)
     ax.legend(loc="best", fontsize=8)
@@ -82,7 +84,7 @@ def curves(cycles: Sequence[Cycle], path: Path) -> Path:
             ax.scatter(epochs[-1], c.curve[-1], marker="x", color=_color(c), zorder=3)
     ax.set(xlabel="epoch", ylabel="validation loss", title="Validation loss per epoch, every cycle")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if len(cycles) <= 20:
+    if 0 < len(ax.get_lines()) <= 20:
         ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     return _save(fig, path)
