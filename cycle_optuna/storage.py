@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import socket
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator
@@ -90,7 +91,14 @@ def open_storage(url: str, *, heartbeat: bool = True) -> BaseStorage:
         heartbeat_stale_trial_callback=retry_callback(),
     ) if heartbeat else {}
     try:
-        return _Storage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=False, **beat)
+        for attempt in range(5):
+            try:
+                return _Storage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=False, **beat)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # workers starting together on an empty database race to create Optuna's tables
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
     except ModuleNotFoundError as e:
         extra = " (pip install 'cycle-optuna[mysql]')" if backend in ("mysql", "mariadb") else ""
         raise StorageError(f"storage {mask(url)}: driver not installed: {e.name}{extra}") from None

@@ -31,7 +31,7 @@ from cycle_optuna.train import EpochMetrics
 CONFIG_ATTR = "cycle_optuna_config"
 STATS_ATTR = "data_stats"
 _FINAL = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-POLL_SECONDS = 1.0  # how often an idle worker looks for retries while other workers finish
+POLL_SECONDS = 0.25  # how often an idle worker looks for retries while other workers finish
 RECONNECT_SECONDS = 300  # a worker gives up after this long without its database
 
 THREADS_ENV_VAR = "CYCLE_OPTUNA_THREADS"  # set by `run --workers K` for its children
@@ -181,9 +181,21 @@ def run_worker(
     data = load_task(cfg.data, cfg.study.seed, data_path=config_mod.resolve_data_path(cfg))
     study = open_study(cfg, url, data=data)
     objective = Objective(cfg, data, artifact_store=storage_mod.artifact_store(cfg), on_epoch=hooks.on_epoch)
-    loop = _Loop(study, url, cfg.study.n_trials, objective, hooks, stats)
-    loop.run()
+    run_trials(study, url, cfg.study.n_trials, objective, hooks=hooks, stats=stats)
     return study
+
+
+def run_trials(
+    study: optuna.Study,
+    url: str,
+    n_trials: int,
+    objective: Callable[[optuna.Trial], float],
+    *,
+    hooks: Hooks | None = None,
+    stats: WorkerStats | None = None,
+) -> None:
+    """The worker loop of :func:`run_worker` for any objective (benchmarks, custom studies)."""
+    _Loop(study, url, n_trials, objective, hooks or Hooks(), stats if stats is not None else WorkerStats()).run()
 
 
 class _Loop:
@@ -228,14 +240,19 @@ class _Loop:
         study = self.study
         with contextlib.ExitStack() as held:
             held.enter_context(storage_mod.cap_lock(study._storage, self.url, study.study_name))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
             counted = _count(trials)
             if counted >= self.n_trials and not any(t.state == TrialState.WAITING for t in trials):
-                alive = storage_mod.last_heartbeats(study._storage, study)
-                return "wait" if alive else "done"
+                # the cap is met unless a running trial's worker died: fail those (optimize does
+                # that too, but only once it runs), and run their retries
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
+                trials = study.get_trials(deepcopy=False)
+                counted = _count(trials)
+                if not any(t.state == TrialState.WAITING for t in trials):
+                    alive = storage_mod.last_heartbeats(study._storage, study)
+                    return "wait" if alive else "done"
             self.lock = held.pop_all()  # released once the trial exists (first line of the objective)
         try:
             if self.hooks.on_trial_start is not None:
