@@ -29,6 +29,13 @@ EXAMPLES = {
     "best": """examples:
   cycle-optuna best studies/seed.toml
   cycle-optuna best studies/seed.toml --json""",
+    "report": """examples:
+  cycle-optuna report studies/seed.toml
+  cycle-optuna report studies/seed.toml -o reports/seed""",
+    "dashboard": """examples:
+  cycle-optuna dashboard studies/seed.toml
+  cycle-optuna dashboard studies/seed.toml --port 8081
+  cycle-optuna dashboard studies/seed.toml --host 0.0.0.0   # no authentication: trusted networks only""",
 }
 
 
@@ -162,19 +169,64 @@ def cmd_best(args: argparse.Namespace) -> int:
     from cycle_optuna import api
 
     cfg, url = _load(args)
-    trial = api.best_trial(cfg.path, storage=url)
-    if args.json:
-        out.print_json(json.dumps({"number": trial.number, "value": trial.value, "params": trial.params,
-                                   "user_attrs": trial.user_attrs}, default=str))
+    rec = api.best_record(args.study, storage=url, with_test=not args.no_test)
+    if args.json:  # field names of `optuna best-trial -f json`, plus cycle, hyperparams, test metrics
+        out.print_json(json.dumps(rec, default=str))
         return 0
-    table = Table(title=f"best of {cfg.study.name}: cycle {trial.number + 1}")
+    attrs = rec["user_attrs"]
+    table = Table(title=f"best of {cfg.study.name}: cycle {rec['cycle']} (trial {rec['number']})")
     table.add_column("name")
     table.add_column("value", justify="right")
-    table.add_row("val loss", f"{trial.value:.4f}")
-    for k, v in trial.params.items():
-        table.add_row(k, str(v))
+    table.add_row("val loss", f"{rec['value']:.4f}")
+    if attrs.get("val_accuracy") is not None:
+        table.add_row("val accuracy", f"{attrs['val_accuracy']:.2%}")
+    if rec.get("test_accuracy") is not None:
+        table.add_row("test accuracy (held out)", f"{rec['test_accuracy']:.2%}")
+        table.add_row("test loss (held out)", f"{rec['test_loss']:.4f}")
+    elif not args.no_test:
+        table.add_row("test accuracy (held out)", f"unavailable: {rec.get('test_error')}")
+    table.add_section()
+    for k, v in rec["hyperparams"].items():
+        table.add_row(k if k in rec["params"] else f"{k} (fixed)", f"{v:.4g}" if isinstance(v, float) else str(v))
+    table.add_section()
+    for k in ("diagnosis", "epochs_run", "n_params", "improvement_pct", "train_seconds"):
+        if attrs.get(k) is not None:
+            table.add_row(k, str(attrs[k]))
+    table.add_row("duration", str(rec["duration"]))
     out.print(table)
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cycle_optuna import report
+
+    cfg, url = _load(args)
+    path = report.write_report(args.study, args.output, storage=url, test=not args.no_test)
+    plots = sorted(p.name for p in path.parent.glob("*.png"))
+    out.print(f"report of study [bold]{cfg.study.name}[/]: {path} with {len(plots)} plots ({', '.join(plots)})",
+              highlight=False, soft_wrap=True)
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from cycle_optuna import dashboard
+
+    _load(args)  # validates the study file first: a bad file is one clear line, not a traceback
+    return dashboard.launch(
+        args.study, host=args.host, port=args.port, storage=args.storage,
+        echo=lambda line: out.print(line, highlight=False, soft_wrap=True),
+        warn=lambda line: err.print(f"[bold yellow]{line}[/]", highlight=False, soft_wrap=True),
+    )
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,7 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--n-trials", type=_positive, metavar="N", help="total trials the study should hold")
     command("status", cmd_status, "trials by state, running trials with their workers, best so far")
     best = command("best", cmd_best, "print the best trial's parameters and metrics")
-    best.add_argument("--json", action="store_true", help="machine-readable output")
+    best.add_argument("--json", action="store_true", help="machine-readable output (optuna best-trial's field names)")
+    best.add_argument("--no-test", action="store_true", help="skip the held-out test evaluation of the best model")
+    rep = command("report", cmd_report, "write report.md and PNG plots of the study's cycles")
+    rep.add_argument("-o", "--output", metavar="DIR",
+                     help="output directory (default: <study name>-report beside the study file)")
+    rep.add_argument("--no-test", action="store_true", help="skip the held-out test evaluation of the best model")
+    dash = command("dashboard", cmd_dashboard, "serve optuna-dashboard on the study's storage and artifacts")
+    dash.add_argument("--host", default="127.0.0.1",
+                      help="address to bind (default 127.0.0.1; optuna-dashboard has no authentication)")
+    dash.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)")
     return parser
 
 

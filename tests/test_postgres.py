@@ -1,0 +1,59 @@
+"""PostgreSQL and MariaDB storages: heartbeats, status, exact cap across worker processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from cycle_optuna import storage
+from cycle_optuna.cli import main
+from workers_helpers import trials, worker_env, write_study
+
+pytestmark = pytest.mark.postgres
+
+
+def test_postgres_storage_has_heartbeats_and_a_small_pre_pinged_pool(pg_url: str):
+    st = storage.open_storage(pg_url)
+    assert st.get_heartbeat_interval() == storage.HEARTBEAT_SECONDS
+    assert st.engine.pool._pre_ping and st.engine.pool.size() == 2
+
+
+def test_two_processes_meet_the_cap_exactly(tmp_path: Path, pg_url: str):
+    study = write_study(tmp_path, n_trials=5)
+    procs = [subprocess.Popen([sys.executable, "-m", "cycle_optuna.cli", "worker", str(study), "--storage", pg_url],
+                              env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [t.state for t in trials(pg_url)] == [TrialState.COMPLETE] * 5
+
+
+def test_status_shows_states_running_worker_and_heartbeat(tmp_path: Path, pg_url: str, capsys):
+    study = write_study(tmp_path, n_trials=2)
+    assert main(["worker", str(study), "--storage", pg_url]) == 0
+    st = storage.open_storage(pg_url)
+    s = optuna.load_study(study_name="tiny", storage=st)
+    trial = s.ask()
+    trial.set_user_attr(storage.WORKER_ATTR, "box:123")
+    st.record_heartbeat(trial._trial_id)
+    capsys.readouterr()
+    assert main(["status", str(study), "--storage", pg_url]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 trials finished" in out and "box:123" in out and "s ago" in out and "best so far" in out
+
+
+def test_mariadb_storage_when_reachable():
+    url = "mysql+pymysql://root@127.0.0.1:3306/test"
+    try:
+        st = storage.open_storage(url)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"MariaDB not usable: {e}")
+    name = "cycle-mysql-lock"
+    with storage.cap_lock(st, url, name):
+        pass
+    assert st.get_heartbeat_interval() == storage.HEARTBEAT_SECONDS

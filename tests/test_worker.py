@@ -1,0 +1,46 @@
+"""The worker loop in-process: exact cap, checkpoints cleaned up, a retry resumes to the same result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from cycle_optuna import config, storage, worker
+from cycle_optuna.objective import CHECKPOINT_ATTR, RESUMED_ATTR, TrialCheckpoints
+from workers_helpers import write_study
+
+
+def test_worker_meets_the_cap_and_leaves_no_checkpoints(tmp_path: Path):
+    cfg = config.load(write_study(tmp_path, n_trials=3, epochs=2))
+    stats = worker.WorkerStats()
+    study = worker.run_worker(cfg, storage.resolve_url(cfg), stats=stats)
+    assert worker.trials_counted(study) == 3 and stats.states["COMPLETE"] == 3
+    assert all(t.user_attrs[storage.WORKER_ATTR] == stats.worker for t in study.trials)
+    assert not list((tmp_path / "tiny-artifacts").glob("checkpoint-*"))
+
+
+def test_retry_resumes_from_the_parent_checkpoint_with_the_same_result(tmp_path: Path, monkeypatch):
+    cfg = config.load(write_study(tmp_path, n_trials=1, epochs=3))
+    url = storage.resolve_url(cfg)
+    reference = worker.run_worker(cfg, url).best_value  # uninterrupted
+    cfg2 = config.load(write_study(tmp_path, name="cut", n_trials=1, epochs=3))
+    save = TrialCheckpoints.save
+
+    def die_after_second_epoch(self, epoch, state):
+        save(self, epoch, state)
+        if epoch == 1:
+            raise KeyboardInterrupt  # the worker hands the trial back, as on SIGTERM
+    monkeypatch.setattr(TrialCheckpoints, "save", die_after_second_epoch)
+    try:
+        worker.run_worker(cfg2, url)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(TrialCheckpoints, "save", save)
+    study = worker.run_worker(cfg2, url)
+    first, retry = study.trials
+    assert first.state == TrialState.FAIL and CHECKPOINT_ATTR in first.user_attrs
+    assert retry.user_attrs[RESUMED_ATTR] == "trial 0 epoch 2"
+    assert retry.value == reference
+    assert not list((tmp_path / "cut-artifacts").glob("checkpoint-*"))
