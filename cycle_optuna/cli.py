@@ -26,6 +26,9 @@ EXAMPLES = {
     "worker": """examples:
   cycle-optuna worker studies/seed.toml
   CYCLE_OPTUNA_STORAGE=postgresql+psycopg://user:pass@db/optuna cycle-optuna worker studies/seed.toml""",
+    "status": """examples:
+  cycle-optuna status studies/seed.toml
+  cycle-optuna status studies/seed.toml --storage postgresql+psycopg://user:pass@db/optuna""",
     "best": """examples:
   cycle-optuna best studies/seed.toml
   cycle-optuna best studies/seed.toml --json""",

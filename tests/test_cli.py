@@ -83,7 +83,7 @@ def test_unexpected_error_exits_1_without_traceback_unless_debug(quick_study, ca
         run_cli("--debug", "run", str(quick_study))
 
 
-@pytest.mark.parametrize("command", ["run", "worker", "best"])
+@pytest.mark.parametrize("command", ["run", "worker", "status", "best", "report", "dashboard"])
 def test_every_command_has_help_with_examples(command):
     proc = subprocess.run([sys.executable, "-m", "cycle_optuna.cli", command, "--help"],
                           capture_output=True, text=True, check=True)
