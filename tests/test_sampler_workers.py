@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
+import math
+import multiprocessing as mp
+import time
 from pathlib import Path
 
 import optuna
@@ -16,52 +16,41 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 BASELINE = {"lr": 5e-4, "n_layers": 2, "hidden_dim": 64, "n_heads": 4, "dropout": 0.1}
 
-WORKER = textwrap.dedent(
-    """
-    import math, sys, time
-    from pathlib import Path
-    import optuna
-    from cycle_optuna.sampler import CycleSampler
 
+def objective(trial: optuna.Trial) -> float:
+    lr = trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+    layers = trial.suggest_int("n_layers", 1, 6)
+    hidden = trial.suggest_categorical("hidden_dim", [32, 64, 128, 256])
+    heads = trial.suggest_categorical("n_heads", [2, 4, 8])
+    dropout = trial.suggest_float("dropout", 0.0, 0.5)
+    assert hidden % heads == 0
+    time.sleep(0.3)  # long enough for the workers' trials to overlap
+    return (math.log10(lr) + 2.5) ** 2 + 0.05 * (layers - 3) ** 2 + 0.1 * dropout + 0.01 * math.log2(hidden)
+
+
+def worker(url: str, rank: int, n_trials: int, barrier) -> None:
+    """One worker process: its own storage connection and sampler, as `cycle-optuna worker` has."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url, rank, n_workers, n_trials = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    barrier = Path(sys.argv[5])
     storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}})
-    sampler = CycleSampler(baseline=%r, seed=rank, plateau_cycles=100)
+    sampler = CycleSampler(baseline=BASELINE, seed=rank, plateau_cycles=100)
     study = optuna.load_study(study_name="workers", storage=storage, sampler=sampler)
-
-    def objective(trial):
-        lr = trial.suggest_float("lr", 1e-4, 1e-2, log=True)
-        layers = trial.suggest_int("n_layers", 1, 6)
-        hidden = trial.suggest_categorical("hidden_dim", [32, 64, 128, 256])
-        heads = trial.suggest_categorical("n_heads", [2, 4, 8])
-        dropout = trial.suggest_float("dropout", 0.0, 0.5)
-        assert hidden %% heads == 0
-        time.sleep(0.3)  # long enough for the workers' trials to overlap
-        return (math.log10(lr) + 2.5) ** 2 + 0.05 * (layers - 3) ** 2 + 0.1 * dropout + 0.01 * math.log2(hidden)
-
-    (barrier / f"ready-{rank}").touch()
-    deadline = time.monotonic() + 60
-    while len(list(barrier.glob("ready-*"))) < n_workers and time.monotonic() < deadline:
-        time.sleep(0.01)
+    barrier.wait(timeout=60)  # start together, so that trials overlap from the first one
     study.optimize(objective, n_trials=n_trials)
-    """
-    % (BASELINE,)
-)
 
 
 def test_four_worker_processes_never_share_a_configuration(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'workers.db'}"
     optuna.create_study(study_name="workers", storage=url)
     n_workers, n_trials = 4, 5
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, url, str(rank), str(n_workers), str(n_trials), str(tmp_path)],
-            cwd=Path(__file__).resolve().parents[1],
-        )
-        for rank in range(n_workers)
-    ]
-    assert [p.wait(timeout=120) for p in procs] == [0] * n_workers
+    # fork: real processes without re-importing torch in each (the sampler only needs optuna)
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    barrier = ctx.Barrier(n_workers)
+    procs = [ctx.Process(target=worker, args=(url, rank, n_trials, barrier)) for rank in range(n_workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * n_workers
 
     trials = optuna.load_study(study_name="workers", storage=url).trials
     assert len(trials) == n_workers * n_trials

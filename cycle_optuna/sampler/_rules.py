@@ -252,7 +252,11 @@ class Planner:
         last = self.hist.fold.last_finished
         if last is None:
             return f"no cycle has finished yet (cycle {base.cycle} is running)"
-        what = f"cycle {last.cycle} ({last.move})" if last.move and last.kind == "move" else f"cycle {last.cycle}"
+        what = f"cycle {last.cycle}"
+        if last.kind == "explore":
+            what = f"exploration cycle {last.cycle}"
+        elif last.move and last.kind in ("move", "lazy"):
+            what = f"cycle {last.cycle} ({last.move})"
         if last is base and last.improved:
             if last.beaten is None:
                 return f"cycle {last.cycle} scored {_fmt(last.value)}"
