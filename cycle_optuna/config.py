@@ -34,7 +34,7 @@ class StudySection:
 class DataConfig:
     source: str = "synthetic"  # "synthetic", or a path to a .npz (X [N,T,F], y [N]) or .csv file
     n_samples: int = 2400  # synthetic only
-    seq_len: int = 32  # synthetic only
+    seq_len: int = 16  # synthetic only
     n_features: int = 8  # synthetic only
     n_classes: int = 3  # synthetic only; files infer it from the labels
     noise: float = 1.0  # synthetic only: per-channel noise scale
