@@ -317,6 +317,23 @@ def test_deterministic_for_a_seed_and_history():
     assert sequence() == sequence()
 
 
+def test_resumed_study_proposes_what_an_uninterrupted_one_would():
+    def objective(t):
+        return (t.suggest_float("x", -1, 1) - 0.3) ** 2 + t.suggest_int("y", 0, 5)
+
+    def make():
+        return CycleSampler(baseline={"x": 0.1, "y": 2}, seed=3, plateau_cycles=2)
+
+    whole = optuna.create_study(sampler=make())
+    whole.optimize(objective, n_trials=16)
+    resumed = optuna.create_study(sampler=make())
+    resumed.optimize(objective, n_trials=9)
+    resumed.sampler = make()  # a new process: empty caches, fresh fallback
+    resumed.optimize(objective, n_trials=7)
+    assert any(t.user_attrs["cycle_move"].startswith("explore") for t in resumed.trials[9:])
+    assert [t.params for t in resumed.trials] == [t.params for t in whole.trials]
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -324,7 +341,7 @@ def test_deterministic_for_a_seed_and_history():
         ({"noise_margin": -0.1}, "noise_margin=-0.1"),
         ({"plateau_cycles": 0}, "plateau_cycles=0"),
         ({"baseline": [1, 2]}, "baseline=\\[1, 2\\]"),
-        ({"fallback": "tpe"}, "fallback='tpe'"),
+        ({"fallback": 3}, "fallback=3"),
         ({"roles": {"lr": "eta"}}, "roles="),
     ],
 )

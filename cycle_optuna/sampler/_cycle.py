@@ -9,7 +9,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler, CmaEsSampler, RandomSampler, TPESampler
@@ -31,6 +31,11 @@ _MAX_ENTRIES = 1024
 class _Entry:
     payload: dict[str, Any]
     space: dict[str, BaseDistribution] | None  # relative search space; None until needed
+    fallback: BaseSampler | None = None  # this trial's fallback, when built per trial
+
+
+def _tpe(seed: int | None) -> BaseSampler:
+    return TPESampler(seed=seed)
 
 
 def sampler_name(sampler: BaseSampler) -> str:
@@ -65,8 +70,10 @@ class CycleSampler(BaseSampler):
         noise_margin: Relative improvement that counts (0.002 = 0.2% of the incumbent value).
         plateau_cycles: Trials without improvement before one exploration trial, >= 1.
         fallback: Sampler for exploration trials and parameters the rules do not move
-            (unordered categoricals; all non-role parameters if ``generic_moves`` is False).
-            Defaults to ``TPESampler(seed=seed)``.
+            (unordered categoricals; all non-role parameters if ``generic_moves`` is False):
+            a sampler instance, or a function ``seed -> sampler`` called once per trial with a
+            seed derived from ``seed`` and the trial number (deterministic for a given seed and
+            history, also across restarts). Defaults to ``TPESampler``, built that way.
         roles: Which parameter is the lr, layers, hidden, heads, dropout and batch size.
         generic_moves: Move numeric parameters that have no role by stepping them up/down.
     """
@@ -79,7 +86,7 @@ class CycleSampler(BaseSampler):
         lr_factor: float = 2.0,
         noise_margin: float = 0.002,
         plateau_cycles: int = 4,
-        fallback: BaseSampler | None = None,
+        fallback: BaseSampler | Callable[[int | None], BaseSampler] | None = None,
         roles: Roles | None = None,
         generic_moves: bool = True,
     ) -> None:
@@ -95,14 +102,19 @@ class CycleSampler(BaseSampler):
             raise ValueError(f"noise_margin must be a finite number >= 0, but got {noise_margin=}.")
         if isinstance(plateau_cycles, bool) or not isinstance(plateau_cycles, int) or plateau_cycles < 1:
             raise ValueError(f"plateau_cycles must be an integer >= 1, but got {plateau_cycles=}.")
-        if fallback is not None and not isinstance(fallback, BaseSampler):
-            raise ValueError(f"fallback must be an optuna sampler, but got {fallback=}.")
+        if fallback is not None and not (isinstance(fallback, BaseSampler) or callable(fallback)):
+            raise ValueError(f"fallback must be an optuna sampler or a function seed -> sampler, but got {fallback=}.")
         if roles is not None and not isinstance(roles, Roles):
             raise ValueError(f"roles must be a cycle_optuna.sampler.Roles, but got {roles=}.")
         self._baseline = dict(baseline or {})
         self._lr_factor = float(lr_factor)
         self._plateau_cycles = plateau_cycles
-        self._fallback = fallback if fallback is not None else TPESampler(seed=seed)
+        self._seed = seed
+        if isinstance(fallback, BaseSampler):
+            self._fallback, self._make_fallback = fallback, None
+        else:
+            self._make_fallback = fallback if fallback is not None else _tpe
+            self._fallback = self._make_fallback(seed)
         self._roles = roles or Roles()
         self._generic_moves = bool(generic_moves)
         self._history = HistoryCache(self._movable, float(noise_margin))
@@ -169,7 +181,7 @@ class CycleSampler(BaseSampler):
                     )
                     base = base if moved is None else moved
                 return repair(self._roles, param_name, param_distribution, base, trial.params)
-        value = self._fallback.sample_independent(study, trial, param_name, param_distribution)
+        value = self._fallback_for(study, trial).sample_independent(study, trial, param_name, param_distribution)
         return repair(self._roles, param_name, param_distribution, value, trial.params)
 
     def after_trial(
@@ -180,6 +192,16 @@ class CycleSampler(BaseSampler):
             self._entries.pop((id(study._storage), trial._trial_id), None)
 
     # -- decisions ---------------------------------------------------------------------------
+    def _fallback_for(self, study: Study, trial: FrozenTrial) -> BaseSampler:
+        """The fallback for this trial: built per trial, seeded from `seed` and the trial number,
+        so that a resumed study proposes what an uninterrupted one would have."""
+        if self._make_fallback is None or self._seed is None:
+            return self._fallback
+        entry = self._entry(study, trial)
+        if entry.fallback is None:
+            entry.fallback = self._make_fallback((self._seed * 1_000_003 + trial.number) % 2**31)
+        return entry.fallback
+
     def _movable(self, name: str, dist: BaseDistribution) -> bool:
         return is_ordered(dist) and (self._generic_moves or self._roles.role_of(name) is not None)
 
@@ -271,7 +293,7 @@ class CycleSampler(BaseSampler):
     def _explore_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
-        fb = self._fallback
+        fb = self._fallback_for(study, trial)
         fb_space = {k: d for k, d in fb.infer_relative_search_space(study, trial).items() if k in search_space}
         params = dict(fb.sample_relative(study, trial, fb_space)) if fb_space else {}
         for name, dist in search_space.items():

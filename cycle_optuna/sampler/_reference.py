@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
@@ -123,14 +124,14 @@ def make_sampler(cfg: SamplerConfig, *, baseline: Mapping[str, Any], seed: int) 
             lr_factor=cfg.lr_factor,
             noise_margin=cfg.noise_margin,
             plateau_cycles=cfg.plateau_cycles,
-            fallback=_plain(cfg.fallback, cfg, seed),
+            fallback=functools.partial(_plain, cfg.fallback, cfg),  # built per trial: reproducible on resume
         )
     if cfg.type == "reference":
         return ReferenceScheduleSampler(baseline=baseline, seed=seed, lr_factor=cfg.lr_factor)
     return _plain(cfg.type, cfg, seed)
 
 
-def _plain(kind: str, cfg: SamplerConfig, seed: int) -> BaseSampler:
+def _plain(kind: str, cfg: SamplerConfig, seed: int | None) -> BaseSampler:
     if kind == "tpe":
         return TPESampler(n_startup_trials=cfg.n_startup_trials, seed=seed)
     if kind == "random":
