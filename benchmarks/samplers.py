@@ -129,8 +129,10 @@ def summarise(runs: list[dict[str, Any]], samplers: tuple[str, ...], budgets: li
     return "\n".join(out)
 
 
-def ask_time(n_trials: int, kind: str, repeats: int = 15) -> tuple[float, float]:
-    """(first ask, median of the following asks) in ms, with n_trials finished trials in memory."""
+def ask_time(n_trials: int, kind: str, repeats: int = 25) -> dict[str, float]:
+    """Ask times in ms with n_trials finished trials in memory: the first ask (the cycle sampler
+    builds its cache), then the median over the following asks, split for the cycle sampler into
+    local moves and exploration trials (which are TPE's work), and the mean over all of them."""
     space = distributions(task_config(FULL_TASK, 0))
     rng = random.Random(0)
 
@@ -147,13 +149,23 @@ def ask_time(n_trials: int, kind: str, repeats: int = 15) -> tuple[float, float]
     sampler = CycleSampler(baseline=baseline, seed=0) if kind == "cycle" else optuna.samplers.TPESampler(seed=0)
     study = optuna.create_study(sampler=sampler)
     study.add_trials([fabricated() for _ in range(n_trials)])
-    times = []
+    times: list[tuple[float, bool]] = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         trial = study.ask(space)
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append(((time.perf_counter() - t0) * 1e3, str(trial.user_attrs.get("cycle_move", "")).startswith("explore")))
         study.tell(trial, rng.uniform(0.9, 1.1))
-    return times[0], statistics.median(times[1:])
+    rest = times[1:]
+    local = [t for t, explore in rest if not explore]
+    explore = [t for t, explore in rest if explore]
+    return {
+        "first": times[0][0],
+        "median": statistics.median(t for t, _ in rest),
+        "local": statistics.median(local) if local else float("nan"),
+        "explore": statistics.median(explore) if explore else float("nan"),
+        "explore_share": len(explore) / len(rest),
+        "mean": statistics.fmean(t for t, _ in rest),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=[*SAMPLERS, "reference"])
     p.add_argument("--jobs", type=int, default=2, help="studies run in parallel, one CPU thread each")
     p.add_argument("--ask-sizes", type=int, nargs="*", default=None, help="default 1000 10000 (1000 with --quick)")
+    p.add_argument("--only", choices=("search", "ask"), default=None, help="run one part only")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     args = p.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -182,9 +195,21 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    runs: list[dict[str, Any]] = []
+    if args.only != "ask":
+        runs = search(samplers, seeds, budgets, size, args.jobs)
+    ask: dict[str, dict[str, float]] = {}
+    if args.only != "search":
+        ask = ask_times(ask_sizes)
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs, "ask_ms": ask, "task": size, "budgets": budgets}, indent=1))
+    return 0
+
+
+def search(samplers: tuple[str, ...], seeds: list[int], budgets: list[int], size: dict[str, int], n_jobs: int) -> list:
     started = time.perf_counter()
     jobs = [(kind, seed) for seed in seeds for kind in samplers]
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=mp.get_context("spawn")) as pool:
         futures = [pool.submit(run_search, kind, seed, max(budgets), size) for kind, seed in jobs]
         runs = []
         for f in futures:
@@ -194,18 +219,23 @@ def main(argv: list[str] | None = None) -> int:
                   f"in {r['seconds']:.0f}s", flush=True)
     print(f"\nsearch ({time.perf_counter() - started:.0f}s):\n")
     print(summarise(runs, samplers, budgets, seeds))
+    return runs
 
-    print("\nask time per trial, ms (in-memory study of N finished trials; first ask builds the cache):\n")
-    print("| N trials | cycle, first ask | cycle, median | tpe, median |\n|---:|---:|---:|---:|")
+
+def ask_times(ask_sizes: list[int]) -> dict[str, dict[str, float]]:
+    print("\nask time per trial, ms (in-memory study of N finished trials, fabricated; 24 asks after a first one):\n")
+    print("| N trials | sampler | first ask | median | local moves, median | exploration asks, median (share) | mean |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     ask = {}
     for n in ask_sizes:
-        c_first, c_med = ask_time(n, "cycle")
-        _, t_med = ask_time(n, "tpe")
-        ask[n] = {"cycle_first": c_first, "cycle_median": c_med, "tpe_median": t_med}
-        print(f"| {n} | {c_first:.1f} | {c_med:.2f} | {t_med:.1f} |", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"runs": runs, "ask_ms": ask, "task": size, "budgets": budgets}, indent=1))
-    return 0
+        for kind in ("cycle", "tpe"):
+            a = ask[f"{kind}-{n}"] = ask_time(n, kind)
+            if kind == "cycle":
+                row = (f"{a['local']:.2f} | {a['explore']:.1f} ({a['explore_share']:.0%})")
+            else:
+                row = "- | -"
+            print(f"| {n} | {kind} | {a['first']:.1f} | {a['median']:.2f} | {row} | {a['mean']:.1f} |", flush=True)
+    return ask
 
 
 if __name__ == "__main__":

@@ -64,10 +64,12 @@ def is_ordered(dist: BaseDistribution) -> bool:
 
 def compatible(old: BaseDistribution, new: BaseDistribution) -> bool:
     """Optuna's own rule for reusing a parameter name (same kind, same log, same choices)."""
+    if old is new:
+        return True
     if type(old) is not type(new):
         return False
     if isinstance(old, CategoricalDistribution):
-        return old == new
+        return old.choices == new.choices  # optuna's __eq__ is ~50x slower
     return old.log == new.log  # type: ignore[attr-defined]
 
 
