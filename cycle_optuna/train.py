@@ -1,10 +1,13 @@
 """Pure training loop: TaskData + Hyperparams + TrainConfig -> TrainResult. Knows nothing of Optuna.
 
-Host syncs: losses and accuracy are summed on the device and read once per epoch. The
-non-finite guard needs one boolean per step (loss and grad norm both finite) to decide whether to
-skip the optimizer step; on CPU reading it costs nothing, on CUDA it is a single scalar sync per
-step, kept because a skipped step must leave the optimizer state untouched (masking the update on
-the device would still advance Adam's moments and step count).
+Host syncs: the epoch's batches are slices of one shuffled copy of the in-memory tensors; losses,
+sample counts and the non-finite guard's counters live on the device and are read once per epoch,
+plus one boolean (has the run diverged?) every ``_guard_check_steps(device)`` steps: every step on
+the CPU, where reading costs nothing, every GUARD_CHECK_STEPS on an accelerator. A skipped step must
+leave the optimizer state untouched (masking the update would still advance Adam's moments and step
+count), so the fused Adam/AdamW kernels get the step's verdict as ``found_inf`` (the tensor
+GradScaler uses), which skips parameters, moments and step count on the device without a sync;
+SGD, Lion and SophiaH have no such input and read the verdict on the host every step.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from cycle_optuna.model import TransformerClassifier
 
 CHECKPOINT_FORMAT = 1
 SOPHIA_CLIP = 0.01  # SophiaH's clip threshold p (the paper's gamma); lr is divided by it, see make_optimizer
+GUARD_CHECK_STEPS = 16  # accelerators: steps between host reads of the divergence flag
 
 
 @dataclass
@@ -176,6 +180,16 @@ class _MaybeCompiled(nn.Module):
         return self.model(x)
 
 
+def _guard_check_steps(device: torch.device) -> int:
+    """Steps between host reads of the divergence flag: 1 on the CPU (free), more on accelerators."""
+    return 1 if device.type == "cpu" else GUARD_CHECK_STEPS
+
+
+def _masks_on_device(opt: torch.optim.Optimizer) -> bool:
+    """Whether opt.step() honours ``opt.found_inf`` (skip the whole update on the device)."""
+    return isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and all(g.get("fused") for g in opt.param_groups)
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) in eval mode under inference_mode."""
     n = len(x)
@@ -304,17 +318,24 @@ def train_and_evaluate(data: TaskData, hp: Hyperparams, cfg: TrainConfig, *, see
         if diverged or stopped_early:
             start_epoch = cfg.epochs
 
+    masked = _masks_on_device(opt)
+    check_every = _guard_check_steps(device)
+    # Consecutive skipped batches, and whether they ever reached max_bad_batches (then every later
+    # step is skipped too, so a late read of the flag trains exactly as a per-step read would).
+    bad_run = torch.tensor(consecutive_bad, device=device)
+    tripped = torch.zeros((), dtype=torch.bool, device=device)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         net.train()
         perm = torch.randperm(n, generator=shuffle).to(device)
+        xs, ys = x_tr[perm], y_tr[perm]  # one gather per epoch; batches below are views
         loss_sum = torch.zeros((), device=device)
-        good_samples, epoch_bad = 0, 0
+        good_samples = torch.zeros((), dtype=torch.int64, device=device)
+        epoch_bad = torch.zeros((), dtype=torch.int64, device=device)
         lr = 0.0
-        for i in range(0, n, bs):
-            idx = perm[i:i + bs]
-            xb = _augment(x_tr[idx], cfg)
-            yb = y_tr[idx]
+        for k, i in enumerate(range(0, n, bs)):
+            xb = _augment(xs[i:i + bs], cfg)
+            yb = ys[i:i + bs]
             lr = lr_at(step, base_lr=hp.lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, cfg=cfg)
             step += 1
             # SophiaH estimates the Hessian from the gradient's graph on its update steps; CPU's fused
@@ -322,29 +343,40 @@ def train_and_evaluate(data: TaskData, hp: Hyperparams, cfg: TrainConfig, *, see
             hessian_step = sophia and opt.param_groups[0].get("step", 0) % opt.update_period == 0
             with sdpa_kernel(SDPBackend.MATH) if hessian_step else contextlib.nullcontext():
                 loss = F.cross_entropy(net(xb).float(), yb)
-            with warnings.catch_warnings() if hessian_step else contextlib.nullcontext():
-                # torch warns of a grad<->param cycle; zero_grad(set_to_none=True) below breaks it.
-                warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
-                loss.backward(create_graph=hessian_step)
+            if hessian_step:
+                with warnings.catch_warnings():
+                    # torch warns of a grad<->param cycle; zero_grad(set_to_none=True) below breaks it.
+                    warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+                    loss.backward(create_graph=True)
+            else:
+                loss.backward()
             if cfg.grad_clip > 0:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             else:
                 gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            if bool(torch.isfinite(loss) & torch.isfinite(gnorm)):  # the one sync per step
-                for g in opt.param_groups:
-                    g["lr"] = lr * lr_scale
+            live = ~tripped
+            ok = torch.isfinite(loss) & torch.isfinite(gnorm)
+            apply = ok & live
+            for g in opt.param_groups:
+                g["lr"] = lr * lr_scale
+            if masked:
+                opt.found_inf = (~apply).float()  # read by the fused kernel; no host sync
                 opt.step()
-                loss_sum += loss.detach() * len(idx)
-                good_samples += len(idx)
-                consecutive_bad = 0
-            else:
-                epoch_bad += 1
-                consecutive_bad += 1
+            elif bool(apply):  # the host read for optimizers without found_inf
+                opt.step()
             opt.zero_grad(set_to_none=True)
-            if consecutive_bad >= cfg.max_bad_batches:
+            loss_sum += torch.where(apply, loss.detach() * len(yb), 0.0)
+            good_samples += apply * len(yb)
+            bad = ~ok & live
+            epoch_bad += bad
+            bad_run = torch.where(live, (bad_run + 1) * bad, bad_run)
+            tripped = tripped | (bad_run >= cfg.max_bad_batches)
+            if ((k + 1) % check_every == 0 or i + bs >= n) and bool(tripped):
                 diverged = True
                 break
+        opt.__dict__.pop("found_inf", None)  # a later opt.step() elsewhere must not see a stale verdict
         step_seconds += time.perf_counter() - t0
+        good_samples, epoch_bad, consecutive_bad = int(good_samples), int(epoch_bad), int(bad_run)
         samples += good_samples + epoch_bad * bs
         nan_total += epoch_bad
         train_loss = (loss_sum / good_samples).item() if good_samples else math.nan
