@@ -46,7 +46,7 @@ def test_best_prints_table_and_json(quick_study, capsys):
 
 
 def test_bad_study_file_exits_2_with_one_line_and_writes_nothing(quick_study, capsys):
-    quick_study.write_text(quick_study.read_text().replace("epochs = 3", "epoch = 3"))
+    quick_study.write_text(quick_study.read_text().replace("epochs = 5", "epoch = 5"))
     assert run_cli("run", str(quick_study)) == 2
     err = capsys.readouterr().err.strip()
     assert "train.epoch: unknown key (did you mean 'epochs'?)" in err
