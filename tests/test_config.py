@@ -138,3 +138,10 @@ def test_override_changes_only_study_fields():
     changed = config.override(cfg, n_trials=7, storage=None)
     assert changed.study.n_trials == 7
     assert changed.trial_definition() == cfg.trial_definition()
+
+
+def test_reference_study_matches_seed_but_for_its_sampler():
+    seed = config.load(ROOT / "studies" / "seed.toml")
+    ref = config.load(ROOT / "studies" / "reference.toml")
+    assert (seed.sampler.type, ref.sampler.type) == ("cycle", "reference")
+    assert ref.trial_definition() == seed.trial_definition()
