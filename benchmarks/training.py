@@ -1,6 +1,6 @@
 """Training-loop throughput: the project's loop against a minimal hand-written PyTorch loop.
 
-    .venv/bin/python benchmarks/training.py            # baseline + large config, eager and compiled (~6 min, 2 cores)
+    .venv/bin/python benchmarks/training.py            # baseline + large config, eager and compiled (~4-6 min, 2 cores)
     .venv/bin/python benchmarks/training.py --quick    # seconds: a smoke run on tiny sizes
     .venv/bin/python benchmarks/training.py --compile none --rounds 9
 
@@ -117,7 +117,7 @@ def bench(name: str, hp: Hyperparams, dcfg: DataConfig, device: torch.device, ar
             rates[v].append(timed(fn, data, hp, cfg, device))
     paired = {v: [p / m for p, m in zip(rates[v], rates["minimal"])] for v in variants if v != "minimal"}
     return {"name": name, "device": device.type, "hp": hp, "n_train": len(data.x_train),
-            "steps": math.ceil(len(data.x_train) / hp.batch_size), "rates": rates, "paired": paired,
+            "steps": math.ceil(len(data.x_train) / hp.batch_size), "seq_len": data.seq_len, "rates": rates, "paired": paired,
             "compile_s": compile_s}
 
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 3 rounds: a smoke run")
     ap.add_argument("--configs", nargs="+", default=["baseline", "large"], choices=list(CONFIGS))
-    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds per config (default 5, quick 3)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds per config (default 7, quick 3)")
     ap.add_argument("--epochs", type=int, default=1, help="epochs per timed call")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: steadier on a shared machine)")
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     if args.rounds is None:
-        args.rounds = 3 if args.quick else 5
+        args.rounds = 3 if args.quick else 7
     if args.quick and args.compile == "baseline":
         args.compile = "none"
     torch.set_num_threads(args.threads)
@@ -149,12 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.configs:
             hp, dcfg = table[name]
             results.append(bench(name, hp, dcfg, torch.device(dev), args))
-    print("\n| device | config | model | train samples x steps | variant | samples/s (median) "
+    print("\n| device | config | model | train sequences x steps/epoch | variant | samples/s (median) "
           "| vs minimal (median of paired) | spread (min..max) |")
     print("|---|---|---|---|---|---:|---:|---|")
     for res in results:
         hp = res["hp"]
-        model = f"h{hp.hidden_dim} L{hp.n_layers} H{hp.n_heads} bs{hp.batch_size}"
+        model = f"h{hp.hidden_dim} L{hp.n_layers} H{hp.n_heads} bs{hp.batch_size} T{res['seq_len']}"
         for v, rates in res["rates"].items():
             ratio = spread = ""
             if v in res["paired"]:
