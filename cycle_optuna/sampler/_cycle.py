@@ -294,7 +294,8 @@ class CycleSampler(BaseSampler):
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
         fb = self._fallback_for(study, trial)
-        fb_space = {k: d for k, d in fb.infer_relative_search_space(study, trial).items() if k in search_space}
+        # The shared instance infers the space: no randomness there, and it keeps its cache.
+        fb_space = {k: d for k, d in self._fallback.infer_relative_search_space(study, trial).items() if k in search_space}
         params = dict(fb.sample_relative(study, trial, fb_space)) if fb_space else {}
         for name, dist in search_space.items():
             if name not in params:
