@@ -11,6 +11,17 @@ ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI") == "true"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from more, and the machine is shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def quick_study(tmp_path: Path) -> Path:
     """studies/quick.toml copied into tmp_path, so its SQLite file and artifacts land there."""

@@ -22,12 +22,7 @@ CFG = TrainConfig(epochs=2, schedule="constant", warmup_epochs=0, early_stopping
 EVERY = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
