@@ -85,6 +85,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             return worker.interrupt_exit_code()
         progress.update(trials, completed=worker.trials_counted(study))
     _print_cycles(study)
+    if not stats.states:
+        out.print(f"the study already holds {worker.trials_counted(study)} of {cfg.study.n_trials} trials; "
+                  "pass a larger total with --n-trials N to grow it")
     return 0
 
 

@@ -32,6 +32,10 @@ def test_run_twice_grows_the_same_study_with_nothing_lost(quick_study, capsys):
     assert len(trials) == 3
     assert [(t.number, t.params, t.value, t.state) for t in trials[:2]] == first
     assert study_of(quick_study).user_attrs["cycle_optuna_config"]["study"]["name"] == "quick"
+    capsys.readouterr()
+    assert run_cli("run", str(quick_study)) == 0  # at its total: nothing runs, and it says how to grow
+    assert len(study_of(quick_study).trials) == 3
+    assert "already holds 3 of 3 trials" in capsys.readouterr().out
 
 
 def test_best_prints_table_and_json(quick_study, capsys):
