@@ -1,16 +1,29 @@
-"""Pruning: the same study budget with no pruner, MedianPruner and HyperbandPruner, over several seeds.
+"""Pruning: one fixed sequence of configurations per seed, trained with no pruner, MedianPruner and HyperbandPruner.
 
-    .venv/bin/python benchmarks/pruning.py             # 3 seeds x 3 pruners x 15 trials (~5 min, 2 cores)
+    .venv/bin/python benchmarks/pruning.py             # 3 seeds x 3 pruners x 16 trials x <= 16 epochs (~10 min, 2 cores)
     .venv/bin/python benchmarks/pruning.py --quick     # seconds: a smoke run on tiny sizes
-    .venv/bin/python benchmarks/pruning.py --seeds 0 1 2 3 4 --trials 20
+    .venv/bin/python benchmarks/pruning.py --seeds 0 1 2 3 4 --trials 24 --epochs 20
+    .venv/bin/python benchmarks/pruning.py --median 2 2 --hyperband 2 3   # other pruner settings
 
-Each study is the project's own: cycle_optuna.objective.Objective on the project's loop, the study
-file's sampler (worker.build_sampler, seeded by the study seed, baseline enqueued as trial 0 as
-open_study does) and make_pruner, in memory. Only [pruner] changes between the three studies of a
-seed; the seed also draws the data split. Budget: the same number of trials. Reported per study:
-epochs trained (pruned trials count the epochs they ran), the best validation loss, and wall time.
-The sizes are the seed study shrunk to run on two shared cores; they are printed with the results.
-The last line: epochs run with pruning / without, and the best val loss change, per pruner.
+A controlled experiment. For each seed the configurations are drawn once, before any training: the
+study's baseline first, then `--trials - 1` draws from optuna.samplers.RandomSampler(seed=seed) over
+the study's [space] (redrawn when n_heads does not divide hidden_dim). That same sequence is enqueued
+(study.enqueue_trial) into three in-memory studies that differ only in [pruner]. Every study runs
+the project's cycle_optuna.objective.Objective with the pruner from make_pruner, on the same data
+split and with the same training seed, under the same study name (HyperbandPruner assigns trials
+to brackets by a hash of study name and trial number, so the name must not be random). Training
+is deterministic on the CPU with one thread, so a trial that is not pruned ends with exactly the
+value it has in the unpruned study; the "same values" column checks this. The only thing pruning
+can change is which trials finish: the best val loss of a pruned study is the unpruned study's best
+if that trial survived, or else the best trial that did.
+
+Reported per seed and pruner: trials complete / pruned by the pruner / diverged / failed, epochs
+trained (a pruned trial counts the epochs it ran), the fraction of epochs saved against no pruning,
+the best val loss and its relative change against no pruning, and whether the unpruned study's best
+trial survived (otherwise the rank, in the unpruned study, of the best trial that did). The sizes are
+printed with the results. The last line: epochs with pruning / without (all seeds together), and the
+median and worst best-val-loss change over seeds, per pruner, against the target (>= 40% fewer epochs,
+best val loss within 1%).
 """
 
 from __future__ import annotations
@@ -26,14 +39,14 @@ import torch
 from optuna.trial import TrialState
 
 from cycle_optuna import config as config_mod
-from cycle_optuna import worker
+from cycle_optuna import space as space_mod
 from cycle_optuna.data import load_task
 from cycle_optuna.objective import Objective, make_pruner
 
 STUDY = {
-    "study": {"name": "pruning-bench", "n_trials": 15},
+    "study": {"name": "pruning-bench", "n_trials": 16},
     "data": {"source": "synthetic", "n_samples": 600, "seq_len": 16},
-    "train": {"epochs": 10, "warmup_epochs": 1.0, "early_stopping_patience": 4, "device": "cpu", "threads": 1},
+    "train": {"epochs": 16, "warmup_epochs": 1.0, "early_stopping_patience": 6, "device": "cpu", "threads": 1},
     "baseline": {"lr": 5e-4, "batch_size": 32, "hidden_dim": 64, "n_layers": 2, "n_heads": 4, "dropout": 0.1},
     "space": {
         "lr": {"low": 1e-4, "high": 1e-2, "log": True},
@@ -43,46 +56,88 @@ STUDY = {
         "batch_size": {"choices": [32, 64]},
         "dropout": {"low": 0.0, "high": 0.4},
     },
-    "sampler": {"type": "tpe"},
+    "sampler": {"type": "random"},  # unused: every trial is enqueued
 }
+# Fixed settings, the same for every seed; not tuned to the results.
 PRUNERS = {
     "none": {"type": "none"},
-    "median": {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 2},
+    "median": {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 3},
     "hyperband": {"type": "hyperband", "min_resource": 1, "reduction_factor": 3},
 }
+TARGET_SAVED, TARGET_LOSS = 0.40, 0.01
 
 
-def run_study(raw: dict, seed: int, pruner: str) -> dict:
-    raw = {**raw, "study": {**raw["study"], "seed": seed}, "pruner": PRUNERS[pruner]}
+def draw_configurations(cfg: config_mod.StudyConfig, seed: int, n: int) -> list[dict]:
+    """The baseline, then n - 1 random valid configurations; drawn once per seed, before training."""
+    dists = space_mod.distributions(cfg)
+    sequence = [{name: getattr(cfg.baseline, name) for name in dists}]
+    draw = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    while len(sequence) < n:
+        params = draw.ask(dists).params
+        try:
+            space_mod.to_hyperparams(cfg, params)
+        except space_mod.InvalidCombination:
+            continue
+        sequence.append(params)
+    return sequence
+
+
+def run_study(raw: dict, seed: int, pruner: str, settings: dict, sequence: list[dict]) -> dict:
+    raw = {**raw, "study": {**raw["study"], "seed": seed}, "pruner": settings}
     cfg = config_mod.parse(raw, "<pruning benchmark>")
     data = load_task(cfg.data, seed)
-    study = optuna.create_study(sampler=worker.build_sampler(cfg), pruner=make_pruner(cfg.pruner, cfg.train.epochs),
-                                direction=cfg.study.direction)
-    if cfg.sampler.type not in ("cycle", "reference"):
-        study.enqueue_trial({p.name: getattr(cfg.baseline, p.name) for p in cfg.space})
+    study = optuna.create_study(study_name=f"{cfg.study.name}-seed{seed}", sampler=optuna.samplers.RandomSampler(seed),
+                                pruner=make_pruner(cfg.pruner, cfg.train.epochs), direction=cfg.study.direction)
+    for params in sequence:
+        study.enqueue_trial(params)
     t0 = time.perf_counter()
-    study.optimize(Objective(cfg, data), n_trials=cfg.study.n_trials)
+    study.optimize(Objective(cfg, data), n_trials=len(sequence))
     seconds = time.perf_counter() - t0
-    trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    assert [t.params for t in trials] == sequence, "the study did not run the enqueued sequence"
+    diverged = [t.state == TrialState.PRUNED and str(t.user_attrs.get("prune_reason", "")).startswith("diverged")
+                for t in trials]
+    values = [t.value if t.state == TrialState.COMPLETE else None for t in trials]
+    done = [v for v in values if v is not None]
     return {
-        "seed": seed, "pruner": pruner,
+        "seed": seed, "pruner": pruner, "values": values,
         "epochs": sum(t.user_attrs.get("epochs_run", 0) for t in trials),
         "complete": len(done),
-        "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+        "pruned": sum(t.state == TrialState.PRUNED and not d for t, d in zip(trials, diverged)),
+        "diverged": sum(diverged),
         "failed": sum(t.state == TrialState.FAIL for t in trials),
-        "best": min(t.value for t in done) if done else float("nan"),
+        "best": min(done) if done else float("nan"),
         "seconds": seconds,
     }
+
+
+def compare(row: dict, none: dict) -> None:
+    """Add the columns measured against the unpruned study of the same seed."""
+    row["saved"] = 1 - row["epochs"] / none["epochs"]
+    row["change"] = row["best"] / none["best"] - 1
+    # trials that completed in both studies: pruning must not change their values
+    both = [(a, b) for a, b in zip(row["values"], none["values"]) if a is not None and b is not None]
+    row["same"] = sum(a == b for a, b in both), len(both)
+    ranked = sorted((v, i) for i, v in enumerate(none["values"]) if v is not None)
+    best_none = ranked[0][1]
+    if row["values"][best_none] is not None:
+        row["kept"] = "yes"
+    else:
+        survivors = [rank for rank, (_, i) in enumerate(ranked, 1) if row["values"][i] is not None]
+        row["kept"] = f"no (best left: #{survivors[0]})" if survivors else "no (none left)"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--trials", type=int, default=None, help="trials per study (default 15, quick 6)")
-    ap.add_argument("--epochs", type=int, default=None, help="max epochs per trial (default 10, quick 4)")
-    ap.add_argument("--sampler", default="tpe", choices=["tpe", "random", "cycle"])
+    ap.add_argument("--trials", type=int, default=None, help="configurations per seed, baseline included (default 16, quick 6)")
+    ap.add_argument("--epochs", type=int, default=None, help="max epochs per trial (default 16, quick 5)")
+    ap.add_argument("--patience", type=int, default=None, help="early stopping patience (default 6, quick 3; 0 disables)")
+    ap.add_argument("--median", nargs=2, type=int, metavar=("N_STARTUP", "N_WARMUP"),
+                    help="MedianPruner n_startup_trials and n_warmup_steps (default 3 3)")
+    ap.add_argument("--hyperband", nargs=2, type=int, metavar=("MIN_RESOURCE", "REDUCTION_FACTOR"),
+                    help="HyperbandPruner min_resource and reduction_factor (default 1 3)")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore")
@@ -93,38 +148,60 @@ def main(argv: list[str] | None = None) -> int:
         raw["space"]["n_layers"] = {"low": 1, "high": 2}
         raw["space"]["hidden_dim"] = {"choices": [16, 32]}
         raw["baseline"] = {**raw["baseline"], "hidden_dim": 32, "n_layers": 1}
-    raw["study"]["n_trials"] = args.trials or (6 if args.quick else 15)
-    raw["train"]["epochs"] = args.epochs or (4 if args.quick else 10)
-    raw["sampler"] = {"type": args.sampler}
-    d, t = raw["data"], raw["train"]
-    print(f"sizes: {d['n_samples']} synthetic sequences x {d['seq_len']} steps x 8 features (70% train), "
-          f"{raw['study']['n_trials']} trials per study, <= {t['epochs']} epochs per trial, early stopping "
-          f"patience {t['early_stopping_patience']}, sampler {args.sampler}, 1 thread; seeds {args.seeds}\n")
-    print("| seed | pruner | trials complete / pruned / failed | epochs run | best val loss | seconds |")
-    print("|---:|---|---|---:|---:|---:|")
+    raw["study"]["n_trials"] = args.trials or (6 if args.quick else 16)
+    raw["train"]["epochs"] = args.epochs or (5 if args.quick else 16)
+    raw["train"]["early_stopping_patience"] = args.patience if args.patience is not None else (3 if args.quick else 6)
+    pruners = {name: dict(settings) for name, settings in PRUNERS.items()}
+    if args.median:
+        pruners["median"].update(n_startup_trials=args.median[0], n_warmup_steps=args.median[1])
+    if args.hyperband:
+        pruners["hyperband"].update(min_resource=args.hyperband[0], reduction_factor=args.hyperband[1])
+    d, t, s = raw["data"], raw["train"], raw["space"]
+    n_train = round(d["n_samples"] * 0.7)
+    print(f"sizes: {d['n_samples']} synthetic sequences x {d['seq_len']} steps x 8 features, 3 classes "
+          f"({n_train} train, {round(d['n_samples'] * 0.15)} val); {raw['study']['n_trials']} configurations per "
+          f"seed (baseline + {raw['study']['n_trials'] - 1} RandomSampler draws over lr 1e-4..1e-2 log, "
+          f"layers {s['n_layers']['low']}-{s['n_layers']['high']}, hidden {s['hidden_dim']['choices']}, "
+          f"heads {s['n_heads']['choices']}, batch {s['batch_size']['choices']}, dropout 0-0.4); <= {t['epochs']} "
+          f"epochs per trial, early stopping patience {t['early_stopping_patience']}; 1 thread; seeds {args.seeds}")
+    print("pruners: " + "; ".join(f"{k} {', '.join(f'{a}={b}' for a, b in v.items() if a != 'type') or '-'}"
+                                  for k, v in pruners.items()) + "\n")
+    print("| seed | pruner | complete / pruned / diverged / failed | epochs run | saved vs none | best val loss "
+          "| vs none | unpruned best kept | same values | seconds |")
+    print("|---:|---|---|---:|---:|---:|---:|---|---|---:|")
     rows = []
     for seed in args.seeds:
-        for pruner in PRUNERS:
-            r = run_study(raw, seed, pruner)
+        cfg = config_mod.parse({**raw, "study": {**raw["study"], "seed": seed}}, "<pruning benchmark>")
+        sequence = draw_configurations(cfg, seed, raw["study"]["n_trials"])
+        none = None
+        for pruner, settings in pruners.items():
+            r = run_study(raw, seed, pruner, settings, sequence)
+            none = none or r
+            compare(r, none)
             rows.append(r)
-            print(f"| {seed} | {pruner} | {r['complete']} / {r['pruned']} / {r['failed']} | {r['epochs']} "
-                  f"| {r['best']:.4f} | {r['seconds']:.1f} |", flush=True)
-    none = {r["seed"]: r for r in rows if r["pruner"] == "none"}
-    print("\n| pruner | epochs (sum over seeds) | fewer epochs than none | best val loss vs none, per seed "
-          "| median change |")
-    print("|---|---:|---:|---|---:|")
+            print(f"| {seed} | {pruner} | {r['complete']} / {r['pruned']} / {r['diverged']} / {r['failed']} "
+                  f"| {r['epochs']} | {100 * r['saved']:.0f}% | {r['best']:.4f} | {100 * r['change']:+.2f}% "
+                  f"| {r['kept']} | {r['same'][0]}/{r['same'][1]} | {r['seconds']:.1f} |", flush=True)
+    total_none = sum(r["epochs"] for r in rows if r["pruner"] == "none")
+    print("\n| pruner | epochs (all seeds) | saved vs none | best val loss vs none, per seed | median | worst "
+          "| unpruned best kept | target met |")
+    print("|---|---:|---:|---|---:|---:|---:|---|")
     summary = []
-    for pruner in PRUNERS:
+    for pruner in list(pruners)[1:]:
         mine = [r for r in rows if r["pruner"] == pruner]
         epochs = sum(r["epochs"] for r in mine)
-        saved = 1 - epochs / sum(r["epochs"] for r in none.values())
-        changes = [100 * (r["best"] / none[r["seed"]]["best"] - 1) for r in mine]
-        print(f"| {pruner} | {epochs} | {100 * saved:.0f}% | {', '.join(f'{c:+.2f}%' for c in changes)} "
-              f"| {statistics.median(changes):+.2f}% |")
-        if pruner != "none":
-            summary.append(f"{pruner} {1 - saved:.2f}x epochs, "
-                           f"best val loss {statistics.median(changes):+.2f}% (worst {max(changes):+.2f}%)")
-    print("\nratio with/without pruning: " + "; ".join(summary))
+        saved = 1 - epochs / total_none
+        changes = [100 * r["change"] for r in mine]
+        kept = sum(r["kept"] == "yes" for r in mine)
+        met = saved >= TARGET_SAVED and max(changes) <= 100 * TARGET_LOSS
+        print(f"| {pruner} | {epochs} / {total_none} | {100 * saved:.0f}% | "
+              f"{', '.join(f'{c:+.2f}%' for c in changes)} | {statistics.median(changes):+.2f}% | {max(changes):+.2f}% "
+              f"| {kept}/{len(mine)} | {'yes' if met else 'no'} |")
+        summary.append(f"{pruner} {epochs / total_none:.2f}x epochs ({100 * saved:.0f}% fewer), best val loss "
+                       f"median {statistics.median(changes):+.2f}% (worst {max(changes):+.2f}%), unpruned best kept "
+                       f"{kept}/{len(mine)}, target {'met' if met else 'not met'}")
+    print(f"\nratio with/without pruning ({len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''}, target >= {100 * TARGET_SAVED:.0f}% fewer epochs "
+          f"with best val loss within {100 * TARGET_LOSS:.0f}%): " + "; ".join(summary))
     return 0
 
 
