@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -207,6 +208,27 @@ def cap_lock(storage: BaseStorage, url: str, study_name: str) -> Iterator[None]:
 def _unwrap(storage: BaseStorage) -> BaseStorage:
     # optuna.Study wraps an RDBStorage in its private caching layer
     return getattr(storage, "_backend", storage)
+
+
+def count_trials(storage: BaseStorage, study: optuna.Study) -> tuple[int, bool] | None:
+    """(trials toward the cap, whether any trial is WAITING) in one query; None where not an RDB.
+
+    Same rule as :func:`cycle_optuna.worker.trials_counted` (every trial except failures that a
+    retry's retry_history names), but reads only each trial's number, state and retry_history
+    instead of building every trial. Callers must hold :func:`cap_lock` for an exact count.
+    """
+    storage = _unwrap(storage)
+    if not isinstance(storage, RDBStorage):
+        return None
+    sql = sqlalchemy.text(
+        "SELECT t.number, t.state, a.value_json FROM trials t LEFT OUTER JOIN trial_system_attributes a "
+        "ON a.trial_id = t.trial_id AND a.key = 'retry_history' WHERE t.study_id = :sid"
+    )
+    with storage.engine.connect() as conn:
+        rows = conn.execute(sql, {"sid": study._study_id}).all()
+    retried = {int(n) for _, _, history in rows if history for n in json.loads(history)}
+    failed = sum(1 for number, state, _ in rows if state == "FAIL" and number in retried)
+    return len(rows) - failed, any(state == "WAITING" for _, state, _ in rows)
 
 
 def last_heartbeats(storage: BaseStorage, study: optuna.Study) -> dict[int, datetime]:

@@ -240,9 +240,8 @@ class _Loop:
         study = self.study
         with contextlib.ExitStack() as held:
             held.enter_context(storage_mod.cap_lock(study._storage, self.url, study.study_name))
-            trials = study.get_trials(deepcopy=False)
-            counted = _count(trials)
-            if counted >= self.n_trials and not any(t.state == TrialState.WAITING for t in trials):
+            counted, waiting = _count_and_waiting(study)
+            if counted >= self.n_trials and not waiting:
                 # the cap is met unless a running trial's worker died: fail those (optimize does
                 # that too, but only once it runs), and run their retries
                 with warnings.catch_warnings():
@@ -311,9 +310,18 @@ def _count(trials: list[FrozenTrial]) -> int:
     return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
 
 
+def _count_and_waiting(study: optuna.Study) -> tuple[int, bool]:
+    # one lean query on a database; the full trial list elsewhere (journal files)
+    lean = storage_mod.count_trials(study._storage, study)
+    if lean is not None:
+        return lean
+    trials = study.get_trials(deepcopy=False)
+    return _count(trials), any(t.state == TrialState.WAITING for t in trials)
+
+
 def trials_counted(study: optuna.Study) -> int:
     """Trials toward the study's n_trials cap: all, except failures that were retried."""
-    return _count(study.get_trials(deepcopy=False))
+    return _count_and_waiting(study)[0]
 
 
 def start_local_workers(
