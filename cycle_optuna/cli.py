@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 from rich.console import Console
@@ -112,7 +113,7 @@ def _run_workers(args: argparse.Namespace, cfg, url: str) -> int:
         return worker.interrupt_exit_code()
     failed = [(p.returncode, log) for p, log in procs if p.returncode != 0]
     for code, log in failed:
-        lines = [line for line in open(log).read().splitlines() if line.strip()]
+        lines = [line for line in Path(log).read_text().splitlines() if line.strip()]
         err.print(f"a worker exited with code {code}: {lines[-1] if lines else ''} (log: {log})",
                   highlight=False, soft_wrap=True)
     if failed:
