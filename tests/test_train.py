@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -299,11 +300,15 @@ def test_threads_option_sets_torch_threads(easy):
 
 
 def test_too_high_lr_is_clearly_worse(easy):
-    good = _run(easy, cfg=dataclasses.replace(CFG, epochs=4))
-    bad = _run(easy, dataclasses.replace(HP, lr=0.3), dataclasses.replace(CFG, epochs=4))
-    assert good.best_val_accuracy > 0.85
-    assert bad.diverged or (bad.best_val_loss > 1.3 * good.best_val_loss
-                            and bad.best_val_accuracy < good.best_val_accuracy - 0.2)
+    # Training at a too-high lr is chaotic: one seed can land well by luck (and where it lands
+    # depends on the CPU's float kernels), so compare medians over three seeds.
+    cfg = dataclasses.replace(CFG, epochs=4)
+    good = [_run(easy, cfg=cfg, seed=s) for s in range(3)]
+    bad = [_run(easy, dataclasses.replace(HP, lr=1.0), cfg, seed=s) for s in range(3)]
+    loss = {k: statistics.median(r.best_val_loss for r in runs) for k, runs in (("good", good), ("bad", bad))}
+    acc = {k: statistics.median(r.best_val_accuracy for r in runs) for k, runs in (("good", good), ("bad", bad))}
+    assert acc["good"] > 0.85
+    assert loss["bad"] > 1.3 * loss["good"] and acc["bad"] < acc["good"] - 0.2
 
 
 BIG = dataclasses.replace(HP, lr=1e-3, hidden_dim=64, n_layers=2, n_heads=4, dropout=0.0, weight_decay=0.0)
