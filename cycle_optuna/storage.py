@@ -9,15 +9,19 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
 import optuna
+import sqlalchemy
+import sqlalchemy.event
 import sqlalchemy.exc
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._rdb import models as rdb_models
 from optuna.storages.journal import JournalFileBackend
 from sqlalchemy.engine import make_url
 
@@ -94,7 +98,10 @@ def open_storage(url: str, *, heartbeat: bool = True) -> BaseStorage:
     try:
         for attempt in range(5):
             try:
-                return _Storage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=False, **beat)
+                storage = _Storage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=False, **beat)
+                if backend == "sqlite" and parsed.database and parsed.database != ":memory:":
+                    _use_wal(storage.engine)
+                return storage
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
                 # workers starting together on an empty database race to create Optuna's tables
                 if attempt == 4:
@@ -106,6 +113,23 @@ def open_storage(url: str, *, heartbeat: bool = True) -> BaseStorage:
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
         reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
         raise StorageError(f"cannot open storage {mask(url)}: {mask(reason)}") from None
+
+
+def _use_wal(engine: sqlalchemy.Engine) -> None:
+    """SQLite in write-ahead-log mode: readers (the dashboard, `status`) never block the writer,
+    and a commit is one append instead of a rollback journal's several syncs. WAL needs every
+    process on one machine, which a SQLite study already assumes; `synchronous = NORMAL` is
+    WAL's recommended pairing (a crash of the machine may lose the last commits, never the file).
+    """
+
+    def on_connect(dbapi_conn: object, record: object) -> None:
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    sqlalchemy.event.listen(engine, "connect", on_connect)
+    engine.dispose()  # connections opened while Optuna set up its tables reconnect with the pragmas
 
 
 def _journal(url: str) -> BaseStorage:
@@ -156,43 +180,39 @@ def _is_connection_error(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def cap_lock(storage: BaseStorage, url: str, study_name: str) -> Iterator[None]:
+def cap_lock(storage: BaseStorage, url: str, study_name: str) -> Iterator[sqlalchemy.Connection | None]:
     """Serialise "count the study's trials, then create one" across workers, so n_trials is exact.
 
     PostgreSQL: a session advisory lock; MySQL/MariaDB: GET_LOCK; SQLite and journal files: an
     flock beside the file (their workers share one machine). Held only while a trial is created.
+    Yields the database connection that holds the lock (autocommit), for :func:`count_trials` and
+    :func:`register_trial` to reuse, or None for a file lock.
     """
     key = f"cycle-optuna:{study_name}"
     storage = _unwrap(storage)
     if isinstance(storage, RDBStorage):
         backend = make_url(storage.url).get_backend_name()
-        if backend == "postgresql":
-            number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+        if backend in ("postgresql", "mysql", "mariadb"):
+            if backend == "postgresql":
+                number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+                lock, unlock = f"SELECT pg_advisory_lock({number})", f"SELECT pg_advisory_unlock({number})"
+            else:
+                name = hashlib.sha256(key.encode()).hexdigest()[:60]
+                lock, unlock = f"SELECT GET_LOCK('{name}', 600)", f"SELECT RELEASE_LOCK('{name}')"
             with storage.engine.connect() as conn:
-                conn.exec_driver_sql(f"SELECT pg_advisory_lock({number})")
-                conn.commit()
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                conn.exec_driver_sql(lock)
                 try:
-                    yield
+                    yield conn
                 finally:
                     with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
-                        conn.exec_driver_sql(f"SELECT pg_advisory_unlock({number})")
-                        conn.commit()
-            return
-        if backend in ("mysql", "mariadb"):
-            name = hashlib.sha256(key.encode()).hexdigest()[:60]
-            with storage.engine.connect() as conn:
-                conn.exec_driver_sql(f"SELECT GET_LOCK('{name}', 600)")
-                try:
-                    yield
-                finally:
-                    with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
-                        conn.exec_driver_sql(f"SELECT RELEASE_LOCK('{name}')")
+                        conn.exec_driver_sql(unlock)
             return
         path = make_url(storage.url).database
     else:
         path = url.removeprefix("journal:").removeprefix("//")
     if not path or path == ":memory:":
-        yield
+        yield None
         return
     import fcntl
 
@@ -200,9 +220,19 @@ def cap_lock(storage: BaseStorage, url: str, study_name: str) -> Iterator[None]:
     with open(f"{path}-{hashlib.sha256(key.encode()).hexdigest()[:8]}.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            yield None
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _connection(storage: RDBStorage, conn: sqlalchemy.Connection | None) -> Iterator[sqlalchemy.Connection]:
+    """`conn` (the cap lock's, autocommit) or a new one committed on exit."""
+    if conn is not None:
+        yield conn
+        return
+    with storage.engine.begin() as new:
+        yield new
 
 
 def _unwrap(storage: BaseStorage) -> BaseStorage:
@@ -210,7 +240,8 @@ def _unwrap(storage: BaseStorage) -> BaseStorage:
     return getattr(storage, "_backend", storage)
 
 
-def count_trials(storage: BaseStorage, study: optuna.Study) -> tuple[int, bool] | None:
+def count_trials(storage: BaseStorage, study: optuna.Study,
+                 conn: sqlalchemy.Connection | None = None) -> tuple[int, bool] | None:
     """(trials toward the cap, whether any trial is WAITING) in one query; None where not an RDB.
 
     Same rule as :func:`cycle_optuna.worker.trials_counted` (every trial except failures that a
@@ -224,8 +255,8 @@ def count_trials(storage: BaseStorage, study: optuna.Study) -> tuple[int, bool] 
         "SELECT t.number, t.state, a.value_json FROM trials t LEFT OUTER JOIN trial_system_attributes a "
         "ON a.trial_id = t.trial_id AND a.key = 'retry_history' WHERE t.study_id = :sid"
     )
-    with storage.engine.connect() as conn:
-        rows = conn.execute(sql, {"sid": study._study_id}).all()
+    with _connection(storage, conn) as c:
+        rows = c.execute(sql, {"sid": study._study_id}).all()
     retried = {int(n) for _, _, history in rows if history for n in json.loads(history)}
     failed = sum(1 for number, state, _ in rows if state == "FAIL" and number in retried)
     return len(rows) - failed, any(state == "WAITING" for _, state, _ in rows)
@@ -244,3 +275,69 @@ def last_heartbeats(storage: BaseStorage, study: optuna.Study) -> dict[int, date
         rows = conn.execute(sql, {"sid": study._study_id}).all()
     # SQLite hands back text; the others datetimes (naive UTC, as Optuna writes them)
     return {int(n): datetime.fromisoformat(hb) if isinstance(hb, str) else hb for n, hb in rows}
+
+
+def register_trial(study: optuna.Study, trial: optuna.Trial, worker: str,
+                   conn: sqlalchemy.Connection | None = None) -> None:
+    """Mark a trial this worker just took: the `worker` user attr and its first heartbeat.
+
+    On a database both go in one transaction, written through Optuna's own table definitions
+    (Optuna would spend a session per write, each with a pre-ping and several statements), and
+    right after the trial exists, so a worker killed at once still leaves a trial the stale check
+    finds. A retry carries its dead worker's attr and is renamed through Optuna; journal files
+    have no heartbeats and take the attr through Optuna.
+    """
+    backend = _unwrap(study._storage)
+    if not isinstance(backend, RDBStorage):
+        trial.set_user_attr(WORKER_ATTR, worker)
+        return
+    inherited = WORKER_ATTR in trial.user_attrs
+    if inherited:
+        trial.set_user_attr(WORKER_ATTR, worker)
+    with _connection(backend, conn) as c:
+        if not inherited:
+            c.execute(rdb_models.TrialUserAttributeModel.__table__.insert(),
+                      {"trial_id": trial._trial_id, "key": WORKER_ATTR, "value_json": json.dumps(worker)})
+        if backend.get_heartbeat_interval() is not None:
+            c.execute(rdb_models.TrialHeartbeatModel.__table__.insert(), {"trial_id": trial._trial_id})
+
+
+class Heartbeat:
+    """One thread per worker that beats for whichever trial the worker runs.
+
+    Optuna's optimize starts and joins a thread per trial and beats on entry; here the first beat
+    is written by :func:`register_trial`, and this thread beats every interval while a trial runs.
+    """
+
+    def __init__(self, storage: BaseStorage) -> None:
+        backend = _unwrap(storage)
+        self.storage = backend
+        self.interval = backend.get_heartbeat_interval() if isinstance(backend, RDBStorage) else None
+        self._trial_id: int | None = None
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "Heartbeat":
+        if self.interval is not None:
+            self._thread = threading.Thread(target=self._run, name="cycle-optuna-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def beat_for(self, trial_id: int | None) -> None:
+        """Beat for this trial from now on (None: the worker runs no trial)."""
+        self._trial_id = trial_id
+
+    def _run(self) -> None:
+        while not self._closed.wait(self.interval):
+            trial_id = self._trial_id
+            if trial_id is None:
+                continue
+            try:
+                self.storage.record_heartbeat(trial_id)
+            except Exception as e:  # a missed beat is harmless; a dead thread would fail the trial
+                _log.warning("heartbeat of trial %d skipped: %s", trial_id, mask(str(e).splitlines()[0]))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import optuna
+import sqlalchemy
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
@@ -27,6 +27,11 @@ from cycle_optuna.errors import StorageError
 from cycle_optuna.objective import Objective, make_pruner
 from cycle_optuna.sampler import make_sampler
 from cycle_optuna.train import EpochMetrics
+
+try:
+    from optuna.study._tell import _tell_with_warning
+except ImportError:  # pragma: no cover - a future Optuna; the public tell works, reading the trial back
+    _tell_with_warning = None
 
 CONFIG_ATTR = "cycle_optuna_config"
 STATS_ATTR = "data_stats"
@@ -199,26 +204,39 @@ def run_trials(
 
 
 class _Loop:
-    """One worker's trial loop; see :func:`run_worker`."""
+    """One worker's trial loop; see :func:`run_worker`.
+
+    Trials are taken with ask/tell rather than one `study.optimize` call per trial, which would
+    re-check stale trials, start a heartbeat thread and re-read the trial for every trial: here the
+    stale check runs once per heartbeat interval, one thread beats for the worker's whole life, and
+    the worker attr and first beat go in one write (:func:`storage_mod.register_trial`).
+    """
 
     def __init__(self, study: optuna.Study, url: str, n_trials: int, objective: Callable,
                  hooks: Hooks, stats: WorkerStats) -> None:
         self.study, self.url, self.n_trials = study, url, n_trials
         self.objective, self.hooks, self.stats = objective, hooks, stats
-        self.lock = contextlib.ExitStack()
         self.current: int | None = None  # number of the trial this worker runs
         self.lost = False  # the current trial failed because the database went away
+        self.heartbeat = storage_mod.Heartbeat(study._storage)
+        self.stale_checked = -float("inf")  # monotonic time of the last stale-trial check
 
     def run(self) -> None:
+        with self.heartbeat:
+            self._run()
+
+    def _run(self) -> None:
         down_since: float | None = None
         while True:
             try:
                 step = self._step()
                 down_since = None
             except KeyboardInterrupt:
+                self.heartbeat.beat_for(None)
                 self._hand_back()
                 raise
             except Exception as e:
+                self.heartbeat.beat_for(None)
                 if not storage_mod.is_connection_error(e):
                     raise
                 down_since = down_since or time.monotonic()
@@ -235,54 +253,74 @@ class _Loop:
             if step == "wait":
                 time.sleep(POLL_SECONDS)
 
+    def _fail_stale(self, *, always: bool) -> None:
+        # A dead worker's trial is failed (and its retry queued) GRACE_SECONDS after its last beat;
+        # checking more often than once per beat interval finds nothing sooner.
+        interval = self.heartbeat.interval
+        if interval is None or (not always and time.monotonic() - self.stale_checked < interval):
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
+        self.stale_checked = time.monotonic()
+
     def _step(self) -> str:
         self._hand_back_if_lost()
         study = self.study
-        with contextlib.ExitStack() as held:
-            held.enter_context(storage_mod.cap_lock(study._storage, self.url, study.study_name))
-            counted, waiting = _count_and_waiting(study)
+        with storage_mod.cap_lock(study._storage, self.url, study.study_name) as conn:
+            self._fail_stale(always=False)
+            counted, waiting = _count_and_waiting(study, conn)
             if counted >= self.n_trials and not waiting:
-                # the cap is met unless a running trial's worker died: fail those (optimize does
-                # that too, but only once it runs), and run their retries
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    optuna.storages.fail_stale_trials(study)
-                trials = study.get_trials(deepcopy=False)
-                counted = _count(trials)
-                if not any(t.state == TrialState.WAITING for t in trials):
+                # the cap is met unless a running trial's worker died: fail those, run their retries
+                self._fail_stale(always=True)
+                counted, waiting = _count_and_waiting(study, conn)
+                if not waiting:
                     alive = storage_mod.last_heartbeats(study._storage, study)
                     return "wait" if alive else "done"
-            self.lock = held.pop_all()  # released once the trial exists (first line of the objective)
-        try:
             if self.hooks.on_trial_start is not None:
                 self.hooks.on_trial_start(min(counted, self.n_trials))
-            self.current, self.lost = None, False
-            # catch=(Exception,): a bad trial is recorded as FAIL with its reason; the worker carries on
-            study.optimize(self._objective, n_trials=1, catch=(Exception,), callbacks=[self._after],
-                           gc_after_trial=False)
+            self.lost = False
+            with warnings.catch_warnings():  # Optuna warns that heartbeats expect optimize: this loop beats
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+                trial = study.ask()  # a retry (WAITING) first, else a new trial; exact under the lock
+            self.current = trial.number
+            storage_mod.register_trial(study, trial, self.stats.worker, conn)
+        self.heartbeat.beat_for(trial._trial_id)
+        try:
+            told = self._run_trial(trial)
         except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another worker failed our trial as stale (we lost the database too long); it is retried
+            told = None  # another worker failed our trial as stale (we lost the database too long); it is retried
         finally:
-            self.lock.close()
+            self.heartbeat.beat_for(None)
+        if told is not None and not self.lost:  # a trial cut off by the database is handed back, not counted
+            self.stats.states[told.name] += 1
+            if self.hooks.on_trial_end is not None:
+                self.hooks.on_trial_end(study, study._storage.get_trial(trial._trial_id))
         self._hand_back_if_lost()
         self.current = None
         return "run"
 
-    def _objective(self, trial: optuna.Trial) -> float:
-        self.lock.close()
-        self.current = trial.number
-        trial.set_user_attr(storage_mod.WORKER_ATTR, self.stats.worker)
+    def _run_trial(self, trial: optuna.Trial) -> TrialState:
+        """Run the objective and tell its outcome, as study.optimize(catch=(Exception,)) would.
+
+        A bad trial is recorded as FAIL with its reason and the worker carries on.
+        """
+        value, state = None, None
         try:
-            return self.objective(trial)
+            value = self.objective(trial)
+        except optuna.TrialPruned as e:
+            state = TrialState.PRUNED
+            _log.info("trial %d pruned. %s", trial.number, e)
         except Exception as e:
             self.lost = storage_mod.is_connection_error(e)
-            raise
-
-    def _after(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if not self.lost:  # a trial cut off by the database is handed back, not counted as failed
-            self.stats.states[trial.state.name] += 1
-        if self.hooks.on_trial_end is not None:
-            self.hooks.on_trial_end(study, trial)
+            if self.lost:
+                raise  # handed back for retry once the database answers
+            state = TrialState.FAIL
+            _log.warning("trial %d failed with parameters %s: %r", trial.number, trial.params, e, exc_info=True)
+        told, problem = _tell(self.study, trial, value, state)
+        if problem:  # e.g. the objective returned NaN: Optuna fails the trial
+            _log.warning("trial %d failed: %s", trial.number, problem)
+        return told
 
     def _hand_back_if_lost(self) -> None:
         if self.lost:
@@ -305,14 +343,32 @@ class _Loop:
             self.stats.requeued.append(number)
 
 
+def _tell(study: optuna.Study, trial: optuna.Trial, value: object, state: TrialState | None) -> tuple[TrialState, str | None]:
+    """Tell a trial's outcome; (its final state, why a returned value was refused, if it was).
+
+    Optuna's own trial runner tells through `_tell_with_warning`, which does not read the whole
+    trial back afterwards as the public `Study.tell` does; use it while it exists.
+    """
+    if _tell_with_warning is None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            frozen = study.tell(trial, value, state=state)
+        return frozen.state, (str(caught[0].message) if caught and frozen.state == TrialState.FAIL else None)
+    out = _tell_with_warning(study=study, trial=trial, value_or_values=value, state=state, suppress_warning=True)
+    if isinstance(out, tuple):  # Optuna 5: (state, values, refusal)
+        return out[0], out[2]
+    return out.state, None  # Optuna 4: the finished trial
+
+
 def _count(trials: list[FrozenTrial]) -> int:
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
     return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
 
 
-def _count_and_waiting(study: optuna.Study) -> tuple[int, bool]:
-    # one lean query on a database; the full trial list elsewhere (journal files)
-    lean = storage_mod.count_trials(study._storage, study)
+def _count_and_waiting(study: optuna.Study, conn: sqlalchemy.Connection | None = None) -> tuple[int, bool]:
+    # one lean query on a database (on the cap lock's connection when it has one); the full trial
+    # list elsewhere (journal files)
+    lean = storage_mod.count_trials(study._storage, study, conn)
     if lean is not None:
         return lean
     trials = study.get_trials(deepcopy=False)

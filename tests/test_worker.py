@@ -44,3 +44,39 @@ def test_retry_resumes_from_the_parent_checkpoint_with_the_same_result(tmp_path:
     assert retry.user_attrs[RESUMED_ATTR] == "trial 0 epoch 2"
     assert retry.value == reference
     assert not list((tmp_path / "cut-artifacts").glob("checkpoint-*"))
+
+
+def _sqlite_study(tmp_path: Path, name: str = "loop") -> tuple[optuna.Study, str]:
+    url = f"sqlite:///{tmp_path / 'loop.db'}"
+    study = optuna.create_study(study_name=name, storage=storage.open_storage(url),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    return study, url
+
+
+def test_the_loop_records_each_outcome_as_optimize_would_and_carries_on(tmp_path: Path):
+    def fail(t):
+        raise ValueError("bad trial")
+
+    def prune(t):
+        raise optuna.TrialPruned()
+
+    outcomes = iter([lambda t: 1.0, fail, lambda t: float("nan"), prune, lambda t: 0.5])
+    ended = []
+    study, url = _sqlite_study(tmp_path)
+    stats = worker.WorkerStats()
+    worker.run_trials(study, url, 5, lambda t: next(outcomes)(t) + 0 * t.suggest_float("x", 0, 1),
+                      hooks=worker.Hooks(on_trial_end=lambda s, t: ended.append(t.state)), stats=stats)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL, TrialState.PRUNED, TrialState.COMPLETE]
+    assert ended == states
+    assert dict(stats.states) == {"COMPLETE": 2, "FAIL": 2, "PRUNED": 1}
+    assert study.best_value == 0.5
+
+
+def test_a_retry_is_renamed_to_the_worker_that_runs_it(tmp_path: Path):
+    study, url = _sqlite_study(tmp_path)
+    study.enqueue_trial({"x": 0.25}, user_attrs={storage.WORKER_ATTR: "deadhost:1"})
+    stats = worker.WorkerStats()
+    worker.run_trials(study, url, 1, lambda t: t.suggest_float("x", 0, 1), stats=stats)
+    (trial,) = study.trials
+    assert trial.params == {"x": 0.25} and trial.user_attrs[storage.WORKER_ATTR] == stats.worker
