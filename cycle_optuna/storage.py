@@ -281,11 +281,12 @@ def register_trial(study: optuna.Study, trial: optuna.Trial, worker: str,
                    conn: sqlalchemy.Connection | None = None) -> None:
     """Mark a trial this worker just took: the `worker` user attr and its first heartbeat.
 
-    On a database both go in one transaction, written through Optuna's own table definitions
-    (Optuna would spend a session per write, each with a pre-ping and several statements), and
-    right after the trial exists, so a worker killed at once still leaves a trial the stale check
-    finds. A retry carries its dead worker's attr and is renamed through Optuna; journal files
-    have no heartbeats and take the attr through Optuna.
+    On a database: one INSERT each through Optuna's own table definitions (Optuna would spend a
+    session per write, each with a pre-ping and several statements), on the cap lock's connection
+    when given, right after the trial exists, so a worker killed at once still leaves a trial the
+    stale check finds. The beat goes first: it is what gets a dead worker's trial retried. A retry
+    carries its dead worker's attr and is renamed through Optuna; journal files have no
+    heartbeats and take the attr through Optuna.
     """
     backend = _unwrap(study._storage)
     if not isinstance(backend, RDBStorage):
@@ -295,11 +296,11 @@ def register_trial(study: optuna.Study, trial: optuna.Trial, worker: str,
     if inherited:
         trial.set_user_attr(WORKER_ATTR, worker)
     with _connection(backend, conn) as c:
+        if backend.get_heartbeat_interval() is not None:
+            c.execute(rdb_models.TrialHeartbeatModel.__table__.insert(), {"trial_id": trial._trial_id})
         if not inherited:
             c.execute(rdb_models.TrialUserAttributeModel.__table__.insert(),
                       {"trial_id": trial._trial_id, "key": WORKER_ATTR, "value_json": json.dumps(worker)})
-        if backend.get_heartbeat_interval() is not None:
-            c.execute(rdb_models.TrialHeartbeatModel.__table__.insert(), {"trial_id": trial._trial_id})
 
 
 class Heartbeat:
