@@ -15,6 +15,7 @@ of seconds per trial (target <= 1.2x).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import statistics
 import sys
@@ -23,6 +24,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import optuna
 
@@ -106,15 +108,21 @@ def overhead(url: str, n: int, rounds: int) -> tuple[float, float, float]:
     return tuple(statistics.median(t) for t in times)
 
 
-def _postgres_url() -> str:
+@contextlib.contextmanager
+def _postgres_database() -> Iterator[str]:
+    """URL of a new database on the local server, dropped afterwards."""
     import sqlalchemy
 
     name = f"cycle_bench_{uuid.uuid4().hex[:8]}"
     engine = sqlalchemy.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    engine.dispose()
-    return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    try:
+        yield PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        engine.dispose()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,21 +136,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore")
-    tmp = Path(tempfile.mkdtemp(prefix="cycle-bench-"))
-    urls = {"postgresql": _postgres_url if "postgresql" in args.storages else None,
+    cleanup = contextlib.ExitStack()
+    tmp = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="cycle-bench-")))
+    urls = {"postgresql": lambda: cleanup.enter_context(_postgres_database()),
             "sqlite": lambda: f"sqlite:///{tmp / 'bench.db'}"}
     print(f"{args.seconds:g}-second objective, {args.per_worker} trials per worker\n")
     print("| storage | workers | trials/min | efficiency vs 1 worker |")
     print("|---|---:|---:|---:|")
     over = []
-    for kind in args.storages:
-        url = urls[kind]()
-        base = None
-        for k in args.workers:
-            rate = throughput(url, k, args.per_worker, args.seconds)
-            base = base or rate / k
-            print(f"| {kind} | {k} | {rate:.1f} | {100 * rate / (k * base):.0f}% |", flush=True)
-        over.append((kind, *overhead(url, args.overhead_trials, args.overhead_rounds)))
+    with cleanup:
+        for kind in args.storages:
+            url = urls[kind]()
+            base = None
+            for k in args.workers:
+                rate = throughput(url, k, args.per_worker, args.seconds)
+                base = base or rate / k
+                print(f"| {kind} | {k} | {rate:.1f} | {100 * rate / (k * base):.0f}% |", flush=True)
+            over.append((kind, *overhead(url, args.overhead_trials, args.overhead_rounds)))
     print(f"\nper-trial time, no-op objective, {args.overhead_trials} trials, one process, "
           f"median of {args.overhead_rounds} alternating rounds\n")
     print("| storage | plain Optuna, default RDBStorage | plain Optuna, service's storage settings "
