@@ -279,7 +279,6 @@ class _Loop:
                     return "wait" if alive else "done"
             if self.hooks.on_trial_start is not None:
                 self.hooks.on_trial_start(min(counted, self.n_trials))
-            self.lost = False
             with warnings.catch_warnings():  # Optuna warns that heartbeats expect optimize: this loop beats
                 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
                 trial = study.ask()  # a retry (WAITING) first, else a new trial; exact under the lock
@@ -292,11 +291,10 @@ class _Loop:
             told = None  # another worker failed our trial as stale (we lost the database too long); it is retried
         finally:
             self.heartbeat.beat_for(None)
-        if told is not None and not self.lost:  # a trial cut off by the database is handed back, not counted
+        if told is not None:
             self.stats.states[told.name] += 1
             if self.hooks.on_trial_end is not None:
                 self.hooks.on_trial_end(study, study._storage.get_trial(trial._trial_id))
-        self._hand_back_if_lost()
         self.current = None
         return "run"
 
@@ -312,9 +310,8 @@ class _Loop:
             state = TrialState.PRUNED
             _log.info("trial %d pruned. %s", trial.number, e)
         except Exception as e:
-            self.lost = storage_mod.is_connection_error(e)
-            if self.lost:
-                raise  # handed back for retry once the database answers
+            if storage_mod.is_connection_error(e):
+                raise  # not counted: the loop hands the trial back for retry once the database answers
             state = TrialState.FAIL
             _log.warning("trial %d failed with parameters %s: %r", trial.number, trial.params, e, exc_info=True)
         told, problem = _tell(self.study, trial, value, state)
@@ -354,7 +351,8 @@ def _tell(study: optuna.Study, trial: optuna.Trial, value: object, state: TrialS
             warnings.simplefilter("always")
             frozen = study.tell(trial, value, state=state)
         return frozen.state, (str(caught[0].message) if caught and frozen.state == TrialState.FAIL else None)
-    out = _tell_with_warning(study=study, trial=trial, value_or_values=value, state=state, suppress_warning=True)
+    # positional: the value argument's name differs between Optuna releases
+    out = _tell_with_warning(study, trial, value, state, suppress_warning=True)
     if isinstance(out, tuple):  # Optuna 5: (state, values, refusal)
         return out[0], out[2]
     return out.state, None  # Optuna 4: the finished trial
