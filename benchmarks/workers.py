@@ -80,11 +80,11 @@ def throughput(url: str, workers: int, per_worker: int, seconds: float) -> float
     return 60.0 * n / elapsed
 
 
-def _per_trial(storage, run) -> float:
+def _per_trial(storage, run, n: int) -> float:
     study = optuna.create_study(study_name=f"o-{uuid.uuid4().hex[:8]}", storage=storage,
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     t0 = time.perf_counter()
-    n = run(study)
+    run(study)
     return (time.perf_counter() - t0) / n
 
 
@@ -94,17 +94,15 @@ def overhead(url: str, n: int, rounds: int) -> tuple[float, float, float]:
     configures it (pool, pre-ping, SQLite WAL; heartbeats off), and the service's worker loop."""
     def plain(study):
         study.optimize(_noop, n_trials=n)
-        return n
 
     def service(study):
         worker.run_trials(study, url, n, _noop)
-        return n
 
     times = [[], [], []]
     for _ in range(rounds):
-        times[0].append(_per_trial(optuna.storages.RDBStorage(url), plain))
-        times[1].append(_per_trial(storage_mod.open_storage(url, heartbeat=False), plain))
-        times[2].append(_per_trial(storage_mod.open_storage(url), service))
+        times[0].append(_per_trial(optuna.storages.RDBStorage(url), plain, n))
+        times[1].append(_per_trial(storage_mod.open_storage(url, heartbeat=False), plain, n))
+        times[2].append(_per_trial(storage_mod.open_storage(url), service, n))
     return tuple(statistics.median(t) for t in times)
 
 
