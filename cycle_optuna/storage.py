@@ -6,14 +6,15 @@ import contextlib
 import hashlib
 import json
 import logging
+import glob
 import os
-import re
+import shutil
 import socket
 import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import optuna
 import sqlalchemy
@@ -21,12 +22,14 @@ import sqlalchemy.event
 import sqlalchemy.exc
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._rdb import models as rdb_models
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
+from cycle_optuna import optuna_internals as internals
 from cycle_optuna.config import StudyConfig, resolve_artifact_dir, study_dir
 from cycle_optuna.errors import StorageError
+from cycle_optuna.redact import mask
 
 ENV_VAR = "CYCLE_OPTUNA_STORAGE"
 ARTIFACTS_ENV_VAR = "CYCLE_OPTUNA_ARTIFACT_DIR"  # overrides [study] artifact_dir (a volume shared by machines)
@@ -37,15 +40,20 @@ GRACE_SECONDS = int(os.environ.get("CYCLE_OPTUNA_GRACE_SECONDS", 30))
 MAX_RETRY = 3  # a trial failed by a dead worker is retried this many times
 SQLITE_TIMEOUT_SECONDS = 120  # SQLite writers wait this long for the lock instead of failing
 WORKER_ATTR = "worker"  # user attr "host:pid" of the worker running a trial
+DEVICE_ATTR = "device"  # user attr beside it: "cpu" or "gpu <id>"
+FAIL_CAUSE_ATTR = "fail_cause"  # user attr on a failed trial: why it failed, in one line
+# drivers SQLAlchemy may ask for that this package does not install: what to install instead
+_DRIVER_HINTS = {
+    "psycopg2": "pip install psycopg2-binary, or use postgresql+psycopg:// (installed)",
+    "pymysql": "pip install 'cycle-optuna[mysql]'",
+    "mysqldb": "pip install mysqlclient, or use mysql+pymysql:// (pip install 'cycle-optuna[mysql]')",
+    "asyncpg": "use postgresql+psycopg:// (installed); workers need a synchronous driver",
+    "pg8000": "pip install pg8000, or use postgresql+psycopg:// (installed)",
+}
 
 _log = logging.getLogger(__name__)
 
-_PASSWORD = re.compile(r"(?P<head>[a-z0-9+]+://[^:/@]*:)(?P<pw>[^@]*)(?P<tail>@)", re.IGNORECASE)
-
-
-def mask(text: str) -> str:
-    """`text` with any password inside a URL replaced by ***."""
-    return _PASSWORD.sub(lambda m: m["head"] + "***" + m["tail"], text)
+__all__ = ["mask"]  # re-exported: callers mask through this module
 
 
 def resolve_url(cfg: StudyConfig, flag: str | None = None) -> str:
@@ -61,17 +69,95 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def artifact_store(cfg: StudyConfig) -> FileSystemArtifactStore:
-    """Optuna's filesystem artifact store at the study's artifact_dir (created if missing)."""
+class DurableArtifactStore(FileSystemArtifactStore):
+    """Optuna's filesystem artifact store, but a file appears whole or not at all.
+
+    Each write goes to a temporary name, is flushed to disk and renamed over the final name, so a
+    kill, a full disk or a power cut never leaves a truncated or empty artifact (a failed write
+    removes its temporary file and raises). Readers see the same files as Optuna's own store.
+    """
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        path = self._get_filepath(artifact_id)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(content_body, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        _fsync_dir(path.parent)
+
+    def remove_all(self, artifact_id: str) -> None:
+        """Remove an artifact and any temporary file a killed writer left for it."""
+        path = self._get_filepath(artifact_id)
+        for p in (path, *path.parent.glob(f"{glob.escape(path.name)}.tmp-*")):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(p)
+
+
+def _fsync_dir(path: Path) -> None:
+    # the rename itself is durable only once the directory is synced
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def artifact_store(cfg: StudyConfig) -> DurableArtifactStore:
+    """The study's artifact store at its artifact_dir (created if missing)."""
     path = resolve_artifact_dir(cfg)
     path.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(path)
+    return DurableArtifactStore(path)
 
 
-def open_storage(url: str, *, heartbeat: bool = True) -> BaseStorage:
-    """An Optuna storage for `url`; one clear StorageError (password masked) when it cannot be used."""
+def describe(e: BaseException) -> str:
+    """One masked line for a storage error: the database's own reason, not Optuna's wrapper text."""
+    while isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ is not None:
+        e = e.__cause__  # Optuna's text guesses "e.g. exceeding max length" for any failed commit
+    reason = str(getattr(e, "orig", None) or e).strip()
+    return mask(reason.splitlines()[0] if reason else type(e).__name__)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a sqlite:// URL (None for other URLs and in-memory databases)."""
+    if not url.startswith("sqlite"):
+        return None
+    try:
+        database = make_url(url).database
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return None
+    return Path(database) if database and database != ":memory:" and not database.startswith("file:") else None
+
+
+def check_file_location(url: str, path: Path, *, create: bool) -> None:
+    """A study file's database or journal: its directory must exist (and be writable to create
+    or write it); a reader needs the file itself. Nothing is created here."""
+    if not create:
+        if not path.is_file():
+            raise StorageError(f"storage {mask(url)}: no study database at {path} (nothing has run on it yet)")
+        return
+    parent = path.parent
+    if not parent.is_dir():
+        raise StorageError(f"storage {mask(url)}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise StorageError(f"cannot write {path}: read-only (check its permissions and mount)")
+
+
+def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> BaseStorage:
+    """An Optuna storage for `url`; one clear StorageError (password masked) when it cannot be used.
+
+    `create=False` (read-only commands) never creates a file: a missing SQLite or journal file is
+    an error. A missing directory is always an error, never created.
+    """
     if url.startswith("journal:"):
-        return _journal(url)
+        return _journal(url, create=create)
     try:
         parsed = make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError):
@@ -82,8 +168,9 @@ def open_storage(url: str, *, heartbeat: bool = True) -> BaseStorage:
     engine_kwargs: dict = {}
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_path(url)
+        if path is not None:
+            check_file_location(url, path, create=create)
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_SECONDS}
     elif backend in ("postgresql", "mysql", "mariadb"):
         # pre-ping + recycle let workers survive a database restart; a worker needs few connections
@@ -98,7 +185,10 @@ def open_storage(url: str, *, heartbeat: bool = True) -> BaseStorage:
     try:
         for attempt in range(5):
             try:
-                storage = _Storage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=False, **beat)
+                # read-only commands skip creating tables and alembic's schema check (a third of
+                # `status`'s start-up); a worker that writes checks both
+                storage = _Storage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=not create,
+                                   skip_table_creation=not create, **beat)
                 if backend == "sqlite" and parsed.database and parsed.database != ":memory:":
                     _use_wal(storage.engine)
                 return storage
@@ -107,12 +197,15 @@ def open_storage(url: str, *, heartbeat: bool = True) -> BaseStorage:
                 if attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))
-    except ModuleNotFoundError as e:
-        extra = " (pip install 'cycle-optuna[mysql]')" if backend in ("mysql", "mariadb") else ""
-        raise StorageError(f"storage {mask(url)}: driver not installed: {e.name}{extra}") from None
+    except ImportError:  # Optuna re-raises the driver's ModuleNotFoundError as a bare ImportError
+        driver = parsed.get_driver_name()
+        hint = _DRIVER_HINTS.get(driver, f"pip install {driver}")
+        raise StorageError(f"storage {mask(url)}: database driver {driver!r} is not installed ({hint})") from None
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-        raise StorageError(f"cannot open storage {mask(url)}: {mask(reason)}") from None
+        reason = describe(e)
+        if "readonly database" in reason or "read-only" in reason:
+            raise StorageError(f"cannot write {sqlite_path(url) or mask(url)}: read-only ({reason})") from None
+        raise StorageError(f"cannot open storage {mask(url)}: {reason}") from None
 
 
 def _use_wal(engine: sqlalchemy.Engine) -> None:
@@ -132,12 +225,15 @@ def _use_wal(engine: sqlalchemy.Engine) -> None:
     engine.dispose()  # connections opened while Optuna set up its tables reconnect with the pragmas
 
 
-def _journal(url: str) -> BaseStorage:
+def _journal(url: str, *, create: bool) -> BaseStorage:
     path = url.removeprefix("journal:").removeprefix("//")
     if not path:
-        raise StorageError(f"bad storage URL {url!r}: expected journal:///path/to/study.log")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(path))
+        raise StorageError(f"bad storage URL {mask(url)!r}: expected journal:///path/to/study.log")
+    check_file_location(url, Path(path), create=create)
+    try:
+        return JournalStorage(JournalFileBackend(path))
+    except OSError as e:
+        raise StorageError(f"cannot open storage {mask(url)}: {e.strerror or e}") from None
 
 
 def retry_callback() -> RetryHeartbeatStaleTrialCallback:
@@ -153,8 +249,11 @@ class _Storage(RDBStorage):
         # failed as stale although its worker is alive; a missed beat is harmless, so skip it.
         try:
             super().record_heartbeat(trial_id)
+            self._beat_failing = False
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
-            _log.warning("heartbeat of trial %d skipped: %s", trial_id, mask(str(e).splitlines()[0]))
+            if not getattr(self, "_beat_failing", False):  # one line per outage, not one per beat
+                _log.warning("heartbeat of trial %d skipped: %s", trial_id, describe(e))
+            self._beat_failing = True
 
 
 def is_connection_error(e: BaseException) -> bool:
@@ -236,8 +335,7 @@ def _connection(storage: RDBStorage, conn: sqlalchemy.Connection | None) -> Iter
 
 
 def _unwrap(storage: BaseStorage) -> BaseStorage:
-    # optuna.Study wraps an RDBStorage in its private caching layer
-    return getattr(storage, "_backend", storage)
+    return internals.backend_of(storage)
 
 
 def count_trials(storage: BaseStorage, study: optuna.Study,
@@ -251,12 +349,8 @@ def count_trials(storage: BaseStorage, study: optuna.Study,
     storage = _unwrap(storage)
     if not isinstance(storage, RDBStorage):
         return None
-    sql = sqlalchemy.text(
-        "SELECT t.number, t.state, a.value_json FROM trials t LEFT OUTER JOIN trial_system_attributes a "
-        "ON a.trial_id = t.trial_id AND a.key = 'retry_history' WHERE t.study_id = :sid"
-    )
     with _connection(storage, conn) as c:
-        rows = c.execute(sql, {"sid": study._study_id}).all()
+        rows = internals.trial_states_and_retries(c, internals.study_id_of(study))
     retried = {int(n) for _, _, history in rows if history for n in json.loads(history)}
     failed = sum(1 for number, state, _ in rows if state == "FAIL" and number in retried)
     return len(rows) - failed, any(state == "WAITING" for _, state, _ in rows)
@@ -267,40 +361,104 @@ def last_heartbeats(storage: BaseStorage, study: optuna.Study) -> dict[int, date
     storage = _unwrap(storage)
     if not isinstance(storage, RDBStorage) or storage.get_heartbeat_interval() is None:
         return {}
-    sql = sqlalchemy.text(
-        "SELECT t.number, h.heartbeat FROM trial_heartbeats h JOIN trials t ON t.trial_id = h.trial_id "
-        "WHERE t.study_id = :sid AND t.state = 'RUNNING'"
-    )
     with storage.engine.connect() as conn:
-        rows = conn.execute(sql, {"sid": study._study_id}).all()
+        rows = [(n, beat) for _, n, beat in internals.running_trials_and_beats(conn, internals.study_id_of(study))
+                if beat is not None]
     # SQLite hands back text; the others datetimes (naive UTC, as Optuna writes them)
     return {int(n): datetime.fromisoformat(hb) if isinstance(hb, str) else hb for n, hb in rows}
 
 
 def register_trial(study: optuna.Study, trial: optuna.Trial, worker: str,
-                   conn: sqlalchemy.Connection | None = None) -> None:
+                   conn: sqlalchemy.Connection | None = None, *, device: str | None = None) -> None:
     """Mark a trial this worker just took: the `worker` user attr and its first heartbeat.
 
     On a database: one INSERT each through Optuna's own table definitions (Optuna would spend a
     session per write, each with a pre-ping and several statements), on the cap lock's connection
-    when given, right after the trial exists, so a worker killed at once still leaves a trial the
-    stale check finds. The beat goes first: it is what gets a dead worker's trial retried. A retry
-    carries its dead worker's attr and is renamed through Optuna; journal files have no
-    heartbeats and take the attr through Optuna.
+    when given. A worker killed between creating the trial and this call leaves a trial without a
+    beat: :func:`fail_stale` adopts it. A retry carries its dead worker's attr and is renamed
+    through Optuna; journal files have no heartbeats and take the attr through Optuna. ``device``
+    (where the worker trains) goes beside the worker attr the same way.
     """
-    backend = _unwrap(study._storage)
+    attrs = {WORKER_ATTR: worker, **({DEVICE_ATTR: device} if device is not None else {})}
+    backend = _unwrap(internals.storage_of(study))
     if not isinstance(backend, RDBStorage):
-        trial.set_user_attr(WORKER_ATTR, worker)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
         return
-    inherited = WORKER_ATTR in trial.user_attrs
-    if inherited:
-        trial.set_user_attr(WORKER_ATTR, worker)
+    inherited = {key for key in attrs if key in trial.user_attrs}
+    for key in inherited:
+        trial.set_user_attr(key, attrs[key])
+    trial_id = internals.trial_id_of(trial)
     with _connection(backend, conn) as c:
         if backend.get_heartbeat_interval() is not None:
-            c.execute(rdb_models.TrialHeartbeatModel.__table__.insert(), {"trial_id": trial._trial_id})
-        if not inherited:
-            c.execute(rdb_models.TrialUserAttributeModel.__table__.insert(),
-                      {"trial_id": trial._trial_id, "key": WORKER_ATTR, "value_json": json.dumps(worker)})
+            internals.insert_heartbeat(c, trial_id)
+        for key in attrs.keys() - inherited:
+            internals.insert_user_attr(c, trial_id, key, attrs[key])
+
+
+def fail_stale(study: optuna.Study, conn: sqlalchemy.Connection | None = None, *,
+               on_exhausted: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> list[int]:
+    """Fail the study's running trials whose worker is gone, queue their retries; their numbers.
+
+    A trial is gone when its last heartbeat is older than the grace period (clock: the database's,
+    which stamps the beats). A running trial with no heartbeat at all (its worker died between
+    creating it and writing its first beat) is given one now, so it goes stale the same way
+    unless a live worker beats for it. Callers hold :func:`cap_lock`, under which every worker
+    creates and registers its trials, so no live trial is ever caught between the two. Each failed
+    trial gets `fail_cause` "worker lost (host:pid, last heartbeat <time>)"; `on_exhausted` gets
+    those whose retries are used up.
+    """
+    storage = internals.storage_of(study)
+    backend = _unwrap(storage)
+    if not isinstance(backend, RDBStorage) or backend.get_heartbeat_interval() is None:
+        return []
+    grace = backend.grace_period or 2 * backend.get_heartbeat_interval()
+    with _connection(backend, conn) as c:
+        rows = internals.running_trials_and_beats(c, internals.study_id_of(study))
+        if not rows:
+            return []
+        now = _as_naive(c.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar())
+        stale = []
+        for trial_id, number, beat in rows:
+            if beat is None:
+                internals.insert_heartbeat(c, trial_id)  # adopted: stale after the grace period
+            elif (now - _as_naive(beat)).total_seconds() > grace:
+                stale.append((trial_id, _as_naive(beat)))
+    failed = []
+    for trial_id, beat in stale:
+        try:
+            if not backend.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # its worker finished it, or another worker failed it first
+        trial = backend.get_trial(trial_id)
+        retry_callback()(study, trial)  # before the cause is written: the retry copies user attrs
+        cause = f"worker lost ({trial.user_attrs.get(WORKER_ATTR, '?')}, last heartbeat {beat.isoformat(timespec='seconds')})"
+        with _connection(backend, None) as c:
+            internals.insert_user_attr(c, trial_id, FAIL_CAUSE_ATTR, cause)
+        if retries_exhausted(trial) and on_exhausted is not None:
+            on_exhausted(study, trial)
+        failed.append(trial.number)
+    return failed
+
+
+def retries_exhausted(trial: FrozenTrial) -> bool:
+    """True when a failed trial gets no retry: it already had MAX_RETRY of them."""
+    return len(trial.system_attrs.get("retry_history", ())) >= MAX_RETRY
+
+
+def write_fail_cause(study: optuna.Study, trial_id: int, cause: str) -> None:
+    """Record why a trial failed; works on a trial that has already finished (journal: skipped)."""
+    backend = _unwrap(internals.storage_of(study))
+    if isinstance(backend, RDBStorage):
+        with _connection(backend, None) as c:
+            internals.insert_user_attr(c, trial_id, FAIL_CAUSE_ATTR, mask(cause))
+
+
+def _as_naive(value: datetime | str) -> datetime:
+    # SQLite hands back text; the others datetimes (naive, as Optuna writes them)
+    value = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return value.replace(tzinfo=None)
 
 
 class Heartbeat:
@@ -329,16 +487,15 @@ class Heartbeat:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def beat_for(self, trial_id: int | None) -> None:
-        """Beat for this trial from now on (None: the worker runs no trial)."""
+    def beat_for(self, trial_id: int | list[int] | None) -> None:
+        """Beat for this trial (or these, a packed worker's) from now on (None: the worker runs no trial)."""
         self._trial_id = trial_id
 
     def _run(self) -> None:
         while not self._closed.wait(self.interval):
-            trial_id = self._trial_id
-            if trial_id is None:
-                continue
-            try:
-                self.storage.record_heartbeat(trial_id)
-            except Exception as e:  # a missed beat is harmless; a dead thread would fail the trial
-                _log.warning("heartbeat of trial %d skipped: %s", trial_id, mask(str(e).splitlines()[0]))
+            trial_ids = self._trial_id
+            for trial_id in [trial_ids] if isinstance(trial_ids, int) else trial_ids or []:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as e:  # a missed beat is harmless; a dead thread would fail the trial
+                    _log.warning("heartbeat of trial %d skipped: %s", trial_id, describe(e))

@@ -19,19 +19,19 @@ import sqlalchemy
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from cycle_optuna import baselines
 from cycle_optuna import config as config_mod
+from cycle_optuna import optuna_internals as internals
+from cycle_optuna import placement
 from cycle_optuna import storage as storage_mod
+from cycle_optuna import totals
 from cycle_optuna.config import StudyConfig
-from cycle_optuna.data import TaskData, load_task
+from cycle_optuna.data import TaskData, load_study_data
 from cycle_optuna.errors import StorageError
-from cycle_optuna.objective import Objective, make_pruner
+from cycle_optuna.objective import ModelNotSaved, Objective, make_pruner
 from cycle_optuna.sampler import make_sampler
+from cycle_optuna.totals import count_and_waiting as _count_and_waiting, trials_counted  # noqa: F401 - re-exported
 from cycle_optuna.train import EpochMetrics
-
-try:
-    from optuna.study._tell import _tell_with_warning
-except ImportError:  # pragma: no cover - a future Optuna; the public tell works, reading the trial back
-    _tell_with_warning = None
 
 CONFIG_ATTR = "cycle_optuna_config"
 STATS_ATTR = "data_stats"
@@ -42,6 +42,22 @@ RECONNECT_SECONDS = 300  # a worker gives up after this long without its databas
 THREADS_ENV_VAR = "CYCLE_OPTUNA_THREADS"  # set by `run --workers K` for its children
 
 _log = logging.getLogger(__name__)
+
+
+
+def fail_cause(e: BaseException) -> str:
+    """'ExcClass: message' (first line, masked) for a trial's failure."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return storage_mod.mask(f"{type(e).__name__}: {text}" if text else type(e).__name__)[:500]
+
+
+def _root(e: BaseException) -> BaseException:
+    """The innermost chained exception: Optuna wraps a dropped connection in a generic storage error."""
+    seen = {id(e)}
+    while (nxt := e.__cause__ or e.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        e = nxt
+    return e
 
 
 def build_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
@@ -57,13 +73,9 @@ def open_study(
     cfg = _with_env_artifacts(cfg)
     storage = storage_mod.open_storage(url)
     name = cfg.study.name
-    exists = name in {s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
+    exists = check_joinable(cfg, storage, url)
     if not exists and not create:
         raise StorageError(f"no study named {name!r} in {storage_mod.mask(url)}")
-    if exists:
-        stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get(CONFIG_ATTR)
-        if stored is not None:
-            _check_same_definition(cfg, stored)
     study = optuna.create_study(
         study_name=name,
         storage=storage,
@@ -72,10 +84,19 @@ def open_study(
         direction=cfg.study.direction,
         load_if_exists=True,
     )
-    if CONFIG_ATTR not in study.user_attrs:
-        study.set_user_attr(CONFIG_ATTR, cfg.to_dict())
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is None:
+        study.set_user_attr(CONFIG_ATTR, cfg.to_dict())  # its storage URL without the password
+    elif _holds_secret(stored):  # written by an older release: the dashboard serves it
+        study.set_user_attr(CONFIG_ATTR, json.loads(storage_mod.mask(json.dumps(stored))))
     if data is not None and STATS_ATTR not in study.user_attrs:
         study.set_user_attr(STATS_ATTR, data.stats())
+    if data is not None and baselines.BASELINES_ATTR not in study.user_attrs:
+        # once per study, before its first trial (or when a worker next joins a study made before
+        # baselines existed); under the cap lock, so workers starting together compute them once
+        with storage_mod.cap_lock(storage, url, name):
+            if baselines.BASELINES_ATTR not in study.user_attrs:
+                study.set_user_attr(baselines.BASELINES_ATTR, baselines.compute(data, seed=cfg.study.seed))
     if cfg.sampler.type not in ("cycle", "reference"):
         # cycle 1 is the baseline for every sampler; the cycle samplers propose it themselves.
         # Under the cap lock, so workers starting together enqueue it once.
@@ -83,6 +104,22 @@ def open_study(
             if not study.get_trials(deepcopy=False):
                 study.enqueue_trial({p.name: getattr(cfg.baseline, p.name) for p in cfg.space})
     return study
+
+
+def check_joinable(cfg: StudyConfig, storage: optuna.storages.BaseStorage, url: str) -> bool:
+    """Whether the study exists; refuses one whose stored trial definition differs from `cfg`."""
+    name = cfg.study.name
+    exists = name in {s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
+    if exists:
+        stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get(CONFIG_ATTR)
+        if stored is not None:
+            _check_same_definition(cfg, stored)
+    return exists
+
+
+def _holds_secret(stored: dict) -> bool:
+    text = json.dumps(stored)
+    return storage_mod.mask(text) != text
 
 
 def _check_same_definition(cfg: StudyConfig, stored: dict) -> None:
@@ -117,6 +154,7 @@ class Hooks:
     """Progress callbacks for a worker; all optional."""
 
     on_trial_start: Callable[[int], None] | None = None
+    on_trial_begin: Callable[[optuna.Trial], None] | None = None  # the trial, just before its objective runs
     on_epoch: Callable[[optuna.Trial, EpochMetrics], None] | None = None
     on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None
 
@@ -142,21 +180,31 @@ _SIGNALLED: list[int] = []
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM (docker stop, kill) ends the running trial the way Ctrl-C does."""
+    """SIGTERM (docker stop, kill) ends the running trial the way Ctrl-C does; a second signal
+    ends the process at once (its trial is then retried by the stale check, like a killed one)."""
 
     def handler(signum: int, frame: object) -> None:
-        first = not _SIGNALLED
         _SIGNALLED.append(signum)
-        if first:  # later signals must not cut short the hand-back of the running trial
-            raise KeyboardInterrupt
+        if len(_SIGNALLED) > 1:
+            os.write(2, f"second {signal.Signals(signum).name}: stopping now\n".encode())
+            os._exit(128 + signum)
+        raise KeyboardInterrupt
 
+    _SIGNALLED.clear()
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
 
 
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if a signal came: its own may have been swallowed (e.g. raised
+    inside a cleanup callback that ignores exceptions), so the loop checks at every step."""
+    if _SIGNALLED:
+        raise KeyboardInterrupt
+
+
 def interrupt_exit_code() -> int:
     """128 + the signal that stopped the worker (130 for Ctrl-C, 143 for SIGTERM)."""
-    return 128 + (_SIGNALLED[-1] if _SIGNALLED else signal.SIGINT)
+    return 128 + (_SIGNALLED[0] if _SIGNALLED else signal.SIGINT)
 
 
 def _with_env_artifacts(cfg: StudyConfig) -> StudyConfig:
@@ -171,8 +219,11 @@ def run_worker(
     workers: int = 1,
     hooks: Hooks | None = None,
     stats: WorkerStats | None = None,
+    data: TaskData | None = None,
 ) -> optuna.Study:
     """Run trials until the study holds cfg.study.n_trials of them (shared cap across workers).
+
+    ``data``: the study's task when the caller has read it already (else it is read here).
 
     The cap is exact: workers count and create trials under a storage lock. Retries of trials whose
     worker died are run first. Once the cap is reached the worker stays while other workers' trials
@@ -183,9 +234,20 @@ def run_worker(
     stats = stats if stats is not None else WorkerStats()
     cfg = _with_env_artifacts(cfg)
     torch.set_num_threads(cfg.train.threads or int(os.environ.get(THREADS_ENV_VAR, 0)) or default_threads(workers))
-    data = load_task(cfg.data, cfg.study.seed, data_path=config_mod.resolve_data_path(cfg))
+    if data is None:  # the CLI passes the data it validated before printing anything
+        data = load_study_data(cfg)
+        config_mod.check_patch_len(cfg, data.seq_len)  # a file's length is known only once it is read
     study = open_study(cfg, url, data=data)
-    objective = Objective(cfg, data, artifact_store=storage_mod.artifact_store(cfg), on_epoch=hooks.on_epoch)
+    totals.record(study, cfg.study.n_trials)  # status and progress bars read the total from the study
+
+    def on_epoch(trial: optuna.Trial, m: EpochMetrics) -> None:
+        check_interrupted()
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(trial, m)
+
+    objective = Objective(cfg, data, artifact_store=storage_mod.artifact_store(cfg), on_epoch=on_epoch,
+                          defer_cleanup=True)
+    objective.sweep_checkpoints(study)  # a worker killed after a trial's tell leaves its checkpoint
     run_trials(study, url, cfg.study.n_trials, objective, hooks=hooks, stats=stats)
     return study
 
@@ -210,16 +272,25 @@ class _Loop:
     re-check stale trials, start a heartbeat thread and re-read the trial for every trial: here the
     stale check runs once per heartbeat interval, one thread beats for the worker's whole life, and
     the worker attr and first beat go in one write (:func:`storage_mod.register_trial`).
+
+    An objective may define `trial_ended(trial_number)` (called once the trial's outcome is
+    stored: its checkpoints can go) and `trial_abandoned(study, frozen_trial)` (a failed trial that gets
+    no retry: its checkpoints can go too).
     """
 
     def __init__(self, study: optuna.Study, url: str, n_trials: int, objective: Callable,
                  hooks: Hooks, stats: WorkerStats) -> None:
         self.study, self.url, self.n_trials = study, url, n_trials
         self.objective, self.hooks, self.stats = objective, hooks, stats
+        self.storage = internals.storage_of(study)
         self.current: int | None = None  # number of the trial this worker runs
-        self.lost = False  # the current trial failed because the database went away
-        self.heartbeat = storage_mod.Heartbeat(study._storage)
+        self.packed: list[int] = []  # the other trials it runs with it ([train] pack)
+        self.lost = False  # the current trials were cut off by the database and await hand-back
+        self.lost_cause = ""
+        self.heartbeat = storage_mod.Heartbeat(self.storage)
         self.stale_checked = -float("inf")  # monotonic time of the last stale-trial check
+        self.pack = getattr(objective, "pack", 1)  # trials taken at once (an Objective's run_pack)
+        self.device = placement.device_label(_training_device(objective))
 
     def run(self) -> None:
         with self.heartbeat:
@@ -227,85 +298,119 @@ class _Loop:
 
     def _run(self) -> None:
         down_since: float | None = None
+        tries = 0
         while True:
             try:
+                check_interrupted()
                 step = self._step()
-                down_since = None
             except KeyboardInterrupt:
                 self.heartbeat.beat_for(None)
-                self._hand_back()
+                name = signal.Signals(_SIGNALLED[0]).name if _SIGNALLED else "SIGINT"
+                self._hand_back(cause=f"worker interrupted ({self.stats.worker}, {name})")
                 raise
             except Exception as e:
                 self.heartbeat.beat_for(None)
                 if not storage_mod.is_connection_error(e):
                     raise
-                down_since = down_since or time.monotonic()
+                if self.current is not None:
+                    self.lost = True  # handed back by the next step, once the database answers
+                if down_since is None:
+                    down_since = time.monotonic()
+                    self.stats.reconnects += 1
+                    held = f"; trial {self.current} is handed back once it answers" if self.lost else ""
+                    _log.warning("lost the database: %s; retrying for up to %ds%s",
+                                 storage_mod.describe(e), RECONNECT_SECONDS, held)
                 if time.monotonic() - down_since > RECONNECT_SECONDS:
                     raise StorageError(f"lost the storage {storage_mod.mask(self.url)} for "
-                                       f"{RECONNECT_SECONDS}s: {storage_mod.mask(str(e).splitlines()[0])}") from None
-                self.stats.reconnects += 1
-                _log.warning("storage unreachable, retrying: %s", storage_mod.mask(str(e).splitlines()[0]))
-                time.sleep(min(10.0, 2.0 ** min(self.stats.reconnects, 4) / 4))
-                self.lost = self.current is not None  # a trial cut off mid-way is handed back next step
+                                       f"{RECONNECT_SECONDS}s: {storage_mod.describe(e)}") from None
+                if self.lost:
+                    self.lost_cause = f"storage lost mid-trial ({fail_cause(_root(e))}); retried"
+                tries += 1
+                time.sleep(min(5.0, 2.0 ** min(tries, 4) / 8))
                 continue
+            if down_since is not None:
+                _log.warning("database back after %.0fs", time.monotonic() - down_since)
+                down_since, tries = None, 0
             if step == "done":
                 return
             if step == "wait":
                 time.sleep(POLL_SECONDS)
 
-    def _fail_stale(self, *, always: bool) -> None:
+    def _fail_stale(self, conn: sqlalchemy.Connection | None, *, always: bool) -> None:
         # A dead worker's trial is failed (and its retry queued) GRACE_SECONDS after its last beat;
         # checking more often than once per beat interval finds nothing sooner.
         interval = self.heartbeat.interval
         if interval is None or (not always and time.monotonic() - self.stale_checked < interval):
             return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(self.study)
+        failed = storage_mod.fail_stale(self.study, conn, on_exhausted=getattr(self.objective, "trial_abandoned", None))
+        if failed:
+            _log.warning("failed trial %s: its worker was lost (retried up to %d times)", ", ".join(map(str, failed)),
+                         storage_mod.MAX_RETRY)
         self.stale_checked = time.monotonic()
 
     def _step(self) -> str:
         self._hand_back_if_lost()
         study = self.study
-        with storage_mod.cap_lock(study._storage, self.url, study.study_name) as conn:
-            self._fail_stale(always=False)
+        with storage_mod.cap_lock(self.storage, self.url, study.study_name) as conn:
+            self._fail_stale(conn, always=False)
             counted, waiting = _count_and_waiting(study, conn)
             if counted >= self.n_trials and not waiting:
                 # the cap is met unless a running trial's worker died: fail those, run their retries
-                self._fail_stale(always=True)
+                self._fail_stale(conn, always=True)
                 counted, waiting = _count_and_waiting(study, conn)
                 if not waiting:
-                    alive = storage_mod.last_heartbeats(study._storage, study)
+                    alive = storage_mod.last_heartbeats(self.storage, study)
                     return "wait" if alive else "done"
             if self.hooks.on_trial_start is not None:
                 self.hooks.on_trial_start(min(counted, self.n_trials))
-            with warnings.catch_warnings():  # Optuna warns that heartbeats expect optimize: this loop beats
-                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
-                trial = study.ask()  # a retry (WAITING) first, else a new trial; exact under the lock
-            self.current = trial.number
-            storage_mod.register_trial(study, trial, self.stats.worker, conn)
-        self.heartbeat.beat_for(trial._trial_id)
+            trials = []
+            # a packing worker takes up to `pack` trials, never more than the cap has left (a waiting
+            # trial, taken first, is counted already)
+            for _ in range(max(1, min(self.pack, self.n_trials - counted + waiting))):
+                with warnings.catch_warnings():  # Optuna warns that heartbeats expect optimize: this loop beats
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+                    trial = study.ask()  # a retry (WAITING) first, else a new trial; exact under the lock
+                trials.append(trial)
+                self.current, self.packed = trials[0].number, [t.number for t in trials[1:]]
+                _pause_for_tests()
+                storage_mod.register_trial(study, trial, self.stats.worker, conn, device=self.device)
+        ids = [internals.trial_id_of(t) for t in trials]
+        self.heartbeat.beat_for(ids[0] if len(ids) == 1 else ids)
         try:
-            told = self._run_trial(trial)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            told = None  # another worker failed our trial as stale (we lost the database too long); it is retried
+            for trial, objective in zip(trials, self._objectives(trials)):
+                try:
+                    told = self._run_trial(trial, objective)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    told = None  # another worker failed our trial as stale (we lost the database too long); it is retried
+                self._release(trial.number)  # told (or failed by another worker): no longer ours to hand back
+                if told is not None:
+                    ended = getattr(self.objective, "trial_ended", None)
+                    if ended is not None:
+                        ended(trial.number)  # its outcome is stored: its checkpoints can go
+                    self.stats.states[told.name] += 1
+                    if self.hooks.on_trial_end is not None:
+                        self.hooks.on_trial_end(study, self.storage.get_trial(internals.trial_id_of(trial)))
         finally:
             self.heartbeat.beat_for(None)
-        if told is not None:
-            self.stats.states[told.name] += 1
-            if self.hooks.on_trial_end is not None:
-                self.hooks.on_trial_end(study, study._storage.get_trial(trial._trial_id))
-        self.current = None
+        self.current, self.packed = None, []
         return "run"
 
-    def _run_trial(self, trial: optuna.Trial) -> TrialState:
+    def _objectives(self, trials: list[optuna.Trial]) -> list[Callable[[optuna.Trial], float]]:
+        """One objective per trial: the objective itself, or for a pack the outcomes of one run_pack."""
+        if len(trials) == 1:
+            return [self.objective]
+        return [lambda trial, outcome=outcome: _replay(outcome) for outcome in self.objective.run_pack(trials)]
+
+    def _run_trial(self, trial: optuna.Trial, objective: Callable[[optuna.Trial], float] | None = None) -> TrialState:
         """Run the objective and tell its outcome, as study.optimize(catch=(Exception,)) would.
 
-        A bad trial is recorded as FAIL with its reason and the worker carries on.
+        A bad trial is recorded as FAIL with its reason (`fail_cause`) and the worker carries on.
         """
-        value, state = None, None
+        value, state, cause = None, None, None
+        if self.hooks.on_trial_begin is not None:
+            self.hooks.on_trial_begin(trial)
         try:
-            value = self.objective(trial)
+            value = (objective or self.objective)(trial)
         except optuna.TrialPruned as e:
             state = TrialState.PRUNED
             _log.info("trial %d pruned. %s", trial.number, e)
@@ -313,77 +418,93 @@ class _Loop:
             if storage_mod.is_connection_error(e):
                 raise  # not counted: the loop hands the trial back for retry once the database answers
             state = TrialState.FAIL
-            _log.warning("trial %d failed with parameters %s: %r", trial.number, trial.params, e, exc_info=True)
-        told, problem = _tell(self.study, trial, value, state)
+            cause = fail_cause(e)
+            # a fault of the machine (full disk) is one line; a bug in a trial shows its traceback
+            _log.warning("trial %d failed with parameters %s: %r", trial.number, trial.params, e,
+                         exc_info=not isinstance(e, ModelNotSaved))
+        told, problem = internals.tell(self.study, trial, value, state)
+        self._release(trial.number)  # its outcome is stored: nothing left to hand back
         if problem:  # e.g. the objective returned NaN: Optuna fails the trial
+            cause = problem
             _log.warning("trial %d failed: %s", trial.number, problem)
+        if told == TrialState.FAIL and cause:
+            storage_mod.write_fail_cause(self.study, internals.trial_id_of(trial), cause)
         return told
 
     def _hand_back_if_lost(self) -> None:
         if self.lost:
-            self._hand_back()
+            self._hand_back(cause=self.lost_cause or f"worker lost its database ({self.stats.worker})")
 
-    def _hand_back(self) -> None:
-        """Fail this worker's unfinished trial and queue its retry (which resumes from its checkpoint)."""
-        number, self.current, self.lost = self.current, None, False
-        if number is None:
-            return
+    def _hand_back(self, *, cause: str) -> None:
+        """Fail this worker's unfinished trials and queue their retries (which resume from their checkpoints).
+
+        A trial stays this worker's until its hand-back is stored: while the database is still
+        away this raises, and the next step tries again.
+        """
+        while self.current is not None:
+            self._hand_back_one(self.current, cause=cause)
+            self._release(self.current)
+        self.lost = False
+
+    def _release(self, number: int) -> None:
+        rest = [n for n in [self.current, *self.packed] if n is not None and n != number]
+        self.current, self.packed = (rest[0] if rest else None), rest[1:]
+
+    def _hand_back_one(self, number: int, *, cause: str) -> None:
         trials = self.study.get_trials(deepcopy=False)
         trial = next((t for t in trials if t.number == number), None)
-        if trial is None or any(number in t.system_attrs.get("retry_history", ()) for t in trials):
-            return
-        if trial.state == TrialState.RUNNING:
+        retried = any(number in t.system_attrs.get("retry_history", ()) for t in trials)
+        if trial is not None and not retried and trial.state == TrialState.RUNNING:
             self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
             trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
-        if trial.state == TrialState.FAIL:
+        # FAIL without a retry: failed here (or by a hand-back the database cut short)
+        if trial is not None and not retried and trial.state == TrialState.FAIL:
             storage_mod.retry_callback()(self.study, trial)
+            if storage_mod.FAIL_CAUSE_ATTR not in trial.user_attrs:
+                storage_mod.write_fail_cause(self.study, internals.trial_id_of(trial), cause)
             self.stats.requeued.append(number)
+            abandoned = getattr(self.objective, "trial_abandoned", None)
+            if abandoned is not None and storage_mod.retries_exhausted(trial):
+                abandoned(self.study, trial)
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, value: object, state: TrialState | None) -> tuple[TrialState, str | None]:
-    """Tell a trial's outcome; (its final state, why a returned value was refused, if it was).
-
-    Optuna's own trial runner tells through `_tell_with_warning`, which does not read the whole
-    trial back afterwards as the public `Study.tell` does; use it while it exists.
-    """
-    if _tell_with_warning is None:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            frozen = study.tell(trial, value, state=state)
-        return frozen.state, (str(caught[0].message) if caught and frozen.state == TrialState.FAIL else None)
-    # positional: the value argument's name differs between Optuna releases
-    out = _tell_with_warning(study, trial, value, state, suppress_warning=True)
-    if isinstance(out, tuple):  # Optuna 5: (state, values, refusal)
-        return out[0], out[2]
-    return out.state, None  # Optuna 4: the finished trial
+def _replay(outcome: float | Exception) -> float:
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
-def _count(trials: list[FrozenTrial]) -> int:
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-    return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
+def _training_device(objective: object) -> str:
+    cfg = getattr(objective, "cfg", None)
+    if cfg is None:
+        return "cpu"
+    from cycle_optuna.errors import ConfigError
+    from cycle_optuna.train import resolve_device
+
+    try:
+        return resolve_device(cfg.train.device).type
+    except ConfigError:  # cuda asked for but absent: each trial fails with the reason, as before
+        return cfg.train.device
 
 
-def _count_and_waiting(study: optuna.Study, conn: sqlalchemy.Connection | None = None) -> tuple[int, bool]:
-    # one lean query on a database (on the cap lock's connection when it has one); the full trial
-    # list elsewhere (journal files)
-    lean = storage_mod.count_trials(study._storage, study, conn)
-    if lean is not None:
-        return lean
-    trials = study.get_trials(deepcopy=False)
-    return _count(trials), any(t.state == TrialState.WAITING for t in trials)
-
-
-def trials_counted(study: optuna.Study) -> int:
-    """Trials toward the study's n_trials cap: all, except failures that were retried."""
-    return _count_and_waiting(study)[0]
+def _pause_for_tests() -> None:
+    """Test hook: $CYCLE_OPTUNA_TEST_PAUSE_AFTER_ASK seconds between creating a trial and
+    registering it, so a test can kill the worker in that window."""
+    pause = os.environ.get("CYCLE_OPTUNA_TEST_PAUSE_AFTER_ASK")
+    if pause:
+        sys.stderr.write("paused after ask\n")
+        sys.stderr.flush()
+        time.sleep(float(pause))
 
 
 def start_local_workers(
-    study_file: str, url: str, workers: int, *, n_trials: int | None, log_prefix: str
+    study_file: str, url: str, workers: int, *, n_trials: int | None, log_prefix: str,
+    gpus: list[str | None] | None = None,
 ) -> list[tuple[subprocess.Popen, str]]:
     """Start `workers` `cycle-optuna worker` processes on one study; (process, log file) pairs.
 
-    The URL travels in the environment, so its password never shows in `ps`.
+    The URL travels in the environment, so its password never shows in `ps`. ``gpus[i]`` puts
+    worker i on that GPU (its CUDA_VISIBLE_DEVICES; see placement.plan); None leaves it as is.
     """
     env = {**os.environ, storage_mod.ENV_VAR: url, THREADS_ENV_VAR: str(default_threads(workers))}
     args = [sys.executable, "-m", "cycle_optuna.cli", "worker", str(study_file)]
@@ -394,5 +515,9 @@ def start_local_workers(
     for i in range(workers):
         log = f"{log_prefix}-worker-{i + 1}.log"
         with open(log, "w") as f:
-            procs.append((subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT), log))
+            own = {**env, **placement.worker_env(gpus[i] if gpus else None)}
+            # own session: a Ctrl-C at the terminal reaches only the parent, which stops each worker
+            # with one SIGTERM (a second signal would stop a worker at once, before its hand-back)
+            procs.append((subprocess.Popen(args, env=own, stdout=f, stderr=subprocess.STDOUT,
+                                           start_new_session=True), log))
     return procs

@@ -82,3 +82,206 @@ def test_interrupted_worker_hands_its_trial_back(tmp_path: Path, pg_url: str, si
     assert rc == 0, out
     done = trials(pg_url)[1]
     assert done.state == TrialState.COMPLETE and done.user_attrs[RESUMED_ATTR].startswith(f"trial {hit.number}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults in the window between creating a trial and its first heartbeat, swallowed signals,
+# database outages, a full artifact store: each with real worker processes.
+# ---------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from cycle_optuna import storage  # noqa: E402
+from workers_helpers import ROOT, worker_env  # noqa: E402,F401
+
+# The real CLI after `prelude` (Python run in the worker process first: a fault to inject).
+_WITH = "import sys\n{prelude}\nfrom cycle_optuna.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
+def _start(args: list[str], log: Path, *, prelude: str = "", **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _WITH.format(prelude=prelude), *args], env=worker_env(**env),
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+
+
+def _log_says(log: Path, words: str):
+    return lambda: words in log.read_text()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'tiny.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
+
+def _checkpoint_files(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "tiny-artifacts").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_worker_stopped_between_creating_a_trial_and_its_first_beat_leaves_no_stuck_trial(
+        tmp_path: Path, url: str, sig):
+    study = write_study(tmp_path, n_trials=2, epochs=1)
+    log = tmp_path / "victim.log"
+    victim = _start(["worker", str(study), "--storage", url], log, CYCLE_OPTUNA_TEST_PAUSE_AFTER_ASK="60")
+    wait_for(_log_says(log, "paused after ask"), 90, "the worker to create a trial")
+    (orphan,) = trials(url)
+    assert orphan.state == TrialState.RUNNING and storage.WORKER_ATTR not in orphan.user_attrs  # no beat yet
+    victim.send_signal(sig)
+    victim.wait(timeout=60)
+    rescuer = start_cli(["worker", str(study), "--storage", url])
+    code, out = _finish(rescuer)
+    assert code == 0, out
+    ts = trials(url)
+    assert not [t for t in ts if t.state in (TrialState.RUNNING, TrialState.WAITING)], [t.state for t in ts]
+    assert sum(t.state == TrialState.COMPLETE for t in ts) == 2  # the cap, with the orphan's slot retried
+    first = ts[0]
+    assert first.state == TrialState.FAIL
+    if sig == signal.SIGKILL:  # found by the sweep
+        assert first.user_attrs["fail_cause"].startswith("worker lost (")
+        assert "last heartbeat 20" in first.user_attrs["fail_cause"]
+    else:  # handed back by the worker itself
+        assert victim.returncode == 143, log.read_text()
+        assert first.user_attrs["fail_cause"].startswith("worker interrupted (")
+    assert any(t.system_attrs.get("failed_trial") == first.number for t in ts)
+
+
+_SWALLOW = (
+    # a cleanup callback that swallows the interrupt raised in it (as SQLAlchemy's may), then hangs
+    "import time, cycle_optuna.objective as o\n"
+    "save = o.TrialCheckpoints.save\n"
+    "def swallowing(self, epoch, state):\n"
+    "    save(self, epoch, state)\n"
+    "    try:\n"
+    "        print('checkpoint', epoch, flush=True); time.sleep(1.0)\n"
+    "    except KeyboardInterrupt:\n"
+    "        print('swallowed', flush=True)\n"
+    "        {after}\n"
+    "o.TrialCheckpoints.save = swallowing\n"
+)
+
+
+def test_a_swallowed_sigterm_still_stops_the_worker(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = write_study(tmp_path, n_trials=3, epochs=6)
+    log = tmp_path / "w.log"
+    proc = _start(["worker", str(study)], log, prelude=_SWALLOW.format(after="pass"))
+    wait_for(_log_says(log, "checkpoint 1"), 90, "a trial under way")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, log.read_text()
+    text = log.read_text()
+    assert "swallowed" in text and "handed back trial 0" in text
+    assert [t.state for t in trials(url)] == [TrialState.FAIL, TrialState.WAITING]  # not the whole study
+
+
+def test_a_second_signal_stops_the_worker_at_once(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = write_study(tmp_path, n_trials=1, epochs=6)
+    log = tmp_path / "w.log"
+    proc = _start(["worker", str(study)], log, prelude=_SWALLOW.format(after="time.sleep(600)"))
+    wait_for(_log_says(log, "checkpoint 1"), 90, "a trial under way")
+    proc.send_signal(signal.SIGTERM)
+    wait_for(_log_says(log, "swallowed"), 30, "the first signal")  # now stuck in the cleanup
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    assert "second SIGINT: stopping now" in log.read_text()
+    # the trial it left running is recovered like a killed worker's
+    code, out = _finish(start_cli(["worker", str(study)]))
+    assert code == 0, out
+    assert [t.state for t in trials(url)] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+def test_a_kill_before_the_result_is_stored_keeps_the_checkpoint_for_the_retry(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = write_study(tmp_path, n_trials=1, epochs=3)
+    log = tmp_path / "w.log"
+    die_at_tell = "import os, cycle_optuna.optuna_internals as i\ni.tell = lambda *a, **k: os._exit(9)\n"
+    assert _start(["worker", str(study)], log, prelude=die_at_tell).wait(timeout=120) == 9, log.read_text()
+    code, out = _finish(start_cli(["worker", str(study)]))
+    assert code == 0, out
+    dead, retry = trials(url)
+    assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
+    assert retry.user_attrs[RESUMED_ATTR] == "trial 0 epoch 3"  # trained, not from scratch
+    assert not _checkpoint_files(tmp_path)
+
+
+def test_a_trial_out_of_retries_leaves_no_checkpoint(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = write_study(tmp_path, n_trials=1, epochs=3)
+    no_retries = "import cycle_optuna.storage as s\ns.MAX_RETRY = 0\n"
+    die = no_retries + _SWALLOW.format(after="pass").replace("time.sleep(1.0)", "import os; os._exit(9)")
+    log = tmp_path / "w.log"
+    assert _start(["worker", str(study)], log, prelude=die).wait(timeout=120) == 9, log.read_text()
+    assert _checkpoint_files(tmp_path)  # the dead trial's checkpoint is there
+    assert _start(["worker", str(study)], tmp_path / "r.log", prelude=no_retries).wait(timeout=120) == 0
+    (dead,) = trials(url)
+    assert dead.state == TrialState.FAIL and dead.user_attrs["fail_cause"].startswith("worker lost (")
+    assert not _checkpoint_files(tmp_path)
+    assert not list((tmp_path / "tiny-artifacts").iterdir())
+
+
+_FULL_DISK = (
+    # the artifact store's disk is full: a file is created, then writing into it fails
+    "import errno, cycle_optuna.storage as s\n"
+    "def full(src, dst, *a, **k):\n"
+    "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+    "s.shutil.copyfileobj = full\n"
+)
+
+
+def test_a_full_artifact_store_loses_no_best_model_and_leaves_no_file(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = write_study(tmp_path, n_trials=2, epochs=2)
+    log = tmp_path / "w.log"
+    assert _start(["worker", str(study)], log, prelude=_FULL_DISK).wait(timeout=180) == 0, log.read_text()
+    text = log.read_text()
+    ts = trials(url)
+    # a new best whose model cannot be stored does not complete as a best without a model
+    assert [t.state for t in ts] == [TrialState.FAIL, TrialState.FAIL]
+    for t in ts:
+        assert t.user_attrs["fail_cause"].startswith("ModelNotSaved: model of trial")
+        assert "No space left on device" in t.user_attrs["fail_cause"] and "unsaved_val_loss" in t.user_attrs
+        assert f"trial {t.number}: epoch checkpoint not saved: No space left on device" in text
+    assert "Traceback" not in text  # each fault is one line
+    assert not list((tmp_path / "tiny-artifacts").iterdir())  # no empty or partial file
+    rc = subprocess.run([sys.executable, "-m", "cycle_optuna.cli", "best", str(study), "--no-test"],
+                        env=worker_env(), capture_output=True, text=True)
+    assert rc.returncode == 2
+
+
+def test_a_database_outage_is_one_line_and_the_cut_off_trial_is_handed_back_by_its_worker(
+        tmp_path: Path, pg_url: str):
+    study = write_study(tmp_path, n_trials=3, epochs=8)
+    logs = [tmp_path / f"w{i}.log" for i in range(2)]
+    # a grace period far longer than the test: only a worker's own hand-back can retry a trial
+    procs = [start_cli(["worker", str(study), "--storage", pg_url], pause=0.3, log=log,
+                       env=worker_env(CYCLE_OPTUNA_GRACE_SECONDS="600")) for log in logs]
+    wait_for(lambda: _running_with_checkpoint(pg_url), 120, "a trial under way")
+    cluster = next(Path("/etc/postgresql").iterdir()).name
+    ctl = ["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main"]
+    subprocess.run([*ctl, "stop", "-m", "fast"], check=True, timeout=60, capture_output=True)
+    try:
+        wait_for(lambda: any("lost the database" in log.read_text() for log in logs), 60, "a worker to notice")
+    finally:
+        subprocess.run([*ctl, "start"], check=True, timeout=60, capture_output=True)
+    assert [p.wait(timeout=240) for p in procs] == [0, 0], [log.read_text() for log in logs]
+    text = "".join(log.read_text() for log in logs)
+    assert "exceeding max length" not in text and "Traceback" not in text
+    assert "database back after" in text
+    ts = trials(pg_url)
+    assert not [t for t in ts if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert sum(t.state == TrialState.COMPLETE for t in ts) == 3
+    failed = [t for t in ts if t.state == TrialState.FAIL]
+    assert failed and all(t.user_attrs["fail_cause"].startswith("storage lost mid-trial (") for t in failed)
+
+
+def test_a_kill_after_the_result_is_stored_leaves_no_checkpoint_behind(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = write_study(tmp_path, n_trials=2, epochs=2)
+    die_after_tell = "import os, cycle_optuna.objective as o\no.Objective.trial_ended = lambda self, n: os._exit(9)\n"
+    assert _start(["worker", str(study)], tmp_path / "w.log", prelude=die_after_tell).wait(timeout=120) == 9
+    assert [t.state for t in trials(url)] == [TrialState.COMPLETE]
+    assert _checkpoint_files(tmp_path)  # its checkpoint outlived it
+    code, out = _finish(start_cli(["worker", str(study)]))
+    assert code == 0, out
+    assert [t.state for t in trials(url)] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert not _checkpoint_files(tmp_path)

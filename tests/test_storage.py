@@ -66,22 +66,93 @@ def _ask(study: optuna.Study) -> optuna.Trial:
         return study.ask()
 
 
-def test_a_registered_trial_is_failed_and_retried_even_if_its_worker_never_beat(any_url: str, monkeypatch):
+def test_a_trial_whose_worker_died_before_or_after_its_first_beat_is_failed_and_retried(any_url: str, monkeypatch):
     _fast_beats(monkeypatch)
     st = storage.open_storage(any_url)
     study = optuna.create_study(study_name="beat", storage=st)
     registered = _ask(study)
     storage.register_trial(study, registered, "deadhost:1")  # then the worker is killed
-    bare = _ask(study)  # a trial nobody registered has no beat, so nothing can find it stale
-    assert set(storage.last_heartbeats(st, study)) == {registered.number}
+    bare = _ask(study)  # killed before registering: no beat, which Optuna's own check never fails
+    assert storage.fail_stale(study) == []  # too early: the bare trial is adopted (given a beat)
+    assert set(storage.last_heartbeats(st, study)) == {registered.number, bare.number}
     time.sleep(3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optuna.storages.fail_stale_trials(study)
+    assert sorted(storage.fail_stale(study)) == [registered.number, bare.number]
     trials = study.get_trials()
-    assert trials[registered.number].state == TrialState.FAIL
-    assert trials[bare.number].state == TrialState.RUNNING
-    assert trials[-1].state == TrialState.WAITING and trials[-1].user_attrs[storage.WORKER_ATTR] == "deadhost:1"
+    assert trials[registered.number].state == trials[bare.number].state == TrialState.FAIL
+    cause = trials[registered.number].user_attrs["fail_cause"]
+    assert cause.startswith("worker lost (deadhost:1, last heartbeat 20"), cause
+    assert trials[bare.number].user_attrs["fail_cause"].startswith("worker lost (?, last heartbeat ")
+    retries = [t for t in trials if t.state == TrialState.WAITING]
+    assert sorted(t.system_attrs["failed_trial"] for t in retries) == [registered.number, bare.number]
+    assert all("fail_cause" not in t.user_attrs for t in retries)  # a retry does not inherit the cause
+    assert storage.fail_stale(study) == []  # each only once
+
+
+def test_a_trial_out_of_retries_is_handed_to_on_exhausted(tmp_path: Path, monkeypatch):
+    _fast_beats(monkeypatch)
+    monkeypatch.setattr(storage, "MAX_RETRY", 0)
+    study = optuna.create_study(study_name="beat", storage=storage.open_storage(f"sqlite:///{tmp_path / 'x.db'}"))
+    storage.register_trial(study, _ask(study), "deadhost:1")
+    time.sleep(3)
+    gone = []
+    assert storage.fail_stale(study, on_exhausted=lambda s, t: gone.append(t.number)) == [0]
+    assert gone == [0] and [t.state for t in study.get_trials()] == [TrialState.FAIL]
+
+
+@pytest.mark.parametrize("text, secret", [
+    ("postgresql+psycopg://alice:s3cret@db:5432/optuna", "s3cret"),
+    ("postgresql+psycopg://alice:s3c@r:et@db/optuna", "s3c@r:et"),  # '@' and ':' inside the password
+    ("postgresql+psycopg://alice:p/w@db/optuna", "p/w"),
+    ("postgresql+psycopg://alice@db/optuna?sslmode=require&password=s3cret", "s3cret"),
+    ("cannot open 'mysql+pymysql://bob:s3cret@h:1/x': refused", "s3cret"),
+    ("host=db user=alice password=s3cret dbname=x", "s3cret"),
+    ("postgresql://:s3cret@db/x", "s3cret"),
+])
+def test_mask_hides_passwords_in_every_form(text: str, secret: str):
+    masked = storage.mask(text)
+    assert secret not in masked and "***" in masked
+    assert "alice" in masked or "bob" in masked or "://:" in masked  # the user stays, to tell URLs apart
+
+
+def test_mask_keeps_urls_without_a_password():
+    for text in ("sqlite:///studies/a@b.db", "postgresql+psycopg://alice@db/x", "journal:///x.log"):
+        assert storage.mask(text) == text
+
+
+def test_a_password_in_the_study_file_is_never_stored_on_the_study(tmp_path: Path, pg_url: str):
+    """The study's stored config is served by the dashboard: its storage URL has no password."""
+    import urllib.request
+
+    from cycle_optuna import dashboard
+
+    secret_url = pg_url.replace("postgres@", "postgres:s3cret@")  # trust auth ignores the password
+    study = write_study(tmp_path, n_trials=1)
+    study.write_text(study.read_text().replace("[study]\n", f'[study]\nstorage = "{secret_url}"\n'))
+    assert main(["worker", str(study)]) == 0
+    stored = optuna.load_study(study_name="tiny", storage=pg_url)
+    assert "s3cret" not in str(stored.user_attrs) and "s3cret" not in str([t.user_attrs for t in stored.trials])
+    assert stored.user_attrs["cycle_optuna_config"]["study"]["storage"].startswith("postgresql+psycopg://postgres:***@")
+    dash = dashboard.make_dashboard(study, port=0)
+    dash.start()
+    try:
+        sid = optuna.load_study(study_name="tiny", storage=pg_url)._study_id
+        with urllib.request.urlopen(f"http://127.0.0.1:{dash.port}/api/studies/{sid}", timeout=10) as r:
+            served = r.read().decode()
+    finally:
+        dash.close()
+    assert "cycle_optuna_config" in served and "s3cret" not in served
+
+
+def test_a_study_stored_with_a_password_by_an_older_release_is_scrubbed(tmp_path: Path):
+    from cycle_optuna import config, worker
+
+    cfg = config.load(write_study(tmp_path, n_trials=1))
+    url = storage.resolve_url(cfg)
+    old = optuna.create_study(study_name="tiny", storage=url)
+    leaked = {**cfg.to_dict(), "study": {**cfg.to_dict()["study"], "storage": "postgresql://u:s3cret@h/db"}}
+    old.set_user_attr(worker.CONFIG_ATTR, leaked)
+    study = worker.open_study(cfg, url)
+    assert "s3cret" not in str(study.user_attrs)
 
 
 def test_the_heartbeat_thread_beats_only_for_the_running_trial(tmp_path: Path, monkeypatch):

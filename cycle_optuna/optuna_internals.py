@@ -1,0 +1,79 @@
+"""Every use of Optuna's private API, in one place.
+
+Each function here leans on something Optuna does not promise to keep; tests/test_optuna_internals.py
+exercises every one against the installed release, so an Optuna upgrade that changes one fails there,
+by name, instead of somewhere inside a worker.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import optuna
+import sqlalchemy
+from optuna.storages import BaseStorage
+from optuna.storages._rdb import models as _models
+from optuna.study._tell import _tell_with_warning
+from optuna.trial import TrialState
+
+
+def storage_of(study: optuna.Study) -> BaseStorage:
+    """The storage a study reads and writes through (`Study._storage`)."""
+    return study._storage
+
+
+def backend_of(storage: BaseStorage) -> BaseStorage:
+    """The storage under Optuna's private caching wrapper (`_CachedStorage._backend`), if any."""
+    return getattr(storage, "_backend", storage)
+
+
+def study_id_of(study: optuna.Study) -> int:
+    """The study's row id in its storage (`Study._study_id`)."""
+    return study._study_id
+
+
+def trial_id_of(trial: optuna.Trial) -> int:
+    """The trial's row id in its storage (`Trial._trial_id`)."""
+    return trial._trial_id
+
+
+def insert_heartbeat(conn: sqlalchemy.Connection, trial_id: int) -> None:
+    """One INSERT into Optuna's heartbeat table (the database's clock stamps it, as Optuna's does)."""
+    conn.execute(_models.TrialHeartbeatModel.__table__.insert(), {"trial_id": trial_id})
+
+
+def insert_user_attr(conn: sqlalchemy.Connection, trial_id: int, key: str, value: Any) -> None:
+    """One INSERT into Optuna's trial user attr table; it also works on a finished trial."""
+    conn.execute(_models.TrialUserAttributeModel.__table__.insert(),
+                 {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)})
+
+
+def trial_states_and_retries(conn: sqlalchemy.Connection, study_id: int) -> list[tuple[int, str, str | None]]:
+    """(number, state name, retry_history JSON or None) of every trial, read from Optuna's tables."""
+    sql = sqlalchemy.text(
+        "SELECT t.number, t.state, a.value_json FROM trials t LEFT OUTER JOIN trial_system_attributes a "
+        "ON a.trial_id = t.trial_id AND a.key = 'retry_history' WHERE t.study_id = :sid"
+    )
+    return [tuple(row) for row in conn.execute(sql, {"sid": study_id}).all()]
+
+
+def running_trials_and_beats(conn: sqlalchemy.Connection, study_id: int) -> list[tuple[int, int, Any]]:
+    """(trial id, number, last heartbeat or None) of every RUNNING trial, from Optuna's tables."""
+    sql = sqlalchemy.text(
+        "SELECT t.trial_id, t.number, h.heartbeat FROM trials t LEFT OUTER JOIN trial_heartbeats h "
+        "ON h.trial_id = t.trial_id WHERE t.study_id = :sid AND t.state = 'RUNNING'"
+    )
+    return [tuple(row) for row in conn.execute(sql, {"sid": study_id}).all()]
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, value: object,
+         state: TrialState | None) -> tuple[TrialState, str | None]:
+    """Tell a trial's outcome: (its final state, why a returned value was refused, if it was).
+
+    Optuna's own trial runner tells through `_tell_with_warning`, which does not read the whole
+    trial back afterwards as the public `Study.tell` does.
+    """
+    # positional: the value argument's name differs between Optuna releases
+    final, _values, refusal = _tell_with_warning(study, trial, value, state, suppress_warning=True)
+    return final, refusal

@@ -1,0 +1,75 @@
+"""A command's inputs checked before it prints or writes anything: one clear error, nothing created.
+
+The CLI calls these first, so a bad study file, data file, storage or artifact directory is one
+line and exit 2, with no banner, no progress bar, no database file and no directory left behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cycle_optuna import config as config_mod
+from cycle_optuna import storage as storage_mod
+from cycle_optuna.config import StudyConfig
+from cycle_optuna.errors import ConfigError, StorageError
+
+if TYPE_CHECKING:  # data imports torch: read-only commands never need it
+    from cycle_optuna.data import TaskData
+
+
+def check_writable_dir(path: Path, *, what: str) -> None:
+    """`path` is a directory this process can write, or can be created as one; creates nothing."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StorageError(f"cannot write {path}: read-only ({existing} is not writable)")
+
+
+def check_storage_location(url: str, *, create: bool) -> None:
+    """A SQLite or journal file: its directory exists (writable, to create it), or for a reader
+    the file itself exists. Server URLs are checked when opened."""
+    path = storage_mod.sqlite_path(url)
+    if path is None and url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:").removeprefix("//") or ".")
+    if path is not None:
+        storage_mod.check_file_location(url, path, create=create)
+
+
+def artifact_dir(cfg: StudyConfig) -> Path:
+    """The artifact directory the workers use ($CYCLE_OPTUNA_ARTIFACT_DIR over the study file)."""
+    env = os.environ.get(storage_mod.ARTIFACTS_ENV_VAR)
+    return Path(env) if env else config_mod.resolve_artifact_dir(cfg)
+
+
+def for_run(cfg: StudyConfig, url: str) -> TaskData:
+    """Everything `run`/`worker` needs, checked in order of cost; the loaded data, to reuse.
+
+    The storage is opened last (for a new SQLite file, that creates it): after it nothing but
+    a study created with a different trial definition can be refused, and that writes nothing.
+    """
+    from cycle_optuna import worker
+
+    where = f"{cfg.path}: " if cfg.path else ""
+    check_writable_dir(artifact_dir(cfg), what=f"{where}study.artifact_dir")
+    check_storage_location(url, create=True)
+    from cycle_optuna.data import load_study_data
+
+    data = load_study_data(cfg)  # with its test file, when [data] test_source names one
+    config_mod.check_patch_len(cfg, data.seq_len)  # a file's length is known only once it is read
+    worker.check_joinable(cfg, storage_mod.open_storage(url), url)
+    return data
+
+
+def for_read(url: str) -> None:
+    """`status`, `best`, `report`: the storage must already hold something to read."""
+    check_storage_location(url, create=False)
+
+
+def for_report(out_dir: Path) -> None:
+    """`report`: its output directory can be written (or created)."""
+    check_writable_dir(out_dir, what="report output directory")
