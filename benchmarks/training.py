@@ -96,7 +96,9 @@ def timed(fn, data, hp, cfg, device) -> float:
 
 def bench(name: str, hp: Hyperparams, dcfg: DataConfig, device: torch.device, args) -> dict:
     data = load_task(dcfg, 0)
-    base = TrainConfig(epochs=args.epochs, early_stopping_patience=0, device=device.type, threads=args.threads)
+    # one pass over the training split per epoch on both sides (min_epoch_samples would repeat a small one)
+    base = TrainConfig(epochs=args.epochs, early_stopping_patience=0, device=device.type, threads=args.threads,
+                       min_epoch_samples=0)
     variants = {"minimal": (minimal_loop, base), "project": (project_loop, base)}
     compile_s = None
     if args.compile == "all" or (args.compile == "baseline" and name == "baseline"):

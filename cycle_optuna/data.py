@@ -1,19 +1,29 @@
-"""Tasks: the built-in synthetic task, .npz/.csv loaders, stratified splits, normalisation stats.
+"""Tasks: the built-in synthetic task, .npz/.csv/.ts loaders, stratified splits, normalisation stats.
 
-File formats
-------------
-``.npz``: arrays ``X`` (numeric, [N, T, F]: N sequences of T steps with F features) and ``y``
-(integer class labels 0..K-1, [N]). Float labels are accepted when every value is integral.
+File formats (docs/data.md has the details)
+------------------------------------------
+``.npz``: arrays ``X`` (numeric, [N, T, F]: N sequences of T steps with F features), ``y``
+(integer class labels 0..K-1, [N]) and optionally ``lengths`` (int, [N], 1..T): steps of sequence
+i from ``lengths[i]`` on are padding. Float labels are accepted when every value is integral.
 
 ``.csv``: long format, one row per time step, with a header row. Column ``data.sample_column``
 holds the sequence id: rows sharing an id form one sequence, in file order (sequences are ordered
 by the first appearance of their id). Column ``data.label_column`` holds the sequence's class
-(an integer 0..K-1, constant within a sequence). Every other column is a numeric feature. Every
-sequence must have the same number of rows.
+(an integer 0..K-1, constant within a sequence). Every other column is a numeric feature.
+Sequences may differ in length.
 
-Both formats: K is inferred from the labels, every class 0..K-1 must occur, values must be finite.
-The split is stratified and depends only on the labels and the seed, and the normalisation
-statistics are computed on the training split only, so validation and test rows never leak.
+``.ts``: the UCR/UEA archive format (univariate or multivariate, equal or unequal length, ``?``
+for missing values); class labels are names, mapped to 0..K-1 by the training file's
+``@classLabel`` list (numeric order when every name is a number).
+
+Missing data: NaN in X is a missing value (inf is an error). Shorter sequences are padded with NaN
+at the end, so a step whose features are all NaN is padding or missing and the model masks it;
+after normalisation a NaN in a step that has other observed features is filled with 0 (the
+training mean). Every sequence needs at least one observed value, every class 0..K-1 must occur.
+
+The split is stratified and depends only on the labels and the seed; with ``data.test_source`` the
+test split is that file and validation is carved from the training file only. Normalisation
+statistics come from the training split only (NaN ignored), so validation and test rows never leak.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cycle_optuna.config import DataConfig
+from cycle_optuna.config import DataConfig, StudyConfig, resolve_data_path, resolve_test_path
 from cycle_optuna.errors import DataError
 
 # Synthetic task constants (see docs/task.md); tuned so that the default task is learnable but
@@ -52,6 +62,7 @@ class TaskData:
     mean: np.ndarray  # float32 [F], train split only
     std: np.ndarray  # float32 [F], train split only, tiny stds floored to 1
     n_classes: int
+    class_names: tuple[str, ...] = ()  # the file's label for each class index; () for the synthetic task
 
     @property
     def n_features(self) -> int:
@@ -69,6 +80,7 @@ class TaskData:
             "n_features": self.n_features,
             "seq_len": self.seq_len,
             "n_classes": self.n_classes,
+            **({"class_names": list(self.class_names)} if self.class_names else {}),
             "n_train": int(self.y_train.shape[0]),
             "n_val": int(self.y_val.shape[0]),
             "n_test": int(self.y_test.shape[0]),
@@ -185,7 +197,7 @@ def _fail(path: Path, problem: str) -> DataError:
 
 
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Raw X, y from an .npz file holding arrays ``X`` and ``y``."""
+    """Raw X, y from an .npz file holding arrays ``X``, ``y`` and optionally ``lengths`` (applied as NaN padding)."""
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("X", "y") if k not in f.files]
@@ -193,17 +205,41 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 raise _fail(path, f"missing array(s) {', '.join(missing)} (found: {', '.join(f.files) or 'none'}); "
                             "expected X [N, T, F] and y [N]")
             x, y = f["X"], f["y"]
+            lengths = f["lengths"] if "lengths" in f.files else None
     except DataError:
         raise
     except FileNotFoundError:
         raise _fail(path, "data file not found") from None
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise _fail(path, f"not a readable .npz file ({e})") from e
+    if lengths is not None:
+        x = _apply_lengths(path, x, lengths)
     return x, y
 
 
+def _apply_lengths(path: Path, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """X with every step at or beyond its sequence's length set to NaN (padding)."""
+    if x.ndim != 3 or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        return x  # check_arrays names the problem with X itself
+    lengths = np.asarray(lengths)
+    if lengths.ndim != 1 or len(lengths) != len(x):
+        raise _fail(path, f"lengths must be 1-D with len N={len(x)}, got shape {list(lengths.shape)}")
+    if not np.issubdtype(lengths.dtype, np.integer):
+        if not np.issubdtype(lengths.dtype, np.floating) or not np.isfinite(lengths).all() \
+                or (lengths != np.round(lengths)).any():
+            raise _fail(path, f"lengths must hold integers, got dtype {lengths.dtype}")
+    t = x.shape[1]
+    bad = np.flatnonzero((lengths < 1) | (lengths > t))
+    if len(bad):
+        i = int(bad[0])
+        raise _fail(path, f"lengths[{i}] = {lengths[i]:g} is out of range 1..{t} (the steps of X)")
+    x = x.astype(np.float32)
+    x[np.arange(t)[None, :] >= lengths.astype(np.int64)[:, None]] = np.nan
+    return x
+
+
 def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Raw X, y from a long-format .csv file (see the module docstring)."""
+    """Raw X, y from a long-format .csv file (see the module docstring); shorter sequences NaN-padded."""
     try:
         f = open(path, newline="")
     except FileNotFoundError:
@@ -240,34 +276,157 @@ def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
                             "the label must be constant within a sequence")
             labels[sid] = label
             try:
-                seqs.setdefault(sid, []).append([float(row[i]) for i in feat_idx])
+                seqs.setdefault(sid, []).append([_csv_float(row[i]) for i in feat_idx])
             except ValueError:
                 bad = next(i for i in feat_idx if not _is_float(row[i]))
                 raise _fail(path, f"line {line}: column '{header[bad]}' value {row[bad]!r} is not a number") from None
     if not seqs:
         raise _fail(path, "no data rows")
-    lengths = {len(s) for s in seqs.values()}
-    if len(lengths) > 1:
-        counts = {sid: len(s) for sid, s in seqs.items()}
-        short = min(counts, key=counts.get)
-        long = max(counts, key=counts.get)
-        raise _fail(path, f"ragged sequences: every sample needs the same number of rows, but sample {short!r} "
-                    f"has {counts[short]} and sample {long!r} has {counts[long]}")
-    x = np.asarray(list(seqs.values()), dtype=np.float64)
+    x = _pad([np.asarray(s, dtype=np.float64) for s in seqs.values()])
     y = np.asarray([labels[sid] for sid in seqs])
     return x, y
 
 
+def _csv_float(s: str) -> float:
+    # an empty cell is a missing value, like NaN
+    return math.nan if not s.strip() else float(s)
+
+
 def _is_float(s: str) -> bool:
     try:
-        float(s)
+        _csv_float(s)
         return True
     except ValueError:
         return False
 
 
+def _pad(seqs: list[np.ndarray], length: int | None = None) -> np.ndarray:
+    """[T_i, F] arrays -> [N, T, F] float32, shorter ones padded at the end with NaN."""
+    t = length or max(len(s) for s in seqs)
+    out = np.full((len(seqs), t, seqs[0].shape[1]), np.nan, dtype=np.float32)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = s
+    return out
+
+
+# .ts header keys (lower case: the archives spell them in either case) and what each holds
+_TS_FLAGS = ("timestamps", "missing", "univariate", "equallength")
+_TS_KEYS = ("problemname", *_TS_FLAGS, "dimensions", "serieslength", "classlabel", "targetlabel", "data")
+_TS_SPELLING = ("@problemName", "@timeStamps", "@missing", "@univariate", "@equalLength", "@dimensions",
+                "@seriesLength", "@classLabel", "@targetLabel", "@data")
+
+
+def load_ts(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
+    """Raw X (NaN for '?' and padding), the label of each sequence and the declared labels of a .ts file."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise _fail(path, "data file not found") from None
+    except OSError as e:
+        raise _fail(path, f"cannot read data file: {e.strerror}") from e
+    head: dict[str, Any] = {}
+    seqs: list[np.ndarray] = []
+    labels: list[str] = []
+    in_data = False
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not in_data:
+            if not line.startswith("@"):
+                raise _fail(path, f"line {n}: data before the @data line")
+            in_data = _ts_header(path, n, line, head)
+            continue
+        seq, label = _ts_case(path, n, line, head, n_dims=seqs[0].shape[1] if seqs else None)
+        if head.get("equallength") and seqs and len(seq) != len(seqs[0]):
+            raise _fail(path, f"line {n}: {len(seq)} values, but @equalLength true and the first series has "
+                        f"{len(seqs[0])}")
+        seqs.append(seq)
+        labels.append(label)
+    if not in_data:
+        raise _fail(path, "no @data line (not a .ts file?)")
+    if not seqs:
+        raise _fail(path, "no data rows after @data")
+    return _pad(seqs), labels, head["classlabel"]
+
+
+def _ts_header(path: Path, n: int, line: str, head: dict[str, Any]) -> bool:
+    """Record one header line in ``head``; True at @data."""
+    spelled, *words = line[1:].split() or [""]
+    key, rest = spelled.lower(), " ".join(words)
+    if key not in _TS_KEYS:
+        raise _fail(path, f"line {n}: unknown header '@{spelled}'; known: {', '.join(_TS_SPELLING)}")
+    if key == "data":
+        if "classlabel" not in head:
+            raise _fail(path, "no @classLabel header: classification needs class labels")
+        if head.get("univariate") and head.get("dimensions", 1) != 1:
+            raise _fail(path, f"@univariate true with @dimensions {head['dimensions']}")
+        return True
+    if key in _TS_FLAGS or key in ("classlabel", "targetlabel"):
+        flag = words[0].lower() if words else ""
+        if flag not in ("true", "false"):
+            raise _fail(path, f"line {n}: @{key} must be true or false, got {' '.join(words) or 'nothing'!r}")
+        value = flag == "true"
+        if key == "timestamps" and value:
+            raise _fail(path, f"line {n}: @timeStamps true is not supported (values with time stamps); "
+                        "resample to a regular series")
+        if key == "targetlabel" and value:
+            raise _fail(path, f"line {n}: @targetLabel true is a regression file; cycle-optuna classifies "
+                        "(needs @classLabel true)")
+        if key == "classlabel":
+            if not value:
+                raise _fail(path, f"line {n}: @classLabel false: classification needs class labels")
+            if len(words) < 3 or len(set(words[1:])) != len(words) - 1:
+                raise _fail(path, f"line {n}: @classLabel true needs two or more distinct labels, got {words[1:]}")
+            head[key] = words[1:]
+        else:
+            head[key] = value
+    elif key in ("dimensions", "serieslength"):
+        if len(words) != 1 or not words[0].isdigit() or int(words[0]) < 1:
+            raise _fail(path, f"line {n}: @{key} must be a positive integer, got {rest.strip()!r}")
+        head[key] = int(words[0])
+    return False
+
+
+def _ts_case(path: Path, n: int, line: str, head: dict[str, Any], n_dims: int | None) -> tuple[np.ndarray, str]:
+    """One sequence [T, F] and its label from a .ts data line (dimensions separated by ':')."""
+    *dims, label = line.split(":")
+    label = label.strip()
+    if label not in head["classlabel"]:
+        raise _fail(path, f"line {n}: class label {label!r} is not declared in @classLabel "
+                    f"({' '.join(head['classlabel'])})")
+    want = head.get("dimensions") or (1 if head.get("univariate") else n_dims)
+    if not dims or (want is not None and len(dims) != want):
+        raise _fail(path, f"line {n}: ragged dimensions: {len(dims)} dimension(s), expected {want} "
+                    f"({'from @dimensions' if head.get('dimensions') else 'as in the first series'})")
+    cols = []
+    for d, part in enumerate(dims, start=1):
+        values = [v.strip() for v in part.split(",")]
+        try:
+            cols.append(np.array([math.nan if v == "?" else float(v) for v in values], dtype=np.float64))
+        except ValueError:
+            bad = next(v for v in values if v != "?" and not _is_float(v))
+            raise _fail(path, f"line {n}: dimension {d} value {bad!r} is not a number (missing values are '?')") from None
+    lengths = [len(c) for c in cols]
+    if len(set(lengths)) > 1:
+        raise _fail(path, f"line {n}: ragged dimensions: dimension 1 has {lengths[0]} values, dimension "
+                    f"{next(i for i, k in enumerate(lengths, 1) if k != lengths[0])} has "
+                    f"{next(k for k in lengths if k != lengths[0])}")
+    if head.get("equallength") and head.get("serieslength") and lengths[0] != head["serieslength"]:
+        raise _fail(path, f"line {n}: {lengths[0]} values, but @equalLength true with @seriesLength "
+                    f"{head['serieslength']}")
+    return np.stack(cols, axis=1), label
+
+
+def class_order(declared: list[str]) -> tuple[str, ...]:
+    """Class names in index order: numeric order when every name is a number, else as declared."""
+    if all(_is_float(name) for name in declared):
+        return tuple(sorted(declared, key=float))
+    return tuple(declared)
+
+
 def check_arrays(path: Path | str, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray, int]:
-    """Validate raw arrays; return X float32, y int64 and the number of classes."""
+    """Validate raw arrays; return X float32 (NaN = missing), y int64 and the number of classes."""
     path = Path(path)
     x, y = np.asarray(x), np.asarray(y)
     if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
@@ -280,10 +439,14 @@ def check_arrays(path: Path | str, x: Any, y: Any) -> tuple[np.ndarray, np.ndarr
         raise _fail(path, f"y must be 1-D with len N={len(x)}, got shape {list(y.shape)}")
     if min(x.shape) == 0:
         raise _fail(path, f"X is empty, shape {list(x.shape)}")
-    if not np.isfinite(x).all():
-        bad = np.argwhere(~np.isfinite(x))[0]
-        raise _fail(path, f"X has {int((~np.isfinite(x)).sum())} NaN/inf values (first at sample {bad[0]}, "
-                    f"step {bad[1]}, feature {bad[2]})")
+    if np.isinf(x).any():
+        bad = np.argwhere(np.isinf(x))[0]
+        raise _fail(path, f"X has {int(np.isinf(x).sum())} inf values (first at sample {bad[0]}, "
+                    f"step {bad[1]}, feature {bad[2]}); only NaN may mark a missing value")
+    empty = np.flatnonzero(np.isnan(x).all(axis=(1, 2)))
+    if len(empty):
+        raise _fail(path, f"sample {empty[0]} has no observed values (all NaN)"
+                    f"{f' and {len(empty) - 1} more' if len(empty) > 1 else ''}")
     if not np.isfinite(y).all():
         raise _fail(path, "y has NaN/inf labels")
     if (y != np.round(y)).any():
@@ -302,30 +465,63 @@ def check_arrays(path: Path | str, x: Any, y: Any) -> tuple[np.ndarray, np.ndarr
     return x.astype(np.float32), y, k
 
 
+def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = None
+              ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Checked X, y and class names of a data file; ``classes``: the training file's, for a test file."""
+    suffix = path.suffix.lower()
+    if suffix == ".ts":
+        x, labels, declared = load_ts(path)
+        names = class_order(declared) if classes is None else classes
+        if classes is not None and set(declared) != set(classes):
+            raise _fail(path, f"class set differs from the training file's: @classLabel declares "
+                        f"{' '.join(class_order(declared))}, the training file has {' '.join(classes)}")
+        index = {name: i for i, name in enumerate(names)}
+        y = np.asarray([index[label] for label in labels])
+        x, y, k = check_arrays(path, x, y)
+        return x, y, names
+    if suffix == ".npz":
+        x, y = load_npz(path)
+    elif suffix == ".csv":
+        x, y = load_csv(path, cfg)
+    else:
+        raise _fail(path, "unsupported data file type (expected .npz, .csv or .ts)")
+    x, y, k = check_arrays(path, x, y)
+    if classes is not None and k != len(classes):
+        raise _fail(path, f"class set differs from the training file's: labels 0..{k - 1} here, "
+                    f"0..{len(classes) - 1} in the training file")
+    return x, y, classes if classes is not None else tuple(str(c) for c in range(k))
+
+
 # ---------------------------------------------------------------------------------------------
 # Split and normalisation
 
 
 def stratified_split(path: Path | str, y: np.ndarray, n_classes: int, val_fraction: float, test_fraction: float,
                      seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Train/val/test indices; each class split in the same proportions; depends only on y and seed."""
+    """Train/val/test indices; each class split in the same proportions; depends only on y and seed.
+
+    ``test_fraction = 0`` carves no test split (an official test file holds it): test is empty.
+    """
     rng = np.random.default_rng([seed, 0x5B17])
     parts: tuple[list, list, list] = ([], [], [])
     for c in range(n_classes):
         idx = rng.permutation(np.flatnonzero(y == c))
         n = len(idx)
-        n_val, n_test = max(1, round(n * val_fraction)), max(1, round(n * test_fraction))
+        n_val = max(1, round(n * val_fraction))
+        n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
         if n - n_val - n_test < 1:
-            raise _fail(Path(path), f"class {c} has {n} sample(s), too few to split with val_fraction={val_fraction} "
-                        f"and test_fraction={test_fraction} (each split needs at least one per class)")
+            splits = f"val_fraction={val_fraction} and test_fraction={test_fraction}" if test_fraction > 0 \
+                else f"val_fraction={val_fraction}"
+            raise _fail(Path(path), f"class {c} has {n} sample(s), too few to split with {splits} "
+                        "(each split needs at least one per class)")
         parts[1].append(idx[:n_val])
         parts[2].append(idx[n_val:n_val + n_test])
         parts[0].append(idx[n_val + n_test:])
-    return tuple(rng.permutation(np.concatenate(p)) for p in parts)  # type: ignore[return-value]
+    return tuple(rng.permutation(np.concatenate(p)).astype(np.int64) for p in parts)  # type: ignore[return-value]
 
 
 def normalise(x: np.ndarray | torch.Tensor, mean: Any, std: Any) -> np.ndarray | torch.Tensor:
-    """(x - mean) / std over the last (feature) axis; float32, same kind as x."""
+    """(x - mean) / std over the last (feature) axis; float32, same kind as x; NaN stays NaN."""
     if isinstance(x, torch.Tensor):
         m = torch.as_tensor(np.asarray(mean, dtype=np.float32), device=x.device)
         s = torch.as_tensor(np.asarray(std, dtype=np.float32), device=x.device)
@@ -334,35 +530,76 @@ def normalise(x: np.ndarray | torch.Tensor, mean: Any, std: Any) -> np.ndarray |
             / np.asarray(std, dtype=np.float32)).astype(np.float32)
 
 
-def train_stats(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and std over samples and steps of the training split."""
+def fill_partial(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Normalised x with NaN set to 0 (the training mean) in steps that have an observed feature.
+
+    Steps whose features are all NaN stay NaN: they are padding or missing, and the model masks them.
+    """
+    if isinstance(x, torch.Tensor):
+        nan = torch.isnan(x)
+        return torch.where(nan & ~nan.all(dim=-1, keepdim=True), torch.zeros((), dtype=x.dtype, device=x.device), x)
+    nan = np.isnan(x)
+    return np.where(nan & ~nan.all(axis=-1, keepdims=True), np.float32(0), x).astype(x.dtype)
+
+
+def train_stats(x_train: np.ndarray, *, where: Path | str = "data") -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std over samples and observed steps of the training split."""
     flat = x_train.reshape(-1, x_train.shape[-1]).astype(np.float64)
-    mean, std = flat.mean(0), flat.std(0)
+    observed = ~np.isnan(flat)
+    count = observed.sum(0)
+    if not count.all():
+        raise _fail(Path(where), f"feature {int(np.flatnonzero(count == 0)[0])} has no observed value in the "
+                    "training split")
+    mean = np.where(observed, flat, 0.0).sum(0) / count
+    std = np.sqrt(np.where(observed, (flat - mean) ** 2, 0.0).sum(0) / count)
     std = np.where(std < _STD_FLOOR, 1.0, std)
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def load_task(cfg: DataConfig, seed: int, *, data_path: Path | None = None) -> TaskData:
-    """The task's normalised splits: the synthetic task when ``data_path`` is None, else a .npz/.csv file."""
+def load_task(cfg: DataConfig, seed: int, *, data_path: Path | None = None, test_path: Path | None = None) -> TaskData:
+    """The task's normalised splits: the synthetic task when ``data_path`` is None, else a data file.
+
+    ``test_path``: an official test split (a file of the same kind); validation then comes from
+    ``data_path`` alone.
+    """
+    names: tuple[str, ...] = ()
     if data_path is None:
         where: Path | str = "<synthetic task>"
         x, y = make_synthetic(cfg, seed)
         k = cfg.n_classes
     else:
         where = data_path = Path(data_path)
-        suffix = data_path.suffix.lower()
-        if suffix == ".npz":
-            x, y = load_npz(data_path)
-        elif suffix == ".csv":
-            x, y = load_csv(data_path, cfg)
-        else:
-            raise _fail(data_path, "unsupported data file type (expected .npz or .csv)")
-        x, y, k = check_arrays(data_path, x, y)
-    tr, va, te = stratified_split(where, y, k, cfg.val_fraction, cfg.test_fraction, seed)
-    mean, std = train_stats(x[tr])
+        x, y, names = read_file(data_path, cfg)
+        k = len(names)
+    if test_path is None:
+        tr, va, te = stratified_split(where, y, k, cfg.val_fraction, cfg.test_fraction, seed)
+        x_test, y_test = x[te], y[te]
+    else:
+        test_path = Path(test_path)
+        x_test, y_test, _ = read_file(test_path, cfg, classes=names or tuple(str(c) for c in range(k)))
+        if x_test.shape[2] != x.shape[2]:
+            raise _fail(test_path, f"{x_test.shape[2]} feature(s) per step, but the training file {where} has "
+                        f"{x.shape[2]}")
+        t = max(x.shape[1], x_test.shape[1])  # one length for both: the shorter file is padded
+        x, x_test = _pad_steps(x, t), _pad_steps(x_test, t)
+        tr, va, _ = stratified_split(where, y, k, cfg.val_fraction, 0.0, seed)
+    mean, std = train_stats(x[tr], where=where)
 
-    def split(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(normalise(x[idx], mean, std)), torch.from_numpy(y[idx])
+    def split(xs: np.ndarray, ys: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(fill_partial(normalise(xs, mean, std))), torch.from_numpy(ys)
 
-    (xtr, ytr), (xva, yva), (xte, yte) = split(tr), split(va), split(te)
-    return TaskData(xtr, ytr, xva, yva, xte, yte, mean=mean, std=std, n_classes=k)
+    (xtr, ytr), (xva, yva), (xte, yte) = split(x[tr], y[tr]), split(x[va], y[va]), split(x_test, y_test)
+    return TaskData(xtr, ytr, xva, yva, xte, yte, mean=mean, std=std, n_classes=k, class_names=names)
+
+
+def _pad_steps(x: np.ndarray, t: int) -> np.ndarray:
+    if x.shape[1] == t:
+        return x
+    out = np.full((x.shape[0], t, x.shape[2]), np.nan, dtype=x.dtype)
+    out[:, :x.shape[1]] = x
+    return out
+
+
+def load_study_data(cfg: StudyConfig) -> TaskData:
+    """The task of a study config: its data file (and test file) resolved beside the study file."""
+    return load_task(cfg.data, cfg.study.seed, data_path=resolve_data_path(cfg), test_path=resolve_test_path(cfg))

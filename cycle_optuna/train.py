@@ -1,13 +1,19 @@
 """Pure training loop: TaskData + Hyperparams + TrainConfig -> TrainResult. Knows nothing of Optuna.
 
 Host syncs: the epoch's batches are slices of one shuffled copy of the in-memory tensors; losses,
-sample counts and the non-finite guard's counters live on the device and are read once per epoch,
-plus one boolean (has the run diverged?) every ``_guard_check_steps(device)`` steps: every step on
-the CPU, where reading costs nothing, every GUARD_CHECK_STEPS on an accelerator. A skipped step must
+sample counts and the non-finite guard's counters live on the device and are read in one transfer
+per epoch (and validation's in one more), plus one boolean (has the run diverged?) every
+``_guard_check_steps(device)`` steps before the epoch's last: every step on the CPU, where reading
+costs nothing, every GUARD_CHECK_STEPS on an accelerator. Host tensors (model, data, each epoch's
+permutation) go to an accelerator as asynchronous copies, which do not wait for it. A skipped step must
 leave the optimizer state untouched (masking the update would still advance Adam's moments and step
 count), so the fused Adam/AdamW kernels get the step's verdict as ``found_inf`` (the tensor
 GradScaler uses), which skips parameters, moments and step count on the device without a sync;
 SGD, Lion and SophiaH have no such input and read the verdict on the host every step.
+
+``train_and_evaluate`` is one loop over named steps (``run_epochs``: epoch, evaluate, guard, best
+weights, report, early stop, checkpoint) driving an engine: ``_Single`` here, a vmapped population
+of several trials in cycle_optuna.pack.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cycle_optuna.config import Hyperparams, TrainConfig
+from cycle_optuna.config import COMPILE_CUDAGRAPHS, Hyperparams, TrainConfig
 from cycle_optuna.data import TaskData
 from cycle_optuna.errors import ConfigError
 from cycle_optuna.model import TransformerClassifier
@@ -35,6 +41,10 @@ from cycle_optuna.model import TransformerClassifier
 CHECKPOINT_FORMAT = 1
 SOPHIA_CLIP = 0.01  # SophiaH's clip threshold p (the paper's gamma); lr is divided by it, see make_optimizer
 GUARD_CHECK_STEPS = 16  # accelerators: steps between host reads of the divergence flag
+# Optimizer steps below which a CUDA-graph trial trains eagerly: compiling and capturing cost more
+# than the replays save. Not measured yet (no GPU at hand); 0 compiles every trial on CUDA.
+CUDAGRAPH_MIN_STEPS = 0
+COMPILE_CACHE_SHAPES = 64  # compiled variants kept per code object (torch's default is 8)
 
 
 @dataclass
@@ -77,11 +87,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def model_kwargs(data: TaskData, hp: Hyperparams, init_gain: float) -> dict:
+    """TransformerClassifier's constructor arguments for `hp` on `data`."""
+    return dict(
+        n_features=data.n_features, n_classes=data.n_classes, seq_len=data.seq_len,
+        hidden_dim=hp.hidden_dim, n_layers=hp.n_layers, n_heads=hp.n_heads, dropout=hp.dropout,
+        init_gain=init_gain, patch_len=hp.patch_len, conv_stem=hp.conv_stem, pos_encoding=hp.pos_encoding,
+        pooling=hp.pooling, instance_norm=hp.instance_norm,
+    )
+
+
 def build_model(data: TaskData, hp: Hyperparams, cfg: TrainConfig) -> TransformerClassifier:
     """The transformer sized for the task and the trial's hyperparameters."""
-    return TransformerClassifier(n_features=data.n_features, n_classes=data.n_classes, seq_len=data.seq_len,
-                                 hidden_dim=hp.hidden_dim, n_layers=hp.n_layers, n_heads=hp.n_heads,
-                                 dropout=hp.dropout, init_gain=cfg.init_gain)
+    return TransformerClassifier(**model_kwargs(data, hp, cfg.init_gain))
+
+
+def epoch_passes(n: int, cfg: TrainConfig) -> int:
+    """Passes over an `n`-sample training set per epoch: a small set is passed several times, so an
+    epoch stays long enough to learn in ([train] min_epoch_samples)."""
+    return max(1, math.ceil(cfg.min_epoch_samples / n))
+
+
+def epoch_order(n: int, passes: int, generator: torch.Generator) -> torch.Tensor:
+    """One epoch's sample order: `passes` shuffled passes over the training set."""
+    return torch.cat([torch.randperm(n, generator=generator) for _ in range(passes)])
 
 
 def lr_factor(step: int, *, steps_per_epoch: int, epochs: int, cfg: TrainConfig) -> float:
@@ -160,11 +189,11 @@ def make_optimizer(model: nn.Module, hp: Hyperparams, cfg: TrainConfig) -> tuple
 class _MaybeCompiled(nn.Module):
     """Runs the torch.compile'd model, falling back to eager (with a warning) if compiling fails."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, mode: str | None = None) -> None:
         super().__init__()
         self.model = model
         try:
-            compiled = torch.compile(model)
+            compiled = torch.compile(model, mode=mode)
         except Exception as e:  # noqa: BLE001 - any backend failure means "run eagerly"
             warnings.warn(f"torch.compile unavailable, training eagerly: {e}", RuntimeWarning, stacklevel=3)
             compiled = None
@@ -178,6 +207,23 @@ class _MaybeCompiled(nn.Module):
                 warnings.warn(f"torch.compile failed, training eagerly: {e}", RuntimeWarning, stacklevel=2)
                 object.__setattr__(self, "compiled", None)
         return self.model(x)
+
+
+def _compiled(model: nn.Module, cfg: TrainConfig, device: torch.device, steps: int) -> nn.Module:
+    """The model as ``cfg.compile`` asks: inductor, inductor + CUDA graphs, or eager where graphs can't pay.
+
+    Compiled code is cached per code object and shapes, not per model: parameters are graph inputs,
+    so a later trial of a shape this process has compiled reuses it (a CUDA graph is re-recorded
+    for the new parameters, not recompiled). The recompile limit is raised so that the handful of
+    shapes a study revisits all stay cached instead of the ninth one falling back to eager.
+    """
+    if cfg.compile == COMPILE_CUDAGRAPHS and (device.type != "cuda" or steps < CUDAGRAPH_MIN_STEPS):
+        return model  # CUDA graphs exist only on CUDA; a short trial does not earn back the capture
+    import torch._dynamo
+
+    limit = max(torch._dynamo.config.cache_size_limit, COMPILE_CACHE_SHAPES)
+    torch._dynamo.config.cache_size_limit = limit
+    return _MaybeCompiled(model, mode="reduce-overhead" if cfg.compile == COMPILE_CUDAGRAPHS else None)
 
 
 def _guard_check_steps(device: torch.device) -> int:
@@ -206,7 +252,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
                 yb = y[i:i + batch_size]
                 loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
                 correct += (logits.argmax(dim=1) == yb).sum()
-            return (loss_sum / n).item(), (correct.double() / n).item()
+            loss, acc = torch.stack([(loss_sum / n).double(), correct.double() / n]).tolist()  # one host read
+            return loss, acc
     finally:
         model.train(was_training)
 
@@ -254,12 +301,313 @@ def _set_rng_state(s: dict[str, Any], shuffle: torch.Generator, device: torch.de
 # ---------------------------------------------------------------------------------------------
 
 
+class RateDropout(nn.Dropout):
+    """nn.Dropout whose rate is also a (non-persistent) buffer and whose mask comes from torch.rand.
+
+    The buffer lets a packed population give each member its own rate (torch.func stacks buffers),
+    and drawing the mask with torch.rand consumes the generator the same way alone and under
+    ``vmap(randomness="same")``, so a trial packed with others draws exactly the masks it draws alone.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__(p)
+        self.register_buffer("rate", torch.tensor(float(p)), persistent=False)
+        self.register_buffer("scale", torch.tensor(1 / (1 - float(p))), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape, device=x.device, dtype=x.dtype) >= self.rate
+        return x * keep * self.scale
+
+
+def use_rate_dropout(model: nn.Module) -> nn.Module:
+    """Replace every nn.Dropout inside ``model`` by a RateDropout of the same rate (in place)."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.Dropout:
+                setattr(module, name, RateDropout(child.p))
+    return model
+
+
 def _augment(xb: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     if cfg.augment_jitter > 0:
         xb = xb + cfg.augment_jitter * torch.randn_like(xb)
     if cfg.augment_scale > 0:
         xb = xb * (1 + cfg.augment_scale * (2 * torch.rand(len(xb), 1, 1, device=xb.device) - 1))
     return xb
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host sync (pinned first, so the copy is truly async)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop shared by single and packed training: per epoch, train (the engine's steps), evaluate,
+# guard against divergence, track the best weights, report, early stop, checkpoint.
+
+
+@dataclass
+class EpochStats:
+    """What one trial's training steps of one epoch left on the host (one read per epoch)."""
+
+    train_loss: float  # nan when no step applied
+    good_samples: int
+    bad_batches: int
+    consecutive_bad: int
+    lr: float
+    diverged: bool
+    step_seconds: float
+
+
+@dataclass
+class Run:
+    """One trial's progress through the loop; a checkpoint is this plus its weights and the RNG."""
+
+    hp: Hyperparams
+    report: Callable[[EpochMetrics], None] | None = None
+    checkpoint: Callable[[int, dict], None] | None = None
+    step: int = 0  # optimizer steps taken: the schedule's position
+    consecutive_bad: int = 0
+    nan_total: int = 0
+    best: dict = field(default_factory=lambda: {"val_loss": math.inf, "val_accuracy": 0.0, "epoch": -1,
+                                                "train_loss": math.inf})
+    best_state: dict[str, torch.Tensor] | None = None
+    patience_ref: float = math.inf
+    bad_epochs: int = 0
+    history: list[EpochMetrics] = field(default_factory=list)
+    train_seconds: float = 0.0
+    step_seconds: float = 0.0
+    samples: int = 0
+    diverged: bool = False
+    stopped_early: bool = False
+    error: Exception | None = None  # what its report hook raised, when trials are isolated (packed)
+
+    @property
+    def finished(self) -> bool:
+        return self.diverged or self.stopped_early or self.error is not None
+
+    def load(self, state: dict, device: torch.device) -> int:
+        """Continue from a checkpoint; the first epoch to run."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"unsupported checkpoint, but got format={state.get('format')!r}.")
+        self.step, self.consecutive_bad, self.nan_total = state["step"], state["consecutive_bad"], state["nan_batches"]
+        self.best = dict(state["best"])
+        self.best_state = {k: v.to(device) for k, v in state["best_state"].items()} or None
+        self.patience_ref, self.bad_epochs = state["patience_ref"], state["bad_epochs"]
+        self.history = [EpochMetrics(**h) for h in state["history"]]
+        self.train_seconds, self.step_seconds = state["train_seconds"], state["step_seconds"]
+        self.samples, self.diverged, self.stopped_early = state["samples"], state["diverged"], state["stopped_early"]
+        return state["epoch"] + 1
+
+    def state(self, epoch: int, model: dict, optimizer: dict, rng: dict) -> dict:
+        """A self-contained checkpoint after ``epoch`` (tensors, dicts, lists and numbers only)."""
+        return {
+            "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": self.step, "model": model, "optimizer": optimizer,
+            "best": dict(self.best), "best_state": _clone(self.best_state) if self.best_state is not None else {},
+            "patience_ref": self.patience_ref, "bad_epochs": self.bad_epochs,
+            "consecutive_bad": self.consecutive_bad, "nan_batches": self.nan_total,
+            "history": [asdict(h) for h in self.history], "train_seconds": self.train_seconds,
+            "step_seconds": self.step_seconds, "samples": self.samples, "diverged": False,
+            "stopped_early": self.stopped_early, "rng": rng,
+        }
+
+    def result(self, model: nn.Module) -> TrainResult:
+        """The outcome, with the best weights loaded into ``model``."""
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+        model.eval()
+        return TrainResult(
+            best_val_loss=self.best["val_loss"], best_val_accuracy=self.best["val_accuracy"],
+            best_epoch=self.best["epoch"], final_train_loss=self.best["train_loss"],
+            epochs_run=len(self.history), history=self.history, diverged=self.diverged,
+            stopped_early=self.stopped_early, nan_batches=self.nan_total, train_seconds=self.train_seconds,
+            samples_per_second=self.samples / self.step_seconds if self.step_seconds > 0 else 0.0, model=model,
+        )
+
+
+def run_epochs(engine: Any, runs: list[Run], cfg: TrainConfig, *, start_epoch: int = 0, isolate: bool = False) -> None:
+    """The loop: every epoch each live trial trains, is evaluated, guarded, reported and checkpointed.
+
+    ``engine`` trains the live trials together (one model, or a packed population) and answers
+    for their weights; see _Single and pack.Population. With ``isolate`` a report hook's exception
+    (a prune signal) ends its own trial only, which leaves the population at the next epoch.
+    """
+    for epoch in range(start_epoch, cfg.epochs):
+        live = [r for r in runs if not r.finished]
+        if not live:
+            break
+        engine.keep(live)
+        t0 = time.perf_counter()
+        stats = engine.train_epoch(live)
+        evals = engine.evaluate([s.diverged for s in stats])
+        seconds = time.perf_counter() - t0
+        for i, (run, st, (val_loss, val_acc)) in enumerate(zip(live, stats, evals)):
+            metrics = _record(run, epoch, st, val_loss, val_acc, seconds)
+            if _guard(run, st, metrics):
+                continue
+            _track_best(run, metrics, cfg, engine, i)
+            try:
+                if run.report is not None:
+                    run.report(metrics)
+            except Exception as e:
+                if not isolate:
+                    raise
+                run.error = e
+                continue
+            run.stopped_early = _early_stop(run, cfg, epoch)
+            if run.checkpoint is not None:
+                run.checkpoint(epoch, run.state(epoch, *engine.state_dicts(i), engine.rng_state()))
+
+
+def _record(run: Run, epoch: int, st: EpochStats, val_loss: float, val_acc: float, seconds: float) -> EpochMetrics:
+    run.step_seconds += st.step_seconds
+    run.samples += st.good_samples + st.bad_batches * run.hp.batch_size
+    run.nan_total += st.bad_batches
+    run.consecutive_bad = st.consecutive_bad
+    run.train_seconds += seconds
+    metrics = EpochMetrics(epoch, st.train_loss, val_loss, val_acc, st.lr, st.bad_batches, seconds)
+    run.history.append(metrics)
+    return metrics
+
+
+def _guard(run: Run, st: EpochStats, metrics: EpochMetrics) -> bool:
+    """Whether the trial diverged: too many bad steps in a row, or a non-finite val loss."""
+    run.diverged = st.diverged or not math.isfinite(metrics.val_loss)
+    return run.diverged
+
+
+def _track_best(run: Run, m: EpochMetrics, cfg: TrainConfig, engine: Any, i: int) -> None:
+    if m.val_loss < run.best["val_loss"]:
+        run.best = {"val_loss": m.val_loss, "val_accuracy": m.val_accuracy, "epoch": m.epoch, "train_loss": m.train_loss}
+        run.best_state = engine.weights(i)
+    if m.val_loss < run.patience_ref - cfg.min_delta:
+        run.patience_ref, run.bad_epochs = m.val_loss, 0
+    else:
+        run.bad_epochs += 1
+
+
+def _early_stop(run: Run, cfg: TrainConfig, epoch: int) -> bool:
+    return cfg.early_stopping_patience > 0 and run.bad_epochs >= cfg.early_stopping_patience and epoch < cfg.epochs - 1
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class _Single:
+    """Engine of one trial: an nn.Module, a torch optimizer, and the hot loop the module doc describes."""
+
+    def __init__(self, data: TaskData, hp: Hyperparams, cfg: TrainConfig, *, seed: int, device: torch.device) -> None:
+        self.cfg, self.hp, self.device = cfg, hp, device
+        torch.manual_seed(seed)
+        self.model = use_rate_dropout(build_model(data, hp, cfg)).to(device, non_blocking=True)
+        self.opt, self.lr_scale = make_optimizer(self.model, hp, cfg)
+        self.params = list(self.model.parameters())
+        self.shuffle = torch.Generator().manual_seed(seed)
+        self.x_tr, self.y_tr = to_device(data.x_train, device), to_device(data.y_train, device)
+        self.x_va, self.y_va = to_device(data.x_val, device), to_device(data.y_val, device)
+        self.n_data = len(self.x_tr)
+        self.passes = epoch_passes(self.n_data, cfg)
+        self.n = self.n_data * self.passes  # samples per epoch
+        self.bs = max(1, min(hp.batch_size, self.n_data))
+        self.steps_per_epoch = math.ceil(self.n / self.bs)
+        steps = self.steps_per_epoch * cfg.epochs
+        self.net = _compiled(self.model, cfg, device, steps) if cfg.compile else self.model
+        self.masked = _masks_on_device(self.opt)
+        self.check_every = _guard_check_steps(device)
+        # Consecutive skipped batches, and whether they ever reached max_bad_batches (then every later
+        # step is skipped too, so a late read of the flag trains exactly as a per-step read would).
+        self.bad_run = torch.zeros((), dtype=torch.int64, device=device)
+        self.tripped = torch.zeros((), dtype=torch.bool, device=device)
+
+    def resume(self, run: Run, state: dict) -> int:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(_clone(state["optimizer"]))
+        start = run.load(state, self.device)
+        self.bad_run.fill_(run.consecutive_bad)
+        _set_rng_state(state["rng"], self.shuffle, self.device)
+        return self.cfg.epochs if run.finished else start
+
+    def keep(self, live: list[Run]) -> None:
+        pass
+
+    def train_epoch(self, live: list[Run]) -> list[EpochStats]:
+        run, cfg, opt, device, bs, n = live[0], self.cfg, self.opt, self.device, self.bs, self.n
+        t0 = time.perf_counter()
+        self.net.train()
+        perm = to_device(epoch_order(self.n_data, self.passes, self.shuffle), device)
+        xs, ys = self.x_tr[perm], self.y_tr[perm]  # one gather per epoch; batches below are views
+        loss_sum = torch.zeros((), device=device)
+        good = torch.zeros((), dtype=torch.int64, device=device)
+        epoch_bad = torch.zeros((), dtype=torch.int64, device=device)
+        sophia = cfg.optimizer == "sophia"
+        lr = 0.0
+        for k, i in enumerate(range(0, n, bs)):
+            xb = _augment(xs[i:i + bs], cfg)
+            yb = ys[i:i + bs]
+            lr = lr_at(run.step, base_lr=self.hp.lr, steps_per_epoch=self.steps_per_epoch, epochs=cfg.epochs, cfg=cfg)
+            run.step += 1
+            # SophiaH estimates the Hessian from the gradient's graph on its update steps; CPU's fused
+            # attention kernel has no double backward, so those steps use the math kernel.
+            hessian_step = sophia and opt.param_groups[0].get("step", 0) % opt.update_period == 0
+            with sdpa_kernel(SDPBackend.MATH) if hessian_step else contextlib.nullcontext():
+                loss = F.cross_entropy(self.net(xb).float(), yb, label_smoothing=cfg.label_smoothing)
+            if hessian_step:
+                with warnings.catch_warnings():
+                    # torch warns of a grad<->param cycle; zero_grad(set_to_none=True) below breaks it.
+                    warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+                    loss.backward(create_graph=True)
+            else:
+                loss.backward()
+            if cfg.grad_clip > 0:
+                gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            else:
+                gnorm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            live_now = ~self.tripped
+            ok = torch.isfinite(loss) & torch.isfinite(gnorm)
+            apply = ok & live_now
+            for g in opt.param_groups:
+                g["lr"] = lr * self.lr_scale
+            if self.masked:
+                opt.found_inf = (~apply).float()  # read by the fused kernel; no host sync
+                opt.step()
+            elif bool(apply):  # the host read for optimizers without found_inf
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_sum += torch.where(apply, loss.detach() * len(yb), 0.0)
+            good += apply * len(yb)
+            bad = ~ok & live_now
+            epoch_bad += bad
+            self.bad_run = torch.where(live_now, (self.bad_run + 1) * bad, self.bad_run)
+            self.tripped = self.tripped | (self.bad_run >= cfg.max_bad_batches)
+            # the epoch's last step is checked by the read below
+            if (k + 1) % self.check_every == 0 and i + bs < n and bool(self.tripped):
+                break
+        opt.__dict__.pop("found_inf", None)  # a later opt.step() elsewhere must not see a stale verdict
+        seconds = time.perf_counter() - t0
+        mean = loss_sum / good.clamp(min=1)
+        # the epoch's one host read
+        loss_v, good_v, bad_v, run_v, tripped_v = torch.stack(
+            [mean.double(), good.double(), epoch_bad.double(), self.bad_run.double(), self.tripped.double()]).tolist()
+        return [EpochStats(loss_v if good_v else math.nan, int(good_v), int(bad_v), int(run_v), lr,
+                           bool(tripped_v), seconds)]
+
+    def evaluate(self, diverged: list[bool]) -> list[tuple[float, float]]:
+        if diverged[0]:
+            return [(math.nan, math.nan)]
+        return [evaluate(self.net, self.x_va, self.y_va, self.cfg.eval_batch_size)]
+
+    def weights(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def state_dicts(self, i: int) -> tuple[dict, dict]:
+        return _clone(self.model.state_dict()), _clone(self.opt.state_dict())
+
+    def rng_state(self) -> dict[str, Any]:
+        return _rng_state(self.shuffle, self.device)
 
 
 def train_and_evaluate(data: TaskData, hp: Hyperparams, cfg: TrainConfig, *, seed: int,
@@ -277,169 +625,8 @@ def train_and_evaluate(data: TaskData, hp: Hyperparams, cfg: TrainConfig, *, see
     """
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(seed)
-    model = build_model(data, hp, cfg).to(device)
-    net: nn.Module = _MaybeCompiled(model) if cfg.compile else model
-    opt, lr_scale = make_optimizer(model, hp, cfg)
-    params = [p for p in model.parameters()]
-    sophia = cfg.optimizer == "sophia"
-    shuffle = torch.Generator().manual_seed(seed)
-
-    x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
-    x_va, y_va = data.x_val.to(device), data.y_val.to(device)
-    n = len(x_tr)
-    bs = max(1, min(hp.batch_size, n))
-    steps_per_epoch = math.ceil(n / bs)
-
-    # Run state; resume overwrites it.
-    start_epoch, step, consecutive_bad, nan_total = 0, 0, 0, 0
-    best = {"val_loss": math.inf, "val_accuracy": 0.0, "epoch": -1, "train_loss": math.inf}
-    best_state: dict[str, torch.Tensor] | None = None
-    patience_ref, bad_epochs = math.inf, 0
-    history: list[EpochMetrics] = []
-    train_seconds = step_seconds = 0.0
-    samples = 0
-    diverged = stopped_early = False
-    if resume is not None:
-        if resume.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"unsupported checkpoint, but got format={resume.get('format')!r}.")
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(_clone(resume["optimizer"]))
-        start_epoch, step = resume["epoch"] + 1, resume["step"]
-        consecutive_bad, nan_total = resume["consecutive_bad"], resume["nan_batches"]
-        best = dict(resume["best"])
-        best_state = {k: v.to(device) for k, v in resume["best_state"].items()} or None
-        patience_ref, bad_epochs = resume["patience_ref"], resume["bad_epochs"]
-        history = [EpochMetrics(**h) for h in resume["history"]]
-        train_seconds, step_seconds, samples = resume["train_seconds"], resume["step_seconds"], resume["samples"]
-        diverged, stopped_early = resume["diverged"], resume["stopped_early"]
-        _set_rng_state(resume["rng"], shuffle, device)
-        if diverged or stopped_early:
-            start_epoch = cfg.epochs
-
-    masked = _masks_on_device(opt)
-    check_every = _guard_check_steps(device)
-    # Consecutive skipped batches, and whether they ever reached max_bad_batches (then every later
-    # step is skipped too, so a late read of the flag trains exactly as a per-step read would).
-    bad_run = torch.tensor(consecutive_bad, device=device)
-    tripped = torch.zeros((), dtype=torch.bool, device=device)
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        net.train()
-        perm = torch.randperm(n, generator=shuffle).to(device)
-        xs, ys = x_tr[perm], y_tr[perm]  # one gather per epoch; batches below are views
-        loss_sum = torch.zeros((), device=device)
-        good_samples = torch.zeros((), dtype=torch.int64, device=device)
-        epoch_bad = torch.zeros((), dtype=torch.int64, device=device)
-        lr = 0.0
-        for k, i in enumerate(range(0, n, bs)):
-            xb = _augment(xs[i:i + bs], cfg)
-            yb = ys[i:i + bs]
-            lr = lr_at(step, base_lr=hp.lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, cfg=cfg)
-            step += 1
-            # SophiaH estimates the Hessian from the gradient's graph on its update steps; CPU's fused
-            # attention kernel has no double backward, so those steps use the math kernel.
-            hessian_step = sophia and opt.param_groups[0].get("step", 0) % opt.update_period == 0
-            with sdpa_kernel(SDPBackend.MATH) if hessian_step else contextlib.nullcontext():
-                loss = F.cross_entropy(net(xb).float(), yb)
-            if hessian_step:
-                with warnings.catch_warnings():
-                    # torch warns of a grad<->param cycle; zero_grad(set_to_none=True) below breaks it.
-                    warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
-                    loss.backward(create_graph=True)
-            else:
-                loss.backward()
-            if cfg.grad_clip > 0:
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            live = ~tripped
-            ok = torch.isfinite(loss) & torch.isfinite(gnorm)
-            apply = ok & live
-            for g in opt.param_groups:
-                g["lr"] = lr * lr_scale
-            if masked:
-                opt.found_inf = (~apply).float()  # read by the fused kernel; no host sync
-                opt.step()
-            elif bool(apply):  # the host read for optimizers without found_inf
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            loss_sum += torch.where(apply, loss.detach() * len(yb), 0.0)
-            good_samples += apply * len(yb)
-            bad = ~ok & live
-            epoch_bad += bad
-            bad_run = torch.where(live, (bad_run + 1) * bad, bad_run)
-            tripped = tripped | (bad_run >= cfg.max_bad_batches)
-            if ((k + 1) % check_every == 0 or i + bs >= n) and bool(tripped):
-                diverged = True
-                break
-        opt.__dict__.pop("found_inf", None)  # a later opt.step() elsewhere must not see a stale verdict
-        step_seconds += time.perf_counter() - t0
-        good_samples, epoch_bad, consecutive_bad = int(good_samples), int(epoch_bad), int(bad_run)
-        samples += good_samples + epoch_bad * bs
-        nan_total += epoch_bad
-        train_loss = (loss_sum / good_samples).item() if good_samples else math.nan
-        if diverged:
-            val_loss = val_acc = math.nan
-        else:
-            val_loss, val_acc = evaluate(net, x_va, y_va, cfg.eval_batch_size)
-            diverged = not math.isfinite(val_loss)
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        metrics = EpochMetrics(epoch, train_loss, val_loss, val_acc, lr, epoch_bad, seconds)
-        history.append(metrics)
-        if diverged:
-            break
-        if val_loss < best["val_loss"]:
-            best = {"val_loss": val_loss, "val_accuracy": val_acc, "epoch": epoch, "train_loss": train_loss}
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if val_loss < patience_ref - cfg.min_delta:
-            patience_ref, bad_epochs = val_loss, 0
-        else:
-            bad_epochs += 1
-        if report is not None:
-            report(metrics)
-        stop = cfg.early_stopping_patience > 0 and bad_epochs >= cfg.early_stopping_patience and epoch < cfg.epochs - 1
-        stopped_early = stop
-        if checkpoint is not None:
-            checkpoint(epoch, {
-                "format": CHECKPOINT_FORMAT,
-                "epoch": epoch,
-                "step": step,
-                "model": _clone(model.state_dict()),
-                "optimizer": _clone(opt.state_dict()),
-                "best": dict(best),
-                "best_state": _clone(best_state) if best_state is not None else {},
-                "patience_ref": patience_ref,
-                "bad_epochs": bad_epochs,
-                "consecutive_bad": consecutive_bad,
-                "nan_batches": nan_total,
-                "history": [asdict(h) for h in history],
-                "train_seconds": train_seconds,
-                "step_seconds": step_seconds,
-                "samples": samples,
-                "diverged": False,
-                "stopped_early": stopped_early,
-                "rng": _rng_state(shuffle, device),
-            })
-        if stop:
-            break
-
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return TrainResult(
-        best_val_loss=best["val_loss"],
-        best_val_accuracy=best["val_accuracy"],
-        best_epoch=best["epoch"],
-        final_train_loss=best["train_loss"],
-        epochs_run=len(history),
-        history=history,
-        diverged=diverged,
-        stopped_early=stopped_early,
-        nan_batches=nan_total,
-        train_seconds=train_seconds,
-        samples_per_second=samples / step_seconds if step_seconds > 0 else 0.0,
-        model=model,
-    )
+    engine = _Single(data, hp, cfg, seed=seed, device=resolve_device(cfg.device))
+    run = Run(hp, report=report, checkpoint=checkpoint)
+    start = engine.resume(run, resume) if resume is not None else 0
+    run_epochs(engine, [run], cfg, start_epoch=start)
+    return run.result(engine.model)

@@ -191,8 +191,8 @@ def test_csv_custom_columns_and_interleaved_ids(tmp_path):
         (lambda x, y: (x, y.reshape(-1, 1)), "y must be 1-D"),
         (lambda x, y: (x.astype(str), y), "X must be numeric"),
         (lambda x, y: (x, y.astype(str)), "y must hold integer labels"),
-        (lambda x, y: (np.where(np.arange(60)[:, None, None] == 7, np.nan, x), y), "NaN/inf"),
-        (lambda x, y: (np.where(np.arange(60)[:, None, None] == 7, np.inf, x), y), "NaN/inf"),
+        (lambda x, y: (np.where(np.arange(60)[:, None, None] == 7, np.nan, x), y), "sample 7 has no observed values"),
+        (lambda x, y: (np.where(np.arange(60)[:, None, None] == 7, np.inf, x), y), "inf values (first at sample 7"),
         (lambda x, y: (x, np.zeros_like(y)), "only one class"),
         (lambda x, y: (x, np.where(y == 1, 3, y)), "class(es) [1] have no samples"),
         (lambda x, y: (x, np.where(y == 1, -1, y)), "negative label -1"),
@@ -238,11 +238,11 @@ def test_not_an_npz(tmp_path):
         ("sample,label,f0\ns0,0,1\ns0,0,abc\n", "line 3: column 'f0' value 'abc' is not a number"),
         ("sample,label,f0\ns0,0,1\ns0,x,2\n", "line 3: label 'x' is not a number"),
         ("sample,label,f0\ns0,0,1\ns0,1,2\n", "changes label from 0 to 1"),
-        ("sample,label,f0\ns0,0,1\ns0,0,2\ns1,1,3\n", "ragged sequences"),
         ("sample,label,f0\ns0,0,1\ns1,1\n", "line 3: 2 fields"),
         ("sample,label,f0\n", "no data rows"),
         ("", "empty csv"),
-        ("sample,label,f0\ns0,0,nan\ns1,1,2\n", "NaN/inf"),
+        ("sample,label,f0\ns0,0,nan\ns1,1,2\n", "sample 0 has no observed values"),
+        ("sample,label,f0\ns0,0,inf\ns1,1,2\n", "inf values"),
         ("sample,label,f0\ns0,0,1\ns1,-1,2\n", "negative label"),
         ("sample,label,f0\ns0,2,1\ns1,3,2\n", "class(es) [0, 1] have no samples"),
     ],
@@ -259,5 +259,218 @@ def test_csv_errors(tmp_path, text, needle):
 def test_unsupported_suffix(tmp_path):
     path = tmp_path / "a.parquet"
     path.write_text("x")
-    with pytest.raises(DataError, match="expected .npz or .csv"):
+    with pytest.raises(DataError, match="expected .npz, .csv or .ts"):
         load_task(DataConfig(), 0, data_path=path)
+
+
+# --- .ts (UCR/UEA archive format), lengths, missing values, test_source ---------------------------
+
+UNIVARIATE_TS = """# a comment line
+@problemName Tiny
+@timeStamps false
+@missing false
+@univariate true
+@equalLength true
+@seriesLength 4
+@classLabel true 2 10 1
+@data
+1,2,3,4:10
+2,3,4,5:2
+0,0,1,1:1
+1,1,0,0:2
+5,4,3,2:10
+1,0,1,0:1
+"""
+
+MULTIVARIATE_TS = """@problemname Motion
+@timestamps false
+@missing true
+@univariate false
+@dimensions 2
+@equallength false
+@classlabel true walk run
+@data
+1,2,3:10,20,30:run
+4,?,6,7:40,50,60,70:walk
+1,1:2,2:run
+?,3:4,?:walk
+"""
+
+
+def _ts(tmp_path: Path, text: str, name: str = "a.ts") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_ts_univariate_labels_in_numeric_order(tmp_path):
+    from cycle_optuna.data import load_ts, read_file
+
+    x, labels, declared = load_ts(_ts(tmp_path, UNIVARIATE_TS))
+    assert x.shape == (6, 4, 1) and labels[0] == "10" and declared == ["2", "10", "1"]
+    np.testing.assert_array_equal(x[0, :, 0], [1, 2, 3, 4])
+    x, y, names = read_file(tmp_path / "a.ts", DataConfig())
+    assert names == ("1", "2", "10")  # numeric order, not the declared or the string order
+    assert y.tolist() == [2, 1, 0, 1, 2, 0]
+
+
+def test_ts_multivariate_unequal_length_and_missing(tmp_path):
+    from cycle_optuna.data import read_file
+
+    x, y, names = read_file(_ts(tmp_path, MULTIVARIATE_TS), DataConfig())
+    assert names == ("walk", "run") and y.tolist() == [1, 0, 1, 0]  # non-numeric names: declared order
+    assert x.shape == (4, 4, 2)  # padded to the longest series
+    np.testing.assert_array_equal(x[0, :3], [[1, 10], [2, 20], [3, 30]])
+    assert np.isnan(x[0, 3]).all() and np.isnan(x[2, 2:]).all()  # padding: the whole step is NaN
+    assert np.isnan(x[1, 1, 0]) and x[1, 1, 1] == 50  # '?' is one missing value
+    assert np.isnan(x[3, 0, 0]) and np.isnan(x[3, 1, 1])
+
+
+def test_missing_values_masked_and_filled(tmp_path):
+    path = _ts(tmp_path, MULTIVARIATE_TS.replace("@data", "@data\n" + "1,2,3:10,20,30:run\n4,5:40,50:walk\n" * 3))
+    d = load_task(DataConfig(val_fraction=0.2, test_fraction=0.2), 0, data_path=path)
+    xs = torch.cat([d.x_train, d.x_val, d.x_test])
+    steps_nan = torch.isnan(xs).all(-1)
+    partial = torch.isnan(xs).any(-1) & ~steps_nan
+    assert steps_nan.any() and not partial.any()  # padding stays NaN for the model's mask; partial gaps filled
+    # NaN-free statistics from observed values only
+    assert np.isfinite(d.mean).all() and np.isfinite(d.std).all()
+
+
+def test_stats_ignore_missing_values():
+    from cycle_optuna.data import train_stats
+
+    x = np.array([[[1.0], [3.0], [np.nan]], [[5.0], [np.nan], [np.nan]]], dtype=np.float32)
+    mean, std = train_stats(x)
+    assert mean[0] == pytest.approx(3.0) and std[0] == pytest.approx(np.std([1, 3, 5]))
+
+
+def test_npz_lengths_mask_the_tail(tmp_path):
+    x, y = _toy(30, t=6)
+    lengths = np.arange(30) % 6 + 1
+    path = tmp_path / "v.npz"
+    np.savez(path, X=x, y=y, lengths=lengths)
+    d = load_task(DataConfig(), 0, data_path=path)
+    xs = torch.cat([d.x_train, d.x_val, d.x_test])
+    observed = (~torch.isnan(xs).all(-1)).sum(1)
+    assert sorted(observed.tolist()) == sorted(lengths.tolist())
+    assert not torch.isnan(xs).any(-1).logical_and(~torch.isnan(xs).all(-1)).any()
+    # statistics use only the steps within each length
+    from cycle_optuna.data import stratified_split, train_stats
+    tr, _, _ = stratified_split(path, y, 3, 0.15, 0.15, 0)
+    masked = x.copy()
+    masked[np.arange(6)[None, :] >= lengths[:, None]] = np.nan
+    np.testing.assert_allclose(d.mean, train_stats(masked[tr])[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(("lengths", "needle"), [
+    (np.r_[np.arange(29) % 6 + 1, 7], "lengths[29] = 7 is out of range 1..6"),
+    (np.r_[0, np.arange(29) % 6 + 1], "lengths[0] = 0 is out of range 1..6"),
+    (np.arange(29) % 6 + 1, "lengths must be 1-D with len N=30"),
+    (np.full(30, 2.5), "lengths must hold integers"),
+])
+def test_npz_lengths_errors(tmp_path, lengths, needle):
+    x, y = _toy(30, t=6)
+    path = tmp_path / "v.npz"
+    np.savez(path, X=x, y=y, lengths=lengths)
+    with pytest.raises(DataError) as e:
+        load_task(DataConfig(), 0, data_path=path)
+    assert str(path) in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_csv_unequal_lengths_are_padded(tmp_path):
+    path = tmp_path / "r.csv"
+    rows = ["sample,label,f0"] + [f"s{i},{i % 2},{step}" for i in range(20) for step in range(2 + i % 3)]
+    path.write_text("\n".join(rows))
+    x, y, _ = __import__("cycle_optuna.data", fromlist=["read_file"]).read_file(path, DataConfig())
+    assert x.shape == (20, 4, 1)
+    assert np.isnan(x[0, 2:]).all() and not np.isnan(x[2]).any()
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda t: t.replace("@missing false", "@colour blue"), "line 4: unknown header '@colour'"),
+    (lambda t: t.replace("1,0,1,0:1", "1,0,1,0:0:1"), "line 15: ragged dimensions: 2 dimension(s), expected 1"),
+    (lambda t: t.replace("1,0,1,0:1", "1,0,1,0:3"), "class label '3' is not declared in @classLabel"),
+    (lambda t: t.replace("1,0,1,0:1", "1,0,1:1"), "line 15: 3 values, but @equalLength true with @seriesLength 4"),
+    (lambda t: t.replace("1,0,1,0:1", "1,x,1,0:1"), "line 15: dimension 1 value 'x' is not a number"),
+    (lambda t: t.replace("@seriesLength 4\n", "").replace("1,0,1,0:1", "1,0,1:1"),
+     "line 14: 3 values, but @equalLength true and the first series has 4"),
+    (lambda t: t.replace("@timeStamps false", "@timeStamps true"), "@timeStamps true is not supported"),
+    (lambda t: t.replace("@classLabel true 2 10 1", "@targetLabel true"), "regression file"),
+    (lambda t: t.replace("@classLabel true 2 10 1\n", ""), "no @classLabel header"),
+    (lambda t: t.replace("@data\n", ""), "data before the @data line"),
+    (lambda t: t.split("@data")[0] + "@data\n", "no data rows"),
+])
+def test_ts_errors(tmp_path, edit, needle):
+    path = _ts(tmp_path, edit(UNIVARIATE_TS))
+    with pytest.raises(DataError) as e:
+        load_task(DataConfig(), 0, data_path=path)
+    msg = str(e.value)
+    assert str(path) in msg and needle in msg and "\n" not in msg
+
+
+def test_ts_ragged_dimensions_within_a_series(tmp_path):
+    path = _ts(tmp_path, MULTIVARIATE_TS.replace("1,1:2,2:run", "1,1:2,2,2:run"))
+    with pytest.raises(DataError, match=r"line 11: ragged dimensions: dimension 1 has 2 values, dimension 2 has 3"):
+        load_task(DataConfig(), 0, data_path=path)
+
+
+def _split_files(tmp_path, n_train=60, n_test=30, t=5, f=3):
+    x, y = _toy(n_train + n_test, t=t, f=f)
+    x[:, 0, 0] = np.arange(n_train + n_test)  # a row id, to trace rows through the split
+    train = _write_npz(tmp_path / "train.npz", x[:n_train], y[:n_train])
+    test = _write_npz(tmp_path / "test.npz", x[n_train:], y[n_train:])
+    return x, y, train, test
+
+
+def test_test_source_is_the_test_split_and_val_comes_from_train_only(tmp_path):
+    x, y, train, test = _split_files(tmp_path)
+    d = load_task(DataConfig(val_fraction=0.2), 0, data_path=train, test_path=test)
+
+    def ids(t):
+        return set(np.round(t[:, 0, 0].numpy() * d.std[0] + d.mean[0]).astype(int).tolist())
+
+    assert ids(d.x_test) == set(range(60, 90))  # exactly the test file, in its order
+    np.testing.assert_array_equal(d.y_test.numpy(), y[60:])
+    assert ids(d.x_train) | ids(d.x_val) == set(range(60))
+    assert not ids(d.x_train) & ids(d.x_val)
+    assert torch.bincount(d.y_val).tolist() == [4, 4, 4]  # stratified, 20% of each training class
+    # statistics from the training split only: changing the test file changes no training value
+    x2 = x.copy()
+    x2[60:] = 1e3
+    test2 = _write_npz(tmp_path / "test2.npz", x2[60:], y[60:])
+    d2 = load_task(DataConfig(val_fraction=0.2), 0, data_path=train, test_path=test2)
+    np.testing.assert_array_equal(d.mean, d2.mean)
+    assert torch.equal(d.x_train, d2.x_train) and torch.equal(d.x_val, d2.x_val)
+
+
+def test_test_source_ts_maps_labels_like_the_training_file(tmp_path):
+    train = _ts(tmp_path, UNIVARIATE_TS, "TRAIN.ts")
+    # the test file declares its labels in another order and holds longer series
+    test = _ts(tmp_path, UNIVARIATE_TS.replace("@classLabel true 2 10 1", "@classLabel true 1 2 10")
+               .replace("@equalLength true\n@seriesLength 4", "@equalLength false")
+               .replace("1,2,3,4:10", "1,2,3,4,5:10"), "TEST.ts")
+    d = load_task(DataConfig(val_fraction=0.3), 0, data_path=train, test_path=test)
+    assert d.class_names == ("1", "2", "10")
+    assert d.y_test.tolist() == [2, 1, 0, 1, 2, 0]
+    assert d.seq_len == 5 and torch.isnan(d.x_train[:, 4]).all()  # both padded to the longer length
+
+
+@pytest.mark.parametrize(("which", "needle"), [
+    ("features", "test.npz: 2 feature(s) per step, but the training file"),
+    ("classes", "test.npz: class set differs from the training file's: labels 0..1 here, 0..2"),
+    ("ts_classes", "TEST.ts: class set differs from the training file's"),
+])
+def test_test_source_mismatch(tmp_path, which, needle):
+    if which == "ts_classes":
+        train = _ts(tmp_path, UNIVARIATE_TS, "TRAIN.ts")
+        test = _ts(tmp_path, UNIVARIATE_TS.replace("true 2 10 1", "true 2 10 1 7"), "TEST.ts")
+    else:
+        x, y, train, test = _split_files(tmp_path)
+        if which == "features":
+            test = _write_npz(tmp_path / "test.npz", x[60:, :, :2], y[60:])
+        else:
+            test = _write_npz(tmp_path / "test.npz", x[60:], y[60:] % 2)
+    with pytest.raises(DataError) as e:
+        load_task(DataConfig(), 0, data_path=train, test_path=test)
+    assert needle in str(e.value) and "\n" not in str(e.value)

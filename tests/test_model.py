@@ -1,18 +1,27 @@
-"""The transformer classifier."""
+"""The transformer classifier: each knob does what docs/model.md says, padding is invisible, order matters."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
-from cycle_optuna.model import TransformerClassifier, count_params
+from cycle_optuna import cli, config
+from cycle_optuna.config import DataConfig, Hyperparams, TrainConfig
+from cycle_optuna.data import TaskData
+from cycle_optuna.errors import ConfigError
+from cycle_optuna.model import POOLINGS, POS_ENCODINGS, TransformerClassifier, auto_patch_len, count_params
+from cycle_optuna.train import evaluate, train_and_evaluate
 
 BASE = dict(n_features=5, n_classes=3, seq_len=12, hidden_dim=16, n_layers=2, n_heads=4, dropout=0.1)
 
 
 def _model(**kw) -> TransformerClassifier:
     torch.manual_seed(0)
-    return TransformerClassifier(**{**BASE, **kw})
+    return TransformerClassifier(**{**BASE, **kw}).eval()
 
 
 def test_output_shape():
@@ -21,49 +30,247 @@ def test_output_shape():
     assert torch.isfinite(logits).all()
 
 
-def test_shorter_sequences_are_accepted_longer_rejected():
-    m = _model()
-    assert m(torch.randn(2, 6, 5)).shape == (2, 3)
+@pytest.mark.parametrize("patch_len, conv_stem, pos_encoding, pooling, instance_norm", [
+    (1, 0, "sinusoidal", "mean", False), (3, 1, "rotary", "cls", True), (4, 2, "learned", "last", False),
+    (5, 3, "none", "mean", True), (12, 2, "rotary", "last", True), (0, 2, "sinusoidal", "cls", False),
+])
+def test_every_knob_combination_gives_class_logits_and_trains(patch_len, conv_stem, pos_encoding, pooling,
+                                                              instance_norm):
+    m = _model(patch_len=patch_len, conv_stem=conv_stem, pos_encoding=pos_encoding, pooling=pooling,
+               instance_norm=instance_norm).train()
+    x = torch.randn(4, 12, 5)
+    x[0, 9:] = math.nan  # padding must not poison the gradients either
+    out = m(x)
+    assert out.shape == (4, 3)
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_patch_len_sets_the_number_of_tokens():
+    assert [_model(patch_len=p).n_tokens for p in (1, 2, 5, 12)] == [12, 6, 3, 1]
+    seen = []
+    m = _model(patch_len=4)
+    m.blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    m(torch.randn(2, 12, 5))
+    assert seen == [torch.Size([2, 3, 16])]
+    # patches share one linear map of patch_len steps: its size grows with the patch
+    assert count_params(_model(patch_len=4)) - count_params(_model(patch_len=1)) == 3 * 5 * 16
+
+
+def test_auto_patch_len_keeps_at_least_16_tokens():
+    assert [auto_patch_len(t) for t in (16, 30, 32, 150, 427, 1460)] == [1, 1, 2, 8, 16, 64]
+    assert _model(patch_len=0).patch_len == 1
+    assert TransformerClassifier(**{**BASE, "seq_len": 150, "patch_len": 0}).patch_len == 8
+
+
+def test_conv_stem_adds_layers_with_the_documented_kernels():
+    assert [c.kernel_size[0] for c in _model(conv_stem=3).stem] == [5, 3, 3]
+    assert len(_model(conv_stem=0).stem) == 0
+    assert count_params(_model(conv_stem=1)) - count_params(_model(conv_stem=0)) == 16 * 16 * 5 + 16
+
+
+def test_pooling_changes_what_the_head_reads():
+    x = torch.randn(3, 12, 5)
+    mean, last = _model(pooling="mean"), _model(pooling="last")
+    last.load_state_dict(mean.state_dict())
+    assert not torch.allclose(mean(x), last(x))
+    assert hasattr(_model(pooling="cls"), "cls") and not hasattr(mean, "cls")
+
+
+def test_instance_norm_makes_the_body_ignore_level_and_scale_except_through_the_stats():
+    m = _model(instance_norm=True)
+    x = torch.randn(3, 12, 5)
+    with torch.no_grad():
+        m.stats.weight.zero_()  # cut the level/scale path: only the shape of each series is left
+    assert torch.allclose(m(x), m(3 * x + 7), atol=1e-4)
+    with torch.no_grad():
+        m.stats.weight.normal_()
+    assert not torch.allclose(m(x), m(3 * x + 7), atol=1e-4)  # level and scale still reach the head
+
+
+def test_init_is_normal_002_with_residual_projections_scaled_by_depth():
+    m = _model(hidden_dim=64, n_heads=4, n_layers=4, init_gain=1.0)
+    assert m.blocks[0].qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    for b in m.blocks:
+        assert b.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.15)
+        assert b.mlp[2].weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.1)
+    assert m.embed.weight.std().item() == pytest.approx(1 / math.sqrt(5), rel=0.3)  # unit-variance stem
+    assert all(torch.count_nonzero(mod.bias) == 0 for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    half = _model(hidden_dim=64, n_heads=4, n_layers=4, init_gain=0.5)
+    assert half.blocks[0].qkv.weight.std().item() == pytest.approx(0.01, rel=0.1)
+
+
+@pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
+@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("patch_len, conv_stem", [(1, 0), (2, 2)])
+def test_padded_steps_never_change_the_output(pos_encoding, pooling, patch_len, conv_stem):
+    m = _model(pos_encoding=pos_encoding, pooling=pooling, patch_len=patch_len, conv_stem=conv_stem,
+               instance_norm=pooling == "cls")
+    x = torch.randn(2, 8, 5)
+    padded = torch.cat((x, torch.full((2, 4, 5), math.nan)), dim=1)
+    ref = m(x)
+    assert torch.allclose(m(padded), ref, atol=1e-5)  # trailing NaN steps = the shorter series
+    mixed = torch.cat((padded, torch.randn(1, 12, 5)))  # an unpadded row in the batch turns the mask on
+    assert torch.allclose(m(mixed)[:2], ref, atol=1e-5)
+    assert torch.isfinite(m(mixed)).all()
+
+
+def test_a_series_without_any_data_gives_finite_logits():
+    for pooling in POOLINGS:
+        x = torch.randn(2, 12, 5)
+        x[1] = math.nan
+        assert torch.isfinite(_model(pooling=pooling, instance_norm=True)(x)).all()
+
+
+def test_missing_steps_inside_a_series_are_masked_and_partial_nans_are_filled():
+    m = _model(conv_stem=0, pos_encoding="none")  # a bag of steps: only the present steps count
+    x = torch.randn(1, 12, 5)
+    holed = x.clone()
+    holed[0, 3] = math.nan
+    assert torch.allclose(m(holed), m(torch.cat((x[:, :3], x[:, 4:]), dim=1)), atol=1e-5)
+    x[0, 5, 2] = math.nan
+    assert torch.isfinite(_model()(x)).all() and torch.isfinite(_model(instance_norm=True)(x)).all()
+
+
+@pytest.mark.parametrize("pos_encoding", ["sinusoidal", "rotary", "learned"])
+def test_positions_make_the_model_order_sensitive(pos_encoding):
+    # rotary acts on attention scores, which start near zero under N(0, 0.02): a larger gain shows it
+    m = _model(pos_encoding=pos_encoding, conv_stem=0, patch_len=1, pooling="mean", init_gain=10.0)
+    x = torch.randn(4, 12, 5)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(m(x), m(x[:, perm]), atol=1e-4)
+
+
+def test_without_positions_stem_or_patches_mean_pooling_is_a_bag_of_steps():
+    m = _model(pos_encoding="none", conv_stem=0, patch_len=1, pooling="mean")
+    x = torch.randn(4, 12, 5)
+    assert torch.allclose(m(x), m(x[:, torch.randperm(12)]), atol=1e-5)
+    assert not torch.allclose(_model(pos_encoding="none", conv_stem=2)(x),
+                              _model(pos_encoding="none", conv_stem=2)(x[:, torch.randperm(12)]), atol=1e-4)
+
+
+def test_bad_arguments_name_the_value():
+    with pytest.raises(ValueError, match=r"but got hidden_dim=18, n_heads=4\."):
+        _model(hidden_dim=18)
+    with pytest.raises(ValueError, match=r"patch_len=13"):
+        _model(patch_len=13)
+    with pytest.raises(ValueError, match=r"pos_encoding='alibi'"):
+        _model(pos_encoding="alibi")
+    with pytest.raises(ValueError, match=r"pooling='max'"):
+        _model(pooling="max")
+    with pytest.raises(ValueError, match=r"rotary positions need an even head size"):
+        _model(hidden_dim=12, n_heads=4, pos_encoding="rotary")
+
+
+def test_longer_sequences_rejected():
     with pytest.raises(ValueError, match="t=13"):
-        m(torch.randn(2, 13, 5))
+        _model()(torch.randn(2, 13, 5))
 
 
-def test_param_count_grows_with_capacity():
+def test_param_count_grows_with_capacity_and_ignores_frozen():
     base = count_params(_model())
     assert count_params(_model(hidden_dim=32)) > base
     assert count_params(_model(n_layers=3)) > base
     assert count_params(_model(n_heads=2)) == base  # heads split the width, they add no parameters
-
-
-def test_count_params_ignores_frozen():
     m = _model()
-    total = count_params(m)
     m.head.weight.requires_grad_(False)
-    assert count_params(m) == total - m.head.weight.numel()
-
-
-def test_init_gain_scales_linear_weights_and_zeroes_biases():
-    small, large = _model(init_gain=0.1), _model(init_gain=1.0)
-    ratio = small.blocks[0].qkv.weight.std() / large.blocks[0].qkv.weight.std()
-    assert 0.07 < ratio < 0.13
-    assert small.embed.weight.abs().max() <= 0.1 * (6 / (5 + 16)) ** 0.5 + 1e-6  # xavier bound x gain
-    assert all(torch.count_nonzero(m.bias) == 0 for m in small.modules() if isinstance(m, torch.nn.Linear))
-
-
-def test_heads_must_divide_hidden():
-    with pytest.raises(ValueError, match=r"but got hidden_dim=18, n_heads=4\."):
-        _model(hidden_dim=18)
+    assert count_params(m) == base - m.head.weight.numel()
 
 
 def test_eval_mode_is_deterministic_train_mode_is_not():
     m, x = _model(dropout=0.5), torch.randn(4, 12, 5)
-    m.eval()
     assert torch.equal(m(x), m(x))
     m.train()
     assert not torch.equal(m(x), m(x))
 
 
-def test_gradients_reach_every_parameter():
-    m = _model()
-    m(torch.randn(3, 12, 5)).sum().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+# --- an order-only task: the default model learns it, a bag of steps cannot ----------------------
+
+
+def _order_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two events (a spike on channel 0, one on channel 1) at random steps; class = which comes first.
+
+    Every series holds the same multiset of steps whatever its class, so only order tells them apart.
+    """
+    rng = np.random.default_rng(seed)
+    t = 16
+    x = rng.normal(0, 0.3, (n, t, 3)).astype(np.float32)
+    y = rng.integers(0, 2, n)
+    for i in range(n):
+        a, b = sorted(rng.choice(t, 2, replace=False))
+        first, second = (0, 1) if y[i] == 0 else (1, 0)
+        x[i, a, first] += 3.0
+        x[i, b, second] += 3.0
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def _fit(hp: Hyperparams) -> float:
+    xtr, ytr = _order_task(600, 0)
+    xva, yva = _order_task(200, 1)
+    xte, yte = _order_task(300, 2)
+    data = TaskData(xtr, ytr, xva, yva, xte, yte, mean=np.zeros(3, np.float32), std=np.ones(3, np.float32),
+                    n_classes=2)
+    cfg = TrainConfig(epochs=8, early_stopping_patience=0, device="cpu", warmup_epochs=0.5)
+    result = train_and_evaluate(data, hp, cfg, seed=0)
+    return evaluate(result.model, data.x_test, data.y_test, 512)[1]
+
+
+def test_order_only_task_is_learned_by_the_default_model_not_by_a_bag_of_steps():
+    small = dict(hidden_dim=32, n_layers=1, n_heads=4, lr=2e-3, batch_size=32)
+    assert _fit(Hyperparams(**small)) >= 0.9
+    bag = Hyperparams(**small, pos_encoding="none", conv_stem=0, patch_len=1, pooling="mean")
+    assert _fit(bag) <= 0.65
+
+
+# --- the knobs as study parameters ------------------------------------------------------------------
+
+
+def _parse(**sections) -> config.StudyConfig:
+    return config.parse({"study": {"name": "m"}, **sections})
+
+
+def test_model_knobs_are_study_parameters_with_string_and_bool_choices():
+    cfg = _parse(baseline={"pos_encoding": "rotary", "pooling": "cls", "instance_norm": True, "patch_len": 2},
+                 space={"pos_encoding": {"choices": ["rotary", "sinusoidal"]}, "pooling": {"choices": ["cls", "mean"]},
+                        "instance_norm": {"choices": [True, False]}, "patch_len": {"choices": [1, 2, 4]},
+                        "conv_stem": {"low": 0, "high": 3}})
+    assert cfg.baseline.pos_encoding == "rotary" and cfg.baseline.instance_norm is True
+    assert [p.name for p in cfg.space] == ["pos_encoding", "pooling", "instance_norm", "patch_len", "conv_stem"]
+    again = config.from_dict(cfg.to_dict())
+    assert (again.baseline, again.space) == (cfg.baseline, cfg.space)
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"baseline": {"pooling": "max"}}, r"baseline\.pooling: 'max' is not one of mean, cls, last"),
+    ({"space": {"pos_encoding": {"choices": ["sinusoidal", "alibi"]}}}, r"space\.pos_encoding: 'alibi' is not one of"),
+    ({"space": {"pooling": {"low": 0, "high": 1}}}, r"space\.pooling: must be a table of choices"),
+    ({"space": {"instance_norm": {"choices": [1, 0]}}}, r"space\.instance_norm\.choices: must be true or false"),
+    ({"baseline": {"conv_stem": 4}}, r"baseline\.conv_stem: must be in 0\.\.3, got 4"),
+    ({"space": {"conv_stem": {"low": 0, "high": 5}}}, r"space\.conv_stem: must be in 0\.\.3, got 5"),
+    ({"baseline": {"patch_len": 32}}, r"baseline\.patch_len: 32 is longer than the sequences \(16 steps\)"),
+    ({"space": {"patch_len": {"choices": [1, 64]}}}, r"space\.patch_len: 64 is longer than the sequences"),
+])
+def test_bad_model_knobs_are_config_errors_naming_the_key(sections, message):
+    with pytest.raises(ConfigError, match=message):
+        _parse(**sections)
+
+
+def test_patch_len_longer_than_a_data_file_is_one_line_exit_2_and_nothing_written(tmp_path: Path, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "short.npz", X=rng.normal(size=(40, 6, 2)).astype(np.float32), y=np.arange(40) % 2)
+    study = tmp_path / "s.toml"
+    study.write_text('[study]\nname = "s"\n[data]\nsource = "short.npz"\n[baseline]\npatch_len = 8\n')
+    assert cli.main(["run", str(study)]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""  # before anything else
+    err = out.err.strip()
+    assert "baseline.patch_len: 8 is longer than the sequences (6 steps)" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_default_hyperparams_build_on_any_length():
+    for t in (4, 16, 150, 1460):
+        m = TransformerClassifier(n_features=1, n_classes=2, seq_len=t, hidden_dim=Hyperparams().hidden_dim,
+                                  n_layers=1, n_heads=4, dropout=0.0, patch_len=Hyperparams().patch_len)
+        assert min(t, 16) <= m.n_tokens < 32
+    assert DataConfig().seq_len >= Hyperparams().patch_len

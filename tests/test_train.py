@@ -18,7 +18,9 @@ from cycle_optuna.train import (EpochMetrics, build_model, evaluate, lr_at, lr_f
                                 train_and_evaluate)
 
 HP = Hyperparams(lr=3e-3, batch_size=16, hidden_dim=16, n_layers=1, n_heads=2, dropout=0.1, weight_decay=0.01)
-CFG = TrainConfig(epochs=6, schedule="constant", warmup_epochs=0, early_stopping_patience=0, device="cpu")
+# plain cross-entropy: the loss-level effects below (memorising, a too-high lr) are measured on it
+CFG = TrainConfig(epochs=6, schedule="constant", warmup_epochs=0, early_stopping_patience=0, device="cpu",
+                  min_epoch_samples=0, label_smoothing=0.0)  # one pass per epoch: counts below are per pass
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,7 +73,7 @@ def test_same_seed_same_history(easy):
 
 def test_nan_inputs_skip_batches_and_training_continues(easy):
     x = easy.x_train.clone()
-    x[[3, 40, 77], 2, 1] = float("nan")
+    x[[3, 40, 77], 2, 1] = float("inf")  # NaN marks missing data (masked); inf poisons the batch
     r = _run(_with_x_train(easy, x))
     assert not r.diverged
     assert all(1 <= m.nan_batches <= 3 for m in r.history)  # the three poisoned samples' batches
@@ -83,7 +85,7 @@ def test_nan_inputs_skip_batches_and_training_continues(easy):
 
 def test_all_nan_inputs_diverge_without_raising(easy):
     reports = []
-    x = torch.full_like(easy.x_train, float("nan"))
+    x = torch.full_like(easy.x_train, float("inf"))
     r = _run(_with_x_train(easy, x), cfg=dataclasses.replace(CFG, max_bad_batches=3), report=reports.append)
     assert r.diverged and not r.stopped_early
     assert r.best_val_loss == math.inf and r.best_epoch == -1
@@ -301,14 +303,15 @@ def test_threads_option_sets_torch_threads(easy):
 
 def test_too_high_lr_is_clearly_worse(easy):
     # Training at a too-high lr is chaotic: one seed can land well by luck (and where it lands
-    # depends on the CPU's float kernels), so compare medians over three seeds.
-    cfg = dataclasses.replace(CFG, epochs=4)
+    # depends on the CPU's float kernels), so compare medians over three seeds. The pre-LN blocks,
+    # the stem and gradient clipping survive lr 1.0 on this easy task; lr 10 they do not.
+    cfg = dataclasses.replace(CFG, epochs=4, min_epoch_samples=512)  # 5 passes of 105 rows an epoch
     good = [_run(easy, cfg=cfg, seed=s) for s in range(3)]
-    bad = [_run(easy, dataclasses.replace(HP, lr=1.0), cfg, seed=s) for s in range(3)]
+    bad = [_run(easy, dataclasses.replace(HP, lr=10.0), cfg, seed=s) for s in range(3)]
     loss = {k: statistics.median(r.best_val_loss for r in runs) for k, runs in (("good", good), ("bad", bad))}
     acc = {k: statistics.median(r.best_val_accuracy for r in runs) for k, runs in (("good", good), ("bad", bad))}
-    assert acc["good"] > 0.85
-    assert loss["bad"] > 1.3 * loss["good"] and acc["bad"] < acc["good"] - 0.2
+    assert acc["good"] > 0.8  # 24 validation samples: one of them is 4 points; chance is 1/3
+    assert loss["bad"] > 1.3 * loss["good"] and acc["bad"] < acc["good"] - 0.1
 
 
 BIG = dataclasses.replace(HP, lr=1e-3, hidden_dim=64, n_layers=2, n_heads=4, dropout=0.0, weight_decay=0.0)
@@ -331,3 +334,13 @@ def test_tiny_model_underfits(hard, big_run):
     small = _run(hard, tiny, dataclasses.replace(CFG, epochs=30))
     assert min(m.train_loss for m in small.history) > 0.9  # cannot even fit the training set
     assert min(m.train_loss for m in big_run.history) < 0.3
+
+
+def test_cuda_graph_mode_trains_eagerly_off_cuda(easy):
+    """CUDA graphs exist only on CUDA: elsewhere the mode is plain eager training, not an error."""
+    from cycle_optuna import train
+
+    cfg = dataclasses.replace(CFG, epochs=2, compile="cudagraphs")
+    model = build_model(easy, HP, cfg)
+    assert train._compiled(model, cfg, torch.device("cpu"), steps=10_000) is model
+    assert _curve(_run(easy, cfg=cfg)) == _curve(_run(easy, cfg=dataclasses.replace(CFG, epochs=2)))

@@ -1,0 +1,48 @@
+"""The best trial's model wrapped with its input normalisation (the one place the queries need torch)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class CycleModel(torch.nn.Module):
+    """The best trial's trained model with its input normalisation: call it on raw data.
+
+    ``model(x)`` returns logits for raw ``[N, T, F]`` input (T <= ``seq_len``, F = ``n_features``);
+    ``predict`` returns class indices and ``predict_proba`` class probabilities, for numpy arrays or
+    tensors, one ``[T, F]`` sequence or a batch. ``params`` holds the trial's hyperparameters.
+    """
+
+    def __init__(self, net: torch.nn.Module, mean: Any, std: Any, *, params: dict[str, Any], trial_number: int) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)))
+        self.register_buffer("std", torch.as_tensor(np.asarray(std, dtype=np.float32)))
+        self.params = dict(params)
+        self.trial_number = trial_number
+        self.n_features = int(self.mean.shape[0])
+        self.seq_len = int(getattr(net, "seq_len", 0)) or None  # longest input sequence
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from cycle_optuna.data import fill_partial
+
+        # NaN marks missing values as in training: filled within a step, all-NaN steps masked by the net
+        return self.net(fill_partial((x.float() - self.mean) / self.std))
+
+    def _logits(self, x: Any) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, torch.Tensor) else x
+        single = x.dim() == 2
+        with torch.inference_mode():
+            logits = self(x.to(self.mean.device)[None] if single else x.to(self.mean.device))
+        return logits[0] if single else logits
+
+    def predict_proba(self, x: Any) -> np.ndarray:
+        """Class probabilities for raw input ``[N, T, F]`` (or one ``[T, F]`` sequence)."""
+        return torch.softmax(self._logits(x).float(), dim=-1).cpu().numpy()
+
+    def predict(self, x: Any) -> np.ndarray:
+        """Class indices for raw input ``[N, T, F]`` (or one ``[T, F]`` sequence)."""
+        return self._logits(x).argmax(dim=-1).cpu().numpy()

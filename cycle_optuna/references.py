@@ -1,0 +1,44 @@
+"""Reading a study's stored reference baselines: which is best, and how a tuned result compares.
+
+Pure Python, so `best` and `status` need no torch; computing them is cycle_optuna.baselines.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+BASELINES_ATTR = "cycle_optuna_baselines"
+LABELS = {"majority": "majority class", "1nn": "1-NN Euclidean", "mlp": "MLP on summary features"}
+
+
+def best_reference(baselines: dict[str, dict[str, Any]] | None) -> tuple[str, dict[str, Any]] | None:
+    """The baseline with the highest validation accuracy, as (key, entry); None without baselines."""
+    if not baselines:
+        return None
+    scored = [(k, v) for k, v in baselines.items() if isinstance(v, dict) and v.get("val_accuracy") is not None]
+    return max(scored, key=lambda kv: kv[1]["val_accuracy"]) if scored else None
+
+
+def compare(baselines: dict[str, dict[str, Any]] | None, *, val_accuracy: float | None,
+            test_accuracy: float | None) -> list[dict[str, Any]]:
+    """One record per baseline: whether the tuned model beats it, by how many points, on val and test."""
+    out = []
+    for key, b in (baselines or {}).items():
+        rec: dict[str, Any] = {"baseline": key, "label": b.get("label", key)}
+        parts = []
+        for split, mine in (("val", val_accuracy), ("test", test_accuracy)):
+            theirs = b.get(f"{split}_accuracy")
+            rec[f"{split}_accuracy"] = theirs
+            if mine is None or theirs is None:
+                rec[f"{split}_margin"] = None
+                continue
+            margin = round(100.0 * (mine - theirs), 2)
+            rec[f"{split}_margin"] = margin
+            parts.append(f"{_verdict(margin)} on {split} ({mine:.1%} vs {theirs:.1%}, {margin:+.1f} points)")
+        rec["line"] = f"{rec['label']}: " + ("; ".join(parts) if parts else "no comparable accuracy")
+        out.append(rec)
+    return out
+
+
+def _verdict(margin: float) -> str:
+    return "beats it" if margin > 0 else "ties it" if margin == 0 else "below it"
