@@ -65,6 +65,7 @@ PRUNERS = {
     "none": {"type": "none"},
     "median": {"type": "median", "n_startup_trials": 4, "n_warmup_steps": 2},
     "hyperband": {"type": "hyperband", "min_resource": 2, "reduction_factor": 3},
+    "parent": {"type": "parent", "warmup_fraction": 0.25, "margin": 0.0, "patience": 2, "n_startup_trials": 1},
 }
 TARGET_SAVED, TARGET_LOSS = 0.40, 0.01
 
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="MedianPruner n_startup_trials and n_warmup_steps (default 4 2)")
     ap.add_argument("--hyperband", nargs=2, type=int, metavar=("MIN_RESOURCE", "REDUCTION_FACTOR"),
                     help="HyperbandPruner min_resource and reduction_factor (default 2 3)")
+    ap.add_argument("--parent", nargs=3, type=float, action="append", metavar=("WARMUP_FRACTION", "MARGIN", "PATIENCE"),
+                    help="ParentCurvePruner settings (default 0.25 0 2); repeat to compare several")
+    ap.add_argument("--pruners", nargs="+", default=None, help="run only these (none is always run first)")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore")
@@ -158,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         pruners["median"].update(n_startup_trials=args.median[0], n_warmup_steps=args.median[1])
     if args.hyperband:
         pruners["hyperband"].update(min_resource=args.hyperband[0], reduction_factor=args.hyperband[1])
+    if args.parent:
+        base = pruners.pop("parent")
+        for w, m, pat in args.parent:
+            pruners[f"parent-{w:g}-{m:g}-{pat:g}"] = {**base, "warmup_fraction": w, "margin": m, "patience": int(pat)}
+    if args.pruners:
+        pruners = {k: v for k, v in pruners.items() if k == "none" or k in args.pruners or k.startswith("parent-")}
     d, t, s = raw["data"], raw["train"], raw["space"]
     n_train = round(d["n_samples"] * 0.7)
     print(f"sizes: {d['n_samples']} synthetic sequences x {d['seq_len']} steps x 8 features, 3 classes "

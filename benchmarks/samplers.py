@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/samplers.py --quick    # smoke test: 2 seeds, budgets 5/10, tiny task
 
 Search: each (sampler, seed) runs one study of max(budget) trials in one process, with the study
-file's median pruner, cycle 1 = the baseline for every sampler (as `cycle-optuna run` does), and
+file's pruner, cycle 1 = the baseline for every sampler (as `cycle-optuna run` does), and
 the study seed seeding data split, model init and sampler. A budget of k trials is the first k
 trials of that study. Per sampler and budget: median best val loss over seeds with its min-max,
 and the median number of epochs trained (pruned trials count the epochs they ran). The task is
@@ -177,12 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ask-sizes", type=int, nargs="*", default=None, help="default 1000 10000 (1000 with --quick)")
     p.add_argument("--only", choices=("search", "ask"), default=None, help="run one part only")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    p.add_argument("--budgets", type=int, nargs="+", default=None, help="default 10 20 40 (5 10 with --quick)")
     args = p.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")
 
     size = QUICK_TASK if args.quick else FULL_TASK
-    budgets = [5, 10] if args.quick else [10, 20, 40]
+    budgets = args.budgets or ([5, 10] if args.quick else [10, 20, 40])
     seeds = list(range(args.seeds or (2 if args.quick else 5)))
     samplers = tuple(args.samplers)
     ask_sizes = args.ask_sizes if args.ask_sizes is not None else ([1000] if args.quick else [1000, 10000])
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         f"task: studies/seed.toml's synthetic task shrunk to n_samples={size['n_samples']}, "
         f"seq_len={size['seq_len']}, epochs={size['epochs']} (early stopping 3), CPU, 1 thread per study; "
         f"space: " + ", ".join(f"{s.name} {list(s.choices) if s.choices else [s.low, s.high]}" for s in SPACE)
-        + f"; median pruner; seeds {seeds}; budgets {budgets}",
+        + f"; the study file's pruner ({config_mod.load(ROOT / 'studies' / 'seed.toml').pruner.type}); seeds {seeds}; budgets {budgets}",
         flush=True,
     )
 

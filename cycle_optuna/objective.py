@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 import tempfile
 import uuid
@@ -15,17 +16,24 @@ from optuna.artifacts import upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
-from cycle_optuna import space
+from cycle_optuna import baselines, pack, space
 from cycle_optuna import storage as storage_mod
 from cycle_optuna.config import Hyperparams, PrunerConfig, StudyConfig
 from cycle_optuna.data import TaskData
 from cycle_optuna.model import count_params
-from cycle_optuna.train import EpochMetrics, TrainResult, train_and_evaluate
+from cycle_optuna.pruners import ParentCurvePruner
+from cycle_optuna.train import EpochMetrics, TrainResult, model_kwargs, train_and_evaluate
 
-DIAGNOSES = ("diverged", "unstable", "underfit", "overfit", "converging", "converged")
+DIAGNOSES = ("diverged", "unstable", "underfit", "overfit", "below_baseline", "converging", "converged")
 MODEL_FILE = "model.pt"
 CHECKPOINT_ATTR = "checkpoint_artifact_id"  # user attr: the trial's latest epoch checkpoint
 RESUMED_ATTR = "resumed_from"  # user attr on a retry: "trial N epoch E"
+
+_log = logging.getLogger(__name__)
+
+
+class ModelNotSaved(OSError):
+    """The model of a trial that beat every finished trial could not be stored."""
 
 
 def make_pruner(cfg: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
@@ -40,6 +48,11 @@ def make_pruner(cfg: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
         return optuna.pruners.SuccessiveHalvingPruner(**halving)
     if cfg.type == "hyperband":
         return optuna.pruners.HyperbandPruner(max_resource=epochs, **halving)
+    if cfg.type == "parent":
+        return ParentCurvePruner(
+            n_steps=epochs, warmup_fraction=cfg.warmup_fraction, margin=cfg.margin,
+            patience=cfg.patience, n_startup_trials=cfg.n_startup_trials,
+        )
     if cfg.type == "patient":
         return optuna.pruners.PatientPruner(
             optuna.pruners.MedianPruner(**median), patience=cfg.patience, min_delta=cfg.min_delta
@@ -47,8 +60,13 @@ def make_pruner(cfg: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def diagnose(result: TrainResult, n_classes: int) -> str:
-    """Name what the learning curves show; the sampler uses it to order its moves."""
+def diagnose(result: TrainResult, n_classes: int, *, reference: float | None = None) -> str:
+    """Name what the learning curves show; the sampler uses it to order its moves.
+
+    ``reference``: the best reference baseline's validation accuracy. A result below it is never
+    `converged` or `converging`: it is `underfit` when the model fits its training data no better
+    than the validation data (capacity or optimisation is the limit), else `below_baseline`.
+    """
     hist = [h for h in result.history if math.isfinite(h.val_loss)]
     if result.diverged or not hist:
         return "diverged"
@@ -62,6 +80,8 @@ def diagnose(result: TrainResult, n_classes: int) -> str:
         return "underfit"
     if last.val_loss > best * 1.05 and last.train_loss < 0.8 * last.val_loss:
         return "overfit"
+    if reference is not None and result.best_val_accuracy < reference:
+        return "underfit" if result.final_train_loss >= 0.9 * best else "below_baseline"
     if result.best_epoch == hist[-1].epoch and len(vals) >= 2 and vals[-1] < vals[-2] * 0.99:
         return "converging"
     return "converged"
@@ -82,19 +102,93 @@ class Objective:
         *,
         artifact_store: optuna.artifacts.FileSystemArtifactStore | None = None,
         on_epoch: Callable[[optuna.Trial, EpochMetrics], None] | None = None,
+        defer_cleanup: bool = False,
     ) -> None:
         self.cfg = cfg
         self.data = data
         self.artifact_store = artifact_store
         self.on_epoch = on_epoch
+        # True under the worker loop: a trial's checkpoints go only once its outcome is stored
+        # (trial_ended), so a kill in between still leaves its retry something to resume from
+        self.defer_cleanup = defer_cleanup
+        self._pending: dict[int, TrialCheckpoints] = {}
+        self._reference: float | None | bool = False  # False: not read from the study yet
+
+    @property
+    def pack(self) -> int:
+        """Trials a worker may hand to :meth:`run_pack` at once ([train] pack)."""
+        return self.cfg.train.pack
 
     def __call__(self, trial: optuna.Trial) -> float:
+        hp = self._suggest(trial)
+        ckpt = self._checkpoints(trial)
+        return self._run_alone(trial, hp, ckpt, ckpt.resume_state() if ckpt else None)
+
+    def run_pack(self, trials: list[optuna.Trial]) -> list[float | Exception]:
+        """Several trials at once: those of one shape as a packed population, the rest alone.
+
+        Per trial, its value or the exception it ended with (what __call__ would have raised).
+        A retry resumes alone from its checkpoint.
+        """
+        outcomes: dict[int, float | Exception] = {}
+        ready: list[tuple[optuna.Trial, Hyperparams]] = []
+        for trial in trials:
+            try:
+                ready.append((trial, self._suggest(trial)))
+            except Exception as e:
+                outcomes[trial.number] = e
+        ckpts = {t.number: self._checkpoints(t) for t, _ in ready}
+        resumes = {n: c.resume_state() if c else None for n, c in ckpts.items()}
+        fresh = [i for i, (t, _) in enumerate(ready) if resumes[t.number] is None]
+        batches = [[i] for i in range(len(ready)) if i not in fresh] + [
+            [fresh[j] for j in group]
+            for group in pack.groups([ready[i][1] for i in fresh], self.data, self.cfg.train, size=self.pack)]
+        for batch in batches:
+            if len(batch) == 1:
+                trial, hp = ready[batch[0]]
+                try:
+                    outcomes[trial.number] = self._run_alone(trial, hp, ckpts[trial.number], resumes[trial.number])
+                except Exception as e:
+                    outcomes[trial.number] = e
+            else:
+                outcomes.update(self._run_packed([ready[i] for i in batch], ckpts))
+        return [outcomes[t.number] for t in trials]
+
+    def _run_packed(self, members: list[tuple[optuna.Trial, Hyperparams]],
+                    ckpts: dict[int, TrialCheckpoints | None]) -> dict[int, float | Exception]:
+        trials = [t for t, _ in members]
         try:
-            hp = space.suggest(trial, self.cfg)
+            results: list = pack.train_pack(
+                self.data, [hp for _, hp in members], self.cfg.train, seed=self.cfg.study.seed,
+                reports=[self._reporter(t) for t in trials],
+                checkpoints=[ckpts[t.number].save if ckpts[t.number] else None for t in trials])
+        except Exception as e:  # the population itself failed: every member ends with it
+            results = [e] * len(trials)
+        out: dict[int, float | Exception] = {}
+        for trial, result in zip(trials, results):
+            self._end_checkpoints(ckpts[trial.number], result if isinstance(result, Exception) else None)
+            if isinstance(result, Exception):
+                out[trial.number] = result
+                continue
+            try:
+                out[trial.number] = self._finish(trial, result, save=False)
+            except Exception as e:
+                out[trial.number] = e
+        # one upload per pack: members finish together, so each would count as better than the others
+        done = [(out[t.number], t, r) for t, r in zip(trials, results) if not isinstance(out[t.number], Exception)]
+        if done:
+            _, trial, result = min(done, key=lambda d: d[0])
+            self._save_if_best(trial, result, ckpts[trial.number])
+        return out
+
+    def _suggest(self, trial: optuna.Trial) -> Hyperparams:
+        try:
+            return space.suggest(trial, self.cfg)
         except space.InvalidCombination as e:
             trial.set_user_attr("error", f"impossible combination: {e}")
             raise
 
+    def _reporter(self, trial: optuna.Trial) -> Callable[[EpochMetrics], None]:
         def report(m: EpochMetrics) -> None:
             if self.on_epoch is not None:
                 self.on_epoch(trial, m)
@@ -110,20 +204,69 @@ class Objective:
                 )
                 raise optuna.TrialPruned(f"epoch {m.epoch + 1}: val loss {m.val_loss:.4f}")
 
-        ckpt = TrialCheckpoints(self.artifact_store, trial) if self.artifact_store is not None else None
-        try:
-            result = train_and_evaluate(
-                self.data, hp, self.cfg.train, seed=self.cfg.study.seed, report=report,
-                checkpoint=ckpt.save if ckpt else None, resume=ckpt.resume_state() if ckpt else None,
-            )
-        except Exception as e:
-            # an interrupted trial, or one cut off by the database, is retried from its checkpoint
-            if ckpt is not None and not storage_mod.is_connection_error(e):
-                ckpt.discard()
-            raise
+        return report
+
+    def _checkpoints(self, trial: optuna.Trial) -> TrialCheckpoints | None:
+        if self.artifact_store is None:
+            return None
+        ckpt = TrialCheckpoints(self.artifact_store, trial)
+        if self.defer_cleanup:
+            self._pending[trial.number] = ckpt
+        return ckpt
+
+    def _end_checkpoints(self, ckpt: TrialCheckpoints | None, error: Exception | None = None) -> None:
+        # under the worker loop they go once the outcome is stored (trial_ended); an interrupted
+        # trial, or one cut off by the database, is retried from its checkpoint
+        if ckpt is not None and not self.defer_cleanup and (error is None or not storage_mod.is_connection_error(error)):
+            ckpt.discard()
+
+    def trial_ended(self, number: int) -> None:
+        """The trial's outcome is stored: delete its checkpoints and its ancestors'."""
+        ckpt = self._pending.pop(number, None)
         if ckpt is not None:
             ckpt.discard()
-        diagnosis = diagnose(result, self.data.n_classes)
+
+    def trial_abandoned(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """A failed trial gets no retry: delete its checkpoints and its ancestors'."""
+        self._pending.pop(trial.number, None)
+        if self.artifact_store is not None:
+            TrialCheckpoints.remove_lineage(self.artifact_store, study, trial)
+
+    def sweep_checkpoints(self, study: optuna.Study) -> int:
+        """Delete checkpoints that no running or waiting trial can resume from; how many.
+
+        They are left when a worker dies after its trial's outcome is stored but before the
+        checkpoint goes; a worker sweeps once when it starts.
+        """
+        if self.artifact_store is None:
+            return 0
+        trials = study.get_trials(deepcopy=False)
+        live = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        by_number = {t.number: t for t in trials}
+        keep = {by_number[n].user_attrs.get(CHECKPOINT_ATTR) for t in live for n in [t.number, *_ancestors(t)]
+                if n in by_number}
+        stale = {t.user_attrs[CHECKPOINT_ATTR] for t in trials if CHECKPOINT_ATTR in t.user_attrs} - keep
+        for artifact_id in stale:
+            _remove(self.artifact_store, artifact_id)
+        return len(stale)
+
+    def _run_alone(self, trial: optuna.Trial, hp: Hyperparams, ckpt: TrialCheckpoints | None,
+                   resume: dict | None) -> float:
+        try:
+            result = train_and_evaluate(
+                self.data, hp, self.cfg.train, seed=self.cfg.study.seed, report=self._reporter(trial),
+                checkpoint=ckpt.save if ckpt else None, resume=resume,
+            )
+        except Exception as e:
+            self._end_checkpoints(ckpt, e)
+            raise
+        self._end_checkpoints(ckpt)
+        return self._finish(trial, result, save=True, ckpt=ckpt)
+
+    def _finish(self, trial: optuna.Trial, result: TrainResult, *, save: bool,
+                ckpt: TrialCheckpoints | None = None) -> float:
+        """The trial contract's user attrs; PRUNED (raised) when it diverged; the value otherwise."""
+        diagnosis = diagnose(result, self.data.n_classes, reference=self._reference_accuracy(trial))
         first = next((h.val_loss for h in result.history if math.isfinite(h.val_loss)), math.nan)
         attrs = {
             "val_accuracy": result.best_val_accuracy,
@@ -141,11 +284,24 @@ class Objective:
         if diagnosis == "diverged":
             trial.set_user_attr("prune_reason", "diverged: the loss became non-finite and stayed so")
             raise optuna.TrialPruned("diverged")
-        self._save_if_best(trial, result)
+        if save:
+            self._save_if_best(trial, result, ckpt)
         return result.best_val_loss
 
-    def _save_if_best(self, trial: optuna.Trial, result: TrainResult) -> None:
-        """Upload the model only when it beats every finished trial, so disk stays bounded."""
+    def _reference_accuracy(self, trial: optuna.Trial) -> float | None:
+        """The best reference baseline's validation accuracy, read from the study once per worker."""
+        if self._reference is False:
+            best = baselines.best_reference(trial.study.user_attrs.get(baselines.BASELINES_ATTR))
+            self._reference = best[1]["val_accuracy"] if best else None
+        return self._reference  # type: ignore[return-value]
+
+    def _save_if_best(self, trial: optuna.Trial, result: TrainResult, ckpt: TrialCheckpoints | None) -> None:
+        """Upload the model only when it beats every finished trial, so disk stays bounded.
+
+        The artifact store writes it whole and synced, or not at all. A new best whose model
+        cannot be stored fails (ModelNotSaved) rather than completing as a best without a model;
+        its value stays in the `unsaved_val_loss` attr.
+        """
         if self.artifact_store is None:
             return
         done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -155,34 +311,41 @@ class Objective:
             path = Path(tmp) / MODEL_FILE
             kwargs = model_kwargs(self.data, space.to_hyperparams(self.cfg, trial.params), self.cfg.train.init_gain)
             torch.save(model_payload(result.model, kwargs, self.data, trial.params), path)
-            try:
-                artifact_id = upload_artifact(
-                    artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial
-                )
-            except (OSError, ArtifactNotFound) as e:  # a full or unshared disk must not lose the trial
-                trial.set_user_attr("model_save_error", str(e))
-                return
+            for attempt in (1, 2):
+                try:
+                    artifact_id = upload_artifact(
+                        artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial
+                    )
+                    break
+                except (OSError, ArtifactNotFound) as e:
+                    if attempt == 1 and ckpt is not None:
+                        ckpt.discard()  # the trial has finished training: its checkpoints' space is free
+                        continue
+                    trial.set_user_attr("unsaved_val_loss", _json_safe(result.best_val_loss))
+                    raise ModelNotSaved(f"model of trial {trial.number} (a new best, val loss "
+                                        f"{result.best_val_loss:.4f}) not saved: {_reason(e)}") from e
         trial.set_user_attr("model_artifact_id", artifact_id)
 
 
 class TrialCheckpoints:
     """A trial's epoch checkpoints in the artifact store; a retry resumes from its failed parent's.
 
-    Only the latest checkpoint is kept (its id is the trial's CHECKPOINT_ATTR, written after the
-    file is complete), and all of them go once the trial finishes, so disk stays bounded.
+    One file per trial, named before its first write (the trial's CHECKPOINT_ATTR) and replaced
+    whole each epoch by the store, so no kill leaves an orphan or a truncated file. It is deleted,
+    with its failed ancestors', once the trial ends, so disk stays bounded.
     """
 
     def __init__(self, store: optuna.artifacts.FileSystemArtifactStore, trial: optuna.Trial) -> None:
         self.store, self.trial = store, trial
         self.latest: str | None = None
         self.inherited: list[str] = []  # failed ancestors' checkpoints, deleted when this trial ends
+        self.failed = False  # a write failed (reported once per trial)
 
     def resume_state(self) -> dict | None:
         """The newest checkpoint of the trial this one retries (RetryFailedTrialCallback's
         `failed_trial`/`retry_history` system attrs), or None to start from scratch."""
         trials = {t.number: t for t in self.trial.study.get_trials(deepcopy=False)}
-        me = trials[self.trial.number].system_attrs
-        ancestors = list(me.get("retry_history") or ([me["failed_trial"]] if "failed_trial" in me else []))
+        ancestors = _ancestors(trials[self.trial.number])
         self.inherited = [trials[n].user_attrs[CHECKPOINT_ATTR] for n in ancestors
                           if n in trials and CHECKPOINT_ATTR in trials[n].user_attrs]
         for number in reversed(ancestors):
@@ -192,7 +355,9 @@ class TrialCheckpoints:
             try:
                 with self.store.open_reader(artifact_id) as f:
                     state = torch.load(io.BytesIO(f.read()), weights_only=True)
-            except (OSError, ArtifactNotFound, RuntimeError, ValueError) as e:
+            except ArtifactNotFound:
+                continue  # that trial died before its first checkpoint was written
+            except (OSError, RuntimeError, ValueError) as e:
                 self.trial.set_user_attr("resume_error", f"checkpoint of trial {number}: {e}")
                 continue
             self.trial.set_user_attr(RESUMED_ATTR, f"trial {number} epoch {state['epoch'] + 1}")
@@ -200,41 +365,59 @@ class TrialCheckpoints:
         return None
 
     def save(self, epoch: int, state: dict) -> None:
-        """checkpoint= hook of train_and_evaluate: store `state`, then drop the previous one."""
+        """checkpoint= hook of train_and_evaluate: replace the trial's checkpoint with `state`."""
+        if self.latest is None:
+            # named on the trial before the first write, so a kill during it leaves no orphan
+            self.latest = f"checkpoint-{uuid.uuid4().hex}"
+            self.trial.set_user_attr(CHECKPOINT_ATTR, self.latest)
         buf = io.BytesIO()
         torch.save(state, buf)
         buf.seek(0)
-        artifact_id = f"checkpoint-{uuid.uuid4().hex}"
         try:
-            self.store.write(artifact_id, buf)
+            self.store.write(self.latest, buf)
         except OSError as e:  # a full disk costs resumability, not the trial
-            self.trial.set_user_attr("checkpoint_error", str(e))
-            return
-        self.trial.set_user_attr(CHECKPOINT_ATTR, artifact_id)
-        previous, self.latest = self.latest, artifact_id
-        if previous is not None:
-            self._remove(previous)
+            self.trial.set_user_attr("checkpoint_error", _reason(e))
+            if not self.failed:
+                _log.warning("trial %d: epoch checkpoint not saved: %s; the trial goes on, but a "
+                             "retry of it would start over", self.trial.number, _reason(e))
+            self.failed = True
 
     def discard(self) -> None:
         """Delete this trial's and its ancestors' checkpoints (the trial has ended)."""
         for artifact_id in dict.fromkeys([*self.inherited, *([self.latest] if self.latest else [])]):
-            self._remove(artifact_id)
-        self.inherited, self.latest = [], None
+            _remove(self.store, artifact_id)
+        self.inherited = []
 
-    def _remove(self, artifact_id: str) -> None:
-        try:
-            self.store.remove(artifact_id)
-        except (OSError, ArtifactNotFound):
-            pass
+    @staticmethod
+    def remove_lineage(store: optuna.artifacts.FileSystemArtifactStore, study: optuna.Study,
+                       trial: optuna.trial.FrozenTrial) -> None:
+        """Delete the checkpoints of a failed trial that gets no retry, and of its ancestors."""
+        trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        lineage = [trials[n] for n in _ancestors(trial) if n in trials] + [trial]
+        for artifact_id in dict.fromkeys(t.user_attrs[CHECKPOINT_ATTR] for t in lineage if CHECKPOINT_ATTR in t.user_attrs):
+            _remove(store, artifact_id)
 
 
-def model_kwargs(data: TaskData, hp: Hyperparams, init_gain: float) -> dict:
-    """TransformerClassifier's constructor arguments for `hp` on `data`."""
-    return dict(
-        n_features=data.n_features, n_classes=data.n_classes, seq_len=data.seq_len,
-        hidden_dim=hp.hidden_dim, n_layers=hp.n_layers, n_heads=hp.n_heads,
-        dropout=hp.dropout, init_gain=init_gain,
-    )
+def _ancestors(trial: optuna.trial.FrozenTrial) -> list[int]:
+    attrs = trial.system_attrs
+    return list(attrs.get("retry_history") or ([attrs["failed_trial"]] if "failed_trial" in attrs else []))
+
+
+def _remove(store: optuna.artifacts.FileSystemArtifactStore, artifact_id: str) -> None:
+    try:
+        if isinstance(store, storage_mod.DurableArtifactStore):
+            store.remove_all(artifact_id)  # with any temporary file a killed writer left
+        else:
+            store.remove(artifact_id)
+    except (OSError, ArtifactNotFound):
+        pass
+
+
+def _reason(e: BaseException) -> str:
+    """An OSError as "No space left on device: /path" (the file, not a Python repr)."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e)
 
 
 def model_payload(model: torch.nn.Module, kwargs: dict, data: TaskData, params: dict) -> dict:

@@ -84,23 +84,24 @@ def move(study: optuna.Study) -> tuple[Any, str]:
 # -- the rules, as a table: history -> (parent, move) of the next trial ---------------------------
 RULES = [
     ("cycle 1 is the baseline", [], (None, "baseline")),
-    ("first move from the baseline: lr up", [1.0], (0, "lr x2")),
-    ("improved: same move again", [1.0, 0.9], (1, "lr x2")),
-    ("improved twice in a row: larger step", [1.0, 0.9, 0.8], (2, "lr x4")),
-    ("worse: back to the incumbent, the opposite", [1.0, 1.1], (0, "lr /2")),
-    ("opposite worse too: next move", [1.0, 1.1, 1.2], (0, "layers +1")),
-    ("improvement inside the noise margin does not count", [1.0, 0.9995], (0, "lr /2")),
-    ("pruned counts as worse", [1.0, "pruned"], (0, "lr /2")),
-    ("failed (NaN) counts as worse", [1.0, "fail"], (0, "lr /2")),
-    ("underfit: capacity up first", [(1.0, "underfit")], (0, "layers +1")),
-    ("overfit: dropout up first", [(1.0, "overfit")], (0, "dropout +0.1")),
-    ("converging slowly: lr up first", [(1.0, "converging")], (0, "lr x2")),
-    ("unstable: lr down first", [(1.0, "unstable")], (0, "lr /2")),
-    ("diverged: lr down before anything else", [(1.0, "underfit"), "diverged"], (0, "lr /2")),
-    ("after a capacity change, re-probe lr", [(1.0, "underfit"), 0.9], (1, "lr /2")),
-    ("re-probe the other lr direction", [(1.0, "underfit"), 0.9, 0.95], (1, "lr x2")),
-    ("then keep growing capacity", [(1.0, "underfit"), 0.9, 0.95, 0.95], (1, "layers +1")),
-    ("baseline diverged, no result yet: lr down from it", ["diverged"], (0, "lr /2")),
+    ("first move from the baseline: lr up", [1.0], (1, "lr x2")),
+    ("improved: same move again", [1.0, 0.9], (2, "lr x2")),
+    ("improved twice in a row: larger step", [1.0, 0.9, 0.8], (3, "lr x4")),
+    ("worse: back to the incumbent, the opposite", [1.0, 1.1], (1, "lr /2")),
+    ("opposite worse too: next move", [1.0, 1.1, 1.2], (1, "layers +1")),
+    ("improvement inside the noise margin does not count", [1.0, 0.9995], (1, "lr /2")),
+    ("pruned counts as worse", [1.0, "pruned"], (1, "lr /2")),
+    ("failed (NaN) counts as worse", [1.0, "fail"], (1, "lr /2")),
+    ("underfit: capacity up first", [(1.0, "underfit")], (1, "layers +1")),
+    ("overfit: dropout up first", [(1.0, "overfit")], (1, "dropout +0.1")),
+    ("converging slowly: lr up first", [(1.0, "converging")], (1, "lr x2")),
+    ("unstable: lr down first", [(1.0, "unstable")], (1, "lr /2")),
+    ("diverged: lr down before anything else", [(1.0, "underfit"), "diverged"], (1, "lr /2")),
+    ("capacity up improved: keep growing first", [(1.0, "underfit"), 0.9], (2, "layers +1")),
+    ("then one lr re-probe, the other way", [(1.0, "underfit"), 0.9, 0.95], (2, "lr /2")),
+    ("then the default order", [(1.0, "underfit"), 0.9, 0.95, 0.95], (2, "lr x2")),
+    ("below the baseline: like underfit", [(1.0, "below_baseline")], (1, "layers +1")),
+    ("baseline diverged, no result yet: lr down from it", ["diverged"], (1, "lr /2")),
 ]
 
 
@@ -117,10 +118,12 @@ def test_reason_names_parent_result_and_move():
 @pytest.mark.parametrize(
     "outcomes,phrase",
     [
-        ([1.0, 1.1], "cycle 2 (lr x2) was worse: 1.1 vs 1 (cycle 1); back to cycle 1, trying the opposite: lr /2"),
+        ([1.0, 1.1], "cycle 2 (lr x2) was worse: 1.1 vs 1 (cycle 1); back to cycle 1, trying the opposite of cycle 2 (lr x2): lr /2"),
         ([1.0, "diverged"], "cycle 2 (lr x2) diverged"),
         ([(1.0, "underfit")], "cycle 1 looks underfit: trying layers +1"),
-        ([(1.0, "underfit"), 0.9], "re-probing lr after the capacity change: lr /2"),
+        ([(1.0, "underfit"), 0.9, 0.95], "re-probing lr after the capacity change: lr /2"),
+        ([1.0, 0.9, 0.8, 0.7], "trying lr x1.25 (same way, up to the end of the range)"),
+        ([1.0, 0.9, 0.8], "trying lr x4 (same way, larger step)"),
     ],
 )
 def test_reason_sentences(outcomes, phrase):
@@ -138,34 +141,44 @@ def test_proposal_differs_from_incumbent_in_one_parameter():
     assert sum(incumbent[k] != proposed[k] for k in incumbent) == 1
 
 
-def test_plateau_gives_one_exploration_trial():
+def test_plateau_gives_one_exploration_trial_around_the_incumbent():
     study = run([1.0, 1.1, 1.1, 1.1, 1.1], plateau_cycles=4)
-    parent, mv = move(study)
-    assert (parent, mv) == (None, "explore (tpe)")
-    assert "no improvement for 4 cycles since cycle 1" in last(study).user_attrs["cycle_reason"]
+    assert move(study) == (1, "explore (local)")
+    reason = last(study).user_attrs["cycle_reason"]
+    assert "no improvement in the 4 cycles after cycle 1 (the incumbent)" in reason
+    changed = [k for k in BASELINE if last(study).params[k] != BASELINE[k]]
+    assert len(changed) >= 2 and "2 changes at once" in reason
+
+
+def test_global_exploration_only_after_local_ones_failed():
+    outcomes = [1.0] + [1.1] * 4 + [1.2] + [1.1] * 4 + [1.2] + [1.1] * 4
+    study = run(outcomes, plateau_cycles=4)
+    moves = [t.user_attrs["cycle_move"] for t in study.trials]
+    assert [m for m in moves if m.startswith("explore")] == ["explore (local)", "explore (local)", "explore (tpe)"]
+    assert "2 explorations after cycle 1 found nothing better" in last(study).user_attrs["cycle_reason"]
 
 
 def test_after_exploration_local_search_resumes():
     study = run([1.0, 1.1, 1.1, 1.1, 1.1, 1.2], plateau_cycles=4)
-    assert move(study)[0] == 0
+    assert move(study)[0] == 1
 
 
 def test_exploration_that_wins_moves_the_local_search():
     study = run([1.0, 1.1, 1.1, 1.1, 1.1, 0.5], plateau_cycles=4)
-    assert move(study)[0] == 5
+    assert move(study)[0] == 6
     assert "exploration cycle 6 improved 1 -> 0.5" in last(study).user_attrs["cycle_reason"]
 
 
 def test_step_shrinks_when_every_move_failed():
     space = {"lr": SPACE["lr"]}
     study = run([1.0, 1.1, 1.1], space=space, baseline={"lr": 1e-3}, plateau_cycles=100)
-    assert move(study) == (0, "lr x1.41")
+    assert move(study) == (1, "lr x1.41")
 
 
 def test_every_move_at_smallest_step_tried_explores():
     space = {"lr": SPACE["lr"]}
     study = run([1.0] + [1.1] * 6, space=space, baseline={"lr": 1e-3}, plateau_cycles=100)
-    assert move(study) == (None, "explore (tpe)")
+    assert move(study) == (1, "explore (tpe)")  # one parameter: no local exploration to make
     assert "smallest step" in last(study).user_attrs["cycle_reason"]
 
 
@@ -173,28 +186,28 @@ def test_hidden_move_keeps_heads_dividing_hidden():
     space = {"hidden_dim": CategoricalDistribution([12, 16, 32]), "n_heads": CategoricalDistribution([3, 4, 8])}
     study = run([1.0, 1.1], space=space, baseline={"hidden_dim": 16, "n_heads": 8})
     params = last(study).params
-    assert move(study) == (0, "hidden 16->12, heads 8->4")
+    assert move(study) == (1, "hidden 16->12, heads 8->4")
     assert params["hidden_dim"] % params["n_heads"] == 0
 
 
 def test_heads_move_skips_choices_that_do_not_divide_hidden():
     space = {"n_heads": CategoricalDistribution([2, 3, 4]), "hidden_dim": CategoricalDistribution([8])}
     study = run([1.0], space=space, baseline={"n_heads": 2, "hidden_dim": 8})
-    assert move(study) == (0, "heads 2->4")
+    assert move(study) == (1, "heads 2->4")
 
 
 def test_maximize_treats_larger_as_better():
-    assert move(run([1.0, 1.1], direction="maximize")) == (1, "lr x2")
-    assert move(run([1.0, 0.9], direction="maximize")) == (0, "lr /2")
+    assert move(run([1.0, 1.1], direction="maximize")) == (2, "lr x2")
+    assert move(run([1.0, 0.9], direction="maximize")) == (1, "lr /2")
 
 
 def test_batch_and_dropout_step_to_neighbours():
     study = run([1.0] + [1.1] * 5, plateau_cycles=100)  # lr x2, lr /2, layers +-1, hidden up tried
-    assert move(study) == (0, "hidden 64->32")
+    assert move(study) == (1, "hidden 64->32")
     study = run([1.0] + [1.1] * 7, plateau_cycles=100)
-    assert move(study) == (0, "dropout -0.1")
+    assert move(study) == (1, "dropout -0.1")
     study = run([1.0] + [1.1] * 8, plateau_cycles=100)
-    assert move(study) == (0, "batch 32->64")
+    assert move(study) == (1, "batch 32->64")
 
 
 # -- generic parameters of a user's study ------------------------------------------------------------
@@ -214,21 +227,22 @@ def test_batch_and_dropout_step_to_neighbours():
 def test_generic_numeric_parameter_steps_up_first(dist, start, expected):
     study = run([1.0], space={"x": dist}, baseline={"x": start})
     assert last(study).params["x"] == pytest.approx(expected)
-    assert move(study)[0] == 0
+    assert move(study)[0] == 1
 
 
-def test_unordered_categorical_goes_to_fallback():
+def test_unordered_categorical_moves_on_its_own_and_is_inherited_otherwise():
     space = {"x": FloatDistribution(0, 1), "opt": CategoricalDistribution(["adam", "sgd"])}
-    study = run([1.0, 0.9], space=space, baseline={"x": 0.5, "opt": "adam"}, fallback=Stub({"opt": "sgd"}))
+    study = run([1.0, 0.9], space=space, baseline={"x": 0.5, "opt": "adam"}, fallback=Stub({"opt": "adam", "x": 0.1}))
     assert [t.params["opt"] for t in study.trials] == ["adam", "sgd", "sgd"]
-    assert [t.params["x"] for t in study.trials] == [0.5, 0.7, 0.9]
+    assert [t.params["x"] for t in study.trials] == [0.5, 0.5, 0.7]
+    assert [t.user_attrs["cycle_move"] for t in study.trials[1:]] == ["opt adam->sgd", "x +0.2"]
 
 
 def test_roles_are_configurable():
     space = {"eta": FloatDistribution(1e-4, 1e-1, log=True), "depth": IntDistribution(1, 8)}
     roles = Roles(lr="eta", layers="depth", hidden=None, heads=None, dropout=None, batch=None)
     study = run([(1.0, "underfit")], space=space, baseline={"eta": 1e-3, "depth": 2}, roles=roles)
-    assert move(study) == (0, "layers +1")
+    assert move(study) == (1, "layers +1")
 
 
 def test_generic_moves_off_leaves_other_params_to_fallback():
@@ -236,7 +250,7 @@ def test_generic_moves_off_leaves_other_params_to_fallback():
     study = run([1.0, 1.1, 1.1], space=space, baseline={"lr": 1e-3, "x": 0.5}, generic_moves=False,
                 fallback=Stub({"x": 0.25}), plateau_cycles=100)
     assert [t.params["x"] for t in study.trials] == [0.5, 0.25, 0.25, 0.25]
-    assert move(study) == (0, "lr x1.41")
+    assert move(study) == (1, "lr x1.41")
 
 
 def test_baseline_missing_a_parameter_takes_it_from_fallback():
@@ -295,7 +309,7 @@ def test_no_duplicates_while_trials_are_running():
     running = [study.ask(dict(SPACE)) for _ in range(12)]
     configs = [tuple(sorted(t.params.items())) for t in running]
     assert len(set(configs)) == len(configs)
-    assert all(t.user_attrs["cycle_parent"] == 0 for t in running)
+    assert all(t.user_attrs["cycle_parent"] == 1 for t in running)
 
 
 def test_workers_starting_together_get_baseline_and_its_neighbours():
@@ -402,5 +416,5 @@ def test_reference_schedule_doubles_lr_and_grows_capacity_without_backing_off():
     assert got == [
         (5e-4, 2, 64), (1e-3, 3, 64), (2e-3, 4, 64), (4e-3, 5, 64), (8e-3, 6, 64), (1e-2, 6, 128),
     ]
-    assert study.trials[3].user_attrs["cycle_parent"] == 2
+    assert study.trials[3].user_attrs["cycle_parent"] == 3  # cycle 3, numbered like every "cycle N"
     assert "doubled lr and grew capacity" in study.trials[3].user_attrs["cycle_reason"]

@@ -2,29 +2,34 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
+import heapq
 import math
+import warnings
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from optuna.distributions import BaseDistribution
+from optuna.exceptions import ExperimentalWarning
 from optuna.samplers import BaseSampler, CmaEsSampler, RandomSampler, TPESampler
 from optuna.storages import InMemoryStorage
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from cycle_optuna.sampler._history import FIXED_ATTR, PROPOSAL_ATTR, History, HistoryCache
-from cycle_optuna.sampler._moves import Roles, coerce, contains, is_ordered, repair, step_value
+from cycle_optuna.sampler._moves import Roles, coerce, contains, repair, step_value
 from cycle_optuna.sampler._rules import Planner, Settings
 
 PARENT_ATTR, MOVE_ATTR, REASON_ATTR = "cycle_parent", "cycle_move", "cycle_reason"
 _WAIT_RECENT_S = 10.0  # only trials created this recently may still be writing their proposal
 _WAIT_S = {True: 0.25, False: 2.0}  # longest wait for them: in-memory (threads) / shared storages
 _MAX_ENTRIES = 1024
+_VIEW_BEST, _VIEW_RECENT = 30, 90  # the trials an exploration's fallback sees: the best and the latest
 
 
 @dataclass
@@ -32,10 +37,36 @@ class _Entry:
     payload: dict[str, Any]
     space: dict[str, BaseDistribution] | None  # relative search space; None until needed
     fallback: BaseSampler | None = None  # this trial's fallback, when built per trial
+    view: Study | None = None  # what the fallback sees of the study, when it samples
+
+    @property
+    def from_fallback(self) -> bool:
+        """An exploration the fallback samples (a local one is a configuration of our own)."""
+        return self.payload.get("kind") == "explore" and self.payload.get("scope") != "local"
 
 
 def _tpe(seed: int | None) -> BaseSampler:
-    return TPESampler(seed=seed)
+    # multivariate: an exploration sees the whole space jointly, strings and numbers together
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return TPESampler(seed=seed, multivariate=True)
+
+
+class _BoundedStudy(Study):
+    """A study whose trial list is a fixed subset: what the fallback sees in an exploration."""
+
+    def __init__(self, study: Study, trials: list[FrozenTrial]) -> None:  # no super(): nothing to load
+        self.__dict__.update(study.__dict__)
+        self._view_trials = trials
+
+    def _get_trials(
+        self, deepcopy: bool = True, states: Container[TrialState] | None = None, use_cache: bool = False
+    ) -> list[FrozenTrial]:
+        trials = self._view_trials if states is None else [t for t in self._view_trials if t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy, states)
 
 
 def sampler_name(sampler: BaseSampler) -> str:
@@ -85,7 +116,7 @@ class CycleSampler(BaseSampler):
         seed: int | None = None,
         lr_factor: float = 2.0,
         noise_margin: float = 0.002,
-        plateau_cycles: int = 4,
+        plateau_cycles: int = 6,
         fallback: BaseSampler | Callable[[int | None], BaseSampler] | None = None,
         roles: Roles | None = None,
         generic_moves: bool = True,
@@ -154,7 +185,7 @@ class CycleSampler(BaseSampler):
         if not search_space:
             return {}
         entry = self._entry(study, trial)
-        if entry.payload.get("kind") == "explore":
+        if entry.from_fallback:
             return self._explore_relative(study, trial, search_space)
         params = entry.payload.get("params") or {}
         return {k: v for k, v in params.items() if k in search_space and contains(search_space[k], v)}
@@ -163,9 +194,10 @@ class CycleSampler(BaseSampler):
         self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
     ) -> Any:
         self._raise_error_if_multi_objective(study)
-        payload = self._entry(study, trial).payload
+        entry = self._entry(study, trial)
+        payload = entry.payload
         kind = payload.get("kind")
-        if kind != "explore":
+        if not entry.from_fallback:
             value = coerce(param_distribution, (payload.get("params") or {}).get(param_name))
             if value is not None:
                 return value
@@ -181,7 +213,9 @@ class CycleSampler(BaseSampler):
                     )
                     base = base if moved is None else moved
                 return repair(self._roles, param_name, param_distribution, base, trial.params)
-        value = self._fallback_for(study, trial).sample_independent(study, trial, param_name, param_distribution)
+        value = self._fallback_for(study, trial).sample_independent(
+            self._fallback_view(study, trial), trial, param_name, param_distribution
+        )
         return repair(self._roles, param_name, param_distribution, value, trial.params)
 
     def after_trial(
@@ -202,8 +236,25 @@ class CycleSampler(BaseSampler):
             entry.fallback = self._make_fallback((self._seed * 1_000_003 + trial.number) % 2**31)
         return entry.fallback
 
+    def _fallback_view(self, study: Study, trial: FrozenTrial) -> Study:
+        """The study as the fallback sees it: all of it while small, then its best trials and
+        its latest ones, so that an exploration costs the same at 200 trials and at 10,000."""
+        entry = self._entry(study, trial)
+        if entry.view is None:
+            trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+            if len(trials) <= _VIEW_BEST + _VIEW_RECENT:
+                entry.view = study
+            else:
+                done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+                sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
+                scored = [t for t in done if t.state == TrialState.COMPLETE and t.values and math.isfinite(t.values[0])]
+                best = heapq.nsmallest(_VIEW_BEST, scored, key=lambda t: sign * t.values[0])
+                keep = {t.number: t for t in [*best, *done[-_VIEW_RECENT:]]}
+                entry.view = _BoundedStudy(study, [keep[k] for k in sorted(keep)])
+        return entry.view
+
     def _movable(self, name: str, dist: BaseDistribution) -> bool:
-        return is_ordered(dist) and (self._generic_moves or self._roles.role_of(name) is not None)
+        return self._generic_moves or self._roles.role_of(name) is not None
 
     def _relative_space(self, hist: History) -> dict[str, BaseDistribution]:
         f = hist.fold
@@ -245,6 +296,7 @@ class CycleSampler(BaseSampler):
             minimize=study.direction != StudyDirection.MAXIMIZE,
             movable=self._movable,
             generic_moves=self._generic_moves,
+            seed=self._seed,
         )
         planner = Planner(settings, hist, trial.number)
         fixed = trial.system_attrs.get(FIXED_ATTR)
@@ -285,7 +337,9 @@ class CycleSampler(BaseSampler):
     def _write(self, study: Study, trial: FrozenTrial, payload: dict[str, Any], reason: str) -> None:
         storage = study._storage
         storage.set_trial_system_attr(trial._trial_id, PROPOSAL_ATTR, payload)
-        for key, value in ((PARENT_ATTR, payload.get("parent")), (MOVE_ATTR, payload["move"]), (REASON_ATTR, reason)):
+        parent = payload.get("parent")
+        parent = None if parent is None else int(parent) + 1  # shown as a cycle number, like every "cycle N"
+        for key, value in ((PARENT_ATTR, parent), (MOVE_ATTR, payload["move"]), (REASON_ATTR, reason)):
             storage.set_trial_user_attr(trial._trial_id, key, value)
             if isinstance(trial.user_attrs, dict):
                 trial.user_attrs[key] = value  # so the objective sees them without a reload
@@ -294,12 +348,16 @@ class CycleSampler(BaseSampler):
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
         fb = self._fallback_for(study, trial)
-        # The shared instance infers the space: no randomness there, and it keeps its cache.
-        fb_space = {k: d for k, d in self._fallback.infer_relative_search_space(study, trial).items() if k in search_space}
-        params = dict(fb.sample_relative(study, trial, fb_space)) if fb_space else {}
+        view = self._fallback_view(study, trial)
+        if isinstance(fb, TPESampler):
+            fb_space = search_space  # TPE models any space jointly; it skips trials that lack a param
+        else:
+            # The shared instance infers the space: no randomness there, and it keeps its cache.
+            fb_space = {k: d for k, d in self._fallback.infer_relative_search_space(study, trial).items() if k in search_space}
+        params = dict(fb.sample_relative(view, trial, fb_space)) if fb_space else {}
         for name, dist in search_space.items():
             if name not in params:
-                params[name] = fb.sample_independent(study, trial, name, dist)
+                params[name] = fb.sample_independent(view, trial, name, dist)
         heads, hidden = self._roles.heads, self._roles.hidden
         name = heads if heads in params else hidden  # heads follows hidden when both are new
         if name in params:

@@ -17,7 +17,7 @@ from optuna.storages import BaseStorage
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from cycle_optuna.sampler._moves import compatible, config_key
+from cycle_optuna.sampler._moves import compatible, config_key, norm
 
 PROPOSAL_ATTR = "cycle:proposal"  # system attr: the decision, as JSON, written before sampling
 FIXED_ATTR = "fixed_params"  # Optuna's system attr for enqueued trials
@@ -27,6 +27,11 @@ def lazy_key(parent: int | None, param: str | None, direction: int) -> tuple:
     return ("lazy", parent, param, direction)
 
 
+def move_kind(param: str, direction: int, value: Any) -> tuple:
+    """What a move does, wherever it starts: a direction, or for unordered choices the choice."""
+    return (param, direction) if direction else (param, "=", norm(value))
+
+
 @dataclass
 class Rec:
     """One trial as the rules see it."""
@@ -34,7 +39,7 @@ class Rec:
     number: int
     state: TrialState
     value: float | None  # finite objective value of a COMPLETE trial, else None
-    config: dict[str, Any]  # rule-covered params (the proposal, overridden by actual params)
+    config: dict[str, Any]  # every rule-covered param (the proposal, overridden by actual params)
     diagnosis: str | None
     kind: str  # baseline | move | explore | lazy | enqueued | "" (not proposed by us)
     parent: int | None
@@ -42,6 +47,7 @@ class Rec:
     direction: int
     scale: float
     move: str
+    scope: str = ""  # explorations: local (around the incumbent) | global (the fallback)
     improved: bool = False  # became the incumbent when it finished
     beaten: float | None = None  # the incumbent value it beat
 
@@ -58,14 +64,16 @@ class Fold:
     base: Rec | None = None  # the first trial proposed as baseline or with params
     last_finished: Rec | None = None
     last_explore: int = -1
+    explores_since: int = 0  # exploration trials after the incumbent
     n_trials: int = 0  # trials seen, WAITING ones excluded
     space: dict[str, BaseDistribution] = field(default_factory=dict)  # union, latest wins
     conflicts: set[str] = field(default_factory=set)  # names seen with incompatible distributions
+    fails: dict[tuple, int] = field(default_factory=dict)  # move kind -> times it did not improve
 
     def copy(self) -> Fold:
         return Fold(
-            self.incumbent, self.base, self.last_finished, self.last_explore, self.n_trials,
-            dict(self.space), set(self.conflicts),
+            self.incumbent, self.base, self.last_finished, self.last_explore, self.explores_since,
+            self.n_trials, dict(self.space), set(self.conflicts), dict(self.fails),
         )
 
 
@@ -76,8 +84,8 @@ class History:
     fold: Fold
     _recs: dict[int, Rec]
     _tail_recs: dict[int, Rec]
-    _keys: set[tuple]
-    _tail_keys: set[tuple]
+    _keys: dict[tuple, Rec | None]
+    _tail_keys: dict[tuple, Rec | None]
     pending: list[FrozenTrial]  # unfinished trials other than the current one
 
     def rec(self, number: int | None) -> Rec | None:
@@ -88,13 +96,17 @@ class History:
     def known(self, key: tuple) -> bool:
         return key in self._tail_keys or key in self._keys
 
+    def holder(self, key: tuple) -> Rec | None:
+        """The trial that has this configuration (None if none, or only an enqueued one)."""
+        return self._tail_keys.get(key) or self._keys.get(key)
+
 
 @dataclass
 class _Cache:
     direction: StudyDirection
     fold: Fold = field(default_factory=Fold)
     recs: dict[int, Rec] = field(default_factory=dict)
-    keys: set[tuple] = field(default_factory=set)
+    keys: dict[tuple, Rec | None] = field(default_factory=dict)
     done: int = 0  # trials 0..done-1 are finished and folded
 
 
@@ -141,7 +153,7 @@ class HistoryCache:
             cache.done = i
             fold, recs, keys = cache.fold.copy(), cache.recs, cache.keys
         tail_recs: dict[int, Rec] = {}
-        tail_keys: set[tuple] = set()
+        tail_keys: dict[tuple, Rec | None] = {}
         pending = []
         for t in trials[i:]:
             if t.number == exclude:
@@ -151,11 +163,13 @@ class HistoryCache:
             self._fold(fold, tail_recs, tail_keys, t, direction)
         return History(fold, recs, tail_recs, keys, tail_keys, pending)
 
-    def _fold(self, f: Fold, recs: dict[int, Rec], keys: set[tuple], t: FrozenTrial, direction: StudyDirection) -> None:
+    def _fold(
+        self, f: Fold, recs: dict[int, Rec], keys: dict[tuple, Rec | None], t: FrozenTrial, direction: StudyDirection
+    ) -> None:
         if t.state == TrialState.WAITING:
             fixed = t.system_attrs.get(FIXED_ATTR)
             if isinstance(fixed, dict) and fixed:
-                keys.add(config_key(fixed))
+                keys.setdefault(config_key(fixed), None)
             return
         prop = t.system_attrs.get(PROPOSAL_ATTR)
         prop = prop if isinstance(prop, dict) else {}
@@ -185,20 +199,30 @@ class HistoryCache:
             direction=int(prop.get("dir", 0) or 0),
             scale=float(prop.get("scale", 1.0) or 1.0),
             move=str(prop.get("move", "")),
+            scope=str(prop.get("scope", "")),
         )
         recs[t.number] = rec
         f.n_trials += 1
         if rec.kind == "lazy":  # a move decided before the space was known: claim the move itself
-            keys.add(lazy_key(rec.parent, rec.param, rec.direction))
+            keys[lazy_key(rec.parent, rec.param, rec.direction)] = rec
         if config and (rec.kind != "lazy" or t.state.is_finished()):  # a running lazy trial's params are partial
-            keys.add(config_key(config))
+            key = config_key(config)
+            if keys.get(key) is None or not keys[key].state.is_finished():  # type: ignore[union-attr]
+                keys[key] = rec
         if f.base is None and rec.kind != "explore" and (config or rec.kind == "baseline"):
             f.base = rec
         if rec.kind == "explore":
             f.last_explore = max(f.last_explore, t.number)
+            f.explores_since += 1
         if t.state.is_finished():
             f.last_finished = rec
+            inc = f.incumbent
+            failed = value is None or inc is None or not self.better(value, inc.value, direction)  # type: ignore[arg-type]
+            if rec.kind == "move" and rec.param and failed:
+                kind = move_kind(rec.param, rec.direction, config.get(rec.param))
+                f.fails[kind] = f.fails.get(kind, 0) + 1
             if value is not None and (f.incumbent is None or self.better(value, f.incumbent.value, direction)):  # type: ignore[arg-type]
                 rec.improved = True
                 rec.beaten = f.incumbent.value if f.incumbent is not None else None
                 f.incumbent = rec
+                f.explores_since = 0

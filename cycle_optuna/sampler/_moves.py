@@ -32,6 +32,7 @@ class Roles:
     heads: str | None = "n_heads"  # kept dividing hidden
     dropout: str | None = "dropout"  # +- a fifth of its range
     batch: str | None = "batch_size"  # next/previous choice (or x2 / /2)
+    patch: str | None = "patch_len"  # resolution: next/previous choice (or x2 / /2)
 
     def __post_init__(self) -> None:
         names = [n for n in self.as_dict().values() if n is not None]
@@ -42,7 +43,7 @@ class Roles:
                 raise ValueError(f"Role {role} must name a parameter (str) or be None, but got {name!r}.")
 
     def as_dict(self) -> dict[str, str | None]:
-        return {r: getattr(self, r) for r in ("lr", "layers", "hidden", "heads", "dropout", "batch")}
+        return {r: getattr(self, r) for r in ("lr", "layers", "hidden", "heads", "dropout", "batch", "patch")}
 
     def role_of(self, name: str) -> str | None:
         for role, pname in self.as_dict().items():
@@ -148,16 +149,17 @@ def step_value(
 ) -> Any:
     """The value one move away in `direction` (+1/-1), or None at a bound or when undefined.
 
-    Categorical choices and small int ranges step to the `round(scale)`-th neighbour (at least
-    one). Log scales, and parameters marked multiplicative, multiply by ``factor ** scale``;
-    other floats add ``scale * (high - low) / 5``, other ints ``scale * (high - low) / 8`` steps.
+    Categorical choices step to the neighbouring choice whatever the scale: a step on a list
+    never skips a choice. Log scales, and parameters marked multiplicative, multiply by
+    ``factor ** scale``; other floats add ``scale * (high - low) / 5``, other ints
+    ``scale * (high - low) / 8`` steps.
     """
     if isinstance(dist, CategoricalDistribution):
         values = _grid_values(dist)
         if not values or not is_numeric_choice(value):
             return None
         i = _nearest_index(values, value)
-        j = min(max(i + direction * max(1, round(scale)), 0), len(values) - 1)
+        j = min(max(i + direction, 0), len(values) - 1)
         return None if values[j] == value else coerce(dist, values[j])
     if not isinstance(dist, (IntDistribution, FloatDistribution)) or not is_numeric_choice(value):
         return None
@@ -197,8 +199,10 @@ def divisors_nearest(dist: BaseDistribution, current: Any, ok: Any) -> Any:
 
 
 def describe(name: str, role: str | None, dist: BaseDistribution, old: Any, new: Any) -> str:
-    """Short move label: ``lr x2``, ``layers +1``, ``hidden 64->128``, ``dropout +0.1``."""
+    """Short move label: ``lr x2``, ``layers +1``, ``hidden 64->128``, ``dropout +0.1``, ``pooling mean->cls``."""
     label = role if role in ("layers", "hidden", "heads", "batch") else name
+    if not (is_numeric_choice(old) and is_numeric_choice(new)):
+        return f"{label} {old}->{new}"
     if role == "layers" or (isinstance(dist, IntDistribution) and not dist.log and role is None):
         return f"{label} {new - old:+d}" if role == "layers" else f"{label} {old}->{new}"
     if isinstance(dist, CategoricalDistribution) or isinstance(dist, IntDistribution):

@@ -55,7 +55,7 @@ class ReferenceScheduleSampler(BaseSampler):
             parent, move, reason = None, "baseline", "cycle 1: baseline configuration"
         else:
             lr = "doubled lr" if f == 2 else f"multiplied lr by {f:g}"
-            parent, move = n - 1, f"lr x{f:g}, capacity up"
+            parent, move = n, f"lr x{f:g}, capacity up"  # the previous cycle, numbered like "cycle N"
             reason = f"cycle {n + 1}: reference schedule: {lr} and grew capacity from cycle {n} (no backing off)"
         for key, value in ((PARENT_ATTR, parent), (MOVE_ATTR, move), (REASON_ATTR, reason)):
             study._storage.set_trial_user_attr(trial._trial_id, key, value)

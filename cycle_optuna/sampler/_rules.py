@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from optuna.distributions import BaseDistribution, IntDistribution
+from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from cycle_optuna.sampler._history import History, Rec, lazy_key
+from cycle_optuna.sampler._history import History, Rec, lazy_key, move_kind
 from cycle_optuna.sampler._moves import (
     Roles,
     coerce,
@@ -16,21 +18,25 @@ from cycle_optuna.sampler._moves import (
     describe,
     divisors_nearest,
     is_numeric_choice,
+    is_ordered,
     step_value,
 )
 
 SCALES = (1.0, 0.5, 0.25)  # the step shrinks through these once every move failed
-MAX_SCALE = 3.0  # a move that keeps improving grows its step up to this
+MAX_SCALE = 3.0  # a float move that keeps improving grows its step up to this
 CAPACITY = ("layers", "hidden")
-ROLE_ORDER = ("lr", "layers", "hidden", "dropout", "batch", "heads")
+ROLE_ORDER = ("lr", "layers", "hidden", "dropout", "batch", "heads", "patch")
+LOCAL_PER_GLOBAL = 2  # exploration trials around the incumbent before one from the fallback
 # Moves a diagnosis of the incumbent puts first; each is followed by its opposite.
 DIAGNOSIS_FIRST: dict[str, tuple[tuple[str, int], ...]] = {
     "underfit": (("layers", +1), ("hidden", +1), ("lr", +1), ("dropout", -1)),
+    "below_baseline": (("layers", +1), ("hidden", +1), ("lr", +1), ("dropout", -1)),
     "overfit": (("dropout", +1), ("layers", -1), ("hidden", -1)),
     "converging": (("lr", +1),),
     "unstable": (("lr", -1), ("batch", +1)),
     "diverged": (("lr", -1), ("batch", +1)),
 }
+_NO_VALUE = object()
 
 
 @dataclass(frozen=True)
@@ -43,14 +49,16 @@ class Settings:
     minimize: bool
     movable: Callable[[str, BaseDistribution], bool]  # which params the rules move
     generic_moves: bool
+    seed: int | None = None  # seeds the local explorations' choice of parameters
 
 
 @dataclass(frozen=True)
 class _Candidate:
     param: str
-    direction: int
+    direction: int  # +1 / -1 on ordered parameters; 0 for a choice of an unordered categorical
     scale: float
-    why: str  # keep | reprobe | diverged | diagnosis | pair | smaller
+    why: str  # keep | reprobe | diverged | diagnosis | pair | next | smaller | explore
+    value: Any = _NO_VALUE  # the choice, for unordered categoricals
 
 
 def _fmt(v: float | None) -> str:
@@ -77,12 +85,11 @@ class Planner:
         ref = max(base.number, f.last_explore)
         stall = n - 1 - ref
         if stall >= self.s.plateau_cycles:
-            best = f" (best {_fmt(f.incumbent.value)})" if f.incumbent else ""
-            since = f"cycle {ref + 1}"
-            return self._explore(f"no improvement for {stall} cycles since {since}{best}")
+            what = "the last exploration" if ref == f.last_explore and ref != base.number else "the incumbent"
+            best = f"; the best is cycle {f.incumbent.cycle} ({_fmt(f.incumbent.value)})" if f.incumbent else ""
+            return self._explore(base, f"no improvement in the {stall} cycles after cycle {ref + 1} ({what}){best}")
         config = self._base_config(base)
-        plan = self._plan(base)
-        for i, c in enumerate(plan):
+        for c in self._plan(base, config):
             moved = self._apply(config, c)
             if moved is None:
                 continue
@@ -91,13 +98,12 @@ class Planner:
                 continue
             if c.scale == 1.0 and self.hist.known(lazy_key(base.number, c.param, c.direction)):
                 continue
-            prev = plan[i - 1] if i else None
             payload = {
                 "kind": "move", "parent": base.number, "param": c.param, "dir": c.direction,
                 "scale": c.scale, "move": label, "params": cfg,
             }
-            return payload, f"cycle {n + 1}: {self._history_clause(base)}; {self._action_clause(base, c, prev, label)}"
-        return self._explore(f"every move from cycle {base.cycle} has been tried at the smallest step")
+            return payload, f"cycle {n + 1}: {self._history_clause(base)}; {self._action_clause(base, config, c, label)}"
+        return self._explore(base, f"every move from cycle {base.cycle} has been tried at the smallest step")
 
     def enqueued(self, fixed: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         """A trial enqueued with fixed params: the rest stays at the incumbent's values."""
@@ -113,7 +119,7 @@ class Planner:
         name = self.s.roles.as_dict()[role]
         return name if name in self.space else None
 
-    def _plan(self, base: Rec) -> list[_Candidate]:
+    def _plan(self, base: Rec, config: Mapping[str, Any]) -> list[_Candidate]:
         roles, hist = self.s.roles, self.hist
         front: list[_Candidate] = []
         last = hist.fold.last_finished
@@ -121,36 +127,53 @@ class Planner:
         if lr and last is not None and last is not base and last.diagnosis == "diverged":
             front.append(_Candidate(lr, -1, 1.0, "diverged"))
         if base.improved and base.kind == "move" and base.param in self.space and base.direction:
+            front.append(_Candidate(base.param, base.direction, self._repeat_scale(base), "keep"))
+            # One lr probe once capacity stops paying (a larger model often wants a smaller lr).
             if roles.role_of(base.param) in CAPACITY and lr:
                 front.append(_Candidate(lr, -base.direction, 1.0, "reprobe"))
-                front.append(_Candidate(lr, base.direction, 1.0, "reprobe"))
-            front.append(_Candidate(base.param, base.direction, self._repeat_scale(base), "keep"))
-        pairs: list[tuple[str, int, str]] = []
+        pairs: list[_Candidate] = []
         for role, d in DIAGNOSIS_FIRST.get(base.diagnosis or "", ()):
             name = self._name(role)
             if name:
-                pairs += [(name, d, "diagnosis"), (name, -d, "pair")]
-        for role in ROLE_ORDER:
-            name = self._name(role)
-            if name:
-                pairs += [(name, +1, "next"), (name, -1, "pair")]
+                pairs += [_Candidate(name, d, 1.0, "diagnosis"), _Candidate(name, -d, 1.0, "pair")]
         role_names = {v for v in roles.as_dict().values() if v}
-        for name in sorted(self.space):
-            if name not in role_names:
-                pairs += [(name, +1, "next"), (name, -1, "pair")]
-        plan = list(front)
-        for scale in SCALES:
-            plan += [_Candidate(p, d, scale, why if scale == 1.0 else "smaller") for p, d, why in pairs]
-        seen: set[tuple[str, int, float]] = set()
+        names = [x for x in (self._name(r) for r in ROLE_ORDER) if x]
+        names += sorted(x for x in self.space if x not in role_names)
+        others: dict[str, list[Any]] = {}
+        for name in names:
+            if is_ordered(self.space[name]):
+                pairs += [_Candidate(name, +1, 1.0, "next"), _Candidate(name, -1, 1.0, "pair")]
+            else:
+                others[name] = _other_choices(self.space[name], config.get(name))
+                pairs += [_Candidate(name, 0, 1.0, "next", v) for v in others[name][:1]]
+        # Unordered choices beyond the next one come in rounds, one per parameter: every
+        # parameter gets a change before any gets its third choice.
+        for k in range(1, max((len(v) for v in others.values()), default=0)):
+            pairs += [_Candidate(name, 0, 1.0, "next", v[k]) for name, v in others.items() if k < len(v)]
+        # Kinds of move that already failed elsewhere go behind those that did not, fewest first.
+        fails = hist.fold.fails
+        if fails:
+            pairs.sort(key=lambda c: fails.get(move_kind(c.param, c.direction, c.value), 0))
+        plan = list(front) + pairs
+        for scale in SCALES[1:]:  # lists and ints cannot take a smaller step than one
+            plan += [
+                _Candidate(c.param, c.direction, scale, "smaller") for c in pairs
+                if c.direction and isinstance(self.space[c.param], FloatDistribution)
+            ]
+        seen: set[tuple] = set()
         out = []
         for c in plan:
-            if (c.param, c.direction, c.scale) not in seen:
-                seen.add((c.param, c.direction, c.scale))
+            key = (c.param, c.direction, c.scale, repr(c.value))
+            if key not in seen:
+                seen.add(key)
                 out.append(c)
         return out
 
     def _repeat_scale(self, base: Rec) -> float:
-        """Same step after one improvement; one step larger after two in a row."""
+        """Same step after one improvement; a float takes one step larger after two in a row.
+        Lists and ints keep one step, so a repeat never skips a value that was not tried."""
+        if not isinstance(self.space[base.param], FloatDistribution):  # type: ignore[index]
+            return 1.0
         parent = self.hist.rec(base.parent)
         streak = (
             parent is not None and parent.improved and parent.kind == "move"
@@ -181,21 +204,27 @@ class Planner:
                 config[name] = v
         return config
 
-    def _apply(self, config: dict[str, Any], c: _Candidate) -> tuple[dict[str, Any], str] | None:
+    def _apply(self, config: Mapping[str, Any], c: _Candidate) -> tuple[dict[str, Any], str] | None:
         roles = self.s.roles
         dist = self.space[c.param]
         old = config.get(c.param)
-        if old is None or not is_numeric_choice(old):
-            return None
         role = roles.role_of(c.param)
         cfg = dict(config)
+        if c.value is not _NO_VALUE:
+            if old is None or c.value == old:
+                return None
+            cfg[c.param] = c.value
+            return cfg, describe(c.param, role, dist, old, c.value)
+        if old is None or not is_numeric_choice(old):
+            return None
         if role == "heads":
             hidden = config.get(roles.hidden) if roles.hidden else None
             hidden = hidden if hidden is not None else self.s.baseline.get(roles.hidden or "")
             new = _step_dividing(dist, old, c.direction, c.scale, hidden)
         else:
             factor = self.s.lr_factor if role == "lr" else 2.0
-            new = step_value(dist, old, c.direction, c.scale, factor=factor, multiplicative=role in ("lr", "hidden", "batch"))
+            multiplicative = role in ("lr", "hidden", "batch", "patch")
+            new = step_value(dist, old, c.direction, c.scale, factor=factor, multiplicative=multiplicative)
         if new is None:
             return None
         cfg[c.param] = new
@@ -216,11 +245,58 @@ class Planner:
                     return None
         return cfg, label
 
-    # -- outcomes without a local move -------------------------------------------------------
-    def _explore(self, why: str) -> tuple[dict[str, Any], str]:
+    # -- explorations ------------------------------------------------------------------------
+    def _explore(self, base: Rec | None, why: str) -> tuple[dict[str, Any], str]:
+        """One exploration trial: around the incumbent first, from the fallback after
+        ``LOCAL_PER_GLOBAL`` local ones found nothing better."""
+        f, n = self.hist.fold, self.n
+        inc = f.incumbent
+        k = f.explores_since if inc is not None else 0
+        if inc is not None and base is inc and k % (LOCAL_PER_GLOBAL + 1) < LOCAL_PER_GLOBAL:
+            radius = 2 + k // (LOCAL_PER_GLOBAL + 1)  # the neighbourhood grows each round that fails
+            local = self._local(inc, radius)
+            if local is not None:
+                cfg, labels = local
+                payload = {
+                    "kind": "explore", "scope": "local", "parent": inc.number, "move": "explore (local)",
+                    "params": cfg,
+                }
+                return payload, (
+                    f"cycle {n + 1}: {why}; exploring around cycle {inc.cycle}, {len(labels)} changes at once: "
+                    + ", ".join(labels)
+                )
         fb = self.s.fallback_name
-        payload = {"kind": "explore", "parent": None, "move": f"explore ({fb})", "params": {}}
-        return payload, f"cycle {self.n + 1}: {why}; one exploration trial from {fb}"
+        parent = inc.number if inc is not None else None
+        payload = {"kind": "explore", "scope": "global", "parent": parent, "move": f"explore ({fb})", "params": {}}
+        after = f"; {k} explorations after cycle {inc.cycle} found nothing better" if inc is not None and k else ""
+        return payload, f"cycle {n + 1}: {why}{after}; one exploration trial from {fb} over the whole space"
+
+    def _local(self, inc: Rec, radius: int) -> tuple[dict[str, Any], list[str]] | None:
+        """The incumbent with `radius` parameters moved one step each at random, untried."""
+        config = self._base_config(inc)
+        names = sorted(k for k in self.space if k in config)
+        if len(names) < 2:
+            return None
+        rng = random.Random(f"{self.s.seed}:{self.n}")
+        for _ in range(32):
+            chosen = sorted(rng.sample(names, min(radius, len(names))))
+            cfg, labels = dict(config), []
+            for name in chosen:
+                dist = self.space[name]
+                if is_ordered(dist):
+                    d = rng.choice((1, -1))
+                    moved = self._apply(cfg, _Candidate(name, d, 1.0, "explore")) or self._apply(
+                        cfg, _Candidate(name, -d, 1.0, "explore")
+                    )
+                else:
+                    others = _other_choices(dist, cfg.get(name))
+                    moved = self._apply(cfg, _Candidate(name, 0, 1.0, "explore", rng.choice(others))) if others else None
+                if moved is not None:
+                    cfg, label = moved
+                    labels.append(label)
+            if len(labels) >= 2 and not self.hist.known(config_key(cfg)):
+                return cfg, labels
+        return None
 
     def _startup(self) -> tuple[dict[str, Any], str]:
         """No parameter seen yet (first trial, or workers starting together): baseline, then
@@ -241,7 +317,9 @@ class Planner:
         names += sorted(x for x, v in self.s.baseline.items() if x not in role_names and is_numeric_choice(v))
         free = [(x, d) for x in names for d in (+1, -1) if not self.hist.known(lazy_key(base.number, x, d))]
         if not free:
-            return self._explore(f"cycle {base.cycle} has no result yet and every first move is taken")
+            fb = self.s.fallback_name
+            payload = {"kind": "explore", "scope": "global", "parent": None, "move": f"explore ({fb})", "params": {}}
+            return payload, f"cycle {n + 1}: cycle {base.cycle} has no result yet and every first move is taken; one exploration trial from {fb}"
         name, d = free[0]
         label = f"{roles.role_of(name) or name} {'up' if d > 0 else 'down'}"
         payload = {"kind": "lazy", "parent": base.number, "param": name, "dir": d, "scale": 1.0, "move": label, "params": {}}
@@ -276,15 +354,33 @@ class Planner:
         best = self.hist.fold.incumbent
         if best is None or best.value is None:
             return f"{what} scored {_fmt(last.value)}"
+        if last is best:
+            return f"{what} scored {_fmt(last.value)}, the best so far"
         if (last.value < best.value) if self.s.minimize else (last.value > best.value):
             return f"{what} scored {_fmt(last.value)}, within the noise margin of {_fmt(best.value)} (cycle {best.cycle})"
         return f"{what} was worse: {_fmt(last.value)} vs {_fmt(best.value)} (cycle {best.cycle})"
 
-    def _action_clause(self, base: Rec, c: _Candidate, prev: _Candidate | None, label: str) -> str:
+    def _compared_step(self, base: Rec, config: Mapping[str, Any], param: str) -> str:
+        """How the repeated step compares with the one that improved: again / larger / up to the bound."""
+        parent = self.hist.rec(base.parent)
+        before = parent.config.get(param) if parent is not None else None
+        now = config.get(param)
+        moved = self._apply(config, _Candidate(param, base.direction, self._repeat_scale(base), "keep"))
+        after = moved[0].get(param) if moved else None
+        if not all(is_numeric_choice(v) and v > 0 for v in (before, now, after)):
+            return "again"
+        last_step, next_step = abs(math.log(now / before)), abs(math.log(after / now))
+        if next_step > last_step * 1.001:
+            return "(same way, larger step)"
+        if next_step < last_step * 0.999:
+            return "(same way, up to the end of the range)"
+        return "again"
+
+    def _action_clause(self, base: Rec, config: Mapping[str, Any], c: _Candidate, label: str) -> str:
         last = self.hist.fold.last_finished
         where = f"from cycle {base.cycle}" if last is base or last is None else f"back to cycle {base.cycle}"
         if c.why == "keep":
-            return f"trying {label} again" if label == base.move else f"trying {label} (same way, larger step)"
+            return f"trying {label} {self._compared_step(base, config, c.param)}"
         if c.why == "reprobe":
             return f"re-probing lr after the capacity change: {label}"
         if c.why == "diverged":
@@ -292,10 +388,28 @@ class Planner:
         if c.why == "diagnosis":
             return f"cycle {base.cycle} looks {base.diagnosis}: trying {label}"
         if c.why == "smaller":
-            return f"every move from cycle {base.cycle} failed at the larger step; trying {label}"
-        if c.why == "pair" and prev is not None and prev.param == c.param and prev.direction == -c.direction:
-            return f"{where}, trying the opposite: {label}"
+            return f"{where}, every one-step move from cycle {base.cycle} is taken; trying a smaller step: {label}"
+        if c.direction:
+            opposite = self._apply(config, _Candidate(c.param, -c.direction, c.scale, "pair"))
+            other = self.hist.holder(config_key(opposite[0])) if opposite else None
+            if other is not None and other.state.is_finished():
+                return f"{where}, trying the opposite of cycle {other.cycle} ({opposite[1]}): {label}"  # type: ignore[index]
         return f"{where}, trying {label}"
+
+
+def _other_choices(dist: BaseDistribution, current: Any) -> list[Any]:
+    """An unordered categorical's other choices, nearest in the list first: the next one, the
+    previous one, then outwards (wrapping), since neighbours in a list are often related."""
+    choices = list(dist.choices)  # type: ignore[attr-defined]
+    idx = next((i for i, ch in enumerate(choices) if coerce(dist, current) is ch), None)
+    if idx is None:
+        return []
+    out: list[Any] = []
+    for k in range(1, len(choices)):
+        for j in ((idx + k) % len(choices), (idx - k) % len(choices)):
+            if j != idx and choices[j] not in out:
+                out.append(choices[j])
+    return out
 
 
 def _step_dividing(dist: BaseDistribution, old: Any, direction: int, scale: float, hidden: Any) -> Any:

@@ -1,0 +1,225 @@
+"""CycleSampler on mixed spaces: one change per cycle, categorical moves, duplicates, true reasons."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from cycle_optuna.sampler import CycleSampler
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+MIXED = {
+    "lr": FloatDistribution(1e-4, 1e-1, log=True),
+    "dropout": FloatDistribution(0.0, 0.5),
+    "n_layers": IntDistribution(1, 6),
+    "hidden_dim": CategoricalDistribution([16, 32, 64, 128]),
+    "patch_len": CategoricalDistribution([1, 2, 4, 8]),
+    "pooling": CategoricalDistribution(["mean", "cls", "last"]),
+    "pos_encoding": CategoricalDistribution(["sinusoidal", "learned", "none"]),
+    "instance_norm": CategoricalDistribution([False, True]),
+}
+MIXED_BASE = {
+    "lr": 1e-3, "dropout": 0.1, "n_layers": 2, "hidden_dim": 32, "patch_len": 2,
+    "pooling": "mean", "pos_encoding": "sinusoidal", "instance_norm": False,
+}
+
+
+def mixed_loss(p: dict[str, Any]) -> float:
+    """Smooth in the numbers, with a best choice for each string and the bool."""
+    return (
+        (math.log10(p["lr"]) + 2.2) ** 2 + (p["dropout"] - 0.2) ** 2 + 0.05 * (p["n_layers"] - 4) ** 2
+        + 0.02 * (math.log2(p["hidden_dim"]) - 6) ** 2 + 0.03 * (math.log2(p["patch_len"]) - 2) ** 2
+        + {"mean": 0.1, "cls": 0.0, "last": 0.2}[p["pooling"]]
+        + {"sinusoidal": 0.05, "learned": 0.0, "none": 0.3}[p["pos_encoding"]]
+        + (0.0 if p["instance_norm"] else 0.08)
+    )
+
+
+def run_mixed(n: int, **kwargs: Any) -> optuna.Study:
+    kwargs.setdefault("seed", 0)
+    study = optuna.create_study(sampler=CycleSampler(baseline=MIXED_BASE, **kwargs))
+    for _ in range(n):
+        trial = study.ask(dict(MIXED))
+        study.tell(trial, mixed_loss(trial.params))
+    return study
+
+
+def parent_of(trials: list[FrozenTrial], t: FrozenTrial) -> FrozenTrial | None:
+    cycle = t.user_attrs.get("cycle_parent")
+    return trials[cycle - 1] if isinstance(cycle, int) else None
+
+
+def test_every_move_changes_exactly_one_parameter_of_any_kind():
+    study = run_mixed(60, plateau_cycles=6)
+    trials = study.trials
+    moved: set[str] = set()
+    for t in trials[1:]:
+        move = t.user_attrs["cycle_move"]
+        if move.startswith("explore"):
+            continue
+        parent = parent_of(trials, t)
+        assert parent is not None, move
+        diff = [k for k in MIXED if t.params[k] != parent.params[k]]
+        assert len(diff) == 1, f"cycle {t.number + 1} ({move}) changed {diff} against cycle {parent.number + 1}"
+        moved.add(diff[0])
+    assert {"pooling", "pos_encoding", "instance_norm", "hidden_dim", "patch_len", "lr", "n_layers"} <= moved
+    assert study.best_value < mixed_loss(MIXED_BASE) - 0.3
+
+
+def test_categorical_moves_try_each_untried_choice_in_turn():
+    space = {"pooling": MIXED["pooling"], "pos_encoding": MIXED["pos_encoding"]}
+    base = {"pooling": "mean", "pos_encoding": "sinusoidal"}
+    study = optuna.create_study(sampler=CycleSampler(baseline=base, seed=0, plateau_cycles=100))
+    for _ in range(5):
+        trial = study.ask(dict(space))
+        study.tell(trial, 1.0)  # nothing improves: every neighbour of the baseline in turn
+    moves = [t.user_attrs["cycle_move"] for t in study.trials[1:]]
+    # the next choice of each parameter first, then the remaining ones
+    assert moves == [
+        "pooling mean->cls", "pos_encoding sinusoidal->learned", "pooling mean->last", "pos_encoding sinusoidal->none",
+    ]
+
+
+def test_ordered_list_steps_to_a_neighbour_and_never_skips_one():
+    space = {"patch_len": MIXED["patch_len"]}
+    study = optuna.create_study(sampler=CycleSampler(baseline={"patch_len": 1}, seed=0, plateau_cycles=100))
+    for value in (1.0, 0.9, 0.8, 0.7):
+        trial = study.ask(dict(space))
+        study.tell(trial, value)  # every step up improves: the repeat stays one choice
+    assert [t.params["patch_len"] for t in study.trials] == [1, 2, 4, 8]
+
+
+def test_duplicate_check_covers_string_parameters():
+    study = run_mixed(40, plateau_cycles=100)
+    configs = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(configs)) == len(configs)
+
+
+def test_a_move_that_lost_with_another_change_is_retried_alone():
+    study = optuna.create_study(sampler=CycleSampler(baseline=MIXED_BASE, seed=0, plateau_cycles=100))
+    study.tell(study.ask(dict(MIXED)), 1.0)
+    # lr x2 together with another pooling: worse
+    study.enqueue_trial({**MIXED_BASE, "lr": 2e-3, "pooling": "last"})
+    study.tell(study.ask(dict(MIXED)), 1.5)
+    trial = study.ask(dict(MIXED))
+    assert trial.user_attrs["cycle_move"] == "lr x2"
+    assert trial.params == {**MIXED_BASE, "lr": 2e-3}
+
+
+def test_values_alone_are_enough():
+    """No diagnosis attrs, no roles for most params: the rules run from objective values only."""
+    study = run_mixed(30, plateau_cycles=4)
+    assert all("diagnosis" not in t.user_attrs for t in study.trials)
+    assert study.best_value < mixed_loss(MIXED_BASE)
+
+
+# -- reasons, checked against the trials they name ---------------------------------------------
+def check_reasons(trials: list[FrozenTrial]) -> int:
+    """Every claim a reason makes about a named cycle holds for that trial; returns claims checked."""
+    by_cycle = {t.number + 1: t for t in trials}
+    checked = 0
+    for t in trials:
+        reason = t.user_attrs["cycle_reason"]
+        assert reason.startswith(f"cycle {t.number + 1}: "), reason
+        parent = t.user_attrs.get("cycle_parent")
+        for m in re.finditer(r"(?:from|back to) cycle (\d+)", reason):
+            assert int(m.group(1)) == parent, reason
+            checked += 1
+        for m in re.finditer(r"cycle (\d+) (?:\([^)]*\) )?improved ([\d.e+-]+) -> ([\d.e+-]+)", reason):
+            named = by_cycle[int(m.group(1))]
+            assert named.number < t.number and named.state == TrialState.COMPLETE, reason
+            assert f"{named.value:.4g}" == m.group(3), reason
+            checked += 1
+        for m in re.finditer(r"cycle (\d+) (?:\([^)]*\) )?was worse: ([\d.e+-]+) vs ([\d.e+-]+) \(cycle (\d+)\)", reason):
+            worse, best = by_cycle[int(m.group(1))], by_cycle[int(m.group(4))]
+            assert f"{worse.value:.4g}" == m.group(2) and f"{best.value:.4g}" == m.group(3), reason
+            assert worse.value >= best.value, reason
+            checked += 1
+        for m in re.finditer(r"the best is cycle (\d+) \(([\d.e+-]+)\)", reason):
+            assert f"{by_cycle[int(m.group(1))].value:.4g}" == m.group(2), reason
+            checked += 1
+        for m in re.finditer(r"trying the opposite of cycle (\d+) \(([^)]*)\)", reason):
+            other, mine = by_cycle[int(m.group(1))], by_cycle[parent]
+            assert other.state.is_finished() and other.datetime_complete <= t.datetime_start, reason
+            changed = {k for k in other.params if other.params[k] != mine.params.get(k)}
+            assert changed and changed == {k for k in t.params if t.params[k] != mine.params.get(k)}, reason
+            checked += 1
+        if t.user_attrs["cycle_move"] == "explore (local)":
+            mine = by_cycle[parent]
+            changed = [k for k in t.params if t.params[k] != mine.params.get(k)]
+            assert f"{len(changed)} changes at once" in reason, reason
+            checked += 1
+    return checked
+
+
+def test_reasons_are_true_in_one_process():
+    study = run_mixed(45, plateau_cycles=4)
+    assert check_reasons(study.trials) > 45
+
+
+def _objective(trial: optuna.Trial) -> float:
+    params = {name: trial._suggest(name, dist) for name, dist in MIXED.items()}
+    time.sleep(0.15)  # long enough for the workers' trials to overlap
+    return mixed_loss(params)
+
+
+def _worker(url: str, rank: int, n_trials: int, barrier) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}})
+    study = optuna.load_study(study_name="reasons", storage=storage, sampler=CycleSampler(baseline=MIXED_BASE, seed=rank))
+    barrier.wait(timeout=60)
+    study.optimize(_objective, n_trials=n_trials)
+
+
+def test_reasons_are_true_with_three_worker_processes_on_sqlite(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'reasons.db'}"
+    optuna.create_study(study_name="reasons", storage=url)
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    barrier = ctx.Barrier(3)
+    procs = [ctx.Process(target=_worker, args=(url, rank, 8, barrier)) for rank in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    trials = optuna.load_study(study_name="reasons", storage=url).trials
+    assert len(trials) == 24 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert check_reasons(trials) > 24
+    local = [tuple(sorted(t.params.items())) for t in trials if t.user_attrs["cycle_move"] != "explore (tpe)"]
+    assert len(set(local)) == len(local)
+    for t in trials[1:]:
+        parent = parent_of(trials, t)
+        if parent is None or t.user_attrs["cycle_move"] in ("explore (tpe)",):
+            continue
+        # the parent is the incumbent the move started from: no trial that had finished when this
+        # one started was better by more than the noise margin (0.2%)
+        assert parent.number < t.number
+        done_before = [u.value for u in trials if u.datetime_complete and u.datetime_complete <= t.datetime_start]
+        if parent.number or done_before:
+            assert min(done_before) >= parent.value * (1 - 0.002) - 1e-12, t.user_attrs["cycle_reason"]
+        if not t.user_attrs["cycle_move"].startswith("explore"):
+            assert sum(t.params[k] != parent.params[k] for k in MIXED) == 1, t.user_attrs["cycle_reason"]
+    overlapping = sum(
+        a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
+        for i, a in enumerate(trials) for b in trials[i + 1 :]
+    )
+    assert overlapping >= 3, "the workers did not run at the same time; the test proves nothing"
+
+
+@pytest.mark.parametrize("diagnosis", ["underfit", "below_baseline"])
+def test_below_baseline_is_treated_like_underfit(diagnosis):
+    study = optuna.create_study(sampler=CycleSampler(baseline=MIXED_BASE, seed=0))
+    trial = study.ask(dict(MIXED))
+    trial.set_user_attr("diagnosis", diagnosis)
+    study.tell(trial, 1.0)
+    assert study.ask(dict(MIXED)).user_attrs["cycle_move"] == "layers +1"
