@@ -1,21 +1,33 @@
 """cycle-optuna: tune small transformers in improvement cycles with Optuna."""
 
-from cycle_optuna.api import best_params, best_trial, cycles, load_best_model, load_study
-from cycle_optuna.config import StudyConfig, load as load_config
-from cycle_optuna.errors import ConfigError, CycleOptunaError, DataError, StorageError
-from cycle_optuna.sampler import CycleSampler
+from __future__ import annotations
 
-__all__ = [
-    "ConfigError",
-    "CycleOptunaError",
-    "CycleSampler",
-    "DataError",
-    "StorageError",
-    "StudyConfig",
-    "best_params",
-    "best_trial",
-    "cycles",
-    "load_best_model",
-    "load_config",
-    "load_study",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cycle_optuna.api import best_params, best_trial, cycles, load_best_model, load_study, run_study
+    from cycle_optuna.config import StudyConfig, load as load_config
+    from cycle_optuna.errors import ConfigError, CycleOptunaError, DataError, StorageError
+    from cycle_optuna.sampler import CycleSampler
+
+# Re-exports resolved on first use, so `cycle-optuna --help` and `status` do not pay for Optuna,
+# SQLAlchemy or torch before they need them.
+_EXPORTS = {
+    "ConfigError": "errors", "CycleOptunaError": "errors", "DataError": "errors", "StorageError": "errors",
+    "CycleSampler": "sampler", "StudyConfig": "config", "load_config": ("config", "load"),
+    "best_params": "api", "best_trial": "api", "cycles": "api", "load_best_model": "api", "load_study": "api",
+    "run_study": "api",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    where = _EXPORTS.get(name)
+    if where is None:
+        raise AttributeError(f"module 'cycle_optuna' has no attribute {name!r}")
+    module, attr = where if isinstance(where, tuple) else (where, name)
+    value = getattr(importlib.import_module(f"cycle_optuna.{module}"), attr)
+    globals()[name] = value
+    return value

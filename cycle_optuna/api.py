@@ -7,11 +7,10 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import optuna
-import torch
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
@@ -20,10 +19,14 @@ from cycle_optuna import storage as storage_mod
 from cycle_optuna.config import PARAM_NAMES, Hyperparams, StudyConfig
 from cycle_optuna.errors import ConfigError, StorageError
 
+if TYPE_CHECKING:
+    from cycle_optuna.best_model import CycleModel
+
 # Same names as cycle_optuna.worker (kept here so queries do not import the training stack).
 CONFIG_ATTR = "cycle_optuna_config"
 STATS_ATTR = "data_stats"
 MODEL_ATTR = "model_artifact_id"
+BASELINES_ATTR = "cycle_optuna_baselines"  # study attr: {"majority": {"label", "val_accuracy", "test_accuracy"}, ...}
 
 StudyLike = Union[optuna.Study, str, os.PathLike]
 
@@ -55,13 +58,28 @@ def load_study(path_or_name: StudyLike, storage: str | BaseStorage | None = None
         raise StorageError(f"no study named {name!r} in {where} ({held})") from None
 
 
+def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: int | None = None) -> optuna.Study:
+    """Run a study file's trials in this process until the study holds its total (none when it already does)."""
+    from cycle_optuna import totals
+    from cycle_optuna.worker import run_worker
+
+    cfg = config_mod.load(path)
+    url = storage_mod.resolve_url(cfg, storage)
+    try:
+        held = load_study(path, url)
+    except StorageError:
+        held = None  # not created yet
+    total = totals.resolve(held, flag=n_trials, file=cfg.study.n_trials)
+    return run_worker(config_mod.override(cfg, n_trials=total), url)
+
+
 def _open(url: str) -> BaseStorage:
     """Open for reading: a missing SQLite file is an error, not a new empty database."""
     if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
         db = Path(url.removeprefix("sqlite:///").split("?")[0])
         if not db.is_file():
             raise StorageError(f"no study database at {db} (run the study first)")
-    return storage_mod.open_storage(url, heartbeat=False)
+    return storage_mod.open_storage(url, heartbeat=False, create=False)
 
 
 def study_config(study: optuna.Study) -> StudyConfig | None:
@@ -144,16 +162,45 @@ def cycles(study: StudyLike, storage: str | BaseStorage | None = None) -> list[C
             metrics["improvement_pct"] = round(100.0 * (curve[0] - min(curve)) / curve[0], 3)
         params = {**base, **t.params}
         parent = attrs.get("cycle_parent")
-        ref = by_number.get(parent) if isinstance(parent, int) else (trials[i - 1] if i else None)
-        reason = attrs.get("prune_reason") or attrs.get("error") or attrs.get("cycle_reason")
-        if t.state == TrialState.FAIL and not reason:
-            reason = t.system_attrs.get("fail_reason")
+        ref = by_number.get(parent - 1) if isinstance(parent, int) else (trials[i - 1] if i else None)
+        if t.state == TrialState.FAIL:
+            reason = failure_cause(t)
+        else:
+            reason = attrs.get("prune_reason") or attrs.get("cycle_reason")
         out.append(Cycle(
             cycle=t.number + 1, number=t.number, state=t.state.name, value=t.value, params=params,
             searched=dict(t.params), key_change=_key_change(t, ref, base), curve=curve, metrics=metrics,
             diagnosis=attrs.get("diagnosis"), reason=reason,
         ))
     return out
+
+
+def key_change(study: optuna.Study, t: FrozenTrial) -> str:
+    """One trial's "key changes" (as in :func:`cycles`), reading only it and its parent."""
+    parent = t.user_attrs.get("cycle_parent")
+    number = parent if isinstance(parent, int) else t.number - 1
+    ref = None
+    if number >= 0:
+        try:
+            ref = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+        except KeyError:
+            ref = None
+    return _key_change(t, ref, baseline_params(study))
+
+
+def failure_cause(t: FrozenTrial) -> str:
+    """Why a FAILED trial failed: its fail_cause (or the objective's error), else says none was recorded."""
+    attrs = t.user_attrs
+    cause = attrs.get(storage_mod.FAIL_CAUSE_ATTR) or attrs.get("error")
+    return str(cause) if cause else "no cause recorded"
+
+
+def baselines(study: optuna.Study) -> dict[str, dict[str, Any]]:
+    """The study's reference baselines (name -> label, val_accuracy, test_accuracy); {} when it has none."""
+    stored = study.user_attrs.get(BASELINES_ATTR)
+    if not isinstance(stored, dict):
+        return {}
+    return {k: v for k, v in stored.items() if isinstance(v, dict) and isinstance(v.get("val_accuracy"), (int, float))}
 
 
 def _key_change(t: FrozenTrial, ref: FrozenTrial | None, base: dict[str, Any]) -> str:
@@ -171,43 +218,6 @@ def _key_change(t: FrozenTrial, ref: FrozenTrial | None, base: dict[str, Any]) -
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-class CycleModel(torch.nn.Module):
-    """The best trial's trained model with its input normalisation: call it on raw data.
-
-    ``model(x)`` returns logits for raw ``[N, T, F]`` input (T <= ``seq_len``, F = ``n_features``);
-    ``predict`` returns class indices and ``predict_proba`` class probabilities, for numpy arrays or
-    tensors, one ``[T, F]`` sequence or a batch. ``params`` holds the trial's hyperparameters.
-    """
-
-    def __init__(self, net: torch.nn.Module, mean: Any, std: Any, *, params: dict[str, Any], trial_number: int) -> None:
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)))
-        self.register_buffer("std", torch.as_tensor(np.asarray(std, dtype=np.float32)))
-        self.params = dict(params)
-        self.trial_number = trial_number
-        self.n_features = int(self.mean.shape[0])
-        self.seq_len = int(getattr(net, "seq_len", 0)) or None  # longest input sequence
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x.float() - self.mean) / self.std)
-
-    def _logits(self, x: Any) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, torch.Tensor) else x
-        single = x.dim() == 2
-        with torch.inference_mode():
-            logits = self(x.to(self.mean.device)[None] if single else x.to(self.mean.device))
-        return logits[0] if single else logits
-
-    def predict_proba(self, x: Any) -> np.ndarray:
-        """Class probabilities for raw input ``[N, T, F]`` (or one ``[T, F]`` sequence)."""
-        return torch.softmax(self._logits(x).float(), dim=-1).cpu().numpy()
-
-    def predict(self, x: Any) -> np.ndarray:
-        """Class indices for raw input ``[N, T, F]`` (or one ``[T, F]`` sequence)."""
-        return self._logits(x).argmax(dim=-1).cpu().numpy()
 
 
 def study_artifact_dir(study: optuna.Study) -> Path | None:
@@ -239,7 +249,10 @@ def load_best_model(
             optuna.artifacts.download_artifact(artifact_store=store, file_path=str(path), artifact_id=artifact_id)
         except (FileNotFoundError, optuna.artifacts.exceptions.ArtifactNotFound):
             raise StorageError(f"model artifact {artifact_id} of cycle {trial.number + 1} is missing from {where}") from None
+        import torch  # here, not at the top: queries and `status` must not pay for importing torch
+
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    from cycle_optuna.best_model import CycleModel
     from cycle_optuna.model import TransformerClassifier
 
     net = TransformerClassifier(**payload["model_kwargs"])
@@ -260,7 +273,7 @@ class HeldOutScore:
 
 def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *, model: CycleModel | None = None) -> HeldOutScore:
     """Held-out test loss and accuracy of the best trial's model, on the study's own data split."""
-    from cycle_optuna.data import load_task
+    from cycle_optuna.data import load_study_data
     from cycle_optuna.train import evaluate
 
     study = load_study(study, storage)
@@ -268,7 +281,7 @@ def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *
     if cfg is None:
         raise StorageError(f"study {study.study_name!r} has no stored cycle-optuna config; cannot rebuild its test split")
     model = model if model is not None else load_best_model(study)
-    data = load_task(cfg.data, cfg.study.seed, data_path=config_mod.resolve_data_path(cfg))
+    data = load_study_data(cfg)
     stats = study.user_attrs.get(STATS_ATTR)
     if stats and not np.allclose(stats["mean"], data.mean, rtol=1e-4, atol=1e-5):
         raise StorageError(f"data of study {study.study_name!r} changed since it ran; its test split cannot be rebuilt")
@@ -276,6 +289,14 @@ def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *
     loss, acc = evaluate(model.net, data.x_test, data.y_test, cfg.train.eval_batch_size)
     return HeldOutScore(loss=loss, accuracy=acc, n=int(data.y_test.shape[0]), cycle=model.trial_number + 1)
 
+
+
+def reference_baselines(study: StudyLike, storage: str | BaseStorage | None = None) -> dict[str, dict[str, Any]] | None:
+    """The study's reference baselines, {key: {label, val_accuracy, test_accuracy}}; None before a worker ran.
+
+    Computed once by the first worker on the study's own split (see docs/data.md).
+    """
+    return load_study(study, storage).user_attrs.get(BASELINES_ATTR)
 
 
 def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, with_test: bool = True) -> dict[str, Any]:
@@ -302,6 +323,13 @@ def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, w
             rec.update(test_accuracy=score.accuracy, test_loss=score.loss, n_test=score.n)
         except StorageError as e:
             rec.update(test_accuracy=None, test_loss=None, test_error=str(e))
+    from cycle_optuna.references import compare
+
+    stored = study.user_attrs.get(BASELINES_ATTR)
+    rec["baselines"] = compare(stored, val_accuracy=t.user_attrs.get("val_accuracy"),
+                               test_accuracy=rec.get("test_accuracy"))
+    if stored is None:
+        rec["baselines_note"] = "no reference baselines stored yet: the next worker on this study computes them"
     return rec
 
 
@@ -309,3 +337,11 @@ def _json(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v if isinstance(v, (int, float, str, bool, list, dict)) or v is None else str(v)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CycleModel":  # defined beside torch, imported only when asked for
+        from cycle_optuna.best_model import CycleModel
+
+        return CycleModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

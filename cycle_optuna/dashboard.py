@@ -151,3 +151,84 @@ def launch(
     finally:
         dash.server.server_close()
     return 0
+
+
+# -- notes: what the dashboard shows beside each trial and the study ------------------------------
+
+@dataclass(frozen=True)
+class _TrialRef:
+    """What optuna-dashboard's note API reads from a trial (a finished trial has no live optuna.Trial)."""
+
+    storage: object
+    study: optuna.Study
+    _trial_id: int
+
+
+def trial_note(t: optuna.trial.FrozenTrial, key_change: str) -> str:
+    """A trial's note: its cycle number, move, reason, outcome, and the failure cause when it failed."""
+    from cycle_optuna.api import failure_cause
+
+    attrs = t.user_attrs
+    lines = [f"### Cycle {t.number + 1} (trial {t.number})", ""]
+    move = attrs.get("cycle_move")
+    lines.append(f"- **Move:** {move}" if move else f"- **Change:** {key_change}")
+    if attrs.get("cycle_reason"):
+        lines.append(f"- **Reason:** {attrs['cycle_reason']}")
+    if move:
+        lines.append(f"- **Change:** {key_change}")
+    state = t.state.name.lower()
+    if t.state.name == "COMPLETE":
+        acc = attrs.get("val_accuracy")
+        lines.append(f"- **Outcome:** complete, val loss {t.value:.4f}"
+                     + (f", accuracy {acc:.2%}" if isinstance(acc, (int, float)) else "")
+                     + (f", diagnosis {attrs['diagnosis']}" if attrs.get("diagnosis") else ""))
+    elif t.state.name == "PRUNED":
+        why = attrs.get("prune_reason") or ("diverged" if attrs.get("diagnosis") == "diverged" else "")
+        lines.append("- **Outcome:** pruned" + (f": {why}" if why else ""))
+    elif t.state.name == "FAIL":
+        lines.append("- **Outcome:** failed")
+        lines.append(f"- **Failure cause:** {failure_cause(t)}")
+    else:
+        lines.append(f"- **Outcome:** {state}")
+    if attrs.get("worker"):
+        lines.append(f"- **Worker:** {attrs['worker']}")
+    return "\n".join(lines) + "\n"
+
+
+def write_notes(study: optuna.Study, *, summary: str | None = None) -> int:
+    """Write each finished trial's note and the study note (the report's summary); returns notes written.
+
+    Notes whose text is unchanged are not rewritten, so refreshing a large study costs one read.
+    """
+    from optuna_dashboard import save_note
+    from optuna_dashboard._note import get_note_from_system_attrs  # one read for every note's current text
+
+    from cycle_optuna import api
+
+    if summary is None:
+        from cycle_optuna import report
+
+        summary = report.summary(report.analyse(study, test=False))
+    current = study._storage.get_study_system_attrs(study._study_id)
+    cycles = {c.number: c for c in api.cycles(study)}
+    written = 0
+    for t in study.get_trials(deepcopy=False):
+        if not t.state.is_finished():
+            continue
+        body = trial_note(t, cycles[t.number].key_change)
+        if get_note_from_system_attrs(current, t._trial_id)["body"] != body:
+            save_note(_TrialRef(study._storage, study, t._trial_id), body)
+            written += 1
+    if get_note_from_system_attrs(current, None)["body"] != summary:
+        save_note(study, summary)
+        written += 1
+    return written
+
+
+def write_trial_note(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+    """Write one finished trial's note (workers call this as each trial ends, so the dashboard is live)."""
+    from optuna_dashboard import save_note
+
+    from cycle_optuna import api
+
+    save_note(_TrialRef(study._storage, study, t._trial_id), trial_note(t, api.key_change(study, t)))

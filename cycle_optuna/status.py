@@ -11,8 +11,12 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Group
 from rich.table import Table
 
+from cycle_optuna import api
 from cycle_optuna import storage as storage_mod
-from cycle_optuna.worker import trials_counted
+from cycle_optuna.totals import trials_counted
+
+
+FAILURES_SHOWN = 5  # the latest failures `status` lists with their cause
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class RunningTrial:
     epochs_done: int
     last_heartbeat: datetime | None  # UTC; None without heartbeats (journal storage)
     resumed_from: str | None
+    device: str = "-"  # "cpu" or "gpu <id>", as the worker wrote it
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,8 @@ class StudyStatus:
     states: dict[str, int]
     running: list[RunningTrial] = field(default_factory=list)
     best: FrozenTrial | None = None
+    failures: list[tuple[int, str]] = field(default_factory=list)  # (cycle, cause) of failed trials
+    baselines: dict = field(default_factory=dict)  # the study's reference baselines, when it has them
 
     @property
     def finished(self) -> int:
@@ -48,12 +55,15 @@ def collect(study: optuna.Study, n_trials: int) -> StudyStatus:
     beats = storage_mod.last_heartbeats(study._storage, study)
     running = [
         RunningTrial(t.number, str(t.user_attrs.get(storage_mod.WORKER_ATTR, "?")), len(t.intermediate_values),
-                     beats.get(t.number), t.user_attrs.get("resumed_from"))
+                     beats.get(t.number), t.user_attrs.get("resumed_from"),
+                     str(t.user_attrs.get(storage_mod.DEVICE_ATTR, "-")))
         for t in trials if t.state == TrialState.RUNNING
     ]
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     best = min(done, key=lambda t: t.value) if done else None
-    return StudyStatus(study.study_name, n_trials, trials_counted(study), states, running, best)
+    failures = [(t.number + 1, api.failure_cause(t)) for t in trials if t.state == TrialState.FAIL]
+    return StudyStatus(study.study_name, n_trials, trials_counted(study), states, running, best, failures,
+                       api.baselines(study))
 
 
 def _ago(when: datetime | None) -> str:
@@ -73,11 +83,11 @@ def render(s: StudyStatus, *, epochs: int | None = None) -> Group:
     parts: list = [head]
     if s.running:
         run = Table(title="running")
-        for col in ("cycle", "epochs", "worker", "last heartbeat", "resumed from"):
+        for col in ("cycle", "epochs", "worker", "device", "last heartbeat", "resumed from"):
             run.add_column(col)
         for r in sorted(s.running, key=lambda r: r.number):
             run.add_row(str(r.number + 1), f"{r.epochs_done}" + (f"/{epochs}" if epochs else ""), r.worker,
-                        _ago(r.last_heartbeat), r.resumed_from or "")
+                        r.device, _ago(r.last_heartbeat), r.resumed_from or "")
         parts.append(run)
     if s.best is not None:
         b = s.best
@@ -85,6 +95,15 @@ def render(s: StudyStatus, *, epochs: int | None = None) -> Group:
         acc = b.user_attrs.get("val_accuracy")
         parts.append(f"best so far: cycle {b.number + 1}, val loss {b.value:.4f}"
                      + (f", accuracy {acc:.2%}" if isinstance(acc, (int, float)) else "") + f" ({params})")
+    if s.baselines:
+        parts.append("reference baselines (val accuracy): " + ", ".join(
+            f"{b.get('label', k)} {b['val_accuracy']:.2%}" for k, b in s.baselines.items()
+            if isinstance(b.get("val_accuracy"), (int, float))))
+    if s.failures:
+        shown = s.failures[-FAILURES_SHOWN:]
+        more = len(s.failures) - len(shown)
+        parts.append("failed: " + "; ".join(f"cycle {c}: {cause}" for c, cause in shown)
+                     + (f" (and {more} earlier)" if more else ""))
     return Group(*parts)
 
 
@@ -112,11 +131,19 @@ def watch(study: optuna.Study, n_trials: int, procs: list, *, epochs: int | None
             time.sleep(interval)
 
 
+def find(cfg, url: str) -> optuna.Study | None:
+    """The study of `cfg` at `url` when it exists, else None (creates nothing but an empty SQLite file)."""
+    storage = storage_mod.open_storage(url, heartbeat=False)
+    if cfg.study.name not in optuna.get_all_study_names(storage):
+        return None
+    return optuna.load_study(study_name=cfg.study.name, storage=storage)
+
+
 def load(cfg, url: str) -> optuna.Study:
     """The existing study of `cfg` at `url`, without creating or changing anything."""
     from cycle_optuna.errors import StorageError
 
-    storage = storage_mod.open_storage(url)
+    storage = storage_mod.open_storage(url, create=False)
     if cfg.study.name not in optuna.get_all_study_names(storage):
         raise StorageError(f"no study named {cfg.study.name!r} in {storage_mod.mask(url)}")
     return optuna.load_study(study_name=cfg.study.name, storage=storage)

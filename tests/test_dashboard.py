@@ -106,3 +106,36 @@ def test_launch_prints_the_url_and_serves(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_notes_carry_cycle_move_reason_and_failure_cause(tmp_path):
+    """Trial and study notes written through optuna-dashboard's note API, read back over its HTTP API."""
+    import optuna_dashboard
+
+    from cycle_optuna import api, report
+
+    path = make_study(tmp_path, "cycle", with_model=False)
+    study = api.load_study(path)
+    study.set_user_attr("cycle_optuna_baselines", {"majority": {"label": "majority class", "val_accuracy": 0.3333,
+                                                                "test_accuracy": 0.3333}})
+    report.write_report(path, tmp_path / "out", test=False)  # the report refreshes the notes
+    dash = dashboard.make_dashboard(path, port=0)
+    dash.start()
+    try:
+        base = f"http://127.0.0.1:{dash.port}"
+        study_id = dash.url.rsplit("/", 1)[1]
+        _, detail = _get(f"{base}/api/studies/{study_id}")
+    finally:
+        dash.close()
+    notes = [t["note"]["body"] for t in detail["trials"]]
+    assert notes[1].startswith("### Cycle 2 (trial 1)")
+    assert "- **Move:** lr x2" in notes[1] and "- **Reason:** cycle 2: trying lr x2 from cycle 1" in notes[1]
+    assert "- **Outcome:** complete, val loss 0.9206, accuracy 46.09%" in notes[1]
+    assert "- **Outcome:** pruned: val loss 0.9700 at epoch 2 fell behind other trials" in notes[4]
+    assert "- **Outcome:** failed" in notes[5] and "- **Failure cause:** CUDA out of memory" in notes[5]
+    summary = detail["note"]["body"]
+    assert "**Best: cycle 1**, val loss 0.9192" in summary
+    assert "majority class 33.3%" in summary and "**Next:** Keep the learning rate below 0.004" in summary
+    assert optuna_dashboard.get_note(study) == summary
+    # refreshing an unchanged study rewrites nothing
+    assert dashboard.write_notes(study, summary=summary) == 0

@@ -1,0 +1,68 @@
+"""A study's cycles as a table: one row per cycle (params, state, value, user attrs, reason) to CSV or Parquet."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from cycle_optuna import api
+from cycle_optuna.errors import ConfigError
+
+FIRST = ["cycle", "number", "state", "value", "reason", "key_change", "datetime_start", "datetime_complete",
+         "duration_s"]
+
+
+def _cell(v: Any) -> Any:
+    """Scalars stay as they are; lists and dicts become JSON so every column is one plain type."""
+    if isinstance(v, (list, dict, tuple)):
+        return json.dumps(v, default=str)
+    return v
+
+
+def frame(study: api.StudyLike, storage: str | None = None):
+    """The study's cycles as a pandas DataFrame: params as `params_<name>`, user attrs as `user_attrs_<name>`."""
+    import pandas as pd
+
+    study = api.load_study(study, storage)
+    cycles = {c.number: c for c in api.cycles(study)}
+    rows = []
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        c = cycles[t.number]
+        row: dict[str, Any] = {
+            "cycle": c.cycle, "number": t.number, "state": t.state.name, "value": t.value,
+            "reason": c.reason, "key_change": c.key_change,
+            "datetime_start": t.datetime_start, "datetime_complete": t.datetime_complete,
+            "duration_s": t.duration.total_seconds() if t.duration is not None else None,
+        }
+        row.update({f"params_{k}": v for k, v in c.params.items()})
+        row.update({f"user_attrs_{k}": _cell(v) for k, v in sorted(t.user_attrs.items())})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=FIRST)
+    rest = sorted(c for c in df.columns if c not in FIRST)
+    return df[FIRST + [c for c in rest if c.startswith("params_")] + [c for c in rest if not c.startswith("params_")]]
+
+
+def write(study: api.StudyLike, path: str | os.PathLike, *, storage: str | None = None, fmt: str | None = None) -> Path:
+    """Write the cycle table to `path` as CSV or Parquet (by `fmt`, else the file's suffix); returns the path."""
+    path = Path(path)
+    fmt = fmt or {".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
+    if fmt not in ("csv", "parquet"):
+        raise ConfigError(f"{path}: unknown export format {path.suffix or '(no suffix)'!r} (use .csv or .parquet)")
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401 - pandas needs it for Parquet
+        except ImportError:
+            raise ConfigError("Parquet export needs pyarrow: pip install 'cycle-optuna[parquet]' "
+                              "(or export --csv FILE)") from None
+    df = frame(study, storage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "csv":
+        df.to_csv(path, index=False)
+    else:
+        df.to_parquet(path, index=False)
+    return path
+

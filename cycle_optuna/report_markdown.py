@@ -1,0 +1,393 @@
+"""The report as markdown (and its short summary for the dashboard), written from an `Analysis`."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from cycle_optuna import analysis as an
+from cycle_optuna import config as config_mod
+from cycle_optuna import plots
+from cycle_optuna.analysis import Analysis
+from cycle_optuna.api import Cycle
+from cycle_optuna.config import StudyConfig
+
+LABELS = {"lr": "Learning rate", "batch_size": "Batch size", "hidden_dim": "Hidden dimension",
+          "n_layers": "Layers", "n_heads": "Heads", "dropout": "Dropout", "weight_decay": "Weight decay"}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _n(k: int, noun: str) -> str:
+    return f"{k} {noun}{'' if k == 1 else 's'}"
+
+
+def _pct(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _loss(c: Cycle) -> float | None:
+    return plots._loss(c)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _arch(c: Cycle) -> str:
+    p = c.params
+    return f"hidden {p.get('hidden_dim')}, {p.get('n_layers')} layers, {p.get('n_heads')} heads"
+
+
+def _state(c: Cycle) -> str:
+    if c.diverged:
+        return "diverged"
+    if c.state == "PRUNED":
+        return f"pruned at epoch {c.epochs_run}"
+    if c.state == "COMPLETE":
+        return f"complete ({c.diagnosis})" if c.diagnosis else "complete"
+    return c.state.lower()
+
+
+def _space(cfg: StudyConfig | None) -> dict[str, config_mod.ParamSpace]:
+    return {p.name: p for p in cfg.space} if cfg else {}
+
+
+# -- sections --------------------------------------------------------------------------------------
+
+def _overview(a: Analysis) -> list[str]:
+    n = Counter(c.state for c in a.cycles)
+    parts = [f"{n['COMPLETE']} complete", f"{len(a.pruned)} pruned", f"{len(a.diverged)} diverged", f"{len(a.failed)} failed"]
+    if n["RUNNING"] or n["WAITING"]:
+        parts.append(f"{n['RUNNING'] + n['WAITING']} running or waiting")
+    epochs = sum(c.epochs_run for c in a.cycles)
+    secs = sum(c.metrics.get("train_seconds", 0) or 0 for c in a.cycles)
+    lines = ["## Overview", "", f"Study **{a.name}** ran {len(a.cycles)} improvement cycles ({', '.join(parts)})"
+             + (f" with sampler `{a.cfg.sampler.type}` and pruner `{a.cfg.pruner.type}`" if a.cfg else "")
+             + f": {epochs} epochs trained in {secs:.1f} s of training time."]
+    if a.storage:
+        lines.append(f"Storage: `{a.storage}`.")
+    if a.stats:
+        s = a.stats
+        task = a.cfg.data.source if a.cfg else "data"
+        split = "/".join(str(s.get(k, "?")) for k in ("n_train", "n_val", "n_test"))
+        lines.append(f"Task: {task} with {split} train/val/test sequences of {s['seq_len']} steps x "
+                     f"{s['n_features']} features, {s['n_classes']} classes (chance loss {math.log(s['n_classes']):.4f}).")
+    first = a.cycles[0] if a.cycles else None
+    if a.best is not None:
+        line = f"Best validation loss **{a.best.value:.4f}** in cycle {a.best.cycle} (of {len(a.complete)} complete cycles)"
+        if first is not None and first.state == "COMPLETE" and first.value and first is not a.best:
+            line += f", {100 * (first.value - a.best.value) / first.value:.2f}% below cycle 1 ({first.value:.4f})"
+        elif first is a.best:
+            line += ": no later cycle beat the baseline"
+        lines.append(line + ".")
+    else:
+        lines.append("No cycle has completed yet.")
+    return lines + [""]
+
+
+def _best(a: Analysis) -> list[str]:
+    b = a.best
+    if b is None:
+        return []
+    space = _space(a.cfg)
+    lines = [f"## Best configuration (cycle {b.cycle})", "",
+             f"- **Validation loss:** {b.value:.4f}",
+             f"- **Validation accuracy:** {_pct(b.val_accuracy)}"]
+    if a.test is not None:
+        lines.append(f"- **Held-out test accuracy:** {_pct(a.test.accuracy)} (test loss {a.test.loss:.4f}, "
+                     f"{a.test.n} sequences never used to select this model)")
+    else:
+        lines.append(f"- **Held-out test accuracy:** unavailable ({a.test_note})")
+    lines += _context(a)
+    lines.append(f"- **Model:** {_arch(b)}, {b.n_params or '?'} trainable parameters, {b.epochs_run} epochs"
+                 + (f", diagnosis {b.diagnosis}" if b.diagnosis else ""))
+    lines.append("- **Configuration:**")
+    for k, v in b.params.items():
+        lines.append(f"  - {LABELS.get(k, k)}: {_fmt(v)}" + ("" if k in space else " (fixed)"))
+    return lines + [""]
+
+
+def _context(a: Analysis) -> list[str]:
+    """Where the best result stands: chance, the study's reference baselines, the oracle of the built-in task."""
+    b = a.best
+    if b is None or b.val_accuracy is None:
+        return []
+    out = []
+    if a.stats and a.stats.get("n_classes"):
+        out.append(f"chance {_pct(1 / a.stats['n_classes'], 1)}")
+    for key, ref in a.baselines.items():
+        test = f", test {_pct(ref['test_accuracy'], 1)}" if isinstance(ref.get("test_accuracy"), (int, float)) else ""
+        out.append(f"{ref.get('label', key)} {_pct(ref['val_accuracy'], 1)}{test}")
+    if a.bayes:
+        out.append(f"Bayes-optimal oracle {_pct(a.bayes['val'], 1)} on this val split "
+                   f"({_pct(a.bayes['test'], 1)} on the test split)")
+    if not out:
+        return []
+    line = f"- **In context** (validation accuracy {_pct(b.val_accuracy, 1)}): " + "; ".join(out)
+    if a.bayes and a.bayes["val"] > 0:
+        line += f". The tuned model reaches {100 * b.val_accuracy / a.bayes['val']:.0f}% of the oracle's accuracy"
+    return [line]
+
+
+def _table(a: Analysis) -> list[str]:
+    lines = ["## Performance metrics across cycles", "",
+             "| Cycle | Final val loss | Accuracy | Improvement | Key changes | State |",
+             "|------:|---------------:|---------:|------------:|-------------|-------|"]
+    for c in a.cycles:
+        loss = _loss(c)
+        imp = c.improvement_pct
+        mark = " **best**" if c is a.best else ""
+        lines.append(f"| {c.cycle} | {'-' if loss is None else f'{loss:.4f}'}{mark} | {_pct(c.val_accuracy)} | "
+                     f"{'-' if imp is None else f'{imp:.2f}%'} | {_cell(c.key_change)} | {_state(c)} |")
+    lines += ["", "Final val loss is the best validation loss the cycle reached (the objective); improvement is "
+              "first-to-best validation loss within the cycle's epochs.", ""]
+    return lines
+
+
+CAPACITY_WORDS = ("model size (hidden_dim^2 x n_layers)", "Smaller models performed better", "Larger models performed better",
+                  "Capacity made little difference")
+LR_WORDS = ("log learning rate", "higher learning rates gave higher loss", "higher learning rates gave lower loss",
+            "no clear relation to loss")
+
+
+def _size(c: Cycle) -> float | None:
+    # the block size every cycle has, pruned ones too (they stop before counting their parameters)
+    h, n = c.params.get("hidden_dim"), c.params.get("n_layers")
+    return float(h * h * n) if h and n else None
+
+
+def _log_lr(c: Cycle) -> float | None:
+    return math.log(c.params["lr"]) if c.params.get("lr") else None
+
+
+def _trend_line(t: an.Trend, quantity: str, up: str, down: str, flat: str) -> str:
+    """A trend as one line that names its evidence: rho, the epoch compared at, complete and pruned cycles."""
+    finding = up if t.direction > 0 else down if t.direction < 0 else flat
+    evidence = f"Spearman rho of {quantity} vs val loss at epoch {t.epoch} = {t.rho:+.2f}, over {t.n} cycles"
+    if t.contradicted:
+        return (f"- **Finding:** unsettled: at epoch {t.epoch} {finding[0].lower() + finding[1:]} ({evidence}), "
+                f"but the complete cycles alone point the other way (rho {t.rho_complete:+.2f} at their final loss)")
+    return f"- **Finding:** {finding} ({evidence})"
+
+
+def _too_few(t: an.Trend, what: str) -> str:
+    return (f"- Too few cycles with different {what} to relate them to loss ({t.n}; a trend needs "
+            f"{an.MIN_TREND} complete or pruned cycles)")
+
+
+def _capacity(a: Analysis) -> list[str]:
+    lines = ["### 1. Model capacity vs performance", ""]
+    t = an.trend(a.cycles, _size)
+    if t.rho is None:
+        return lines + [_too_few(t, "capacities"), ""]
+    lines.append(_trend_line(t, *CAPACITY_WORDS))
+    sizes = sorted(c.n_params for c in a.complete if c.n_params)
+    if a.best is not None and sizes:
+        lines.append(f"- **Best** used {_arch(a.best)} ({a.best.n_params} parameters); complete cycles "
+                     f"ranged {sizes[0]} - {sizes[-1]} parameters")
+    bad = [c for c in a.cycles if c.diverged or c.diagnosis == "unstable"]
+    if bad:
+        shown = ", ".join(f"cycle {c.cycle} ({c.n_params or '?'} parameters)" for c in bad)
+        lines.append(f"- Unstable or diverged: {shown}")
+    return lines + [""]
+
+
+def _lr(a: Analysis) -> list[str]:
+    lines = ["### 2. Learning rate impact", ""]
+    seq: list[float] = []
+    for c in a.cycles:
+        lr = c.params.get("lr")
+        if lr is not None and (not seq or seq[-1] != lr):
+            seq.append(lr)
+    if len(seq) > 1:
+        shown = seq if len(seq) <= 12 else seq[:6] + ["..."] + seq[-5:]
+        lines.append("- **Sequence:** " + " -> ".join(_fmt(v) for v in shown))
+    else:
+        lines.append(f"- The learning rate stayed at {_fmt(seq[0]) if seq else '?'} in every cycle")
+    t = an.trend(a.cycles, _log_lr)
+    if t.rho is not None:
+        lines.append(_trend_line(t, *LR_WORDS))
+    elif len(seq) > 1:
+        lines.append(_too_few(t, "learning rates"))
+    pruned = sorted(c.params["lr"] for c in a.pruned if c.params.get("lr"))
+    if len(pruned) > 6:
+        lines.append(f"- **Pruned:** {len(pruned)} cycles at learning rates {_fmt(pruned[0])} - {_fmt(pruned[-1])} "
+                     f"(median {_fmt(float(np.median(pruned)))})")
+    elif pruned:
+        lines.append(f"- **Pruned** at learning rates {', '.join(_fmt(v) for v in pruned)}")
+    div = sorted(c.params["lr"] for c in a.diverged if c.params.get("lr"))
+    if div:
+        lines.append(f"- **Diverged** at learning rates {', '.join(_fmt(v) for v in div)}")
+    if a.best is not None:
+        lines.append(f"- The best cycle used {_fmt(a.best.params.get('lr'))}")
+    return lines + [""]
+
+
+def _dynamics(a: Analysis) -> list[str]:
+    lines = ["### 3. Training dynamics", ""]
+    acc = [c for c in a.cycles if c.val_accuracy is not None and c.state == "COMPLETE"]
+    if acc:
+        top = max(acc, key=lambda c: c.val_accuracy)
+        note = " (also the best loss)" if top is a.best else " despite not having the best loss"
+        lines.append(f"- **Cycle {top.cycle}** had the best accuracy of the {len(acc)} complete cycles "
+                     f"({_pct(top.val_accuracy)}){note}")
+    imp = [c for c in a.cycles if c.improvement_pct is not None]
+    if imp and max(c.improvement_pct for c in imp) > 0:
+        top = max(imp, key=lambda c: c.improvement_pct)
+        lines.append(f"- **Cycle {top.cycle}** had the highest within-cycle improvement ({top.improvement_pct:.2f}%, "
+                     f"of {an.sample(imp)} cycles)")
+    diag = Counter(c.diagnosis for c in a.cycles if c.diagnosis)
+    if diag:
+        lines.append("- **Diagnoses:** " + ", ".join(f"{k} {v}" for k, v in diag.most_common()))
+    nan = sum(int(c.metrics.get("nan_batches") or 0) for c in a.cycles)
+    lines.append(f"- **Non-finite batches** skipped: {nan}")
+    if a.epochs and a.complete:
+        early = [c for c in a.complete if c.epochs_run < a.epochs]
+        lines.append(f"- **Early stopping** ended {len(early)} of {len(a.complete)} complete cycles before "
+                     f"{a.epochs} epochs (mean {np.mean([c.epochs_run for c in a.complete]):.1f} epochs)")
+    sps = [c.metrics["samples_per_second"] for c in a.cycles if c.metrics.get("samples_per_second")]
+    if sps:
+        lines.append(f"- **Throughput:** {np.mean(sps):.0f} samples/s on average")
+    return lines + [""]
+
+
+def _importance(a: Analysis) -> list[str]:
+    lines = ["### 4. Parameter importances", ""]
+    if not a.importance:
+        return lines + [f"- Not available: {a.importance_note}", ""]
+    n = len(a.complete)
+    lines += [f"Optuna's PED-ANOVA importance evaluator over the {n} complete cycles, for the parameters that "
+              "varied among them:", "", "| Parameter | Importance |", "|-----------|-----------:|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in a.importance.items()]
+    fixed = [k for k in _space(a.cfg) if k not in a.importance]
+    top = next(iter(a.importance))
+    lines += [""]
+    if fixed:
+        lines.append(f"- Not rated (held one value in every complete cycle): {', '.join(fixed)}")
+    if a.importance_warning:
+        lines.append(f"- **Warning:** {a.importance_warning}")
+    return lines + [f"- **{top}** explains the most variation in validation loss.", ""]
+
+
+def _pruning(a: Analysis) -> list[str]:
+    lines = ["### 5. Epochs saved by pruning", ""]
+    stopped = a.pruned + a.diverged
+    if not a.epochs:
+        return lines + [f"- {len(stopped)} cycles were stopped early (epoch budget unknown).", ""]
+    saved = sum(max(0, a.epochs - c.epochs_run) for c in stopped)
+    early = sum(max(0, a.epochs - c.epochs_run) for c in a.complete)
+    budget = a.epochs * max(1, len(a.cycles))
+    return lines + [f"- Pruning stopped {_n(len(stopped), 'cycle')} and saved **{saved} epochs** "
+                    f"({100 * saved / budget:.1f}% of the {budget}-epoch budget of {len(a.cycles)} cycles)",
+                    f"- Early stopping saved another {_n(early, 'epoch')} in complete cycles", ""]
+
+
+def _worked(a: Analysis) -> list[str]:
+    lines = ["## What worked and what failed", "", "### What worked", ""]
+    best, wins, misses = math.inf, [], []
+    for c in a.cycles:
+        if c.state != "COMPLETE" or c.value is None:
+            continue
+        if c.value < best:
+            if math.isfinite(best):
+                wins.append(f"- Cycle {c.cycle}: {c.key_change} lowered the best loss {best:.4f} -> {c.value:.4f} "
+                            f"({100 * (best - c.value) / best:.2f}%)")
+            best = c.value
+        else:
+            misses.append(c)
+    lines += wins or ["- No cycle improved on the first complete cycle."]
+    lines += ["", "### What failed", ""]
+    lines.append(f"- **Did not improve:** {_n(len(misses), 'complete cycle')}"
+                 + (": " + "; ".join(f"cycle {c.cycle} ({c.key_change})" for c in misses[:8]) if misses else ""))
+    for label, group in (("Diverged", a.diverged), ("Pruned", a.pruned), ("Failed", a.failed)):
+        lines.append(f"- **{label}:** {len(group)}")
+        for c in group[:10]:
+            lines.append(f"  - cycle {c.cycle} (lr {_fmt(c.params.get('lr'))}, {_arch(c)}): {c.reason or 'no reason recorded'}")
+    return lines + [""]
+
+
+def _recommendations(a: Analysis) -> list[str]:
+    gap = None
+    if a.test is not None and a.best is not None and a.best.val_accuracy is not None:
+        gap = a.best.val_accuracy - a.test.accuracy
+    recs = an.recommendations(a.cycles, a.best, _space(a.cfg), importance=a.importance, test_gap=gap)
+    return ["## Recommendations for the next run", ""] + [f"{i}. {r}" for i, r in enumerate(recs, 1)] + [""]
+
+
+def _loss_reduction(a: Analysis) -> list[str]:
+    lines = ["## Loss reduction analysis", ""]
+    imp = [c for c in a.cycles if c.improvement_pct is not None]
+    if imp:
+        top = max(imp, key=lambda c: c.improvement_pct)
+        lines += [f"- **Best improvement:** {top.improvement_pct:.2f}% (cycle {top.cycle})",
+                  f"- **Average improvement:** {np.mean([c.improvement_pct for c in imp]):.2f}% per cycle "
+                  f"({an.sample(imp)} cycles)"]
+    done = a.complete
+    if len(done) >= 2:
+        xs, ys = np.array([c.cycle for c in done], float), np.array([c.value for c in done])
+        slope = float(np.polyfit(xs, ys, 1)[0])
+        rel = slope / float(np.mean(ys))
+        trend = ("loss fell with later cycles" if rel < -0.001 else
+                 "loss rose with later cycles (diminishing returns)" if rel > 0.001 else "flat")
+        lines.append(f"- **Overall trend:** {trend} ({slope:+.4f} per cycle, over {len(done)} complete cycles)")
+        cv = float(np.std(ys) / np.mean(ys))
+        lines.append(f"- **Stability:** loss of complete cycles in {ys.min():.4f} - {ys.max():.4f} "
+                     f"(std {np.std(ys):.4f}, {'narrow' if cv < 0.01 else 'wide'} at {100 * cv:.2f}% of the mean)")
+    elif not imp:
+        lines.append("- Not enough complete cycles.")
+    return lines + [""]
+
+
+def _conclusion(a: Analysis) -> list[str]:
+    if a.best is None:
+        return []
+    b = a.best
+    test = f", {_pct(a.test.accuracy)} held-out test accuracy" if a.test else ""
+    return ["## Conclusion", "",
+            f"**Key takeaway:** cycle {b.cycle} ({_arch(b)}, lr {_fmt(b.params.get('lr'))}, batch "
+            f"{b.params.get('batch_size')}, dropout {_fmt(b.params.get('dropout'))}) reached validation loss "
+            f"{b.value:.4f} and accuracy {_pct(b.val_accuracy)}{test} after {len(a.cycles)} cycles.", ""]
+
+
+def render(a: Analysis, images: dict[str, str] | None = None) -> str:
+    """The report as markdown; `images` maps plot names to paths relative to the report."""
+    lines = [f"# Training improvement cycle analysis: {a.name}", ""]
+    lines += _overview(a) + _best(a) + _table(a)
+    lines += ["## Key insights", ""] + _capacity(a) + _lr(a) + _dynamics(a) + _importance(a) + _pruning(a)
+    lines += _worked(a) + _recommendations(a) + _loss_reduction(a)
+    if images:
+        titles = {"history": "Optimisation history", "curves": "Validation loss per epoch",
+                  "lr": "Learning rate vs loss", "capacity": "Capacity vs loss", "importances": "Parameter importances"}
+        lines += ["## Plots", ""] + [f"![{titles.get(k, k)}]({v})" for k, v in images.items()] + [""]
+    lines += _conclusion(a)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def summary(a: Analysis) -> str:
+    """The report in a few lines (markdown): best cycle, results in context, key findings, the next step."""
+    lines = [f"## cycle-optuna summary of {a.name}", ""]
+    n = Counter(c.state for c in a.cycles)
+    lines.append(f"{len(a.cycles)} cycles: {n['COMPLETE']} complete, {len(a.pruned)} pruned, {len(a.diverged)} "
+                 f"diverged, {len(a.failed)} failed.")
+    if a.best is None:
+        return "\n".join(lines + ["", "No cycle has completed yet."]) + "\n"
+    b = a.best
+    lines += ["", f"**Best: cycle {b.cycle}**, val loss {b.value:.4f}, val accuracy {_pct(b.val_accuracy)}"
+              + (f", held-out test accuracy {_pct(a.test.accuracy)}" if a.test else "") + f" ({_arch(b)}, "
+              f"lr {_fmt(b.params.get('lr'))})", ""]
+    lines += _context(a)
+    for t, words in ((an.trend(a.cycles, _size), CAPACITY_WORDS), (an.trend(a.cycles, _log_lr), LR_WORDS)):
+        if t.rho is not None:
+            lines.append(_trend_line(t, *words))
+    recs = an.recommendations(a.cycles, a.best, _space(a.cfg), importance=a.importance)
+    lines += ["", "**Next:** " + recs[0]] + ([f"**Also:** {r}" for r in recs[1:3]])
+    lines += ["", "The full report: `cycle-optuna report STUDY.toml`."]
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,92 @@
+"""One log line per trial event (start with its move, end with state, value, epochs, duration), text or JSON.
+
+Workers write these to their log, and `run` prints them when its output is not a terminal (nohup,
+SLURM, CI), where a progress bar would show only its final frame.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from cycle_optuna import storage as storage_mod
+
+MOVE_ATTR, REASON_ATTR = "cycle_move", "cycle_reason"  # written by the cycle samplers
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _num(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class TrialLog:
+    """Writes a line when a trial starts and when it ends, through `echo`."""
+
+    def __init__(self, *, json_lines: bool = False, echo: Callable[[str], None] = print,
+                 worker: str | None = None) -> None:
+        self.json_lines, self.echo = json_lines, echo
+        self.worker = worker or storage_mod.worker_id()
+        self.started: dict[int, float] = {}  # trial number -> monotonic start
+
+    def _emit(self, record: dict[str, Any], text: str) -> None:
+        if self.json_lines:
+            self.echo(json.dumps({"time": _now(), **record}, default=str))
+        else:
+            self.echo(f"{_now()} {text}")
+
+    def begin(self, trial: optuna.Trial) -> None:
+        """The trial's start: cycle, worker, the sampler's move and reason when it wrote them."""
+        self.started[trial.number] = time.monotonic()
+        frozen = trial.study._storage.get_trial(trial._trial_id)  # the sampler's attrs and the retry mark
+        move, reason = frozen.user_attrs.get(MOVE_ATTR), frozen.user_attrs.get(REASON_ATTR)
+        retry = frozen.system_attrs.get("failed_trial")
+        record = {"event": "trial_start", "cycle": trial.number + 1, "trial": trial.number, "worker": self.worker,
+                  "move": move, "reason": reason, "retry_of": retry}
+        text = f"cycle {trial.number + 1} started on {self.worker}"
+        if retry is not None:
+            text += f" (retry of trial {retry})"
+        if move:
+            text += f": {move}"
+        if reason:
+            text += f" ({reason})"
+        self._emit(record, text)
+
+    def end(self, study: optuna.Study, t: FrozenTrial) -> None:
+        """The trial's end: state, value, epochs, duration; the failure cause when it failed."""
+        start = self.started.pop(t.number, None)
+        secs = time.monotonic() - start if start is not None else (t.duration.total_seconds() if t.duration else None)
+        attrs = t.user_attrs
+        epochs = attrs.get("epochs_run", len(t.intermediate_values))
+        state = t.state.name
+        record = {"event": "trial_end", "cycle": t.number + 1, "trial": t.number, "worker": self.worker,
+                  "state": state, "value": _num(t.value), "val_accuracy": _num(attrs.get("val_accuracy")),
+                  "epochs": epochs, "duration_s": None if secs is None else round(secs, 3),
+                  "diagnosis": attrs.get("diagnosis")}
+        text = f"cycle {t.number + 1} {state.lower()}"
+        if t.value is not None:
+            text += f": val loss {t.value:.4f}"
+        elif t.intermediate_values:
+            last = t.intermediate_values[max(t.intermediate_values)]
+            text += f": last val loss {last:.4f}"
+        acc = attrs.get("val_accuracy")
+        if isinstance(acc, (int, float)):
+            text += f", acc {acc:.1%}"
+        text += f", {epochs} epochs" + ("" if secs is None else f", {secs:.1f}s")
+        if t.state.name == "PRUNED" and attrs.get("prune_reason"):
+            record["reason"] = attrs["prune_reason"]
+            text += f" ({attrs['prune_reason']})"
+        if t.state.name == "FAIL":
+            from cycle_optuna.api import failure_cause
+
+            record["fail_cause"] = failure_cause(t)
+            text += f"; cause: {record['fail_cause']}"
+        self._emit(record, text)

@@ -1,0 +1,128 @@
+"""`status`: the total stored on the study, failures with their cause (real exceptions, SIGKILL, PG restart)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from cycle_optuna import api, cli, status, totals, worker
+from workers_helpers import start_cli, trials, wait_for, write_study
+
+
+def _status(capsys, study: Path, *extra: str) -> str:
+    capsys.readouterr()
+    assert cli.main(["status", str(study), *extra]) == 0
+    return capsys.readouterr().out
+
+
+def test_the_total_is_stored_on_the_study_and_status_agrees(tmp_path, capsys):
+    study = write_study(tmp_path, n_trials=1)
+    assert cli.main(["run", str(study), "--n-trials", "2"]) == 0
+    db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}")
+    assert db.user_attrs[totals.N_TRIALS_ATTR] == 2
+    assert "2 of 2 trials finished" in _status(capsys, study)  # not "of 1", the file's total
+    import optuna_dashboard
+
+    assert optuna_dashboard.get_note(db).startswith("## cycle-optuna summary of tiny\n\n2 cycles: ")  # end of run
+    # no flag: the larger of file (1) and study (2); nothing to do
+    assert cli.main(["run", str(study)]) == 0
+    assert "already holds 2 of 2 trials" in capsys.readouterr().out
+    assert len(db.get_trials()) == 2
+
+
+def test_a_total_below_what_the_study_holds_says_so(tmp_path, capsys):
+    study = write_study(tmp_path, n_trials=2)
+    assert cli.main(["run", str(study)]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", str(study), "--n-trials", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == ("study 'tiny' already holds 2 trials, more than the requested total of 1; "
+                                   "pass --n-trials 3 or more to grow it")
+    capsys.readouterr()
+    assert cli.main(["worker", str(study), "--n-trials", "1"]) == 2  # a worker can do nothing useful
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert "already holds 2 trials" in captured.err
+    db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}")
+    assert len(db.get_trials()) == 2 and db.user_attrs[totals.N_TRIALS_ATTR] == 2
+
+
+def test_an_exception_is_the_failure_cause_shown_by_status(tmp_path, capsys):
+    path = write_study(tmp_path, n_trials=2)
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = optuna.create_study(study_name="tiny", storage=url)
+
+    def objective(trial):
+        trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+        if trial.number == 0:
+            raise RuntimeError("shape mismatch in block 2\nsecond line")
+        return 1.0
+
+    worker.run_trials(study, url, 2, objective)
+    failed, done = study.get_trials()
+    assert failed.state == TrialState.FAIL and failed.user_attrs["fail_cause"] == "RuntimeError: shape mismatch in block 2"
+    assert done.state == TrialState.COMPLETE and "fail_cause" not in done.user_attrs
+    assert api.cycles(study)[0].reason == "RuntimeError: shape mismatch in block 2"
+    assert "failed: cycle 1: RuntimeError: shape mismatch in block 2" in _status(capsys, path)
+
+
+def test_status_shows_reference_baselines_when_the_study_has_them(tmp_path, capsys):
+    path = write_study(tmp_path, n_trials=1)
+    assert cli.main(["run", str(path)]) == 0
+    db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}")
+    # computed when run created the study, shown with their own labels
+    assert "reference baselines (val accuracy): majority class " in _status(capsys, path)
+    db.set_user_attr("cycle_optuna_baselines", {
+        "majority": {"label": "majority class", "val_accuracy": 0.5, "test_accuracy": 0.5},
+        "1nn": {"label": "1-NN", "val_accuracy": 0.625, "test_accuracy": None}})
+    assert "reference baselines (val accuracy): majority class 50.00%, 1-NN 62.50%" in _status(capsys, path)
+
+
+# -- real faults on PostgreSQL ----------------------------------------------------------------------
+
+def _running(url: str):
+    return next((t for t in trials(url) if t.state == TrialState.RUNNING and t.intermediate_values), None)
+
+
+@pytest.mark.postgres
+def test_a_killed_workers_trial_shows_its_stored_cause(tmp_path: Path, pg_url: str, capsys):
+    path = write_study(tmp_path, n_trials=1, epochs=4)
+    victim = start_cli(["worker", str(path), "--storage", pg_url], pause=1.0)
+    wait_for(lambda: _running(pg_url), 90, "a running trial with an epoch")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    rescuer = start_cli(["worker", str(path), "--storage", pg_url])
+    out, _ = rescuer.communicate(timeout=120)
+    assert rescuer.returncode == 0, out
+    lost = trials(pg_url)[0]
+    assert lost.state == TrialState.FAIL
+    cause = api.failure_cause(lost)  # "worker lost (host:pid, ...)" once the stale path writes it
+    assert f"failed: cycle 1: {cause}" in _status(capsys, path, "--storage", pg_url)
+
+
+@pytest.mark.postgres
+def test_a_database_restart_is_the_cause_of_the_trial_it_cut_off(tmp_path: Path, pg_url: str, capsys):
+    path = write_study(tmp_path, n_trials=1, epochs=6)
+    log = tmp_path / "worker.log"
+    proc = start_cli(["worker", str(path), "--storage", pg_url], pause=1.0, log=log)
+    wait_for(lambda: _running(pg_url), 90, "a running trial with an epoch")
+    cluster = next(Path("/etc/postgresql").iterdir()).name
+    ctl = ["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main"]
+    # down until the worker has noticed (a quick restart can fall between two of its writes)
+    subprocess.run([*ctl, "stop", "-m", "fast"], check=True, timeout=60, capture_output=True)
+    try:
+        wait_for(lambda: "lost the database" in log.read_text(), 60, "the worker to notice")
+    finally:
+        subprocess.run([*ctl, "start"], check=True, timeout=60, capture_output=True)
+    assert proc.wait(timeout=180) == 0, log.read_text()
+    cut, retry = trials(pg_url)
+    assert cut.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
+    assert cut.user_attrs["fail_cause"].startswith("storage lost mid-trial (OperationalError: ")
+    text = _status(capsys, path, "--storage", pg_url)
+    assert "failed: cycle 1: storage lost mid-trial (OperationalError" in text
+    assert "1 of 1 trials finished" in text  # the retried failure does not count toward the total

@@ -1,0 +1,67 @@
+"""Per-trial log lines from real worker processes: a start line with the move, an end line with the outcome."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from workers_helpers import ROOT, worker_env, write_study
+
+CYCLE = """
+[sampler]
+type = "cycle"
+"""
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cycle_optuna.cli", *args], cwd=cwd, env=worker_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_worker_writes_json_lines_per_trial(tmp_path):
+    path = write_study(tmp_path, n_trials=3, epochs=2)
+    path.write_text(path.read_text().replace('[sampler]\ntype = "random"', '[sampler]\ntype = "cycle"'))
+    proc = _cli("worker", str(path), "--log-json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    starts = [r for r in records if r["event"] == "trial_start"]
+    ends = [r for r in records if r["event"] == "trial_end"]
+    assert [r["cycle"] for r in starts] == [1, 2, 3] and [r["cycle"] for r in ends] == [1, 2, 3]
+    assert starts[0]["move"] == "baseline" and starts[1]["move"] and starts[1]["reason"].startswith("cycle 2")
+    for r in ends:
+        assert r["state"] in ("COMPLETE", "PRUNED") and r["epochs"] >= 1 and r["duration_s"] > 0
+        assert re.fullmatch(r".+:\d+", r["worker"]) and r["time"].endswith("+00:00")
+        assert r["state"] != "COMPLETE" or isinstance(r["value"], float)
+
+
+def test_run_without_a_terminal_prints_text_lines(tmp_path):
+    path = write_study(tmp_path, n_trials=2, epochs=2)
+    proc = _cli("run", str(path), cwd=tmp_path)  # stdout is a pipe, as under nohup, SLURM or CI
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    started = [line for line in lines if re.search(r" cycle \d started on ", line)]
+    ended = [line for line in lines if re.search(r" cycle \d (complete|pruned): (last )?val loss \d\.\d{4}", line)]
+    assert len(started) == 2 and len(ended) == 2, proc.stdout
+    assert re.search(r"cycle 1 complete: val loss \d\.\d{4}, acc \d+\.\d%, 2 epochs, \d+\.\ds$", ended[0])
+    assert not re.search(r"trials +━", proc.stdout)  # no progress-bar frames in a log
+    assert "cycles of tiny" in proc.stdout
+
+
+def test_each_trial_gets_its_dashboard_note_as_it_ends(tmp_path):
+    import optuna
+    import optuna_dashboard
+
+    path = write_study(tmp_path, n_trials=2, epochs=1)
+    proc = _cli("worker", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}")
+    system = study._storage.get_study_system_attrs(study._study_id)
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    for t in study.trials:
+        body = get_note_from_system_attrs(system, t._trial_id)["body"]
+        assert body.startswith(f"### Cycle {t.number + 1} (trial {t.number})") and "- **Outcome:** " in body
+    assert optuna_dashboard.get_note(study) == ""  # the study note comes with `run` and `report`
