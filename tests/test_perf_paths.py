@@ -18,7 +18,8 @@ from cycle_optuna.config import DataConfig, Hyperparams, TrainConfig
 from cycle_optuna.data import load_task
 
 HP = Hyperparams(lr=3e-3, batch_size=16, hidden_dim=16, n_layers=1, n_heads=2, dropout=0.1)
-CFG = TrainConfig(epochs=2, schedule="constant", warmup_epochs=0, early_stopping_patience=0, device="cpu")
+CFG = TrainConfig(epochs=2, schedule="constant", warmup_epochs=0, early_stopping_patience=0, device="cpu",
+                  min_epoch_samples=0)  # one pass per epoch: the step counts below assume it
 EVERY = 8
 
 
@@ -38,7 +39,7 @@ def accelerator_path(monkeypatch):
 
 def _with_nans(data, rows):
     x = data.x_train.clone()
-    x[rows, 1, 0] = float("nan")
+    x[rows, 1, 0] = float("inf")  # NaN marks missing data (masked); inf poisons the batch
     return dataclasses.replace(data, x_train=x)
 
 
@@ -202,3 +203,13 @@ def test_cuda_epoch_syncs_once_per_check_interval(data):
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in record if "synchroniz" in str(w.message)]
     assert len(syncs) <= -(-steps // train.GUARD_CHECK_STEPS) + 12 < steps + 12
+
+
+def test_accelerator_path_epoch_reads_the_host_once_for_metrics_and_once_for_validation(data, monkeypatch,
+                                                                                     accelerator_path):
+    """Per epoch: one divergence-flag read per EVERY steps before the last, one read of the epoch's
+    metrics (the last step's flag included), one of validation's; none at start-up."""
+    steps = -(-len(data.x_train) // HP.batch_size)
+    reads = HostReads(monkeypatch)
+    train.train_and_evaluate(data, HP, dataclasses.replace(CFG, epochs=2), seed=0)
+    assert reads.n == 2 * ((steps - 1) // EVERY + 2)

@@ -1,0 +1,309 @@
+"""Packed trials: several trials of one shape trained as one vmapped population on one device.
+
+Trials that agree on every hyperparameter but lr, weight decay and dropout have parameters of the
+same shapes. torch.func stacks them (``stack_module_state``) and one
+``vmap(grad(functional_call(...)))`` step trains every member on the same batch. Each member keeps
+its own lr and schedule position, weight decay, dropout rate, Adam moments, non-finite guard, best
+weights, early stopping, report hook and checkpoints: the members run through the same loop as a
+trial alone (``train.run_epochs``), and one whose report raises (a prune signal) stops updating
+and leaves the population at the next epoch.
+
+Members share the study seed, so they share the initial weights, the batch order and, under
+``vmap(randomness="same")``, every random draw (dropout masks come from torch.rand, compared with
+each member's own rate). A packed trial therefore trains as it would alone, up to the rounding of
+batched kernels, and its checkpoints are ordinary single-trial checkpoints: a packed trial that is
+interrupted resumes alone with ``train_and_evaluate``. Nothing here knows the model's layers: any
+module the model factory builds works, and dropout varies per member where the model uses
+nn.Dropout modules (otherwise the dropout rate is part of the shape).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from cycle_optuna import train
+from cycle_optuna.config import Hyperparams, TrainConfig
+from cycle_optuna.data import TaskData
+from cycle_optuna.train import EpochMetrics, EpochStats, Run, TrainResult
+
+PACKED_OPTIMIZERS = ("adamw", "adam")  # the update below is Adam's; other optimizers train trials alone
+PER_MEMBER = ("lr", "weight_decay", "dropout")  # what the members of one pack may differ in
+BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, which make_optimizer uses
+
+
+def pack_key(hp: Hyperparams, *, dropout_per_member: bool = True) -> tuple:
+    """Trials with equal keys can share a pack: every hyperparameter except the per-member ones.
+
+    Whether dropout is on at all stays in the key: a trial without dropout draws no masks alone,
+    so it would not train as it does alone in a population that draws them.
+    """
+    fields = dataclasses.asdict(hp)
+    for name in PER_MEMBER:
+        if name != "dropout" or dropout_per_member:
+            fields.pop(name)
+    fields["dropout_on"] = hp.dropout > 0
+    return tuple(sorted(fields.items()))
+
+
+def groups(hps: Sequence[Hyperparams], data: TaskData, cfg: TrainConfig, *, size: int) -> list[list[int]]:
+    """Indices of ``hps`` split into packs of at most ``size`` trials of one shape, in first-seen order.
+
+    With an optimizer the population cannot run, or size 1, every trial is its own group.
+    """
+    if size <= 1 or cfg.optimizer not in PACKED_OPTIMIZERS or len(hps) < 2:
+        return [[i] for i in range(len(hps))]
+    per_member = _dropout_is_modules(data, hps[0], cfg)
+    by_key: dict[tuple, list[list[int]]] = {}
+    order: list[list[int]] = []
+    for i, hp in enumerate(hps):
+        chunks = by_key.setdefault(pack_key(hp, dropout_per_member=per_member), [])
+        if not chunks or len(chunks[-1]) >= size:
+            chunks.append([])
+            order.append(chunks[-1])
+        chunks[-1].append(i)
+    return order
+
+
+def _dropout_is_modules(data: TaskData, hp: Hyperparams, cfg: TrainConfig) -> bool:
+    """Whether the factory's model applies dropout through nn.Dropout modules (per-member rates work)."""
+    try:
+        with torch.device("meta"):  # no memory, no init cost
+            model = train.build_model(data, hp, cfg)
+    except Exception:  # noqa: BLE001 - a factory that needs real tensors to build
+        model = train.build_model(data, hp, cfg)
+    return any(type(m) is nn.Dropout for m in model.modules())
+
+
+def train_pack(data: TaskData, hps: Sequence[Hyperparams], cfg: TrainConfig, *, seed: int,
+               reports: Sequence[Callable[[EpochMetrics], None] | None] | None = None,
+               checkpoints: Sequence[Callable[[int, dict], None] | None] | None = None,
+               ) -> list[TrainResult | Exception]:
+    """Train trials of one shape together; per trial its TrainResult, or the exception its report raised.
+
+    ``reports[i]`` and ``checkpoints[i]`` are trial i's hooks, as ``train_and_evaluate``'s
+    ``report`` and ``checkpoint``; a checkpoint resumes with ``train_and_evaluate(resume=...)``.
+    """
+    if not hps:
+        return []
+    keys = {pack_key(hp, dropout_per_member=_dropout_is_modules(data, hps[0], cfg)) for hp in hps}
+    if len(keys) > 1:
+        raise ValueError(f"trials of one pack must share a shape, but got {len(keys)} shapes in {list(hps)=}.")
+    if cfg.optimizer not in PACKED_OPTIMIZERS:
+        raise ValueError(f"packed training runs {PACKED_OPTIMIZERS}, but got {cfg.optimizer=}.")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    reports = list(reports) if reports is not None else [None] * len(hps)
+    checkpoints = list(checkpoints) if checkpoints is not None else [None] * len(hps)
+    population = Population(data, list(hps), cfg, seed=seed, device=train.resolve_device(cfg.device))
+    runs = [Run(hp, report=r, checkpoint=c) for hp, r, c in zip(hps, reports, checkpoints)]
+    population.start(runs)
+    train.run_epochs(population, runs, cfg, isolate=True)
+    return [run.error if run.error is not None else run.result(population.final_model(run)) for run in runs]
+
+
+class Population:
+    """The engine ``train.run_epochs`` drives for a pack: stacked weights, per-member Adam, one step for all."""
+
+    def __init__(self, data: TaskData, hps: list[Hyperparams], cfg: TrainConfig, *, seed: int,
+                 device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.models: list[nn.Module] = []
+        for hp in hps:  # each member starts from the weights it would start from alone
+            torch.manual_seed(seed)
+            self.models.append(train.use_rate_dropout(train.build_model(data, hp, cfg)).to(device, non_blocking=True))
+        self.template = self.models[0]  # the structure functional_call runs; its own tensors are not used
+        params, self.buffers = stack_module_state(self.models)
+        self.params = {k: v.detach() for k, v in params.items()}
+        # make_optimizer's rule: weight decay on each member's matrices, not on biases and norms
+        self.decay = {k: v.ndim >= 3 for k, v in self.params.items()}
+        self.exp_avg = {k: torch.zeros_like(v) for k, v in self.params.items()}
+        self.exp_avg_sq = {k: torch.zeros_like(v) for k, v in self.params.items()}
+        m = len(hps)
+        self.adam_steps = torch.zeros(m, device=device)
+        # lr in float64 as the host computes it for a trial alone (reported); the update casts it to float32
+        self.base_lr = train.to_device(torch.tensor([hp.lr for hp in hps], dtype=torch.float64), device)
+        self.wd = train.to_device(torch.tensor([hp.weight_decay for hp in hps]), device)
+        self.bad_run = torch.zeros(m, dtype=torch.int64, device=device)
+        self.tripped = torch.zeros(m, dtype=torch.bool, device=device)
+        self.shuffle = torch.Generator().manual_seed(seed)
+        self.x_tr, self.y_tr = train.to_device(data.x_train, device), train.to_device(data.y_train, device)
+        self.x_va, self.y_va = train.to_device(data.x_val, device), train.to_device(data.y_val, device)
+        self.n_data = len(self.x_tr)
+        self.passes = train.epoch_passes(self.n_data, cfg)
+        self.n = self.n_data * self.passes  # samples per epoch
+        self.bs = max(1, min(hps[0].batch_size, self.n_data))
+        self.steps_per_epoch = math.ceil(self.n / self.bs)
+        self.check_every = train._guard_check_steps(device)
+        self._grad = vmap(grad_and_value(self._loss), in_dims=(0, 0, None, None), randomness="same")
+        self._logits = vmap(self._forward, in_dims=(0, 0, None), randomness="same")
+        self.order: list[Run] = []  # the member in each slot of the stacked tensors
+        self.index: dict[int, int] = {}  # id(run) -> its model in self.models
+        self.final: dict[int, dict[str, torch.Tensor]] = {}  # id(run) -> its weights when it left
+
+    def start(self, runs: list[Run]) -> None:
+        self.order = list(runs)
+        self.index = {id(r): i for i, r in enumerate(runs)}
+
+    # -- the engine interface of train.run_epochs ---------------------------------------------
+
+    def keep(self, live: list[Run]) -> None:
+        """Members that ended leave: their slots are dropped from every stacked tensor."""
+        if [id(r) for r in live] == [id(r) for r in self.order]:
+            return
+        slots = {id(r): i for i, r in enumerate(self.order)}
+        for r in self.order:
+            if id(r) not in {id(x) for x in live}:
+                self.final[id(r)] = self.weights(slots[id(r)])
+        idx = train.to_device(torch.tensor([slots[id(r)] for r in live]), self.device)
+
+        def take(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.index_select(0, idx) for k, v in d.items()}
+
+        self.params, self.buffers = take(self.params), take(self.buffers)
+        self.exp_avg, self.exp_avg_sq = take(self.exp_avg), take(self.exp_avg_sq)
+        for name in ("adam_steps", "base_lr", "wd", "bad_run", "tripped"):
+            setattr(self, name, getattr(self, name).index_select(0, idx))
+        self.order = list(live)
+
+    def train_epoch(self, live: list[Run]) -> list[EpochStats]:
+        cfg, device, bs, n, m = self.cfg, self.device, self.bs, self.n, len(live)
+        t0 = time.perf_counter()
+        self.template.train()
+        perm = train.to_device(train.epoch_order(self.n_data, self.passes, self.shuffle), device)
+        xs, ys = self.x_tr[perm], self.y_tr[perm]
+        loss_sum = torch.zeros(m, device=device)
+        good = torch.zeros(m, dtype=torch.int64, device=device)
+        epoch_bad = torch.zeros(m, dtype=torch.int64, device=device)
+        last_lr = torch.zeros(m, dtype=torch.float64, device=device)
+        for k, i in enumerate(range(0, n, bs)):
+            xb = train._augment(xs[i:i + bs], cfg)  # one draw for all: members share the seed
+            yb = ys[i:i + bs]
+            factors = [train.lr_factor(run.step, steps_per_epoch=self.steps_per_epoch, epochs=cfg.epochs, cfg=cfg)
+                       for run in live]
+            for run in live:
+                run.step += 1
+            lr = self.base_lr * train.to_device(torch.tensor(factors, dtype=torch.float64), device)
+            with self._attention():
+                grads, loss = self._grad(self.params, self.buffers, xb, yb)
+            loss = loss.detach()
+            # per member, as clip_grad_norm_ / get_total_norm compute it for one model
+            gnorm = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1)
+            if cfg.grad_clip > 0:
+                coef = (cfg.grad_clip / (gnorm + 1e-6)).clamp(max=1.0)
+                grads = {k: g * _per_member(coef, g) for k, g in grads.items()}
+            live_now = ~self.tripped
+            ok = torch.isfinite(loss) & torch.isfinite(gnorm)
+            apply = ok & live_now
+            self._adam(grads, lr.float(), apply)
+            loss_sum += torch.where(apply, loss * len(yb), 0.0)
+            good += apply * len(yb)
+            bad = ~ok & live_now
+            epoch_bad += bad
+            last_lr = torch.where(live_now, lr, last_lr)
+            self.bad_run = torch.where(live_now, (self.bad_run + 1) * bad, self.bad_run)
+            self.tripped = self.tripped | (self.bad_run >= cfg.max_bad_batches)
+            if (k + 1) % self.check_every == 0 and i + bs < n and bool(self.tripped.all()):
+                break
+        seconds = time.perf_counter() - t0
+        mean = loss_sum / good.clamp(min=1)
+        rows = torch.stack([mean.double(), good.double(), epoch_bad.double(), self.bad_run.double(),
+                            self.tripped.double(), last_lr.double()], dim=1).tolist()  # the epoch's one host read
+        return [EpochStats(loss if g else math.nan, int(g), int(b), int(r), lr_, bool(t), seconds)
+                for loss, g, b, r, t, lr_ in rows]
+
+    def evaluate(self, diverged: list[bool]) -> list[tuple[float, float]]:
+        n, m = len(self.x_va), len(self.order)
+        if n == 0:
+            return [(math.nan, math.nan)] * m
+        self.template.eval()
+        loss_sum = torch.zeros(m, device=self.device)
+        correct = torch.zeros(m, dtype=torch.int64, device=self.device)
+        with torch.no_grad(), self._attention():
+            for i in range(0, n, self.cfg.eval_batch_size):
+                xb, yb = self.x_va[i:i + self.cfg.eval_batch_size], self.y_va[i:i + self.cfg.eval_batch_size]
+                logits = self._logits(self.params, self.buffers, xb).float()  # [members, batch, classes]
+                per_sample = F.cross_entropy(logits.flatten(0, 1), yb.repeat(m), reduction="none")
+                loss_sum += per_sample.view(m, -1).sum(dim=1)
+                correct += (logits.argmax(dim=2) == yb).sum(dim=1)
+        rows = torch.stack([(loss_sum / n).double(), correct.double() / n], dim=1).tolist()
+        return [(math.nan, math.nan) if d else (loss, acc) for (loss, acc), d in zip(rows, diverged)]
+
+    def weights(self, i: int) -> dict[str, torch.Tensor]:
+        """Slot i's state_dict (the keys of the model alone)."""
+        stacked = {**self.buffers, **self.params}
+        return {k: (stacked[k][i] if k in stacked else v).detach().clone()
+                for k, v in self.template.state_dict().items()}
+
+    def state_dicts(self, i: int) -> tuple[dict, dict]:
+        """Slot i's model and optimizer state in the format of a trial trained alone."""
+        run = self.order[i]
+        model = self.models[self.index[id(run)]]
+        model.load_state_dict(self.weights(i))
+        opt, _ = train.make_optimizer(model, run.hp, self.cfg)
+        step = self.adam_steps[i].detach().clone()
+        for name, p in model.named_parameters():
+            opt.state[p] = {"step": step.clone(), "exp_avg": self.exp_avg[name][i].clone(),
+                            "exp_avg_sq": self.exp_avg_sq[name][i].clone()}
+        return train._clone(model.state_dict()), opt.state_dict()
+
+    def rng_state(self) -> dict:
+        return train._rng_state(self.shuffle, self.device)
+
+    # -----------------------------------------------------------------------------------------
+
+    def final_model(self, run: Run) -> nn.Module:
+        """The trial's own module holding the weights it ended with (its best are loaded by Run.result)."""
+        model = self.models[self.index[id(run)]]
+        if id(run) in self.final:
+            model.load_state_dict(self.final[id(run)])
+        else:
+            model.load_state_dict(self.weights([id(r) for r in self.order].index(id(run))))
+        return model
+
+    def _forward(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.template, (params, buffers), (x,))
+
+    def _loss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self._forward(params, buffers, x).float(), y, label_smoothing=self.cfg.label_smoothing)
+
+    @staticmethod
+    def _attention():
+        # The fused attention kernels may lack a vmap batching rule (CPU's has none: vmap would
+        # loop over the members); the math kernel batches as plain matmuls.
+        return sdpa_kernel(SDPBackend.MATH)
+
+    def _adam(self, grads: dict[str, torch.Tensor], lr: torch.Tensor, apply: torch.Tensor) -> None:
+        """One Adam/AdamW step per member, as torch's fused kernel computes it; skipped members keep
+        their weights, moments and step count (the fused kernel's found_inf)."""
+        b1, b2 = BETAS
+        decoupled = self.cfg.optimizer == "adamw"
+        steps = self.adam_steps + apply
+        step_size = lr / (1 - b1 ** steps)
+        bc2_sqrt = (1 - b2 ** steps).sqrt()
+        for k, p in self.params.items():
+            g, a = grads[k], _per_member(apply, p)
+            wd = _per_member(self.wd, p) if self.decay[k] else None
+            if wd is not None and not decoupled:
+                g = g + wd * p  # Adam's coupled L2
+            m = self.exp_avg[k].lerp(g, 1 - b1)
+            v = self.exp_avg_sq[k] * b2 + (1 - b2) * g * g
+            new = p * (1 - _per_member(lr, p) * wd) if wd is not None and decoupled else p
+            new = new - _per_member(step_size, p) * m / (v.sqrt() / _per_member(bc2_sqrt, p) + EPS)
+            self.params[k] = torch.where(a, new, p)
+            self.exp_avg[k] = torch.where(a, m, self.exp_avg[k])
+            self.exp_avg_sq[k] = torch.where(a, v, self.exp_avg_sq[k])
+        self.adam_steps = steps
+
+
+def _per_member(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A [members] vector shaped to broadcast against a stacked [members, ...] tensor."""
+    return v.view(-1, *([1] * (like.ndim - 1)))

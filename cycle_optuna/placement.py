@@ -1,0 +1,84 @@
+"""Where workers run: each spawned worker on one GPU through its CUDA_VISIBLE_DEVICES, or on the CPU."""
+
+from __future__ import annotations
+
+import os
+
+from cycle_optuna.errors import ConfigError
+
+GPU_ENV_VAR = "CUDA_VISIBLE_DEVICES"
+
+
+def visible_gpus() -> list[str]:
+    """This process's GPUs as CUDA_VISIBLE_DEVICES entries (ids or UUIDs), in torch's order.
+
+    Counting them does not start a CUDA context, so workers spawned afterwards are unaffected.
+    """
+    env = os.environ.get(GPU_ENV_VAR)
+    if env is not None:
+        entries = [e.strip() for e in env.split(",")]
+        # CUDA stops at the first invalid entry ("" or "-1" hide the rest)
+        return entries[:next((i for i, e in enumerate(entries) if e in ("", "-1")), len(entries))]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def parse_gpus(text: str) -> list[int]:
+    """``--gpus 0,2`` -> [0, 2]: indices into the visible GPUs."""
+    try:
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--gpus must be GPU numbers separated by commas, like 0,2, but got {text!r}.") from None
+    if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"--gpus must be distinct GPU numbers >= 0, but got {text!r}.")
+    return ids
+
+
+def plan(workers: int | None, *, available: list[str], gpus: list[int] | None = None,
+         per_gpu: int | None = None) -> list[str | None]:
+    """Each worker's CUDA_VISIBLE_DEVICES value (None: the CPU), round robin over the chosen GPUs.
+
+    The chosen GPUs are ``gpus`` (indices into ``available``), else every available one. Without
+    ``workers``, ``per_gpu`` workers go on each chosen GPU (one worker in all when there is none);
+    with both, ``workers`` may not exceed ``per_gpu`` per GPU.
+    """
+    if not available and (gpus is not None or per_gpu is not None):
+        raise ConfigError("--gpus/--workers-per-gpu: torch sees no CUDA device on this machine")
+    if gpus is not None:
+        missing = [g for g in gpus if g >= len(available)]
+        if missing:
+            raise ConfigError(f"--gpus: there is no GPU {missing[0]}; torch sees {len(available)} (0-{len(available) - 1})")
+        chosen = [available[g] for g in gpus]
+    else:
+        chosen = list(available)
+    if not chosen:
+        return [None] * (workers or 1)
+    if workers is None:
+        workers = (per_gpu or 1) * len(chosen) if per_gpu is not None else 1
+    if per_gpu is not None and workers > per_gpu * len(chosen):
+        raise ConfigError(f"--workers {workers} is more than --workers-per-gpu {per_gpu} on {len(chosen)} GPU(s)")
+    return [chosen[i % len(chosen)] for i in range(workers)]
+
+
+def worker_env(gpu: str | None) -> dict[str, str]:
+    """Environment entries that put one spawned worker on ``gpu`` (nothing for a CPU worker)."""
+    return {} if gpu is None else {GPU_ENV_VAR: gpu}
+
+
+def pin(gpus: list[int]) -> str:
+    """``worker --gpus N``: restrict this process to one visible GPU, before CUDA starts; its entry."""
+    if len(gpus) != 1:
+        raise ConfigError(f"--gpus: a worker runs on one GPU, got {len(gpus)}; start one worker per GPU, "
+                          "or use run --workers K --gpus ...")
+    (gpu,) = plan(1, available=visible_gpus(), gpus=gpus)
+    os.environ[GPU_ENV_VAR] = gpu
+    return gpu
+
+
+def device_label(device: str) -> str:
+    """What ``status`` shows for a worker training on ``device`` ("cpu", "cuda"): "cpu" or "gpu <id>"."""
+    if device != "cuda":
+        return "cpu"
+    ids = visible_gpus()
+    return f"gpu {ids[0]}" if ids else "gpu"
