@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -23,9 +25,12 @@ EXAMPLES = {
   cycle-optuna run studies/quick.toml
   cycle-optuna run studies/seed.toml --n-trials 30
   cycle-optuna run studies/seed.toml --workers 4
+  cycle-optuna run studies/seed.toml --workers-per-gpu 4        # 4 workers on each visible GPU
+  cycle-optuna run studies/seed.toml --workers 2 --gpus 0,2
   cycle-optuna run studies/seed.toml --storage postgresql+psycopg://user:pass@db/optuna""",
     "worker": """examples:
   cycle-optuna worker studies/seed.toml
+  cycle-optuna worker studies/seed.toml --gpus 1
   CYCLE_OPTUNA_STORAGE=postgresql+psycopg://user:pass@db/optuna cycle-optuna worker studies/seed.toml""",
     "status": """examples:
   cycle-optuna status studies/seed.toml
@@ -36,6 +41,10 @@ EXAMPLES = {
     "report": """examples:
   cycle-optuna report studies/seed.toml
   cycle-optuna report studies/seed.toml -o reports/seed""",
+    "export": """examples:
+  cycle-optuna export studies/seed.toml --csv seed-cycles.csv
+  cycle-optuna export studies/seed.toml --parquet seed-cycles.parquet   # needs cycle-optuna[parquet]
+  cycle-optuna export studies/seed.toml > seed-cycles.csv              # CSV on stdout""",
     "dashboard": """examples:
   cycle-optuna dashboard studies/seed.toml
   cycle-optuna dashboard studies/seed.toml --port 8081
@@ -51,16 +60,76 @@ def _load(args: argparse.Namespace):
     return cfg, storage.resolve_url(cfg, args.storage)
 
 
+def _with_total(args: argparse.Namespace, cfg, url: str):
+    """The config with the total to run to (--n-trials, else the larger of file and study), and the
+    line to print when the study already holds more trials than that."""
+    from cycle_optuna import config, status, totals
+
+    study = status.find(cfg, url)
+    total = totals.resolve(study, flag=args.n_trials, file=cfg.study.n_trials)
+    note = totals.too_small(study, total) if study is not None else None
+    return config.override(cfg, n_trials=total), note
+
+
+def _trial_log(args: argparse.Namespace, echo: Callable[[str], None]):
+    from cycle_optuna.trial_log import TrialLog
+
+    return TrialLog(json_lines=args.log_json, echo=echo)
+
+
+def _noted(on_end: Callable | None = None) -> Callable:
+    """An on_trial_end hook that writes the trial's dashboard note, then calls `on_end`."""
+    from cycle_optuna import dashboard
+
+    def hook(study, t) -> None:
+        try:
+            dashboard.write_trial_note(study, t)
+        except Exception as e:  # noqa: BLE001 - a note is a convenience: it must never stop a worker
+            logging.getLogger(__name__).warning("dashboard note of trial %d not written: %s", t.number, e)
+        if on_end is not None:
+            on_end(study, t)
+
+    return hook
+
+
+def _placement(args: argparse.Namespace) -> list[str | None]:
+    """Each worker's GPU (None: the CPU), from --workers, --gpus and --workers-per-gpu."""
+    from cycle_optuna import placement
+
+    gpus = getattr(args, "gpus", None)
+    if gpus is None and args.workers_per_gpu is None and (args.workers or 1) == 1:
+        return [None]  # one worker in this process, on the device [train] device picks, as before
+    return placement.plan(args.workers, available=placement.visible_gpus(), gpus=gpus, per_gpu=args.workers_per_gpu)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from cycle_optuna import storage, worker
+    from cycle_optuna import placement, preflight, storage, worker
 
     cfg, url = _load(args)
+    gpus = _placement(args)
+    data = preflight.for_run(cfg, url)  # before anything is printed: a bad input is one line
+    cfg, note = _with_total(args, cfg, url)
+    if note:
+        out.print(note, highlight=False, soft_wrap=True)
+        _print_cycles(worker.open_study(cfg, url, create=False))
+        return 0
     out.print(f"study [bold]{cfg.study.name}[/] on {storage.mask(url)}: "
               f"{cfg.study.n_trials} trials, sampler {cfg.sampler.type}, pruner {cfg.pruner.type}")
     worker.install_signal_handlers()
-    if args.workers > 1:
-        return _run_workers(args, cfg, url)
+    if len(gpus) > 1:
+        return _run_workers(args, cfg, url, gpus, data)
+    if gpus[0] is not None:
+        os.environ[placement.GPU_ENV_VAR] = gpus[0]  # this process is the one worker; CUDA has not started
     stats = worker.WorkerStats()
+    if args.log_json or not out.is_terminal:  # a progress bar in a log file shows only its last frame
+        log = _trial_log(args, lambda line: out.print(line, highlight=False, soft_wrap=True, markup=False))
+        try:
+            hooks = worker.Hooks(on_trial_begin=log.begin, on_trial_end=_noted(log.end))
+            study = worker.run_worker(cfg, url, stats=stats, data=data, hooks=hooks)
+        except KeyboardInterrupt:
+            err.print(f"interrupted: {stats.summary()}")
+            return worker.interrupt_exit_code()
+        return _after_run(study, cfg, stats)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}"))
     with Progress(*columns, console=out, transient=False) as progress:
@@ -78,29 +147,38 @@ def cmd_run(args: argparse.Namespace) -> int:
         def on_trial_end(study, t) -> None:
             progress.update(trials, completed=worker.trials_counted(study), info=_trial_line(t))
 
-        hooks = worker.Hooks(on_trial_start=on_trial_start, on_epoch=on_epoch, on_trial_end=on_trial_end)
+        hooks = worker.Hooks(on_trial_start=on_trial_start, on_epoch=on_epoch, on_trial_end=_noted(on_trial_end))
         try:
-            study = worker.run_worker(cfg, url, hooks=hooks, stats=stats)
+            study = worker.run_worker(cfg, url, hooks=hooks, stats=stats, data=data)
         except KeyboardInterrupt:
             err.print(f"interrupted: {stats.summary()}")
             return worker.interrupt_exit_code()
         progress.update(trials, completed=worker.trials_counted(study))
+    return _after_run(study, cfg, stats)
+
+
+def _after_run(study, cfg, stats) -> int:
+    from cycle_optuna import dashboard, worker
+
     _print_cycles(study)
     if not stats.states:
         out.print(f"the study already holds {worker.trials_counted(study)} of {cfg.study.n_trials} trials; "
                   "pass a larger total with --n-trials N to grow it")
+    dashboard.write_notes(study)
     return 0
 
 
-def _run_workers(args: argparse.Namespace, cfg, url: str) -> int:
+def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None], data) -> int:
     """`run --workers K`: K local worker processes, one combined view polled from the storage."""
     import signal
 
-    from cycle_optuna import config, status, worker
+    from cycle_optuna import config, dashboard, status, worker
 
-    study = worker.open_study(cfg, url)  # created once here, so the children do not race to create it
+    # created once here, with its stats and reference baselines, so the children do not race
+    study = worker.open_study(cfg, url, data=data)
     prefix = str(config.study_dir(cfg) / cfg.study.name)
-    procs = worker.start_local_workers(cfg.path, url, args.workers, n_trials=args.n_trials, log_prefix=prefix)
+    procs = worker.start_local_workers(cfg.path, url, len(gpus), n_trials=cfg.study.n_trials, log_prefix=prefix,
+                                       gpus=gpus)
     try:
         status.watch(study, cfg.study.n_trials, procs, epochs=cfg.train.epochs, console=out)
     except KeyboardInterrupt:
@@ -109,7 +187,7 @@ def _run_workers(args: argparse.Namespace, cfg, url: str) -> int:
                 p.send_signal(signal.SIGTERM)
         for p, _ in procs:
             p.wait()
-        err.print(f"interrupted: {args.workers} workers stopped; their running trials were handed back for retry")
+        err.print(f"interrupted: {len(gpus)} workers stopped; their running trials were handed back for retry")
         return worker.interrupt_exit_code()
     failed = [(p.returncode, log) for p, log in procs if p.returncode != 0]
     for code, log in failed:
@@ -119,6 +197,7 @@ def _run_workers(args: argparse.Namespace, cfg, url: str) -> int:
     if failed:
         return failed[0][0] if failed[0][0] > 0 else 1
     _print_cycles(study)
+    dashboard.write_notes(study)
     return 0
 
 
@@ -146,14 +225,22 @@ def _print_cycles(study) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from cycle_optuna import storage, worker
+    from cycle_optuna import placement, preflight, storage, worker
 
     cfg, url = _load(args)
+    if args.gpus is not None:
+        placement.pin(args.gpus)  # before anything starts CUDA
+    data = preflight.for_run(cfg, url)  # before anything is printed: a bad input is one line
+    cfg, note = _with_total(args, cfg, url)
+    if note:  # a worker can do nothing useful: say so and stop before anything else
+        raise CycleOptunaError(note)
     worker.install_signal_handlers()
     err.print(f"worker on study {cfg.study.name} at {storage.mask(url)}")
     stats = worker.WorkerStats()
+    log = _trial_log(args, lambda line: err.print(line, highlight=False, soft_wrap=True, markup=False))
     try:
-        study = worker.run_worker(cfg, url, stats=stats)
+        study = worker.run_worker(cfg, url, stats=stats, data=data,
+                                  hooks=worker.Hooks(on_trial_begin=log.begin, on_trial_end=_noted(log.end)))
     except KeyboardInterrupt:
         err.print(f"interrupted: {stats.summary()}")
         return worker.interrupt_exit_code()
@@ -163,19 +250,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from cycle_optuna import status
+    from cycle_optuna import preflight, status, totals
 
     cfg, url = _load(args)
-    out.print(status.render(status.collect(status.load(cfg, url), cfg.study.n_trials), epochs=cfg.train.epochs))
+    preflight.for_read(url)
+    study = status.load(cfg, url)
+    out.print(status.render(status.collect(study, totals.shown(study, cfg.study.n_trials)), epochs=cfg.train.epochs))
     return 0
 
 
 def cmd_best(args: argparse.Namespace) -> int:
     import json
 
-    from cycle_optuna import api
+    from cycle_optuna import api, preflight
 
     cfg, url = _load(args)
+    preflight.for_read(url)
     rec = api.best_record(args.study, storage=url, with_test=not args.no_test)
     if args.json:  # field names of `optuna best-trial -f json`, plus cycle, hyperparams, test metrics
         out.print_json(json.dumps(rec, default=str))
@@ -201,17 +291,36 @@ def cmd_best(args: argparse.Namespace) -> int:
             table.add_row(k, str(attrs[k]))
     table.add_row("duration", str(rec["duration"]))
     out.print(table)
+    for b in rec["baselines"]:  # one line per reference baseline: does the tuned model beat it?
+        out.print(f"vs {b['line']}", highlight=False, soft_wrap=True)
+    if rec.get("baselines_note"):
+        out.print(rec["baselines_note"], highlight=False, soft_wrap=True)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cycle_optuna import report
+    from cycle_optuna import preflight, report
 
     cfg, url = _load(args)
+    preflight.for_read(url)
+    preflight.for_report(Path(args.output) if args.output else report.default_dir(args.study, cfg.study.name))
     path = report.write_report(args.study, args.output, storage=url, test=not args.no_test)
     plots = sorted(p.name for p in path.parent.glob("*.png"))
     out.print(f"report of study [bold]{cfg.study.name}[/]: {path} with {len(plots)} plots ({', '.join(plots)})",
               highlight=False, soft_wrap=True)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cycle_optuna import export
+
+    _, url = _load(args)
+    target = args.csv or args.parquet
+    if target is None:
+        export.frame(args.study, url).to_csv(sys.stdout, index=False)
+        return 0
+    path = export.write(args.study, target, storage=url, fmt="csv" if args.csv else "parquet")
+    out.print(f"wrote {path}", highlight=False, soft_wrap=True)
     return 0
 
 
@@ -258,10 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = command("run", cmd_run, "run the study's trials with progress, then print the cycle table")
     run.add_argument("--n-trials", type=_positive, metavar="N", help="total trials the study should hold")
-    run.add_argument("--workers", type=_positive, metavar="K", default=1,
-                     help="local worker processes sharing the study (default 1, in this process)")
+    run.add_argument("--workers", type=_positive, metavar="K", default=None,
+                     help="local worker processes sharing the study (default 1, in this process), "
+                          "spread over the visible GPUs when there are any")
+    run.add_argument("--gpus", type=_gpus, metavar="0,2", help="the GPUs to place workers on (default: all visible)")
+    run.add_argument("--workers-per-gpu", type=_positive, metavar="N",
+                     help="workers on each GPU (without --workers: K = N x GPUs)")
     wk = command("worker", cmd_worker, "run one worker on the study (start several, on many machines)")
     wk.add_argument("--n-trials", type=_positive, metavar="N", help="total trials the study should hold")
+    wk.add_argument("--gpus", type=_gpus, metavar="N", help="the GPU this worker trains on (default: the first visible)")
+    for p in (run, wk):
+        p.add_argument("--log-json", action="store_true",
+                       help="one JSON line per trial start and end (default: text lines when not on a terminal)")
     command("status", cmd_status, "trials by state, running trials with their workers, best so far")
     best = command("best", cmd_best, "print the best trial's parameters and metrics")
     best.add_argument("--json", action="store_true", help="machine-readable output (optuna best-trial's field names)")
@@ -270,11 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("-o", "--output", metavar="DIR",
                      help="output directory (default: <study name>-report beside the study file)")
     rep.add_argument("--no-test", action="store_true", help="skip the held-out test evaluation of the best model")
+    exp = command("export", cmd_export, "write one row per cycle (params, state, value, user attrs, reason)")
+    where = exp.add_mutually_exclusive_group()
+    where.add_argument("--csv", metavar="FILE", help="write CSV to FILE (default: CSV on stdout)")
+    where.add_argument("--parquet", metavar="FILE", help="write Parquet to FILE (needs pyarrow)")
     dash = command("dashboard", cmd_dashboard, "serve optuna-dashboard on the study's storage and artifacts")
     dash.add_argument("--host", default="127.0.0.1",
                       help="address to bind (default 127.0.0.1; optuna-dashboard has no authentication)")
     dash.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)")
     return parser
+
+
+def _gpus(text: str) -> list[int]:
+    from cycle_optuna.placement import parse_gpus
+
+    try:
+        return parse_gpus(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--gpus ").rstrip(".")) from None
 
 
 def _positive(text: str) -> int:
@@ -300,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except CycleOptunaError as e:
-        err.print(f"[bold red]error:[/] {mask(str(e))}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(mask(str(e)))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -308,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the boundary that turns surprises into exit code 1
         if args.debug:
             raise
-        err.print(f"[bold red]unexpected error:[/] {mask(f'{type(e).__name__}: {e}')} (rerun with --debug for the traceback)",
+        err.print(f"[bold red]unexpected error:[/] {escape(mask(f'{type(e).__name__}: {e}'))} (rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         return 1
 

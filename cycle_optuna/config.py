@@ -11,13 +11,20 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cycle_optuna.errors import ConfigError
+from cycle_optuna.redact import mask
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "sophia")
 SCHEDULES = ("constant", "cosine", "cyclical", "onecycle")
 SAMPLERS = ("cycle", "reference", "tpe", "random", "cmaes")
-PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "patient", "none")
+PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "patient", "parent", "none")
 DEVICES = ("auto", "cpu", "cuda")
+COMPILE_CUDAGRAPHS = "cudagraphs"  # train.compile: inductor plus CUDA graphs
 DIRECTIONS = ("minimize",)
+DATA_SUFFIXES = (".npz", ".csv", ".ts")
+POS_ENCODINGS = ("sinusoidal", "rotary", "learned", "none")  # model.POS_ENCODINGS
+POOLINGS = ("mean", "cls", "last")  # model.POOLINGS
+CHOICE_PARAMS = {"pos_encoding": POS_ENCODINGS, "pooling": POOLINGS}
+MAX_CONV_STEM = 3  # len(model.CONV_KERNELS)
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,8 @@ class StudySection:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "synthetic"  # "synthetic", or a path to a .npz (X [N,T,F], y [N]) or .csv file
+    source: str = "synthetic"  # "synthetic", or a path to a .npz (X [N,T,F], y [N]), .csv or .ts file
+    test_source: str | None = None  # an official test file (same kinds); val is then carved from source only
     n_samples: int = 2400  # synthetic only
     seq_len: int = 16  # synthetic only
     n_features: int = 8  # synthetic only
@@ -59,11 +67,14 @@ class TrainConfig:
     min_delta: float = 1e-4  # val loss improvement that resets patience
     augment_jitter: float = 0.0  # std of gaussian noise added to train inputs
     augment_scale: float = 0.0  # train inputs scaled by U(1-s, 1+s) per sample
-    init_gain: float = 0.1  # reduced-gain init of linear layers
+    init_gain: float = 1.0  # scales the model's init (N(0, 0.02) transformer, unit-variance stem)
     device: str = "auto"  # auto picks cuda when present
     threads: int = 0  # torch intra-op threads per worker; 0 = cores // workers
-    compile: bool = False  # torch.compile the model
+    compile: bool | str = False  # torch.compile the model; "cudagraphs": also CUDA graphs (CUDA only)
+    pack: int = 1  # trials one worker trains at once as a vmapped population, where they share a shape
     eval_batch_size: int = 512
+    min_epoch_samples: int = 1024  # a smaller training set is repeated within an epoch up to this; 0 = off
+    label_smoothing: float = 0.1  # training loss only; validation loss stays plain cross-entropy
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,11 @@ class Hyperparams:
     n_heads: int = 4
     dropout: float = 0.1
     weight_decay: float = 0.01
+    patch_len: int = 0  # steps per token; 0 = auto (the largest power of two leaving >= 16 tokens)
+    conv_stem: int = 2  # conv layers (kernels 5, 3, 3) over the tokens; 0 = none
+    pos_encoding: str = "sinusoidal"  # sinusoidal | rotary | learned | none
+    pooling: str = "mean"  # mean | cls | last
+    instance_norm: bool = False  # standardise each series on its own (level/scale fed to the head)
 
 
 PARAM_NAMES = tuple(f.name for f in dataclasses.fields(Hyperparams))
@@ -100,7 +116,7 @@ class SamplerConfig:
     n_startup_trials: int = 5  # tpe/cmaes: random trials before modelling
     lr_factor: float = 2.0  # cycle: multiplicative lr step
     noise_margin: float = 0.002  # cycle: relative improvement that counts
-    plateau_cycles: int = 4  # cycle: cycles without improvement before exploring
+    plateau_cycles: int = 6  # cycle: cycles without improvement before exploring
     fallback: str = "tpe"  # cycle: sampler for exploration and uncovered params
 
 
@@ -112,8 +128,10 @@ class PrunerConfig:
     percentile: float = 50.0  # percentile only
     min_resource: int = 1  # successive_halving/hyperband
     reduction_factor: int = 3  # successive_halving/hyperband
-    patience: int = 3  # patient only
+    patience: int = 3  # patient; parent: epochs in a row behind the parent's curve
     min_delta: float = 0.0  # patient only
+    warmup_fraction: float = 0.25  # parent: share of the epochs before anything is pruned
+    margin: float = 0.0  # parent: relative distance behind the parent's curve that counts
 
 
 @dataclass(frozen=True)
@@ -135,7 +153,12 @@ class StudyConfig:
         data_path = resolve_data_path(self)
         if data_path is not None:
             out["data"]["source"] = str(data_path.resolve())
+        test_path = resolve_test_path(self)
+        if test_path is not None:
+            out["data"]["test_source"] = str(test_path.resolve())
         out["study"]["artifact_dir"] = str(resolve_artifact_dir(self).resolve())
+        if out["study"]["storage"]:  # stored on the study, which the dashboard serves: no password
+            out["study"]["storage"] = mask(out["study"]["storage"])
         out["space"] = {p["name"]: {k: v for k, v in p.items() if k != "name" and v is not None and v is not False} for p in out["space"]}
         for p in out["space"].values():
             if "choices" in p:
@@ -185,6 +208,10 @@ class _Checker:
         return cls(**kwargs)
 
     def coerce(self, key: str, value: Any, default: Any) -> Any:
+        if key == "train.compile":
+            if not isinstance(value, bool) and value != COMPILE_CUDAGRAPHS:
+                raise self.fail(key, f"must be true or false, or {COMPILE_CUDAGRAPHS!r}, got {value!r}")
+            return value
         if isinstance(default, bool):
             if not isinstance(value, bool):
                 raise self.fail(key, f"must be true or false, got {value!r}")
@@ -222,7 +249,10 @@ class _Checker:
         for k in raw:
             if k not in _SPACE_KEYS:
                 raise self.fail(f"{key}.{k}", f"unknown key{_suggest(k, list(_SPACE_KEYS))}; allowed: {', '.join(_SPACE_KEYS)}")
-        is_int = isinstance(getattr(Hyperparams(), name), int)
+        default = getattr(Hyperparams(), name)
+        is_int = isinstance(default, int)
+        if isinstance(default, (bool, str)) and "choices" not in raw:
+            raise self.fail(key, f"must be a table of choices like {{choices = {_example_choices(default)}}}")
         if "choices" in raw:
             extra = set(raw) - {"choices"}
             if extra:
@@ -230,7 +260,8 @@ class _Checker:
             choices = raw["choices"]
             if not isinstance(choices, list) or not choices:
                 raise self.fail(f"{key}.choices", "must be a non-empty list")
-            checked = tuple(self.coerce(f"{key}.choices", c, 0 if is_int else 0.0) for c in choices)
+            kind = default if isinstance(default, (bool, str)) else 0 if is_int else 0.0
+            checked = tuple(self.coerce(f"{key}.choices", c, kind) for c in choices)
             if len(set(checked)) != len(checked):
                 raise self.fail(f"{key}.choices", f"has duplicates: {list(checked)}")
             return ParamSpace(name, choices=checked)
@@ -254,6 +285,43 @@ class _Checker:
         return ParamSpace(name, low=low, high=high, log=log, step=step)
 
 
+def _example_choices(default: bool | str) -> str:
+    if isinstance(default, bool):
+        return "[false, true]"
+    allowed = CHOICE_PARAMS.get(next(k for k, v in CHOICE_PARAMS.items() if default in v), ())
+    return "[" + ", ".join(f'"{v}"' for v in allowed[:2]) + "]"
+
+
+# A study file without a [space] table searches this (an empty [space] table searches nothing):
+# optimisation, capacity, the stem and per-series normalisation, as benchmarks/accuracy.py measures.
+DEFAULT_SPACE: dict[str, dict[str, Any]] = {
+    "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+    "conv_stem": {"low": 0, "high": MAX_CONV_STEM},
+    "instance_norm": {"choices": [False, True]},
+    "hidden_dim": {"choices": [32, 64, 128]},
+    "n_layers": {"low": 1, "high": 3},
+    "dropout": {"low": 0.0, "high": 0.3},
+    "batch_size": {"choices": [16, 32, 64]},
+}
+
+
+def default_space(baseline: Hyperparams) -> dict[str, dict[str, Any]]:
+    """DEFAULT_SPACE widened to hold `baseline` (a default never contradicts the file's own values)."""
+    out = {}
+    for name, spec in DEFAULT_SPACE.items():
+        value = getattr(baseline, name)
+        if "choices" in spec:
+            choices = list(dict.fromkeys([*spec["choices"], value]))
+            if name == "hidden_dim":  # every width must split into the baseline's heads
+                choices = [h for h in choices if baseline.n_heads > 0 and h % baseline.n_heads == 0]
+                if baseline.hidden_dim not in choices:
+                    continue  # an impossible baseline is reported under its own key
+            out[name] = {"choices": sorted(choices)}
+        else:
+            out[name] = {**spec, "low": min(spec["low"], value), "high": max(spec["high"], value)}
+    return out
+
+
 def parse(raw: Mapping[str, Any], where: str = "<study>", *, check_files: bool = True) -> StudyConfig:
     """Validate a parsed TOML document into a StudyConfig."""
     c = _Checker(where)
@@ -262,7 +330,7 @@ def parse(raw: Mapping[str, Any], where: str = "<study>", *, check_files: bool =
         if section not in allowed:
             raise c.fail(section, f"unknown section{_suggest(section, allowed)}; allowed: {', '.join(allowed)}")
     parts = {name: c.build(name, cls, raw.get(name, {})) for name, cls in _SECTIONS.items()}
-    raw_space = raw.get("space", {})
+    raw_space = raw["space"] if "space" in raw else default_space(parts["baseline"])
     if not isinstance(raw_space, Mapping):
         raise c.fail("space", "must be a table of parameters")
     space = tuple(c.space_param(name, spec) for name, spec in raw_space.items())
@@ -277,6 +345,7 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
         raise c.fail("study.name", f"must be letters, digits, '-', '_' or '.', got {s.name!r}")
     c.one_of("study.direction", s.direction, DIRECTIONS)
     c.at_least("study.n_trials", s.n_trials, 1)
+    c.at_least("study.seed", s.seed, 0)  # numpy and torch generators take non-negative seeds
     c.at_least("data.val_fraction", d.val_fraction, 0, strict=True)
     c.at_least("data.test_fraction", d.test_fraction, 0, strict=True)
     if d.val_fraction + d.test_fraction >= 0.9:
@@ -289,10 +358,19 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
         c.at_least("data.noise", d.noise, 0)
     else:
         src = resolve_data_path(cfg)
-        if src.suffix.lower() not in (".npz", ".csv"):
-            raise c.fail("data.source", f"must be 'synthetic' or a .npz/.csv file, got {d.source!r}")
+        if src.suffix.lower() not in DATA_SUFFIXES:
+            raise c.fail("data.source", f"must be 'synthetic' or a .npz/.csv/.ts file, got {d.source!r}")
         if check_files and not src.is_file():
-            raise c.fail("data.source", f"file not found: {src}")
+            raise c.fail("data.source", f"{'not a file' if src.exists() else 'file not found'}: {src}")
+    if d.test_source is not None:
+        if d.source == "synthetic":
+            raise c.fail("data.test_source", "needs a data file in data.source (the synthetic task carves its own "
+                         "test split)")
+        test = resolve_test_path(cfg)
+        if test.suffix.lower() not in DATA_SUFFIXES:
+            raise c.fail("data.test_source", f"must be a .npz/.csv/.ts file, got {d.test_source!r}")
+        if check_files and not test.is_file():
+            raise c.fail("data.test_source", f"file not found: {test}")
     c.at_least("train.epochs", t.epochs, 1)
     c.one_of("train.optimizer", t.optimizer, OPTIMIZERS)
     c.one_of("train.schedule", t.schedule, SCHEDULES)
@@ -305,13 +383,26 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
         c.at_least(f"train.{key}", getattr(t, key), 0)
     if t.augment_scale >= 1:
         raise c.fail("train.augment_scale", f"must be < 1, got {t.augment_scale}")
+    if not 0 <= t.label_smoothing < 1:
+        raise c.fail("train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
     c.at_least("train.init_gain", t.init_gain, 0, strict=True)
     c.at_least("train.max_bad_batches", t.max_bad_batches, 1)
     c.at_least("train.early_stopping_patience", t.early_stopping_patience, 0)
     c.at_least("train.threads", t.threads, 0)
+    c.at_least("train.pack", t.pack, 1)
     c.at_least("train.eval_batch_size", t.eval_batch_size, 1)
+    c.at_least("train.min_epoch_samples", t.min_epoch_samples, 0)
     _validate_params(c, "baseline", b)
-    _check_space_feasible(c, cfg)
+    for p in cfg.space:
+        _check_space_domain(c, p)
+    for p in cfg.space:  # every choice must build a model, not only the baseline's
+        for v in p.choices or (p.low, p.high):
+            _validate_params(c, "space", dataclasses.replace(b, **{p.name: v}))
+    if d.source == "synthetic":
+        check_patch_len(cfg, d.seq_len)
+    # with neither searched, the space check would name a key not in the file: the baseline one does
+    if {p.name for p in cfg.space} & {"hidden_dim", "n_heads"}:
+        _check_space_feasible(c, cfg)
     for p in cfg.space:
         _check_baseline_in_space(c, p, getattr(b, p.name))
     if b.hidden_dim % b.n_heads:
@@ -333,17 +424,63 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
     c.at_least("pruner.reduction_factor", pr.reduction_factor, 2)
     c.at_least("pruner.patience", pr.patience, 0)
     c.at_least("pruner.min_delta", pr.min_delta, 0)
+    if not 0 <= pr.warmup_fraction <= 1:
+        raise c.fail("pruner.warmup_fraction", f"must be in [0, 1], got {pr.warmup_fraction}")
+    c.at_least("pruner.margin", pr.margin, 0)
+    if pr.type == "parent":
+        c.at_least("pruner.patience", pr.patience, 1)
+
+
+# what each hyperparameter may be: (low, low excluded, high, high excluded); None = unbounded
+_DOMAINS: dict[str, tuple[float, bool, float | None, bool]] = {
+    "lr": (0, True, None, False),
+    "batch_size": (1, False, None, False),
+    "hidden_dim": (1, False, None, False),
+    "n_layers": (1, False, None, False),
+    "n_heads": (1, False, None, False),
+    "dropout": (0, False, 1, True),
+    "weight_decay": (0, False, None, False),
+    "patch_len": (0, False, None, False),  # 0: chosen from the sequence length
+}
+
+
+def _check_domain(c: _Checker, key: str, name: str, value: Any) -> None:
+    """`value` of hyperparameter `name` is one the model can take (unknown names: not checked)."""
+    if name not in _DOMAINS or isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
+        return
+    low, low_open, high, high_open = _DOMAINS[name]
+    if value < low or (low_open and value == low) or (high is not None and (value > high or (high_open and value == high))):
+        lo, hi = "(" if low_open else "[", ")" if high_open or high is None else "]"
+        raise c.fail(key, f"{name} must be in {lo}{low}, {'inf' if high is None else high}{hi}, got {value}")
 
 
 def _validate_params(c: _Checker, section: str, hp: Hyperparams) -> None:
-    c.at_least(f"{section}.lr", hp.lr, 0, strict=True)
-    c.at_least(f"{section}.batch_size", hp.batch_size, 1)
-    c.at_least(f"{section}.hidden_dim", hp.hidden_dim, 1)
-    c.at_least(f"{section}.n_layers", hp.n_layers, 1)
-    c.at_least(f"{section}.n_heads", hp.n_heads, 1)
-    if not 0 <= hp.dropout < 1:
-        raise c.fail(f"{section}.dropout", f"must be in [0, 1), got {hp.dropout}")
-    c.at_least(f"{section}.weight_decay", hp.weight_decay, 0)
+    for name in _DOMAINS:
+        if hasattr(hp, name):
+            _check_domain(c, f"{section}.{name}", name, getattr(hp, name))
+    if not 0 <= hp.conv_stem <= MAX_CONV_STEM:
+        raise c.fail(f"{section}.conv_stem", f"must be in 0..{MAX_CONV_STEM}, got {hp.conv_stem}")
+    for name, allowed in CHOICE_PARAMS.items():
+        c.one_of(f"{section}.{name}", getattr(hp, name), allowed)
+
+
+def _check_space_domain(c: _Checker, p: ParamSpace) -> None:
+    if p.choices is not None:
+        for value in p.choices:
+            _check_domain(c, f"space.{p.name}.choices", p.name, value)
+    else:
+        _check_domain(c, f"space.{p.name}.low", p.name, p.low)
+        _check_domain(c, f"space.{p.name}.high", p.name, p.high)
+
+
+def check_patch_len(cfg: StudyConfig, seq_len: int) -> None:
+    """A patch longer than the task's sequences is a ConfigError naming the key (files: checked on load)."""
+    c = _Checker(cfg.path or "<study>")
+    if cfg.baseline.patch_len > seq_len:
+        raise c.fail("baseline.patch_len", f"{cfg.baseline.patch_len} is longer than the sequences ({seq_len} steps)")
+    for p in cfg.space:
+        if p.name == "patch_len" and max(p.choices or (p.high,)) > seq_len:
+            raise c.fail("space.patch_len", f"{max(p.choices or (p.high,))} is longer than the sequences ({seq_len} steps)")
 
 
 def _check_baseline_in_space(c: _Checker, p: ParamSpace, value: Any) -> None:
@@ -366,22 +503,29 @@ def _values(cfg: StudyConfig, name: str) -> tuple[Any, ...]:
 def _check_space_feasible(c: _Checker, cfg: StudyConfig) -> None:
     hidden, heads = _values(cfg, "hidden_dim"), _values(cfg, "n_heads")
     if hidden and heads and not any(h % n == 0 for h in hidden for n in heads):
-        raise c.fail("space.n_heads", f"no choice of n_heads {list(heads)} divides any hidden_dim {list(hidden)}")
+        searched = {p.name for p in cfg.space}
+        raise c.fail("space.n_heads" if "n_heads" in searched else "space.hidden_dim", f"no choice of n_heads {list(heads)} divides any hidden_dim {list(hidden)}")
 
 
 def load(path: str | Path) -> StudyConfig:
     """Read and validate a study file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: study file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "save it as UTF-8") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read study file: {e.strerror}") from e
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    if not raw:  # an empty file is a mistake, not a request for an all-default study
+        raise ConfigError(f"{path}: the study file is empty; give at least [study] name "
+                          "(see studies/quick.toml)")
     return parse(raw, str(path))
 
 
@@ -398,6 +542,16 @@ def resolve_data_path(cfg: StudyConfig) -> Path | None:
     if cfg.data.source == "synthetic":
         return None
     src = Path(cfg.data.source)
+    if cfg.path and not src.is_absolute():
+        src = Path(cfg.path).parent / src
+    return src
+
+
+def resolve_test_path(cfg: StudyConfig) -> Path | None:
+    """The official test file, relative to the study file; None when the test split is carved from the data."""
+    if cfg.data.test_source is None:
+        return None
+    src = Path(cfg.data.test_source)
     if cfg.path and not src.is_absolute():
         src = Path(cfg.path).parent / src
     return src

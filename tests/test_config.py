@@ -77,6 +77,8 @@ def test_to_dict_round_trips():
         ("train", "epochs = 'ten'", r"train\.epochs: must be an integer, got 'ten'"),
         ("train", "grad_clip = true", r"train\.grad_clip: must be a number"),
         ("train", "compile = 1", r"train\.compile: must be true or false"),
+        ("train", "compile = 'graphs'", r"train\.compile: must be true or false, or 'cudagraphs', got 'graphs'"),
+        ("train", "pack = 0", r"train\.pack: must be >= 1, got 0"),
         ("space", "lr = { low = 1e-2, high = 1e-4, log = true }", r"space\.lr: low must be <= high"),
         ("space", "lr = { low = 0.0, high = 1e-2, log = true }", r"space\.lr\.low: must be > 0 on a log scale"),
         ("space", "hidden_dim = { choices = [] }", r"space\.hidden_dim\.choices: must be a non-empty list"),
@@ -92,10 +94,18 @@ def test_to_dict_round_trips():
         ("train", "optimizer = 'adamx'", r"train\.optimizer: 'adamx' is not one of adamw, adam, sgd, lion, sophia"),
         ("train", "schedule = 'cosin'", r"train\.schedule: 'cosin' is not one of .* \(did you mean 'cosine'\?\)"),
         ("data", "source = 'missing.npz'", r"data\.source: file not found: .*missing\.npz"),
-        ("data", "source = 'data.parquet'", r"data\.source: must be 'synthetic' or a \.npz/\.csv file"),
+        ("data", "source = 'data.parquet'", r"data\.source: must be 'synthetic' or a \.npz/\.csv/\.ts file"),
+        ("data", "test_source = 'test.npz'", r"data\.test_source: needs a data file in data\.source"),
         ("study", "n_trials = 0", r"study\.n_trials: must be >= 1, got 0"),
         ("pruner", "percentile = 150.0", r"pruner\.percentile: must be in \[0, 100\], got 150\.0"),
         ("baseline", "dropout = 1.0", r"baseline\.dropout"),
+        ("study", "seed = -5", r"study\.seed: must be >= 0, got -5"),
+        ("space", "dropout = { low = 0.0, high = 1.5 }", r"space\.dropout\.high: dropout must be in \[0, 1\), got 1\.5"),
+        ("space", "batch_size = { choices = [-8, 32] }", r"space\.batch_size\.choices: batch_size must be in \[1, inf\), got -8"),
+        ("space", "lr = { low = -1e-3, high = 1e-2 }", r"space\.lr\.low: lr must be in \(0, inf\), got -0\.001"),
+        ("space", "n_layers = { low = 0, high = 3 }", r"space\.n_layers\.low: n_layers must be in \[1, inf\), got 0"),
+        ("space", "hidden_dim = { choices = [0, 16] }", r"space\.hidden_dim\.choices: hidden_dim must be in \[1, inf\)"),
+        ("space", "weight_decay = { low = -0.1, high = 0.1 }", r"space\.weight_decay\.low: weight_decay must be in \[0, inf\)"),
     ],
 )
 def test_bad_study_file_names_file_key_and_allowed(tmp_path, section, line, pattern):
@@ -106,6 +116,12 @@ def test_bad_study_file_names_file_key_and_allowed(tmp_path, section, line, patt
     assert message.startswith(str(path) + ": "), message
     assert re.search(pattern, message), message
     assert "\n" not in message
+
+
+def test_compile_takes_cudagraphs_and_pack_a_size(tmp_path):
+    cfg = config.load(write(tmp_path, edit(edit(QUICK, "train", "compile = 'cudagraphs'"), "train", "pack = 8")))
+    assert cfg.train.compile == "cudagraphs" and cfg.train.pack == 8
+    assert config.from_dict(cfg.to_dict()).train == cfg.train
 
 
 def test_baseline_heads_must_divide_hidden(tmp_path):
@@ -145,3 +161,15 @@ def test_reference_study_matches_seed_but_for_its_sampler():
     ref = config.load(ROOT / "studies" / "reference.toml")
     assert (seed.sampler.type, ref.sampler.type) == ("cycle", "reference")
     assert ref.trial_definition() == seed.trial_definition()
+
+
+def test_an_impossible_baseline_names_the_baseline_key_when_nothing_is_searched(tmp_path):
+    text = "[study]\nname = 'x'\n[baseline]\nhidden_dim = 64\nn_heads = 1000\n"
+    with pytest.raises(ConfigError, match=r"baseline\.n_heads: 1000 does not divide hidden_dim 64"):
+        config.load(write(tmp_path, text))
+
+
+def test_the_stored_config_holds_no_password(tmp_path):
+    text = "[study]\nname = 'x'\nstorage = 'postgresql+psycopg://alice:s3c@ret@db/optuna'\n"
+    stored = config.load(write(tmp_path, text)).to_dict()
+    assert stored["study"]["storage"] == "postgresql+psycopg://alice:***@db/optuna"
