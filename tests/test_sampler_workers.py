@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import threading
 import time
 from pathlib import Path
 
@@ -96,3 +97,41 @@ def test_inside_hyperband_bracket_view():
 
 def objective_at(x: float, y: int) -> float:
     return (x - 1) ** 2 + (y - 2) ** 2 + 1 / 9
+
+
+class _PausingSampler(CycleSampler):
+    """Test hook: pauses trial 1 between deciding and writing its proposal, the worst moment
+    for two workers that decide at once."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.paused, self.resume = threading.Event(), threading.Event()
+
+    def _write(self, study, trial, payload, reason) -> None:
+        if trial.number == 1 and not self.paused.is_set():
+            self.paused.set()
+            assert self.resume.wait(timeout=30)
+        super()._write(study, trial, payload, reason)
+
+
+def test_two_trials_deciding_at_once_do_not_claim_the_same_move():
+    sampler = _PausingSampler(baseline=BASELINE, seed=0, plateau_cycles=100)
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(objective, n_trials=1)
+    asked: dict[int, optuna.trial.FrozenTrial] = {}
+
+    def ask_one() -> None:
+        t = study.ask()
+        objective(t)  # suggests every param
+        asked[t.number] = study._storage.get_trial(t._trial_id)
+
+    first = threading.Thread(target=ask_one)
+    first.start()
+    assert sampler.paused.wait(timeout=30)
+    ask_one()  # trial 2 decides from the same history; trial 1 has not written its claim yet
+    sampler.resume.set()
+    first.join(timeout=60)
+    one, two = asked[1], asked[2]
+    assert one.user_attrs["cycle_move"] != "explore (tpe)" and two.user_attrs["cycle_move"] != "explore (tpe)"
+    assert one.params != two.params, (one.user_attrs["cycle_reason"], two.user_attrs["cycle_reason"])
+    assert one.user_attrs["cycle_parent"] == two.user_attrs["cycle_parent"] == 1

@@ -21,13 +21,14 @@ from optuna.storages import InMemoryStorage
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from cycle_optuna.sampler._history import FIXED_ATTR, PROPOSAL_ATTR, History, HistoryCache
-from cycle_optuna.sampler._moves import Roles, coerce, contains, repair, step_value
+from cycle_optuna.sampler._history import FIXED_ATTR, PROPOSAL_ATTR, History, HistoryCache, move_key
+from cycle_optuna.sampler._moves import Roles, coerce, config_key, contains, repair, step_value
 from cycle_optuna.sampler._rules import Planner, Settings
 
 PARENT_ATTR, MOVE_ATTR, REASON_ATTR = "cycle_parent", "cycle_move", "cycle_reason"
 _WAIT_RECENT_S = 10.0  # only trials created this recently may still be writing their proposal
 _WAIT_S = {True: 0.25, False: 2.0}  # longest wait for them: in-memory (threads) / shared storages
+_MAX_REDECIDE = 3  # decisions taken again when another trial claimed the same move meanwhile
 _MAX_ENTRIES = 1024
 _VIEW_BEST, _VIEW_RECENT = 30, 90  # the trials an exploration's fallback sees: the best and the latest
 
@@ -298,13 +299,23 @@ class CycleSampler(BaseSampler):
             generic_moves=self._generic_moves,
             seed=self._seed,
         )
-        planner = Planner(settings, hist, trial.number)
         fixed = trial.system_attrs.get(FIXED_ATTR)
-        if isinstance(fixed, dict) and fixed:
-            payload, reason = planner.enqueued(fixed)
-        else:
+        for attempt in range(_MAX_REDECIDE + 1):
+            planner = Planner(settings, hist, trial.number)
+            if isinstance(fixed, dict) and fixed:
+                payload, reason = planner.enqueued(fixed)
+                self._write(study, trial, payload, reason)
+                break
             payload, reason = planner.decide()
-        self._write(study, trial, payload, reason)
+            self._write(study, trial, payload, reason)
+            # Written, then checked: of two workers that claim the same move at once, at least
+            # one sees the other's claim here, and it decides again.
+            claims = _claims(payload)
+            if not claims or attempt == _MAX_REDECIDE:
+                break
+            hist = self._view(study, trial)
+            if not any(hist.known(k) for k in claims):
+                break
         return _Entry(payload, dict(planner.space))
 
     def _wait_for_earlier(self, study: Study, trial: FrozenTrial, hist: History) -> bool:
@@ -363,3 +374,14 @@ class CycleSampler(BaseSampler):
         if name in params:
             params[name] = repair(self._roles, name, search_space[name], params[name], {**trial.params, **params})
         return params
+
+
+def _claims(payload: Mapping[str, Any]) -> list[tuple]:
+    """The history keys a proposal holds, for moves and local explorations; the baseline, an
+    enqueued trial and a fallback's exploration claim nothing."""
+    kind, params = payload.get("kind"), payload.get("params") or {}
+    keys = [config_key(params)] if params and kind in ("move", "explore") else []
+    if kind in ("move", "lazy") and payload.get("param"):
+        param, direction = payload["param"], int(payload.get("dir", 0) or 0)
+        keys.append(move_key(payload.get("parent"), param, direction, float(payload.get("scale", 1.0) or 1.0), params.get(param)))
+    return keys

@@ -23,8 +23,11 @@ PROPOSAL_ATTR = "cycle:proposal"  # system attr: the decision, as JSON, written 
 FIXED_ATTR = "fixed_params"  # Optuna's system attr for enqueued trials
 
 
-def lazy_key(parent: int | None, param: str | None, direction: int) -> tuple:
-    return ("lazy", parent, param, direction)
+def move_key(parent: int | None, param: str | None, direction: int, scale: float = 1.0, value: Any = None) -> tuple:
+    """A move as a claim: from this trial, this parameter, this way, this far (or, for unordered
+    choices, to this choice). It names the same trial whether or not the parent's other params
+    were known when it was decided, which its config key alone does not."""
+    return ("move", parent, param, direction, float(scale), None if direction else norm(value))
 
 
 def move_kind(param: str, direction: int, value: Any) -> tuple:
@@ -203,8 +206,8 @@ class HistoryCache:
         )
         recs[t.number] = rec
         f.n_trials += 1
-        if rec.kind == "lazy":  # a move decided before the space was known: claim the move itself
-            keys[lazy_key(rec.parent, rec.param, rec.direction)] = rec
+        if rec.kind in ("lazy", "move") and rec.param:  # claim the move itself, too
+            keys.setdefault(move_key(rec.parent, rec.param, rec.direction, rec.scale, config.get(rec.param)), rec)
         if config and (rec.kind != "lazy" or t.state.is_finished()):  # a running lazy trial's params are partial
             key = config_key(config)
             if keys.get(key) is None or not keys[key].state.is_finished():  # type: ignore[union-attr]

@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from cycle_optuna.sampler._history import History, Rec, lazy_key, move_kind
+from cycle_optuna.sampler._history import History, Rec, move_key, move_kind
 from cycle_optuna.sampler._moves import (
     Roles,
     coerce,
@@ -96,7 +96,7 @@ class Planner:
             cfg, label = moved
             if self.hist.known(config_key(cfg)):
                 continue
-            if c.scale == 1.0 and self.hist.known(lazy_key(base.number, c.param, c.direction)):
+            if self.hist.known(move_key(base.number, c.param, c.direction, c.scale, cfg.get(c.param))):
                 continue
             payload = {
                 "kind": "move", "parent": base.number, "param": c.param, "dir": c.direction,
@@ -315,7 +315,7 @@ class Planner:
         names = [x for x in names if x and is_numeric_choice(self.s.baseline.get(x))]
         role_names = set(roles.as_dict().values())
         names += sorted(x for x, v in self.s.baseline.items() if x not in role_names and is_numeric_choice(v))
-        free = [(x, d) for x in names for d in (+1, -1) if not self.hist.known(lazy_key(base.number, x, d))]
+        free = [(x, d) for x in names for d in (+1, -1) if not self.hist.known(move_key(base.number, x, d))]
         if not free:
             fb = self.s.fallback_name
             payload = {"kind": "explore", "scope": "global", "parent": None, "move": f"explore ({fb})", "params": {}}
