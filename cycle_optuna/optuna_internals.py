@@ -8,7 +8,8 @@ by name, instead of somewhere inside a worker.
 from __future__ import annotations
 
 import json
-from typing import Any
+import threading
+from typing import Any, Callable, TypeVar
 
 import optuna
 import sqlalchemy
@@ -16,6 +17,39 @@ from optuna.storages import BaseStorage
 from optuna.storages._rdb import models as _models
 from optuna.study._tell import _tell_with_warning
 from optuna.trial import TrialState
+
+
+_S = TypeVar("_S")
+_open_lock = threading.Lock()
+
+
+class _NoSchemaVersions:
+    """Stands in for RDBStorage's schema-version bookkeeping (`_VersionManager`) on read-only
+    opens: that bookkeeping imports alembic (a quarter of `status`'s start-up) and writes a
+    version row into a database that lacks one, which a read-only command must not do."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"storage opened read-only: its schema version is not available ({name})")
+
+
+def open_rdb(make: Callable[[], _S], *, read_only: bool) -> _S:
+    """`make()` builds an RDBStorage; read-only, it skips Optuna's schema-version bookkeeping
+    (`optuna.storages._rdb.storage._VersionManager`, swapped for the construction only). Every
+    open in this package goes through the one lock, so a writer never gets the stand-in."""
+    from optuna.storages._rdb import storage as rdb
+
+    with _open_lock:
+        if not read_only or not hasattr(rdb, "_VersionManager"):
+            return make()
+        real = rdb._VersionManager
+        rdb._VersionManager = _NoSchemaVersions
+        try:
+            return make()
+        finally:
+            rdb._VersionManager = real
 
 
 def storage_of(study: optuna.Study) -> BaseStorage:

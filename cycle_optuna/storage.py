@@ -185,10 +185,12 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> Ba
     try:
         for attempt in range(5):
             try:
-                # read-only commands skip creating tables and alembic's schema check (a third of
-                # `status`'s start-up); a worker that writes checks both
-                storage = _Storage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=not create,
-                                   skip_table_creation=not create, **beat)
+                # read-only commands skip creating tables and Optuna's schema-version bookkeeping
+                # (alembic: a third of `status`'s start-up); a worker that writes does both
+                storage = internals.open_rdb(
+                    lambda: _Storage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=not create,
+                                     skip_table_creation=not create, **beat),
+                    read_only=not create)
                 if backend == "sqlite" and parsed.database and parsed.database != ":memory:":
                     _use_wal(storage.engine)
                 return storage

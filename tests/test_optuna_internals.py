@@ -101,3 +101,27 @@ def test_the_raw_queries_read_optunas_tables(study):
     assert [history for *_, history in rows][3] == "[2]"
     ((trial_id, number, beat),) = beats
     assert (trial_id, number) == (internals.trial_id_of(running), 1) and beat is not None
+
+
+def test_a_read_only_open_skips_schema_versions_and_writes_nothing(tmp_path: Path):
+    import sqlalchemy
+    from optuna.storages._rdb import storage as rdb
+
+    url = f"sqlite:///{tmp_path / 'v.db'}"
+    optuna.create_study(study_name="v", storage=url).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as conn:  # a database whose version rows are gone, as an older tool may leave it
+        conn.execute(sqlalchemy.text("DELETE FROM version_info"))
+        conn.execute(sqlalchemy.text("DELETE FROM alembic_version"))
+    real = rdb._VersionManager
+    read = storage.open_storage(url, heartbeat=False, create=False)
+    assert rdb._VersionManager is real  # restored for the next, writing, open
+    assert len(optuna.load_study(study_name="v", storage=read).trials) == 2
+    with pytest.raises(RuntimeError, match="read-only"):
+        read._version_manager.get_current_version()
+    with engine.connect() as conn:
+        assert conn.execute(sqlalchemy.text("SELECT COUNT(*) FROM version_info")).scalar() == 0
+    storage.open_storage(url, heartbeat=False, create=True)  # a writer records the version
+    with engine.connect() as conn:
+        assert conn.execute(sqlalchemy.text("SELECT COUNT(*) FROM version_info")).scalar() == 1
+    engine.dispose()
