@@ -199,9 +199,10 @@ class Objective:
                 trial.set_user_attr("epochs_run", m.epoch + 1)
                 trial.set_user_attr("val_accuracy", m.val_accuracy)
                 trial.set_user_attr("train_loss", m.train_loss)
-                trial.set_user_attr(
-                    "prune_reason", f"val loss {m.val_loss:.4f} at epoch {m.epoch + 1} fell behind other trials"
-                )
+                pop_reason = getattr(trial.study.pruner, "pop_reason", None)
+                why = pop_reason(trial.number) if callable(pop_reason) else None
+                trial.set_user_attr("prune_reason", f"val loss {m.val_loss:.4f} at epoch {m.epoch + 1}"
+                                    + (f": {why}" if why else " fell behind other trials"))
                 raise optuna.TrialPruned(f"epoch {m.epoch + 1}: val loss {m.val_loss:.4f}")
 
         return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 from optuna.pruners import BasePruner
 from optuna.study import Study, StudyDirection
@@ -58,6 +59,13 @@ class ParentCurvePruner(BasePruner):
         self._margin = float(margin)
         self._patience = patience
         self._n_startup = n_startup_trials
+        self._reasons: dict[int, str] = {}  # trial number -> why it was pruned, until taken
+        self._lock = threading.Lock()
+
+    def pop_reason(self, number: int) -> str | None:
+        """Why trial `number` was pruned, in words (once; None if this pruner did not prune it)."""
+        with self._lock:
+            return self._reasons.pop(number, None)
 
     def prune(self, study: Study, trial: FrozenTrial) -> bool:
         step = trial.last_step
@@ -84,15 +92,22 @@ class ParentCurvePruner(BasePruner):
             a, b = mine.get(s), _at_or_before(theirs, s)
             if a is None or b is None or not a > b + self._margin * abs(b):
                 return False
+        a, b = sign * mine[step], sign * _at_or_before(theirs, step)  # type: ignore[operator]
+        whose = "its parent, cycle" if ref.number == _parent_of(trial) else "the best finished trial, cycle"
+        why = (f"best value {a:.4g} by epoch {step + 1} was behind {whose} {ref.number + 1} ({b:.4g} by the same "
+               f"epoch) at {self._patience} reported epoch{'s' if self._patience > 1 else ''} in a row")
+        with self._lock:
+            self._reasons[trial.number] = why
+            while len(self._reasons) > 1000:  # reasons nobody took
+                self._reasons.pop(next(iter(self._reasons)))
         return True
 
     @staticmethod
     def _reference(study: Study, trial: FrozenTrial, trials: list[FrozenTrial], finished: list[FrozenTrial]) -> FrozenTrial | None:
         """The parent the sampler derived this trial from, else the best finished trial."""
         by_number = {t.number: t for t in trials}
-        prop = trial.system_attrs.get(PROPOSAL_ATTR)
-        parent = prop.get("parent") if isinstance(prop, dict) else None
-        ref = by_number.get(parent) if isinstance(parent, int) else None
+        parent = _parent_of(trial)
+        ref = by_number.get(parent) if parent is not None else None
         if ref is not None and ref.intermediate_values:
             return ref
         scored = [t for t in finished if t.intermediate_values and t.value is not None and math.isfinite(t.value)]
@@ -100,6 +115,13 @@ class ParentCurvePruner(BasePruner):
             return None
         best = min if study.direction != StudyDirection.MAXIMIZE else max
         return best(scored, key=lambda t: t.value)  # type: ignore[arg-type, return-value]
+
+
+def _parent_of(trial: FrozenTrial) -> int | None:
+    """The trial number the CycleSampler derived this trial from, if any."""
+    prop = trial.system_attrs.get(PROPOSAL_ATTR)
+    parent = prop.get("parent") if isinstance(prop, dict) else None
+    return parent if isinstance(parent, int) and not isinstance(parent, bool) else None
 
 
 def _move_kind(trial: FrozenTrial) -> str | None:

@@ -69,6 +69,23 @@ def test_real_pruner_prunes_a_trial_that_falls_behind(tmp_path, cfg, data):
     assert "fell behind" in trial.user_attrs["prune_reason"]
 
 
+def test_the_parent_pruner_says_in_numbers_why_it_pruned(tmp_path, cfg, data):
+    from cycle_optuna.pruners import ParentCurvePruner
+
+    pruner = ParentCurvePruner(n_steps=cfg.train.epochs, warmup_fraction=0.0, patience=1)
+    study = sqlite_study(tmp_path, cfg, pruner=pruner)
+    good = study.ask()
+    for step in range(cfg.train.epochs):
+        good.report(0.01, step)
+    study.tell(good, 0.01)
+    study.optimize(objective.Objective(cfg, data), n_trials=1)
+    trial = study.trials[-1]
+    assert trial.state == TrialState.PRUNED
+    assert trial.user_attrs["prune_reason"].startswith(f"val loss {trial.intermediate_values[0]:.4f} at epoch 1: best value ")
+    assert trial.user_attrs["prune_reason"].endswith(
+        "was behind the best finished trial, cycle 1 (0.01 by the same epoch) at 1 reported epoch in a row")
+
+
 def test_diverged_trial_ends_pruned_with_diagnosis(tmp_path, cfg, data):
     wild = dataclasses.replace(cfg, space=(), baseline=dataclasses.replace(cfg.baseline, lr=1e6),
                                train=dataclasses.replace(cfg.train, grad_clip=0.0, max_bad_batches=2, warmup_epochs=0.0))

@@ -161,3 +161,17 @@ def test_make_pruner_builds_it_from_the_study_file_section():
     finished(study, [1.0] * 12)
     behind = [2.0] * 12
     assert first_pruned_step(study, behind) == 6  # warm-up: steps 0-5, the first 6 of 12 epochs
+
+
+def test_a_pruned_trial_gets_the_reason_in_numbers():
+    study = new_study()
+    finished(study, PARENT)
+    finished(study, [1.2] * 10, move(0, "layers"))
+    behind = [v * 1.2 for v in PARENT]
+    finished(study, behind, move(0, "lr"))
+    assert first_pruned_step(study, behind, move(0, "lr")) == 3
+    why = study.pruner.pop_reason(3)
+    assert why == ("best value 0.72 by epoch 4 was behind its parent, cycle 1 (0.6 by the same epoch) "
+                   "at 2 reported epochs in a row")
+    assert study.pruner.pop_reason(3) is None  # taken once
+
