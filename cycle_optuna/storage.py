@@ -191,6 +191,10 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> Ba
                     lambda: _Storage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=not create,
                                      skip_table_creation=not create, **beat),
                     read_only=not create)
+                if not create and backend != "sqlite":
+                    # nothing above connected to the server: fail here, as "cannot open", not at the first read
+                    with storage.engine.connect():
+                        pass
                 if backend == "sqlite" and parsed.database and parsed.database != ":memory:":
                     _use_wal(storage.engine)
                 return storage
