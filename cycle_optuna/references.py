@@ -34,7 +34,8 @@ def compare(baselines: dict[str, dict[str, Any]] | None, *, val_accuracy: float 
                 continue
             margin = round(100.0 * (mine - theirs), 2)
             rec[f"{split}_margin"] = margin
-            parts.append(f"{_verdict(margin)} on {split} ({mine:.1%} vs {theirs:.1%}, {margin:+.1f} points)")
+            shown = round(margin, 1) + 0.0  # the verdict goes with the figure printed; never "-0.0"
+            parts.append(f"{_verdict(shown)} on {split} ({mine:.1%} vs {theirs:.1%}, {shown:+.1f} points)")
         rec["line"] = f"{rec['label']}: " + ("; ".join(parts) if parts else "no comparable accuracy")
         out.append(rec)
     return out

@@ -123,6 +123,9 @@ def test_compare_says_beats_or_below_with_the_margin_on_val_and_test():
     assert rows[1]["val_margin"] == -10.0 and rows[1]["test_margin"] is None
     assert rows[1]["line"] == "1-NN Euclidean: below it on val (80.0% vs 90.0%, -10.0 points)"
     assert baselines.best_reference(stored)[0] == "1nn"
+    tie = baselines.compare({"mlp": {"label": "MLP", "val_accuracy": 0.9283, "test_accuracy": 0.9107}},
+                            val_accuracy=0.92826, test_accuracy=0.9111)
+    assert tie[0]["line"] == "MLP: ties it on val (92.8% vs 92.8%, +0.0 points); ties it on test (91.1% vs 91.1%, +0.0 points)"
     assert baselines.best_reference(None) is None
 
 
