@@ -178,7 +178,7 @@ def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None]
     study = worker.open_study(cfg, url, data=data)
     prefix = str(config.study_dir(cfg) / cfg.study.name)
     procs = worker.start_local_workers(cfg.path, url, len(gpus), n_trials=cfg.study.n_trials, log_prefix=prefix,
-                                       gpus=gpus)
+                                       gpus=gpus, log_json=args.log_json)
     try:
         status.watch(study, cfg.study.n_trials, procs, epochs=cfg.train.epochs, console=out)
     except KeyboardInterrupt:

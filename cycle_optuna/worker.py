@@ -499,17 +499,20 @@ def _pause_for_tests() -> None:
 
 def start_local_workers(
     study_file: str, url: str, workers: int, *, n_trials: int | None, log_prefix: str,
-    gpus: list[str | None] | None = None,
+    gpus: list[str | None] | None = None, log_json: bool = False,
 ) -> list[tuple[subprocess.Popen, str]]:
     """Start `workers` `cycle-optuna worker` processes on one study; (process, log file) pairs.
 
     The URL travels in the environment, so its password never shows in `ps`. ``gpus[i]`` puts
     worker i on that GPU (its CUDA_VISIBLE_DEVICES; see placement.plan); None leaves it as is.
+    ``log_json``: each worker logs JSON lines (``worker --log-json``).
     """
     env = {**os.environ, storage_mod.ENV_VAR: url, THREADS_ENV_VAR: str(default_threads(workers))}
     args = [sys.executable, "-m", "cycle_optuna.cli", "worker", str(study_file)]
     if n_trials is not None:
         args += ["--n-trials", str(n_trials)]
+    if log_json:
+        args.append("--log-json")
     os.makedirs(os.path.dirname(log_prefix) or ".", exist_ok=True)
     procs = []
     for i in range(workers):

@@ -65,3 +65,13 @@ def test_each_trial_gets_its_dashboard_note_as_it_ends(tmp_path):
         body = get_note_from_system_attrs(system, t._trial_id)["body"]
         assert body.startswith(f"### Cycle {t.number + 1} (trial {t.number})") and "- **Outcome:** " in body
     assert optuna_dashboard.get_note(study) == ""  # the study note comes with `run` and `report`
+
+
+def test_run_with_workers_passes_log_json_to_each_worker(tmp_path):
+    path = write_study(tmp_path, n_trials=2, epochs=1)
+    proc = _cli("run", str(path), "--workers", "2", "--log-json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    logs = sorted(tmp_path.rglob("tiny-worker-*.log"))
+    assert len(logs) == 2, list(tmp_path.rglob("*"))
+    records = [json.loads(line) for log in logs for line in log.read_text().splitlines() if line.startswith("{")]
+    assert sorted(r["cycle"] for r in records if r["event"] == "trial_end") == [1, 2], [log.read_text() for log in logs]
