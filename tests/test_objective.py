@@ -54,14 +54,18 @@ def test_complete_trial_writes_the_contract_and_saves_the_model(tmp_path, cfg, d
     assert (storage.artifact_store(cfg)._base_path / trial.user_attrs["model_artifact_id"]).is_file()
 
 
+def _finished_far_ahead(study: optuna.Study, epochs: int) -> None:
+    """A finished trial at val loss 0.01 every epoch: far better than the model reaches at epoch 0."""
+    good = study.ask()
+    for step in range(epochs):
+        good.report(0.01, step)
+    study.tell(good, 0.01)
+
+
 def test_real_pruner_prunes_a_trial_that_falls_behind(tmp_path, cfg, data):
     pruner = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
     study = sqlite_study(tmp_path, cfg, pruner=pruner)
-    # a finished trial far better than anything the model can reach at epoch 0
-    good = study.ask()
-    for step in range(cfg.train.epochs):
-        good.report(0.01, step)
-    study.tell(good, 0.01)
+    _finished_far_ahead(study, cfg.train.epochs)
     study.optimize(objective.Objective(cfg, data), n_trials=1)
     trial = study.trials[-1]
     assert trial.state == TrialState.PRUNED
@@ -74,10 +78,7 @@ def test_the_parent_pruner_says_in_numbers_why_it_pruned(tmp_path, cfg, data):
 
     pruner = ParentCurvePruner(n_steps=cfg.train.epochs, warmup_fraction=0.0, patience=1)
     study = sqlite_study(tmp_path, cfg, pruner=pruner)
-    good = study.ask()
-    for step in range(cfg.train.epochs):
-        good.report(0.01, step)
-    study.tell(good, 0.01)
+    _finished_far_ahead(study, cfg.train.epochs)
     study.optimize(objective.Objective(cfg, data), n_trials=1)
     trial = study.trials[-1]
     assert trial.state == TrialState.PRUNED
