@@ -230,35 +230,59 @@ def study_artifact_dir(study: optuna.Study) -> Path | None:
 
 
 def load_best_model(
-    study: StudyLike, storage: str | BaseStorage | None = None, *, artifact_dir: str | os.PathLike | None = None
+    study: StudyLike, storage: str | BaseStorage | None = None, *, artifact_dir: str | os.PathLike | None = None,
+    ensemble: int | None = None,
 ) -> CycleModel:
-    """The best trial's trained model, in eval mode on CPU, normalising raw input itself."""
+    """The best model, in eval mode on CPU, normalising raw input itself.
+
+    It averages the class probabilities of the `ensemble` best completed trials' models (lowest
+    validation loss first; default: the study's `[study] ensemble`, 3 unless set) — fewer when
+    fewer trials completed or kept a model; ``ensemble=1`` is the best trial's model alone.
+    ``model.trial_numbers`` lists the trials it averages, best first.
+    """
     study = load_study(study, storage)
     trial = best_trial(study)
-    artifact_id = trial.user_attrs.get(MODEL_ATTR)
-    if not artifact_id:
+    if not trial.user_attrs.get(MODEL_ATTR):
         why = trial.user_attrs.get("model_save_error", "it was run without an artifact store")
         raise StorageError(f"best trial (cycle {trial.number + 1}) has no saved model: {why}")
+    if ensemble is None:
+        cfg = study_config(study)
+        ensemble = cfg.study.ensemble if cfg is not None else 1
+    if ensemble < 1:
+        raise ValueError(f"ensemble must be >= 1, but got {ensemble=}.")
     where = Path(artifact_dir) if artifact_dir is not None else study_artifact_dir(study)
     if where is None or not where.is_dir():
         raise StorageError(f"artifact directory of study {study.study_name!r} not found: {where}")
+    done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: (t.value, t.number))
+    members = [trial, *(t for t in done if t.number != trial.number and t.user_attrs.get(MODEL_ATTR))][:ensemble]
     store = optuna.artifacts.FileSystemArtifactStore(where)
+    payloads = [_download_model(store, where, t) for t in members]
+    from cycle_optuna.best_model import CycleModel, Ensemble
+    from cycle_optuna.model import TransformerClassifier
+
+    nets = []
+    for payload in payloads:
+        net = TransformerClassifier(**payload["model_kwargs"])
+        net.load_state_dict(payload["state_dict"])
+        nets.append(net)
+    params = {**baseline_params(study), **payloads[0].get("params", trial.params)}
+    net = nets[0] if len(nets) == 1 else Ensemble(nets)
+    return CycleModel(net, payloads[0]["mean"], payloads[0]["std"], params=params, trial_number=trial.number,
+                      trial_numbers=[t.number for t in members]).eval()
+
+
+def _download_model(store: optuna.artifacts.FileSystemArtifactStore, where: Path, trial: FrozenTrial) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
         try:
-            optuna.artifacts.download_artifact(artifact_store=store, file_path=str(path), artifact_id=artifact_id)
+            optuna.artifacts.download_artifact(artifact_store=store, file_path=str(path),
+                                               artifact_id=trial.user_attrs[MODEL_ATTR])
         except (FileNotFoundError, optuna.artifacts.exceptions.ArtifactNotFound):
-            raise StorageError(f"model artifact {artifact_id} of cycle {trial.number + 1} is missing from {where}") from None
+            raise StorageError(f"model artifact {trial.user_attrs[MODEL_ATTR]} of cycle {trial.number + 1} "
+                               f"is missing from {where}") from None
         import torch  # here, not at the top: queries and `status` must not pay for importing torch
 
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    from cycle_optuna.best_model import CycleModel
-    from cycle_optuna.model import TransformerClassifier
-
-    net = TransformerClassifier(**payload["model_kwargs"])
-    net.load_state_dict(payload["state_dict"])
-    params = {**baseline_params(study), **payload.get("params", trial.params)}
-    return CycleModel(net, payload["mean"], payload["std"], params=params, trial_number=trial.number).eval()
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @dataclass(frozen=True)
@@ -268,11 +292,12 @@ class HeldOutScore:
     loss: float
     accuracy: float
     n: int
-    cycle: int
+    cycle: int  # the best trial's cycle
+    cycles: tuple[int, ...] = ()  # the cycles whose models the best model averages, best first
 
 
 def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *, model: CycleModel | None = None) -> HeldOutScore:
-    """Held-out test loss and accuracy of the best trial's model, on the study's own data split."""
+    """Held-out test loss and accuracy of the best model (see load_best_model), on the study's own split."""
     from cycle_optuna.data import load_study_data
     from cycle_optuna.train import evaluate
 
@@ -287,7 +312,8 @@ def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *
         raise StorageError(f"data of study {study.study_name!r} changed since it ran; its test split cannot be rebuilt")
     # the split is normalised already, so evaluate the inner network
     loss, acc = evaluate(model.net, data.x_test, data.y_test, cfg.train.eval_batch_size)
-    return HeldOutScore(loss=loss, accuracy=acc, n=int(data.y_test.shape[0]), cycle=model.trial_number + 1)
+    return HeldOutScore(loss=loss, accuracy=acc, n=int(data.y_test.shape[0]), cycle=model.trial_number + 1,
+                        cycles=tuple(n + 1 for n in model.trial_numbers))
 
 
 
@@ -320,7 +346,8 @@ def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, w
     if with_test:
         try:
             score = held_out_score(study)
-            rec.update(test_accuracy=score.accuracy, test_loss=score.loss, n_test=score.n)
+            rec.update(test_accuracy=score.accuracy, test_loss=score.loss, n_test=score.n,
+                       model_cycles=list(score.cycles))
         except StorageError as e:
             rec.update(test_accuracy=None, test_loss=None, test_error=str(e))
     from cycle_optuna.references import compare

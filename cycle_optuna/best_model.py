@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -13,16 +14,19 @@ class CycleModel(torch.nn.Module):
 
     ``model(x)`` returns logits for raw ``[N, T, F]`` input (T <= ``seq_len``, F = ``n_features``);
     ``predict`` returns class indices and ``predict_proba`` class probabilities, for numpy arrays or
-    tensors, one ``[T, F]`` sequence or a batch. ``params`` holds the trial's hyperparameters.
+    tensors, one ``[T, F]`` sequence or a batch. ``params`` holds the best trial's hyperparameters;
+    ``trial_numbers`` the trials whose models it averages (an `Ensemble` net), best first.
     """
 
-    def __init__(self, net: torch.nn.Module, mean: Any, std: Any, *, params: dict[str, Any], trial_number: int) -> None:
+    def __init__(self, net: torch.nn.Module, mean: Any, std: Any, *, params: dict[str, Any], trial_number: int,
+                 trial_numbers: list[int] | None = None) -> None:
         super().__init__()
         self.net = net
         self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)))
         self.register_buffer("std", torch.as_tensor(np.asarray(std, dtype=np.float32)))
         self.params = dict(params)
         self.trial_number = trial_number
+        self.trial_numbers = list(trial_numbers) if trial_numbers else [trial_number]  # averaged, best first
         self.n_features = int(self.mean.shape[0])
         self.seq_len = int(getattr(net, "seq_len", 0)) or None  # longest input sequence
 
@@ -46,3 +50,17 @@ class CycleModel(torch.nn.Module):
     def predict(self, x: Any) -> np.ndarray:
         """Class indices for raw input ``[N, T, F]`` (or one ``[T, F]`` sequence)."""
         return self._logits(x).argmax(dim=-1).cpu().numpy()
+
+
+class Ensemble(torch.nn.Module):
+    """Several trained nets on the same normalised input: returns the log of their mean class
+    probabilities, so softmax, argmax and cross-entropy read it as logits."""
+
+    def __init__(self, nets: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.nets = torch.nn.ModuleList(nets)
+        self.seq_len = min(int(getattr(n, "seq_len", 0)) for n in nets) or None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logp = torch.stack([torch.log_softmax(n(x).float(), dim=-1) for n in self.nets])
+        return torch.logsumexp(logp, dim=0) - math.log(len(self.nets))

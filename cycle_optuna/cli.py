@@ -280,6 +280,8 @@ def cmd_best(args: argparse.Namespace) -> int:
     if rec.get("test_accuracy") is not None:
         table.add_row("test accuracy (held out)", f"{rec['test_accuracy']:.2%}")
         table.add_row("test loss (held out)", f"{rec['test_loss']:.4f}")
+        if len(rec.get("model_cycles") or ()) > 1:
+            table.add_row("best model", "mean of cycles " + ", ".join(map(str, rec["model_cycles"])))
     elif not args.no_test:
         table.add_row("test accuracy (held out)", f"unavailable: {rec.get('test_error')}")
     table.add_section()

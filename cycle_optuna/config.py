@@ -35,6 +35,7 @@ class StudySection:
     n_trials: int = 20  # total for the study across all workers
     seed: int = 0  # seeds data split, model init and sampler
     artifact_dir: str | None = None  # None -> studies/<name>-artifacts (checkpoints, best model)
+    ensemble: int = 3  # the best model averages the top N cycles' models (by val loss); 1 = the best alone
 
 
 @dataclass(frozen=True)
@@ -345,6 +346,7 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
         raise c.fail("study.name", f"must be letters, digits, '-', '_' or '.', got {s.name!r}")
     c.one_of("study.direction", s.direction, DIRECTIONS)
     c.at_least("study.n_trials", s.n_trials, 1)
+    c.at_least("study.ensemble", s.ensemble, 1)
     c.at_least("study.seed", s.seed, 0)  # numpy and torch generators take non-negative seeds
     c.at_least("data.val_fraction", d.val_fraction, 0, strict=True)
     c.at_least("data.test_fraction", d.test_fraction, 0, strict=True)

@@ -174,11 +174,12 @@ class Objective:
                 out[trial.number] = self._finish(trial, result, save=False)
             except Exception as e:
                 out[trial.number] = e
-        # one upload per pack: members finish together, so each would count as better than the others
+        # uploads after the pack: members finish together, so each is ranked behind its better packmates
         done = [(out[t.number], t, r) for t, r in zip(trials, results) if not isinstance(out[t.number], Exception)]
-        if done:
-            _, trial, result = min(done, key=lambda d: d[0])
-            self._save_if_best(trial, result, ckpts[trial.number])
+        for ahead, (_, trial, result) in enumerate(sorted(done, key=lambda d: (d[0], d[1].number))):
+            if ahead >= self.cfg.study.ensemble:
+                break
+            self._save_if_best(trial, result, ckpts[trial.number], ahead=ahead)
         return out
 
     def _suggest(self, trial: optuna.Trial) -> Hyperparams:
@@ -296,17 +297,20 @@ class Objective:
             self._reference = best[1]["val_accuracy"] if best else None
         return self._reference  # type: ignore[return-value]
 
-    def _save_if_best(self, trial: optuna.Trial, result: TrainResult, ckpt: TrialCheckpoints | None) -> None:
-        """Upload the model only when it beats every finished trial, so disk stays bounded.
+    def _save_if_best(self, trial: optuna.Trial, result: TrainResult, ckpt: TrialCheckpoints | None,
+                      *, ahead: int = 0) -> None:
+        """Upload the model only when it ranks among the `[study] ensemble` best finished trials, so
+        disk stays bounded and every model of the final top N (the best model's ensemble) is kept;
+        `ahead` counts better trials not yet complete (packmates).
 
-        The artifact store writes it whole and synced, or not at all. A new best whose model
-        cannot be stored fails (ModelNotSaved) rather than completing as a best without a model;
+        The artifact store writes it whole and synced, or not at all. A top-N trial whose model
+        cannot be stored fails (ModelNotSaved) rather than completing without a model;
         its value stays in the `unsaved_val_loss` attr.
         """
         if self.artifact_store is None:
             return
         done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if done and min(t.value for t in done) <= result.best_val_loss:
+        if ahead + sum(t.value <= result.best_val_loss for t in done) >= self.cfg.study.ensemble:
             return
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / MODEL_FILE
@@ -323,7 +327,7 @@ class Objective:
                         ckpt.discard()  # the trial has finished training: its checkpoints' space is free
                         continue
                     trial.set_user_attr("unsaved_val_loss", _json_safe(result.best_val_loss))
-                    raise ModelNotSaved(f"model of trial {trial.number} (a new best, val loss "
+                    raise ModelNotSaved(f"model of trial {trial.number} (among the best {self.cfg.study.ensemble}, val loss "
                                         f"{result.best_val_loss:.4f}) not saved: {_reason(e)}") from e
         trial.set_user_attr("model_artifact_id", artifact_id)
 

@@ -103,7 +103,9 @@ def _best(a: Analysis) -> list[str]:
              f"- **Validation accuracy:** {_pct(b.val_accuracy)}"]
     if a.test is not None:
         lines.append(f"- **Held-out test accuracy:** {_pct(a.test.accuracy)} (test loss {a.test.loss:.4f}, "
-                     f"{a.test.n} sequences never used to select this model)")
+                     f"{a.test.n} sequences never used to select this model)"
+                     + (f"; the best model averages the class probabilities of cycles "
+                        f"{', '.join(map(str, a.test.cycles))} (`[study] ensemble`)" if len(a.test.cycles) > 1 else ""))
     else:
         lines.append(f"- **Held-out test accuracy:** unavailable ({a.test_note})")
     lines += _context(a)

@@ -73,7 +73,7 @@ def test_gpu_benchmark_runs_every_setting_and_says_when_there_is_no_gpu():
 def test_accuracy_benchmark_tunes_a_generated_ts_set_and_prints_the_baselines(tmp_path):
     out = _run("accuracy.py", "--tiny")
     row = next(line for line in out.splitlines() if line.startswith("| Tiny | 2 |"))
-    assert re.fullmatch(r"\| Tiny \| 2 \|( [\d.]+ \|){4} - \| - \|", row), out
+    assert re.fullmatch(r"\| Tiny \| 2 \|( [\d.]+ \|){5} - \| - \|", row), out  # tuned, best cycle alone, 3 references
     assert "1-NN" in out.splitlines()[-3]  # the header names each reference baseline
     out = _run("accuracy.py", "--datasets", "GunPoint", "--data-dir", str(tmp_path))
     assert f"skipped GunPoint: no GunPoint_TRAIN.ts/_TEST.ts under {tmp_path}" in out

@@ -97,6 +97,7 @@ def test_to_dict_round_trips():
         ("data", "source = 'data.parquet'", r"data\.source: must be 'synthetic' or a \.npz/\.csv/\.ts file"),
         ("data", "test_source = 'test.npz'", r"data\.test_source: needs a data file in data\.source"),
         ("study", "n_trials = 0", r"study\.n_trials: must be >= 1, got 0"),
+        ("study", "ensemble = 0", r"study\.ensemble: must be >= 1, got 0"),
         ("pruner", "percentile = 150.0", r"pruner\.percentile: must be in \[0, 100\], got 150\.0"),
         ("baseline", "dropout = 1.0", r"baseline\.dropout"),
         ("study", "seed = -5", r"study\.seed: must be >= 0, got -5"),

@@ -234,8 +234,9 @@ def test_a_packing_worker_ends_each_trial_with_its_own_values_and_attrs(tmp_path
         assert p.user_attrs["val_accuracy"] == pytest.approx(a.user_attrs["val_accuracy"])
         assert p.user_attrs[storage.DEVICE_ATTR] == "cpu" and storage.WORKER_ATTR in p.user_attrs
     assert not list(tmp_path.glob("packed-artifacts/checkpoint-*"))  # each member's checkpoints went
-    # one best model is kept for the pack, as for trials run one by one
-    assert sum("model_artifact_id" in t.user_attrs for t in packed) == 1
+    # the models of the pack's best 3 (`[study] ensemble`) are kept, as for trials run one by one
+    kept = {t.number for t in packed if "model_artifact_id" in t.user_attrs}
+    assert kept == {t.number for t in sorted(packed, key=lambda t: t.value)[:3]}
 
 
 def test_an_interrupted_pack_hands_every_member_back_and_each_resumes(tmp_path, monkeypatch):

@@ -1,0 +1,80 @@
+"""The best model averages the `[study] ensemble` best cycles: which models are kept, what it predicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from cycle_optuna import api, config, storage, worker
+from cycle_optuna.best_model import Ensemble
+from cycle_optuna.data import load_study_data
+
+
+def _run(quick_study, n_trials: int, ensemble: int) -> optuna.Study:
+    text = quick_study.read_text().replace("seed = 0", f"seed = 0\nensemble = {ensemble}", 1)
+    text = text.replace("[pruner]\ntype = \"parent\"", "[pruner]\ntype = \"none\"")  # every trial completes
+    quick_study.write_text(text.replace("n_trials = 3", f"n_trials = {n_trials}"))
+    cfg = config.load(quick_study)
+    return worker.run_worker(cfg, storage.resolve_url(cfg))
+
+
+def test_the_best_model_averages_the_top_cycles_and_only_their_models_are_kept(quick_study):
+    study = _run(quick_study, n_trials=5, ensemble=2)
+    done = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert len(done) == 5
+    top = [t.number for t in done[:2]]
+    # a trial's model is kept only when it ranked among the best 2 as it finished
+    for t in done:
+        earlier_better = sum(o.value <= t.value for o in done if o.datetime_complete < t.datetime_complete)
+        assert ("model_artifact_id" in t.user_attrs) == (earlier_better < 2), t.number
+    model = api.load_best_model(quick_study)
+    assert model.trial_numbers == top and model.trial_number == top[0]
+    assert isinstance(model.net, Ensemble) and len(model.net.nets) == 2
+
+    cfg = api.study_config(study)
+    data = load_study_data(cfg)
+    raw = data.x_test.numpy() * data.std + data.mean
+    singles = [api.load_best_model(quick_study, ensemble=1)]
+    assert singles[0].trial_numbers == [top[0]] and not isinstance(singles[0].net, Ensemble)
+    # the second member alone, as the ensemble holds it
+    second = model.net.nets[1]
+    with torch.inference_mode():
+        p2 = torch.softmax(second(data.x_test), dim=-1).numpy()
+    expected = (singles[0].predict_proba(raw) + p2) / 2
+    assert np.allclose(model.predict_proba(raw), expected, atol=1e-5)
+    assert np.array_equal(model.predict(raw), expected.argmax(1))
+
+    score = api.held_out_score(quick_study)
+    assert score.cycles == tuple(n + 1 for n in top) and score.cycle == top[0] + 1
+    assert score.accuracy == pytest.approx(float((expected.argmax(1) == data.y_test.numpy()).mean()))
+    rec = api.best_record(quick_study)
+    assert rec["model_cycles"] == [n + 1 for n in top]
+
+
+def test_ensemble_one_keeps_only_new_bests(quick_study):
+    study = _run(quick_study, n_trials=4, ensemble=1)
+    done = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.number)
+    best_so_far = float("inf")
+    for t in done:
+        assert ("model_artifact_id" in t.user_attrs) == (t.value < best_so_far), t.number
+        best_so_far = min(best_so_far, t.value)
+    model = api.load_best_model(quick_study)
+    assert model.trial_numbers == [study.best_trial.number] and not isinstance(model.net, Ensemble)
+    with pytest.raises(ValueError, match="ensemble must be >= 1"):
+        api.load_best_model(quick_study, ensemble=0)
+
+
+def test_best_and_the_report_name_the_cycles_the_best_model_averages(quick_study, capsys, tmp_path):
+    from cycle_optuna import cli
+
+    study = _run(quick_study, n_trials=3, ensemble=2)
+    top = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)[:2]
+    cycles = ", ".join(str(t.number + 1) for t in top)
+    capsys.readouterr()
+    assert cli.main(["best", str(quick_study)]) == 0
+    assert f"mean of cycles {cycles}" in capsys.readouterr().out
+    assert cli.main(["report", str(quick_study), "-o", str(tmp_path / "rep")]) == 0
+    assert f"averages the class probabilities of cycles {cycles}" in (tmp_path / "rep" / "report.md").read_text()
