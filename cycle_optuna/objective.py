@@ -303,14 +303,15 @@ class Objective:
         disk stays bounded and every model of the final top N (the best model's ensemble) is kept;
         `ahead` counts better trials not yet complete (packmates).
 
-        The artifact store writes it whole and synced, or not at all. A top-N trial whose model
-        cannot be stored fails (ModelNotSaved) rather than completing without a model;
-        its value stays in the `unsaved_val_loss` attr.
+        The artifact store writes it whole and synced, or not at all. A new best whose model cannot
+        be stored fails (ModelNotSaved) rather than completing as a best without a model; its value
+        stays in the `unsaved_val_loss` attr. Any other top-N trial completes with `model_save_error`.
         """
         if self.artifact_store is None:
             return
         done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if ahead + sum(t.value <= result.best_val_loss for t in done) >= self.cfg.study.ensemble:
+        better = ahead + sum(t.value <= result.best_val_loss for t in done)
+        if better >= self.cfg.study.ensemble:
             return
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / MODEL_FILE
@@ -326,8 +327,13 @@ class Objective:
                     if attempt == 1 and ckpt is not None:
                         ckpt.discard()  # the trial has finished training: its checkpoints' space is free
                         continue
+                    if better:  # not the best: the best model averages the others it has
+                        trial.set_user_attr("model_save_error", _reason(e))
+                        _log.warning("trial %d: model not saved: %s; it completes, and the best model "
+                                     "averages the best trials whose models were kept", trial.number, _reason(e))
+                        return
                     trial.set_user_attr("unsaved_val_loss", _json_safe(result.best_val_loss))
-                    raise ModelNotSaved(f"model of trial {trial.number} (among the best {self.cfg.study.ensemble}, val loss "
+                    raise ModelNotSaved(f"model of trial {trial.number} (a new best, val loss "
                                         f"{result.best_val_loss:.4f}) not saved: {_reason(e)}") from e
         trial.set_user_attr("model_artifact_id", artifact_id)
 

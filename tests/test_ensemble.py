@@ -78,3 +78,30 @@ def test_best_and_the_report_name_the_cycles_the_best_model_averages(quick_study
     assert f"mean of cycles {cycles}" in capsys.readouterr().out
     assert cli.main(["report", str(quick_study), "-o", str(tmp_path / "rep")]) == 0
     assert f"averages the class probabilities of cycles {cycles}" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_a_full_disk_costs_a_runner_up_its_place_in_the_ensemble_not_its_result(quick_study, monkeypatch, caplog):
+    import errno
+
+    from cycle_optuna import objective
+    from cycle_optuna import storage as storage_mod
+
+    text = quick_study.read_text().replace("seed = 0", "seed = 0\nensemble = 2", 1)
+    quick_study.write_text(text)
+    cfg = config.load(quick_study)
+    study = optuna.create_study(storage=storage.resolve_url(cfg), study_name="full")
+    leader = optuna.trial.create_trial(params={}, distributions={}, value=1e-3)  # far ahead of any real run
+    study.add_trial(leader)
+
+    def full(src, dst, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage_mod.shutil, "copyfileobj", full)
+    obj = objective.Objective(cfg, load_study_data(cfg), artifact_store=storage.artifact_store(cfg))
+    study.enqueue_trial({p.name: getattr(cfg.baseline, p.name) for p in cfg.space})
+    study.optimize(obj, n_trials=1)
+    runner_up = study.trials[1]
+    assert runner_up.state == TrialState.COMPLETE  # second of 2: it would have joined the ensemble
+    assert "model_artifact_id" not in runner_up.user_attrs
+    assert "No space left on device" in runner_up.user_attrs["model_save_error"]
+    assert f"trial {runner_up.number}: model not saved: " in caplog.text
