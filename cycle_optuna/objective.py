@@ -177,9 +177,7 @@ class Objective:
         # uploads after the pack: members finish together, so each is ranked behind its better packmates
         done = [(out[t.number], t, r) for t, r in zip(trials, results) if not isinstance(out[t.number], Exception)]
         for ahead, (_, trial, result) in enumerate(sorted(done, key=lambda d: (d[0], d[1].number))):
-            if ahead >= self.cfg.study.ensemble:
-                break
-            self._save_if_best(trial, result, ckpts[trial.number], ahead=ahead)
+            self._save_if_ranked(trial, result, ckpts[trial.number], ahead=ahead)
         return out
 
     def _suggest(self, trial: optuna.Trial) -> Hyperparams:
@@ -287,7 +285,7 @@ class Objective:
             trial.set_user_attr("prune_reason", "diverged: the loss became non-finite and stayed so")
             raise optuna.TrialPruned("diverged")
         if save:
-            self._save_if_best(trial, result, ckpt)
+            self._save_if_ranked(trial, result, ckpt)
         return result.best_val_loss
 
     def _reference_accuracy(self, trial: optuna.Trial) -> float | None:
@@ -297,7 +295,7 @@ class Objective:
             self._reference = best[1]["val_accuracy"] if best else None
         return self._reference  # type: ignore[return-value]
 
-    def _save_if_best(self, trial: optuna.Trial, result: TrainResult, ckpt: TrialCheckpoints | None,
+    def _save_if_ranked(self, trial: optuna.Trial, result: TrainResult, ckpt: TrialCheckpoints | None,
                       *, ahead: int = 0) -> None:
         """Upload the model only when it ranks among the `[study] ensemble` best finished trials, so
         disk stays bounded and every model of the final top N (the best model's ensemble) is kept;
