@@ -132,7 +132,8 @@ class PrunerConfig:
     patience: int = 3  # patient; parent: epochs in a row behind the parent's curve
     min_delta: float = 0.0  # patient only
     warmup_fraction: float = 0.25  # parent: share of the epochs before anything is pruned
-    margin: float = 0.0  # parent: relative distance behind the parent's curve that counts
+    margin: float = 0.0  # parent: relative distance behind the parent's curve that counts (at the last epoch)
+    early_margin: float = 0.0  # parent: added to margin at the first epoch, shrinking linearly to 0 at the last
 
 
 @dataclass(frozen=True)
@@ -429,6 +430,7 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
     if not 0 <= pr.warmup_fraction <= 1:
         raise c.fail("pruner.warmup_fraction", f"must be in [0, 1], got {pr.warmup_fraction}")
     c.at_least("pruner.margin", pr.margin, 0)
+    c.at_least("pruner.early_margin", pr.early_margin, 0)
     if pr.type == "parent":
         c.at_least("pruner.patience", pr.patience, 1)
 

@@ -20,8 +20,10 @@ class ParentCurvePruner(BasePruner):
     The reference is the trial this one was derived from (the CycleSampler's parent: the
     incumbent it moved away from), or, for trials without a parent, the best finished trial.
     At step s the trial's best value so far is compared with the reference's best value up to
-    step s; the trial is pruned once it has been behind by more than ``margin`` (relative) at
-    ``patience`` reported steps in a row. Nothing is pruned during the first ``warmup_fraction``
+    step s; the trial is pruned once it has been behind by more than the margin (relative) at
+    ``patience`` reported steps in a row. The margin at step s is ``margin`` plus ``early_margin``
+    scaled by the share of the steps still to come: wide early, when curves cross often (a slow
+    start is not a bad configuration), and ``margin`` at the last step. Nothing is pruned during the first ``warmup_fraction``
     of ``n_steps``, and the first trial of each kind of move (the moved parameter and direction,
     or an exploration) is not pruned during the first half of ``n_steps``: a kind of change is
     never written off on a quarter of its training.
@@ -29,7 +31,8 @@ class ParentCurvePruner(BasePruner):
     Args:
         n_steps: The step budget of one trial (epochs): warm-ups are fractions of it.
         warmup_fraction: Share of ``n_steps`` before any pruning, in [0, 1].
-        margin: Relative distance behind the reference that counts (0.02 = 2% worse).
+        margin: Relative distance behind the reference that counts (0.02 = 2% worse) at the last step.
+        early_margin: Added to ``margin`` at step 0, shrinking linearly to nothing at the last step.
         patience: Reported steps in a row the trial must be behind, >= 1.
         n_startup_trials: Finished trials needed before anything is pruned.
     """
@@ -40,6 +43,7 @@ class ParentCurvePruner(BasePruner):
         n_steps: int,
         warmup_fraction: float = 0.25,
         margin: float = 0.0,
+        early_margin: float = 0.0,
         patience: int = 2,
         n_startup_trials: int = 1,
     ) -> None:
@@ -49,6 +53,8 @@ class ParentCurvePruner(BasePruner):
             raise ValueError(f"warmup_fraction must be in [0, 1], but got {warmup_fraction=}.")
         if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
             raise ValueError(f"margin must be a finite number >= 0, but got {margin=}.")
+        if not (isinstance(early_margin, (int, float)) and math.isfinite(early_margin) and early_margin >= 0):
+            raise ValueError(f"early_margin must be a finite number >= 0, but got {early_margin=}.")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience must be an integer >= 1, but got {patience=}.")
         if isinstance(n_startup_trials, bool) or not isinstance(n_startup_trials, int) or n_startup_trials < 0:
@@ -57,6 +63,7 @@ class ParentCurvePruner(BasePruner):
         self._warmup = math.ceil(warmup_fraction * n_steps)
         self._first_try = max(self._warmup, math.ceil(n_steps / 2))
         self._margin = float(margin)
+        self._early_margin = float(early_margin)
         self._patience = patience
         self._n_startup = n_startup_trials
         self._reasons: dict[int, str] = {}  # trial number -> why it was pruned, until taken
@@ -66,6 +73,13 @@ class ParentCurvePruner(BasePruner):
         """Why trial `number` was pruned, in words (once; None if this pruner did not prune it)."""
         with self._lock:
             return self._reasons.pop(number, None)
+
+    def margin_at(self, step: int) -> float:
+        """The relative gap behind the reference that counts at `step` (0-based)."""
+        if self._n_steps == 1 or not self._early_margin:
+            return self._margin
+        remaining = min(1.0, max(0.0, (self._n_steps - 1 - step) / (self._n_steps - 1)))
+        return self._margin + self._early_margin * remaining
 
     def prune(self, study: Study, trial: FrozenTrial) -> bool:
         step = trial.last_step
@@ -90,7 +104,7 @@ class ParentCurvePruner(BasePruner):
             return False
         for s in steps:
             a, b = mine.get(s), _at_or_before(theirs, s)
-            if a is None or b is None or not a > b + self._margin * abs(b):
+            if a is None or b is None or not a > b + self.margin_at(s) * abs(b):
                 return False
         a, b = sign * mine[step], sign * _at_or_before(theirs, step)  # type: ignore[operator]
         whose = "its parent, cycle" if ref.number == _parent_of(trial) else "the best finished trial, cycle"

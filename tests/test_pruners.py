@@ -105,6 +105,22 @@ def test_margin_tolerates_small_gaps():
     assert first_pruned_step(study, [v * 1.2 for v in PARENT]) == 3
 
 
+def test_early_margin_spares_a_slow_start_and_shrinks_to_margin():
+    # margin at step s: 0.1 + 0.3 * (9 - s) / 9 -> 0.3 at step 3, 0.233 at 5, 0.2 at 6, 0.1 at the last
+    study = new_study(margin=0.1, early_margin=0.3)
+    assert study.pruner.margin_at(0) == pytest.approx(0.4)
+    assert study.pruner.margin_at(9) == pytest.approx(0.1)
+    finished(study, PARENT)
+    behind = [v * 1.25 for v in PARENT]  # 25% behind all along: pruned once the margin is below 25%
+    assert first_pruned_step(study, behind) == 6  # behind by more than the margin at steps 5 and 6
+    late_bloomer = [v * 1.25 for v in PARENT[:5]] + PARENT[5:]  # 25% behind up to step 4, then level
+    assert first_pruned_step(study, late_bloomer) is None
+    flat = new_study(margin=0.1)  # without the early margin both are stopped at the end of the warm-up
+    finished(flat, PARENT)
+    assert first_pruned_step(flat, behind) == 3
+    assert first_pruned_step(flat, late_bloomer) == 3
+
+
 def test_parent_that_stopped_early_keeps_its_last_best():
     study = new_study()
     finished(study, PARENT[:4])  # early-stopped at step 3 with 0.6
@@ -144,6 +160,7 @@ def test_nothing_is_pruned_before_n_startup_trials_finished():
         ({"n_steps": 0}, "n_steps"),
         ({"warmup_fraction": 1.5}, "warmup_fraction"),
         ({"margin": -0.1}, "margin"),
+        ({"early_margin": float("nan")}, "early_margin"),
         ({"patience": 0}, "patience"),
         ({"n_startup_trials": -1}, "n_startup_trials"),
     ],
@@ -154,9 +171,10 @@ def test_arguments_are_validated(kwargs, match):
 
 
 def test_make_pruner_builds_it_from_the_study_file_section():
-    cfg = PrunerConfig(type="parent", warmup_fraction=0.5, patience=3, margin=0.01, n_startup_trials=1)
+    cfg = PrunerConfig(type="parent", warmup_fraction=0.5, patience=3, margin=0.01, early_margin=0.11, n_startup_trials=1)
     pruner = make_pruner(cfg, 12)
     assert isinstance(pruner, ParentCurvePruner)
+    assert pruner.margin_at(0) == pytest.approx(0.12) and pruner.margin_at(11) == pytest.approx(0.01)
     study = optuna.create_study(pruner=pruner)
     finished(study, [1.0] * 12)
     behind = [2.0] * 12
