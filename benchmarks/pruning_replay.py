@@ -128,13 +128,18 @@ def main(argv: list[str] | None = None) -> int:
         settings = dict(zip(GRID, values))
         saved, within, _ = judge(curves, settings)
         rows.append((within, saved, settings))
-    rows.sort(key=lambda r: (-r[0], -r[1]))
-    print(f"\nsweep over {len(rows)} settings on seeds {args.seeds}, most seeds within 1% first, then most saved:")
-    print("| warmup_fraction | margin | early_margin | patience | saved vs none | best within 1% |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for within, saved, s in rows[: args.top]:
-        print(f"| {s['warmup_fraction']:g} | {s['margin']:g} | {s['early_margin']:g} | {s['patience']} "
-              f"| {100 * saved:.0f}% | {within}/{n} |")
+    need = math.ceil(pruning.TARGET_SEEDS * n - 1e-9)
+    for title, chosen in (
+        ("most seeds within 1% first, then most saved", sorted(rows, key=lambda r: (-r[0], -r[1]))),
+        (f"within 1% on >= {need}/{n} seeds (the target's share), most saved first",
+         sorted((r for r in rows if r[0] >= need), key=lambda r: (-r[1], -r[0]))),
+    ):
+        print(f"\nsweep over {len(rows)} settings on seeds {args.seeds}, {title}:")
+        print("| warmup_fraction | margin | early_margin | patience | saved vs none | best within 1% |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for within, saved, s in chosen[: args.top]:
+            print(f"| {s['warmup_fraction']:g} | {s['margin']:g} | {s['early_margin']:g} | {s['patience']} "
+                  f"| {100 * saved:.0f}% | {within}/{n} |")
     return 0
 
 
