@@ -8,7 +8,8 @@ training seed) makes a pruned study's surviving trials end with exactly their un
 pruned trial's curve up to its pruning equal to its unpruned curve. So a pruner can be judged
 without training: record every trial's per-epoch validation loss once with no pruning (about 2.5
 minutes a seed here; seeds already in --curves are not recorded again), then replay each seed's
-trials through the real ParentCurvePruner in an in-memory study (ask, report the recorded values
+trials through the real pruner (pruning.py's median, hyperband and parent, and ParentCurvePruner
+settings of a grid) in an in-memory study (ask, report the recorded values
 epoch by epoch, stop where it says prune). A replay takes milliseconds, so a grid of settings can
 be swept on development seeds, and the chosen one then run for real on the reported seeds by
 pruning.py. Printed per setting: epochs saved against no pruning and the seeds whose best val loss
@@ -24,6 +25,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import optuna
 import torch
@@ -59,9 +61,10 @@ def record(seed: int) -> list[dict]:
             for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
 
 
-def replay(trials: list[dict], pruner: ParentCurvePruner) -> tuple[int, float]:
+def replay(trials: list[dict], pruner: optuna.pruners.BasePruner, seed: int) -> tuple[int, float]:
     """Epochs run and best value when `pruner` judges the recorded trials in order."""
-    study = optuna.create_study(pruner=pruner)
+    # pruning.py's study name: HyperbandPruner picks brackets by a hash of study name and trial number
+    study = optuna.create_study(study_name=f"{pruning.STUDY['study']['name']}-seed{seed}", pruner=pruner)
     epochs, best = 0, math.inf
     for t in trials:
         trial = study.ask()
@@ -84,13 +87,22 @@ def replay(trials: list[dict], pruner: ParentCurvePruner) -> tuple[int, float]:
     return epochs, best
 
 
-def judge(curves: dict[int, list[dict]], settings: dict) -> tuple[float, int, list[float]]:
-    """Share of epochs saved (all seeds) and seeds within 1%, for one setting."""
+def parent(settings: dict) -> Callable[[], optuna.pruners.BasePruner]:
+    return lambda: ParentCurvePruner(n_steps=pruning.STUDY["train"]["epochs"], n_startup_trials=1, **settings)
+
+
+def benchmark_pruner(name: str) -> Callable[[], optuna.pruners.BasePruner]:
+    """One of pruning.py's pruners, built as pruning.py builds it."""
+    cfg = config_mod.parse({**pruning.STUDY, "pruner": pruning.PRUNERS[name]}, "<replay>")
+    return lambda: make_pruner(cfg.pruner, cfg.train.epochs)
+
+
+def judge(curves: dict[int, list[dict]], make: Callable[[], optuna.pruners.BasePruner]) -> tuple[float, int, list[float]]:
+    """Share of epochs saved (all seeds) and seeds within 1%, for one pruner."""
     run = unpruned = 0
     changes = []
-    for trials in curves.values():
-        pruner = ParentCurvePruner(n_steps=pruning.STUDY["train"]["epochs"], n_startup_trials=1, **settings)
-        e, best = replay(trials, pruner)
+    for seed, trials in curves.items():
+        e, best = replay(trials, make(), seed)
         run += e
         unpruned += sum(t["epochs"] for t in trials)
         changes.append(best / min(t["value"] for t in trials if t["state"] == "COMPLETE") - 1)
@@ -117,16 +129,19 @@ def main(argv: list[str] | None = None) -> int:
             args.curves.write_text(json.dumps(stored))
     curves = {seed: stored[str(seed)] for seed in args.seeds}
     n = len(curves)
-    for w, m, em, p in args.parent or []:
-        saved, within, changes = judge(curves, dict(warmup_fraction=w, margin=m, early_margin=em, patience=int(p)))
-        print(f"parent {w:g} {m:g} {em:g} {int(p)}: {100 * saved:.0f}% fewer epochs, best within 1% on {within}/{n} "
-              f"seeds; per seed {', '.join(f'{100 * c:+.2f}%' for c in changes)}")
+    shown = [(f"{name} (pruning.py's)", benchmark_pruner(name)) for name in pruning.PRUNERS if name != "none"]
+    shown += [(f"parent {w:g} {m:g} {em:g} {int(p)}",
+               parent(dict(warmup_fraction=w, margin=m, early_margin=em, patience=int(p)))) for w, m, em, p in args.parent or []]
+    for label, make in shown:
+        saved, within, changes = judge(curves, make)
+        print(f"{label}: {100 * saved:.0f}% fewer epochs, best within 1% on {within}/{n} seeds; "
+              f"per seed {', '.join(f'{100 * c:+.2f}%' for c in changes)}")
     if args.no_sweep:
         return 0
     rows = []
     for values in itertools.product(*GRID.values()):
         settings = dict(zip(GRID, values))
-        saved, within, _ = judge(curves, settings)
+        saved, within, _ = judge(curves, parent(settings))
         rows.append((within, saved, settings))
     need = math.ceil(pruning.TARGET_SEEDS * n - 1e-9)
     for title, chosen in (
