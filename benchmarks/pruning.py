@@ -1,14 +1,16 @@
-"""Pruning: one fixed sequence of configurations per seed, trained with no pruner, MedianPruner and HyperbandPruner.
+"""Pruning: one fixed sequence of configurations per seed, trained with no pruner, MedianPruner, HyperbandPruner and ParentCurvePruner.
 
-    .venv/bin/python benchmarks/pruning.py             # 6 seeds x 3 pruners x 16 trials x <= 16 epochs (~5 min, 2 cores)
+    .venv/bin/python benchmarks/pruning.py             # 6 seeds x 4 pruners x 16 trials x <= 16 epochs (~40 min, 1 core)
+    .venv/bin/python benchmarks/pruning.py --pruners parent                # none + parent (~20 min)
     .venv/bin/python benchmarks/pruning.py --quick     # seconds: a smoke run on tiny sizes
     .venv/bin/python benchmarks/pruning.py --seeds 0 1 2 3 4 --trials 24 --epochs 20
     .venv/bin/python benchmarks/pruning.py --median 2 2 --hyperband 2 3   # other pruner settings
+    .venv/bin/python benchmarks/pruning.py --seeds 10 --parent 0.25 0.1 0.2 1 --parent 0.5 0.03 0 2
 
 A controlled experiment. For each seed the configurations are drawn once, before any training: the
 study's baseline first, then `--trials - 1` draws from optuna.samplers.RandomSampler(seed=seed) over
 the study's [space] (redrawn when n_heads does not divide hidden_dim). That same sequence is enqueued
-(study.enqueue_trial) into three in-memory studies that differ only in [pruner]. Every study runs
+(study.enqueue_trial) into in-memory studies that differ only in [pruner]. Every study runs
 the project's cycle_optuna.objective.Objective with the pruner from make_pruner, on the same data
 split and with the same training seed, under the same study name (HyperbandPruner assigns trials
 to brackets by a hash of study name and trial number, so the name must not be random). Training
