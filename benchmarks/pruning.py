@@ -1,6 +1,6 @@
 """Pruning: one fixed sequence of configurations per seed, trained with no pruner, MedianPruner, HyperbandPruner and ParentCurvePruner.
 
-    .venv/bin/python benchmarks/pruning.py             # 6 seeds x 4 pruners x 16 trials x <= 16 epochs (~40 min, 1 core)
+    .venv/bin/python benchmarks/pruning.py             # 6 seeds x 4 pruners x 16 trials x <= 16 epochs (~40 min here, one process)
     .venv/bin/python benchmarks/pruning.py --pruners parent                # none + parent (~20 min)
     .venv/bin/python benchmarks/pruning.py --quick     # seconds: a smoke run on tiny sizes
     .venv/bin/python benchmarks/pruning.py --seeds 0 1 2 3 4 --trials 24 --epochs 20
@@ -117,6 +117,9 @@ def run_study(raw: dict, seed: int, pruner: str, settings: dict, sequence: list[
         "failed": sum(t.state == TrialState.FAIL for t in trials),
         "best": min(done) if done else float("nan"),
         "seconds": seconds,
+        # per trial, what pruning_replay.py replays pruners on
+        "trials": [{"state": t.state.name, "value": t.value, "epochs": t.user_attrs.get("epochs_run", 0),
+                    "curve": [t.intermediate_values[s] for s in sorted(t.intermediate_values)]} for t in trials],
     }
 
 

@@ -33,9 +33,7 @@ from optuna.trial import TrialState
 
 import pruning
 from cycle_optuna import config as config_mod
-from cycle_optuna.data import load_task
-from cycle_optuna.objective import Objective, make_pruner
-from cycle_optuna.pruners import ParentCurvePruner
+from cycle_optuna.objective import make_pruner
 
 GRID = {  # warmup_fraction, margin, early_margin, patience
     "warmup_fraction": (0.2, 0.25, 0.3),
@@ -50,15 +48,7 @@ def record(seed: int) -> list[dict]:
     raw = {k: dict(v) for k, v in pruning.STUDY.items()}
     raw["study"] = {**raw["study"], "seed": seed}
     sequence = pruning.draw_configurations(config_mod.parse(raw, "<replay>"), seed, raw["study"]["n_trials"])
-    cfg = config_mod.parse({**raw, "pruner": {"type": "none"}}, "<replay>")
-    study = optuna.create_study(study_name=f"{cfg.study.name}-seed{seed}",
-                                pruner=make_pruner(cfg.pruner, cfg.train.epochs), direction=cfg.study.direction)
-    for params in sequence:
-        study.enqueue_trial(params)
-    study.optimize(Objective(cfg, load_task(cfg.data, seed)), n_trials=len(sequence))
-    return [{"state": t.state.name, "value": t.value, "epochs": t.user_attrs.get("epochs_run", 0),
-             "curve": [t.intermediate_values[s] for s in sorted(t.intermediate_values)]}
-            for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
+    return pruning.run_study(raw, seed, "none", pruning.PRUNERS["none"], sequence)["trials"]
 
 
 def replay(trials: list[dict], pruner: optuna.pruners.BasePruner, seed: int) -> tuple[int, float]:
@@ -87,13 +77,9 @@ def replay(trials: list[dict], pruner: optuna.pruners.BasePruner, seed: int) -> 
     return epochs, best
 
 
-def parent(settings: dict) -> Callable[[], optuna.pruners.BasePruner]:
-    return lambda: ParentCurvePruner(n_steps=pruning.STUDY["train"]["epochs"], n_startup_trials=1, **settings)
-
-
-def benchmark_pruner(name: str) -> Callable[[], optuna.pruners.BasePruner]:
-    """One of pruning.py's pruners, built as pruning.py builds it."""
-    cfg = config_mod.parse({**pruning.STUDY, "pruner": pruning.PRUNERS[name]}, "<replay>")
+def pruner_from(settings: dict) -> Callable[[], optuna.pruners.BasePruner]:
+    """A [pruner] section (pruning.py's PRUNERS) -> a factory of fresh pruners, built as pruning.py builds them."""
+    cfg = config_mod.parse({**pruning.STUDY, "pruner": settings}, "<replay>")
     return lambda: make_pruner(cfg.pruner, cfg.train.epochs)
 
 
@@ -129,9 +115,11 @@ def main(argv: list[str] | None = None) -> int:
             args.curves.write_text(json.dumps(stored))
     curves = {seed: stored[str(seed)] for seed in args.seeds}
     n = len(curves)
-    shown = [(f"{name} (pruning.py's)", benchmark_pruner(name)) for name in pruning.PRUNERS if name != "none"]
+    parent = pruning.PRUNERS["parent"]
+    shown = [(f"{name} (pruning.py's)", pruner_from(pruning.PRUNERS[name])) for name in pruning.PRUNERS if name != "none"]
     shown += [(f"parent {w:g} {m:g} {em:g} {int(p)}",
-               parent(dict(warmup_fraction=w, margin=m, early_margin=em, patience=int(p)))) for w, m, em, p in args.parent or []]
+               pruner_from({**parent, "warmup_fraction": w, "margin": m, "early_margin": em, "patience": int(p)}))
+              for w, m, em, p in args.parent or []]
     for label, make in shown:
         saved, within, changes = judge(curves, make)
         print(f"{label}: {100 * saved:.0f}% fewer epochs, best within 1% on {within}/{n} seeds; "
@@ -141,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for values in itertools.product(*GRID.values()):
         settings = dict(zip(GRID, values))
-        saved, within, _ = judge(curves, parent(settings))
+        saved, within, _ = judge(curves, pruner_from({**parent, **settings}))
         rows.append((within, saved, settings))
     need = math.ceil(pruning.TARGET_SEEDS * n - 1e-9)
     for title, chosen in (

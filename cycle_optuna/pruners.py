@@ -23,8 +23,8 @@ class ParentCurvePruner(BasePruner):
     step s; the trial is pruned once it has been behind by more than the margin (relative) at
     ``patience`` reported steps in a row. The margin at step s is ``margin`` plus ``early_margin``
     scaled by the share of the steps still to come: wide early, when curves cross often (a slow
-    start is not a bad configuration), and ``margin`` at the last step. Nothing is pruned during the first ``warmup_fraction``
-    of ``n_steps``, and the first trial of each kind of move (the moved parameter and direction,
+    start is not a bad configuration), and ``margin`` at the last step. Nothing is pruned during
+    the first ``warmup_fraction`` of ``n_steps``, and the first trial of each kind of move (the moved parameter and direction,
     or an exploration) is not pruned during the first half of ``n_steps``: a kind of change is
     never written off on a quarter of its training.
 
