@@ -130,6 +130,32 @@ def test_reason_sentences(outcomes, phrase):
     assert phrase in last(run(outcomes)).user_attrs["cycle_reason"]
 
 
+def test_repeat_on_an_unevenly_spaced_list_says_again():
+    # 161 -> 256 -> 406: the log steps differ, but a list always moves one choice
+    space = {"width": CategoricalDistribution([101, 161, 256, 406, 645])}
+    study = run([1.0, 0.9], space=space, baseline={"width": 161}, roles=Roles(hidden="width"))
+    reason = last(study).user_attrs["cycle_reason"]
+    assert last(study).params == {"width": 406}
+    assert reason.endswith("trying hidden 256->406 again"), reason
+
+
+def test_repeat_on_a_linear_float_compares_linear_steps():
+    space = {"dropout": FloatDistribution(0.0, 0.5)}
+    kwargs = dict(space=space, baseline={"dropout": 0.1})
+    again = last(run([1.0, 1.1, 0.9], **kwargs))  # dropout +0.1 lost, -0.1 improved: 0.0 is the bound
+    assert again.user_attrs["cycle_move"] != "dropout -0.1"
+    once = last(run([1.0, 0.9], **kwargs))  # +0.1 improved once: the same step again, not "up to the end"
+    assert once.params == {"dropout": 0.3} and once.user_attrs["cycle_reason"].endswith("again")
+    twice = last(run([1.0, 0.9, 0.8], **kwargs))  # two in a row: a step twice as large
+    assert twice.params["dropout"] == pytest.approx(0.5)
+    assert "(same way, larger step)" in twice.user_attrs["cycle_reason"]
+
+
+def test_a_tie_with_the_incumbent_is_not_called_worse():
+    reason = last(run([1.0, 1.0])).user_attrs["cycle_reason"]
+    assert reason.startswith("cycle 3: cycle 2 (lr x2) matched cycle 1 (1) without beating it"), reason
+
+
 def test_baseline_trial_uses_baseline_params():
     study = run([1.0])
     assert study.trials[0].params == BASELINE

@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cycle_optuna.sampler._history import FIXED_ATTR, PROPOSAL_ATTR, History, HistoryCache, move_key
 from cycle_optuna.sampler._moves import Roles, coerce, config_key, contains, repair, step_value
-from cycle_optuna.sampler._rules import Planner, Settings
+from cycle_optuna.sampler._rules import MULTIPLICATIVE, Planner, Settings
 
 PARENT_ATTR, MOVE_ATTR, REASON_ATTR = "cycle_parent", "cycle_move", "cycle_reason"
 _WAIT_RECENT_S = 10.0  # only trials created this recently may still be writing their proposal
@@ -210,7 +210,7 @@ class CycleSampler(BaseSampler):
                     moved = step_value(
                         param_distribution, base, int(payload.get("dir", 1)), 1.0,
                         factor=self._lr_factor if role == "lr" else 2.0,
-                        multiplicative=role in ("lr", "hidden", "batch"),
+                        multiplicative=role in MULTIPLICATIVE,
                     )
                     base = base if moved is None else moved
                 return repair(self._roles, param_name, param_distribution, base, trial.params)

@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from cycle_optuna.sampler._history import History, Rec, move_key, move_kind
@@ -25,6 +25,7 @@ from cycle_optuna.sampler._moves import (
 SCALES = (1.0, 0.5, 0.25)  # the step shrinks through these once every move failed
 MAX_SCALE = 3.0  # a float move that keeps improving grows its step up to this
 CAPACITY = ("layers", "hidden")
+MULTIPLICATIVE = ("lr", "hidden", "batch", "patch")  # roles whose numeric moves multiply
 ROLE_ORDER = ("lr", "layers", "hidden", "dropout", "batch", "heads", "patch")
 LOCAL_PER_GLOBAL = 2  # exploration trials around the incumbent before one from the fallback
 # Moves a diagnosis of the incumbent puts first; each is followed by its opposite.
@@ -223,7 +224,7 @@ class Planner:
             new = _step_dividing(dist, old, c.direction, c.scale, hidden)
         else:
             factor = self.s.lr_factor if role == "lr" else 2.0
-            multiplicative = role in ("lr", "hidden", "batch", "patch")
+            multiplicative = role in MULTIPLICATIVE
             new = step_value(dist, old, c.direction, c.scale, factor=factor, multiplicative=multiplicative)
         if new is None:
             return None
@@ -358,6 +359,8 @@ class Planner:
             return f"{what} scored {_fmt(last.value)}, the best so far"
         if (last.value < best.value) if self.s.minimize else (last.value > best.value):
             return f"{what} scored {_fmt(last.value)}, within the noise margin of {_fmt(best.value)} (cycle {best.cycle})"
+        if last.value == best.value or _fmt(last.value) == _fmt(best.value):
+            return f"{what} matched cycle {best.cycle} ({_fmt(best.value)}) without beating it"
         return f"{what} was worse: {_fmt(last.value)} vs {_fmt(best.value)} (cycle {best.cycle})"
 
     def _compared_step(self, base: Rec, config: Mapping[str, Any], param: str) -> str:
@@ -367,9 +370,16 @@ class Planner:
         now = config.get(param)
         moved = self._apply(config, _Candidate(param, base.direction, self._repeat_scale(base), "keep"))
         after = moved[0].get(param) if moved else None
-        if not all(is_numeric_choice(v) and v > 0 for v in (before, now, after)):
-            return "again"
-        last_step, next_step = abs(math.log(now / before)), abs(math.log(after / now))
+        dist = self.space[param]
+        if isinstance(dist, CategoricalDistribution) or not all(is_numeric_choice(v) for v in (before, now, after)):
+            return "again"  # a list moves one choice at a time, however far apart its values are
+        role = self.s.roles.role_of(param)
+        if dist.log or role in MULTIPLICATIVE:  # type: ignore[union-attr]
+            if not all(v > 0 for v in (before, now, after)):  # type: ignore[operator]
+                return "again"
+            last_step, next_step = abs(math.log(now / before)), abs(math.log(after / now))
+        else:  # linear floats and ints step by a fixed amount
+            last_step, next_step = abs(now - before), abs(after - now)
         if next_step > last_step * 1.001:
             return "(same way, larger step)"
         if next_step < last_step * 0.999:
