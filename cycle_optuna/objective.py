@@ -195,6 +195,8 @@ class Objective:
             if not math.isfinite(m.val_loss):
                 return  # the loop stops as diverged; a non-finite value would poison the pruner
             trial.report(m.val_loss, m.epoch)
+            if m.epoch + 1 >= self.cfg.train.epochs:
+                return  # stopping after the last epoch saves nothing and would throw a finished result away
             if trial.should_prune():
                 trial.set_user_attr("epochs_run", m.epoch + 1)
                 trial.set_user_attr("val_accuracy", m.val_accuracy)

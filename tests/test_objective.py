@@ -73,6 +73,19 @@ def test_real_pruner_prunes_a_trial_that_falls_behind(tmp_path, cfg, data):
     assert "fell behind" in trial.user_attrs["prune_reason"]
 
 
+def test_a_trial_behind_only_at_its_last_epoch_completes(tmp_path, cfg, data):
+    # the median pruner may act only at the last epoch here, where pruning would save nothing
+    full = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, early_stopping_patience=0))
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=full.train.epochs - 1)
+    study = sqlite_study(tmp_path, full, pruner=pruner)
+    _finished_far_ahead(study, full.train.epochs)
+    study.optimize(objective.Objective(full, data), n_trials=1)
+    trial = study.trials[-1]
+    assert trial.state == TrialState.COMPLETE
+    assert len(trial.intermediate_values) == trial.user_attrs["epochs_run"] == full.train.epochs
+    assert pruner.prune(study, trial)  # it is behind: the pruner would have stopped it there
+
+
 def test_the_parent_pruner_says_in_numbers_why_it_pruned(tmp_path, cfg, data):
     from cycle_optuna.pruners import ParentCurvePruner
 
