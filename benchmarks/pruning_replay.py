@@ -36,9 +36,9 @@ from cycle_optuna import config as config_mod
 from cycle_optuna.objective import make_pruner
 
 GRID = {  # warmup_fraction, margin, early_margin, patience
-    "warmup_fraction": (0.2, 0.25, 0.3),
-    "margin": (0.0, 0.02, 0.05, 0.1, 0.15),
-    "early_margin": (0.0, 0.1, 0.2, 0.3, 0.4),
+    "warmup_fraction": (0.125, 0.2, 0.25),
+    "margin": (0.0, 0.05, 0.1, 0.15),
+    "early_margin": (0.0, 0.1, 0.2, 0.4),
     "patience": (1, 2, 3),
 }
 
@@ -56,12 +56,13 @@ def replay(trials: list[dict], pruner: optuna.pruners.BasePruner, seed: int) -> 
     # pruning.py's study name: HyperbandPruner picks brackets by a hash of study name and trial number
     study = optuna.create_study(study_name=f"{pruning.STUDY['study']['name']}-seed{seed}", pruner=pruner)
     epochs, best = 0, math.inf
+    last = pruning.STUDY["train"]["epochs"] - 1  # the objective never prunes after the last epoch
     for t in trials:
         trial = study.ask()
         stopped = None
         for step, v in enumerate(t["curve"]):
             trial.report(v, step)
-            if t["state"] == "COMPLETE" and trial.should_prune():
+            if t["state"] == "COMPLETE" and step < last and trial.should_prune():
                 stopped = step
                 break
         if t["state"] != "COMPLETE":  # diverged without pruning too: same epochs either way
