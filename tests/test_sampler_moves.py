@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import multiprocessing as mp
 import re
@@ -124,9 +125,12 @@ def test_values_alone_are_enough():
 
 
 # -- reasons, checked against the trials they name ---------------------------------------------
-def check_reasons(trials: list[FrozenTrial]) -> int:
-    """Every claim a reason makes about a named cycle holds for that trial; returns claims checked."""
+def check_reasons(trials: list[FrozenTrial], decided: dict[int, datetime.datetime] | None = None) -> int:
+    """Every claim a reason makes about a named cycle holds for that trial; returns claims checked.
+
+    `decided`: when each trial's decision was written (default: when the trial started)."""
     by_cycle = {t.number + 1: t for t in trials}
+    decided = decided or {}
     checked = 0
     for t in trials:
         reason = t.user_attrs["cycle_reason"]
@@ -150,7 +154,8 @@ def check_reasons(trials: list[FrozenTrial]) -> int:
             checked += 1
         for m in re.finditer(r"trying the opposite of cycle (\d+) \(([^)]*)\)", reason):
             other, mine = by_cycle[int(m.group(1))], by_cycle[parent]
-            assert other.state.is_finished() and other.datetime_complete <= t.datetime_start, reason
+            assert other.state.is_finished(), reason
+            assert other.datetime_complete <= decided.get(t.number, t.datetime_start), reason
             changed = {k for k in other.params if other.params[k] != mine.params.get(k)}
             assert changed and changed == {k for k in t.params if t.params[k] != mine.params.get(k)}, reason
             checked += 1
@@ -173,12 +178,48 @@ def _objective(trial: optuna.Trial) -> float:
     return mixed_loss(params)
 
 
-def _worker(url: str, rank: int, n_trials: int, barrier) -> None:
+class _TimedSampler(CycleSampler):
+    """Logs when each decision began and ended. A trial's datetime_complete is taken before its
+    result is committed, and on SQLite the commit may wait for another worker's lock, so only the
+    logged times say what a decision could see."""
+
+    def __init__(self, log: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.log = log
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        began = datetime.datetime.now()
+        super().before_trial(study, trial)
+        with self.log.open("a") as f:
+            f.write(f"decided {trial.number} {began.isoformat()} {datetime.datetime.now().isoformat()}\n")
+
+
+def _worker(url: str, rank: int, n_trials: int, barrier, log: Path) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}})
-    study = optuna.load_study(study_name="reasons", storage=storage, sampler=CycleSampler(baseline=MIXED_BASE, seed=rank))
+    sampler = _TimedSampler(log, baseline=MIXED_BASE, seed=rank)
+    study = optuna.load_study(study_name="reasons", storage=storage, sampler=sampler)
+
+    def stored(study: optuna.Study, trial: FrozenTrial) -> None:  # called once the result is committed
+        with log.open("a") as f:
+            f.write(f"stored {trial.number} {datetime.datetime.now().isoformat()}\n")
+
     barrier.wait(timeout=60)
-    study.optimize(_objective, n_trials=n_trials)
+    study.optimize(_objective, n_trials=n_trials, callbacks=[stored])
+
+
+def _read_times(logs: list[Path]) -> tuple[dict[int, datetime.datetime], dict[int, datetime.datetime], dict[int, datetime.datetime]]:
+    """From the workers' logs: decision began, decision written, result committed, per trial."""
+    began, written, stored = {}, {}, {}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            kind, number, *times = line.split()
+            stamps = [datetime.datetime.fromisoformat(s) for s in times]
+            if kind == "decided":
+                began[int(number)], written[int(number)] = stamps
+            else:
+                stored[int(number)] = stamps[0]
+    return began, written, stored
 
 
 def test_reasons_are_true_with_three_worker_processes_on_sqlite(tmp_path: Path):
@@ -186,7 +227,8 @@ def test_reasons_are_true_with_three_worker_processes_on_sqlite(tmp_path: Path):
     optuna.create_study(study_name="reasons", storage=url)
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     barrier = ctx.Barrier(3)
-    procs = [ctx.Process(target=_worker, args=(url, rank, 8, barrier)) for rank in range(3)]
+    logs = [tmp_path / f"worker{rank}.log" for rank in range(3)]
+    procs = [ctx.Process(target=_worker, args=(url, rank, 8, barrier, logs[rank])) for rank in range(3)]
     for p in procs:
         p.start()
     for p in procs:
@@ -194,17 +236,19 @@ def test_reasons_are_true_with_three_worker_processes_on_sqlite(tmp_path: Path):
     assert [p.exitcode for p in procs] == [0, 0, 0]
     trials = optuna.load_study(study_name="reasons", storage=url).trials
     assert len(trials) == 24 and all(t.state == TrialState.COMPLETE for t in trials)
-    assert check_reasons(trials) > 24
+    began, written, stored = _read_times(logs)
+    assert len(began) == len(stored) == 24
+    assert check_reasons(trials, written) > 24
     local = [tuple(sorted(t.params.items())) for t in trials if t.user_attrs["cycle_move"] != "explore (tpe)"]
     assert len(set(local)) == len(local)
     for t in trials[1:]:
         parent = parent_of(trials, t)
         if parent is None or t.user_attrs["cycle_move"] in ("explore (tpe)",):
             continue
-        # the parent is the incumbent the move started from: no trial that had finished when this
-        # one started was better by more than the noise margin (0.2%)
+        # the parent is the incumbent the move started from: no trial whose result was stored
+        # before this decision began was better by more than the noise margin (0.2%)
         assert parent.number < t.number
-        done_before = [u.value for u in trials if u.datetime_complete and u.datetime_complete <= t.datetime_start]
+        done_before = [u.value for u in trials if stored[u.number] <= began[t.number]]
         if parent.number or done_before:
             assert min(done_before) >= parent.value * (1 - 0.002) - 1e-12, t.user_attrs["cycle_reason"]
         if not t.user_attrs["cycle_move"].startswith("explore"):
