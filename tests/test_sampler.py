@@ -142,8 +142,6 @@ def test_repeat_on_an_unevenly_spaced_list_says_again():
 def test_repeat_on_a_linear_float_compares_linear_steps():
     space = {"dropout": FloatDistribution(0.0, 0.5)}
     kwargs = dict(space=space, baseline={"dropout": 0.1})
-    again = last(run([1.0, 1.1, 0.9], **kwargs))  # dropout +0.1 lost, -0.1 improved: 0.0 is the bound
-    assert again.user_attrs["cycle_move"] != "dropout -0.1"
     once = last(run([1.0, 0.9], **kwargs))  # +0.1 improved once: the same step again, not "up to the end"
     assert once.params == {"dropout": 0.3} and once.user_attrs["cycle_reason"].endswith("again")
     twice = last(run([1.0, 0.9, 0.8], **kwargs))  # two in a row: a step twice as large

@@ -359,7 +359,7 @@ class Planner:
             return f"{what} scored {_fmt(last.value)}, the best so far"
         if (last.value < best.value) if self.s.minimize else (last.value > best.value):
             return f"{what} scored {_fmt(last.value)}, within the noise margin of {_fmt(best.value)} (cycle {best.cycle})"
-        if last.value == best.value or _fmt(last.value) == _fmt(best.value):
+        if _fmt(last.value) == _fmt(best.value):  # equal as shown: "worse" would read false
             return f"{what} matched cycle {best.cycle} ({_fmt(best.value)}) without beating it"
         return f"{what} was worse: {_fmt(last.value)} vs {_fmt(best.value)} (cycle {best.cycle})"
 
