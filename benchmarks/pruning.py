@@ -41,6 +41,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+import _machine  # benchmarks/: the directory of this script
 from cycle_optuna import config as config_mod
 from cycle_optuna import space as space_mod
 from cycle_optuna.data import load_task
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         pruners = {k: v for k, v in pruners.items() if k == "none" or k in args.pruners or k.startswith("parent-")}
     d, t, s = raw["data"], raw["train"], raw["space"]
     n_train = round(d["n_samples"] * 0.7)
+    print(_machine.describe())
     print(f"sizes: {d['n_samples']} synthetic sequences x {d['seq_len']} steps x 8 features, 3 classes "
           f"({n_train} train, {round(d['n_samples'] * 0.15)} val); {raw['study']['n_trials']} configurations per "
           f"seed (baseline + {raw['study']['n_trials'] - 1} RandomSampler draws over lr 1e-4..1e-2 log, "

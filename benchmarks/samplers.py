@@ -31,6 +31,7 @@ from typing import Any
 
 import optuna
 
+import _machine  # benchmarks/: the directory of this script
 from cycle_optuna import config as config_mod
 from cycle_optuna.config import ParamSpace, SamplerConfig, StudyConfig
 from cycle_optuna.sampler import CycleSampler, make_sampler
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     samplers = tuple(args.samplers)
     ask_sizes = args.ask_sizes if args.ask_sizes is not None else ([1000] if args.quick else [1000, 10000])
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(_machine.describe())
     print(
         f"task: studies/seed.toml's synthetic task shrunk to n_samples={size['n_samples']}, "
         f"seq_len={size['seq_len']}, epochs={size['epochs']} (early stopping 3), CPU, 1 thread per study; "

@@ -36,6 +36,15 @@ def test_pruning_benchmark_runs_the_same_sequence_under_each_pruner():
         same, total = row.split("|")[9].strip().split("/")
         assert same == total
     assert out.rstrip().splitlines()[-1].startswith("ratio with/without pruning (1 seed")
+    _names_the_machine(out)
+
+
+def _names_the_machine(out: str) -> None:
+    """Training figures depend on the CPU's kernels, so a benchmark that trains says which ran."""
+    import torch
+
+    line = next((x for x in out.splitlines() if x.startswith("machine: ")), "")
+    assert line.endswith(f"torch {torch.__version__}, CPU kernels {torch.backends.cpu.get_cpu_capability()}"), out
 
 
 @pytest.mark.postgres
@@ -51,6 +60,7 @@ def test_workers_benchmark_reports_scaling_and_overhead(pg_url: str):
 def test_samplers_benchmark_compares_samplers_and_times_asks():
     out = _run("samplers.py", "--quick", "--seeds", "1", "--ask-sizes", "10")
     assert "| 10 | cycle |" in out and "| 10 | tpe |" in out
+    _names_the_machine(out)
 
 
 def test_cli_benchmark_times_commands_against_optuna_trials():
