@@ -31,7 +31,8 @@ EXAMPLES = {
     "worker": """examples:
   cycle-optuna worker studies/seed.toml
   cycle-optuna worker studies/seed.toml --gpus 1
-  CYCLE_OPTUNA_STORAGE=postgresql+psycopg://user:pass@db/optuna cycle-optuna worker studies/seed.toml""",
+  CYCLE_OPTUNA_STORAGE=postgresql+psycopg://user:pass@db/optuna cycle-optuna worker studies/seed.toml
+  cycle-optuna worker studies/seed.toml --storage postgresql+psycopg://db/optuna --wait-for-storage 120""",
     "status": """examples:
   cycle-optuna status studies/seed.toml
   cycle-optuna status studies/seed.toml --storage postgresql+psycopg://user:pass@db/optuna""",
@@ -102,12 +103,16 @@ def _placement(args: argparse.Namespace) -> list[str | None]:
     return placement.plan(args.workers, available=placement.visible_gpus(), gpus=gpus, per_gpu=args.workers_per_gpu)
 
 
+def _say_err(line: str) -> None:
+    err.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cycle_optuna import placement, preflight, storage, worker
 
     cfg, url = _load(args)
     gpus = _placement(args)
-    data = preflight.for_run(cfg, url)  # before anything is printed: a bad input is one line
+    data = preflight.for_run(cfg, url, wait_s=args.wait_for_storage, say=_say_err)  # a bad input: one line, first
     cfg, note = _with_total(args, cfg, url)
     if note:
         out.print(note, highlight=False, soft_wrap=True)
@@ -230,7 +235,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     cfg, url = _load(args)
     if args.gpus is not None:
         placement.pin(args.gpus)  # before anything starts CUDA
-    data = preflight.for_run(cfg, url)  # before anything is printed: a bad input is one line
+    data = preflight.for_run(cfg, url, wait_s=args.wait_for_storage, say=_say_err)  # a bad input: one line, first
     cfg, note = _with_total(args, cfg, url)
     if note:  # a worker can do nothing useful: say so and stop before anything else
         raise CycleOptunaError(note)
@@ -381,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (run, wk):
         p.add_argument("--log-json", action="store_true",
                        help="one JSON line per trial start and end (default: text lines when not on a terminal)")
+        p.add_argument("--wait-for-storage", type=_seconds, metavar="SECONDS", default=0,
+                       help="wait up to SECONDS for a database server that does not answer yet (restarting, "
+                            "starting up) before giving up; default 0: fail at once")
     command("status", cmd_status, "trials by state, running trials with their workers, best so far")
     best = command("best", cmd_best, "print the best trial's parameters and metrics")
     best.add_argument("--json", action="store_true", help="machine-readable output (optuna best-trial's field names)")
@@ -407,6 +415,16 @@ def _gpus(text: str) -> list[int]:
         return parse_gpus(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--gpus ").rstrip(".")) from None
+
+
+def _seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {value}")
+    return value
 
 
 def _positive(text: str) -> int:

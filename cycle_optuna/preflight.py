@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from cycle_optuna import config as config_mod
 from cycle_optuna import storage as storage_mod
@@ -46,11 +46,13 @@ def artifact_dir(cfg: StudyConfig) -> Path:
     return Path(env) if env else config_mod.resolve_artifact_dir(cfg)
 
 
-def for_run(cfg: StudyConfig, url: str) -> TaskData:
+def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[str], None] = print) -> TaskData:
     """Everything `run`/`worker` needs, checked in order of cost; the loaded data, to reuse.
 
     The storage is opened last (for a new SQLite file, that creates it): after it nothing but
     a study created with a different trial definition can be refused, and that writes nothing.
+    With `wait_s`, a database server that does not answer yet is waited for (saying so once)
+    before it is opened.
     """
     from cycle_optuna import worker
 
@@ -61,6 +63,7 @@ def for_run(cfg: StudyConfig, url: str) -> TaskData:
 
     data = load_study_data(cfg)  # with its test file, when [data] test_source names one
     config_mod.check_patch_len(cfg, data.seq_len)  # a file's length is known only once it is read
+    storage_mod.wait_until_answers(url, wait_s, say)
     worker.check_joinable(cfg, storage_mod.open_storage(url), url)
     return data
 

@@ -20,6 +20,7 @@ import optuna
 import sqlalchemy
 import sqlalchemy.event
 import sqlalchemy.exc
+import sqlalchemy.pool
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
@@ -282,6 +283,51 @@ def _is_connection_error(e: BaseException) -> bool:
     if isinstance(e, sqlalchemy.exc.DBAPIError):
         return e.connection_invalidated or isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
     return isinstance(e, (sqlalchemy.exc.DisconnectionError, sqlalchemy.exc.TimeoutError))
+
+
+_NOT_TRANSIENT = ("authentication", "password", "does not exist", "unknown database", "access denied")
+
+
+def wait_until_answers(url: str, seconds: float, say: Callable[[str], None]) -> None:
+    """For a database server: poll until it accepts a connection, for up to `seconds`.
+
+    For workers launched while the server restarts or is still coming up. It only waits on
+    "not answering" (refused, reset, starting up); a wrong password, a missing database or a
+    missing driver return at once, and so does the time running out: opening the storage next
+    reports what is wrong as usual. File storages return at once.
+    """
+    if seconds <= 0 or url.startswith(("sqlite", "journal:")):
+        return
+    try:
+        parsed = make_url(url)
+        backend = parsed.get_backend_name()
+        args = {"connect_timeout": 5} if backend in ("postgresql", "mysql", "mariadb") else {}
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=args)
+    except (sqlalchemy.exc.ArgumentError, ValueError, ImportError):
+        return
+    deadline, said, pause = time.monotonic() + seconds, False, 0.25
+    try:
+        while True:
+            try:
+                with engine.connect():
+                    pass
+            except sqlalchemy.exc.SQLAlchemyError as e:
+                reason = describe(e)
+                if not is_connection_error(e) or any(w in reason.lower() for w in _NOT_TRANSIENT):
+                    return
+                if time.monotonic() >= deadline:
+                    return
+                if not said:
+                    say(f"waiting up to {seconds:.0f}s for the database at {mask(url)}: {reason}")
+                    said = True
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                pause = min(pause * 2, 2.0)
+                continue
+            if said:
+                say(f"the database at {mask(url)} answers")
+            return
+    finally:
+        engine.dispose()
 
 
 @contextlib.contextmanager

@@ -67,6 +67,43 @@ def test_database_restart_loses_no_finished_trial(tmp_path: Path, pg_url: str):
     assert not [t for t in ts if t.state in (TrialState.RUNNING, TrialState.WAITING)]
 
 
+def _cluster(action: str) -> None:
+    cluster = next(Path("/etc/postgresql").iterdir()).name
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", action], check=True,
+                   timeout=60, capture_output=True)
+
+
+def test_worker_started_while_the_database_is_down_waits_for_it_when_asked(tmp_path: Path, pg_url: str):
+    study = write_study(tmp_path, n_trials=2, epochs=1)
+    _cluster("stop")
+    try:
+        # without the flag: one line naming the storage, exit 2, at once
+        rc, out = _finish(start_cli(["worker", str(study), "--storage", pg_url]), timeout=60)
+        assert rc == 2, out
+        assert "cannot open storage" in out and "waiting" not in out
+        log = tmp_path / "worker.log"
+        proc = start_cli(["worker", str(study), "--storage", pg_url, "--wait-for-storage", "120"], log=log)
+        wait_for(lambda: "waiting up to 120s for the database at" in log.read_text() or proc.poll() is not None,
+                 60, "the worker saying it waits")
+        assert proc.poll() is None, log.read_text()  # still waiting, not gone
+    finally:
+        _cluster("start")
+    rc = proc.wait(timeout=180)
+    text = log.read_text()
+    assert rc == 0, text
+    assert "answers" in text
+    ts = trials(pg_url)
+    assert len(ts) == 2 and all(t.state in FINISHED for t in ts), ts
+
+
+def test_waiting_for_the_database_does_not_wait_on_a_missing_database(tmp_path: Path, pg_url: str):
+    study = write_study(tmp_path)
+    missing = pg_url.rsplit("/", 1)[0] + "/cycle_test_no_such_database"
+    rc, out = _finish(start_cli(["worker", str(study), "--storage", missing, "--wait-for-storage", "120"]), timeout=100)
+    assert rc == 2, out
+    assert "does not exist" in out and "waiting" not in out  # a wrong name is reported, not waited on
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_interrupted_worker_hands_its_trial_back(tmp_path: Path, pg_url: str, sig, code):
     study = write_study(tmp_path, n_trials=1, epochs=4)
