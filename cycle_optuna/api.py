@@ -14,6 +14,7 @@ import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from cycle_optuna import optuna_internals as internals
 from cycle_optuna import config as config_mod
 from cycle_optuna import storage as storage_mod
 from cycle_optuna.config import PARAM_NAMES, Hyperparams, StudyConfig
@@ -182,7 +183,8 @@ def key_change(study: optuna.Study, t: FrozenTrial) -> str:
     ref = None
     if number >= 0:
         try:
-            ref = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+            storage = internals.storage_of(study)
+            ref = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(internals.study_id_of(study), number))
         except KeyError:
             ref = None
     return _key_change(t, ref, baseline_params(study))

@@ -15,6 +15,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
 
+from cycle_optuna import optuna_internals as internals
 from cycle_optuna import config as config_mod
 from cycle_optuna import storage as storage_mod
 from cycle_optuna.errors import CycleOptunaError
@@ -209,15 +210,15 @@ def write_notes(study: optuna.Study, *, summary: str | None = None) -> int:
         from cycle_optuna import report
 
         summary = report.summary(report.analyse(study, test=False))
-    current = study._storage.get_study_system_attrs(study._study_id)
+    current = internals.storage_of(study).get_study_system_attrs(internals.study_id_of(study))
     cycles = {c.number: c for c in api.cycles(study)}
     written = 0
     for t in study.get_trials(deepcopy=False):
         if not t.state.is_finished():
             continue
         body = trial_note(t, cycles[t.number].key_change)
-        if get_note_from_system_attrs(current, t._trial_id)["body"] != body:
-            save_note(_TrialRef(study._storage, study, t._trial_id), body)
+        if get_note_from_system_attrs(current, internals.trial_id_of(t))["body"] != body:
+            save_note(_TrialRef(internals.storage_of(study), study, internals.trial_id_of(t)), body)
             written += 1
     if get_note_from_system_attrs(current, None)["body"] != summary:
         save_note(study, summary)
@@ -231,4 +232,4 @@ def write_trial_note(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
 
     from cycle_optuna import api
 
-    save_note(_TrialRef(study._storage, study, t._trial_id), trial_note(t, api.key_change(study, t)))
+    save_note(_TrialRef(internals.storage_of(study), study, internals.trial_id_of(t)), trial_note(t, api.key_change(study, t)))

@@ -11,6 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Group
 from rich.table import Table
 
+from cycle_optuna import optuna_internals as internals
 from cycle_optuna import api
 from cycle_optuna import storage as storage_mod
 from cycle_optuna.totals import trials_counted
@@ -52,7 +53,7 @@ def collect(study: optuna.Study, n_trials: int) -> StudyStatus:
     states: dict[str, int] = {}
     for t in trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
-    beats = storage_mod.last_heartbeats(study._storage, study)
+    beats = storage_mod.last_heartbeats(internals.storage_of(study), study)
     running = [
         RunningTrial(t.number, str(t.user_attrs.get(storage_mod.WORKER_ATTR, "?")), len(t.intermediate_values),
                      beats.get(t.number), t.user_attrs.get("resumed_from"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from cycle_optuna import optuna_internals as internals
 from cycle_optuna import storage as storage_mod
 
 N_TRIALS_ATTR = "cycle_optuna_n_trials"  # study user attr: the total the study was last run to
@@ -24,7 +25,7 @@ def count_and_waiting(study: optuna.Study, conn=None) -> tuple[int, bool]:
     """(trials toward the cap, whether a retry waits to run)."""
     # one lean query on a database (on the cap lock's connection when it has one); the full trial
     # list elsewhere (journal files)
-    lean = storage_mod.count_trials(study._storage, study, conn)
+    lean = storage_mod.count_trials(internals.storage_of(study), study, conn)
     if lean is not None:
         return lean
     trials = study.get_trials(deepcopy=False)

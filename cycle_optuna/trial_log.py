@@ -15,6 +15,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial
 
+from cycle_optuna import optuna_internals as internals
 from cycle_optuna import storage as storage_mod
 
 MOVE_ATTR, REASON_ATTR = "cycle_move", "cycle_reason"  # written by the cycle samplers
@@ -46,7 +47,7 @@ class TrialLog:
     def begin(self, trial: optuna.Trial) -> None:
         """The trial's start: cycle, worker, the sampler's move and reason when it wrote them."""
         self.started[trial.number] = time.monotonic()
-        frozen = trial.study._storage.get_trial(trial._trial_id)  # the sampler's attrs and the retry mark
+        frozen = internals.storage_of(trial.study).get_trial(internals.trial_id_of(trial))  # the sampler's attrs and the retry mark
         move, reason = frozen.user_attrs.get(MOVE_ATTR), frozen.user_attrs.get(REASON_ATTR)
         retry = frozen.system_attrs.get("failed_trial")
         record = {"event": "trial_start", "cycle": trial.number + 1, "trial": trial.number, "worker": self.worker,

@@ -21,6 +21,7 @@ from optuna.storages import InMemoryStorage
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from cycle_optuna import optuna_internals as internals
 from cycle_optuna.sampler._history import FIXED_ATTR, PROPOSAL_ATTR, History, HistoryCache, move_key
 from cycle_optuna.sampler._moves import Roles, coerce, config_key, contains, repair, step_value
 from cycle_optuna.sampler._rules import MULTIPLICATIVE, Planner, Settings
@@ -224,7 +225,7 @@ class CycleSampler(BaseSampler):
     ) -> None:
         self._fallback.after_trial(study, trial, state, values)
         with self._lock:
-            self._entries.pop((id(study._storage), trial._trial_id), None)
+            self._entries.pop((id(internals.storage_of(study)), internals.trial_id_of(trial)), None)
 
     # -- decisions ---------------------------------------------------------------------------
     def _fallback_for(self, study: Study, trial: FrozenTrial) -> BaseSampler:
@@ -242,7 +243,7 @@ class CycleSampler(BaseSampler):
         its latest ones, so that an exploration costs the same at 200 trials and at 10,000."""
         entry = self._entry(study, trial)
         if entry.view is None:
-            trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+            trials = internals.storage_of(study).get_all_trials(internals.study_id_of(study), deepcopy=False)
             if len(trials) <= _VIEW_BEST + _VIEW_RECENT:
                 entry.view = study
             else:
@@ -264,10 +265,10 @@ class CycleSampler(BaseSampler):
     def _view(self, study: Study, trial: FrozenTrial) -> History:
         # The whole study, also inside HyperbandPruner's bracket view: the cycle is one
         # sequence across brackets and duplicates must be avoided study-wide.
-        return self._history.view(study._storage, study._study_id, study.direction, trial.number)
+        return self._history.view(internals.storage_of(study), internals.study_id_of(study), study.direction, trial.number)
 
     def _entry(self, study: Study, trial: FrozenTrial, *, wait: bool = False) -> _Entry:
-        key = (id(study._storage), trial._trial_id)
+        key = (id(internals.storage_of(study)), internals.trial_id_of(trial))
         with self._lock:
             entry = self._entries.get(key)
         if entry is not None:
@@ -333,8 +334,8 @@ class CycleSampler(BaseSampler):
                 and abs((now - t.datetime_start).total_seconds()) < _WAIT_RECENT_S
             )
 
-        storage = study._storage
-        waiting = [t._trial_id for t in hist.pending if undecided(t)]
+        storage = internals.storage_of(study)
+        waiting = [internals.trial_id_of(t) for t in hist.pending if undecided(t)]
         if not waiting:
             return False
         deadline = time.monotonic() + _WAIT_S[isinstance(storage, InMemoryStorage)]
@@ -346,12 +347,12 @@ class CycleSampler(BaseSampler):
         return True
 
     def _write(self, study: Study, trial: FrozenTrial, payload: dict[str, Any], reason: str) -> None:
-        storage = study._storage
-        storage.set_trial_system_attr(trial._trial_id, PROPOSAL_ATTR, payload)
+        storage = internals.storage_of(study)
+        storage.set_trial_system_attr(internals.trial_id_of(trial), PROPOSAL_ATTR, payload)
         parent = payload.get("parent")
         parent = None if parent is None else int(parent) + 1  # shown as a cycle number, like every "cycle N"
         for key, value in ((PARENT_ATTR, parent), (MOVE_ATTR, payload["move"]), (REASON_ATTR, reason)):
-            storage.set_trial_user_attr(trial._trial_id, key, value)
+            storage.set_trial_user_attr(internals.trial_id_of(trial), key, value)
             if isinstance(trial.user_attrs, dict):
                 trial.user_attrs[key] = value  # so the objective sees them without a reload
 

@@ -11,6 +11,7 @@ from optuna.samplers import BaseSampler, CmaEsSampler, RandomSampler, TPESampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial
 
+from cycle_optuna import optuna_internals as internals
 from cycle_optuna.config import SamplerConfig
 from cycle_optuna.sampler._cycle import MOVE_ATTR, PARENT_ATTR, REASON_ATTR, CycleSampler
 from cycle_optuna.sampler._moves import Roles, coerce, repair, step_value
@@ -58,7 +59,7 @@ class ReferenceScheduleSampler(BaseSampler):
             parent, move = n, f"lr x{f:g}, capacity up"  # the previous cycle, numbered like "cycle N"
             reason = f"cycle {n + 1}: reference schedule: {lr} and grew capacity from cycle {n} (no backing off)"
         for key, value in ((PARENT_ATTR, parent), (MOVE_ATTR, move), (REASON_ATTR, reason)):
-            study._storage.set_trial_user_attr(trial._trial_id, key, value)
+            internals.storage_of(study).set_trial_user_attr(internals.trial_id_of(trial), key, value)
 
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return {}
@@ -102,7 +103,7 @@ class ReferenceScheduleSampler(BaseSampler):
         name = self._roles.layers
         dist = trial.distributions.get(name) if name else None
         if dist is None and name:
-            for t in reversed(study._storage.get_all_trials(study._study_id, deepcopy=False)):
+            for t in reversed(internals.storage_of(study).get_all_trials(internals.study_id_of(study), deepcopy=False)):
                 if name in t.distributions:
                     dist = t.distributions[name]
                     break
