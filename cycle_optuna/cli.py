@@ -417,24 +417,23 @@ def _gpus(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--gpus ").rstrip(".")) from None
 
 
-def _seconds(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of seconds, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {value}")
-    return value
+def _whole_number(low: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an int of at least `low`, else "must be <what>, got ..."."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    return parse
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+_positive = _whole_number(1, "a positive integer")
+_seconds = _whole_number(0, "a whole number of seconds, 0 or more")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

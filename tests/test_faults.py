@@ -48,14 +48,19 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path: Path, pg_u
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
+def _cluster(action: str) -> None:
+    """pg_ctlcluster ACTION on the local server: a real stop, start or restart."""
+    cluster = next(Path("/etc/postgresql").iterdir()).name
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", action], check=True,
+                   timeout=60, capture_output=True)
+
+
 def test_database_restart_loses_no_finished_trial(tmp_path: Path, pg_url: str):
     study = write_study(tmp_path, n_trials=6, epochs=3)
     procs = [start_cli(["--debug", "worker", str(study), "--storage", pg_url], pause=0.3) for _ in range(2)]
     wait_for(lambda: sum(t.state in FINISHED for t in trials(pg_url)) >= 1, 120, "a finished trial")
     before = {t.number: (t.state, t.value) for t in trials(pg_url) if t.state in FINISHED}
-    cluster = next(Path("/etc/postgresql").iterdir()).name
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart"], check=True,
-                   timeout=60, capture_output=True)
+    _cluster("restart")
     results = [_finish(p, timeout=180) for p in procs]
     assert [code for code, _ in results] == [0, 0], results
     ts = trials(pg_url)
@@ -65,12 +70,6 @@ def test_database_restart_loses_no_finished_trial(tmp_path: Path, pg_url: str):
     retried = [t for t in ts if t.state == TrialState.FAIL]
     assert len(retried) <= 2  # at most the in-flight trials
     assert not [t for t in ts if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-
-
-def _cluster(action: str) -> None:
-    cluster = next(Path("/etc/postgresql").iterdir()).name
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", action], check=True,
-                   timeout=60, capture_output=True)
 
 
 def test_worker_started_while_the_database_is_down_waits_for_it_when_asked(tmp_path: Path, pg_url: str):
