@@ -355,8 +355,12 @@ def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, w
     from cycle_optuna.references import compare
 
     stored = study.user_attrs.get(BASELINES_ATTR)
+    members = rec.get("model_cycles") or []
+    test_model = f"mean of cycles {', '.join(map(str, members))}" if len(members) > 1 else (
+        f"cycle {members[0]}" if members else None)
     rec["baselines"] = compare(stored, val_accuracy=t.user_attrs.get("val_accuracy"),
-                               test_accuracy=rec.get("test_accuracy"))
+                               test_accuracy=rec.get("test_accuracy"), val_model=f"cycle {t.number + 1}",
+                               test_model=test_model)
     if stored is None:
         rec["baselines_note"] = "no reference baselines stored yet: the next worker on this study computes them"
     return rec

@@ -20,9 +20,13 @@ def best_reference(baselines: dict[str, dict[str, Any]] | None) -> tuple[str, di
 
 
 def compare(baselines: dict[str, dict[str, Any]] | None, *, val_accuracy: float | None,
-            test_accuracy: float | None) -> list[dict[str, Any]]:
-    """One record per baseline: whether the tuned model beats it, by how many points, on val and test."""
+            test_accuracy: float | None, val_model: str | None = None,
+            test_model: str | None = None) -> list[dict[str, Any]]:
+    """One record per baseline: whether the tuned model beats it, by how many points, on val and test.
+    `val_model` / `test_model` name the model each figure belongs to ("cycle 4", "mean of cycles
+    4, 7, 2"): the val figure is the best cycle's, the test figure the model `best` loads."""
     out = []
+    names = {"val": val_model, "test": test_model}
     for key, b in (baselines or {}).items():
         rec: dict[str, Any] = {"baseline": key, "label": b.get("label", key)}
         parts = []
@@ -35,7 +39,8 @@ def compare(baselines: dict[str, dict[str, Any]] | None, *, val_accuracy: float 
             margin = round(100.0 * (mine - theirs), 2)
             rec[f"{split}_margin"] = margin
             shown = round(margin, 1) + 0.0  # the verdict goes with the figure printed; never "-0.0"
-            parts.append(f"{_verdict(shown)} on {split} ({mine:.1%} vs {theirs:.1%}, {shown:+.1f} points)")
+            who = f"{names[split]}: " if names[split] else ""
+            parts.append(f"{_verdict(shown)} on {split} ({who}{mine:.1%} vs {theirs:.1%}, {shown:+.1f} points)")
         rec["line"] = f"{rec['label']}: " + ("; ".join(parts) if parts else "no comparable accuracy")
         out.append(rec)
     return out

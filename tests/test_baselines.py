@@ -122,6 +122,10 @@ def test_compare_says_beats_or_below_with_the_margin_on_val_and_test():
     assert "beats it on val (80.0% vs 50.0%, +30.0 points)" in rows[0]["line"]
     assert rows[1]["val_margin"] == -10.0 and rows[1]["test_margin"] is None
     assert rows[1]["line"] == "1-NN Euclidean: below it on val (80.0% vs 90.0%, -10.0 points)"
+    named = baselines.compare({"mlp": {"label": "MLP", "val_accuracy": 0.5, "test_accuracy": 0.5}}, val_accuracy=0.8,
+                    test_accuracy=0.6, val_model="cycle 4", test_model="mean of cycles 4, 2")
+    assert named[0]["line"] == ("MLP: beats it on val (cycle 4: 80.0% vs 50.0%, +30.0 points); "
+                                "beats it on test (mean of cycles 4, 2: 60.0% vs 50.0%, +10.0 points)")
     assert baselines.best_reference(stored)[0] == "1nn"
     tie = baselines.compare({"mlp": {"label": "MLP", "val_accuracy": 0.9283, "test_accuracy": 0.9107}},
                             val_accuracy=0.92826, test_accuracy=0.9111)
@@ -204,6 +208,10 @@ def test_best_prints_one_line_per_baseline_and_json_has_the_margins(tmp_path, ca
     assert cli.main(["best", str(path)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("vs ")]
     assert len(lines) == 3 and lines[1].startswith("vs 1-NN Euclidean: ") and " on test (" in lines[1]
+    # each figure names its model: val is the best cycle's, test the model `best` loads
+    members = rec["model_cycles"]
+    test_model = f"mean of cycles {', '.join(map(str, members))}" if len(members) > 1 else f"cycle {members[0]}"
+    assert f" on val (cycle {rec['cycle']}: " in lines[1] and f" on test ({test_model}: " in lines[1]
 
 
 
