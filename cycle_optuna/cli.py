@@ -107,6 +107,19 @@ def _say_err(line: str) -> None:
     err.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
+SMALL_VAL = 30  # validation series below which one series moves val accuracy by more than 3 points
+
+
+def small_validation_note(cfg, data) -> str | None:
+    """A note when the validation split that ranks the cycles is a handful of series."""
+    n = int(data.y_val.shape[0])
+    if n >= SMALL_VAL:
+        return None
+    return (f"note: the validation split holds {n} series (val_fraction={cfg.data.val_fraction}): one series is "
+            f"{100 / n:.0f} points of val accuracy, so cycles are ranked on little evidence and the best cycle "
+            "is partly luck; more data, a larger [data] val_fraction or more cycles steady the choice")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cycle_optuna import placement, preflight, storage, worker
 
@@ -120,6 +133,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     out.print(f"study [bold]{cfg.study.name}[/] on {storage.mask(url)}: "
               f"{cfg.study.n_trials} trials, sampler {cfg.sampler.type}, pruner {cfg.pruner.type}")
+    if (small := small_validation_note(cfg, data)) is not None:
+        out.print(small, highlight=False, soft_wrap=True, markup=False)
     worker.install_signal_handlers()
     if len(gpus) > 1:
         return _run_workers(args, cfg, url, gpus, data)
@@ -241,6 +256,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise CycleOptunaError(note)
     worker.install_signal_handlers()
     err.print(f"worker on study {cfg.study.name} at {storage.mask(url)}")
+    if (small := small_validation_note(cfg, data)) is not None:
+        err.print(small, highlight=False, soft_wrap=True, markup=False)
     stats = worker.WorkerStats()
     log = _trial_log(args, lambda line: err.print(line, highlight=False, soft_wrap=True, markup=False))
     try:

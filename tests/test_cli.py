@@ -27,6 +27,7 @@ def test_run_twice_grows_the_same_study_with_nothing_lost(quick_study, capsys):
     assert len(first) == 2
     out = capsys.readouterr().out
     assert "cycles of quick" in out
+    assert "validation split holds" not in out  # 72 validation series: no small-split note
     assert run_cli("run", str(quick_study)) == 0  # the file's n_trials = 3
     trials = study_of(quick_study).trials
     assert len(trials) == 3
@@ -265,3 +266,14 @@ def test_ctrl_c_during_report_leaves_no_truncated_file(quick_study, capsys, monk
     assert run_cli("report", str(quick_study), "-o", str(out), "--no-test") == 130
     names = sorted(p.name for p in out.iterdir())
     assert names == ["history.png"]  # the finished plot only: no partial file, no temporary one
+
+
+def test_a_small_validation_split_is_named_before_the_cycles(quick_study, capsys):
+    text = quick_study.read_text().replace("n_samples = 480", "n_samples = 120")
+    assert "n_samples = 120" in text
+    quick_study.write_text(text)
+    assert run_cli("run", str(quick_study), "--n-trials", "1") == 0
+    out = capsys.readouterr().out
+    note = next(line for line in out.splitlines() if "validation split holds" in line)
+    assert note.startswith("note: the validation split holds 18 series (val_fraction=0.15): one series is 6 points")
+    assert out.index(note) < out.index("cycles of quick")  # said before the cycles, not after
