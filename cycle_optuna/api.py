@@ -352,15 +352,12 @@ def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, w
                        model_cycles=list(score.cycles))
         except StorageError as e:
             rec.update(test_accuracy=None, test_loss=None, test_error=str(e))
-    from cycle_optuna.references import compare
+    from cycle_optuna.references import compare, model_name
 
     stored = study.user_attrs.get(BASELINES_ATTR)
-    members = rec.get("model_cycles") or []
-    test_model = f"mean of cycles {', '.join(map(str, members))}" if len(members) > 1 else (
-        f"cycle {members[0]}" if members else None)
     rec["baselines"] = compare(stored, val_accuracy=t.user_attrs.get("val_accuracy"),
-                               test_accuracy=rec.get("test_accuracy"), val_model=f"cycle {t.number + 1}",
-                               test_model=test_model)
+                               test_accuracy=rec.get("test_accuracy"), val_model=model_name([t.number + 1]),
+                               test_model=model_name(rec.get("model_cycles")))
     if stored is None:
         rec["baselines_note"] = "no reference baselines stored yet: the next worker on this study computes them"
     return rec

@@ -284,7 +284,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     import json
 
-    from cycle_optuna import api, preflight
+    from cycle_optuna import api, preflight, references
 
     cfg, url = _load(args)
     preflight.for_read(url)
@@ -303,7 +303,7 @@ def cmd_best(args: argparse.Namespace) -> int:
         table.add_row("test accuracy (held out)", f"{rec['test_accuracy']:.2%}")
         table.add_row("test loss (held out)", f"{rec['test_loss']:.4f}")
         if len(rec.get("model_cycles") or ()) > 1:
-            table.add_row("best model", "mean of cycles " + ", ".join(map(str, rec["model_cycles"])))
+            table.add_row("best model", references.model_name(rec["model_cycles"]))
     elif not args.no_test:
         table.add_row("test accuracy (held out)", f"unavailable: {rec.get('test_error')}")
     table.add_section()
