@@ -264,7 +264,9 @@ def load_best_model(
 
     nets = []
     for payload in payloads:
-        net = TransformerClassifier(**payload["model_kwargs"])
+        folds = int(payload.get("folds", 1))  # a cross-validated trial's model: its folds' models averaged
+        net = TransformerClassifier(**payload["model_kwargs"]) if folds == 1 else \
+            Ensemble([TransformerClassifier(**payload["model_kwargs"]) for _ in range(folds)])
         net.load_state_dict(payload["state_dict"])
         nets.append(net)
     params = {**baseline_params(study), **payloads[0].get("params", trial.params)}

@@ -1,6 +1,7 @@
 """Reference baselines on a study's own split: majority class, 1-NN (Euclidean), an MLP on summary features.
 
-Each is fitted on the training split, scored on the validation and test splits, and stored once on
+Each is fitted on the training split, scored on the validation and test splits (under [data] folds,
+cross-validated as the transformer is: see _cross_validated), and stored once on
 the study (user attr ``cycle_optuna_baselines``) so that every result can be read beside them.
 They see the same normalised series as the transformer; missing steps (NaN) count as 0, the
 training mean. Everything is seeded: the same split gives the same figures on any machine.
@@ -8,6 +9,7 @@ training mean. Everything is seeded: the same split gives the same figures on an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -37,6 +39,8 @@ def compute(data: TaskData, *, seed: int) -> dict[str, dict[str, Any]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        if data.n_folds > 1:
+            return _cross_validated(data, seed=seed)
         return {
             "majority": _entry("majority", *majority_class(data)),
             "1nn": _entry("1nn", *nearest_neighbour(data)),
@@ -44,6 +48,31 @@ def compute(data: TaskData, *, seed: int) -> dict[str, dict[str, Any]]:
         }
     finally:
         torch.set_num_threads(threads)
+
+
+def _cross_validated(data: TaskData, *, seed: int) -> dict[str, dict[str, Any]]:
+    """The baselines under the study's cross-validation, as the transformer is scored.
+
+    Val accuracy: over every pooled series, each predicted by the baseline fitted on the other
+    folds. Test accuracy: majority class and 1-NN fitted on all the pooled series; the MLP as the
+    transformer's model, its folds' fits with their class probabilities averaged.
+    """
+    views = data.cv_views()
+    x, y = data.pooled()
+    whole = dataclasses.replace(data, x_train=x, y_train=y, x_val=x[:0], y_val=y[:0], fold_ids=None)
+    n = len(y)
+
+    def pooled(accs: list[float]) -> float:
+        return sum(len(v.y_val) * a for v, a in zip(views, accs)) / n
+
+    mlps = [_fit_mlp(v, seed=seed + j) for j, v in enumerate(views)]
+    proba = torch.stack([p for _, p in mlps]).mean(0)
+    mlp_test = _accuracy(proba.argmax(1).numpy(), data.y_test) if len(data.y_test) else math.nan
+    return {
+        "majority": _entry("majority", pooled([majority_class(v)[0] for v in views]), majority_class(whole)[1]),
+        "1nn": _entry("1nn", pooled([nearest_neighbour(v)[0] for v in views]), nearest_neighbour(whole)[1]),
+        "mlp": _entry("mlp", pooled([_accuracy(pred, v.y_val) for v, (pred, _) in zip(views, mlps)]), mlp_test),
+    }
 
 
 def _entry(key: str, val: float, test: float) -> dict[str, Any]:
@@ -63,7 +92,7 @@ def majority_class(data: TaskData) -> tuple[float, float]:
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
-    return torch.nan_to_num(x.double(), nan=0.0).reshape(len(x), -1)
+    return torch.nan_to_num(x.double(), nan=0.0).flatten(1)
 
 
 def nearest_neighbour(data: TaskData, *, chunk: int = 1024) -> tuple[float, float]:
@@ -145,6 +174,12 @@ def summary_features(x: torch.Tensor) -> torch.Tensor:
 
 def summary_mlp(data: TaskData, *, seed: int) -> tuple[float, float]:
     """(val, test) accuracy of a one-hidden-layer MLP on summary features, best epoch by val loss."""
+    pred_va, proba_te = _fit_mlp(data, seed=seed)
+    return _accuracy(pred_va, data.y_val), _accuracy(proba_te.argmax(1).numpy(), data.y_test)
+
+
+def _fit_mlp(data: TaskData, *, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    """The summary-feature MLP's validation predictions and test class probabilities."""
     f_tr, f_va, f_te = (summary_features(x) for x in (data.x_train, data.x_val, data.x_test))
     mu, sd = f_tr.mean(0), f_tr.std(0, unbiased=False)
     sd = torch.where(sd < 1e-6, torch.ones_like(sd), sd)
@@ -178,5 +213,5 @@ def summary_mlp(data: TaskData, *, seed: int) -> tuple[float, float]:
         net.eval()
         with torch.inference_mode():
             pred_va = net(f_va).argmax(1).numpy() if len(f_va) else np.zeros(0, dtype=np.int64)
-            pred_te = net(f_te).argmax(1).numpy() if len(f_te) else np.zeros(0, dtype=np.int64)
-    return _accuracy(pred_va, data.y_val), _accuracy(pred_te, data.y_test)
+            proba_te = torch.softmax(net(f_te), 1) if len(f_te) else torch.zeros(0, data.n_classes)
+    return pred_va, proba_te

@@ -107,17 +107,23 @@ def _say_err(line: str) -> None:
     err.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
-SMALL_VAL = 30  # validation series below which one series moves val accuracy by more than 3 points
-
-
 def small_validation_note(cfg, data) -> str | None:
-    """A note when the validation split that ranks the cycles is a handful of series."""
+    """How cycles are scored, when it is not the plain validation split: cross-validation (what it
+    costs), or a validation split of a handful of series (what steadies it)."""
+    from cycle_optuna.config import SMALL_VAL
+
     n = int(data.y_val.shape[0])
+    k = data.n_folds
+    if k > 1:
+        why = f' ([data] folds = "auto": the validation split alone would hold {n})' if cfg.data.folds == "auto" else ""
+        return (f"note: cycles are scored by {k}-fold cross-validation over the {n + int(data.y_train.shape[0])} "
+                f"training and validation series{why}; each cycle trains {k} models, and its model averages them")
     if n >= SMALL_VAL:
         return None
     return (f"note: the validation split holds {n} series (val_fraction={cfg.data.val_fraction}): one series is "
             f"{100 / n:.0f} points of val accuracy, so cycles are ranked on little evidence and the best cycle "
-            "is partly luck; more data, a larger [data] val_fraction or more cycles steady the choice")
+            'is partly luck; [data] folds = "auto" (or 5) cross-validates instead, and more data or more cycles '
+            "steady the choice")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -19,6 +19,10 @@ SAMPLERS = ("cycle", "reference", "tpe", "random", "cmaes")
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "patient", "parent", "none")
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_CUDAGRAPHS = "cudagraphs"  # train.compile: inductor plus CUDA graphs
+FOLDS_AUTO = "auto"  # data.folds: cross-validate when the validation split is small
+AUTO_FOLDS = 5  # folds "auto" takes
+SMALL_VAL = 30  # validation series below which one series moves val accuracy by more than 3 points
+MAX_FOLDS = 20
 DIRECTIONS = ("minimize",)
 DATA_SUFFIXES = (".npz", ".csv", ".ts")
 POS_ENCODINGS = ("sinusoidal", "rotary", "learned", "none")  # model.POS_ENCODINGS
@@ -49,6 +53,10 @@ class DataConfig:
     noise: float = 1.0  # synthetic only: per-channel noise scale
     val_fraction: float = 0.15
     test_fraction: float = 0.15
+    # how cycles are scored: 1 = on the validation split; k >= 2 = k-fold cross-validation over the
+    # training and validation splits together; "auto" = AUTO_FOLDS folds when the validation split
+    # would hold fewer than SMALL_VAL series, else 1
+    folds: int | str = "auto"
     label_column: str = "label"  # csv only
     sample_column: str = "sample"  # csv only: rows sharing an id form one sequence
 
@@ -213,6 +221,11 @@ class _Checker:
         if key == "train.compile":
             if not isinstance(value, bool) and value != COMPILE_CUDAGRAPHS:
                 raise self.fail(key, f"must be true or false, or {COMPILE_CUDAGRAPHS!r}, got {value!r}")
+            return value
+        if key == "data.folds":
+            if value != FOLDS_AUTO and (isinstance(value, bool) or not isinstance(value, int)
+                                        or not 1 <= value <= MAX_FOLDS):
+                raise self.fail(key, f"must be an integer from 1 to {MAX_FOLDS}, or {FOLDS_AUTO!r}, got {value!r}")
             return value
         if isinstance(default, bool):
             if not isinstance(value, bool):

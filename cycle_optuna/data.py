@@ -29,6 +29,7 @@ statistics come from the training split only (NaN ignored), so validation and te
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import zipfile
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cycle_optuna.config import DataConfig, StudyConfig, resolve_data_path, resolve_test_path
+from cycle_optuna.config import (AUTO_FOLDS, FOLDS_AUTO, SMALL_VAL, DataConfig, StudyConfig, resolve_data_path,
+                                 resolve_test_path)
 from cycle_optuna.errors import DataError
 
 # Synthetic task constants (see docs/task.md); tuned so that the default task is learnable but
@@ -63,6 +65,27 @@ class TaskData:
     std: np.ndarray  # float32 [F], train split only, tiny stds floored to 1
     n_classes: int
     class_names: tuple[str, ...] = ()  # the file's label for each class index; () for the synthetic task
+    # k-fold cross-validation: the fold (0..k-1) of each series of x_train then x_val; None: holdout
+    fold_ids: torch.Tensor | None = None
+
+    @property
+    def n_folds(self) -> int:
+        """1 when cycles are scored on the validation split, else the cross-validation's k."""
+        return 1 if self.fold_ids is None else int(self.fold_ids.max()) + 1
+
+    def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training and validation series together (what cross-validation splits)."""
+        return torch.cat([self.x_train, self.x_val]), torch.cat([self.y_train, self.y_val])
+
+    def cv_views(self) -> list[TaskData]:
+        """Per fold, this task with that fold of the pooled series as validation and the others as training."""
+        x, y = self.pooled()
+        views = []
+        for j in range(self.n_folds):
+            va = self.fold_ids == j
+            views.append(dataclasses.replace(self, x_train=x[~va], y_train=y[~va], x_val=x[va], y_val=y[va],
+                                             fold_ids=None))
+        return views
 
     @property
     def n_features(self) -> int:
@@ -84,6 +107,7 @@ class TaskData:
             "n_train": int(self.y_train.shape[0]),
             "n_val": int(self.y_val.shape[0]),
             "n_test": int(self.y_test.shape[0]),
+            "folds": self.n_folds,
         }
 
 
@@ -520,6 +544,25 @@ def stratified_split(path: Path | str, y: np.ndarray, n_classes: int, val_fracti
     return tuple(rng.permutation(np.concatenate(p)).astype(np.int64) for p in parts)  # type: ignore[return-value]
 
 
+def resolve_folds(cfg: DataConfig, n_val: int, n_pool: int) -> int:
+    """The folds cycles are scored on: [data] folds, "auto" resolved on the validation split's size."""
+    if cfg.folds == FOLDS_AUTO:
+        return max(1, min(AUTO_FOLDS, n_pool // 2)) if n_val < SMALL_VAL else 1
+    return int(cfg.folds)
+
+
+def cv_folds(y: np.ndarray, n_classes: int, k: int, seed: int) -> np.ndarray:
+    """The fold (0..k-1) of each series; each class dealt over the folds in turn; depends only on y and seed."""
+    rng = np.random.default_rng([seed, 0xF01D])
+    out = np.empty(len(y), dtype=np.int64)
+    offset = 0
+    for c in range(n_classes):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        out[idx] = (offset + np.arange(len(idx))) % k
+        offset += len(idx)
+    return out
+
+
 def normalise(x: np.ndarray | torch.Tensor, mean: Any, std: Any) -> np.ndarray | torch.Tensor:
     """(x - mean) / std over the last (feature) axis; float32, same kind as x; NaN stays NaN."""
     if isinstance(x, torch.Tensor):
@@ -583,13 +626,20 @@ def load_task(cfg: DataConfig, seed: int, *, data_path: Path | None = None, test
         t = max(x.shape[1], x_test.shape[1])  # one length for both: the shorter file is padded
         x, x_test = _pad_steps(x, t), _pad_steps(x_test, t)
         tr, va, _ = stratified_split(where, y, k, cfg.val_fraction, 0.0, seed)
-    mean, std = train_stats(x[tr], where=where)
+    folds = resolve_folds(cfg, len(va), len(tr) + len(va))
+    if folds > 1 and len(tr) + len(va) < 2 * folds:
+        raise _fail(Path(where), f"[data] folds = {folds} needs at least {2 * folds} series outside the test split "
+                    f"to cross-validate, it has {len(tr) + len(va)}")
+    # with cross-validation every training series is also validated on: statistics of both splits
+    mean, std = train_stats(x[tr] if folds == 1 else x[np.concatenate([tr, va])], where=where)
 
     def split(xs: np.ndarray, ys: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(fill_partial(normalise(xs, mean, std))), torch.from_numpy(ys)
 
     (xtr, ytr), (xva, yva), (xte, yte) = split(x[tr], y[tr]), split(x[va], y[va]), split(x_test, y_test)
-    return TaskData(xtr, ytr, xva, yva, xte, yte, mean=mean, std=std, n_classes=k, class_names=names)
+    fold_ids = None if folds == 1 else torch.from_numpy(cv_folds(np.concatenate([y[tr], y[va]]), k, folds, seed))
+    return TaskData(xtr, ytr, xva, yva, xte, yte, mean=mean, std=std, n_classes=k, class_names=names,
+                    fold_ids=fold_ids)
 
 
 def _pad_steps(x: np.ndarray, t: int) -> np.ndarray:

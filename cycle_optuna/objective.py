@@ -140,7 +140,8 @@ class Objective:
                 outcomes[trial.number] = e
         ckpts = {t.number: self._checkpoints(t) for t, _ in ready}
         resumes = {n: c.resume_state() if c else None for n, c in ckpts.items()}
-        fresh = [i for i, (t, _) in enumerate(ready) if resumes[t.number] is None]
+        # a cross-validated trial trains its folds' models side by side: it is not packed with others
+        fresh = [i for i, (t, _) in enumerate(ready) if resumes[t.number] is None and self.data.n_folds == 1]
         batches = [[i] for i in range(len(ready)) if i not in fresh] + [
             [fresh[j] for j in group]
             for group in pack.groups([ready[i][1] for i in fresh], self.data, self.cfg.train, size=self.pack)]
@@ -277,7 +278,7 @@ class Objective:
             "epochs_run": result.epochs_run,
             "improvement_pct": _improvement(first, result.best_val_loss),
             "diagnosis": diagnosis,
-            "n_params": count_params(result.model),
+            "n_params": count_params(getattr(result.model, "nets", [result.model])[0]),  # one fold's model
             "train_seconds": round(result.train_seconds, 3),
             "samples_per_second": round(result.samples_per_second, 1),
             "nan_batches": result.nan_batches,
@@ -435,8 +436,10 @@ def _reason(e: BaseException) -> str:
 def model_payload(model: torch.nn.Module, kwargs: dict, data: TaskData, params: dict) -> dict:
     """What load_best_model needs: weights, constructor kwargs and input normalisation."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    nets = getattr(model, "nets", None)  # a cross-validated trial: an Ensemble of its folds' models
     return {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "folds": len(nets) if nets is not None else 1,
         "model_kwargs": kwargs,
         "mean": [float(v) for v in data.mean],
         "std": [float(v) for v in data.std],

@@ -79,7 +79,10 @@ def _overview(a: Analysis) -> list[str]:
         task = a.cfg.data.source if a.cfg else "data"
         split = "/".join(str(s.get(k, "?")) for k in ("n_train", "n_val", "n_test"))
         lines.append(f"Task: {task} with {split} train/val/test sequences of {s['seq_len']} steps x "
-                     f"{s['n_features']} features, {s['n_classes']} classes (chance loss {math.log(s['n_classes']):.4f}).")
+                     f"{s['n_features']} features, {s['n_classes']} classes (chance loss {math.log(s['n_classes']):.4f})."
+                     + (f" Cycles are scored by {s['folds']}-fold cross-validation over the {s['n_train'] + s['n_val']} "
+                        "train and val sequences; each cycle's model averages its folds' models."
+                        if s.get("folds", 1) > 1 else ""))
     first = a.cycles[0] if a.cycles else None
     if a.best is not None:
         line = f"Best validation loss **{a.best.value:.4f}** in cycle {a.best.cycle} (of {len(a.complete)} complete cycles)"

@@ -610,6 +610,72 @@ class _Single:
         return _rng_state(self.shuffle, self.device)
 
 
+class _Folds:
+    """Engine of one trial under k-fold cross-validation: a _Single per fold, stepped epoch by epoch.
+
+    An epoch trains every fold's model for an epoch; the trial's val loss and accuracy are those of
+    all the pooled series, each scored by the model that did not train on it, so the curve the
+    pruner reads and the best epoch are the cross-validated ones. The trial's model is the folds'
+    models at that epoch, averaged as an Ensemble.
+    """
+
+    def __init__(self, data: TaskData, hp: Hyperparams, cfg: TrainConfig, *, seed: int, device: torch.device) -> None:
+        from cycle_optuna.best_model import Ensemble
+
+        self.cfg, self.device = cfg, device
+        self.parts = [_Single(view, hp, cfg, seed=seed + j, device=device) for j, view in enumerate(data.cv_views())]
+        self.runs = [Run(hp) for _ in self.parts]  # each fold's schedule position
+        self.model = Ensemble([p.model for p in self.parts])
+        self.n_val = [len(p.y_va) for p in self.parts]
+
+    def resume(self, run: Run, state: dict) -> int:
+        self.model.load_state_dict(state["model"])
+        folds = state["folds"]
+        for part, fold_run, opt, step, bad, shuffle in zip(self.parts, self.runs, folds["optimizers"], folds["steps"],
+                                                           folds["bad_runs"], state["rng"]["fold_shuffles"]):
+            part.opt.load_state_dict(_clone(opt))
+            fold_run.step = step
+            part.bad_run.fill_(bad)
+            part.shuffle.set_state(shuffle.cpu())
+        start = run.load(state, self.device)
+        _set_rng_state(state["rng"], self.parts[0].shuffle, self.device)
+        return self.cfg.epochs if run.finished else start
+
+    def keep(self, live: list[Run]) -> None:
+        pass
+
+    def train_epoch(self, live: list[Run]) -> list[EpochStats]:
+        stats = [part.train_epoch([r])[0] for part, r in zip(self.parts, self.runs)]
+        live[0].step = self.runs[0].step
+        good = sum(st.good_samples for st in stats)
+        loss = sum(st.train_loss * st.good_samples for st in stats if st.good_samples) / good if good else math.nan
+        return [EpochStats(loss, good, sum(st.bad_batches for st in stats), max(st.consecutive_bad for st in stats),
+                           stats[0].lr, any(st.diverged for st in stats), sum(st.step_seconds for st in stats))]
+
+    def evaluate(self, diverged: list[bool]) -> list[tuple[float, float]]:
+        if diverged[0]:
+            return [(math.nan, math.nan)]
+        scores = [part.evaluate([False])[0] for part in self.parts]
+        n = sum(self.n_val)
+        return [(sum(k * loss for k, (loss, _) in zip(self.n_val, scores)) / n,
+                 sum(k * acc for k, (_, acc) in zip(self.n_val, scores)) / n)]
+
+    def weights(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def state_dicts(self, i: int) -> tuple[dict, dict]:
+        return _clone(self.model.state_dict()), {}
+
+    def fold_state(self) -> dict[str, Any]:
+        return {"optimizers": [_clone(p.opt.state_dict()) for p in self.parts], "steps": [r.step for r in self.runs],
+                "bad_runs": [int(p.bad_run) for p in self.parts]}
+
+    def rng_state(self) -> dict[str, Any]:
+        state = _rng_state(self.parts[0].shuffle, self.device)
+        state["fold_shuffles"] = [p.shuffle.get_state() for p in self.parts]
+        return state
+
+
 def train_and_evaluate(data: TaskData, hp: Hyperparams, cfg: TrainConfig, *, seed: int,
                        report: Callable[[EpochMetrics], None] | None = None,
                        checkpoint: Callable[[int, dict], None] | None = None,
@@ -625,7 +691,16 @@ def train_and_evaluate(data: TaskData, hp: Hyperparams, cfg: TrainConfig, *, see
     """
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    engine = _Single(data, hp, cfg, seed=seed, device=resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    if data.n_folds > 1:
+        engine: _Single | _Folds = _Folds(data, hp, cfg, seed=seed, device=device)
+    else:
+        engine = _Single(data, hp, cfg, seed=seed, device=device)
+    if checkpoint is not None and isinstance(engine, _Folds):
+        save = checkpoint
+
+        def checkpoint(epoch: int, state: dict) -> None:  # the folds' optimizers and schedules too
+            save(epoch, {**state, "folds": engine.fold_state()})
     run = Run(hp, report=report, checkpoint=checkpoint)
     start = engine.resume(run, resume) if resume is not None else 0
     run_epochs(engine, [run], cfg, start_epoch=start)

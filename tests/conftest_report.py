@@ -25,6 +25,7 @@ DATA = """
 [data]
 source = "synthetic"
 n_samples = 90
+folds = 1
 seq_len = 6
 n_features = 3
 n_classes = 3

@@ -25,6 +25,7 @@ source = "train.npz"
 {test_line}
 val_fraction = 0.2
 test_fraction = 0.2
+folds = 1
 
 [train]
 epochs = 1

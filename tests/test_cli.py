@@ -269,11 +269,28 @@ def test_ctrl_c_during_report_leaves_no_truncated_file(quick_study, capsys, monk
 
 
 def test_a_small_validation_split_is_named_before_the_cycles(quick_study, capsys):
-    text = quick_study.read_text().replace("n_samples = 480", "n_samples = 120")
+    text = quick_study.read_text().replace("n_samples = 480", "n_samples = 120\nfolds = 1")
     assert "n_samples = 120" in text
     quick_study.write_text(text)
     assert run_cli("run", str(quick_study), "--n-trials", "1") == 0
     out = capsys.readouterr().out
     note = next(line for line in out.splitlines() if "validation split holds" in line)
     assert note.startswith("note: the validation split holds 18 series (val_fraction=0.15): one series is 6 points")
+    assert '[data] folds = "auto"' in note  # names what would steady it
     assert out.index(note) < out.index("cycles of quick")  # said before the cycles, not after
+
+
+def test_auto_folds_cross_validate_a_small_split_and_say_so(quick_study, capsys):
+    text = quick_study.read_text().replace("n_samples = 480", "n_samples = 120")
+    quick_study.write_text(text)
+    assert run_cli("run", str(quick_study), "--n-trials", "1") == 0
+    out = capsys.readouterr().out
+    note = next(line for line in out.splitlines() if "cross-validation" in line)
+    # 120 series: 18 validation and 84 training; the test split (18) stays out of the folds
+    assert note.startswith('note: cycles are scored by 5-fold cross-validation over the 102 training and validation '
+                           'series ([data] folds = "auto": the validation split alone would hold 18)')
+    assert "validation split holds" not in out
+    assert out.index(note) < out.index("cycles of quick")
+    assert run_cli("best", str(quick_study), "--json") == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["test_accuracy"] is not None

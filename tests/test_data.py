@@ -89,7 +89,7 @@ def test_stratified_split_proportions():
 
 def test_stats_come_from_train_split_only(tmp_path):
     x, y = _toy(90)
-    d = load_task(DataConfig(), 0, data_path=_write_npz(tmp_path / "a.npz", x, y))
+    d = load_task(DataConfig(folds=1), 0, data_path=_write_npz(tmp_path / "a.npz", x, y))
     tr, va, te = stratified_split("a.npz", y, 3, 0.15, 0.15, 0)
     assert sorted(np.concatenate([tr, va, te]).tolist()) == list(range(90))
     mean, std = train_stats(x[tr])
@@ -103,11 +103,11 @@ def test_stats_come_from_train_split_only(tmp_path):
 
 def test_val_and_test_rows_do_not_change_stats(tmp_path):
     x, y = _toy(90)
-    d = load_task(DataConfig(), 0, data_path=_write_npz(tmp_path / "a.npz", x, y))
+    d = load_task(DataConfig(folds=1), 0, data_path=_write_npz(tmp_path / "a.npz", x, y))
     _, va, te = stratified_split("a.npz", y, 3, 0.15, 0.15, 0)
     x2 = x.copy()
     x2[np.concatenate([va, te])] = 1000.0
-    d2 = load_task(DataConfig(), 0, data_path=_write_npz(tmp_path / "b.npz", x2, y))
+    d2 = load_task(DataConfig(folds=1), 0, data_path=_write_npz(tmp_path / "b.npz", x2, y))
     np.testing.assert_array_equal(d.mean, d2.mean)
     np.testing.assert_array_equal(d.std, d2.std)
     assert torch.equal(d.x_train, d2.x_train)
@@ -350,7 +350,7 @@ def test_npz_lengths_mask_the_tail(tmp_path):
     lengths = np.arange(30) % 6 + 1
     path = tmp_path / "v.npz"
     np.savez(path, X=x, y=y, lengths=lengths)
-    d = load_task(DataConfig(), 0, data_path=path)
+    d = load_task(DataConfig(folds=1), 0, data_path=path)
     xs = torch.cat([d.x_train, d.x_val, d.x_test])
     observed = (~torch.isnan(xs).all(-1)).sum(1)
     assert sorted(observed.tolist()) == sorted(lengths.tolist())

@@ -35,13 +35,13 @@ def easy(tmp_path_factory):
     x[:, :, 0] += 1.5 * (y[:, None] - 1)
     path = tmp_path_factory.mktemp("easy") / "easy.npz"
     np.savez(path, X=x, y=y)
-    return load_task(DataConfig(), 0, data_path=path)
+    return load_task(DataConfig(folds=1), 0, data_path=path)
 
 
 @pytest.fixture(scope="module")
 def hard():
     """150 samples of the default synthetic task: a big model memorises them, a tiny one cannot."""
-    return load_task(DataConfig(n_samples=150, seq_len=16, n_features=8), 0)
+    return load_task(DataConfig(n_samples=150, seq_len=16, n_features=8, folds=1), 0)
 
 
 def _run(data, hp=HP, cfg=CFG, seed=0, **kw):

@@ -20,6 +20,7 @@ seed = 0
 
 [data]
 n_samples = {n_samples}
+folds = 1  # these tests are about workers, not scoring: the validation split alone
 seq_len = 4
 n_features = 2
 

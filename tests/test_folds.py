@@ -1,0 +1,221 @@
+"""[data] folds: k-fold cross-validation inside the training file, from the split to the best model."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cycle_optuna import api, baselines, config
+from cycle_optuna.config import DataConfig, Hyperparams, TrainConfig
+from cycle_optuna.data import cv_folds, load_task, stratified_split
+from cycle_optuna.errors import ConfigError, DataError
+from cycle_optuna.train import train_and_evaluate
+
+HP = Hyperparams(lr=3e-3, batch_size=16, hidden_dim=16, n_layers=1, n_heads=2, dropout=0.0, weight_decay=0.01)
+CFG = TrainConfig(epochs=3, schedule="cosine", warmup_epochs=0.5, early_stopping_patience=0, device="cpu",
+                  min_epoch_samples=0)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _npz(path, n: int = 60, t: int = 6):
+    rng = np.random.default_rng(1)
+    y = np.arange(n) % 3
+    x = rng.normal(size=(n, t, 2)).astype(np.float32)
+    x[:, :, 0] += 1.2 * (y[:, None] - 1)
+    np.savez(path, X=x, y=y)
+    return path, x, y
+
+
+# --- the split --------------------------------------------------------------------------------
+
+
+def test_auto_cross_validates_only_a_small_validation_split(tmp_path):
+    path, _, _ = _npz(tmp_path / "a.npz", n=60)  # 9 validation series
+    assert load_task(DataConfig(), 0, data_path=path).n_folds == 5
+    assert load_task(DataConfig(folds=1), 0, data_path=path).n_folds == 1
+    assert load_task(DataConfig(folds=3), 0, data_path=path).n_folds == 3
+    big, _, _ = _npz(tmp_path / "b.npz", n=240)  # 36 validation series
+    assert load_task(DataConfig(), 0, data_path=big).n_folds == 1
+    assert load_task(DataConfig(folds=4), 0, data_path=big).n_folds == 4
+
+
+def test_folds_partition_train_and_val_stratified_and_never_touch_test(tmp_path):
+    path, x, y = _npz(tmp_path / "a.npz", n=60)
+    d = load_task(DataConfig(), 0, data_path=path)
+    views = d.cv_views()
+    pool_x, pool_y = d.pooled()
+    assert len(views) == 5 and len(pool_y) == len(d.y_train) + len(d.y_val)
+    assert sum(len(v.y_val) for v in views) == len(pool_y)  # every pooled series validated exactly once
+    seen = torch.cat([v.x_val for v in views])
+    assert sorted(map(tuple, seen.reshape(len(seen), -1).tolist())) == \
+        sorted(map(tuple, pool_x.reshape(len(pool_x), -1).tolist()))
+    for v in views:
+        assert len(v.y_train) + len(v.y_val) == len(pool_y)
+        assert torch.bincount(v.y_val, minlength=3).tolist() in ([3, 3, 3], [4, 3, 3], [3, 4, 3], [3, 3, 4], [4, 4, 3],
+                                                                 [4, 3, 4], [3, 4, 4])  # stratified
+        assert torch.equal(v.x_test, d.x_test)
+    # the test split is the one the holdout study holds out: cross-validation does not move it
+    _, _, te = stratified_split(path, y, 3, 0.15, 0.15, 0)
+    assert len(d.y_test) == len(te)
+
+
+def test_fold_assignment_depends_only_on_labels_and_seed():
+    y = np.arange(40) % 4
+    a, b, c = cv_folds(y, 4, 5, 0), cv_folds(y, 4, 5, 0), cv_folds(y, 4, 5, 1)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.bincount(a).tolist() == [8] * 5
+    for cls in range(4):
+        assert np.bincount(a[y == cls], minlength=5).tolist() == [2] * 5
+
+
+def test_statistics_come_from_train_and_val_but_not_test(tmp_path):
+    path, x, y = _npz(tmp_path / "a.npz", n=60)
+    d = load_task(DataConfig(), 0, data_path=path)
+    _, _, te = stratified_split(path, y, 3, 0.15, 0.15, 0)
+    x2 = x.copy()
+    x2[te] = 1000.0
+    d2 = load_task(DataConfig(), 0, data_path=np.savez(tmp_path / "b.npz", X=x2, y=y) or tmp_path / "b.npz")
+    np.testing.assert_array_equal(d.mean, d2.mean)
+    pool_x, _ = d.pooled()
+    np.testing.assert_allclose(pool_x.numpy().reshape(-1, 2).mean(0), 0, atol=1e-4)
+
+
+def test_too_many_folds_for_the_file_is_one_line_naming_the_key(tmp_path):
+    path, _, _ = _npz(tmp_path / "a.npz", n=24)  # 21 series outside the test split
+    with pytest.raises(DataError, match=r"a\.npz: \[data\] folds = 15 needs at least 30 series .* it has 21"):
+        load_task(DataConfig(folds=15), 0, data_path=path)
+
+
+@pytest.mark.parametrize("bad", [0, 21, -1, 2.5, True, "five"])
+def test_bad_folds_values_name_the_key(bad):
+    with pytest.raises(ConfigError, match=r"data\.folds: must be an integer from 1 to 20, or 'auto'"):
+        config.parse({"data": {"folds": bad}}, where="s.toml")
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def _curve(report_to: list):
+    return lambda m: report_to.append(m)
+
+
+def test_a_cross_validated_epoch_scores_every_series_by_the_model_that_did_not_train_on_it(tmp_path):
+    path, _, _ = _npz(tmp_path / "a.npz", n=60)
+    d = load_task(DataConfig(), 0, data_path=path)
+    seen: list = []
+    res = train_and_evaluate(d, HP, CFG, seed=7, report=_curve(seen))
+    # each fold alone, seeded as the cross-validated trial seeds it (no dropout: nothing else is random)
+    alone = []
+    for j, view in enumerate(d.cv_views()):
+        curve: list = []
+        train_and_evaluate(view, HP, CFG, seed=7 + j, report=_curve(curve))
+        alone.append((len(view.y_val), curve))
+    n = sum(k for k, _ in alone)
+    for e, m in enumerate(seen):
+        assert m.val_loss == pytest.approx(sum(k * c[e].val_loss for k, c in alone) / n, rel=1e-5)
+        assert m.val_accuracy == pytest.approx(sum(k * c[e].val_accuracy for k, c in alone) / n, abs=1e-9)
+    assert res.best_val_loss == min(m.val_loss for m in seen)
+    # the trial's model is its folds' models averaged
+    assert len(res.model.nets) == 5
+
+
+def test_a_cross_validated_run_resumes_exactly(tmp_path):
+    path, _, _ = _npz(tmp_path / "a.npz", n=60)
+    d = load_task(DataConfig(folds=3), 0, data_path=path)
+    cfg = dataclasses.replace(CFG, epochs=4, augment_jitter=0.1)
+    hp = dataclasses.replace(HP, dropout=0.1)
+    full = train_and_evaluate(d, hp, cfg, seed=0)
+    states = []
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(epoch: int, state: dict) -> None:
+        states.append(state)
+        if epoch == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_and_evaluate(d, hp, cfg, seed=0, checkpoint=save_then_crash)
+    torch.manual_seed(123)
+    resumed = train_and_evaluate(d, hp, cfg, seed=0, resume=states[-1])
+    assert [(h.train_loss, h.val_loss) for h in resumed.history] == [(h.train_loss, h.val_loss) for h in full.history]
+    for p, q in zip(resumed.model.parameters(), full.model.parameters()):
+        assert torch.equal(p, q)
+
+
+# --- reference baselines ----------------------------------------------------------------------
+
+
+def test_baselines_are_cross_validated_like_the_transformer(tmp_path):
+    path, _, _ = _npz(tmp_path / "a.npz", n=60)
+    d = load_task(DataConfig(), 0, data_path=path)
+    got = baselines.compute(d, seed=0)
+    views = d.cv_views()
+    val = sum(len(v.y_val) * baselines.nearest_neighbour(v)[0] for v in views) / len(d.pooled()[1])
+    assert got["1nn"]["val_accuracy"] == pytest.approx(val, abs=1e-6)
+    pool_x, pool_y = d.pooled()
+    whole = dataclasses.replace(d, x_train=pool_x, y_train=pool_y, x_val=pool_x[:0], y_val=pool_y[:0], fold_ids=None)
+    assert got["1nn"]["test_accuracy"] == pytest.approx(baselines.nearest_neighbour(whole)[1], abs=1e-6)
+    for key in ("majority", "mlp"):
+        assert 0 <= got[key]["val_accuracy"] <= 1 and 0 <= got[key]["test_accuracy"] <= 1
+
+
+# --- the study, end to end --------------------------------------------------------------------
+
+STUDY = """
+[study]
+name = "cv"
+n_trials = 2
+seed = 0
+
+[data]
+source = "a.npz"
+
+[train]
+epochs = 2
+min_epoch_samples = 0
+threads = 1
+
+[baseline]
+lr = 3e-3
+batch_size = 16
+hidden_dim = 8
+n_layers = 1
+n_heads = 2
+
+[space]
+lr = { low = 1e-4, high = 1e-2, log = true }
+
+[sampler]
+type = "random"
+"""
+
+
+def test_a_cross_validated_study_stores_and_loads_the_folds_model(tmp_path):
+    path, _, _ = _npz(tmp_path / "a.npz", n=60)
+    (tmp_path / "cv.toml").write_text(STUDY)
+    study = api.run_study(tmp_path / "cv.toml")
+    done = [t for t in study.trials if t.value is not None]
+    assert len(done) == 2
+    model = api.load_best_model(study, ensemble=1)
+    assert len(model.net.nets) == 5  # the best cycle's five fold models, averaged
+    d = load_task(DataConfig(), 0, data_path=path)
+    probs = model.predict_proba(d.x_test.numpy() * d.std + d.mean)
+    assert probs.shape == (len(d.y_test), 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    score = api.held_out_score(study)
+    assert score.n == len(d.y_test) and not math.isnan(score.accuracy)
+    stored = study.user_attrs[baselines.BASELINES_ATTR]
+    assert stored["1nn"]["val_accuracy"] == pytest.approx(baselines.compute(d, seed=0)["1nn"]["val_accuracy"])
+    from cycle_optuna.model import count_params
+
+    assert done[0].user_attrs["n_params"] == count_params(model.net.nets[0])  # one model's size, not five
+    from cycle_optuna import report
+
+    text = report.write_report(study, tmp_path / "out", test=False).read_text()
+    assert f"Cycles are scored by 5-fold cross-validation over the {len(d.pooled()[1])} train and val sequences" in text
