@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -375,8 +375,17 @@ def _port(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose bad input is one line, like every other (no usage block before it), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        from cycle_optuna.storage import mask  # a mistyped flag may sit beside a storage URL
+
+        self.exit(2, f"error: {self.prog}: {mask(message)} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cycle-optuna",
         description="Tune small transformers in improvement cycles with Optuna.",
         epilog="Run 'cycle-optuna COMMAND --help' for a command's options and examples.",

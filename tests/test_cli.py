@@ -294,3 +294,19 @@ def test_auto_folds_cross_validate_a_small_split_and_say_so(quick_study, capsys)
     assert run_cli("best", str(quick_study), "--json") == 0
     record = json.loads(capsys.readouterr().out)
     assert record["test_accuracy"] is not None
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["run", "{study}", "--n-trials", "x"], "error: cycle-optuna run: argument --n-trials: must be a positive integer, got 'x'"),
+    (["run", "{study}", "--bogus"], "error: cycle-optuna: unrecognized arguments: --bogus"),
+    (["frob"], "error: cycle-optuna: argument COMMAND: invalid choice: 'frob'"),
+    (["run", "{study}", "postgresql://u:hunter2@db/x"], "error: cycle-optuna: unrecognized arguments: postgresql://u:***@db/x"),
+])
+def test_a_bad_flag_is_one_line_and_exit_2_with_nothing_written(quick_study, argv, says):
+    before = sorted(p.name for p in quick_study.parent.iterdir())
+    proc = subprocess.run([sys.executable, "-m", "cycle_optuna.cli", *[a.format(study=quick_study) for a in argv]],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and proc.stderr.count("\n") == 1 and proc.stderr.startswith(says)
+    assert "usage:" not in proc.stderr and "hunter2" not in proc.stderr
+    assert sorted(p.name for p in quick_study.parent.iterdir()) == before
