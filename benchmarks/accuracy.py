@@ -11,7 +11,9 @@ accuracy on the same split (the study's `cycle_optuna_baselines`), and the publi
 accuracy with its source. The built-in task runs studies/seed.toml as shipped. A UCR/UEA set runs the default study
 for a data file below: [baseline] and [train] are the project's defaults, with patch_len set to the
 automatic choice for the series length and the [space] around it; the official TRAIN file is
-`source` (validation is carved from it) and the TEST file is `test_source`.
+`source` (validation is carved from it, or, under the default [data] folds = "auto", 5-fold
+cross-validation runs over it when that split would hold fewer than 30 series) and the TEST file
+is `test_source`.
 
 UCR sets are read from DIR/<Name>/<Name>_TRAIN.ts and _TEST.ts (the layout of the UCR archive and
 of the aeon wheel's datasets/data folder); DIR comes from --data-dir or $CYCLE_OPTUNA_UCR_DIR, and a

@@ -31,6 +31,7 @@ n_trials = {n}
 n_samples = 60
 seq_len = 8
 n_features = 2
+folds = 1  # command latency, not scoring: the validation split alone
 
 [space]
 lr = {{ low = 1e-4, high = 1e-2, log = true }}

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     raw = {k: dict(v) for k, v in STUDY.items()}
     if args.quick:
-        raw["data"].update(n_samples=150, seq_len=8)
+        raw["data"].update(n_samples=150, seq_len=8, folds=1)  # a smoke run: the holdout split, as the full one
         raw["space"]["n_layers"] = {"low": 1, "high": 2}
         raw["space"]["hidden_dim"] = {"choices": [16, 32]}
         raw["baseline"] = {**raw["baseline"], "hidden_dim": 32, "n_layers": 1}
