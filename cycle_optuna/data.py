@@ -23,7 +23,9 @@ training mean). Every sequence needs at least one observed value, every class 0.
 
 The split is stratified and depends only on the labels and the seed; with ``data.test_source`` the
 test split is that file and validation is carved from the training file only. Normalisation
-statistics come from the training split only (NaN ignored), so validation and test rows never leak.
+statistics come from the training split only (NaN ignored), so validation and test rows never leak;
+under k-fold cross-validation (``data.folds``, see ``cv_folds``) every train and val series is
+trained on by some fold, and the statistics come from both (never from test).
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ class TaskData:
     y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    mean: np.ndarray  # float32 [F], train split only
-    std: np.ndarray  # float32 [F], train split only, tiny stds floored to 1
+    mean: np.ndarray  # float32 [F], train split only (train + val under cross-validation)
+    std: np.ndarray  # float32 [F], as mean; tiny stds floored to 1
     n_classes: int
     class_names: tuple[str, ...] = ()  # the file's label for each class index; () for the synthetic task
     # k-fold cross-validation: the fold (0..k-1) of each series of x_train then x_val; None: holdout
