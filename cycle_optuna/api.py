@@ -346,6 +346,8 @@ def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, w
         "study_name": study.study_name,
         "cycle": t.number + 1,
         "hyperparams": best_params(study),
+        # 1: value and val_accuracy are on the validation split; k: k-fold cross-validated ([data] folds)
+        "folds": int((study.user_attrs.get(STATS_ATTR) or {}).get("folds", 1)),
     }
     if with_test:
         try:

@@ -302,9 +302,10 @@ def cmd_best(args: argparse.Namespace) -> int:
     table = Table(title=f"best of {cfg.study.name}: cycle {rec['cycle']} (trial {rec['number']})")
     table.add_column("name")
     table.add_column("value", justify="right")
-    table.add_row("val loss", f"{rec['value']:.4f}")
+    cv = f" ({rec['folds']}-fold cross-validation)" if rec.get("folds", 1) > 1 else ""
+    table.add_row(f"val loss{cv}", f"{rec['value']:.4f}")
     if attrs.get("val_accuracy") is not None:
-        table.add_row("val accuracy", f"{attrs['val_accuracy']:.2%}")
+        table.add_row(f"val accuracy{cv}", f"{attrs['val_accuracy']:.2%}")
     if rec.get("test_accuracy") is not None:
         table.add_row("test accuracy (held out)", f"{rec['test_accuracy']:.2%}")
         table.add_row("test loss (held out)", f"{rec['test_loss']:.4f}")

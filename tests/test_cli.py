@@ -293,7 +293,9 @@ def test_auto_folds_cross_validate_a_small_split_and_say_so(quick_study, capsys)
     assert out.index(note) < out.index("cycles of quick")
     assert run_cli("best", str(quick_study), "--json") == 0
     record = json.loads(capsys.readouterr().out)
-    assert record["test_accuracy"] is not None
+    assert record["test_accuracy"] is not None and record["folds"] == 5
+    assert run_cli("best", str(quick_study)) == 0
+    assert "val accuracy (5-fold cross-validation)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, says", [
