@@ -176,9 +176,28 @@ class StudyConfig:
         return out
 
     def trial_definition(self) -> dict[str, Any]:
-        """The parts that define what a trial means; workers of one study must agree on them."""
+        """The parts that define what a trial means; workers of one study must agree on them.
+
+        How a worker runs its trials (EXECUTION_KEYS: device, threads, compile, packing, eval batch)
+        is its own: a GPU worker that packs and a CPU worker that does not can share one study.
+        """
         d = self.to_dict()
-        return {k: d[k] for k in ("data", "train", "baseline", "space")}
+        return {k: without_execution(k, d[k]) for k in DEFINITION_SECTIONS}
+
+
+DEFINITION_SECTIONS = ("data", "train", "baseline", "space")
+# [train] keys that change how fast a trial runs, not what it computes (packed and compiled trials
+# match the trial alone within float tolerance): not part of the trial definition
+EXECUTION_KEYS = {"train": ("device", "threads", "compile", "pack", "eval_batch_size")}
+# keys added after studies existed, with the value that reproduces what those studies did
+DEFINITION_ADDED = {"data": {"folds": 1}}
+
+
+def without_execution(section: str, values: Any) -> Any:
+    """A trial-definition section without its execution-only keys."""
+    if not isinstance(values, dict):
+        return values
+    return {k: v for k, v in values.items() if k not in EXECUTION_KEYS.get(section, ())}
 
 
 _SECTIONS = {

@@ -124,7 +124,10 @@ def _holds_secret(stored: dict) -> bool:
 
 def _check_same_definition(cfg: StudyConfig, stored: dict) -> None:
     mine = json.loads(json.dumps(cfg.trial_definition()))
-    theirs = {k: stored.get(k) for k in mine}
+    theirs = {k: config_mod.without_execution(k, stored.get(k)) for k in mine}
+    for section, added in config_mod.DEFINITION_ADDED.items():  # stored by a release before the key existed
+        if isinstance(theirs.get(section), dict):
+            theirs[section] = {**added, **theirs[section]}
     if mine == theirs:
         return
     diffs = [

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from cycle_optuna import config, storage, worker
+from cycle_optuna.errors import StorageError
 from cycle_optuna.objective import CHECKPOINT_ATTR, RESUMED_ATTR, TrialCheckpoints
 from workers_helpers import write_study
 
@@ -80,3 +82,37 @@ def test_a_retry_is_renamed_to_the_worker_that_runs_it(tmp_path: Path):
     worker.run_trials(study, url, 1, lambda t: t.suggest_float("x", 0, 1), stats=stats)
     (trial,) = study.trials
     assert trial.params == {"x": 0.25} and trial.user_attrs[storage.WORKER_ATTR] == stats.worker
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_workers_may_differ_in_how_they_run_but_not_in_what_a_trial_is(tmp_path: Path):
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    cfg = config.load(path)
+    url = storage.resolve_url(cfg)
+    worker.open_study(cfg, url)
+    # a GPU worker that packs and compiles, with its own threads and eval batch: the same study
+    _edit(path, "threads = 1", 'threads = 2\npack = 4\ncompile = true\ndevice = "cpu"\neval_batch_size = 64')
+    worker.open_study(config.load(path), url)
+    # a different number of epochs is a different trial: refused, naming the key
+    _edit(path, "epochs = 1", "epochs = 2")
+    with pytest.raises(StorageError, match=r"different trial definition \(train\.epochs: study has 1, file has 2\)"):
+        worker.open_study(config.load(path), url)
+
+
+def test_a_study_stored_before_folds_existed_is_the_validation_split(tmp_path: Path):
+    path = write_study(tmp_path, n_trials=1, epochs=1)  # folds = 1
+    cfg = config.load(path)
+    url = storage.resolve_url(cfg)
+    study = worker.open_study(cfg, url)
+    stored = study.user_attrs[worker.CONFIG_ATTR]
+    del stored["data"]["folds"]  # as a release before [data] folds wrote it
+    study.set_user_attr(worker.CONFIG_ATTR, stored)
+    worker.open_study(cfg, url)  # folds = 1 is what that study did
+    _edit(path, "folds = 1", 'folds = "auto"')
+    with pytest.raises(StorageError, match=r"data\.folds: study has 1, file has 'auto'"):
+        worker.open_study(config.load(path), url)
