@@ -12,7 +12,7 @@ accuracy with its source. The built-in task runs studies/seed.toml as shipped. A
 for a data file below: [baseline] and [train] are the project's defaults, with patch_len set to the
 automatic choice for the series length and the [space] around it; the official TRAIN file is
 `source` (validation is carved from it, or, under the default [data] folds = "auto", 5-fold
-cross-validation runs over it when that split would hold fewer than 30 series) and the TEST file
+cross-validation runs over it when that split would hold at most 20 series) and the TEST file
 is `test_source`.
 
 UCR sets are read from DIR/<Name>/<Name>_TRAIN.ts and _TEST.ts (the layout of the UCR archive and

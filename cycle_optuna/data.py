@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cycle_optuna.config import (AUTO_FOLDS, FOLDS_AUTO, SMALL_VAL, DataConfig, StudyConfig, resolve_data_path,
-                                 resolve_test_path)
+from cycle_optuna.config import (AUTO_FOLDS, AUTO_FOLDS_MAX_VAL, FOLDS_AUTO, DataConfig, StudyConfig,
+                                 resolve_data_path, resolve_test_path)
 from cycle_optuna.errors import DataError
 
 # Synthetic task constants (see docs/task.md); tuned so that the default task is learnable but
@@ -549,7 +549,7 @@ def stratified_split(path: Path | str, y: np.ndarray, n_classes: int, val_fracti
 def resolve_folds(cfg: DataConfig, n_val: int, n_pool: int) -> int:
     """The folds cycles are scored on: [data] folds, "auto" resolved on the validation split's size."""
     if cfg.folds == FOLDS_AUTO:
-        return max(1, min(AUTO_FOLDS, n_pool // 2)) if n_val < SMALL_VAL else 1
+        return max(1, min(AUTO_FOLDS, n_pool // 2)) if n_val <= AUTO_FOLDS_MAX_VAL else 1
     return int(cfg.folds)
 
 

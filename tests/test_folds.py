@@ -39,6 +39,11 @@ def test_auto_cross_validates_only_a_small_validation_split(tmp_path):
     assert load_task(DataConfig(), 0, data_path=path).n_folds == 5
     assert load_task(DataConfig(folds=1), 0, data_path=path).n_folds == 1
     assert load_task(DataConfig(folds=3), 0, data_path=path).n_folds == 3
+    edge, _, _ = _npz(tmp_path / "e.npz", n=132)  # 21 validation series: just over what "auto" cross-validates
+    assert len(load_task(DataConfig(folds=1), 0, data_path=edge).y_val) == 21
+    assert load_task(DataConfig(), 0, data_path=edge).n_folds == 1
+    below, _, _ = _npz(tmp_path / "t.npz", n=129)  # 18
+    assert load_task(DataConfig(), 0, data_path=below).n_folds == 5
     big, _, _ = _npz(tmp_path / "b.npz", n=240)  # 36 validation series
     assert load_task(DataConfig(), 0, data_path=big).n_folds == 1
     assert load_task(DataConfig(folds=4), 0, data_path=big).n_folds == 4
