@@ -122,8 +122,8 @@ def small_validation_note(cfg, data) -> str | None:
         return None
     return (f"note: the validation split holds {n} series (val_fraction={cfg.data.val_fraction}): one series is "
             f"{100 / n:.0f} points of val accuracy, so cycles are ranked on little evidence and the best cycle "
-            'is partly luck; [data] folds = "auto" (or 5) cross-validates instead, and more data or more cycles '
-            "steady the choice")
+            'is partly luck; [data] folds = 5 cross-validates instead, and more data or more cycles steady the '
+            "choice")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

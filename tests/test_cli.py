@@ -276,7 +276,7 @@ def test_a_small_validation_split_is_named_before_the_cycles(quick_study, capsys
     out = capsys.readouterr().out
     note = next(line for line in out.splitlines() if "validation split holds" in line)
     assert note.startswith("note: the validation split holds 18 series (val_fraction=0.15): one series is 6 points")
-    assert '[data] folds = "auto"' in note  # names what would steady it
+    assert "[data] folds = 5 cross-validates instead" in note  # names what would steady it
     assert out.index(note) < out.index("cycles of quick")  # said before the cycles, not after
 
 
