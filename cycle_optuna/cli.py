@@ -110,12 +110,12 @@ def _say_err(line: str) -> None:
 def small_validation_note(cfg, data) -> str | None:
     """How cycles are scored, when it is not the plain validation split: cross-validation (what it
     costs), or a validation split of a handful of series (what steadies it)."""
-    from cycle_optuna.config import SMALL_VAL
+    from cycle_optuna.config import FOLDS_AUTO, SMALL_VAL
 
     n = int(data.y_val.shape[0])
     k = data.n_folds
     if k > 1:
-        why = f' ([data] folds = "auto": the validation split alone would hold {n})' if cfg.data.folds == "auto" else ""
+        why = f' ([data] folds = "auto": the validation split alone would hold {n})' if cfg.data.folds == FOLDS_AUTO else ""
         return (f"note: cycles are scored by {k}-fold cross-validation over the {n + int(data.y_train.shape[0])} "
                 f"training and validation series{why}; each cycle trains {k} models, and its model averages them")
     if n >= SMALL_VAL:

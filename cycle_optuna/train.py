@@ -630,11 +630,11 @@ class _Folds:
 
     def resume(self, run: Run, state: dict) -> int:
         self.model.load_state_dict(state["model"])
-        folds = state["folds"]
+        folds = state["optimizer"]  # see state_dicts
         for part, fold_run, opt, step, bad, shuffle in zip(self.parts, self.runs, folds["optimizers"], folds["steps"],
                                                            folds["bad_runs"], state["rng"]["fold_shuffles"]):
             part.opt.load_state_dict(_clone(opt))
-            fold_run.step = step
+            fold_run.step, fold_run.consecutive_bad = step, bad
             part.bad_run.fill_(bad)
             part.shuffle.set_state(shuffle.cpu())
         start = run.load(state, self.device)
@@ -646,6 +646,8 @@ class _Folds:
 
     def train_epoch(self, live: list[Run]) -> list[EpochStats]:
         stats = [part.train_epoch([r])[0] for part, r in zip(self.parts, self.runs)]
+        for r, st in zip(self.runs, stats):
+            r.consecutive_bad = st.consecutive_bad  # read by the epoch's one host read: no extra sync
         live[0].step = self.runs[0].step
         good = sum(st.good_samples for st in stats)
         loss = sum(st.train_loss * st.good_samples for st in stats if st.good_samples) / good if good else math.nan
@@ -664,11 +666,10 @@ class _Folds:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def state_dicts(self, i: int) -> tuple[dict, dict]:
-        return _clone(self.model.state_dict()), {}
-
-    def fold_state(self) -> dict[str, Any]:
-        return {"optimizers": [_clone(p.opt.state_dict()) for p in self.parts], "steps": [r.step for r in self.runs],
-                "bad_runs": [int(p.bad_run) for p in self.parts]}
+        """The folds' models (as the Ensemble), and as "optimizer" every fold's optimizer and schedule."""
+        return _clone(self.model.state_dict()), {
+            "optimizers": [_clone(p.opt.state_dict()) for p in self.parts], "steps": [r.step for r in self.runs],
+            "bad_runs": [r.consecutive_bad for r in self.runs]}
 
     def rng_state(self) -> dict[str, Any]:
         state = _rng_state(self.parts[0].shuffle, self.device)
@@ -692,15 +693,7 @@ def train_and_evaluate(data: TaskData, hp: Hyperparams, cfg: TrainConfig, *, see
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    if data.n_folds > 1:
-        engine: _Single | _Folds = _Folds(data, hp, cfg, seed=seed, device=device)
-    else:
-        engine = _Single(data, hp, cfg, seed=seed, device=device)
-    if checkpoint is not None and isinstance(engine, _Folds):
-        save = checkpoint
-
-        def checkpoint(epoch: int, state: dict) -> None:  # the folds' optimizers and schedules too
-            save(epoch, {**state, "folds": engine.fold_state()})
+    engine = (_Folds if data.n_folds > 1 else _Single)(data, hp, cfg, seed=seed, device=device)
     run = Run(hp, report=report, checkpoint=checkpoint)
     start = engine.resume(run, resume) if resume is not None else 0
     run_epochs(engine, [run], cfg, start_epoch=start)
