@@ -140,7 +140,11 @@ def file_study(name: str, train: Path, test: Path, *, trials: int, epochs: int, 
 def _toml_space() -> str:
     """config.DEFAULT_SPACE as [space] lines."""
     def value(v: object) -> str:
-        return str(v).lower() if isinstance(v, bool) else f"[{', '.join(value(x) for x in v)}]" if isinstance(v, list) else str(v)
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, list):
+            return f"[{', '.join(value(x) for x in v)}]"
+        return f'"{v}"' if isinstance(v, str) else str(v)
 
     return "\n".join(f"{name} = {{ {', '.join(f'{k} = {value(v)}' for k, v in spec.items())} }}"
                      for name, spec in config.DEFAULT_SPACE.items())

@@ -30,7 +30,7 @@ MAX_FOLDS = 20
 DIRECTIONS = ("minimize",)
 DATA_SUFFIXES = (".npz", ".csv", ".ts")
 POS_ENCODINGS = ("sinusoidal", "rotary", "learned", "none")  # model.POS_ENCODINGS
-POOLINGS = ("mean", "cls", "last")  # model.POOLINGS
+POOLINGS = ("mean", "cls", "last", "max")  # model.POOLINGS
 CHOICE_PARAMS = {"pos_encoding": POS_ENCODINGS, "pooling": POOLINGS}
 MAX_CONV_STEM = 3  # len(model.CONV_KERNELS)
 
@@ -104,7 +104,7 @@ class Hyperparams:
     patch_len: int = 0  # steps per token; 0 = auto (the largest power of two leaving >= 16 tokens)
     conv_stem: int = 2  # conv layers (kernels 5, 3, 3) over the tokens; 0 = none
     pos_encoding: str = "sinusoidal"  # sinusoidal | rotary | learned | none
-    pooling: str = "mean"  # mean | cls | last
+    pooling: str = "max"  # max | mean | cls | last
     instance_norm: bool = False  # standardise each series on its own (level/scale fed to the head)
 
 
@@ -340,6 +340,7 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "n_layers": {"low": 1, "high": 3},
     "dropout": {"low": 0.0, "high": 0.3},
     "batch_size": {"choices": [16, 32, 64]},
+    "pooling": {"choices": ["max", "mean"]},
 }
 
 

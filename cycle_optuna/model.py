@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 POS_ENCODINGS = ("sinusoidal", "rotary", "learned", "none")
-POOLINGS = ("mean", "cls", "last")
+POOLINGS = ("mean", "cls", "last", "max")
 CONV_KERNELS = (5, 3, 3)  # kernel of each conv layer of the stem: conv_stem = how many of them
 INIT_STD = 0.02  # the small-transformer codebases' N(0, 0.02), times init_gain
 _EPS = 1e-5
@@ -76,7 +76,7 @@ class TransformerClassifier(nn.Module):
 
     def __init__(self, *, n_features: int, n_classes: int, seq_len: int, hidden_dim: int, n_layers: int,
                  n_heads: int, dropout: float, init_gain: float = 1.0, patch_len: int = 1, conv_stem: int = 0,
-                 pos_encoding: str = "sinusoidal", pooling: str = "mean", instance_norm: bool = False) -> None:
+                 pos_encoding: str = "sinusoidal", pooling: str = "max", instance_norm: bool = False) -> None:
         super().__init__()
         if n_heads < 1 or hidden_dim % n_heads != 0:
             raise ValueError(f"hidden_dim must be divisible by n_heads, but got {hidden_dim=}, {n_heads=}.")
@@ -186,6 +186,10 @@ class TransformerClassifier(nn.Module):
             # the last token holding data (padding sits at the end of a shorter series)
             idx = (tok_valid * torch.arange(1, h.shape[1] + 1, device=h.device)).argmax(dim=1)
             return h[torch.arange(h.shape[0], device=h.device), idx]
+        if self.pooling == "max":
+            # each feature's largest value over the tokens that hold data (every token when none does)
+            present = tok_valid | ~tok_valid.any(dim=1, keepdim=True)
+            return h.masked_fill(~present[:, :, None], -math.inf).amax(dim=1)
         w = tok_valid.to(h.dtype)[:, :, None]
         return (h * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
 

@@ -71,9 +71,11 @@ def test_conv_stem_adds_layers_with_the_documented_kernels():
 
 def test_pooling_changes_what_the_head_reads():
     x = torch.randn(3, 12, 5)
-    mean, last = _model(pooling="mean"), _model(pooling="last")
+    mean, last, top = _model(pooling="mean"), _model(pooling="last"), _model(pooling="max")
     last.load_state_dict(mean.state_dict())
+    top.load_state_dict(mean.state_dict())
     assert not torch.allclose(mean(x), last(x))
+    assert not torch.allclose(mean(x), top(x))
     assert hasattr(_model(pooling="cls"), "cls") and not hasattr(mean, "cls")
 
 
@@ -156,8 +158,8 @@ def test_bad_arguments_name_the_value():
         _model(patch_len=13)
     with pytest.raises(ValueError, match=r"pos_encoding='alibi'"):
         _model(pos_encoding="alibi")
-    with pytest.raises(ValueError, match=r"pooling='max'"):
-        _model(pooling="max")
+    with pytest.raises(ValueError, match=r"pooling='median'"):
+        _model(pooling="median")
     with pytest.raises(ValueError, match=r"rotary positions need an even head size"):
         _model(hidden_dim=12, n_heads=4, pos_encoding="rotary")
 
@@ -241,7 +243,7 @@ def test_model_knobs_are_study_parameters_with_string_and_bool_choices():
 
 
 @pytest.mark.parametrize("sections, message", [
-    ({"baseline": {"pooling": "max"}}, r"baseline\.pooling: 'max' is not one of mean, cls, last"),
+    ({"baseline": {"pooling": "median"}}, r"baseline\.pooling: 'median' is not one of mean, cls, last, max"),
     ({"space": {"pos_encoding": {"choices": ["sinusoidal", "alibi"]}}}, r"space\.pos_encoding: 'alibi' is not one of"),
     ({"space": {"pooling": {"low": 0, "high": 1}}}, r"space\.pooling: must be a table of choices"),
     ({"space": {"instance_norm": {"choices": [1, 0]}}}, r"space\.instance_norm\.choices: must be true or false"),
