@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/accuracy.py --data-dir DIR             # built-in task + 4 UCR sets, 20 trials each
     .venv/bin/python benchmarks/accuracy.py --datasets GunPoint --trials 5 --epochs 8
+    .venv/bin/python benchmarks/accuracy.py --datasets OSULeaf --seed 1       # another [study] seed of the UCR studies
     .venv/bin/python benchmarks/accuracy.py --tiny                     # seconds: a smoke run
 
 Per dataset it runs one study with the cycle sampler and prints the held-out test accuracy of the
@@ -56,7 +57,7 @@ FILE_STUDY = """
 [study]
 name = "{name}"
 n_trials = {trials}
-seed = 0
+seed = {seed}
 
 [data]
 source = "{train}"
@@ -80,7 +81,7 @@ TINY_STUDY = """
 [study]
 name = "tiny"
 n_trials = {trials}
-seed = 0
+seed = {seed}
 
 [data]
 source = "{train}"
@@ -127,12 +128,13 @@ def _series_len(path: Path) -> int:
     return load_task(cfg, 0, data_path=path).seq_len
 
 
-def file_study(name: str, train: Path, test: Path, *, trials: int, epochs: int, template: str, where: Path) -> Path:
+def file_study(name: str, train: Path, test: Path, *, trials: int, epochs: int, template: str, where: Path,
+               seed: int = 0) -> Path:
     """Write the default study file for a train/test pair; patch lengths around the automatic one."""
     p = auto_patch_len(_series_len(train))
     patches = sorted({max(1, p // 2), p, 2 * p})
     path = where / f"{name}.toml"
-    path.write_text(template.format(name=name, trials=trials, epochs=epochs, train=train.resolve(),
+    path.write_text(template.format(name=name, trials=trials, epochs=epochs, seed=seed, train=train.resolve(),
                                     test=test.resolve(), patch=p, patches=patches, default_space=_toml_space()))
     return path
 
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=20, help="trials per UCR study (the built-in study keeps its own)")
     ap.add_argument("--epochs", type=int, default=config.TrainConfig().epochs, help="epochs per trial (UCR studies)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--seed", type=int, default=0, help="[study] seed of the UCR studies (the built-in study keeps its own)")
     ap.add_argument("--tiny", action="store_true", help="a generated tiny .ts set, 2 trials: a smoke run")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             args.trials, args.epochs = min(args.trials, 2), min(args.epochs, 2)
         else:
             data_dir, names, template = Path(args.data_dir) if args.data_dir else None, args.datasets, FILE_STUDY
-        print(f"torch {torch.__version__}, {args.threads} thread(s); UCR studies: {args.trials} trials of "
+        print(f"torch {torch.__version__}, {args.threads} thread(s); UCR studies: seed {args.seed}, {args.trials} trials of "
               f"{args.epochs} epochs; data dir: {data_dir or 'none'}", flush=True)
         for name in names:
             if name == "builtin":
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"skipped {name}: no {name}_TRAIN.ts/_TEST.ts under {data_dir or f'--data-dir / ${DATA_DIR_ENV}'}")
                     continue
                 res = run_study(file_study(name, train, test, trials=args.trials, epochs=args.epochs,
-                                           template=template, where=work))
+                                           template=template, where=work, seed=args.seed))
                 rows.append((name, res, ROCKET.get(name), ROCKET_SOURCE if name in ROCKET else "-", args.trials))
             r = rows[-1][1]
             print(f"done {rows[-1][0]}: test {r['test']:.3f} (cycles {', '.join(map(str, r['cycles']))}; "
