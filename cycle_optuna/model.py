@@ -170,16 +170,17 @@ class TransformerClassifier(nn.Module):
         # Always a key mask: checking for padding first would cost a host read per step, and on the
         # CPU the masked attention kernel measured within 5% of the unmasked one.
         # A series with no data at all attends to everything (a fully masked row would give NaN).
-        mask = (tok_valid | ~tok_valid.any(dim=1, keepdim=True))[:, None, None, :]
+        attended = tok_valid | ~tok_valid.any(dim=1, keepdim=True)  # [B, N]: read by attention and max pooling
+        mask = attended[:, None, None, :]
         for block in self.blocks:
             h = block(h, mask, rope)
         h = self.ln_f(h)
-        pooled = self._pool(h, tok_valid)
+        pooled = self._pool(h, tok_valid, attended)
         if self.instance_norm:
             pooled = pooled + self.stats(stats)
         return self.head(pooled)
 
-    def _pool(self, h: torch.Tensor, tok_valid: torch.Tensor) -> torch.Tensor:
+    def _pool(self, h: torch.Tensor, tok_valid: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
             return h[:, 0]
         if self.pooling == "last":
@@ -188,8 +189,7 @@ class TransformerClassifier(nn.Module):
             return h[torch.arange(h.shape[0], device=h.device), idx]
         if self.pooling == "max":
             # each feature's largest value over the tokens that hold data (every token when none does)
-            present = tok_valid | ~tok_valid.any(dim=1, keepdim=True)
-            return h.masked_fill(~present[:, :, None], -math.inf).amax(dim=1)
+            return h.masked_fill(~attended[:, :, None], -math.inf).amax(dim=1)
         w = tok_valid.to(h.dtype)[:, :, None]
         return (h * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
 
