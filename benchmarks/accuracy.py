@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/accuracy.py --datasets GunPoint --trials 5 --epochs 8
     .venv/bin/python benchmarks/accuracy.py --datasets OSULeaf --seed 1       # another [study] seed of the UCR studies
     .venv/bin/python benchmarks/accuracy.py --tiny                     # seconds: a smoke run
+    .venv/bin/python benchmarks/accuracy.py --datasets ACSF1 --keep runs/  # keep the study files and databases
 
 Per dataset it runs one study with the cycle sampler and prints the held-out test accuracy of the
 best model (the `[study] ensemble` best cycles by validation loss, their class probabilities
@@ -24,6 +25,7 @@ set whose files are absent is skipped with a message.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -188,12 +190,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--seed", type=int, default=0, help="[study] seed of the UCR studies (the built-in study keeps its own)")
     ap.add_argument("--tiny", action="store_true", help="a generated tiny .ts set, 2 trials: a smoke run")
+    ap.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                    help="write each study file and its SQLite database here (kept) instead of a temporary folder; "
+                         "open them with `cycle-optuna report DIR/NAME.toml`")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ[worker.THREADS_ENV_VAR] = str(args.threads)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.keep is not None:
+        taken = [n for n in ("seed" if n == "builtin" else n for n in (["Tiny"] if args.tiny else args.datasets))
+                 if (args.keep / f"{n}.db").exists()]
+        if taken:
+            print(f"--keep {args.keep}: {taken[0]}.db exists there; choose an empty folder", file=sys.stderr)
+            return 2
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(str(args.keep)) if args.keep is not None else tempfile.TemporaryDirectory()) as tmp:
         work = Path(tmp)
         if args.tiny:
             data_dir, names, template = write_tiny_ts(work / "data"), ["Tiny"], TINY_STUDY
