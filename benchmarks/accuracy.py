@@ -166,7 +166,7 @@ def _one_nn(cfg: config.StudyConfig) -> dict[str, dict]:
 def run_study(study_file: Path) -> dict:
     """Run a study file to its n_trials in a fresh SQLite file; the best trial's test accuracy and the baselines."""
     cfg = config.load(study_file)
-    url = f"sqlite:///{study_file.with_suffix('.db')}"
+    url = f"sqlite:///{config.study_dir(cfg) / (cfg.study.name + '.db')}"  # the file's default: `best FILE` finds it
     t0 = time.perf_counter()
     study = worker.run_worker(cfg, url)
     seconds = time.perf_counter() - t0
@@ -199,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[worker.THREADS_ENV_VAR] = str(args.threads)
     rows = []
     if args.keep is not None:
-        taken = [n for n in ("seed" if n == "builtin" else n for n in (["Tiny"] if args.tiny else args.datasets))
-                 if (args.keep / f"{n}.db").exists()]
+        taken = sorted(args.keep.glob("*.db")) if args.keep.is_dir() else []
         if taken:
-            print(f"--keep {args.keep}: {taken[0]}.db exists there; choose an empty folder", file=sys.stderr)
+            print(f"--keep {args.keep}: {taken[0].name} exists there; choose a folder without study databases",
+                  file=sys.stderr)
             return 2
         args.keep.mkdir(parents=True, exist_ok=True)
     with (contextlib.nullcontext(str(args.keep)) if args.keep is not None else tempfile.TemporaryDirectory()) as tmp:

@@ -83,12 +83,12 @@ def test_gpu_benchmark_runs_every_setting_and_says_when_there_is_no_gpu():
 
 def test_accuracy_benchmark_tunes_a_generated_ts_set_and_prints_the_baselines(tmp_path):
     out = _run("accuracy.py", "--tiny", "--keep", str(tmp_path / "runs"))
-    kept = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs' / 'Tiny.db'}")
+    kept = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs' / 'tiny.db'}")
     assert len(kept.trials) == 2 and (tmp_path / "runs" / "Tiny.toml").is_file()
     again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--tiny", "--keep",
                             str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and again.stdout == "" and "Tiny.db exists" in again.stderr  # never appends to a kept study
-    assert len(optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs' / 'Tiny.db'}").trials) == 2
+    assert again.returncode == 2 and again.stdout == "" and "tiny.db exists" in again.stderr  # never appends to a kept study
+    assert len(optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs' / 'tiny.db'}").trials) == 2
     row = next(line for line in out.splitlines() if line.startswith("| Tiny | 2 |"))
     assert re.fullmatch(r"\| Tiny \| 2 \|( [\d.]+ \|){5} - \| - \|", row), out  # tuned, best cycle alone, 3 references
     assert "1-NN" in out.splitlines()[-3]  # the header names each reference baseline
