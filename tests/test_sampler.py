@@ -89,7 +89,12 @@ RULES = [
     ("improved twice in a row: larger step", [1.0, 0.9, 0.8], (3, "lr x4")),
     ("worse: back to the incumbent, the opposite", [1.0, 1.1], (1, "lr /2")),
     ("opposite worse too: next move", [1.0, 1.1, 1.2], (1, "layers +1")),
-    ("improvement inside the noise margin does not count", [1.0, 0.9995], (1, "lr /2")),
+    ("improvement inside the noise margin does not count: a tie, one step larger", [1.0, 0.9995], (1, "lr x4")),
+    ("worse by more than a tie: the opposite", [1.0, 1.03], (1, "lr /2")),
+    ("a tie at the larger step: larger again", [1.0, 1.01, 1.005], (1, "lr x8")),
+    ("ties stop growing at the largest step", [1.0, 1.01, 1.005, 1.0], (1, "lr /2")),
+    ("a pruned move is no tie", [1.0, "pruned"], (1, "lr /2")),
+    ("a tie on an int steps no further", [(1.0, "underfit"), 1.01], (1, "layers -1")),
     ("pruned counts as worse", [1.0, "pruned"], (1, "lr /2")),
     ("failed (NaN) counts as worse", [1.0, "fail"], (1, "lr /2")),
     ("underfit: capacity up first", [(1.0, "underfit")], (1, "layers +1")),
@@ -152,6 +157,18 @@ def test_repeat_on_a_linear_float_compares_linear_steps():
 def test_a_tie_with_the_incumbent_is_not_called_worse():
     reason = last(run([1.0, 1.0])).user_attrs["cycle_reason"]
     assert reason.startswith("cycle 3: cycle 2 (lr x2) matched cycle 1 (1) without beating it"), reason
+
+
+def test_a_tie_takes_a_larger_step_and_says_why():
+    study = run([1.0, 1.015])
+    t = last(study)
+    assert t.params["lr"] == pytest.approx(5e-4 * 4) and t.user_attrs["cycle_parent"] == 1
+    assert t.user_attrs["cycle_reason"] == (
+        "cycle 3: cycle 2 (lr x2) was worse: 1.015 vs 1 (cycle 1); cycle 2 ended within 2% of cycle 1, "
+        "too close to tell; trying a larger step the same way: lr x4"
+    )
+    # Every other parameter stays at the parent's: one change per cycle.
+    assert {k: v for k, v in t.params.items() if k != "lr"} == {k: v for k, v in BASELINE.items() if k != "lr"}
 
 
 def test_baseline_trial_uses_baseline_params():

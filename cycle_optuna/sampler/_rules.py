@@ -28,6 +28,7 @@ CAPACITY = ("layers", "hidden")
 MULTIPLICATIVE = ("lr", "hidden", "batch", "patch")  # roles whose numeric moves multiply
 ROLE_ORDER = ("lr", "layers", "hidden", "dropout", "batch", "heads", "patch")
 LOCAL_PER_GLOBAL = 2  # exploration trials around the incumbent before one from the fallback
+TIE = 0.02  # a float move that finished within this (relative) of its parent was too small to tell
 # Moves a diagnosis of the incumbent puts first; each is followed by its opposite.
 DIAGNOSIS_FIRST: dict[str, tuple[tuple[str, int], ...]] = {
     "underfit": (("layers", +1), ("hidden", +1), ("lr", +1), ("dropout", -1)),
@@ -132,6 +133,9 @@ class Planner:
             # One lr probe once capacity stops paying (a larger model often wants a smaller lr).
             if roles.role_of(base.param) in CAPACITY and lr:
                 front.append(_Candidate(lr, -base.direction, 1.0, "reprobe"))
+        tie = self._tied(base)
+        if tie is not None:
+            front.append(tie)
         pairs: list[_Candidate] = []
         for role, d in DIAGNOSIS_FIRST.get(base.diagnosis or "", ()):
             name = self._name(role)
@@ -169,6 +173,20 @@ class Planner:
                 seen.add(key)
                 out.append(c)
         return out
+
+    def _tied(self, base: Rec) -> _Candidate | None:
+        """The last move from ``base`` changed a float and finished level with it (within TIE):
+        the step was too small to tell, so the same move one step larger comes next (a tie at
+        that step grows it again, up to MAX_SCALE). Lists and ints never: a larger step skips a choice."""
+        last = self.hist.fold.last_finished
+        if (
+            TIE <= 0 or last is None or last is base or last.kind != "move" or last.parent != base.number
+            or last.param not in self.space or not last.direction or last.value is None or base.value is None
+            or not isinstance(self.space[last.param], FloatDistribution) or last.scale >= MAX_SCALE
+            or abs(last.value - base.value) > TIE * abs(base.value)
+        ):
+            return None
+        return _Candidate(last.param, last.direction, last.scale + 1.0, "tie")
 
     def _repeat_scale(self, base: Rec) -> float:
         """Same step after one improvement; a float takes one step larger after two in a row.
@@ -391,6 +409,11 @@ class Planner:
         where = f"from cycle {base.cycle}" if last is base or last is None else f"back to cycle {base.cycle}"
         if c.why == "keep":
             return f"trying {label} {self._compared_step(base, config, c.param)}"
+        if c.why == "tie":
+            last = self.hist.fold.last_finished
+            assert last is not None
+            return (f"cycle {last.cycle} ended within {TIE:.0%} of cycle {base.cycle}, too close to tell; "
+                    f"trying a larger step the same way: {label}")
         if c.why == "reprobe":
             return f"re-probing lr after the capacity change: {label}"
         if c.why == "diverged":
