@@ -38,7 +38,7 @@ import numpy as np
 import optuna
 import torch
 
-from cycle_optuna import api, config, worker
+from cycle_optuna import api, config, storage, worker
 from cycle_optuna.data import load_study_data
 from cycle_optuna.model import auto_patch_len
 
@@ -166,7 +166,7 @@ def _one_nn(cfg: config.StudyConfig) -> dict[str, dict]:
 def run_study(study_file: Path) -> dict:
     """Run a study file to its n_trials in a fresh SQLite file; the best trial's test accuracy and the baselines."""
     cfg = config.load(study_file)
-    url = f"sqlite:///{config.study_dir(cfg) / (cfg.study.name + '.db')}"  # the file's default: `best FILE` finds it
+    url = storage.default_url(cfg)  # a fresh local file where `cycle-optuna best FILE` looks (never $CYCLE_OPTUNA_STORAGE)
     t0 = time.perf_counter()
     study = worker.run_worker(cfg, url)
     seconds = time.perf_counter() - t0

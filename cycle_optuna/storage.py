@@ -62,6 +62,11 @@ def resolve_url(cfg: StudyConfig, flag: str | None = None) -> str:
     for url in (flag, os.environ.get(ENV_VAR), cfg.study.storage):
         if url:
             return url
+    return default_url(cfg)
+
+
+def default_url(cfg: StudyConfig) -> str:
+    """The embedded default: a SQLite file named after the study, beside the study file."""
     return f"sqlite:///{study_dir(cfg) / (cfg.study.name + '.db')}"
 
 

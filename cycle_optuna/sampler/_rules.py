@@ -180,7 +180,7 @@ class Planner:
         that step grows it again, up to MAX_SCALE). Lists and ints never: a larger step skips a choice."""
         last = self.hist.fold.last_finished
         if (
-            TIE <= 0 or last is None or last is base or last.kind != "move" or last.parent != base.number
+            last is None or last is base or last.kind != "move" or last.parent != base.number
             or last.param not in self.space or not last.direction or last.value is None or base.value is None
             or not isinstance(self.space[last.param], FloatDistribution) or last.scale >= MAX_SCALE
             or abs(last.value - base.value) > TIE * abs(base.value)
