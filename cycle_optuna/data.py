@@ -342,6 +342,9 @@ _TS_SPELLING = ("@problemName", "@timeStamps", "@missing", "@univariate", "@equa
                 "@seriesLength", "@classLabel", "@targetLabel", "@data")
 
 
+_TS_COMMENTS = ("#", "%")  # "%": the ARFF comment the format descends from (aeon ships files with it)
+
+
 def load_ts(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
     """Raw X (NaN for '?' and padding), the label of each sequence and the declared labels of a .ts file."""
     try:
@@ -356,7 +359,7 @@ def load_ts(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
     in_data = False
     for n, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
-        if not line or line.startswith("#"):
+        if not line or line.startswith(_TS_COMMENTS):
             continue
         if not in_data:
             if not line.startswith("@"):

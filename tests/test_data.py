@@ -314,6 +314,15 @@ def test_ts_univariate_labels_in_numeric_order(tmp_path):
     assert y.tolist() == [2, 1, 0, 1, 2, 0]
 
 
+def test_ts_percent_comment_lines_are_skipped(tmp_path):
+    from cycle_optuna.data import load_ts
+
+    # as in files the aeon wheel ships (UnitTest): ARFF-style '%' comments, also before any '@' line
+    text = "% a cut-down problem\n%\n" + UNIVARIATE_TS.replace("@data\n", "@data\n% the cases\n")
+    x, labels, declared = load_ts(_ts(tmp_path, text))
+    assert x.shape == (6, 4, 1) and labels[0] == "10" and declared == ["2", "10", "1"]
+
+
 def test_ts_multivariate_unequal_length_and_missing(tmp_path):
     from cycle_optuna.data import read_file
 
