@@ -264,8 +264,9 @@ def _apply_lengths(path: Path, x: np.ndarray, lengths: np.ndarray) -> np.ndarray
     return x
 
 
-def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Raw X, y from a long-format .csv file (see the module docstring); shorter sequences NaN-padded."""
+def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
+    """Raw X (shorter sequences NaN-padded) and each sequence's label name from a long-format .csv
+    file (see the module docstring)."""
     try:
         f = open(path, newline="")
     except FileNotFoundError:
@@ -286,19 +287,16 @@ def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
         if not feat_idx:
             raise _fail(path, "no feature columns besides the sample and label columns")
         seqs: dict[str, list[list[float]]] = {}
-        labels: dict[str, float] = {}
+        labels: dict[str, str] = {}
         for line, row in enumerate(reader, start=2):
             if not row:
                 continue
             if len(row) != len(header):
                 raise _fail(path, f"line {line}: {len(row)} fields, the header has {len(header)}")
             sid = row[i_sample].strip()
-            try:
-                label = float(row[i_label])
-            except ValueError:
-                raise _fail(path, f"line {line}: label {row[i_label]!r} is not a number") from None
+            label = _csv_label(path, line, row[i_label])
             if sid in labels and labels[sid] != label:
-                raise _fail(path, f"line {line}: sample {sid!r} changes label from {labels[sid]:g} to {label:g}; "
+                raise _fail(path, f"line {line}: sample {sid!r} changes label from {labels[sid]} to {label}; "
                             "the label must be constant within a sequence")
             labels[sid] = label
             try:
@@ -309,8 +307,20 @@ def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     if not seqs:
         raise _fail(path, "no data rows")
     x = _pad([np.asarray(s, dtype=np.float64) for s in seqs.values()])
-    y = np.asarray([labels[sid] for sid in seqs])
-    return x, y
+    return x, [labels[sid] for sid in seqs]
+
+
+def _csv_label(path: Path, line: int, cell: str) -> str:
+    """A label cell as a class name: a name as written, or an integer in canonical form (1.0 -> 1)."""
+    name = cell.strip()
+    if not name:
+        raise _fail(path, f"line {line}: empty label")
+    if not _is_float(name):
+        return name
+    value = float(name)
+    if not math.isfinite(value) or value != round(value):
+        raise _fail(path, f"line {line}: label {name!r} is not a class: labels are integers or names")
+    return str(int(value))
 
 
 def _csv_float(s: str) -> float:
@@ -454,8 +464,12 @@ def class_order(declared: list[str]) -> tuple[str, ...]:
     return tuple(declared)
 
 
-def check_arrays(path: Path | str, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray, int]:
-    """Validate raw arrays; return X float32 (NaN = missing), y int64 and the number of classes."""
+def check_arrays(path: Path | str, x: Any, y: Any, *, named: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+    """Validate raw arrays; return X float32 (NaN = missing), y int64 and the number of classes.
+
+    ``named``: y indexes a test file's labels into the training file's classes, already checked by
+    name; such a file may lack classes (a small test file), so only X is checked further.
+    """
     path = Path(path)
     x, y = np.asarray(x), np.asarray(y)
     if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
@@ -483,6 +497,8 @@ def check_arrays(path: Path | str, x: Any, y: Any) -> tuple[np.ndarray, np.ndarr
     if (y < 0).any():
         raise _fail(path, f"labels must be integers 0..K-1, got negative label {int(y.min())}")
     y = y.astype(np.int64)
+    if named:
+        return x.astype(np.float32), y, int(y.max()) + 1
     present = np.unique(y)
     if len(present) < 2:
         raise _fail(path, f"only one class ({int(present[0])}); classification needs at least two")
@@ -506,12 +522,25 @@ def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = Non
                         f"{' '.join(class_order(declared))}, the training file has {' '.join(classes)}")
         index = {name: i for i, name in enumerate(names)}
         y = np.asarray([index[label] for label in labels])
-        x, y, k = check_arrays(path, x, y)
+        x, y, k = check_arrays(path, x, y, named=classes is not None)
+        return x, y, names
+    if suffix == ".csv":
+        x, labels = load_csv(path, cfg)
+        if classes is None:
+            names = class_order(sorted(set(labels)))
+            if len(names) == 1:
+                raise _fail(path, f"only one class ({names[0]!r}); classification needs at least two")
+        else:
+            names = classes
+            unknown = sorted(set(labels) - set(classes), key=str)
+            if unknown:
+                raise _fail(path, f"class(es) {', '.join(unknown)} not in the training file's classes "
+                            f"({', '.join(classes)})")
+        index = {name: i for i, name in enumerate(names)}
+        x, y, k = check_arrays(path, x, np.asarray([index[label] for label in labels]), named=classes is not None)
         return x, y, names
     if suffix == ".npz":
         x, y = load_npz(path)
-    elif suffix == ".csv":
-        x, y = load_csv(path, cfg)
     else:
         raise _fail(path, "unsupported data file type (expected .npz, .csv or .ts)")
     x, y, k = check_arrays(path, x, y)
@@ -526,7 +555,7 @@ def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = Non
 
 
 def stratified_split(path: Path | str, y: np.ndarray, n_classes: int, val_fraction: float, test_fraction: float,
-                     seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     seed: int, names: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train/val/test indices; each class split in the same proportions; depends only on y and seed.
 
     ``test_fraction = 0`` carves no test split (an official test file holds it): test is empty.
@@ -541,7 +570,8 @@ def stratified_split(path: Path | str, y: np.ndarray, n_classes: int, val_fracti
         if n - n_val - n_test < 1:
             splits = f"val_fraction={val_fraction} and test_fraction={test_fraction}" if test_fraction > 0 \
                 else f"val_fraction={val_fraction}"
-            raise _fail(Path(path), f"class {c} has {n} sample(s), too few to split with {splits} "
+            shown = repr(names[c]) if c < len(names) else c
+            raise _fail(Path(path), f"class {shown} has {n} sample(s), too few to split with {splits} "
                         "(each split needs at least one per class)")
         parts[1].append(idx[:n_val])
         parts[2].append(idx[n_val:n_val + n_test])
@@ -620,7 +650,7 @@ def load_task(cfg: DataConfig, seed: int, *, data_path: Path | None = None, test
         x, y, names = read_file(data_path, cfg)
         k = len(names)
     if test_path is None:
-        tr, va, te = stratified_split(where, y, k, cfg.val_fraction, cfg.test_fraction, seed)
+        tr, va, te = stratified_split(where, y, k, cfg.val_fraction, cfg.test_fraction, seed, names)
         x_test, y_test = x[te], y[te]
     else:
         test_path = Path(test_path)
@@ -630,7 +660,7 @@ def load_task(cfg: DataConfig, seed: int, *, data_path: Path | None = None, test
                         f"{x.shape[2]}")
         t = max(x.shape[1], x_test.shape[1])  # one length for both: the shorter file is padded
         x, x_test = _pad_steps(x, t), _pad_steps(x_test, t)
-        tr, va, _ = stratified_split(where, y, k, cfg.val_fraction, 0.0, seed)
+        tr, va, _ = stratified_split(where, y, k, cfg.val_fraction, 0.0, seed, names)
     folds = resolve_folds(cfg, len(va), len(tr) + len(va))
     if folds > 1 and len(tr) + len(va) < 2 * folds:
         raise _fail(Path(where), f"[data] folds = {folds} needs at least {2 * folds} series outside the test split "

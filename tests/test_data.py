@@ -236,15 +236,18 @@ def test_not_an_npz(tmp_path):
         ("sample,cls,f0\ns0,0,1\n", "missing label_column column 'label'"),
         ("sample,label\ns0,0\n", "no feature columns"),
         ("sample,label,f0\ns0,0,1\ns0,0,abc\n", "line 3: column 'f0' value 'abc' is not a number"),
-        ("sample,label,f0\ns0,0,1\ns0,x,2\n", "line 3: label 'x' is not a number"),
+        ("sample,label,f0\ns0,0,1\ns0,x,2\n", "line 3: sample 's0' changes label from 0 to x"),
+        ("sample,label,f0\ns0,0.5,1\ns1,1,2\n", "line 2: label '0.5' is not a class: labels are integers or names"),
+        ("sample,label,f0\ns0,,1\ns1,1,2\n", "line 2: empty label"),
         ("sample,label,f0\ns0,0,1\ns0,1,2\n", "changes label from 0 to 1"),
         ("sample,label,f0\ns0,0,1\ns1,1\n", "line 3: 2 fields"),
         ("sample,label,f0\n", "no data rows"),
         ("", "empty csv"),
         ("sample,label,f0\ns0,0,nan\ns1,1,2\n", "sample 0 has no observed values"),
         ("sample,label,f0\ns0,0,inf\ns1,1,2\n", "inf values"),
-        ("sample,label,f0\ns0,0,1\ns1,-1,2\n", "negative label"),
-        ("sample,label,f0\ns0,2,1\ns1,3,2\n", "class(es) [0, 1] have no samples"),
+        ("sample,label,f0\ns0,run,1\ns1,run,2\n", "only one class ('run')"),
+        ("sample,label,f0\n" + "".join(f"s{i},{'walk' if i else 'run'},{i}\n" for i in range(20)),
+         "class 'run' has 1 sample(s), too few to split"),
     ],
 )
 def test_csv_errors(tmp_path, text, needle):
@@ -463,6 +466,29 @@ def test_test_source_ts_maps_labels_like_the_training_file(tmp_path):
     assert d.class_names == ("1", "2", "10")
     assert d.y_test.tolist() == [2, 1, 0, 1, 2, 0]
     assert d.seq_len == 5 and torch.isnan(d.x_train[:, 4]).all()  # both padded to the longer length
+
+
+def test_csv_labels_are_names_and_a_test_file_maps_them_by_name(tmp_path):
+    from cycle_optuna.data import read_file
+
+    rows = [f"s{i},{lab},{i}" for i, lab in enumerate(["walk", "run", "sit", "run", "walk", "sit"])]
+    train = tmp_path / "train.csv"
+    train.write_text("sample,label,f0\n" + "\n".join(rows))
+    x, y, names = read_file(train, DataConfig())
+    assert names == ("run", "sit", "walk")  # sorted: the same order whatever the row order
+    assert y.tolist() == [2, 0, 1, 0, 2, 1]
+    test = tmp_path / "test.csv"
+    test.write_text("sample,label,f0\nt0,sit,1\nt1,walk,2\n")  # a class may be absent from a test file
+    _, y_test, test_names = read_file(test, DataConfig(), classes=names)
+    assert test_names == names and y_test.tolist() == [1, 2]
+    test.write_text("sample,label,f0\nt0,sit,1\nt1,jump,2\nt2,fly,3\n")
+    with pytest.raises(DataError, match=r"test\.csv: class\(es\) fly, jump not in the training file's classes "
+                       r"\(run, sit, walk\)"):
+        read_file(test, DataConfig(), classes=names)
+    # numbers are names too, in numeric order: 1..K (as many archives write them), -1/1, 1.0 == 1
+    train.write_text("sample,label,f0\ns0,1,0\ns1,10,1\ns2,2.0,2\ns3,-1,3\n")
+    x, y, names = read_file(train, DataConfig())
+    assert names == ("-1", "1", "2", "10") and y.tolist() == [1, 3, 2, 0]
 
 
 @pytest.mark.parametrize(("which", "needle"), [
