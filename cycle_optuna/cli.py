@@ -118,6 +118,11 @@ def small_validation_note(cfg, data) -> str | None:
         why = f' ([data] folds = "auto": the validation split alone would hold {n})' if cfg.data.folds == FOLDS_AUTO else ""
         return (f"note: cycles are scored by {k}-fold cross-validation over the {n + int(data.y_train.shape[0])} "
                 f"training and validation series{why}; each cycle trains {k} models, and its model averages them")
+    unscored = sorted(set(range(data.n_classes)) - set(data.y_val.tolist()))
+    if unscored:
+        shown = ", ".join(data.class_names[c] if c < len(data.class_names) else str(c) for c in unscored)
+        return (f"note: class(es) {shown} have too few series to spare one for the validation split (all of them "
+                "train), so cycles are never scored on them; [data] folds = 5 cross-validates every series")
     if n >= SMALL_VAL:
         return None
     return (f"note: the validation split holds {n} series (val_fraction={cfg.data.val_fraction}): one series is "

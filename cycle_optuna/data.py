@@ -555,10 +555,12 @@ def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = Non
 
 
 def stratified_split(path: Path | str, y: np.ndarray, n_classes: int, val_fraction: float, test_fraction: float,
-                     seed: int, names: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train/val/test indices; each class split in the same proportions; depends only on y and seed.
 
     ``test_fraction = 0`` carves no test split (an official test file holds it): test is empty.
+    A class too small to give every split a series (archives have classes of one or two training
+    series) fills the training split first, then validation, then test: the model still learns it.
     """
     rng = np.random.default_rng([seed, 0x5B17])
     parts: tuple[list, list, list] = ([], [], [])
@@ -567,12 +569,8 @@ def stratified_split(path: Path | str, y: np.ndarray, n_classes: int, val_fracti
         n = len(idx)
         n_val = max(1, round(n * val_fraction))
         n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
-        if n - n_val - n_test < 1:
-            splits = f"val_fraction={val_fraction} and test_fraction={test_fraction}" if test_fraction > 0 \
-                else f"val_fraction={val_fraction}"
-            shown = repr(names[c]) if c < len(names) else c
-            raise _fail(Path(path), f"class {shown} has {n} sample(s), too few to split with {splits} "
-                        "(each split needs at least one per class)")
+        n_test = min(n_test, max(0, n - 1 - n_val))  # train keeps one before test gets any ...
+        n_val = min(n_val, max(0, n - 1))  # ... and before validation does
         parts[1].append(idx[:n_val])
         parts[2].append(idx[n_val:n_val + n_test])
         parts[0].append(idx[n_val + n_test:])
@@ -650,7 +648,7 @@ def load_task(cfg: DataConfig, seed: int, *, data_path: Path | None = None, test
         x, y, names = read_file(data_path, cfg)
         k = len(names)
     if test_path is None:
-        tr, va, te = stratified_split(where, y, k, cfg.val_fraction, cfg.test_fraction, seed, names)
+        tr, va, te = stratified_split(where, y, k, cfg.val_fraction, cfg.test_fraction, seed)
         x_test, y_test = x[te], y[te]
     else:
         test_path = Path(test_path)
@@ -660,8 +658,11 @@ def load_task(cfg: DataConfig, seed: int, *, data_path: Path | None = None, test
                         f"{x.shape[2]}")
         t = max(x.shape[1], x_test.shape[1])  # one length for both: the shorter file is padded
         x, x_test = _pad_steps(x, t), _pad_steps(x_test, t)
-        tr, va, _ = stratified_split(where, y, k, cfg.val_fraction, 0.0, seed, names)
+        tr, va, _ = stratified_split(where, y, k, cfg.val_fraction, 0.0, seed)
     folds = resolve_folds(cfg, len(va), len(tr) + len(va))
+    if folds == 1 and not len(va):
+        raise _fail(Path(where), f"the validation split is empty: no class has a series to spare for it "
+                    f"(val_fraction={cfg.val_fraction}); [data] folds = 5 cross-validates instead")
     if folds > 1 and len(tr) + len(va) < 2 * folds:
         raise _fail(Path(where), f"[data] folds = {folds} needs at least {2 * folds} series outside the test split "
                     f"to cross-validate, it has {len(tr) + len(va)}")

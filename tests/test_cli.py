@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import optuna
 import pytest
 
@@ -312,3 +313,33 @@ def test_a_bad_flag_is_one_line_and_exit_2_with_nothing_written(quick_study, arg
     assert proc.stdout == "" and proc.stderr.count("\n") == 1 and proc.stderr.startswith(says)
     assert "usage:" not in proc.stderr and "hunter2" not in proc.stderr
     assert sorted(p.name for p in quick_study.parent.iterdir()) == before
+
+
+def _csv_study(quick_study: Path, counts: dict[str, int], extra: str = "") -> Path:
+    """quick.toml on a .csv file of `counts` series per class (12 steps, one feature, class-dependent)."""
+    rows = ["sample,label,f0"]
+    for c, (name, n) in enumerate(counts.items()):
+        rows += [f"{name}{i},{name},{np.sin((c + 1) * t / 3) + 0.1 * i}" for i in range(n) for t in range(12)]
+    (quick_study.parent / "d.csv").write_text("\n".join(rows))
+    text = quick_study.read_text().replace('source = "synthetic"', f'source = "d.csv"{extra}')
+    quick_study.write_text(text)
+    return quick_study
+
+
+def test_classes_without_a_validation_series_are_named(quick_study, capsys):
+    study = _csv_study(quick_study, {"walk": 40, "run": 40, "rare": 1}, "\nfolds = 1")
+    assert run_cli("run", str(study), "--n-trials", "1") == 0
+    out = capsys.readouterr().out
+    note = next(line for line in out.splitlines() if "validation split (all of them train)" in line)
+    assert note.startswith("note: class(es) rare have too few series")
+    assert out.index(note) < out.index("cycles of quick")
+
+
+def test_an_empty_validation_split_is_bad_input_and_writes_nothing(quick_study, capsys):
+    study = _csv_study(quick_study, {"a": 1, "b": 1, "c": 1, "d": 1}, "\nfolds = 1")
+    before = sorted(p.name for p in study.parent.iterdir())
+    assert run_cli("run", str(study)) == 2
+    cap = capsys.readouterr()
+    err_lines = cap.err.strip().splitlines()
+    assert cap.out == "" and len(err_lines) == 1 and "d.csv: the validation split is empty" in err_lines[0]
+    assert sorted(p.name for p in study.parent.iterdir()) == before
