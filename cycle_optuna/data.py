@@ -514,30 +514,25 @@ def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = Non
               ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Checked X, y and class names of a data file; ``classes``: the training file's, for a test file."""
     suffix = path.suffix.lower()
-    if suffix == ".ts":
-        x, labels, declared = load_ts(path)
-        names = class_order(declared) if classes is None else classes
-        if classes is not None and set(declared) != set(classes):
-            raise _fail(path, f"class set differs from the training file's: @classLabel declares "
-                        f"{' '.join(class_order(declared))}, the training file has {' '.join(classes)}")
-        index = {name: i for i, name in enumerate(names)}
-        y = np.asarray([index[label] for label in labels])
-        x, y, k = check_arrays(path, x, y, named=classes is not None)
-        return x, y, names
-    if suffix == ".csv":
-        x, labels = load_csv(path, cfg)
-        if classes is None:
-            names = class_order(sorted(set(labels)))
-            if len(names) == 1:
-                raise _fail(path, f"only one class ({names[0]!r}); classification needs at least two")
+    if suffix in (".ts", ".csv"):  # labels are names
+        if suffix == ".ts":
+            x, labels, declared = load_ts(path)
+            found = class_order(declared)
+            if classes is not None and set(declared) != set(classes):
+                raise _fail(path, f"class set differs from the training file's: @classLabel declares "
+                            f"{' '.join(found)}, the training file has {' '.join(classes)}")
         else:
-            names = classes
-            unknown = sorted(set(labels) - set(classes), key=str)
+            x, labels = load_csv(path, cfg)
+            found = class_order(sorted(set(labels)))
+            unknown = sorted(set(labels) - set(classes or labels))
             if unknown:
                 raise _fail(path, f"class(es) {', '.join(unknown)} not in the training file's classes "
-                            f"({', '.join(classes)})")
+                            f"({', '.join(classes or ())})")
+        if classes is None and len(found) == 1:
+            raise _fail(path, f"only one class ({found[0]!r}); classification needs at least two")
+        names = found if classes is None else classes
         index = {name: i for i, name in enumerate(names)}
-        x, y, k = check_arrays(path, x, np.asarray([index[label] for label in labels]), named=classes is not None)
+        x, y, _ = check_arrays(path, x, np.asarray([index[label] for label in labels]), named=classes is not None)
         return x, y, names
     if suffix == ".npz":
         x, y = load_npz(path)
