@@ -268,7 +268,8 @@ def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
     """Raw X (shorter sequences NaN-padded) and each sequence's label name from a long-format .csv
     file (see the module docstring)."""
     try:
-        f = open(path, newline="")
+        # utf-8-sig: spreadsheet programs start a UTF-8 .csv with a byte-order mark
+        f = open(path, newline="", encoding="utf-8-sig", errors="replace")
     except FileNotFoundError:
         raise _fail(path, "data file not found") from None
     except OSError as e:
@@ -358,7 +359,7 @@ _TS_COMMENTS = ("#", "%")  # "%": the ARFF comment the format descends from (aeo
 def load_ts(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
     """Raw X (NaN for '?' and padding), the label of each sequence and the declared labels of a .ts file."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = path.read_text(encoding="utf-8-sig", errors="replace")
     except FileNotFoundError:
         raise _fail(path, "data file not found") from None
     except OSError as e:

@@ -335,6 +335,17 @@ def test_ts_percent_comment_lines_are_skipped(tmp_path):
     assert x.shape == (6, 4, 1) and labels[0] == "10" and declared == ["2", "10", "1"]
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    from cycle_optuna.data import load_ts, read_file
+
+    ts = tmp_path / "bom.ts"
+    ts.write_bytes(b"\xef\xbb\xbf" + UNIVARIATE_TS.replace("# a comment line\n", "").encode())
+    assert load_ts(ts)[0].shape == (6, 4, 1)
+    csv = tmp_path / "bom.csv"  # as spreadsheet programs save "CSV UTF-8"
+    csv.write_bytes(b"\xef\xbb\xbfsample,label,f0\ns0,a,1\ns1,b,2\n")
+    assert read_file(csv, DataConfig())[2] == ("a", "b")
+
+
 def test_ts_multivariate_unequal_length_and_missing(tmp_path):
     from cycle_optuna.data import read_file
 
