@@ -1,4 +1,4 @@
-"""Tasks: the built-in synthetic task, .npz/.csv/.ts loaders, stratified splits, normalisation stats.
+"""Tasks: the built-in synthetic task, .npz/.csv/.ts/.tsv loaders, stratified splits, normalisation stats.
 
 File formats (docs/data.md has the details)
 ------------------------------------------
@@ -9,17 +9,21 @@ i from ``lengths[i]`` on are padding. Float labels are accepted when every value
 ``.csv``: long format, one row per time step, with a header row. Column ``data.sample_column``
 holds the sequence id: rows sharing an id form one sequence, in file order (sequences are ordered
 by the first appearance of their id). Column ``data.label_column`` holds the sequence's class
-(an integer 0..K-1, constant within a sequence). Every other column is a numeric feature.
+(a name, or an integer; constant within a sequence). Every other column is a numeric feature.
 Sequences may differ in length.
 
 ``.ts``: the UCR/UEA archive format (univariate or multivariate, equal or unequal length, ``?``
-for missing values); class labels are names, mapped to 0..K-1 by the training file's
-``@classLabel`` list (numeric order when every name is a number).
+for missing values). ``.tsv``: the UCR archive's tab-separated files (no header; a label, then
+one univariate series a line; trailing NaN pads).
+
+Class labels of .csv, .ts and .tsv files are names, mapped to 0..K-1 in numeric order when every
+name is a number, else in ``@classLabel``'s order (.ts) or sorted (.csv, .tsv); a test file maps its
+labels through the training file's names.
 
 Missing data: NaN in X is a missing value (inf is an error). Shorter sequences are padded with NaN
 at the end, so a step whose features are all NaN is padding or missing and the model masks it;
 after normalisation a NaN in a step that has other observed features is filled with 0 (the
-training mean). Every sequence needs at least one observed value, every class 0..K-1 must occur.
+training mean). Every sequence needs at least one observed value.
 
 The split is stratified and depends only on the labels and the seed; with ``data.test_source`` the
 test split is that file and validation is carved from the training file only. Normalisation
@@ -311,6 +315,36 @@ def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
     return x, [labels[sid] for sid in seqs]
 
 
+def load_ucr_tsv(path: Path) -> tuple[np.ndarray, list[str]]:
+    """Raw X [N, T, 1] and each series' label name from a UCR archive .tsv file: no header, one
+    series a line, its label first, then its values, tab-separated; "NaN" pads shorter series."""
+    try:
+        text = path.read_text(encoding="utf-8-sig", errors="replace")
+    except FileNotFoundError:
+        raise _fail(path, "data file not found") from None
+    except OSError as e:
+        raise _fail(path, f"cannot read data file: {e.strerror}") from e
+    seqs: list[np.ndarray] = []
+    labels: list[str] = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        cells = raw.strip().split("\t") if raw.strip() else []
+        if not cells:
+            continue
+        if len(cells) < 2:
+            raise _fail(path, f"line {n}: a label and no values (expected tab-separated: label, then the series)")
+        labels.append(_csv_label(path, n, cells[0]))
+        try:
+            values = np.asarray([_csv_float(v) for v in cells[1:]], dtype=np.float64)
+        except ValueError:
+            col, bad = next((i, v) for i, v in enumerate(cells[1:], start=2) if not _is_float(v))
+            raise _fail(path, f"line {n}: column {col} value {bad!r} is not a number") from None
+        observed = np.flatnonzero(~np.isnan(values))
+        seqs.append(values[: observed[-1] + 1 if len(observed) else 1, None])  # trailing NaN: padding
+    if not seqs:
+        raise _fail(path, "no data rows")
+    return _pad(seqs), labels
+
+
 def _csv_label(path: Path, line: int, cell: str) -> str:
     """A label cell as a class name: a name as written, or an integer in canonical form (1.0 -> 1)."""
     name = cell.strip()
@@ -515,7 +549,7 @@ def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = Non
               ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Checked X, y and class names of a data file; ``classes``: the training file's, for a test file."""
     suffix = path.suffix.lower()
-    if suffix in (".ts", ".csv"):  # labels are names
+    if suffix in (".ts", ".csv", ".tsv"):  # labels are names
         if suffix == ".ts":
             x, labels, declared = load_ts(path)
             found = class_order(declared)
@@ -523,7 +557,7 @@ def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = Non
                 raise _fail(path, f"class set differs from the training file's: @classLabel declares "
                             f"{' '.join(found)}, the training file has {' '.join(classes)}")
         else:
-            x, labels = load_csv(path, cfg)
+            x, labels = load_csv(path, cfg) if suffix == ".csv" else load_ucr_tsv(path)
             found = class_order(sorted(set(labels)))
             unknown = sorted(set(labels) - set(classes or labels))
             if unknown:
@@ -538,7 +572,7 @@ def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = Non
     if suffix == ".npz":
         x, y = load_npz(path)
     else:
-        raise _fail(path, "unsupported data file type (expected .npz, .csv or .ts)")
+        raise _fail(path, "unsupported data file type (expected .npz, .csv, .ts or .tsv)")
     x, y, k = check_arrays(path, x, y)
     if classes is not None and k != len(classes):
         raise _fail(path, f"class set differs from the training file's: labels 0..{k - 1} here, "

@@ -271,7 +271,7 @@ def test_csv_errors(tmp_path, text, needle):
 def test_unsupported_suffix(tmp_path):
     path = tmp_path / "a.parquet"
     path.write_text("x")
-    with pytest.raises(DataError, match="expected .npz, .csv or .ts"):
+    with pytest.raises(DataError, match="expected .npz, .csv, .ts or .tsv"):
         load_task(DataConfig(), 0, data_path=path)
 
 
@@ -344,6 +344,39 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
     csv = tmp_path / "bom.csv"  # as spreadsheet programs save "CSV UTF-8"
     csv.write_bytes(b"\xef\xbb\xbfsample,label,f0\ns0,a,1\ns1,b,2\n")
     assert read_file(csv, DataConfig())[2] == ("a", "b")
+
+
+def test_ucr_tsv_label_first_then_values_nan_padded(tmp_path):
+    from cycle_optuna.data import read_file
+
+    # the UCR archive's .tsv: no header, label then values; NaN pads a shorter series; labels -1/1
+    train = tmp_path / "X_TRAIN.tsv"
+    train.write_text("1\t0.5\t1.5\t2.5\n-1\t3\tNaN\t4\n\n1\t1\t2\tNaN\n-1\t5\t6\t7\n")
+    x, y, names = read_file(train, DataConfig())
+    assert names == ("-1", "1") and y.tolist() == [1, 0, 1, 0]
+    assert x.shape == (4, 3, 1)
+    np.testing.assert_array_equal(x[0, :, 0], [0.5, 1.5, 2.5])
+    assert np.isnan(x[1, 1, 0]) and not np.isnan(x[1, 2, 0])  # a missing value inside the series stays
+    assert np.isnan(x[2, 2, 0])  # trailing NaN: padding
+    test = tmp_path / "X_TEST.tsv"
+    test.write_text("1\t1\t2\t3\t4\n")  # a longer test series; only one class
+    d = load_task(DataConfig(folds=1, val_fraction=0.5), 0, data_path=train, test_path=test)
+    assert d.class_names == ("-1", "1") and d.y_test.tolist() == [1] and d.seq_len == 4
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("1\t0.5\t1.5\n2\t0.5\tabc\n", "line 2: column 3 value 'abc' is not a number"),
+    ("1\t0.5\t1.5\n2\n", "line 2: a label and no values"),
+    ("1,0.5,1.5\n2,0.5,1\n", "line 1: a label and no values (expected tab-separated"),
+    ("0.5\t1\t2\n1\t2\t3\n", "line 1: label '0.5' is not a class"),
+    ("", "no data rows"),
+])
+def test_ucr_tsv_errors(tmp_path, text, needle):
+    path = tmp_path / "bad.tsv"
+    path.write_text(text)
+    with pytest.raises(DataError) as e:
+        load_task(DataConfig(), 0, data_path=path)
+    assert str(path) in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)
 
 
 def test_ts_multivariate_unequal_length_and_missing(tmp_path):
