@@ -279,7 +279,11 @@ def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
     except OSError as e:
         raise _fail(path, f"cannot read data file: {e.strerror}") from e
     with f:
-        reader = csv.reader(f)
+        first = f.readline()
+        f.seek(0)
+        # a comma-separated file, else what the header row is separated by (spreadsheets in many locales save ';')
+        delimiter = "," if "," in first else max(";\t", key=first.count)
+        reader = csv.reader(f, delimiter=delimiter)
         header = next(reader, None)
         if not header:
             raise _fail(path, "empty csv file (expected a header row)")

@@ -268,6 +268,17 @@ def test_csv_errors(tmp_path, text, needle):
     assert str(path) in msg and needle in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_csv_separated_by_semicolons_or_tabs(tmp_path, sep):
+    from cycle_optuna.data import read_file
+
+    path = tmp_path / "s.csv"
+    path.write_text("\n".join(sep.join(r) for r in [("sample", "label", "f0", "f1"), ("s0", "a", "1", "2"),
+                                                     ("s0", "a", "3", "4"), ("s1", "b", "5", "")]))
+    x, y, names = read_file(path, DataConfig())
+    assert names == ("a", "b") and x.shape == (2, 2, 2) and x[0, 1].tolist() == [3, 4] and np.isnan(x[1, 0, 1])
+
+
 def test_unsupported_suffix(tmp_path):
     path = tmp_path / "a.parquet"
     path.write_text("x")
