@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
@@ -114,15 +115,24 @@ def small_validation_note(cfg, data) -> str | None:
 
     n = int(data.y_val.shape[0])
     k = data.n_folds
+
+    def named(classes: list[int]) -> str:
+        return ", ".join(data.class_names[c] if c < len(data.class_names) else str(c) for c in classes)
+
     if k > 1:
         why = f' ([data] folds = "auto": the validation split alone would hold {n})' if cfg.data.folds == FOLDS_AUTO else ""
-        return (f"note: cycles are scored by {k}-fold cross-validation over the {n + int(data.y_train.shape[0])} "
+        note = (f"note: cycles are scored by {k}-fold cross-validation over the {n + int(data.y_train.shape[0])} "
                 f"training and validation series{why}; each cycle trains {k} models, and its model averages them")
+        pool = Counter(data.y_train.tolist() + data.y_val.tolist())
+        lone = sorted(c for c, count in pool.items() if count == 1)
+        if lone:  # its one series is validated by the fold model that never saw the class
+            note += (f"; class(es) {named(lone)} have a single series, which only models that never saw the class "
+                     "validate, so cycles are not scored on them")
+        return note
     unscored = sorted(set(range(data.n_classes)) - set(data.y_val.tolist()))
     if unscored:
-        shown = ", ".join(data.class_names[c] if c < len(data.class_names) else str(c) for c in unscored)
-        return (f"note: class(es) {shown} have too few series to spare one for the validation split (all of them "
-                "train), so cycles are never scored on them; [data] folds = 5 cross-validates every series")
+        return (f"note: class(es) {named(unscored)} have too few series to spare one for the validation split (all "
+                "of them train), so cycles are never scored on them; [data] folds = 5 cross-validates every series")
     if n >= SMALL_VAL:
         return None
     return (f"note: the validation split holds {n} series (val_fraction={cfg.data.val_fraction}): one series is "

@@ -343,3 +343,11 @@ def test_an_empty_validation_split_is_bad_input_and_writes_nothing(quick_study, 
     err_lines = cap.err.strip().splitlines()
     assert cap.out == "" and len(err_lines) == 1 and "d.csv: the validation split is empty" in err_lines[0]
     assert sorted(p.name for p in study.parent.iterdir()) == before
+
+
+def test_a_class_of_one_series_under_cross_validation_is_named(quick_study, capsys):
+    study = _csv_study(quick_study, {"walk": 12, "run": 12, "rare": 1})  # folds "auto": a small split
+    assert run_cli("run", str(study), "--n-trials", "1") == 0
+    note = next(line for line in capsys.readouterr().out.splitlines() if "cross-validation" in line)
+    assert note.endswith("class(es) rare have a single series, which only models that never saw the class "
+                         "validate, so cycles are not scored on them")
