@@ -146,7 +146,6 @@ class PrunerConfig:
     warmup_fraction: float = 0.25  # parent: share of the epochs before anything is pruned
     margin: float = 0.0  # parent: relative distance behind the parent's curve that counts (at the last epoch)
     early_margin: float = 0.0  # parent: added to margin at the first epoch, shrinking linearly to 0 at the last
-    min_saving: float = 0.25  # parent: no prune once fewer than this share of the epochs is left
 
 
 @dataclass(frozen=True)
@@ -469,8 +468,6 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
         raise c.fail("pruner.warmup_fraction", f"must be in [0, 1], got {pr.warmup_fraction}")
     c.at_least("pruner.margin", pr.margin, 0)
     c.at_least("pruner.early_margin", pr.early_margin, 0)
-    if not 0 <= pr.min_saving < 1:
-        raise c.fail("pruner.min_saving", f"must be in [0, 1), got {pr.min_saving}")
     if pr.type == "parent":
         c.at_least("pruner.patience", pr.patience, 1)
 

@@ -51,7 +51,7 @@ def make_pruner(cfg: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
     if cfg.type == "parent":
         return ParentCurvePruner(
             n_steps=epochs, warmup_fraction=cfg.warmup_fraction, margin=cfg.margin,
-            early_margin=cfg.early_margin, min_saving=cfg.min_saving,
+            early_margin=cfg.early_margin,
             patience=cfg.patience, n_startup_trials=cfg.n_startup_trials,
         )
     if cfg.type == "patient":

@@ -26,9 +26,7 @@ class ParentCurvePruner(BasePruner):
     start is not a bad configuration), and ``margin`` at the last step. Nothing is pruned during
     the first ``warmup_fraction`` of ``n_steps``, and the first trial of each kind of move (the moved parameter and direction,
     or an exploration) is not pruned during the first half of ``n_steps``: a kind of change is
-    never written off on a quarter of its training. Nothing is pruned either once less than
-    ``min_saving`` of ``n_steps`` is left: stopping then saves little, and the last steps (where a
-    decaying learning rate settles the curve) are the ones that decide between close curves.
+    never written off on a quarter of its training.
 
     Args:
         n_steps: The step budget of one trial (epochs): warm-ups are fractions of it.
@@ -37,7 +35,6 @@ class ParentCurvePruner(BasePruner):
         early_margin: Added to ``margin`` at step 0, shrinking linearly to nothing at the last step.
         patience: Reported steps in a row the trial must be behind, >= 1.
         n_startup_trials: Finished trials needed before anything is pruned.
-        min_saving: Share of ``n_steps`` that must still be to come for a prune, in [0, 1).
     """
 
     def __init__(
@@ -49,7 +46,6 @@ class ParentCurvePruner(BasePruner):
         early_margin: float = 0.0,
         patience: int = 2,
         n_startup_trials: int = 1,
-        min_saving: float = 0.25,
     ) -> None:
         if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
             raise ValueError(f"n_steps must be an integer >= 1, but got {n_steps=}.")
@@ -63,10 +59,7 @@ class ParentCurvePruner(BasePruner):
             raise ValueError(f"patience must be an integer >= 1, but got {patience=}.")
         if isinstance(n_startup_trials, bool) or not isinstance(n_startup_trials, int) or n_startup_trials < 0:
             raise ValueError(f"n_startup_trials must be an integer >= 0, but got {n_startup_trials=}.")
-        if not (isinstance(min_saving, (int, float)) and 0 <= min_saving < 1):
-            raise ValueError(f"min_saving must be in [0, 1), but got {min_saving=}.")
         self._n_steps = n_steps
-        self._last = n_steps - 1 - math.ceil(min_saving * n_steps)  # the last step a prune may happen at
         self._warmup = math.ceil(warmup_fraction * n_steps)
         self._first_try = max(self._warmup, math.ceil(n_steps / 2))
         self._margin = float(margin)
@@ -90,7 +83,7 @@ class ParentCurvePruner(BasePruner):
 
     def prune(self, study: Study, trial: FrozenTrial) -> bool:
         step = trial.last_step
-        if step is None or step < self._warmup or step > self._last:
+        if step is None or step < self._warmup:
             return False
         trials = study.get_trials(deepcopy=False)
         finished = [t for t in trials if t.state == TrialState.COMPLETE]

@@ -100,7 +100,6 @@ def test_to_dict_round_trips():
         ("study", "ensemble = 0", r"study\.ensemble: must be >= 1, got 0"),
         ("pruner", "percentile = 150.0", r"pruner\.percentile: must be in \[0, 100\], got 150\.0"),
         ("pruner", "early_margin = -0.2", r"pruner\.early_margin: must be >= 0, got -0\.2"),
-        ("pruner", "min_saving = 1.0", r"pruner\.min_saving: must be in \[0, 1\), got 1\.0"),
         ("baseline", "dropout = 1.0", r"baseline\.dropout"),
         ("study", "seed = -5", r"study\.seed: must be >= 0, got -5"),
         ("space", "dropout = { low = 0.0, high = 1.5 }", r"space\.dropout\.high: dropout must be in \[0, 1\), got 1\.5"),

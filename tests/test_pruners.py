@@ -121,19 +121,6 @@ def test_early_margin_spares_a_slow_start_and_shrinks_to_margin():
     assert first_pruned_step(flat, late_bloomer) == 3
 
 
-def test_nothing_is_pruned_once_less_than_min_saving_is_left():
-    # behind only from step 6 on: 10 steps, min_saving 0.25 -> step 6 is the last a prune saves 3 of 10
-    late = PARENT[:5] + [v * 1.5 for v in PARENT[5:]]
-    study = new_study()  # min_saving 0.25 by default
-    finished(study, PARENT)
-    assert first_pruned_step(study, late) == 6
-    later = PARENT[:6] + [v * 1.5 for v in PARENT[6:]]  # behind from step 7: a prune would save at most 2
-    assert first_pruned_step(study, later) is None
-    every = new_study(min_saving=0.0)
-    finished(every, PARENT)
-    assert first_pruned_step(every, later) == 7
-
-
 def test_parent_that_stopped_early_keeps_its_last_best():
     study = new_study()
     finished(study, PARENT[:4])  # early-stopped at step 3 with 0.6
@@ -175,7 +162,6 @@ def test_nothing_is_pruned_before_n_startup_trials_finished():
         ({"margin": -0.1}, "margin"),
         ({"early_margin": float("nan")}, "early_margin"),
         ({"patience": 0}, "patience"),
-        ({"min_saving": 1.0}, "min_saving"),
         ({"n_startup_trials": -1}, "n_startup_trials"),
     ],
 )
