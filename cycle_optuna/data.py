@@ -319,15 +319,20 @@ def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
     return x, [labels[sid] for sid in seqs]
 
 
-def load_ucr_tsv(path: Path) -> tuple[np.ndarray, list[str]]:
-    """Raw X [N, T, 1] and each series' label name from a UCR archive .tsv file: no header, one
-    series a line, its label first, then its values, tab-separated; "NaN" pads shorter series."""
+def _read_text(path: Path) -> str:
+    """A text data file's content; a byte-order mark (spreadsheet programs write one) is dropped."""
     try:
-        text = path.read_text(encoding="utf-8-sig", errors="replace")
+        return path.read_text(encoding="utf-8-sig", errors="replace")
     except FileNotFoundError:
         raise _fail(path, "data file not found") from None
     except OSError as e:
         raise _fail(path, f"cannot read data file: {e.strerror}") from e
+
+
+def load_ucr_tsv(path: Path) -> tuple[np.ndarray, list[str]]:
+    """Raw X [N, T, 1] and each series' label name from a UCR archive .tsv file: no header, one
+    series a line, its label first, then its values, tab-separated; "NaN" pads shorter series."""
+    text = _read_text(path)
     seqs: list[np.ndarray] = []
     labels: list[str] = []
     for n, raw in enumerate(text.splitlines(), start=1):
@@ -396,12 +401,7 @@ _TS_COMMENTS = ("#", "%")  # "%": the ARFF comment the format descends from (aeo
 
 def load_ts(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
     """Raw X (NaN for '?' and padding), the label of each sequence and the declared labels of a .ts file."""
-    try:
-        text = path.read_text(encoding="utf-8-sig", errors="replace")
-    except FileNotFoundError:
-        raise _fail(path, "data file not found") from None
-    except OSError as e:
-        raise _fail(path, f"cannot read data file: {e.strerror}") from e
+    text = _read_text(path)
     head: dict[str, Any] = {}
     seqs: list[np.ndarray] = []
     labels: list[str] = []

@@ -260,7 +260,11 @@ def test_not_an_npz(tmp_path):
     ],
 )
 def test_csv_errors(tmp_path, text, needle):
-    path = tmp_path / "bad.csv"
+    _assert_one_line_error(tmp_path / "bad.csv", text, needle)
+
+
+def _assert_one_line_error(path: Path, text: str, needle: str) -> None:
+    """Loading a file holding `text` fails with one line naming the file and `needle`."""
     path.write_text(text)
     with pytest.raises(DataError) as e:
         load_task(DataConfig(), 0, data_path=path)
@@ -383,11 +387,7 @@ def test_ucr_tsv_label_first_then_values_nan_padded(tmp_path):
     ("", "no data rows"),
 ])
 def test_ucr_tsv_errors(tmp_path, text, needle):
-    path = tmp_path / "bad.tsv"
-    path.write_text(text)
-    with pytest.raises(DataError) as e:
-        load_task(DataConfig(), 0, data_path=path)
-    assert str(path) in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)
+    _assert_one_line_error(tmp_path / "bad.tsv", text, needle)
 
 
 def test_ts_multivariate_unequal_length_and_missing(tmp_path):
