@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 import zipfile
 from dataclasses import dataclass
@@ -271,48 +272,40 @@ def _apply_lengths(path: Path, x: np.ndarray, lengths: np.ndarray) -> np.ndarray
 def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
     """Raw X (shorter sequences NaN-padded) and each sequence's label name from a long-format .csv
     file (see the module docstring)."""
-    try:
-        # utf-8-sig: spreadsheet programs start a UTF-8 .csv with a byte-order mark
-        f = open(path, newline="", encoding="utf-8-sig", errors="replace")
-    except FileNotFoundError:
-        raise _fail(path, "data file not found") from None
-    except OSError as e:
-        raise _fail(path, f"cannot read data file: {e.strerror}") from e
-    with f:
-        first = f.readline()
-        f.seek(0)
-        # a comma-separated file, else what the header row is separated by (spreadsheets in many locales save ';')
-        delimiter = "," if "," in first else max(";\t", key=first.count)
-        reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
-        if not header:
-            raise _fail(path, "empty csv file (expected a header row)")
-        header = [h.strip() for h in header]
-        for col, key in ((cfg.sample_column, "sample_column"), (cfg.label_column, "label_column")):
-            if col not in header:
-                raise _fail(path, f"missing {key} column '{col}' (columns: {', '.join(header)})")
-        i_sample, i_label = header.index(cfg.sample_column), header.index(cfg.label_column)
-        feat_idx = [i for i in range(len(header)) if i not in (i_sample, i_label)]
-        if not feat_idx:
-            raise _fail(path, "no feature columns besides the sample and label columns")
-        seqs: dict[str, list[list[float]]] = {}
-        labels: dict[str, str] = {}
-        for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise _fail(path, f"line {line}: {len(row)} fields, the header has {len(header)}")
-            sid = row[i_sample].strip()
-            label = _csv_label(path, line, row[i_label])
-            if sid in labels and labels[sid] != label:
-                raise _fail(path, f"line {line}: sample {sid!r} changes label from {labels[sid]} to {label}; "
-                            "the label must be constant within a sequence")
-            labels[sid] = label
-            try:
-                seqs.setdefault(sid, []).append([_csv_float(row[i]) for i in feat_idx])
-            except ValueError:
-                bad = next(i for i in feat_idx if not _is_float(row[i]))
-                raise _fail(path, f"line {line}: column '{header[bad]}' value {row[bad]!r} is not a number") from None
+    text = _read_text(path)
+    first = text.partition("\n")[0]
+    # a comma-separated file, else what the header row is separated by (spreadsheets in many locales save ';')
+    delimiter = "," if "," in first else max(";\t", key=first.count)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = next(reader, None)
+    if not header:
+        raise _fail(path, "empty csv file (expected a header row)")
+    header = [h.strip() for h in header]
+    for col, key in ((cfg.sample_column, "sample_column"), (cfg.label_column, "label_column")):
+        if col not in header:
+            raise _fail(path, f"missing {key} column '{col}' (columns: {', '.join(header)})")
+    i_sample, i_label = header.index(cfg.sample_column), header.index(cfg.label_column)
+    feat_idx = [i for i in range(len(header)) if i not in (i_sample, i_label)]
+    if not feat_idx:
+        raise _fail(path, "no feature columns besides the sample and label columns")
+    seqs: dict[str, list[list[float]]] = {}
+    labels: dict[str, str] = {}
+    for line, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise _fail(path, f"line {line}: {len(row)} fields, the header has {len(header)}")
+        sid = row[i_sample].strip()
+        label = _label_name(path, line, row[i_label])
+        if sid in labels and labels[sid] != label:
+            raise _fail(path, f"line {line}: sample {sid!r} changes label from {labels[sid]} to {label}; "
+                        "the label must be constant within a sequence")
+        labels[sid] = label
+        try:
+            seqs.setdefault(sid, []).append([_csv_float(row[i]) for i in feat_idx])
+        except ValueError:
+            bad = next(i for i in feat_idx if not _is_float(row[i]))
+            raise _fail(path, f"line {line}: column '{header[bad]}' value {row[bad]!r} is not a number") from None
     if not seqs:
         raise _fail(path, "no data rows")
     x = _pad([np.asarray(s, dtype=np.float64) for s in seqs.values()])
@@ -336,12 +329,12 @@ def load_ucr_tsv(path: Path) -> tuple[np.ndarray, list[str]]:
     seqs: list[np.ndarray] = []
     labels: list[str] = []
     for n, raw in enumerate(text.splitlines(), start=1):
-        cells = raw.strip().split("\t") if raw.strip() else []
-        if not cells:
+        if not raw.strip():
             continue
+        cells = raw.strip().split("\t")
         if len(cells) < 2:
             raise _fail(path, f"line {n}: a label and no values (expected tab-separated: label, then the series)")
-        labels.append(_csv_label(path, n, cells[0]))
+        labels.append(_label_name(path, n, cells[0]))
         try:
             values = np.asarray([_csv_float(v) for v in cells[1:]], dtype=np.float64)
         except ValueError:
@@ -354,7 +347,7 @@ def load_ucr_tsv(path: Path) -> tuple[np.ndarray, list[str]]:
     return _pad(seqs), labels
 
 
-def _csv_label(path: Path, line: int, cell: str) -> str:
+def _label_name(path: Path, line: int, cell: str) -> str:
     """A label cell as a class name: a name as written, or an integer in canonical form (1.0 -> 1)."""
     name = cell.strip()
     if not name:
@@ -563,10 +556,9 @@ def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = Non
         else:
             x, labels = load_csv(path, cfg) if suffix == ".csv" else load_ucr_tsv(path)
             found = class_order(sorted(set(labels)))
-            unknown = sorted(set(labels) - set(classes or labels))
-            if unknown:
+            if classes is not None and (unknown := sorted(set(labels) - set(classes))):
                 raise _fail(path, f"class(es) {', '.join(unknown)} not in the training file's classes "
-                            f"({', '.join(classes or ())})")
+                            f"({', '.join(classes)})")
         if classes is None and len(found) == 1:
             raise _fail(path, f"only one class ({found[0]!r}); classification needs at least two")
         names = found if classes is None else classes
