@@ -28,7 +28,8 @@ SMALL_VAL = 30  # validation series below which one series moves val accuracy by
 AUTO_FOLDS_MAX_VAL = 20
 MAX_FOLDS = 20
 DIRECTIONS = ("minimize",)
-DATA_SUFFIXES = (".npz", ".csv", ".ts", ".tsv")
+DATA_SUFFIXES = (".npz", ".csv", ".ts", ".arff", ".tsv", ".txt")
+SUFFIX_LIST = "/".join(DATA_SUFFIXES)
 POS_ENCODINGS = ("sinusoidal", "rotary", "learned", "none")  # model.POS_ENCODINGS
 POOLINGS = ("mean", "cls", "last", "max")  # model.POOLINGS
 CHOICE_PARAMS = {"pos_encoding": POS_ENCODINGS, "pooling": POOLINGS}
@@ -399,7 +400,7 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
     else:
         src = resolve_data_path(cfg)
         if src.suffix.lower() not in DATA_SUFFIXES:
-            raise c.fail("data.source", f"must be 'synthetic' or a .npz/.csv/.ts/.tsv file, got {d.source!r}")
+            raise c.fail("data.source", f"must be 'synthetic' or a {SUFFIX_LIST} file, got {d.source!r}")
         if check_files and not src.is_file():
             raise c.fail("data.source", f"{'not a file' if src.exists() else 'file not found'}: {src}")
     if d.test_source is not None:
@@ -408,7 +409,7 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
                          "test split)")
         test = resolve_test_path(cfg)
         if test.suffix.lower() not in DATA_SUFFIXES:
-            raise c.fail("data.test_source", f"must be a .npz/.csv/.ts/.tsv file, got {d.test_source!r}")
+            raise c.fail("data.test_source", f"must be a {SUFFIX_LIST} file, got {d.test_source!r}")
         if check_files and not test.is_file():
             raise c.fail("data.test_source", f"file not found: {test}")
     c.at_least("train.epochs", t.epochs, 1)

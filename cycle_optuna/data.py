@@ -1,4 +1,4 @@
-"""Tasks: the built-in synthetic task, .npz/.csv/.ts/.tsv loaders, stratified splits, normalisation stats.
+"""Tasks: the built-in synthetic task, .npz/.csv/.ts/.arff/.tsv/.txt loaders, stratified splits, normalisation stats.
 
 File formats (docs/data.md has the details)
 ------------------------------------------
@@ -13,12 +13,14 @@ by the first appearance of their id). Column ``data.label_column`` holds the seq
 Sequences may differ in length.
 
 ``.ts``: the UCR/UEA archive format (univariate or multivariate, equal or unequal length, ``?``
-for missing values). ``.tsv``: the UCR archive's tab-separated files (no header; a label, then
-one univariate series a line; trailing NaN pads).
+for missing values). ``.arff``: the archive's ARFF files (numeric attributes and a nominal class
+last, or one relational attribute holding the dimensions). ``.tsv``/``.txt``: the UCR archive's
+tables (no header; a label, then one univariate series a line, tab- or space-separated; trailing
+NaN pads).
 
-Class labels of .csv, .ts and .tsv files are names, mapped to 0..K-1 in numeric order when every
-name is a number, else in ``@classLabel``'s order (.ts) or sorted (.csv, .tsv); a test file maps its
-labels through the training file's names.
+Class labels of .csv, .ts, .arff, .tsv and .txt files are names, mapped to 0..K-1 in numeric order
+when every name is a number, else in the declared order (.ts, .arff) or sorted (.csv, .tsv, .txt);
+a test file maps its labels through the training file's names.
 
 Missing data: NaN in X is a missing value (inf is an error). Shorter sequences are padded with NaN
 at the end, so a step whose features are all NaN is padding or missing and the model masks it;
@@ -46,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cycle_optuna.config import (AUTO_FOLDS, AUTO_FOLDS_MAX_VAL, FOLDS_AUTO, DataConfig, StudyConfig,
+from cycle_optuna.config import (AUTO_FOLDS, AUTO_FOLDS_MAX_VAL, DATA_SUFFIXES, FOLDS_AUTO, DataConfig, StudyConfig,
                                  resolve_data_path, resolve_test_path)
 from cycle_optuna.errors import DataError
 
@@ -322,29 +324,135 @@ def _read_text(path: Path) -> str:
         raise _fail(path, f"cannot read data file: {e.strerror}") from e
 
 
-def load_ucr_tsv(path: Path) -> tuple[np.ndarray, list[str]]:
-    """Raw X [N, T, 1] and each series' label name from a UCR archive .tsv file: no header, one
-    series a line, its label first, then its values, tab-separated; "NaN" pads shorter series."""
+def load_ucr_table(path: Path) -> tuple[np.ndarray, list[str]]:
+    """Raw X [N, T, 1] and each series' label name from a UCR archive table: no header, one series a
+    line, its label first, then its values; tab-separated in .tsv files (an empty cell is missing),
+    separated by spaces in .txt files. "NaN" at the end pads a shorter series."""
     text = _read_text(path)
+    tabs = path.suffix.lower() == ".tsv"
     seqs: list[np.ndarray] = []
     labels: list[str] = []
     for n, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
-        cells = raw.strip().split("\t")
+        cells = raw.strip().split("\t") if tabs else raw.split()
         if len(cells) < 2:
-            raise _fail(path, f"line {n}: a label and no values (expected tab-separated: label, then the series)")
+            raise _fail(path, f"line {n}: a label and no values (expected {'tab' if tabs else 'space'}-separated: "
+                        "label, then the series)")
         labels.append(_label_name(path, n, cells[0]))
         try:
             values = np.asarray([_csv_float(v) for v in cells[1:]], dtype=np.float64)
         except ValueError:
             col, bad = next((i, v) for i, v in enumerate(cells[1:], start=2) if not _is_float(v))
             raise _fail(path, f"line {n}: column {col} value {bad!r} is not a number") from None
-        observed = np.flatnonzero(~np.isnan(values))
-        seqs.append(values[: observed[-1] + 1 if len(observed) else 1, None])  # trailing NaN: padding
+        seqs.append(_trim_padding(values[:, None]))
     if not seqs:
         raise _fail(path, "no data rows")
     return _pad(seqs), labels
+
+
+def _trim_padding(seq: np.ndarray) -> np.ndarray:
+    """A [T, F] series without its trailing all-missing steps (padding); one step at least."""
+    observed = np.flatnonzero(~np.isnan(seq).all(axis=1))
+    return seq[: observed[-1] + 1 if len(observed) else 1]
+
+
+def load_arff(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
+    """Raw X (NaN for '?' and padding), the label of each series and the declared labels of an ARFF
+    file as the UCR/UEA archive writes them: numeric attributes, one series a row, then a nominal
+    class attribute; or (multivariate) one relational attribute whose value quotes the dimensions,
+    separated by '\\n', then the class."""
+    text = _read_text(path)
+    attrs: list[tuple[str, str]] = []  # (name, type) of the top-level attributes
+    nested: str | None = None  # the relational attribute being declared
+    seqs: list[np.ndarray] = []
+    labels: list[str] = []
+    declared: list[str] | None = None
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("%"):
+            continue
+        if declared is None:  # the header
+            word, _, rest = line.partition(" ")
+            key = word.lower()
+            if key == "@relation":
+                continue
+            if key == "@end":
+                nested = None
+                continue
+            if key == "@attribute":
+                name, kind = _arff_attribute(path, n, rest)
+                if nested is None:
+                    attrs.append((name, kind))
+                    nested = name if kind.lower() == "relational" else None
+                continue
+            if key != "@data":
+                raise _fail(path, f"line {n}: {'unknown header ' + repr(word) if word.startswith('@') else 'data before the @data line'}"
+                            " (an ARFF file: @relation, @attribute, @data)")
+            declared = _arff_classes(path, attrs)
+            continue
+        if line.startswith("{"):
+            raise _fail(path, f"line {n}: sparse ARFF rows are not supported")
+        body, _, label = line.rpartition(",")
+        label = label.strip().strip("'\"")
+        if label not in declared:
+            raise _fail(path, f"line {n}: class label {label!r} is not declared by the class attribute "
+                        f"{attrs[-1][0]} ({', '.join(declared)})")
+        relational = len(attrs) == 2 and attrs[0][1].lower() == "relational"
+        dims = body.strip().strip("'\"").split("\\n") if relational else [body]
+        cols = []
+        for d, part in enumerate(dims, start=1):
+            values = [v.strip() for v in part.split(",")]
+            try:
+                cols.append([math.nan if v == "?" else float(v) for v in values])
+            except ValueError:
+                bad = next(v for v in values if v != "?" and not _is_float(v))
+                raise _fail(path, f"line {n}: {f'dimension {d} ' if relational else ''}value {bad!r} is not a "
+                            "number (missing values are '?')") from None
+        if len({len(c) for c in cols}) > 1 or (seqs and len(cols) != seqs[0].shape[1]):
+            raise _fail(path, f"line {n}: ragged dimensions: {len(cols)} dimension(s) of {'/'.join(str(len(c)) for c in cols)} values")
+        if not relational and len(cols[0]) != len(attrs) - 1:
+            raise _fail(path, f"line {n}: {len(cols[0]) + 1} values, the header declares {len(attrs)} attributes")
+        seqs.append(_trim_padding(np.asarray(cols, dtype=np.float64).T))
+        labels.append(label)
+    if declared is None:
+        raise _fail(path, "no @data line (not an ARFF file?)")
+    if not seqs:
+        raise _fail(path, "no data rows after @data")
+    return _pad(seqs), labels, declared
+
+
+def _arff_attribute(path: Path, n: int, rest: str) -> tuple[str, str]:
+    """An @attribute line's name (quotes dropped) and type."""
+    rest = rest.strip()
+    if rest[:1] in ("'", '"'):
+        name, _, kind = rest[1:].partition(rest[0])
+    else:
+        name, _, kind = rest.partition(" ")
+    if not kind.strip():
+        raise _fail(path, f"line {n}: @attribute {rest!r} has no type")
+    return name, kind.strip()
+
+
+def _arff_classes(path: Path, attrs: list[tuple[str, str]]) -> list[str]:
+    """The class names the last attribute declares; the others must be numeric (or one relational)."""
+    if len(attrs) < 2:
+        raise _fail(path, "needs the series' attributes and a class attribute, the header declares "
+                    f"{len(attrs)} attribute(s)")
+    name, kind = attrs[-1]
+    if not (kind.startswith("{") and kind.endswith("}")):
+        raise _fail(path, f"the last attribute {name!r} is the class and must be nominal ({{a,b,...}}), got "
+                    f"{kind!r}: cycle-optuna classifies")
+    classes = [c.strip().strip("'\"") for c in kind[1:-1].split(",") if c.strip()]
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise _fail(path, f"the class attribute {name!r} needs two or more distinct labels, got {kind}")
+    series = attrs[:-1]
+    if not (len(series) == 1 and series[0][1].lower() == "relational"):
+        bad = next((a for a in series if a[1].lower() not in ("numeric", "real", "integer")), None)
+        if bad:
+            raise _fail(path, f"attribute {bad[0]!r} has type {bad[1]!r}: the series' attributes must be "
+                        "numeric, or one relational attribute (multivariate)")
+    return classes
 
 
 def _label_name(path: Path, line: int, cell: str) -> str:
@@ -546,15 +654,16 @@ def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = Non
               ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Checked X, y and class names of a data file; ``classes``: the training file's, for a test file."""
     suffix = path.suffix.lower()
-    if suffix in (".ts", ".csv", ".tsv"):  # labels are names
-        if suffix == ".ts":
-            x, labels, declared = load_ts(path)
+    if suffix in (".ts", ".arff", ".csv", ".tsv", ".txt"):  # labels are names
+        if suffix in (".ts", ".arff"):
+            x, labels, declared = load_ts(path) if suffix == ".ts" else load_arff(path)
             found = class_order(declared)
             if classes is not None and set(declared) != set(classes):
-                raise _fail(path, f"class set differs from the training file's: @classLabel declares "
+                raise _fail(path, f"class set differs from the training file's: "
+                            f"{'@classLabel' if suffix == '.ts' else 'the class attribute'} declares "
                             f"{' '.join(found)}, the training file has {' '.join(classes)}")
         else:
-            x, labels = load_csv(path, cfg) if suffix == ".csv" else load_ucr_tsv(path)
+            x, labels = load_csv(path, cfg) if suffix == ".csv" else load_ucr_table(path)
             found = class_order(sorted(set(labels)))
             if classes is not None and (unknown := sorted(set(labels) - set(classes))):
                 raise _fail(path, f"class(es) {', '.join(unknown)} not in the training file's classes "
@@ -568,7 +677,7 @@ def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = Non
     if suffix == ".npz":
         x, y = load_npz(path)
     else:
-        raise _fail(path, "unsupported data file type (expected .npz, .csv, .ts or .tsv)")
+        raise _fail(path, f"unsupported data file type (expected {', '.join(DATA_SUFFIXES)})")
     x, y, k = check_arrays(path, x, y)
     if classes is not None and k != len(classes):
         raise _fail(path, f"class set differs from the training file's: labels 0..{k - 1} here, "

@@ -94,7 +94,7 @@ def test_to_dict_round_trips():
         ("train", "optimizer = 'adamx'", r"train\.optimizer: 'adamx' is not one of adamw, adam, sgd, lion, sophia"),
         ("train", "schedule = 'cosin'", r"train\.schedule: 'cosin' is not one of .* \(did you mean 'cosine'\?\)"),
         ("data", "source = 'missing.npz'", r"data\.source: file not found: .*missing\.npz"),
-        ("data", "source = 'data.parquet'", r"data\.source: must be 'synthetic' or a \.npz/\.csv/\.ts/\.tsv file"),
+        ("data", "source = 'data.parquet'", r"data\.source: must be 'synthetic' or a \.npz/\.csv/\.ts/\.arff/\.tsv/\.txt file"),
         ("data", "test_source = 'test.npz'", r"data\.test_source: needs a data file in data\.source"),
         ("study", "n_trials = 0", r"study\.n_trials: must be >= 1, got 0"),
         ("study", "ensemble = 0", r"study\.ensemble: must be >= 1, got 0"),

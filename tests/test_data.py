@@ -286,7 +286,7 @@ def test_csv_separated_by_semicolons_or_tabs(tmp_path, sep):
 def test_unsupported_suffix(tmp_path):
     path = tmp_path / "a.parquet"
     path.write_text("x")
-    with pytest.raises(DataError, match="expected .npz, .csv, .ts or .tsv"):
+    with pytest.raises(DataError, match=r"expected \.npz, \.csv, \.ts, \.arff, \.tsv, \.txt\)"):
         load_task(DataConfig(), 0, data_path=path)
 
 
@@ -388,6 +388,111 @@ def test_ucr_tsv_label_first_then_values_nan_padded(tmp_path):
 ])
 def test_ucr_tsv_errors(tmp_path, text, needle):
     _assert_one_line_error(tmp_path / "bad.tsv", text, needle)
+
+
+def test_ucr_txt_is_the_table_separated_by_spaces(tmp_path):
+    from cycle_optuna.data import read_file
+
+    # the archive's .txt files: label first, values in scientific notation, runs of spaces
+    path = tmp_path / "X_TRAIN.txt"
+    path.write_text("   2.0000000e+00   5.0000000e-01  -1.5e+00  NaN\n   1.0000000e+00   3  NaN   4\n")
+    x, y, names = read_file(path, DataConfig())
+    assert names == ("1", "2") and y.tolist() == [1, 0] and x.shape == (2, 3, 1)
+    np.testing.assert_array_equal(x[0, :2, 0], [0.5, -1.5])
+    assert np.isnan(x[0, 2, 0]) and np.isnan(x[1, 1, 0]) and x[1, 2, 0] == 4
+    _assert_one_line_error(tmp_path / "bad.txt", "1 0.5 1.5\n2 0.5 abc\n", "line 2: column 3 value 'abc' is not a number")
+    _assert_one_line_error(tmp_path / "bad.txt", "1\t0.5\n2\n", "line 2: a label and no values (expected space-separated")
+
+
+UNIVARIATE_ARFF = """% a comment
+@relation Tiny
+@attribute att0 numeric
+@attribute att1 NUMERIC
+@attribute 'att 2' real
+@attribute target {b,'a',10}
+
+@DATA
+1,2,3,b
+4,?,6,'a'
+7,8,?,10
+"""
+
+MULTIVARIATE_ARFF = """@relation 'Tiny'
+@attribute relationalAtt relational
+@attribute att0 numeric
+@attribute att1 numeric
+@attribute att2 numeric
+@end relationalAtt
+@attribute activity {walk,run}
+@data
+'1,2,3\\n10,20,30',walk
+"4,?,6\\n40,50,60",run
+'7,8,?\\n70,80,?',walk
+"""
+
+
+def test_arff_univariate_padding_missing_and_declared_order(tmp_path):
+    from cycle_optuna.data import load_arff, read_file
+
+    path = tmp_path / "X_TRAIN.arff"
+    path.write_text(UNIVARIATE_ARFF)
+    x, labels, declared = load_arff(path)
+    assert declared == ["b", "a", "10"] and labels == ["b", "a", "10"]  # quotes dropped
+    assert x.shape == (3, 3, 1)
+    np.testing.assert_array_equal(x[0, :, 0], [1, 2, 3])
+    assert np.isnan(x[1, 1, 0]) and x[1, 2, 0] == 6  # '?' inside a series: one missing value
+    assert np.isnan(x[2, 2, 0])  # trailing '?': padding
+    assert read_file(path, DataConfig())[2] == ("b", "a", "10")  # names that are not all numbers: declared order
+
+
+def test_arff_multivariate_relational_matches_the_ts_file(tmp_path):
+    from cycle_optuna.data import read_file
+
+    path = tmp_path / "m.arff"
+    path.write_text(MULTIVARIATE_ARFF)
+    x, y, names = read_file(path, DataConfig())
+    assert names == ("walk", "run") and y.tolist() == [0, 1, 0] and x.shape == (3, 3, 2)
+    np.testing.assert_array_equal(x[0], [[1, 10], [2, 20], [3, 30]])
+    assert np.isnan(x[1, 1, 0]) and x[1, 1, 1] == 50
+    assert np.isnan(x[2, 2]).all()  # a step missing in every dimension at the end: padding
+    ts = tmp_path / "m.ts"
+    ts.write_text("@problemName Tiny\n@univariate false\n@dimensions 2\n@classLabel true walk run\n@data\n"
+                  "1,2,3:10,20,30:walk\n4,?,6:40,50,60:run\n7,8:70,80:walk\n")
+    xt, yt, names_t = read_file(ts, DataConfig())
+    np.testing.assert_array_equal(x, xt)
+    assert yt.tolist() == y.tolist() and names_t == names
+
+
+def test_arff_test_source_maps_labels_like_the_training_file(tmp_path):
+    train = tmp_path / "X_TRAIN.arff"
+    train.write_text(UNIVARIATE_ARFF.replace("@DATA\n", "@DATA\n" + "1,2,3,b\n4,5,6,a\n7,8,9,10\n" * 3))
+    test = tmp_path / "X_TEST.arff"
+    test.write_text(UNIVARIATE_ARFF.replace("{b,'a',10}", "{10,a,b}"))  # the same classes, declared in another order
+    d = load_task(DataConfig(folds=1, val_fraction=0.2), 0, data_path=train, test_path=test)
+    assert d.class_names == ("b", "a", "10") and d.y_test.tolist() == [0, 1, 2]
+    test.write_text(UNIVARIATE_ARFF.replace("{b,'a',10}", "{b,a,11}").replace(",10\n", ",11\n"))
+    with pytest.raises(DataError, match="class set differs from the training file's: the class attribute declares"):
+        load_task(DataConfig(folds=1, val_fraction=0.2), 0, data_path=train, test_path=test)
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (("{b,'a',10}", "numeric"), "the last attribute 'target' is the class and must be nominal"),
+    ((",'a'\n", ",c\n"), "line 10: class label 'c' is not declared by the class attribute target (b, a, 10)"),
+    (("4,?,6", "4,x,6"), "line 10: value 'x' is not a number (missing values are '?')"),
+    (("4,?,6", "4,6"), "line 10: 3 values, the header declares 4 attributes"),
+    (("@DATA", "@dta"), "line 8: unknown header '@dta'"),
+    (("@DATA\n", ""), "line 8: data before the @data line"),
+    (("1,2,3,b", "{0 1, 3 b}"), "line 9: sparse ARFF rows are not supported"),
+    (("@attribute att1 NUMERIC", "@attribute att1 string"), "attribute 'att1' has type 'string'"),
+    (("{b,'a',10}", "{b}"), "needs two or more distinct labels"),
+])
+def test_arff_errors(tmp_path, edit, needle):
+    _assert_one_line_error(tmp_path / "bad.arff", UNIVARIATE_ARFF.replace(*edit), needle)
+
+
+def test_arff_multivariate_ragged_dimensions(tmp_path):
+    _assert_one_line_error(tmp_path / "bad.arff", MULTIVARIATE_ARFF.replace("'1,2,3\\n10,20,30'", "'1,2,3\\n10,20'"),
+                           "line 9: ragged dimensions: 2 dimension(s) of 3/2 values")
 
 
 def test_ts_multivariate_unequal_length_and_missing(tmp_path):
