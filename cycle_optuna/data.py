@@ -278,6 +278,8 @@ def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
     first = text.partition("\n")[0]
     # a comma-separated file, else what the header row is separated by (spreadsheets in many locales save ';')
     delimiter = "," if "," in first else max(";\t", key=first.count)
+    # those locales write 1,5 for 1.5, and a ';'-separated cell holds no other comma
+    number = (lambda v: v.replace(",", ".")) if delimiter == ";" else (lambda v: v)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = next(reader, None)
     if not header:
@@ -298,15 +300,15 @@ def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
         if len(row) != len(header):
             raise _fail(path, f"line {line}: {len(row)} fields, the header has {len(header)}")
         sid = row[i_sample].strip()
-        label = _label_name(path, line, row[i_label])
+        label = _label_name(path, line, number(row[i_label]))
         if sid in labels and labels[sid] != label:
             raise _fail(path, f"line {line}: sample {sid!r} changes label from {labels[sid]} to {label}; "
                         "the label must be constant within a sequence")
         labels[sid] = label
         try:
-            seqs.setdefault(sid, []).append([_csv_float(row[i]) for i in feat_idx])
+            seqs.setdefault(sid, []).append([_csv_float(number(row[i])) for i in feat_idx])
         except ValueError:
-            bad = next(i for i in feat_idx if not _is_float(row[i]))
+            bad = next(i for i in feat_idx if not _is_float(number(row[i])))
             raise _fail(path, f"line {line}: column '{header[bad]}' value {row[bad]!r} is not a number") from None
     if not seqs:
         raise _fail(path, "no data rows")
@@ -678,9 +680,9 @@ def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = Non
         x, y = load_npz(path)
     else:
         raise _fail(path, f"unsupported data file type (expected {', '.join(DATA_SUFFIXES)})")
-    x, y, k = check_arrays(path, x, y)
-    if classes is not None and k != len(classes):
-        raise _fail(path, f"class set differs from the training file's: labels 0..{k - 1} here, "
+    x, y, k = check_arrays(path, x, y, named=classes is not None)  # a test file may lack a class
+    if classes is not None and k > len(classes):
+        raise _fail(path, f"class set differs from the training file's: label {k - 1} here, "
                     f"0..{len(classes) - 1} in the training file")
     return x, y, classes if classes is not None else tuple(str(c) for c in range(k))
 

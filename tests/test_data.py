@@ -283,6 +283,18 @@ def test_csv_separated_by_semicolons_or_tabs(tmp_path, sep):
     assert names == ("a", "b") and x.shape == (2, 2, 2) and x[0, 1].tolist() == [3, 4] and np.isnan(x[1, 0, 1])
 
 
+def test_semicolon_csv_reads_decimal_commas(tmp_path):
+    from cycle_optuna.data import read_file
+
+    # a spreadsheet in a locale that writes 1,5 for 1.5 separates cells with ';'
+    path = tmp_path / "de.csv"
+    path.write_text("sample;label;f0\ns0;1;1,5\ns0;1;-2,25\ns1;2,0;3\ns1;2;1e-3\n")
+    x, y, names = read_file(path, DataConfig())
+    assert names == ("1", "2")
+    np.testing.assert_allclose(x[:, :, 0], [[1.5, -2.25], [3.0, 0.001]])
+    _assert_one_line_error(tmp_path / "bad.csv", "sample;label;f0\ns0;1;1,5,2\ns1;2;3\n", "line 2: column 'f0' value '1,5,2' is not a number")
+
+
 def test_unsupported_suffix(tmp_path):
     path = tmp_path / "a.parquet"
     path.write_text("x")
@@ -660,9 +672,17 @@ def test_csv_labels_are_names_and_a_test_file_maps_them_by_name(tmp_path):
     assert names == ("-1", "1", "2", "10") and y.tolist() == [1, 3, 2, 0]
 
 
+def test_npz_test_file_may_lack_a_class(tmp_path):
+    x, y, train, _ = _split_files(tmp_path)
+    keep = y[60:] != 2
+    test = _write_npz(tmp_path / "test.npz", x[60:][keep], y[60:][keep])  # a small test file: no series of class 2
+    d = load_task(DataConfig(), 0, data_path=train, test_path=test)
+    assert d.n_classes == 3 and d.y_test.tolist() == y[60:][keep].tolist()
+
+
 @pytest.mark.parametrize(("which", "needle"), [
     ("features", "test.npz: 2 feature(s) per step, but the training file"),
-    ("classes", "test.npz: class set differs from the training file's: labels 0..1 here, 0..2"),
+    ("classes", "test.npz: class set differs from the training file's: label 4 here, 0..2"),
     ("ts_classes", "TEST.ts: class set differs from the training file's"),
 ])
 def test_test_source_mismatch(tmp_path, which, needle):
@@ -674,7 +694,7 @@ def test_test_source_mismatch(tmp_path, which, needle):
         if which == "features":
             test = _write_npz(tmp_path / "test.npz", x[60:, :, :2], y[60:])
         else:
-            test = _write_npz(tmp_path / "test.npz", x[60:], y[60:] % 2)
+            test = _write_npz(tmp_path / "test.npz", x[60:], y[60:] + 2)
     with pytest.raises(DataError) as e:
         load_task(DataConfig(), 0, data_path=train, test_path=test)
     assert needle in str(e.value) and "\n" not in str(e.value)
