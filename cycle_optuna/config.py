@@ -126,7 +126,7 @@ class ParamSpace:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    type: str = "tpe"
+    type: str = "cycle"  # the cycle sampler (docs/sampler.md); tpe, random, cmaes, reference
     n_startup_trials: int = 5  # tpe/cmaes: random trials before modelling
     lr_factor: float = 2.0  # cycle: multiplicative lr step
     noise_margin: float = 0.002  # cycle: relative improvement that counts
@@ -370,6 +370,8 @@ def parse(raw: Mapping[str, Any], where: str = "<study>", *, check_files: bool =
         if section not in allowed:
             raise c.fail(section, f"unknown section{_suggest(section, allowed)}; allowed: {', '.join(allowed)}")
     parts = {name: c.build(name, cls, raw.get(name, {})) for name, cls in _SECTIONS.items()}
+    if "space" not in raw:  # the default space is widened to the baseline: a bad baseline is named first
+        _validate_params(c, "baseline", parts["baseline"])
     raw_space = raw["space"] if "space" in raw else default_space(parts["baseline"])
     if not isinstance(raw_space, Mapping):
         raise c.fail("space", "must be a table of parameters")
@@ -386,7 +388,8 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
     c.one_of("study.direction", s.direction, DIRECTIONS)
     c.at_least("study.n_trials", s.n_trials, 1)
     c.at_least("study.ensemble", s.ensemble, 1)
-    c.at_least("study.seed", s.seed, 0)  # numpy and torch generators take non-negative seeds
+    if not 0 <= s.seed < 2**32:  # numpy's and torch's generators take 32-bit unsigned seeds
+        raise c.fail("study.seed", f"must be in 0..{2**32 - 1}, got {s.seed}")
     c.at_least("data.val_fraction", d.val_fraction, 0, strict=True)
     c.at_least("data.test_fraction", d.test_fraction, 0, strict=True)
     if d.val_fraction + d.test_fraction >= 0.9:
@@ -396,8 +399,12 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
         c.at_least("data.seq_len", d.seq_len, 4)
         c.at_least("data.n_features", d.n_features, 2)
         c.at_least("data.n_classes", d.n_classes, 2)
+        if d.n_samples < 3 * d.n_classes:  # a class needs a series in each of train, validation and test
+            raise c.fail("data.n_samples", f"must be >= 3 x n_classes = {3 * d.n_classes}, got {d.n_samples}")
         c.at_least("data.noise", d.noise, 0)
     else:
+        if d.label_column == d.sample_column:
+            raise c.fail("data.label_column", f"must differ from data.sample_column, both are {d.label_column!r}")
         src = resolve_data_path(cfg)
         if src.suffix.lower() not in DATA_SUFFIXES:
             raise c.fail("data.source", f"must be 'synthetic' or a {SUFFIX_LIST} file, got {d.source!r}")
@@ -422,6 +429,8 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
     c.at_least("train.cyclical_period_epochs", t.cyclical_period_epochs, 0, strict=True)
     for key in ("grad_clip", "augment_jitter", "augment_scale", "min_delta", "momentum"):
         c.at_least(f"train.{key}", getattr(t, key), 0)
+    if t.momentum >= 1:
+        raise c.fail("train.momentum", f"must be < 1, got {t.momentum}")
     if t.augment_scale >= 1:
         raise c.fail("train.augment_scale", f"must be < 1, got {t.augment_scale}")
     if not 0 <= t.label_smoothing < 1:
@@ -553,7 +562,7 @@ def load(path: str | Path) -> StudyConfig:
     """Read and validate a study file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # Windows editors may start the file with a byte-order mark
     except FileNotFoundError:
         raise ConfigError(f"{path}: study file not found") from None
     except UnicodeDecodeError as e:
