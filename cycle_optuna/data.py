@@ -317,13 +317,17 @@ def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
 
 
 def _read_text(path: Path) -> str:
-    """A text data file's content; a byte-order mark (spreadsheet programs write one) is dropped."""
+    """A text data file's content: UTF-8 (a byte-order mark, which spreadsheet programs write, dropped), else Latin-1."""
     try:
-        return path.read_text(encoding="utf-8-sig", errors="replace")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise _fail(path, "data file not found") from None
     except OSError as e:
         raise _fail(path, f"cannot read data file: {e.strerror}") from e
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:  # a spreadsheet's "ANSI" text: Latin-1 keeps every byte, so no two labels merge
+        return raw.decode("latin-1")
 
 
 def load_ucr_table(path: Path) -> tuple[np.ndarray, list[str]]:
@@ -408,7 +412,7 @@ def load_arff(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
             try:
                 cols.append([math.nan if v == "?" else float(v) for v in values])
             except ValueError:
-                bad = next(v for v in values if v != "?" and not _is_float(v))
+                bad = next(v for v in values if v != "?" and not _is_number(v))
                 raise _fail(path, f"line {n}: {f'dimension {d} ' if relational else ''}value {bad!r} is not a "
                             "number (missing values are '?')") from None
         if len({len(c) for c in cols}) > 1 or (seqs and len(cols) != seqs[0].shape[1]):
@@ -476,8 +480,13 @@ def _csv_float(s: str) -> float:
 
 
 def _is_float(s: str) -> bool:
+    """A .csv/.tsv cell that reads as a number (an empty cell: missing)."""
+    return not s.strip() or _is_number(s)
+
+
+def _is_number(s: str) -> bool:
     try:
-        _csv_float(s)
+        float(s)
         return True
     except ValueError:
         return False
@@ -586,7 +595,7 @@ def _ts_case(path: Path, n: int, line: str, head: dict[str, Any], n_dims: int | 
         try:
             cols.append(np.array([math.nan if v == "?" else float(v) for v in values], dtype=np.float64))
         except ValueError:
-            bad = next(v for v in values if v != "?" and not _is_float(v))
+            bad = next(v for v in values if v != "?" and not _is_number(v))
             raise _fail(path, f"line {n}: dimension {d} value {bad!r} is not a number (missing values are '?')") from None
     lengths = [len(c) for c in cols]
     if len(set(lengths)) > 1:
@@ -624,9 +633,12 @@ def check_arrays(path: Path | str, x: Any, y: Any, *, named: bool = False) -> tu
         raise _fail(path, f"y must be 1-D with len N={len(x)}, got shape {list(y.shape)}")
     if min(x.shape) == 0:
         raise _fail(path, f"X is empty, shape {list(x.shape)}")
-    if np.isinf(x).any():
-        bad = np.argwhere(np.isinf(x))[0]
-        raise _fail(path, f"X has {int(np.isinf(x).sum())} inf values (first at sample {bad[0]}, "
+    with np.errstate(over="ignore"):
+        x32 = x.astype(np.float32)  # what the model sees: a finite value beyond float32's range is inf there
+    if np.isinf(x32).any():
+        bad = np.argwhere(np.isinf(x32))[0]
+        big = "" if np.isinf(x).any() else " after conversion to 32-bit floats (|x| > 3.4e38)"
+        raise _fail(path, f"X has {int(np.isinf(x32).sum())} inf values{big} (first at sample {bad[0]}, "
                     f"step {bad[1]}, feature {bad[2]}); only NaN may mark a missing value")
     empty = np.flatnonzero(np.isnan(x).all(axis=(1, 2)))
     if len(empty):
@@ -640,7 +652,7 @@ def check_arrays(path: Path | str, x: Any, y: Any, *, named: bool = False) -> tu
         raise _fail(path, f"labels must be integers 0..K-1, got negative label {int(y.min())}")
     y = y.astype(np.int64)
     if named:
-        return x.astype(np.float32), y, int(y.max()) + 1
+        return x32, y, int(y.max()) + 1
     present = np.unique(y)
     if len(present) < 2:
         raise _fail(path, f"only one class ({int(present[0])}); classification needs at least two")
@@ -649,7 +661,7 @@ def check_arrays(path: Path | str, x: Any, y: Any, *, named: bool = False) -> tu
     if missing:
         raise _fail(path, f"labels must be 0..K-1 with every class present: labels go up to {k - 1} but "
                     f"class(es) {missing} have no samples")
-    return x.astype(np.float32), y, k
+    return x32, y, k
 
 
 def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = None
@@ -800,6 +812,9 @@ def load_task(cfg: DataConfig, seed: int, *, data_path: Path | None = None, test
     if folds == 1 and not len(va):
         raise _fail(Path(where), f"the validation split is empty: no class has a series to spare for it "
                     f"(val_fraction={cfg.val_fraction}); [data] folds = 5 cross-validates instead")
+    if not len(x_test):
+        raise _fail(Path(where), "the test split is empty: no class has the three series it takes to give "
+                    "training, validation and test one each; name an official test file in [data] test_source")
     if folds > 1 and len(tr) + len(va) < 2 * folds:
         raise _fail(Path(where), f"[data] folds = {folds} needs at least {2 * folds} series outside the test split "
                     f"to cross-validate, it has {len(tr) + len(va)}")

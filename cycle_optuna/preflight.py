@@ -57,6 +57,12 @@ def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[s
     from cycle_optuna import worker
 
     where = f"{cfg.path}: " if cfg.path else ""
+    from cycle_optuna.train import resolve_device
+
+    try:
+        resolve_device(cfg.train.device)  # a CUDA device the machine lacks fails here, not in every trial
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
     check_writable_dir(artifact_dir(cfg), what=f"{where}study.artifact_dir")
     check_storage_location(url, create=True)
     from cycle_optuna.data import load_study_data

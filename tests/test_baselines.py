@@ -248,7 +248,7 @@ def _bad_ts(tmp_path: Path, edit) -> None:
 @pytest.mark.parametrize(("setup", "needle"), [
     (lambda p: _study_file(p, test=True, test_xy=(_toy(30, f=3)[0], _toy(30)[1])),
      "test.npz: 3 feature(s) per step, but the training file"),
-    (lambda p: _study_file(p, test=True, test_xy=(_toy(30)[0], _toy(30)[1] % 2)),
+    (lambda p: _study_file(p, test=True, test_xy=(_toy(30)[0], _toy(30)[1] + 3)),
      "test.npz: class set differs from the training file's"),
     (lambda p: (_bad_ts(p, lambda t: t.replace("@equalLength", "@equalLenght")), _ts_study(p))[1],
      "train.ts: line 4: unknown header '@equalLenght'"),

@@ -101,7 +101,10 @@ def test_to_dict_round_trips():
         ("pruner", "percentile = 150.0", r"pruner\.percentile: must be in \[0, 100\], got 150\.0"),
         ("pruner", "early_margin = -0.2", r"pruner\.early_margin: must be >= 0, got -0\.2"),
         ("baseline", "dropout = 1.0", r"baseline\.dropout"),
-        ("study", "seed = -5", r"study\.seed: must be >= 0, got -5"),
+        ("study", "seed = -5", r"study\.seed: must be in 0\.\.4294967295, got -5"),
+        ("study", "seed = 4294967296", r"study\.seed: must be in 0\.\.4294967295, got 4294967296"),
+        ("train", "momentum = 2.0", r"train\.momentum: must be < 1, got 2\.0"),
+        ("data", "n_classes = 200", r"data\.n_samples: must be >= 3 x n_classes = 600, got 480"),
         ("space", "dropout = { low = 0.0, high = 1.5 }", r"space\.dropout\.high: dropout must be in \[0, 1\), got 1\.5"),
         ("space", "batch_size = { choices = [-8, 32] }", r"space\.batch_size\.choices: batch_size must be in \[1, inf\), got -8"),
         ("space", "lr = { low = -1e-3, high = 1e-2 }", r"space\.lr\.low: lr must be in \(0, inf\), got -0\.001"),
@@ -118,6 +121,26 @@ def test_bad_study_file_names_file_key_and_allowed(tmp_path, section, line, patt
     assert message.startswith(str(path) + ": "), message
     assert re.search(pattern, message), message
     assert "\n" not in message
+
+
+def test_bad_baseline_is_named_before_the_default_space_widens_to_it(tmp_path):
+    # without [space] the default space is widened to hold the baseline: lr = 0 is the baseline's mistake
+    path = write(tmp_path, "[study]\nname = 'x'\n[baseline]\nlr = 0\n")
+    with pytest.raises(ConfigError, match=r"baseline\.lr: lr must be in \(0, inf\), got 0"):
+        config.load(path)
+
+
+def test_label_and_sample_columns_differ(tmp_path):
+    (tmp_path / "d.csv").write_text("sample,label,f0\ns0,a,1\n")
+    text = QUICK.replace('source = "synthetic"', 'source = "d.csv"\nlabel_column = "sample"')
+    with pytest.raises(ConfigError, match=r"data\.label_column: must differ from data\.sample_column, both are 'sample'"):
+        config.load(write(tmp_path, text))
+
+
+def test_study_file_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + QUICK.encode())  # as Windows editors save "UTF-8 with BOM"
+    assert config.load(path).study.name == config.load(write(tmp_path, QUICK)).study.name
 
 
 def test_compile_takes_cudagraphs_and_pack_a_size(tmp_path):

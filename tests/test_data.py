@@ -205,6 +205,8 @@ def test_csv_custom_columns_and_interleaved_ids(tmp_path):
         (lambda x, y: (x, y.astype(str)), "y must hold integer labels"),
         (lambda x, y: (np.where(np.arange(60)[:, None, None] == 7, np.nan, x), y), "sample 7 has no observed values"),
         (lambda x, y: (np.where(np.arange(60)[:, None, None] == 7, np.inf, x), y), "inf values (first at sample 7"),
+        (lambda x, y: (np.where(np.arange(60)[:, None, None] == 7, 1e39, x.astype(np.float64)), y),
+         "inf values after conversion to 32-bit floats (|x| > 3.4e38) (first at sample 7"),
         (lambda x, y: (x, np.zeros_like(y)), "only one class"),
         (lambda x, y: (x, np.where(y == 1, 3, y)), "class(es) [1] have no samples"),
         (lambda x, y: (x, np.where(y == 1, -1, y)), "negative label -1"),
@@ -373,6 +375,15 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
     assert read_file(csv, DataConfig())[2] == ("a", "b")
 
 
+def test_a_latin1_file_keeps_its_labels_apart(tmp_path):
+    from cycle_optuna.data import read_file
+
+    # a spreadsheet's "ANSI" export: not UTF-8; decoding with replacement would merge café and cafè
+    path = tmp_path / "l1.csv"
+    path.write_bytes("sample,label,f0\ns0,café,1\ns1,cafè,2\ns2,thé,3\n".encode("latin-1"))
+    assert read_file(path, DataConfig())[2] == ("cafè", "café", "thé")  # sorted
+
+
 def test_ucr_tsv_label_first_then_values_nan_padded(tmp_path):
     from cycle_optuna.data import read_file
 
@@ -491,6 +502,7 @@ def test_arff_test_source_maps_labels_like_the_training_file(tmp_path):
     (("{b,'a',10}", "numeric"), "the last attribute 'target' is the class and must be nominal"),
     ((",'a'\n", ",c\n"), "line 10: class label 'c' is not declared by the class attribute target (b, a, 10)"),
     (("4,?,6", "4,x,6"), "line 10: value 'x' is not a number (missing values are '?')"),
+    (("4,?,6", "4,,6"), "line 10: value '' is not a number (missing values are '?')"),
     (("4,?,6", "4,6"), "line 10: 3 values, the header declares 4 attributes"),
     (("@DATA", "@dta"), "line 8: unknown header '@dta'"),
     (("@DATA\n", ""), "line 8: data before the @data line"),
@@ -586,6 +598,7 @@ def test_csv_unequal_lengths_are_padded(tmp_path):
     (lambda t: t.replace("1,0,1,0:1", "1,0,1,0:3"), "class label '3' is not declared in @classLabel"),
     (lambda t: t.replace("1,0,1,0:1", "1,0,1:1"), "line 15: 3 values, but @equalLength true with @seriesLength 4"),
     (lambda t: t.replace("1,0,1,0:1", "1,x,1,0:1"), "line 15: dimension 1 value 'x' is not a number"),
+    (lambda t: t.replace("1,0,1,0:1", "1,,1,0:1"), "line 15: dimension 1 value '' is not a number"),
     (lambda t: t.replace("@seriesLength 4\n", "").replace("1,0,1,0:1", "1,0,1:1"),
      "line 14: 3 values, but @equalLength true and the first series has 4"),
     (lambda t: t.replace("@timeStamps false", "@timeStamps true"), "@timeStamps true is not supported"),
