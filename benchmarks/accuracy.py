@@ -18,7 +18,7 @@ cross-validation runs over it when that split would hold at most 20 series) and 
 is `test_source`.
 
 UCR sets are read from DIR/<Name>/<Name>_TRAIN.ts and _TEST.ts (the layout of the UCR archive and
-of the aeon wheel's datasets/data folder); DIR comes from --data-dir or $CYCLE_OPTUNA_UCR_DIR, and a
+of the aeon wheel's datasets/data folder; .arff, .tsv or .txt files when there is no .ts pair); DIR comes from --data-dir or $CYCLE_OPTUNA_UCR_DIR, and a
 set whose files are absent is skipped with a message.
 """
 
@@ -122,8 +122,20 @@ def write_tiny_ts(folder: Path) -> Path:
     return folder
 
 
+ARCHIVE_SUFFIXES = (".ts", ".arff", ".tsv", ".txt")  # the archive's formats, in the order they are looked for
+
+
+def archive_files(data_dir: Path, name: str) -> tuple[Path, Path] | tuple[None, None]:
+    """DIR/<Name>/<Name>_TRAIN and _TEST of the first archive format that has both."""
+    for suffix in ARCHIVE_SUFFIXES:
+        train, test = (data_dir / name / f"{name}_{split}{suffix}" for split in ("TRAIN", "TEST"))
+        if train.is_file() and test.is_file():
+            return train, test
+    return None, None
+
+
 def _series_len(path: Path) -> int:
-    """Longest series of a .ts file (the data module pads shorter ones)."""
+    """Longest series of a data file (the data module pads shorter ones)."""
     from cycle_optuna.data import load_task
 
     cfg = config.DataConfig(source=str(path))
@@ -184,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", nargs="+", default=["builtin", *UCR_SETS],
                     help="'builtin' (studies/seed.toml) and UCR/UEA set names")
     ap.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV),
-                    help=f"folder holding <Name>/<Name>_TRAIN.ts and _TEST.ts (default ${DATA_DIR_ENV})")
+                    help=f"folder holding <Name>/<Name>_TRAIN and _TEST .ts (or .arff, .tsv, .txt) files (default ${DATA_DIR_ENV})")
     ap.add_argument("--trials", type=int, default=20, help="trials per UCR study (the built-in study keeps its own)")
     ap.add_argument("--epochs", type=int, default=config.TrainConfig().epochs, help="epochs per trial (UCR studies)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -222,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                 res = run_study(study_file)
                 rows.append(("built-in (seed.toml)", res, None, BAYES_SOURCE, raw["study"]["n_trials"]))
             else:
-                train = data_dir / name / f"{name}_TRAIN.ts" if data_dir else None
-                test = data_dir / name / f"{name}_TEST.ts" if data_dir else None
-                if train is None or not train.is_file() or not test.is_file():
-                    print(f"skipped {name}: no {name}_TRAIN.ts/_TEST.ts under {data_dir or f'--data-dir / ${DATA_DIR_ENV}'}")
+                train, test = archive_files(data_dir, name) if data_dir else (None, None)
+                if train is None:
+                    print(f"skipped {name}: no {name}_TRAIN/_TEST file ({', '.join(ARCHIVE_SUFFIXES)}) under "
+                          f"{data_dir or f'--data-dir / ${DATA_DIR_ENV}'}")
                     continue
                 res = run_study(file_study(name, train, test, trials=args.trials, epochs=args.epochs,
                                            template=template, where=work, seed=args.seed))

@@ -93,7 +93,7 @@ def test_accuracy_benchmark_tunes_a_generated_ts_set_and_prints_the_baselines(tm
     assert re.fullmatch(r"\| Tiny \| 2 \|( [\d.]+ \|){5} - \| - \|", row), out  # tuned, best cycle alone, 3 references
     assert "1-NN" in out.splitlines()[-3]  # the header names each reference baseline
     out = _run("accuracy.py", "--datasets", "GunPoint", "--data-dir", str(tmp_path))
-    assert f"skipped GunPoint: no GunPoint_TRAIN.ts/_TEST.ts under {tmp_path}" in out
+    assert f"skipped GunPoint: no GunPoint_TRAIN/_TEST file (.ts, .arff, .tsv, .txt) under {tmp_path}" in out
 
 
 def test_tabular_benchmark_runs_or_says_it_is_skipped():
