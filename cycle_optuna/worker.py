@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -35,6 +36,9 @@ from cycle_optuna.train import EpochMetrics
 
 CONFIG_ATTR = "cycle_optuna_config"
 STATS_ATTR = "data_stats"
+# sha256 of the data files by [data] key: a worker whose copy of a file sits at another path (another
+# machine, a moved folder) joins when the content is the same
+DIGESTS_ATTR = "cycle_optuna_data_digests"
 _FINAL = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 POLL_SECONDS = 0.25  # how often an idle worker looks for retries while other workers finish
 RECONNECT_SECONDS = 300  # a worker gives up after this long without its database
@@ -89,6 +93,8 @@ def open_study(
         study.set_user_attr(CONFIG_ATTR, cfg.to_dict())  # its storage URL without the password
     elif _holds_secret(stored):  # written by an older release: the dashboard serves it
         study.set_user_attr(CONFIG_ATTR, json.loads(storage_mod.mask(json.dumps(stored))))
+    if DIGESTS_ATTR not in study.user_attrs and (digests := data_digests(cfg)):
+        study.set_user_attr(DIGESTS_ATTR, digests)
     if data is not None and STATS_ATTR not in study.user_attrs:
         study.set_user_attr(STATS_ATTR, data.stats())
     if data is not None and baselines.BASELINES_ATTR not in study.user_attrs:
@@ -111,10 +117,24 @@ def check_joinable(cfg: StudyConfig, storage: optuna.storages.BaseStorage, url: 
     name = cfg.study.name
     exists = name in {s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
     if exists:
-        stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get(CONFIG_ATTR)
-        if stored is not None:
-            _check_same_definition(cfg, stored)
+        attrs = optuna.load_study(study_name=name, storage=storage).user_attrs
+        if attrs.get(CONFIG_ATTR) is not None:
+            _check_same_definition(cfg, attrs[CONFIG_ATTR], attrs.get(DIGESTS_ATTR) or {})
     return exists
+
+
+def data_digests(cfg: StudyConfig) -> dict[str, str]:
+    """sha256 of each data file of the study ({} for the synthetic task), by its [data] key."""
+    paths = {"source": config_mod.resolve_data_path(cfg), "test_source": config_mod.resolve_test_path(cfg)}
+    out = {}
+    for key, path in paths.items():
+        if path is not None and path.is_file():
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[key] = h.hexdigest()
+    return out
 
 
 def _holds_secret(stored: dict) -> bool:
@@ -122,9 +142,14 @@ def _holds_secret(stored: dict) -> bool:
     return storage_mod.mask(text) != text
 
 
-def _check_same_definition(cfg: StudyConfig, stored: dict) -> None:
+def _check_same_definition(cfg: StudyConfig, stored: dict, digests: dict[str, str]) -> None:
     mine = json.loads(json.dumps(cfg.trial_definition()))
     theirs = {k: config_mod.without_execution(k, stored.get(k)) for k in mine}
+    if digests and isinstance(theirs.get("data"), dict):
+        theirs["data"] = dict(theirs["data"])
+        for key, digest in data_digests(cfg).items():
+            if digests.get(key) == digest:  # the same file, wherever this worker keeps it
+                theirs["data"][key] = mine["data"][key]
     for section, added in config_mod.DEFINITION_ADDED.items():  # stored by a release before the key existed
         if isinstance(theirs.get(section), dict):
             theirs[section] = {**added, **theirs[section]}

@@ -104,6 +104,27 @@ def test_workers_may_differ_in_how_they_run_but_not_in_what_a_trial_is(tmp_path:
         worker.open_study(config.load(path), url)
 
 
+def test_a_worker_joins_with_the_same_data_file_at_another_path(tmp_path: Path):
+    rows = ["sample,label,f0"] + [f"s{i},{'ab'[i % 2]},{i % 2 + 0.01 * t}" for i in range(40) for t in range(6)]
+    here, there = tmp_path / "here", tmp_path / "there"  # two machines' copies of one project
+    for folder in (here, there):
+        folder.mkdir()
+        (folder / "d.csv").write_text("\n".join(rows) + "\n")
+        path = write_study(folder, n_trials=1, epochs=1)
+        _edit(path, "[data]\n", '[data]\nsource = "d.csv"\n')
+    cfg = config.load(here / "tiny.toml")
+    url = storage.resolve_url(cfg)
+    study = worker.open_study(cfg, url)
+    assert study.user_attrs[worker.DIGESTS_ATTR] == worker.data_digests(cfg)
+    theirs = config.load(there / "tiny.toml")
+    assert theirs.to_dict()["data"]["source"] != cfg.to_dict()["data"]["source"]
+    worker.open_study(theirs, url)  # the same content at another path: joins
+    (there / "d.csv").write_text("\n".join(rows[:-1]) + "\n")  # other data at the same name: refused
+    with pytest.raises(StorageError, match=r"different trial definition \(data\.source: study has '.*here/d\.csv', "
+                                           r"file has '.*there/d\.csv'\)"):
+        worker.open_study(config.load(there / "tiny.toml"), url)
+
+
 def test_a_study_stored_before_folds_existed_is_the_validation_split(tmp_path: Path):
     path = write_study(tmp_path, n_trials=1, epochs=1)  # folds = 1
     cfg = config.load(path)
