@@ -285,6 +285,8 @@ def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
     if not header:
         raise _fail(path, "empty csv file (expected a header row)")
     header = [h.strip() for h in header]
+    if dup := next((h for i, h in enumerate(header) if h in header[:i]), None):
+        raise _fail(path, f"column {dup!r} appears twice in the header")
     for col, key in ((cfg.sample_column, "sample_column"), (cfg.label_column, "label_column")):
         if col not in header:
             raise _fail(path, f"missing {key} column '{col}' (columns: {', '.join(header)})")

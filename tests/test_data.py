@@ -247,6 +247,7 @@ def test_not_an_npz(tmp_path):
     [
         ("id,label,f0\ns0,0,1\n", "missing sample_column column 'sample'"),
         ("sample,cls,f0\ns0,0,1\n", "missing label_column column 'label'"),
+        ("sample,label,f0,f0\ns0,0,1,2\n", "column 'f0' appears twice in the header"),
         ("sample,label\ns0,0\n", "no feature columns"),
         ("sample,label,f0\ns0,0,1\ns0,0,abc\n", "line 3: column 'f0' value 'abc' is not a number"),
         ("sample,label,f0\ns0,0,1\ns0,x,2\n", "line 3: sample 's0' changes label from 0 to x"),
