@@ -102,18 +102,26 @@ def make_dashboard(
     """Bind optuna-dashboard for the study file's storage (flag > env > file > local SQLite)."""
     from optuna_dashboard import wsgi
 
+    from cycle_optuna.preflight import check_writable_dir
+
     cfg = config_mod.load(study_path)
     url = storage_mod.resolve_url(cfg, storage)
-    store = storage_mod.open_storage(url, heartbeat=False)
     artifacts = _artifact_dir(cfg)
-    artifacts.mkdir(parents=True, exist_ok=True)
-    app = wsgi(store, artifact_store=FileSystemArtifactStore(artifacts))
+    check_writable_dir(artifacts, what="study.artifact_dir")
+    # bound first: a host or port it cannot listen on is refused before the storage or the
+    # artifact directory is created
     server_class = _Server6 if ":" in host.strip("[]") else _Server
     try:
         server = server_class((host.strip("[]"), port), _Handler)
     except OSError as e:
         raise CycleOptunaError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    server.set_app(app)
+    try:
+        store = storage_mod.open_storage(url, heartbeat=False)
+        artifacts.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        server.server_close()
+        raise
+    server.set_app(wsgi(store, artifact_store=FileSystemArtifactStore(artifacts)))
     bound = server.server_address[1]
     shown = host if is_loopback(host) or host not in ("0.0.0.0", "::", "") else DEFAULT_HOST
     shown = f"[{shown.strip('[]')}]" if ":" in shown else shown

@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cycle_optuna import api
-from cycle_optuna.errors import ConfigError
+from cycle_optuna import api, files
+from cycle_optuna.errors import ConfigError, StorageError
+from cycle_optuna.preflight import check_writable_dir
 
 FIRST = ["cycle", "number", "state", "value", "reason", "key_change", "datetime_start", "datetime_complete",
          "duration_s"]
@@ -58,11 +59,19 @@ def write(study: api.StudyLike, path: str | os.PathLike, *, storage: str | None 
         except ImportError:
             raise ConfigError("Parquet export needs pyarrow: pip install 'cycle-optuna[parquet]' "
                               "(or export --csv FILE)") from None
+    # the output path before the study is read: a path it cannot write is one line, nothing written
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, not a file (name the file to write, e.g. {path / f'cycles.{fmt}'})")
+    check_writable_dir(path.parent, what="export output directory")
     df = frame(study, storage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "csv":
-        df.to_csv(path, index=False)
-    else:
-        df.to_parquet(path, index=False)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with files.replacing(path) as tmp:  # a failed write leaves no truncated file
+            if fmt == "csv":
+                df.to_csv(tmp, index=False)
+            else:
+                df.to_parquet(tmp, index=False)
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
     return path
 

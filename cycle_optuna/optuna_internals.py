@@ -83,6 +83,11 @@ def insert_user_attr(conn: sqlalchemy.Connection, trial_id: int, key: str, value
                  {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)})
 
 
+def has_tables(conn: sqlalchemy.Connection) -> bool:
+    """Whether the database holds Optuna's tables (its `studies` table); creates nothing."""
+    return sqlalchemy.inspect(conn).has_table(_models.StudyModel.__tablename__)
+
+
 def trial_states_and_retries(conn: sqlalchemy.Connection, study_id: int) -> list[tuple[int, str, str | None]]:
     """(number, state name, retry_history JSON or None) of every trial, read from Optuna's tables."""
     sql = sqlalchemy.text(

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from cycle_optuna import config as config_mod
+from cycle_optuna import files
 from cycle_optuna import storage as storage_mod
 from cycle_optuna.config import StudyConfig
 from cycle_optuna.errors import ConfigError, StorageError
@@ -20,7 +21,7 @@ if TYPE_CHECKING:  # data imports torch: read-only commands never need it
 
 
 def check_writable_dir(path: Path, *, what: str) -> None:
-    """`path` is a directory this process can write, or can be created as one; creates nothing."""
+    """`path` is a directory this process can write, or can be created as one; leaves nothing behind."""
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -28,6 +29,7 @@ def check_writable_dir(path: Path, *, what: str) -> None:
         raise ConfigError(f"{what} {path}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise StorageError(f"cannot write {path}: read-only ({existing} is not writable)")
+    files.check_creatable(path)  # what permissions do not show (root on /proc, a read-only mount)
 
 
 def check_storage_location(url: str, *, create: bool) -> None:

@@ -197,11 +197,15 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> Ba
                     lambda: _Storage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=not create,
                                      skip_table_creation=not create, **beat),
                     read_only=not create)
-                if not create and backend != "sqlite":
-                    # nothing above connected to the server: fail here, as "cannot open", not at the first read
-                    with storage.engine.connect():
-                        pass
-                if backend == "sqlite" and parsed.database and parsed.database != ":memory:":
+                if not create:
+                    # nothing above connected to the server or read the file: fail here, as "cannot
+                    # open", not at the first read; a database without Optuna's tables holds no study
+                    with storage.engine.connect() as conn:
+                        if not internals.has_tables(conn):
+                            raise StorageError(f"storage {mask(url)} holds no studies "
+                                               "(no Optuna tables in it: nothing has run on it yet)")
+                elif backend == "sqlite" and parsed.database and parsed.database != ":memory:":
+                    # a writer's switch only: the pragma writes the file, and WAL persists in it for readers
                     _use_wal(storage.engine)
                 return storage
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
@@ -243,9 +247,13 @@ def _journal(url: str, *, create: bool) -> BaseStorage:
         raise StorageError(f"bad storage URL {mask(url)!r}: expected journal:///path/to/study.log")
     check_file_location(url, Path(path), create=create)
     try:
-        return JournalStorage(JournalFileBackend(path))
+        return JournalStorage(JournalFileBackend(path))  # reads the whole file
     except OSError as e:
         raise StorageError(f"cannot open storage {mask(url)}: {e.strerror or e}") from None
+    except ValueError:  # a line that is not UTF-8 JSON, or not ended by a newline
+        raise StorageError(f"{path}: not a journal file (a line is not JSON)") from None
+    except (KeyError, TypeError, AssertionError):  # Optuna asserts on an operation it does not know
+        raise StorageError(f"{path}: not a journal file (a line is not an Optuna journal operation)") from None
 
 
 def retry_callback() -> RetryHeartbeatStaleTrialCallback:

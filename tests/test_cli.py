@@ -372,3 +372,138 @@ def test_a_class_of_one_series_under_cross_validation_is_named(quick_study, caps
     note = next(line for line in capsys.readouterr().out.splitlines() if "cross-validation" in line)
     assert note.endswith("class(es) rare have a single series, which only models that never saw the class "
                          "validate, so cycles are not scored on them")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad storages and output paths: one line, exit 2, and the files left exactly as they were.
+# ---------------------------------------------------------------------------------------------
+
+TINY_STUDY = """[study]
+name = "t"
+n_trials = 1
+[data]
+source = "synthetic"
+n_samples = 60
+[train]
+epochs = 1
+device = "cpu"
+threads = 1
+[sampler]
+type = "random"
+[pruner]
+type = "none"
+"""
+READERS = ["status", "best", "report", "export"]
+
+
+def _same_bytes(tmp_path: Path, capsys, path: Path, *argv: str) -> str:
+    """_bad_input, and `path` (a storage file) left byte for byte as it was."""
+    before = path.read_bytes()
+    line = _bad_input(tmp_path, capsys, *argv)
+    assert path.read_bytes() == before
+    return line
+
+
+@pytest.mark.parametrize("command", ["run", *READERS])
+@pytest.mark.parametrize("content, why", [
+    (b"\x00garbage\n" * 10, "a line is not JSON"),
+    (b'{"op_code": 99, "worker_id": "x"}\nnot json\n', "a line is not an Optuna journal operation"),
+], ids=["binary", "unknown-operation"])
+def test_a_journal_storage_that_is_not_a_journal_is_named(tmp_path: Path, capsys, command, content, why):
+    log = tmp_path / "x.log"
+    log.write_bytes(content)
+    line = _same_bytes(tmp_path, capsys, log, command, _study(tmp_path, TINY_STUDY), "--storage", f"journal://{log}")
+    assert line == f"error: {log}: not a journal file ({why})"
+
+
+@pytest.mark.parametrize("command", ["run", *READERS])
+def test_a_sqlite_storage_that_is_not_a_database_is_named(tmp_path: Path, capsys, command):
+    (tmp_path / "t.db").write_bytes(b"junk" * 50)
+    line = _same_bytes(tmp_path, capsys, tmp_path / "t.db", command, _study(tmp_path, TINY_STUDY))
+    assert line == "error: cannot open storage sqlite:///t.db: file is not a database"
+
+
+@pytest.mark.parametrize("command", READERS)
+@pytest.mark.parametrize("tables", [False, True], ids=["empty-file", "other-tables"])
+def test_read_only_commands_on_a_sqlite_file_without_optunas_tables_write_nothing(tmp_path: Path, capsys, command,
+                                                                                   tables):
+    import sqlite3
+
+    db = tmp_path / "t.db"
+    db.touch()  # an empty file is an empty SQLite database
+    if tables:
+        with sqlite3.connect(db) as conn:
+            conn.execute("CREATE TABLE mine (x)")
+        sqlite3.connect(db).close()
+    line = _same_bytes(tmp_path, capsys, db, command, _study(tmp_path, TINY_STUDY))
+    assert line == ("error: storage sqlite:///t.db holds no studies "
+                    "(no Optuna tables in it: nothing has run on it yet)")
+
+
+@pytest.mark.parametrize("command", READERS)
+def test_read_only_commands_on_an_empty_postgresql_database_create_no_tables(tmp_path: Path, capsys, pg_url, command):
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = pg_url.replace("postgres@", "postgres:s3cret@")  # trust auth ignores the password; it must not show
+    line = _bad_input(tmp_path, capsys, command, _study(tmp_path, TINY_STUDY), "--storage", url)
+    assert line == (f"error: storage {pg_url.replace('postgres@', 'postgres:***@')} holds no studies "
+                    "(no Optuna tables in it: nothing has run on it yet)")
+    u = make_url(pg_url)
+    with psycopg.connect(host=u.host, port=u.port, user=u.username, dbname=u.database) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM pg_tables WHERE schemaname = 'public'").fetchone() == (0,)
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path, capsys) -> str:
+    """TINY_STUDY run once in tmp_path (its t.db holds one trial); the study file's name."""
+    study = _study(tmp_path, TINY_STUDY)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert run_cli("run", study) == 0
+    finally:
+        os.chdir(cwd)
+    capsys.readouterr()
+    return study
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["export", "{study}", "--csv", "out"],
+     "error: out is a directory, not a file (name the file to write, e.g. out/cycles.csv)"),
+    (["export", "{study}", "--parquet", "out"], "error: out is a directory, not a file"),
+    (["export", "{study}", "--csv", "s.toml/x.csv"],
+     "error: export output directory s.toml: s.toml is a file, not a directory"),
+    (["report", "{study}", "-o", "s.toml/rep", "--no-test"],
+     "error: report output directory s.toml/rep: s.toml is a file, not a directory"),
+])
+def test_an_output_path_that_cannot_be_written_is_refused_first(tmp_path: Path, capsys, tiny_run, argv, says):
+    (tmp_path / "out").mkdir()
+    line = _bad_input(tmp_path, capsys, *[a.format(study=tiny_run) for a in argv])
+    assert line.startswith(says)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("argv", [
+    ["export", "{study}", "--csv", "/proc/x.csv"],
+    ["export", "{study}", "--csv", "/proc/new/x.csv"],
+    ["report", "{study}", "-o", "/proc/rep", "--no-test"],
+])
+def test_an_output_path_where_no_file_can_be_made_is_refused_first(tmp_path: Path, capsys, tiny_run, argv):
+    # root's permissions allow /proc; only a real try shows that it takes no new files
+    line = _bad_input(tmp_path, capsys, *[a.format(study=tiny_run) for a in argv])
+    assert line.startswith("error: cannot write /proc")
+
+
+def test_a_dashboard_that_cannot_listen_creates_nothing(tmp_path: Path, capsys):
+    import socket
+
+    study = _study(tmp_path, TINY_STUDY)
+    line = _bad_input(tmp_path, capsys, "dashboard", study, "--host", "no.such.host.invalid")
+    assert line.startswith("error: cannot listen on no.such.host.invalid:8080: ")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert _bad_input(tmp_path, capsys, "dashboard", study, "--port", str(port)).startswith(
+            f"error: cannot listen on 127.0.0.1:{port}: ")

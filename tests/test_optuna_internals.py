@@ -125,3 +125,16 @@ def test_a_read_only_open_skips_schema_versions_and_writes_nothing(tmp_path: Pat
     with engine.connect() as conn:
         assert conn.execute(sqlalchemy.text("SELECT COUNT(*) FROM version_info")).scalar() == 1
     engine.dispose()
+
+
+def test_has_tables_reads_without_creating(tmp_path: Path):
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'h.db'}")
+    with engine.connect() as conn:
+        assert not internals.has_tables(conn)
+    assert (tmp_path / "h.db").stat().st_size == 0  # the check wrote nothing
+    optuna.create_study(study_name="h", storage=f"sqlite:///{tmp_path / 'h.db'}")
+    with engine.connect() as conn:
+        assert internals.has_tables(conn)
+    engine.dispose()
