@@ -376,6 +376,7 @@ def load_arff(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
     seqs: list[np.ndarray] = []
     labels: list[str] = []
     declared: list[str] | None = None
+    relational = False
     for n, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("%"):
@@ -395,9 +396,10 @@ def load_arff(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
                     nested = name if kind.lower() == "relational" else None
                 continue
             if key != "@data":
-                raise _fail(path, f"line {n}: {'unknown header ' + repr(word) if word.startswith('@') else 'data before the @data line'}"
-                            " (an ARFF file: @relation, @attribute, @data)")
+                what = f"unknown header {word!r}" if word.startswith("@") else "data before the @data line"
+                raise _fail(path, f"line {n}: {what} (an ARFF file: @relation, @attribute, @data)")
             declared = _arff_classes(path, attrs)
+            relational = attrs[0][1].lower() == "relational"  # _arff_classes: then it is the only series attribute
             continue
         if line.startswith("{"):
             raise _fail(path, f"line {n}: sparse ARFF rows are not supported")
@@ -406,19 +408,11 @@ def load_arff(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
         if label not in declared:
             raise _fail(path, f"line {n}: class label {label!r} is not declared by the class attribute "
                         f"{attrs[-1][0]} ({', '.join(declared)})")
-        relational = len(attrs) == 2 and attrs[0][1].lower() == "relational"
         dims = body.strip().strip("'\"").split("\\n") if relational else [body]
-        cols = []
-        for d, part in enumerate(dims, start=1):
-            values = [v.strip() for v in part.split(",")]
-            try:
-                cols.append([math.nan if v == "?" else float(v) for v in values])
-            except ValueError:
-                bad = next(v for v in values if v != "?" and not _is_number(v))
-                raise _fail(path, f"line {n}: {f'dimension {d} ' if relational else ''}value {bad!r} is not a "
-                            "number (missing values are '?')") from None
+        cols = [_archive_values(path, n, part, d if relational else None) for d, part in enumerate(dims, start=1)]
         if len({len(c) for c in cols}) > 1 or (seqs and len(cols) != seqs[0].shape[1]):
-            raise _fail(path, f"line {n}: ragged dimensions: {len(cols)} dimension(s) of {'/'.join(str(len(c)) for c in cols)} values")
+            sizes = "/".join(str(len(c)) for c in cols)
+            raise _fail(path, f"line {n}: ragged dimensions: {len(cols)} dimension(s) of {sizes} values")
         if not relational and len(cols[0]) != len(attrs) - 1:
             raise _fail(path, f"line {n}: {len(cols[0]) + 1} values, the header declares {len(attrs)} attributes")
         seqs.append(_trim_padding(np.asarray(cols, dtype=np.float64).T))
@@ -428,6 +422,17 @@ def load_arff(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
     if not seqs:
         raise _fail(path, "no data rows after @data")
     return _pad(seqs), labels, declared
+
+
+def _archive_values(path: Path, n: int, part: str, dim: int | None) -> list[float]:
+    """One dimension of a .ts or .arff row: comma-separated numbers, '?' a missing value."""
+    values = [v.strip() for v in part.split(",")]
+    try:
+        return [math.nan if v == "?" else float(v) for v in values]
+    except ValueError:
+        bad = next(v for v in values if v != "?" and not _is_number(v))
+        raise _fail(path, f"line {n}: {'' if dim is None else f'dimension {dim} '}value {bad!r} is not a number "
+                    "(missing values are '?')") from None
 
 
 def _arff_attribute(path: Path, n: int, rest: str) -> tuple[str, str]:
@@ -591,14 +596,7 @@ def _ts_case(path: Path, n: int, line: str, head: dict[str, Any], n_dims: int | 
     if not dims or (want is not None and len(dims) != want):
         raise _fail(path, f"line {n}: ragged dimensions: {len(dims)} dimension(s), expected {want} "
                     f"({'from @dimensions' if head.get('dimensions') else 'as in the first series'})")
-    cols = []
-    for d, part in enumerate(dims, start=1):
-        values = [v.strip() for v in part.split(",")]
-        try:
-            cols.append(np.array([math.nan if v == "?" else float(v) for v in values], dtype=np.float64))
-        except ValueError:
-            bad = next(v for v in values if v != "?" and not _is_number(v))
-            raise _fail(path, f"line {n}: dimension {d} value {bad!r} is not a number (missing values are '?')") from None
+    cols = [np.asarray(_archive_values(path, n, part, d), dtype=np.float64) for d, part in enumerate(dims, start=1)]
     lengths = [len(c) for c in cols]
     if len(set(lengths)) > 1:
         raise _fail(path, f"line {n}: ragged dimensions: dimension 1 has {lengths[0]} values, dimension "

@@ -7,11 +7,11 @@ line and exit 2, with no banner, no progress bar, no database file and no direct
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from cycle_optuna import config as config_mod
-from cycle_optuna import files
 from cycle_optuna import storage as storage_mod
 from cycle_optuna.config import StudyConfig
 from cycle_optuna.errors import ConfigError, StorageError
@@ -29,7 +29,11 @@ def check_writable_dir(path: Path, *, what: str) -> None:
         raise ConfigError(f"{what} {path}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise StorageError(f"cannot write {path}: read-only ({existing} is not writable)")
-    files.check_creatable(path)  # what permissions do not show (root on /proc, a read-only mount)
+    try:  # what permissions do not show (root on /proc, a read-only mount): one real file, unnamed or gone at once
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {existing} takes no new files ({e.strerror or e})") from None
 
 
 def check_storage_location(url: str, *, create: bool) -> None:
@@ -57,10 +61,9 @@ def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[s
     before it is opened.
     """
     from cycle_optuna import worker
-
-    where = f"{cfg.path}: " if cfg.path else ""
     from cycle_optuna.train import resolve_device
 
+    where = f"{cfg.path}: " if cfg.path else ""
     try:
         resolve_device(cfg.train.device)  # a CUDA device the machine lacks fails here, not in every trial
     except ConfigError as e:

@@ -123,11 +123,12 @@ def check_joinable(cfg: StudyConfig, storage: optuna.storages.BaseStorage, url: 
     return exists
 
 
-def data_digests(cfg: StudyConfig) -> dict[str, str]:
-    """sha256 of each data file of the study ({} for the synthetic task), by its [data] key."""
+def data_digests(cfg: StudyConfig, keys: tuple[str, ...] = ("source", "test_source")) -> dict[str, str]:
+    """sha256 of the study's data files named by `keys` ({} for the synthetic task), by [data] key."""
     paths = {"source": config_mod.resolve_data_path(cfg), "test_source": config_mod.resolve_test_path(cfg)}
     out = {}
-    for key, path in paths.items():
+    for key in keys:
+        path = paths[key]
         if path is not None and path.is_file():
             h = hashlib.sha256()
             with open(path, "rb") as f:
@@ -146,9 +147,10 @@ def _check_same_definition(cfg: StudyConfig, stored: dict, digests: dict[str, st
     mine = json.loads(json.dumps(cfg.trial_definition()))
     theirs = {k: config_mod.without_execution(k, stored.get(k)) for k in mine}
     if digests and isinstance(theirs.get("data"), dict):
+        moved = tuple(k for k in digests if theirs["data"].get(k) != mine["data"].get(k))  # hash only these
         theirs["data"] = dict(theirs["data"])
-        for key, digest in data_digests(cfg).items():
-            if digests.get(key) == digest:  # the same file, wherever this worker keeps it
+        for key, digest in data_digests(cfg, moved).items():
+            if digests[key] == digest:  # the same file, wherever this worker keeps it
                 theirs["data"][key] = mine["data"][key]
     for section, added in config_mod.DEFINITION_ADDED.items():  # stored by a release before the key existed
         if isinstance(theirs.get(section), dict):

@@ -337,33 +337,19 @@ def test_classes_without_a_validation_series_are_named(quick_study, capsys):
 
 def test_an_empty_validation_split_is_bad_input_and_writes_nothing(quick_study, capsys):
     study = _csv_study(quick_study, {"a": 1, "b": 1, "c": 1, "d": 1}, "\nfolds = 1")
-    before = sorted(p.name for p in study.parent.iterdir())
-    assert run_cli("run", str(study)) == 2
-    cap = capsys.readouterr()
-    err_lines = cap.err.strip().splitlines()
-    assert cap.out == "" and len(err_lines) == 1 and "d.csv: the validation split is empty" in err_lines[0]
-    assert sorted(p.name for p in study.parent.iterdir()) == before
+    assert "d.csv: the validation split is empty" in _bad_input(study.parent, capsys, "run", str(study))
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_a_device_is_bad_input_and_writes_nothing(quick_study, capsys):
     quick_study.write_text(quick_study.read_text().replace("[train]", '[train]\ndevice = "cuda"'))
-    before = sorted(p.name for p in quick_study.parent.iterdir())
-    assert run_cli("run", str(quick_study)) == 2
-    cap = capsys.readouterr()
-    assert cap.out == "" and cap.err.strip() == (f"error: {quick_study}: train.device: 'cuda' was requested but "
-                                                 "torch sees no CUDA device")
-    assert sorted(p.name for p in quick_study.parent.iterdir()) == before
+    line = _bad_input(quick_study.parent, capsys, "run", str(quick_study))
+    assert line == f"error: {quick_study}: train.device: 'cuda' was requested but torch sees no CUDA device"
 
 
 def test_an_empty_test_split_is_bad_input_and_writes_nothing(quick_study, capsys):
     study = _csv_study(quick_study, {"a": 2, "b": 2}, "\nfolds = 1")  # one series each for train and validation
-    before = sorted(p.name for p in study.parent.iterdir())
-    assert run_cli("run", str(study)) == 2
-    cap = capsys.readouterr()
-    err_lines = cap.err.strip().splitlines()
-    assert cap.out == "" and len(err_lines) == 1 and "d.csv: the test split is empty" in err_lines[0]
-    assert sorted(p.name for p in study.parent.iterdir()) == before
+    assert "d.csv: the test split is empty" in _bad_input(study.parent, capsys, "run", str(study))
 
 
 def test_a_class_of_one_series_under_cross_validation_is_named(quick_study, capsys):
