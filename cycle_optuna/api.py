@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -18,7 +19,7 @@ from cycle_optuna import optuna_internals as internals
 from cycle_optuna import config as config_mod
 from cycle_optuna import storage as storage_mod
 from cycle_optuna.config import PARAM_NAMES, Hyperparams, StudyConfig
-from cycle_optuna.errors import ConfigError, StorageError
+from cycle_optuna.errors import ConfigError, DataError, StorageError
 
 if TYPE_CHECKING:
     from cycle_optuna.best_model import CycleModel
@@ -36,7 +37,7 @@ def load_study(path_or_name: StudyLike, storage: str | BaseStorage | None = None
     """The study of a .toml study file, or the study of that name in `storage` / $CYCLE_OPTUNA_STORAGE."""
     if isinstance(path_or_name, optuna.Study):
         return path_or_name
-    path = Path(path_or_name)
+    path, cfg = Path(path_or_name), None
     if path.suffix.lower() == ".toml" or path.is_file():
         cfg = config_mod.load(path)
         name = cfg.study.name
@@ -52,11 +53,14 @@ def load_study(path_or_name: StudyLike, storage: str | BaseStorage | None = None
     store = url if isinstance(url, BaseStorage) else _open(url)
     where = "the given storage" if isinstance(url, BaseStorage) else storage_mod.mask(url)
     try:
-        return optuna.load_study(study_name=name, storage=store)
+        study = optuna.load_study(study_name=name, storage=store)
     except KeyError:
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False))
         held = f"it holds: {', '.join(names)}" if names else "it holds no studies"
         raise StorageError(f"no study named {name!r} in {where} ({held})") from None
+    if cfg is not None:
+        _STUDY_FILE[study] = cfg  # this machine's paths, for data and artifacts kept elsewhere than the creator's
+    return study
 
 
 def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: int | None = None) -> optuna.Study:
@@ -83,10 +87,23 @@ def _open(url: str) -> BaseStorage:
     return storage_mod.open_storage(url, heartbeat=False, create=False)
 
 
+# The study file a study was loaded from (load_study), by study object
+_STUDY_FILE: weakref.WeakKeyDictionary[optuna.Study, StudyConfig] = weakref.WeakKeyDictionary()
+
+
 def study_config(study: optuna.Study) -> StudyConfig | None:
-    """The config stored on the study when it was created; None for studies made elsewhere."""
+    """The config stored on the study when it was created; None for studies made elsewhere.
+
+    A study loaded from a study file on a machine that keeps the data or the artifacts at other
+    paths than the study's creator gets this machine's paths, where the stored ones do not exist (a
+    data file only when its content is the one the study was made with).
+    """
     stored = study.user_attrs.get(CONFIG_ATTR)
-    return config_mod.from_dict(stored) if stored else None
+    if not stored:
+        return None
+    from cycle_optuna.digests import DIGESTS_ATTR, relocate
+
+    return relocate(config_mod.from_dict(stored), _STUDY_FILE.get(study), study.user_attrs.get(DIGESTS_ATTR) or {})
 
 
 def baseline_params(study: optuna.Study) -> dict[str, Any]:
@@ -354,7 +371,7 @@ def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, w
             score = held_out_score(study)
             rec.update(test_accuracy=score.accuracy, test_loss=score.loss, n_test=score.n,
                        model_cycles=list(score.cycles))
-        except StorageError as e:
+        except (StorageError, DataError) as e:  # the best trial is shown all the same
             rec.update(test_accuracy=None, test_loss=None, test_error=str(e))
     from cycle_optuna.references import compare, model_name
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from cycle_optuna import storage as storage_mod
 from cycle_optuna import totals
 from cycle_optuna.config import StudyConfig
 from cycle_optuna.data import TaskData, load_study_data
+from cycle_optuna.digests import DIGESTS_ATTR, data_digests
 from cycle_optuna.errors import StorageError
 from cycle_optuna.objective import ModelNotSaved, Objective, make_pruner
 from cycle_optuna.sampler import make_sampler
@@ -38,7 +38,6 @@ CONFIG_ATTR = "cycle_optuna_config"
 STATS_ATTR = "data_stats"
 # sha256 of the data files by [data] key: a worker whose copy of a file sits at another path (another
 # machine, a moved folder) joins when the content is the same
-DIGESTS_ATTR = "cycle_optuna_data_digests"
 _FINAL = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 POLL_SECONDS = 0.25  # how often an idle worker looks for retries while other workers finish
 RECONNECT_SECONDS = 300  # a worker gives up after this long without its database
@@ -121,21 +120,6 @@ def check_joinable(cfg: StudyConfig, storage: optuna.storages.BaseStorage, url: 
         if attrs.get(CONFIG_ATTR) is not None:
             _check_same_definition(cfg, attrs[CONFIG_ATTR], attrs.get(DIGESTS_ATTR) or {})
     return exists
-
-
-def data_digests(cfg: StudyConfig, keys: tuple[str, ...] = ("source", "test_source")) -> dict[str, str]:
-    """sha256 of the study's data files named by `keys` ({} for the synthetic task), by [data] key."""
-    paths = {"source": config_mod.resolve_data_path(cfg), "test_source": config_mod.resolve_test_path(cfg)}
-    out = {}
-    for key in keys:
-        path = paths[key]
-        if path is not None and path.is_file():
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            out[key] = h.hexdigest()
-    return out
 
 
 def _holds_secret(stored: dict) -> bool:

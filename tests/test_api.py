@@ -155,3 +155,31 @@ def test_documented_snippet_runs(tmp_path, monkeypatch, capsys, one_thread):
     assert re.search(r"cycle \d: val loss \d\.\d{4}, val acc \d+\.\d{2}%", out), out
     assert "held-out test accuracy" in out
     assert len(load_study(tmp_path / "studies" / "quick.toml").trials) == 3
+
+
+def test_best_and_report_read_this_machines_copy_of_the_data_and_artifacts(tmp_path, one_thread):
+    """A study made in one folder, read from a copy of the project at another path (another machine's
+    clone): the held-out test uses the copy's data and models, as long as the data is the same."""
+    import shutil
+
+    from cycle_optuna import report
+    from workers_helpers import write_study
+
+    rows = ["sample,label,f0"] + [f"s{i},{'ab'[i % 2]},{i % 2 + 0.01 * t}" for i in range(40) for t in range(6)]
+    made, moved = tmp_path / "made", tmp_path / "moved"
+    made.mkdir()
+    (made / "d.csv").write_text("\n".join(rows) + "\n")
+    path = write_study(made, n_trials=2, epochs=1)
+    path.write_text(path.read_text().replace("[data]\n", '[data]\nsource = "d.csv"\n'))
+    api.run_study(path)
+    before = api.best_record(path)
+    assert before["test_accuracy"] is not None
+    shutil.move(made, moved)  # the creator's paths no longer exist
+    after = api.best_record(moved / "tiny.toml")
+    assert after["test_accuracy"] == before["test_accuracy"] and after["n_test"] == before["n_test"]
+    assert report.analyse(moved / "tiny.toml").test.accuracy == before["test_accuracy"]
+    assert api.load_best_model(moved / "tiny.toml").trial_numbers == [t - 1 for t in before["model_cycles"]]
+    # another file under the data's name is not the study's data: the stored path is what is missing
+    (moved / "d.csv").write_text("\n".join(rows[:-6]) + "\n")
+    rec = api.best_record(moved / "tiny.toml")
+    assert rec["test_accuracy"] is None and str(made / "d.csv") in rec["test_error"]
