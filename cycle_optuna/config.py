@@ -64,6 +64,7 @@ class DataConfig:
     folds: int | str = "auto"
     label_column: str = "label"  # csv only
     sample_column: str = "sample"  # csv only: rows sharing an id form one sequence
+    layout: str = "long"  # csv only: "long" (a row per time step) | "wide" (a row per series, a column per step)
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,8 @@ DEFINITION_SECTIONS = ("data", "train", "baseline", "space")
 # match the trial alone within float tolerance): not part of the trial definition
 EXECUTION_KEYS = {"train": ("device", "threads", "compile", "pack", "eval_batch_size")}
 # keys added after studies existed, with the value that reproduces what those studies did
-DEFINITION_ADDED = {"data": {"folds": 1}}
+CSV_LAYOUTS = ("long", "wide")
+DEFINITION_ADDED = {"data": {"folds": 1, "layout": "long"}}
 
 
 def without_execution(section: str, values: Any) -> Any:
@@ -403,6 +405,7 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
             raise c.fail("data.n_samples", f"must be >= 3 x n_classes = {3 * d.n_classes}, got {d.n_samples}")
         c.at_least("data.noise", d.noise, 0)
     else:
+        c.one_of("data.layout", d.layout, CSV_LAYOUTS)
         if d.label_column == d.sample_column:
             raise c.fail("data.label_column", f"must differ from data.sample_column, both are {d.label_column!r}")
         src = resolve_data_path(cfg)

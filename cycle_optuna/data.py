@@ -10,7 +10,8 @@ i from ``lengths[i]`` on are padding. Float labels are accepted when every value
 holds the sequence id: rows sharing an id form one sequence, in file order (sequences are ordered
 by the first appearance of their id). Column ``data.label_column`` holds the sequence's class
 (a name, or an integer; constant within a sequence). Every other column is a numeric feature.
-Sequences may differ in length.
+Sequences may differ in length. With ``data.layout = "wide"`` a row is one univariate sequence
+instead: the label column its class, the other columns (but an id in ``data.sample_column``) its steps.
 
 ``.ts``: the UCR/UEA archive format (univariate or multivariate, equal or unequal length, ``?``
 for missing values). ``.arff``: the archive's ARFF files (numeric attributes and a nominal class
@@ -43,7 +44,7 @@ import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -287,9 +288,12 @@ def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
     header = [h.strip() for h in header]
     if dup := next((h for i, h in enumerate(header) if h in header[:i]), None):
         raise _fail(path, f"column {dup!r} appears twice in the header")
+    if cfg.layout == "wide":
+        return _wide_csv(path, cfg, header, reader, number)
     for col, key in ((cfg.sample_column, "sample_column"), (cfg.label_column, "label_column")):
         if col not in header:
-            raise _fail(path, f"missing {key} column '{col}' (columns: {', '.join(header)})")
+            hint = "; one series per row? set [data] layout = \"wide\"" if key == "sample_column" else ""
+            raise _fail(path, f"missing {key} column '{col}' (columns: {_columns(header)}){hint}")
     i_sample, i_label = header.index(cfg.sample_column), header.index(cfg.label_column)
     feat_idx = [i for i in range(len(header)) if i not in (i_sample, i_label)]
     if not feat_idx:
@@ -316,6 +320,45 @@ def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
         raise _fail(path, "no data rows")
     x = _pad([np.asarray(s, dtype=np.float64) for s in seqs.values()])
     return x, [labels[sid] for sid in seqs]
+
+
+def _columns(header: list[str], most: int = 12) -> str:
+    return ", ".join(header) if len(header) <= most else f"{', '.join(header[:most])}, ... ({len(header)} in all)"
+
+
+def _wide_csv(path: Path, cfg: DataConfig, header: list[str], reader: Any,
+              number: Callable[[str], str]) -> tuple[np.ndarray, list[str]]:
+    """`[data] layout = "wide"`: one univariate series a row, its steps the columns other than the
+    label (and the sample id, when the header has one), in header order; empty cells at the end
+    pad a shorter series, inside it they are missing values."""
+    if cfg.label_column not in header:
+        raise _fail(path, f"missing label_column column '{cfg.label_column}' (columns: {_columns(header)})")
+    i_label = header.index(cfg.label_column)
+    i_sample = header.index(cfg.sample_column) if cfg.sample_column in header else None
+    steps = [i for i in range(len(header)) if i not in (i_label, i_sample)]
+    if not steps:
+        raise _fail(path, "no value columns besides the label column")
+    seqs, labels, ids = [], [], {}
+    for line, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise _fail(path, f"line {line}: {len(row)} fields, the header has {len(header)}")
+        if i_sample is not None:
+            sid = row[i_sample].strip()
+            if sid in ids:
+                raise _fail(path, f"line {line}: sample {sid!r} is on line {ids[sid]} too; with layout = \"wide\" "
+                            "each row is one whole series")
+            ids[sid] = line
+        labels.append(_label_name(path, line, number(row[i_label])))
+        try:
+            seqs.append(np.asarray([[_csv_float(number(row[i]))] for i in steps], dtype=np.float64))
+        except ValueError:
+            bad = next(i for i in steps if not _is_float(number(row[i])))
+            raise _fail(path, f"line {line}: column '{header[bad]}' value {row[bad]!r} is not a number") from None
+    if not seqs:
+        raise _fail(path, "no data rows")
+    return _pad(seqs), labels
 
 
 def _read_text(path: Path) -> str:

@@ -96,6 +96,7 @@ def test_to_dict_round_trips():
         ("data", "source = 'missing.npz'", r"data\.source: file not found: .*missing\.npz"),
         ("data", "source = 'data.parquet'", r"data\.source: must be 'synthetic' or a \.npz/\.csv/\.ts/\.arff/\.tsv/\.txt file"),
         ("data", "test_source = 'test.npz'", r"data\.test_source: needs a data file in data\.source"),
+        ("data", "source = 'd.csv'\nlayout = 'tall'", r"data\.layout: 'tall' is not one of long, wide"),
         ("study", "n_trials = 0", r"study\.n_trials: must be >= 1, got 0"),
         ("study", "ensemble = 0", r"study\.ensemble: must be >= 1, got 0"),
         ("pruner", "percentile = 150.0", r"pruner\.percentile: must be in \[0, 100\], got 150\.0"),

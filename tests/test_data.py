@@ -286,6 +286,43 @@ def test_csv_separated_by_semicolons_or_tabs(tmp_path, sep):
     assert names == ("a", "b") and x.shape == (2, 2, 2) and x[0, 1].tolist() == [3, 4] and np.isnan(x[1, 0, 1])
 
 
+def test_wide_csv_is_one_series_a_row(tmp_path):
+    from cycle_optuna.data import read_file
+
+    wide = DataConfig(layout="wide")
+    path = tmp_path / "w.csv"
+    # an id column is not a step; an empty cell at the end pads a shorter series, inside it is missing
+    path.write_text("t0,t1,label,sample,t2\n1,2,up,a,3\n4,,down,b,\n7,8,up,c,9\n")
+    x, y, names = read_file(path, wide)
+    assert names == ("down", "up") and y.tolist() == [1, 0, 1] and x.shape == (3, 3, 1)
+    assert x[0, :, 0].tolist() == [1, 2, 3] and x[1, 0, 0] == 4 and np.isnan(x[1, 1:, 0]).all()
+    task = load_task(wide, 0, data_path=path, test_path=path)
+    assert task.x_test.shape[1:] == (3, 1)
+    # the same file read as long format says how to read it
+    _assert_one_line_error(tmp_path / "bad.csv", "label,t0,t1\nup,1,2\ndown,3,4\n",
+                           "missing sample_column column 'sample' (columns: label, t0, t1); one series per row? "
+                           "set [data] layout = \"wide\"")
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("sample,label,t0\na,up,1\na,down,2\n", "line 3: sample 'a' is on line 2 too"),
+        ("cls,t0\nup,1\n", "missing label_column column 'label'"),
+        ("sample,label\na,up\n", "no value columns"),
+        ("label,t0,t1\nup,1,x\n", "line 2: column 't1' value 'x' is not a number"),
+        ("label,t0\nup,1\ndown\n", "line 3: 1 fields, the header has 2"),
+        ("label,t0\n", "no data rows"),
+    ],
+)
+def test_wide_csv_errors(tmp_path, text, needle):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(DataError) as e:
+        load_task(DataConfig(layout="wide"), 0, data_path=path)
+    assert str(path) in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)
+
+
 def test_semicolon_csv_reads_decimal_commas(tmp_path):
     from cycle_optuna.data import read_file
 
