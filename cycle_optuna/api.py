@@ -68,14 +68,17 @@ def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: 
     from cycle_optuna import totals
     from cycle_optuna.worker import run_worker
 
+    from cycle_optuna import preflight
+
     cfg = config_mod.load(path)
     url = storage_mod.resolve_url(cfg, storage)
+    data = preflight.for_run(cfg, url)  # what `run` checks first: the device, the artifact folder, the data
     try:
         held = load_study(path, url)
     except StorageError:
         held = None  # not created yet
     total = totals.resolve(held, flag=n_trials, file=cfg.study.n_trials)
-    return run_worker(config_mod.override(cfg, n_trials=total), url)
+    return run_worker(config_mod.override(cfg, n_trials=total), url, data=data)
 
 
 def _open(url: str) -> BaseStorage:

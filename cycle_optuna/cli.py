@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("study", metavar="STUDY.toml", help="the study file")
-        p.add_argument("--storage", metavar="URL",
+        p.add_argument("--storage", metavar="URL", type=_url,
                        help="storage URL (default: $CYCLE_OPTUNA_STORAGE, the study file, or sqlite beside it)")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks of unexpected errors")
@@ -454,6 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="address to bind (default 127.0.0.1; optuna-dashboard has no authentication)")
     dash.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)")
     return parser
+
+
+def _url(text: str) -> str:
+    """An argparse type: a storage URL; an empty one (an unset shell variable) is refused, not the default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must be a storage URL, got {text!r} (leave --storage out for the default)")
+    return text
 
 
 def _gpus(text: str) -> list[int]:

@@ -34,6 +34,8 @@ POS_ENCODINGS = ("sinusoidal", "rotary", "learned", "none")  # model.POS_ENCODIN
 POOLINGS = ("mean", "cls", "last", "max")  # model.POOLINGS
 CHOICE_PARAMS = {"pos_encoding": POS_ENCODINGS, "pooling": POOLINGS}
 MAX_CONV_STEM = 3  # len(model.CONV_KERNELS)
+# study.name names files (<name>.db, its lock file, <name>-artifacts): longer names pass 255 bytes
+MAX_NAME = 200
 
 
 @dataclass(frozen=True)
@@ -201,10 +203,18 @@ DEFINITION_ADDED = {"data": {"folds": 1, "layout": "long"}}
 
 
 def without_execution(section: str, values: Any) -> Any:
-    """A trial-definition section without its execution-only keys."""
+    """A trial-definition section without its execution-only keys, nor the keys its own settings
+    never read (momentum under adamw, a .csv column name for a .npz file): a study file may no longer
+    write those (`parse`), and a study made when it could is still joined by a file without them."""
     if not isinstance(values, dict):
         return values
-    return {k: v for k, v in values.items() if k not in EXECUTION_KEYS.get(section, ())}
+    unread = set(EXECUTION_KEYS.get(section, ()))
+    if section == "train":
+        unread |= {k for k, (setting, readers) in TRAIN_KEYS_BY.items() if values.get(setting) not in readers}
+    elif section == "data" and not any(isinstance(f, str) and f != "synthetic" and Path(f).suffix.lower() == ".csv"
+                                       for f in (values.get("source"), values.get("test_source"))):
+        unread |= {"label_column", "sample_column"}  # not layout: DEFINITION_ADDED supplies it to older studies
+    return {k: v for k, v in values.items() if k not in unread}
 
 
 _SECTIONS = {
@@ -364,8 +374,15 @@ def default_space(baseline: Hyperparams) -> dict[str, dict[str, Any]]:
     return out
 
 
-def parse(raw: Mapping[str, Any], where: str = "<study>", *, check_files: bool = True) -> StudyConfig:
-    """Validate a parsed TOML document into a StudyConfig."""
+def parse(raw: Mapping[str, Any], where: str = "<study>", *, check_files: bool = True,
+          as_written: bool = True) -> StudyConfig:
+    """Validate a parsed TOML document into a StudyConfig.
+
+    ``as_written``: `raw` is what a person wrote, so a key that the file's own settings never read
+    (a hyperband key under the median pruner, a column name for a .npz file) or that can never take
+    effect is refused. A stored config (:func:`from_dict`) holds every key and was accepted when
+    its study was created: it is checked as before, so an older study stays readable.
+    """
     c = _Checker(where)
     allowed = [*_SECTIONS, "space"]
     for section in raw:
@@ -380,6 +397,8 @@ def parse(raw: Mapping[str, Any], where: str = "<study>", *, check_files: bool =
     space = tuple(c.space_param(name, spec) for name, spec in raw_space.items())
     cfg = StudyConfig(space=space, path=None if where.startswith("<") else where, **parts)
     _validate(c, cfg, check_files)
+    if as_written:
+        _check_written(c, cfg, {name: set(raw.get(name, {})) for name in _SECTIONS})
     return cfg
 
 
@@ -421,7 +440,7 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
         if test.suffix.lower() not in DATA_SUFFIXES:
             raise c.fail("data.test_source", f"must be a {SUFFIX_LIST} file, got {d.test_source!r}")
         if check_files and not test.is_file():
-            raise c.fail("data.test_source", f"file not found: {test}")
+            raise c.fail("data.test_source", f"{'not a file' if test.exists() else 'file not found'}: {test}")
     c.at_least("train.epochs", t.epochs, 1)
     c.one_of("train.optimizer", t.optimizer, OPTIMIZERS)
     c.one_of("train.schedule", t.schedule, SCHEDULES)
@@ -483,6 +502,149 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
     c.at_least("pruner.early_margin", pr.early_margin, 0)
     if pr.type == "parent":
         c.at_least("pruner.patience", pr.patience, 1)
+
+
+# Keys that only some settings read. Written for another setting they would do nothing, so they
+# are refused like an unknown key, naming the setting that reads them.
+# [pruner] keys by type, as objective.make_pruner builds the pruner. "none" reads none of them, and a
+# file that switches pruning off may keep the settings of the pruner it switched off.
+PRUNER_KEYS: dict[str, tuple[str, ...]] = {
+    "median": ("n_startup_trials", "n_warmup_steps"),
+    "percentile": ("percentile", "n_startup_trials", "n_warmup_steps"),
+    "successive_halving": ("min_resource", "reduction_factor"),
+    "hyperband": ("min_resource", "reduction_factor"),
+    "patient": ("n_startup_trials", "n_warmup_steps", "patience", "min_delta"),
+    "parent": ("warmup_fraction", "margin", "early_margin", "patience", "n_startup_trials"),
+}
+# [sampler] keys by type, as sampler.make_sampler builds the sampler (the cycle sampler's fallback
+# reads n_startup_trials when it is tpe or cmaes)
+SAMPLER_KEYS: dict[str, tuple[str, ...]] = {
+    "cycle": ("lr_factor", "noise_margin", "plateau_cycles", "fallback", "n_startup_trials"),
+    "reference": ("lr_factor",),
+    "tpe": ("n_startup_trials",),
+    "random": (),
+    "cmaes": ("n_startup_trials",),
+}
+# [train] keys read under one optimizer or schedule only (train.make_optimizer, train.lr_factor)
+TRAIN_KEYS_BY: dict[str, tuple[str, tuple[str, ...]]] = {  # key: (the setting, its values that read the key)
+    "momentum": ("optimizer", ("sgd",)),
+    "warmup_epochs": ("schedule", tuple(s for s in SCHEDULES if s != "onecycle")),  # onecycle warms up on its own
+    "cyclical_low_ratio": ("schedule", ("cyclical",)),
+    "cyclical_period_epochs": ("schedule", ("cyclical",)),
+}
+# [data] keys only a .csv file reads (data.load_csv), and what they set there
+CSV_ONLY_KEYS = {"label_column": "columns to name", "sample_column": "columns to name", "layout": "a layout to choose"}
+
+
+def _check_written(c: _Checker, cfg: StudyConfig, written: dict[str, set[str]]) -> None:
+    """What the file writes takes effect: no key its own settings never read, no setting that can
+    never act (see `parse`'s ``as_written``)."""
+    st, d, t, sp, pr = cfg.study, cfg.data, cfg.train, cfg.sampler, cfg.pruner
+    if len(st.name.encode()) > MAX_NAME:
+        raise c.fail("study.name", f"at most {MAX_NAME} characters (UTF-8 bytes: it names the study's database and "
+                     f"artifact folder), got {len(st.name.encode())}")
+    for key in ("storage", "artifact_dir"):
+        if key in written["study"] and not getattr(st, key).strip():
+            raise c.fail(f"study.{key}", "is empty; leave the key out for the default (beside the study file)")
+    for key in CSV_ONLY_KEYS:
+        if key in written["data"]:
+            _check_csv_key(c, cfg, key)
+    if d.test_source is not None and _same_path(resolve_data_path(cfg), resolve_test_path(cfg)):
+        raise c.fail("data.test_source", f"is the training file itself ({d.source}): a test split must be held out; "
+                     "leave test_source out to carve one from data.source")
+    for key, (setting, readers) in TRAIN_KEYS_BY.items():
+        value = getattr(t, setting)
+        if key in written["train"] and value not in readers:
+            why = " (which has its own warm-up: the first 30% of the steps)" if value == "onecycle" else ""
+            raise c.fail(f"train.{key}", f"not used by {setting} = {value!r}{why}; it is a setting of "
+                         f"{setting} {', '.join(readers)}")
+    # equal is a warm-up over the whole run, reaching lr at its last step; longer never reaches lr
+    if t.schedule != "onecycle" and t.warmup_epochs > t.epochs:
+        raise c.fail("train.warmup_epochs", f"{t.warmup_epochs:g} is longer than the training (train.epochs = "
+                     f"{t.epochs}): the learning rate would never reach lr; at most {t.epochs}")
+    for p in cfg.space:
+        _check_grid(c, p, getattr(cfg.baseline, p.name))
+    for key in [f.name for f in dataclasses.fields(SamplerConfig) if f.name in written["sampler"] - {"type"}]:
+        if key == "n_startup_trials" and sp.type == "cycle" and sp.fallback == "random":
+            raise c.fail("sampler.n_startup_trials", "not used by type = 'cycle' with fallback = 'random'; it is a "
+                         "setting of type tpe, cmaes (and of type cycle with fallback tpe or cmaes)")
+        if key not in SAMPLER_KEYS[sp.type]:
+            users = [k for k, keys in SAMPLER_KEYS.items() if key in keys]
+            reads = ", ".join(SAMPLER_KEYS[sp.type]) or "no other key"
+            raise c.fail(f"sampler.{key}", f"not used by type = {sp.type!r} (which reads {reads}); it is a "
+                         f"setting of type {', '.join(users)}")
+    if pr.type == "none":
+        return
+    keys = PRUNER_KEYS[pr.type]
+    for key in [f.name for f in dataclasses.fields(PrunerConfig) if f.name in written["pruner"] - {"type"}]:
+        if key not in keys:
+            users = [k for k, ks in PRUNER_KEYS.items() if key in ks]
+            raise c.fail(f"pruner.{key}", f"not used by type = {pr.type!r} (which reads {', '.join(keys)}); it is a "
+                         f"setting of type {', '.join(users)}")
+    _check_pruner_reach(c, pr, t.epochs, written["pruner"])
+
+
+def _same_path(a: Path | None, b: Path | None) -> bool:
+    """Two data paths name one file (the same path, or both existing and the same file)."""
+    if a is None or b is None:
+        return False
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def _check_grid(c: _Checker, p: ParamSpace, baseline: Any) -> None:
+    """A stepped range reaches its high bound and holds the baseline (Optuna would silently move both)."""
+    if p.step is None or p.low is None or p.high is None:
+        return
+
+    def on_grid(value: float) -> bool:
+        k = (value - p.low) / p.step
+        return abs(k - round(k)) <= 1e-9 * max(1.0, abs(k))
+
+    if not on_grid(p.high):
+        last = p.low + math.floor((p.high - p.low) / p.step + 1e-9) * p.step
+        raise c.fail(f"space.{p.name}.step", f"{p.step:g} does not divide high - low: the grid from {p.low:g} stops at "
+                     f"{last:g}, short of high = {p.high:g}")
+    if not on_grid(baseline):
+        below = p.low + math.floor((baseline - p.low) / p.step) * p.step
+        raise c.fail(f"baseline.{p.name}", f"{baseline:g} is not on the space's grid (from {p.low:g} in steps of "
+                     f"{p.step:g}): the nearest values are {below:g} and {below + p.step:g}")
+
+
+def _check_csv_key(c: _Checker, cfg: StudyConfig, key: str) -> None:
+    """`data.<key>` is read from .csv files only: the data (or test) file must be one."""
+    d, what = cfg.data, CSV_ONLY_KEYS[key]
+    if d.source == "synthetic":
+        raise c.fail(f"data.{key}", f"only a .csv data file has {what}, and data.source is the synthetic task")
+    files = [("data.source", d.source), *([("data.test_source", d.test_source)] if d.test_source else [])]
+    if any(Path(f).suffix.lower() == ".csv" for _, f in files):
+        return
+    kinds = " and ".join(f"{k} {f!r} is a {Path(f).suffix.lower()} file" for k, f in files)
+    raise c.fail(f"data.{key}", f"only a .csv data file has {what}, and {kinds}")
+
+
+def _check_pruner_reach(c: _Checker, pr: PrunerConfig, epochs: int, written: set[str]) -> None:
+    """A written warm-up (or patience) that leaves the pruner no epoch to stop a trial at is refused.
+
+    A trial is never stopped after its last epoch (objective), so a pruner can act after epochs
+    1 .. epochs - 1; a one-epoch study has nothing to prune whatever the keys, and is left alone.
+    """
+    if epochs < 2:
+        return
+    first = {  # the 0-based epoch after which the pruner may first stop a trial, by key
+        "n_warmup_steps": pr.n_warmup_steps,  # optuna: no pruning while step < n_warmup_steps
+        "min_resource": pr.min_resource,  # successive halving's first rung, hyperband's first bracket
+        "warmup_fraction": math.ceil(pr.warmup_fraction * epochs),  # as ParentCurvePruner computes it
+        # parent: `patience` reported epochs behind; optuna's PatientPruner: more than patience + 1 steps
+        "patience": pr.patience - 1 if pr.type == "parent" else pr.patience + 1,
+    }
+    for key, step in first.items():
+        if key in written and step > epochs - 2:
+            raise c.fail(f"pruner.{key}", f"{getattr(pr, key)} leaves no epoch to prune: the {pr.type} pruner would "
+                         f"first stop a trial at epoch {step + 1}, and with train.epochs = {epochs} the last epoch "
+                         f"a trial can be stopped at is {epochs - 1} (never its last)")
 
 
 # what each hyperparameter may be: (low, low excluded, high, high excluded); None = unbounded
@@ -588,7 +750,7 @@ def from_dict(d: Mapping[str, Any]) -> StudyConfig:
     raw = {k: v for k, v in d.items() if k in (*_SECTIONS, "space")}
     raw["study"] = {k: v for k, v in raw.get("study", {}).items() if v is not None}
     raw = {k: ({kk: vv for kk, vv in v.items() if vv is not None} if k != "space" else v) for k, v in raw.items()}
-    return parse(raw, "<stored study config>", check_files=False)
+    return parse(raw, "<stored study config>", check_files=False, as_written=False)
 
 
 def resolve_data_path(cfg: StudyConfig) -> Path | None:

@@ -65,9 +65,14 @@ def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[s
 
     where = f"{cfg.path}: " if cfg.path else ""
     try:
-        resolve_device(cfg.train.device)  # a CUDA device the machine lacks fails here, not in every trial
+        device = resolve_device(cfg.train.device)  # a CUDA device the machine lacks fails here, not in every trial
     except ConfigError as e:
         raise ConfigError(f"{where}{e}") from None
+    if cfg.train.compile == config_mod.COMPILE_CUDAGRAPHS and device.type != "cuda":
+        # CUDA graphs exist only on CUDA: on the CPU the setting would silently do nothing
+        on = "train.device = 'cpu'" if cfg.train.device == "cpu" else "torch sees no CUDA device"
+        raise ConfigError(f"{where}train.compile: {config_mod.COMPILE_CUDAGRAPHS!r} needs a CUDA device, and this run "
+                          f"is on the CPU ({on}); use compile = true or false")
     check_writable_dir(artifact_dir(cfg), what=f"{where}study.artifact_dir")
     check_storage_location(url, create=True)
     from cycle_optuna.data import load_study_data

@@ -183,3 +183,15 @@ def test_best_and_report_read_this_machines_copy_of_the_data_and_artifacts(tmp_p
     (moved / "d.csv").write_text("\n".join(rows[:-6]) + "\n")
     rec = api.best_record(moved / "tiny.toml")
     assert rec["test_accuracy"] is None and str(made / "d.csv") in rec["test_error"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_run_study_checks_what_run_checks_before_writing(tmp_path):
+    """From Python as from the CLI: a CUDA device the machine lacks is refused before anything exists."""
+    from workers_helpers import write_study
+
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    path.write_text(path.read_text().replace("threads = 1", 'threads = 1\ndevice = "cuda"'))
+    with pytest.raises(ConfigError, match=r"tiny\.toml: .*cuda"):
+        api.run_study(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]

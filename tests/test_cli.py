@@ -304,6 +304,9 @@ def test_auto_folds_cross_validate_a_small_split_and_say_so(quick_study, capsys)
     (["run", "{study}", "--bogus"], "error: cycle-optuna: unrecognized arguments: --bogus"),
     (["frob"], "error: cycle-optuna: argument COMMAND: invalid choice: 'frob'"),
     (["run", "{study}", "postgresql://u:hunter2@db/x"], "error: cycle-optuna: unrecognized arguments: postgresql://u:***@db/x"),
+    # an unset shell variable: not silently the default SQLite file
+    (["run", "{study}", "--storage", ""], "error: cycle-optuna run: argument --storage: must be a storage URL, got '' "
+                                          "(leave --storage out for the default)"),
 ])
 def test_a_bad_flag_is_one_line_and_exit_2_with_nothing_written(quick_study, argv, says):
     before = sorted(p.name for p in quick_study.parent.iterdir())
@@ -493,3 +496,50 @@ def test_a_dashboard_that_cannot_listen_creates_nothing(tmp_path: Path, capsys):
         port = taken.getsockname()[1]
         assert _bad_input(tmp_path, capsys, "dashboard", study, "--port", str(port)).startswith(
             f"error: cannot listen on 127.0.0.1:{port}: ")
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings that would never take effect: one line naming the key, exit 2, nothing written.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("old, new, says", [
+    ("epochs = 1\n", "epochs = 1\nwarmup_epochs = 2.0\n",
+     "train.warmup_epochs: 2 is longer than the training (train.epochs = 1): the learning rate would never reach lr; "
+     "at most 1"),
+    ('type = "none"', 'type = "median"\nreduction_factor = 3',
+     "pruner.reduction_factor: not used by type = 'median' (which reads n_startup_trials, n_warmup_steps); it is a "
+     "setting of type successive_halving, hyperband"),
+    ('epochs = 1\n', 'epochs = 3\n', None),  # placeholder replaced below: median n_warmup_steps past the last epoch
+    ('source = "synthetic"\nn_samples = 60', 'source = "d.npz"\nlabel_column = "y"',
+     "data.label_column: only a .csv data file has columns to name, and data.source 'd.npz' is a .npz file"),
+    ('device = "cpu"', 'device = "cpu"\ncompile = "cudagraphs"',
+     "train.compile: 'cudagraphs' needs a CUDA device, and this run is on the CPU (train.device = 'cpu'); use compile "
+     "= true or false"),
+    ('name = "t"', 'name = "t"\nstorage = ""',
+     "study.storage: is empty; leave the key out for the default (beside the study file)"),
+], ids=["warmup-longer-than-run", "pruner-key-unused", "pruner-warmup-past-the-last-epoch", "npz-label-column",
+        "cudagraphs-on-cpu", "empty-storage"])
+def test_a_setting_that_never_takes_effect_is_bad_input(tmp_path: Path, capsys, old, new, says):
+    np.savez(tmp_path / "d.npz", X=np.random.default_rng(0).normal(size=(60, 6, 2)), y=np.arange(60) % 3)
+    text = TINY_STUDY.replace(old, new)
+    if says is None:
+        text = text.replace('type = "none"', 'type = "median"\nn_warmup_steps = 2')
+        says = ("pruner.n_warmup_steps: 2 leaves no epoch to prune: the median pruner would first stop a trial at "
+                "epoch 3, and with train.epochs = 3 the last epoch a trial can be stopped at is 2 (never its last)")
+    assert text != TINY_STUDY
+    assert _bad_input(tmp_path, capsys, "run", _study(tmp_path, text)) == f"error: s.toml: {says}"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cudagraphs_with_device_auto_on_a_machine_without_cuda_is_bad_input(tmp_path: Path, capsys):
+    text = TINY_STUDY.replace('device = "cpu"', 'compile = "cudagraphs"')
+    assert _bad_input(tmp_path, capsys, "worker", _study(tmp_path, text)) == (
+        "error: s.toml: train.compile: 'cudagraphs' needs a CUDA device, and this run is on the CPU (torch sees no "
+        "CUDA device); use compile = true or false")
+
+
+def test_a_study_name_too_long_for_a_file_name_is_bad_input(tmp_path: Path, capsys):
+    text = TINY_STUDY.replace('name = "t"', f'name = "{"n" * 240}"')  # <name>-artifacts would pass 255 bytes
+    assert _bad_input(tmp_path, capsys, "run", _study(tmp_path, text)).startswith(
+        "error: s.toml: study.name: at most 200 characters")

@@ -112,6 +112,28 @@ def test_to_dict_round_trips():
         ("space", "n_layers = { low = 0, high = 3 }", r"space\.n_layers\.low: n_layers must be in \[1, inf\), got 0"),
         ("space", "hidden_dim = { choices = [0, 16] }", r"space\.hidden_dim\.choices: hidden_dim must be in \[1, inf\)"),
         ("space", "weight_decay = { low = -0.1, high = 0.1 }", r"space\.weight_decay\.low: weight_decay must be in \[0, inf\)"),
+        # written keys that never take effect (QUICK: 5 epochs, sampler tpe, pruner parent)
+        ("train", "warmup_epochs = 6.0", r"train\.warmup_epochs: 6 is longer than the training \(train\.epochs = 5\): "
+                                         r"the learning rate would never reach lr; at most 5"),
+        ("train", "momentum = 0.5", r"train\.momentum: not used by optimizer = 'adamw'; it is a setting of optimizer sgd$"),
+        ("train", "cyclical_low_ratio = 0.5", r"train\.cyclical_low_ratio: not used by schedule = 'cosine'; it is a setting "
+                                              r"of schedule cyclical$"),
+        ("sampler", "lr_factor = 3.0", r"sampler\.lr_factor: not used by type = 'tpe' \(which reads n_startup_trials\); "
+                                       r"it is a setting of type cycle, reference$"),
+        ("pruner", "reduction_factor = 3", r"pruner\.reduction_factor: not used by type = 'parent' \(which reads "
+                                           r"warmup_fraction, .*\); it is a setting of type successive_halving, hyperband$"),
+        ("pruner", "warmup_fraction = 0.7", r"pruner\.warmup_fraction: 0\.7 leaves no epoch to prune: the parent pruner "
+                                            r"would first stop a trial at epoch 5, and with train\.epochs = 5 the last "
+                                            r"epoch a trial can be stopped at is 4 \(never its last\)"),
+        ("pruner", "patience = 5", r"pruner\.patience: 5 leaves no epoch to prune: the parent pruner would first stop"),
+        ("data", "label_column = 'y'", r"data\.label_column: only a \.csv data file has columns to name, and data\.source "
+                                       r"is the synthetic task"),
+        ("study", "storage = ''", r"study\.storage: is empty; leave the key out for the default"),
+        ("study", "artifact_dir = ' '", r"study\.artifact_dir: is empty"),
+        ("study", f"name = '{'n' * 201}'", r"study\.name: at most 200 characters \(UTF-8 bytes: .*\), got 201"),
+        ("space", "hidden_dim = { low = 16, high = 40, step = 16 }",
+         r"space\.hidden_dim\.step: 16 does not divide high - low: the grid from 16 stops at 32, short of high = 40"),
+        ("space", "dropout = { low = 0.0, high = 0.3, step = 0.2 }", r"space\.dropout\.step: 0\.2 does not divide"),
     ],
 )
 def test_bad_study_file_names_file_key_and_allowed(tmp_path, section, line, pattern):
@@ -199,3 +221,161 @@ def test_the_stored_config_holds_no_password(tmp_path):
     text = "[study]\nname = 'x'\nstorage = 'postgresql+psycopg://alice:s3c@ret@db/optuna'\n"
     stored = config.load(write(tmp_path, text)).to_dict()
     assert stored["study"]["storage"] == "postgresql+psycopg://alice:***@db/optuna"
+
+
+# ---------------------------------------------------------------------------------------------
+# What a file writes must take effect: a key its own settings never read, or a setting that can
+# never act, is refused like an unknown key; a stored config (every key) is read as before.
+# ---------------------------------------------------------------------------------------------
+
+def with_pruner(text: str, body: str) -> str:
+    """`text` (QUICK: its [pruner] section is the last) with that section replaced by `body`."""
+    return text.split("[pruner]")[0] + "[pruner]\n" + body + "\n"
+
+
+def refused(tmp_path: Path, text: str) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message, message
+    return message.removeprefix(f"{path}: ")
+
+
+def test_warmup_epochs_may_span_the_whole_run_but_not_more(tmp_path):
+    # equal: a linear warm-up over all of training that reaches lr at its last step
+    assert config.load(write(tmp_path, edit(QUICK, "train", "warmup_epochs = 5.0"))).train.warmup_epochs == 5.0
+    assert refused(tmp_path, edit(QUICK, "train", "warmup_epochs = 5.5")).startswith(
+        "train.warmup_epochs: 5.5 is longer than the training (train.epochs = 5)")
+    onecycle = edit(edit(QUICK, "train", "warmup_epochs = 0.5"), "train", "schedule = 'onecycle'")
+    assert refused(tmp_path, onecycle) == ("train.warmup_epochs: not used by schedule = 'onecycle' (which has its own "
+                                           "warm-up: the first 30% of the steps); it is a setting of schedule constant, "
+                                           "cosine, cyclical")
+
+
+@pytest.mark.parametrize("kind, key, users", [
+    ("median", "reduction_factor = 3", "successive_halving, hyperband"),
+    ("median", "percentile = 25.0", "percentile"),
+    ("hyperband", "n_warmup_steps = 1", "median, percentile, patient"),
+    ("successive_halving", "n_startup_trials = 2", "median, percentile, patient, parent"),
+    ("percentile", "patience = 2", "patient, parent"),
+    ("patient", "margin = 0.1", "parent"),
+    ("parent", "n_warmup_steps = 1", "median, percentile, patient"),
+])
+def test_a_pruner_key_its_type_does_not_read_names_the_type_that_does(tmp_path, kind, key, users):
+    message = refused(tmp_path, with_pruner(QUICK, f"type = '{kind}'\n{key}"))
+    name = key.split()[0]
+    assert message.startswith(f"pruner.{name}: not used by type = '{kind}' (which reads "), message
+    assert message.endswith(f"); it is a setting of type {users}"), message
+
+
+def test_pruner_none_keeps_the_settings_of_the_pruner_it_switched_off(tmp_path):
+    text = QUICK.replace('[pruner]\ntype = "parent"', '[pruner]\ntype = "none"')
+    assert "warmup_fraction = 0.5" in text and config.load(write(tmp_path, text)).pruner.type == "none"
+
+
+@pytest.mark.parametrize("body, key, start", [
+    ("type = 'median'\nn_warmup_steps = 4", "n_warmup_steps", 5),
+    ("type = 'percentile'\nn_warmup_steps = 9", "n_warmup_steps", 10),
+    ("type = 'patient'\npatience = 3", "patience", 5),  # optuna's PatientPruner: more than patience + 1 epochs
+    ("type = 'successive_halving'\nmin_resource = 4", "min_resource", 5),
+    ("type = 'hyperband'\nmin_resource = 6", "min_resource", 7),
+    ("type = 'parent'\nwarmup_fraction = 1.0", "warmup_fraction", 6),
+    ("type = 'parent'\npatience = 5", "patience", 5),
+])
+def test_a_pruner_warmup_that_leaves_no_epoch_to_prune(tmp_path, body, key, start):
+    # 5 epochs: a trial can be stopped after epochs 1-4, never after its last
+    message = refused(tmp_path, with_pruner(QUICK, body))
+    assert message.startswith(f"pruner.{key}: "), message
+    assert message.endswith(f"leaves no epoch to prune: the {body.split(chr(39))[1]} pruner would first stop a trial "
+                            f"at epoch {start}, and with train.epochs = 5 the last epoch a trial can be stopped at "
+                            "is 4 (never its last)"), message
+
+
+@pytest.mark.parametrize("body", [
+    "type = 'median'\nn_warmup_steps = 3",
+    "type = 'patient'\npatience = 2",
+    "type = 'hyperband'\nmin_resource = 3",
+    "type = 'parent'\nwarmup_fraction = 0.6\npatience = 4",
+])
+def test_a_pruner_warmup_that_leaves_the_last_prunable_epoch_is_accepted(tmp_path, body):
+    assert config.load(write(tmp_path, with_pruner(QUICK, body))).pruner.type == body.split("'")[1]
+
+
+def test_a_one_epoch_study_has_nothing_to_prune_and_its_pruner_keys_are_not_blamed(tmp_path):
+    text = edit(edit(QUICK, "train", "epochs = 1"), "train", "warmup_epochs = 0.5")
+    assert config.load(write(tmp_path, text)).pruner.warmup_fraction == 0.5  # QUICK's parent pruner, as written
+
+
+def test_the_cycle_samplers_fallback_reads_n_startup_trials_unless_it_is_random(tmp_path):
+    text = QUICK.replace('[sampler]\ntype = "tpe"', '[sampler]\ntype = "cycle"\nn_startup_trials = 2')
+    assert config.load(write(tmp_path, text)).sampler.n_startup_trials == 2  # fallback tpe
+    assert refused(tmp_path, edit(text, "sampler", "fallback = 'random'")).startswith(
+        "sampler.n_startup_trials: not used by type = 'cycle' with fallback = 'random'")
+
+
+@pytest.mark.parametrize("line, what", [
+    ("label_column = 'y'", "columns to name"),
+    ("sample_column = 'id'", "columns to name"),
+    ("layout = 'wide'", "a layout to choose"),
+])
+def test_csv_only_keys_with_a_file_that_has_no_columns_name_key_and_file(tmp_path, line, what):
+    for name in ("d.npz", "t.ts", "t.csv"):
+        (tmp_path / name).write_bytes(b"")  # the study file is checked before any data file is read
+    text = edit(QUICK, "data", "source = 'd.npz'")
+    key = line.split()[0]
+    assert refused(tmp_path, edit(text, "data", line)) == (
+        f"data.{key}: only a .csv data file has {what}, and data.source 'd.npz' is a .npz file")
+    with_test = edit(edit(text, "data", line), "data", "test_source = 't.ts'")
+    assert refused(tmp_path, with_test) == (f"data.{key}: only a .csv data file has {what}, and data.source 'd.npz' is "
+                                            "a .npz file and data.test_source 't.ts' is a .ts file")
+    # a .csv test file reads it
+    assert config.load(write(tmp_path, edit(edit(text, "data", line), "data", "test_source = 't.csv'")))
+
+
+def test_the_test_file_cannot_be_the_training_file(tmp_path):
+    (tmp_path / "d.npz").write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    text = edit(edit(QUICK, "data", "source = 'd.npz'"), "data", "test_source = 'sub/../d.npz'")
+    assert refused(tmp_path, text).startswith("data.test_source: is the training file itself (d.npz)")
+
+
+def test_test_source_that_is_a_directory_says_so(tmp_path):
+    (tmp_path / "d.npz").write_bytes(b"")
+    (tmp_path / "t.npz").mkdir()
+    text = edit(edit(QUICK, "data", "source = 'd.npz'"), "data", "test_source = 't.npz'")
+    assert refused(tmp_path, text) == f"data.test_source: not a file: {tmp_path / 't.npz'}"
+
+
+def test_a_baseline_off_a_stepped_space_is_refused(tmp_path):
+    text = edit(QUICK, "space", "dropout = { low = 0.0, high = 0.3, step = 0.1 }")
+    assert config.load(write(tmp_path, text)).baseline.dropout == 0.1  # 0.3 is 3 steps of 0.1, within rounding
+    assert refused(tmp_path, edit(text, "baseline", "dropout = 0.15")) == (
+        "baseline.dropout: 0.15 is not on the space's grid (from 0 in steps of 0.1): the nearest values are 0.1 and 0.2")
+
+
+def test_a_stored_config_is_read_as_before(tmp_path):
+    """Stored configs hold every key (and older studies were accepted by older rules): not refused."""
+    cfg = config.load(write(tmp_path, with_pruner(QUICK, "type = 'median'")))
+    stored = cfg.to_dict()
+    assert "reduction_factor" in stored["pruner"] and "label_column" in stored["data"]
+    assert config.from_dict(stored).pruner == cfg.pruner
+    stored["train"]["warmup_epochs"] = 50.0  # a study made before warm-ups longer than the run were refused
+    assert config.from_dict(stored).train.warmup_epochs == 50.0
+
+
+def test_keys_a_trial_never_reads_are_not_part_of_its_definition(tmp_path):
+    """A study made when a file could write them is still joined by the file without them."""
+    (tmp_path / "d.npz").write_bytes(b"")
+    cfg = config.load(write(tmp_path, edit(QUICK, "data", "source = 'd.npz'")))
+    stored = cfg.to_dict()
+    stored["train"].update(momentum=0.5, cyclical_low_ratio=0.3)  # adamw, cosine: never read
+    stored["data"].update(label_column="y", sample_column="id")  # a .npz file: never read
+    # what a worker compares (worker._check_same_definition): the file's definition and the stored one
+    mine = cfg.trial_definition()
+    assert {k: config.without_execution(k, stored[k]) for k in mine} == mine
+    stored["train"]["warmup_epochs"] = 0.25  # read by the cosine schedule: part of the definition
+    assert config.without_execution("train", stored["train"]) != mine["train"]
+    (tmp_path / "d.csv").write_bytes(b"")  # a .csv file reads its columns: they stay in the definition
+    with_csv = config.load(write(tmp_path, edit(QUICK, "data", "source = 'd.csv'"))).trial_definition()
+    assert with_csv["data"]["label_column"] == "label"
