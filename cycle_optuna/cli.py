@@ -43,6 +43,12 @@ EXAMPLES = {
     "report": """examples:
   cycle-optuna report studies/seed.toml
   cycle-optuna report studies/seed.toml -o reports/seed""",
+    "predict": """examples:
+  cycle-optuna predict studies/gunpoint.toml new_series.csv -o predictions.csv
+  cycle-optuna predict studies/gunpoint.toml GunPoint_TEST.ts > predictions.csv   # labels in the file: accuracy too
+
+Columns: series (position in the file), id (a .csv file's sample id), predicted, label (when the
+file has labels), then p_<class> for every class of the study.""",
     "export": """examples:
   cycle-optuna export studies/seed.toml --csv seed-cycles.csv
   cycle-optuna export studies/seed.toml --parquet seed-cycles.parquet   # needs cycle-optuna[parquet]
@@ -357,6 +363,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cycle_optuna import files, preflight, references
+    from cycle_optuna.errors import StorageError
+    from cycle_optuna.predict import predict_file
+
+    cfg, url = _load(args)
+    preflight.for_read(url)
+    target = Path(args.output) if args.output else None
+    if target is not None:  # before the model is loaded: a path it cannot write is one line, nothing written
+        preflight.check_output_file(target, what="predict output directory", example="predictions.csv")
+    pred = predict_file(args.study, args.file, storage=url)
+    labelled = (f"accuracy {pred.accuracy:.2%} against the file's labels" if pred.labels is not None
+                else f"the file has no labels (no {cfg.data.label_column!r} column or y array)")
+    summary = (f"{len(pred.proba)} series of {args.file} predicted by the best model of study {cfg.study.name} "
+               f"({references.model_name(list(pred.cycles))}); {labelled}")
+    if target is None:
+        sys.stdout.write(pred.to_csv())
+        err.print(summary, highlight=False, soft_wrap=True, markup=False)
+        return 0
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with files.replacing(target) as tmp:  # a failed write leaves no truncated file
+            tmp.write_text(pred.to_csv())
+    except OSError as e:
+        raise StorageError(f"cannot write {target}: {e.strerror or e}") from None
+    out.print(f"{summary}; wrote {target}", highlight=False, soft_wrap=True, markup=False)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from cycle_optuna import export
 
@@ -449,6 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     where = exp.add_mutually_exclusive_group()
     where.add_argument("--csv", metavar="FILE", help="write CSV to FILE (default: CSV on stdout)")
     where.add_argument("--parquet", metavar="FILE", help="write Parquet to FILE (needs pyarrow)")
+    pred = command("predict", cmd_predict, "predict the class of every series of a data file with the best model")
+    pred.add_argument("file", metavar="FILE", help="a data file in any format the study reads (labels optional "
+                      "in .csv and .npz); relative to the current directory")
+    pred.add_argument("-o", "--output", metavar="FILE.csv",
+                      help="write the predictions to FILE.csv (default: CSV on stdout, the summary on stderr)")
     dash = command("dashboard", cmd_dashboard, "serve optuna-dashboard on the study's storage and artifacts")
     dash.add_argument("--host", default="127.0.0.1",
                       help="address to bind (default 127.0.0.1; optuna-dashboard has no authentication)")

@@ -230,15 +230,16 @@ def _fail(path: Path, problem: str) -> DataError:
     return DataError(f"{path}: {problem}")
 
 
-def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Raw X, y from an .npz file holding arrays ``X``, ``y`` and optionally ``lengths`` (applied as NaN padding)."""
+def load_npz(path: Path, *, need_y: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Raw X, y from an .npz file holding arrays ``X``, ``y`` and optionally ``lengths`` (applied as
+    NaN padding); without `need_y`, y is None when the file holds no ``y`` (new data to predict on)."""
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("X", "y") if k not in f.files]
+            missing = [k for k in ("X", "y") if k not in f.files and (need_y or k == "X")]
             if missing:
                 raise _fail(path, f"missing array(s) {', '.join(missing)} (found: {', '.join(f.files) or 'none'}); "
                             "expected X [N, T, F] and y [N]")
-            x, y = f["X"], f["y"]
+            x, y = f["X"], f["y"] if "y" in f.files else None
             lengths = f["lengths"] if "lengths" in f.files else None
     except DataError:
         raise
@@ -272,9 +273,12 @@ def _apply_lengths(path: Path, x: np.ndarray, lengths: np.ndarray) -> np.ndarray
     return x
 
 
-def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
-    """Raw X (shorter sequences NaN-padded) and each sequence's label name from a long-format .csv
-    file (see the module docstring)."""
+def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True
+             ) -> tuple[np.ndarray, list[str] | None, list[str] | None]:
+    """Raw X (shorter sequences NaN-padded), each sequence's label name and each sequence's id
+    from a .csv file (see the module docstring). Without `need_labels` a file without the label
+    column is read with labels None (new data to predict on); ids are None for a wide file
+    without a sample column."""
     text = _read_text(path)
     first = text.partition("\n")[0]
     # a comma-separated file, else what the header row is separated by (spreadsheets in many locales save ';')
@@ -289,12 +293,13 @@ def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
     if dup := next((h for i, h in enumerate(header) if h in header[:i]), None):
         raise _fail(path, f"column {dup!r} appears twice in the header")
     if cfg.layout == "wide":
-        return _wide_csv(path, cfg, header, reader, number)
+        return _wide_csv(path, cfg, header, reader, number, need_labels)
     for col, key in ((cfg.sample_column, "sample_column"), (cfg.label_column, "label_column")):
-        if col not in header:
+        if col not in header and (need_labels or key == "sample_column"):
             hint = "; one series per row? set [data] layout = \"wide\"" if key == "sample_column" else ""
             raise _fail(path, f"missing {key} column '{col}' (columns: {_columns(header)}){hint}")
-    i_sample, i_label = header.index(cfg.sample_column), header.index(cfg.label_column)
+    i_sample = header.index(cfg.sample_column)
+    i_label = header.index(cfg.label_column) if cfg.label_column in header else None
     feat_idx = [i for i in range(len(header)) if i not in (i_sample, i_label)]
     if not feat_idx:
         raise _fail(path, "no feature columns besides the sample and label columns")
@@ -306,11 +311,12 @@ def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
         if len(row) != len(header):
             raise _fail(path, f"line {line}: {len(row)} fields, the header has {len(header)}")
         sid = row[i_sample].strip()
-        label = _label_name(path, line, number(row[i_label]))
-        if sid in labels and labels[sid] != label:
-            raise _fail(path, f"line {line}: sample {sid!r} changes label from {labels[sid]} to {label}; "
-                        "the label must be constant within a sequence")
-        labels[sid] = label
+        if i_label is not None:
+            label = _label_name(path, line, number(row[i_label]))
+            if sid in labels and labels[sid] != label:
+                raise _fail(path, f"line {line}: sample {sid!r} changes label from {labels[sid]} to {label}; "
+                            "the label must be constant within a sequence")
+            labels[sid] = label
         try:
             seqs.setdefault(sid, []).append([_csv_float(number(row[i])) for i in feat_idx])
         except ValueError:
@@ -319,21 +325,21 @@ def load_csv(path: Path, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
     if not seqs:
         raise _fail(path, "no data rows")
     x = _pad([np.asarray(s, dtype=np.float64) for s in seqs.values()])
-    return x, [labels[sid] for sid in seqs]
+    return x, None if i_label is None else [labels[sid] for sid in seqs], list(seqs)
 
 
 def _columns(header: list[str], most: int = 12) -> str:
     return ", ".join(header) if len(header) <= most else f"{', '.join(header[:most])}, ... ({len(header)} in all)"
 
 
-def _wide_csv(path: Path, cfg: DataConfig, header: list[str], reader: Any,
-              number: Callable[[str], str]) -> tuple[np.ndarray, list[str]]:
+def _wide_csv(path: Path, cfg: DataConfig, header: list[str], reader: Any, number: Callable[[str], str],
+              need_labels: bool) -> tuple[np.ndarray, list[str] | None, list[str] | None]:
     """`[data] layout = "wide"`: one univariate series a row, its steps the columns other than the
     label (and the sample id, when the header has one), in header order; empty cells at the end
     pad a shorter series, inside it they are missing values."""
-    if cfg.label_column not in header:
+    if cfg.label_column not in header and need_labels:
         raise _fail(path, f"missing label_column column '{cfg.label_column}' (columns: {_columns(header)})")
-    i_label = header.index(cfg.label_column)
+    i_label = header.index(cfg.label_column) if cfg.label_column in header else None
     i_sample = header.index(cfg.sample_column) if cfg.sample_column in header else None
     steps = [i for i in range(len(header)) if i not in (i_label, i_sample)]
     if not steps:
@@ -350,7 +356,8 @@ def _wide_csv(path: Path, cfg: DataConfig, header: list[str], reader: Any,
                 raise _fail(path, f"line {line}: sample {sid!r} is on line {ids[sid]} too; with layout = \"wide\" "
                             "each row is one whole series")
             ids[sid] = line
-        labels.append(_label_name(path, line, number(row[i_label])))
+        if i_label is not None:
+            labels.append(_label_name(path, line, number(row[i_label])))
         try:
             seqs.append(np.asarray([[_csv_float(number(row[i]))] for i in steps], dtype=np.float64))
         except ValueError:
@@ -358,7 +365,7 @@ def _wide_csv(path: Path, cfg: DataConfig, header: list[str], reader: Any,
             raise _fail(path, f"line {line}: column '{header[bad]}' value {row[bad]!r} is not a number") from None
     if not seqs:
         raise _fail(path, "no data rows")
-    return _pad(seqs), labels
+    return _pad(seqs), None if i_label is None else labels, None if i_sample is None else list(ids)
 
 
 def _read_text(path: Path) -> str:
@@ -720,7 +727,7 @@ def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = Non
                             f"{'@classLabel' if suffix == '.ts' else 'the class attribute'} declares "
                             f"{' '.join(found)}, the training file has {' '.join(classes)}")
         else:
-            x, labels = load_csv(path, cfg) if suffix == ".csv" else load_ucr_table(path)
+            x, labels = load_csv(path, cfg)[:2] if suffix == ".csv" else load_ucr_table(path)
             found = class_order(sorted(set(labels)))
             if classes is not None and (unknown := sorted(set(labels) - set(classes))):
                 raise _fail(path, f"class(es) {', '.join(unknown)} not in the training file's classes "
@@ -744,6 +751,25 @@ def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = Non
 
 # ---------------------------------------------------------------------------------------------
 # Split and normalisation
+
+
+def read_inputs(path: Path, cfg: DataConfig, classes: tuple[str, ...]
+                ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """New data for a study whose classes are `classes`: checked X, y indexed into `classes` (None
+    when the file has no labels: a .csv without the label column, an .npz without y) and the
+    series' ids (a .csv file's sample ids, else None)."""
+    suffix = path.suffix.lower()
+    ids = None
+    if suffix == ".csv":
+        x, labels, ids = load_csv(path, cfg, need_labels=False)
+        if labels is None:
+            return check_arrays(path, x, np.zeros(len(x)), named=True)[0], None, ids
+    elif suffix == ".npz":
+        x, y = load_npz(path, need_y=False)
+        if y is None:
+            return check_arrays(path, x, np.zeros(len(x)), named=True)[0], None, None
+    x, y, _ = read_file(path, cfg, classes)
+    return x, y, ids
 
 
 def stratified_split(path: Path | str, y: np.ndarray, n_classes: int, val_fraction: float, test_fraction: float,

@@ -9,7 +9,7 @@ from typing import Any
 
 from cycle_optuna import api, files
 from cycle_optuna.errors import ConfigError, StorageError
-from cycle_optuna.preflight import check_writable_dir
+from cycle_optuna.preflight import check_output_file
 
 FIRST = ["cycle", "number", "state", "value", "reason", "key_change", "datetime_start", "datetime_complete",
          "duration_s"]
@@ -60,9 +60,7 @@ def write(study: api.StudyLike, path: str | os.PathLike, *, storage: str | None 
             raise ConfigError("Parquet export needs pyarrow: pip install 'cycle-optuna[parquet]' "
                               "(or export --csv FILE)") from None
     # the output path before the study is read: a path it cannot write is one line, nothing written
-    if path.is_dir():
-        raise ConfigError(f"{path} is a directory, not a file (name the file to write, e.g. {path / f'cycles.{fmt}'})")
-    check_writable_dir(path.parent, what="export output directory")
+    check_output_file(path, what="export output directory", example=f"cycles.{fmt}")
     df = frame(study, storage)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

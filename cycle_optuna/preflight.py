@@ -89,6 +89,13 @@ def for_read(url: str) -> None:
     check_storage_location(url, create=False)
 
 
+def check_output_file(path: Path, *, what: str, example: str) -> None:
+    """`path` names a file this process can write (or create), not a directory; leaves nothing behind."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, not a file (name the file to write, e.g. {path / example})")
+    check_writable_dir(path.parent, what=what)
+
+
 def for_report(out_dir: Path) -> None:
     """`report`: its output directory can be written (or created)."""
     check_writable_dir(out_dir, what="report output directory")

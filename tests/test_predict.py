@@ -1,0 +1,95 @@
+"""`cycle-optuna predict` / predict_file: the best model on a new data file, labelled or not."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cycle_optuna import api
+from cycle_optuna.cli import main
+from cycle_optuna.errors import DataError
+from cycle_optuna.predict import predict_file
+from workers_helpers import write_study
+
+
+def _rows(n: int, seed: int, steps: int = 6) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [f"s{i},{'ab'[i % 2]},{(i % 2) * 2 - 1 + rng.normal(0, 0.5) + 0.01 * t:.4f}"
+            for i in range(n) for t in range(steps)]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """A finished study of 2 cycles on a long .csv training file and its test file."""
+    folder = tmp_path_factory.mktemp("predict")
+    (folder / "train.csv").write_text("\n".join(["sample,label,f0", *_rows(40, 0)]) + "\n")
+    (folder / "test.csv").write_text("\n".join(["sample,label,f0", *_rows(20, 1)]) + "\n")
+    path = write_study(folder, n_trials=2, epochs=2)
+    path.write_text(path.read_text().replace("[data]\n", '[data]\nsource = "train.csv"\ntest_source = "test.csv"\n'))
+    api.run_study(path)
+    return path
+
+
+def test_a_labelled_file_gets_the_held_out_accuracy_and_an_unlabelled_one_the_same_classes(study, tmp_path):
+    test = study.parent / "test.csv"
+    pred = predict_file(study, test)
+    assert pred.classes == ("a", "b") and pred.ids == [f"s{i}" for i in range(20)]
+    assert pred.labels.tolist() == [i % 2 for i in range(20)]
+    assert pred.accuracy == pytest.approx(api.held_out_score(study).accuracy)
+    np.testing.assert_allclose(pred.proba.sum(axis=1), 1.0, rtol=1e-5)
+    # the same series without the label column, and as an .npz without y
+    unlabelled = tmp_path / "new.csv"
+    unlabelled.write_text("\n".join(["sample,f0", *(",".join(r.split(",")[::2]) for r in _rows(20, 1))]) + "\n")
+    bare = predict_file(study, unlabelled)
+    assert bare.labels is None and bare.accuracy is None
+    np.testing.assert_allclose(bare.proba, pred.proba, rtol=1e-5)
+    x = np.array([[float(r.split(",")[2])] for r in _rows(20, 1)]).reshape(20, 6, 1)
+    np.savez(tmp_path / "new.npz", X=x)
+    np.testing.assert_allclose(predict_file(study, tmp_path / "new.npz").proba, pred.proba, rtol=1e-4)
+
+
+def test_cli_writes_one_row_per_series(study, tmp_path, capsys):
+    out = tmp_path / "sub" / "p.csv"
+    assert main(["predict", str(study), str(study.parent / "test.csv"), "-o", str(out)]) == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert len(rows) == 20 and list(rows[0]) == ["series", "id", "predicted", "label", "p_a", "p_b"]
+    assert rows[3]["id"] == "s3" and rows[3]["label"] == "b" and rows[3]["predicted"] in ("a", "b")
+    said = capsys.readouterr().out
+    assert "20 series of" in said and "accuracy" in said and str(out) in said
+    # without -o: the CSV on stdout, the summary on stderr
+    assert main(["predict", str(study), str(study.parent / "test.csv")]) == 0
+    std = capsys.readouterr()
+    assert std.out.startswith("series,id,predicted,label,p_a,p_b\n") and "20 series of" in std.err
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "needle"),
+    [
+        ("c.csv", "sample,label,f0\ns0,zebra,1\ns1,a,2\n", "class(es) zebra not in the training file's classes"),
+        ("l.csv", "sample,f0\n" + "".join(f"s0,{t}\n" for t in range(9)), "series of up to 9 steps, the study's model "
+                                                                             "reads at most 6"),
+        ("f.csv", "sample,f0,f1\ns0,1,2\n", "2 feature(s) per step, the study's data has 1"),
+        ("m.csv", "id,f0\ns0,1\n", "missing sample_column column 'sample'"),
+        ("gone.csv", None, "data file not found"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(study, tmp_path, capsys, name, text, needle):
+    data = tmp_path / name
+    if text is not None:
+        data.write_text(text)
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(study), str(data), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and str(data) in err and "\n" not in err
+    assert not out.exists()
+    with pytest.raises(DataError):
+        predict_file(study, data)
+
+
+def test_an_output_that_is_a_directory_is_refused_before_anything_is_read(study, tmp_path, capsys):
+    assert main(["predict", str(study), str(tmp_path / "never-read.csv"), "-o", str(tmp_path)]) == 2
+    assert "is a directory, not a file" in capsys.readouterr().err
