@@ -73,6 +73,10 @@ def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[s
         on = "train.device = 'cpu'" if cfg.train.device == "cpu" else "torch sees no CUDA device"
         raise ConfigError(f"{where}train.compile: {config_mod.COMPILE_CUDAGRAPHS!r} needs a CUDA device, and this run "
                           f"is on the CPU ({on}); use compile = true or false")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cfg.train.threads > cores:  # more threads than cores only slows a trial down (and crashes torch when huge)
+        raise ConfigError(f"{where}train.threads: {cfg.train.threads} is more than the {cores} cores this process may "
+                          "use; at most that, or 0 = cores / workers")
     check_writable_dir(artifact_dir(cfg), what=f"{where}study.artifact_dir")
     check_storage_location(url, create=True)
     from cycle_optuna.data import load_study_data
