@@ -330,6 +330,13 @@ def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *
     if cfg is None:
         raise StorageError(f"study {study.study_name!r} has no stored cycle-optuna config; cannot rebuild its test split")
     model = model if model is not None else load_best_model(study)
+    from cycle_optuna.digests import DIGESTS_ATTR, data_paths, sha256
+
+    paths = data_paths(cfg)
+    for key, digest in (study.user_attrs.get(DIGESTS_ATTR) or {}).items():  # a test file changes no statistic
+        if (path := paths.get(key)) is not None and path.is_file() and sha256(path) != digest:
+            raise StorageError(f"data of study {study.study_name!r} changed since it ran ({path}: other content "
+                               f"than data.{key} had); its test split cannot be rebuilt")
     data = load_study_data(cfg)
     stats = study.user_attrs.get(STATS_ATTR)
     if stats and not np.allclose(stats["mean"], data.mean, rtol=1e-4, atol=1e-5):

@@ -373,6 +373,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     target = Path(args.output) if args.output else None
     if target is not None:  # before the model is loaded: a path it cannot write is one line, nothing written
         preflight.check_output_file(target, what="predict output directory", example="predictions.csv")
+        _not_an_input(target, cfg, url, args.file)
     pred = predict_file(args.study, args.file, storage=url)
     labelled = (f"accuracy {pred.accuracy:.2%} against the file's labels" if pred.labels is not None
                 else f"the file has no labels (no {cfg.data.label_column!r} column or y array)")
@@ -390,6 +391,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise StorageError(f"cannot write {target}: {e.strerror or e}") from None
     out.print(f"{summary}; wrote {target}", highlight=False, soft_wrap=True, markup=False)
     return 0
+
+
+def _not_an_input(target: Path, cfg, url: str, data_file: str) -> None:
+    """`predict -o`: the output is none of the files the command or the study reads (it would be replaced)."""
+    from cycle_optuna import config, storage
+    from cycle_optuna.errors import ConfigError
+
+    if not target.is_file():
+        return
+    journal = Path(url.removeprefix("journal:").removeprefix("//")) if url.startswith("journal:") else None
+    inputs = [(data_file, "the data file to predict on"), (cfg.path, "the study file"),
+              (storage.sqlite_path(url), "the study's database"), (journal, "the study's journal"),
+              (config.resolve_data_path(cfg), "the study's data.source"),
+              (config.resolve_test_path(cfg), "the study's data.test_source")]
+    for path, what in inputs:
+        try:
+            same = path is not None and os.path.samefile(target, path)
+        except OSError:  # it does not exist: nothing to overwrite
+            same = False
+        if same:
+            raise ConfigError(f"-o {target}: that is {what}; name another file for the predictions")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -549,6 +571,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
+    except BrokenPipeError:  # `export ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush writes nowhere
+        return 141  # 128 + SIGPIPE, as a shell tool killed by the closed pipe
     except Exception as e:  # noqa: BLE001 - the boundary that turns surprises into exit code 1
         if args.debug:
             raise

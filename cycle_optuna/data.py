@@ -296,7 +296,9 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True
         return _wide_csv(path, cfg, header, reader, number, need_labels)
     for col, key in ((cfg.sample_column, "sample_column"), (cfg.label_column, "label_column")):
         if col not in header and (need_labels or key == "sample_column"):
-            hint = "; one series per row? set [data] layout = \"wide\"" if key == "sample_column" else ""
+            hint = "" if key != "sample_column" else (
+                "; one series per row? set [data] layout = \"wide\"" if need_labels  # training or test file
+                else "; the study reads a row per time step ([data] layout = \"long\"), not a row per series")
             raise _fail(path, f"missing {key} column '{col}' (columns: {_columns(header)}){hint}")
     i_sample = header.index(cfg.sample_column)
     i_label = header.index(cfg.label_column) if cfg.label_column in header else None

@@ -97,7 +97,11 @@ def check_output_file(path: Path, *, what: str, example: str) -> None:
     """`path` names a file this process can write (or create), not a directory; leaves nothing behind."""
     if path.is_dir():
         raise ConfigError(f"{path} is a directory, not a file (name the file to write, e.g. {path / example})")
-    check_writable_dir(path.parent, what=what)
+    if path.exists() and not path.is_file():  # a device or pipe (/dev/stdout): written in place (files.replacing)
+        if not os.access(path, os.W_OK):
+            raise StorageError(f"cannot write {path}: not writable")
+        return
+    check_writable_dir((path.resolve() if path.is_symlink() else path).parent, what=what)
 
 
 def for_report(out_dir: Path) -> None:

@@ -131,11 +131,13 @@ def _check_same_definition(cfg: StudyConfig, stored: dict, digests: dict[str, st
     mine = json.loads(json.dumps(cfg.trial_definition()))
     theirs = {k: config_mod.without_execution(k, stored.get(k)) for k in mine}
     if digests and isinstance(theirs.get("data"), dict):
-        moved = tuple(k for k in digests if theirs["data"].get(k) != mine["data"].get(k))  # hash only these
         theirs["data"] = dict(theirs["data"])
-        for key, digest in data_digests(cfg, moved).items():
+        for key, digest in data_digests(cfg, tuple(digests)).items():
             if digests[key] == digest:  # the same file, wherever this worker keeps it
                 theirs["data"][key] = mine["data"][key]
+            else:  # another file, maybe under the same name: say so by its content
+                theirs["data"][key] = f"{theirs['data'].get(key)} (sha256 {digests[key][:12]})"
+                mine["data"][key] = f"{mine['data'].get(key)} (sha256 {digest[:12]})"
     for section, added in config_mod.DEFINITION_ADDED.items():  # stored by a release before the key existed
         if isinstance(theirs.get(section), dict):
             theirs[section] = {**added, **theirs[section]}

@@ -195,3 +195,24 @@ def test_run_study_checks_what_run_checks_before_writing(tmp_path):
     with pytest.raises(ConfigError, match=r"tiny\.toml: .*cuda"):
         api.run_study(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
+
+
+def test_a_test_file_changed_in_place_makes_the_held_out_score_unavailable(tmp_path, one_thread):
+    """A test_source edited after the study ran changes no training statistic: its digest tells."""
+    from workers_helpers import write_study
+
+    def rows(n: int, seed: int) -> list[str]:
+        return [f"s{seed}_{i},{'ab'[i % 2]},{i % 2 + 0.01 * t + seed}" for i in range(n) for t in range(6)]
+
+    (tmp_path / "train.csv").write_text("\n".join(["sample,label,f0", *rows(40, 0)]) + "\n")
+    (tmp_path / "test.csv").write_text("\n".join(["sample,label,f0", *rows(10, 1)]) + "\n")
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    path.write_text(path.read_text().replace("[data]\n", '[data]\nsource = "train.csv"\ntest_source = "test.csv"\n'))
+    api.run_study(path)
+    assert api.best_record(path)["n_test"] == 10
+    (tmp_path / "test.csv").write_text("\n".join(["sample,label,f0", *rows(6, 1)]) + "\n")
+    rec = api.best_record(path)
+    assert rec["test_accuracy"] is None and "changed since it ran" in rec["test_error"]
+    assert str(tmp_path / "test.csv") in rec["test_error"]
+    with pytest.raises(StorageError, match="test_source"):
+        api.held_out_score(path)

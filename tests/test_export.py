@@ -83,3 +83,16 @@ def test_csv_on_stdout_and_bad_suffix(study_file, tmp_path, capsys):
 def test_optunas_trials_dataframe_works(study_file):
     df = api.load_study(study_file).trials_dataframe()
     assert len(df) == 6 and "params_lr" in df.columns
+
+
+def test_a_reader_that_stops_early_is_not_an_error(study_file):
+    """`cycle-optuna export STUDY | head -1`: a closed pipe ends the command quietly (exit 141, as SIGPIPE)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "cycle_optuna.cli", "export", str(study_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "error" not in err.lower(), err

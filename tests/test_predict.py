@@ -74,6 +74,7 @@ def test_cli_writes_one_row_per_series(study, tmp_path, capsys):
                                                                              "reads at most 6"),
         ("f.csv", "sample,f0,f1\ns0,1,2\n", "2 feature(s) per step, the study's data has 1"),
         ("m.csv", "id,f0\ns0,1\n", "missing sample_column column 'sample'"),
+        ("w.csv", "t0,t1,t2\n1,2,3\n", "the study reads a row per time step ([data] layout = \"long\")"),
         ("gone.csv", None, "data file not found"),
     ],
 )
@@ -93,3 +94,34 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(study, tmp_path, capsys
 def test_an_output_that_is_a_directory_is_refused_before_anything_is_read(study, tmp_path, capsys):
     assert main(["predict", str(study), str(tmp_path / "never-read.csv"), "-o", str(tmp_path)]) == 2
     assert "is a directory, not a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("output", "what"), [("test.csv", "the data file to predict on"),
+                                              ("tiny.toml", "the study file"), ("tiny.db", "the study's database"),
+                                              ("train.csv", "data.source")])
+def test_an_output_that_is_a_file_the_command_reads_is_refused_and_left_alone(study, capsys, output, what):
+    target = study.parent / output
+    before = target.read_bytes()
+    assert main(["predict", str(study), str(study.parent / "test.csv"), "-o", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and what in err and str(target) in err and "\n" not in err
+    assert target.read_bytes() == before
+
+
+def test_an_output_that_is_a_pipe_or_a_link_is_written_through_not_replaced(study, tmp_path, capsys):
+    import os
+    import stat
+
+    fifo = tmp_path / "pipe.csv"  # like -o /dev/stdout: renaming a file over it would replace the device
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        assert main(["predict", str(study), str(study.parent / "test.csv"), "-o", str(fifo)]) == 0
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+        assert os.read(reader, 1 << 16).decode().startswith("series,id,predicted,label,p_a,p_b\n")
+    finally:
+        os.close(reader)
+    link = tmp_path / "latest.csv"
+    link.symlink_to("run1.csv")
+    assert main(["predict", str(study), str(study.parent / "test.csv"), "-o", str(link)]) == 0
+    assert link.is_symlink() and (tmp_path / "run1.csv").read_text().startswith("series,")

@@ -120,9 +120,13 @@ def test_a_worker_joins_with_the_same_data_file_at_another_path(tmp_path: Path):
     assert theirs.to_dict()["data"]["source"] != cfg.to_dict()["data"]["source"]
     worker.open_study(theirs, url)  # the same content at another path: joins
     (there / "d.csv").write_text("\n".join(rows[:-1]) + "\n")  # other data at the same name: refused
-    with pytest.raises(StorageError, match=r"different trial definition \(data\.source: study has '.*here/d\.csv', "
-                                           r"file has '.*there/d\.csv'\)"):
+    with pytest.raises(StorageError, match=r"different trial definition \(data\.source: study has '.*here/d\.csv "
+                                           r"\(sha256 \w{12}\)', file has '.*there/d\.csv \(sha256 \w{12}\)'\)"):
         worker.open_study(config.load(there / "tiny.toml"), url)
+    (here / "d.csv").write_text("\n".join(rows[:-1]) + "\n")  # the study's own file, changed in place: refused
+    with pytest.raises(StorageError, match=r"data\.source: study has '.*here/d\.csv \(sha256 \w{12}\)', "
+                                           r"file has '.*here/d\.csv \(sha256 \w{12}\)'"):
+        worker.open_study(config.load(here / "tiny.toml"), url)
 
 
 def test_a_study_stored_before_folds_existed_is_the_validation_split(tmp_path: Path):
