@@ -333,8 +333,14 @@ def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *
     from cycle_optuna.digests import DIGESTS_ATTR, data_paths, sha256
 
     paths = data_paths(cfg)
+    local = _STUDY_FILE.get(study)
+    here = data_paths(local) if local is not None else {}
     for key, digest in (study.user_attrs.get(DIGESTS_ATTR) or {}).items():  # a test file changes no statistic
-        if (path := paths.get(key)) is not None and path.is_file() and sha256(path) != digest:
+        if (path := paths.get(key)) is None:
+            continue
+        if not path.is_file() and (copy := here.get(key)) is not None and copy.is_file():
+            path = copy  # the study file's copy, not taken as the study's data: its content differs
+        if path.is_file() and sha256(path) != digest:
             raise StorageError(f"data of study {study.study_name!r} changed since it ran ({path}: other content "
                                f"than data.{key} had); its test split cannot be rebuilt")
     data = load_study_data(cfg)
