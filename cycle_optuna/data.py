@@ -331,7 +331,8 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True
 
 
 def _columns(header: list[str], most: int = 12) -> str:
-    return ", ".join(header) if len(header) <= most else f"{', '.join(header[:most])}, ... ({len(header)} in all)"
+    names = [h if h.isprintable() else ascii(h) for h in header]  # a binary file's bytes: shown, not sent to the terminal
+    return ", ".join(names) if len(names) <= most else f"{', '.join(names[:most])}, ... ({len(names)} in all)"
 
 
 def _wide_csv(path: Path, cfg: DataConfig, header: list[str], reader: Any, number: Callable[[str], str],

@@ -260,6 +260,7 @@ def test_not_an_npz(tmp_path):
         ("sample,label,f0\ns0,0,nan\ns1,1,2\n", "sample 0 has no observed values"),
         ("sample,label,f0\ns0,0,inf\ns1,1,2\n", "inf values"),
         ("sample,label,f0\ns0,run,1\ns1,run,2\n", "only one class ('run')"),
+        ("\x1b[2J\x07,x\ns0,1\n", "(columns: '\\x1b[2J\\x07', x)"),  # a binary file: no control bytes echoed
     ],
 )
 def test_csv_errors(tmp_path, text, needle):
