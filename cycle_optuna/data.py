@@ -720,7 +720,24 @@ def check_arrays(path: Path | str, x: Any, y: Any, *, named: bool = False) -> tu
 def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = None
               ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Checked X, y and class names of a data file; ``classes``: the training file's, for a test file."""
+    x, y, names, _ = _read(path, cfg, classes, need_labels=True)
+    return x, y, names
+
+
+def read_inputs(path: Path, cfg: DataConfig, classes: tuple[str, ...]
+                ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """New data for a study whose classes are `classes`: checked X, y indexed into `classes` (None
+    when the file has no labels: a .csv without the label column, an .npz without y) and the
+    series' ids (a .csv file's sample ids, else None)."""
+    x, y, _, ids = _read(path, cfg, classes, need_labels=False)
+    return x, y, ids
+
+
+def _read(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None, *, need_labels: bool
+          ) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...], list[str] | None]:
+    """read_file, and without `need_labels` read_inputs: also a file without labels (y None), and ids."""
     suffix = path.suffix.lower()
+    ids = None
     if suffix in (".ts", ".arff", ".csv", ".tsv", ".txt"):  # labels are names
         if suffix in (".ts", ".arff"):
             x, labels, declared = load_ts(path) if suffix == ".ts" else load_arff(path)
@@ -730,7 +747,12 @@ def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = Non
                             f"{'@classLabel' if suffix == '.ts' else 'the class attribute'} declares "
                             f"{' '.join(found)}, the training file has {' '.join(classes)}")
         else:
-            x, labels = load_csv(path, cfg)[:2] if suffix == ".csv" else load_ucr_table(path)
+            if suffix == ".csv":
+                x, labels, ids = load_csv(path, cfg, need_labels=need_labels)
+            else:
+                x, labels = load_ucr_table(path)
+            if labels is None:
+                return _unlabelled(path, x, classes, ids)
             found = class_order(sorted(set(labels)))
             if classes is not None and (unknown := sorted(set(labels) - set(classes))):
                 raise _fail(path, f"class(es) {', '.join(unknown)} not in the training file's classes "
@@ -740,39 +762,28 @@ def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = Non
         names = found if classes is None else classes
         index = {name: i for i, name in enumerate(names)}
         x, y, _ = check_arrays(path, x, np.asarray([index[label] for label in labels]), named=classes is not None)
-        return x, y, names
+        return x, y, names, ids
     if suffix == ".npz":
-        x, y = load_npz(path)
+        x, y = load_npz(path, need_y=need_labels)
+        if y is None:
+            return _unlabelled(path, x, classes, None)
     else:
         raise _fail(path, f"unsupported data file type (expected {', '.join(DATA_SUFFIXES)})")
     x, y, k = check_arrays(path, x, y, named=classes is not None)  # a test file may lack a class
     if classes is not None and k > len(classes):
         raise _fail(path, f"class set differs from the training file's: label {k - 1} here, "
                     f"0..{len(classes) - 1} in the training file")
-    return x, y, classes if classes is not None else tuple(str(c) for c in range(k))
+    return x, y, classes if classes is not None else tuple(str(c) for c in range(k)), None
+
+
+def _unlabelled(path: Path, x: np.ndarray, classes: tuple[str, ...] | None, ids: list[str] | None
+                ) -> tuple[np.ndarray, None, tuple[str, ...], list[str] | None]:
+    """New data without its classes: X checked as a labelled file's is."""
+    return check_arrays(path, x, np.zeros(len(x)), named=True)[0], None, classes or (), ids
 
 
 # ---------------------------------------------------------------------------------------------
 # Split and normalisation
-
-
-def read_inputs(path: Path, cfg: DataConfig, classes: tuple[str, ...]
-                ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
-    """New data for a study whose classes are `classes`: checked X, y indexed into `classes` (None
-    when the file has no labels: a .csv without the label column, an .npz without y) and the
-    series' ids (a .csv file's sample ids, else None)."""
-    suffix = path.suffix.lower()
-    ids = None
-    if suffix == ".csv":
-        x, labels, ids = load_csv(path, cfg, need_labels=False)
-        if labels is None:
-            return check_arrays(path, x, np.zeros(len(x)), named=True)[0], None, ids
-    elif suffix == ".npz":
-        x, y = load_npz(path, need_y=False)
-        if y is None:
-            return check_arrays(path, x, np.zeros(len(x)), named=True)[0], None, None
-    x, y, _ = read_file(path, cfg, classes)
-    return x, y, ids
 
 
 def stratified_split(path: Path | str, y: np.ndarray, n_classes: int, val_fraction: float, test_fraction: float,
