@@ -65,10 +65,8 @@ def load_study(path_or_name: StudyLike, storage: str | BaseStorage | None = None
 
 def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: int | None = None) -> optuna.Study:
     """Run a study file's trials in this process until the study holds its total (none when it already does)."""
-    from cycle_optuna import totals
+    from cycle_optuna import preflight, totals
     from cycle_optuna.worker import run_worker
-
-    from cycle_optuna import preflight
 
     cfg = config_mod.load(path)
     url = storage_mod.resolve_url(cfg, storage)
@@ -330,19 +328,13 @@ def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *
     if cfg is None:
         raise StorageError(f"study {study.study_name!r} has no stored cycle-optuna config; cannot rebuild its test split")
     model = model if model is not None else load_best_model(study)
-    from cycle_optuna.digests import DIGESTS_ATTR, data_paths, sha256
+    from cycle_optuna.digests import DIGESTS_ATTR, changed
 
-    paths = data_paths(cfg)
-    local = _STUDY_FILE.get(study)
-    here = data_paths(local) if local is not None else {}
-    for key, digest in (study.user_attrs.get(DIGESTS_ATTR) or {}).items():  # a test file changes no statistic
-        if (path := paths.get(key)) is None:
-            continue
-        if not path.is_file() and (copy := here.get(key)) is not None and copy.is_file():
-            path = copy  # the study file's copy, not taken as the study's data: its content differs
-        if path.is_file() and sha256(path) != digest:
-            raise StorageError(f"data of study {study.study_name!r} changed since it ran ({path}: other content "
-                               f"than data.{key} had); its test split cannot be rebuilt")
+    # by content, since a changed test file changes no stored statistic
+    if found := changed(cfg, _STUDY_FILE.get(study), study.user_attrs.get(DIGESTS_ATTR) or {}):
+        key, path = found
+        raise StorageError(f"data of study {study.study_name!r} changed since it ran ({path}: other content "
+                           f"than data.{key} had); its test split cannot be rebuilt")
     data = load_study_data(cfg)
     stats = study.user_attrs.get(STATS_ATTR)
     if stats and not np.allclose(stats["mean"], data.mean, rtol=1e-4, atol=1e-5):

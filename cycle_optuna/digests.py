@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,6 +21,13 @@ def data_paths(cfg: StudyConfig) -> dict[str, Path | None]:
 
 
 def sha256(path: Path) -> str:
+    """The file's sha256, read once per version of the file (a command asks for it several times)."""
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a file rewritten is read again
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -53,3 +62,18 @@ def relocate(stored: StudyConfig, local: StudyConfig | None, digests: Mapping[st
     if not artifacts.is_dir() and here.is_dir():
         out = dataclasses.replace(out, study=dataclasses.replace(out.study, artifact_dir=str(here.resolve())))
     return out
+
+
+def changed(cfg: StudyConfig, local: StudyConfig | None, digests: Mapping[str, str]) -> tuple[str, Path] | None:
+    """The first data file of `cfg` (the relocated config) whose content is not the one the study was
+    made with, by [data] key; where `cfg`'s path does not exist, the local study file's copy, which
+    `relocate` did not take because it differs."""
+    here = data_paths(local) if local is not None else {}
+    for key, path in data_paths(cfg).items():
+        if path is None or key not in digests:
+            continue
+        if not path.is_file() and (copy := here.get(key)) is not None and copy.is_file():
+            path = copy
+        if path.is_file() and sha256(path) != digests[key]:
+            return key, path
+    return None
