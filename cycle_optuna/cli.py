@@ -400,9 +400,8 @@ def _not_an_input(target: Path, cfg, url: str, data_file: str) -> None:
 
     if not target.is_file():
         return
-    journal = Path(url.removeprefix("journal:").removeprefix("//")) if url.startswith("journal:") else None
     inputs = [(data_file, "the data file to predict on"), (cfg.path, "the study file"),
-              (storage.sqlite_path(url), "the study's database"), (journal, "the study's journal"),
+              (storage.file_path(url), "the study's database"),
               (config.resolve_data_path(cfg), "the study's data.source"),
               (config.resolve_test_path(cfg), "the study's data.test_source")]
     for path, what in inputs:

@@ -39,9 +39,7 @@ def check_writable_dir(path: Path, *, what: str) -> None:
 def check_storage_location(url: str, *, create: bool) -> None:
     """A SQLite or journal file: its directory exists (writable, to create it), or for a reader
     the file itself exists. Server URLs are checked when opened."""
-    path = storage_mod.sqlite_path(url)
-    if path is None and url.startswith("journal:"):
-        path = Path(url.removeprefix("journal:").removeprefix("//") or ".")
+    path = storage_mod.file_path(url)  # an empty journal path is refused when the journal is opened
     if path is not None:
         storage_mod.check_file_location(url, path, create=create)
 
@@ -73,10 +71,10 @@ def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[s
         on = "train.device = 'cpu'" if cfg.train.device == "cpu" else "torch sees no CUDA device"
         raise ConfigError(f"{where}train.compile: {config_mod.COMPILE_CUDAGRAPHS!r} needs a CUDA device, and this run "
                           f"is on the CPU ({on}); use compile = true or false")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = worker.available_cores()
     if cfg.train.threads > cores:  # more threads than cores only slows a trial down (and crashes torch when huge)
-        raise ConfigError(f"{where}train.threads: {cfg.train.threads} is more than the {cores} cores this process may "
-                          "use; at most that, or 0 = cores / workers")
+        raise ConfigError(f"{where}train.threads: {cfg.train.threads} is more than this machine's {cores} cores; at most "
+                          "that, or 0 = cores / workers")
     check_writable_dir(artifact_dir(cfg), what=f"{where}study.artifact_dir")
     check_storage_location(url, create=True)
     from cycle_optuna.data import load_study_data

@@ -142,6 +142,14 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database) if database and database != ":memory:" and not database.startswith("file:") else None
 
 
+def file_path(url: str) -> Path | None:
+    """The file of a SQLite or journal URL (None for a server or an in-memory database)."""
+    if url.startswith("journal:"):
+        path = url.removeprefix("journal:").removeprefix("//")
+        return Path(path) if path else None
+    return sqlite_path(url)
+
+
 def check_file_location(url: str, path: Path, *, create: bool) -> None:
     """A study file's database or journal: its directory must exist (and be writable to create
     or write it); a reader needs the file itself. Nothing is created here."""

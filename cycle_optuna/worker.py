@@ -36,8 +36,6 @@ from cycle_optuna.train import EpochMetrics
 
 CONFIG_ATTR = "cycle_optuna_config"
 STATS_ATTR = "data_stats"
-# sha256 of the data files by [data] key: a worker whose copy of a file sits at another path (another
-# machine, a moved folder) joins when the content is the same
 _FINAL = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 POLL_SECONDS = 0.25  # how often an idle worker looks for retries while other workers finish
 RECONNECT_SECONDS = 300  # a worker gives up after this long without its database
@@ -160,9 +158,14 @@ def _check_same_definition(cfg: StudyConfig, stored: dict, digests: dict[str, st
     )
 
 
+def available_cores() -> int:
+    """The machine's cores: what default threads divide and what `train.threads` may not exceed."""
+    return os.cpu_count() or 1
+
+
 def default_threads(workers: int) -> int:
     """Intra-op threads per worker so that workers x threads <= cores."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    return max(1, available_cores() // max(1, workers))
 
 
 @dataclass
