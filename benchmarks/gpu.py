@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import statistics
 import sys
 import tempfile
@@ -33,10 +34,9 @@ from pathlib import Path
 
 import torch
 
-from cycle_optuna import config, pack, placement, storage, worker
+from cycle_optuna import config, pack, placement, storage, train, worker
 from cycle_optuna.config import DataConfig, Hyperparams, TrainConfig
 from cycle_optuna.data import load_task
-from cycle_optuna.train import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,19 +62,24 @@ def bare_model(args, device: str) -> list[tuple[str, float, str]]:
     cfg = TrainConfig(epochs=args.epochs, early_stopping_patience=0, device=device, threads=args.threads)
     n = len(data.x_train) * cfg.epochs
     rows = []
+    min_steps = train.CUDAGRAPH_MIN_STEPS
 
     def eager() -> None:
-        train_and_evaluate(data, hp, cfg, seed=0)
+        train.train_and_evaluate(data, hp, cfg, seed=0)
 
     eager()  # warm-up: allocator, kernels, lazy imports
     eager_rate = statistics.median(n / _timed(eager, device) for _ in range(args.rounds))
     rows.append(("one trial, eager", eager_rate, "baseline"))
     if device == "cuda":
+        # the replays' own speed: compiled however short the call (the product waits for a shape to
+        # reach train.CUDAGRAPH_MIN_STEPS in a worker, which the seed-study setting below shows)
+        train.CUDAGRAPH_MIN_STEPS = 0
         gcfg = dataclasses.replace(cfg, compile=config.COMPILE_CUDAGRAPHS)
-        first = _timed(lambda: train_and_evaluate(data, hp, gcfg, seed=0), device)
-        rate = statistics.median(n / _timed(lambda: train_and_evaluate(data, hp, gcfg, seed=0), device)
+        first = _timed(lambda: train.train_and_evaluate(data, hp, gcfg, seed=0), device)
+        rate = statistics.median(n / _timed(lambda: train.train_and_evaluate(data, hp, gcfg, seed=0), device)
                                  for _ in range(args.rounds))
         rows.append(("one trial, CUDA graphs", rate, f"first call {first:.1f} s (compiling)"))
+        train.CUDAGRAPH_MIN_STEPS = min_steps
     else:
         rows.append(("one trial, CUDA graphs", float("nan"), "needs CUDA (trains eagerly on the CPU)"))
     for m in args.packs:
@@ -107,18 +112,20 @@ def seed_study(args, device: str) -> list[tuple[str, float, float | None]]:
     """(setting, trials/hour, best value) for the seed study run to the end with each setting."""
     settings: list[tuple[str, dict, int]] = [("one plain worker", {}, 1)]
     where = " on one GPU" if device == "cuda" else ""
-    settings += [(f"{k} workers{where}", {}, k) for k in args.workers if k > 1]
-    if device == "cuda":
+    if "workers" in args.settings:
+        settings += [(f"{k} workers{where}", {}, k) for k in args.workers if k > 1]
+    if "pack" in args.settings:
+        settings += [(f"pack = {m}", {"pack": m}, 1) for m in args.packs]
+    if device == "cuda" and "graphs" in args.settings:
         settings.append(("CUDA graphs", {"compile": config.COMPILE_CUDAGRAPHS}, 1))
-    settings += [(f"pack = {m}", {"pack": m}, 1) for m in args.packs]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (label, train, k) in enumerate(settings):
+        for i, (label, train_keys, k) in enumerate(settings):
             extra = {"threads": args.threads} if args.threads else {}
-            path = _study_file(Path(tmp), f"gpu-bench-{i}", args, device=device, **extra, **train)
+            path = _study_file(Path(tmp), f"gpu-bench-{i}", args, device=device, **extra, **train_keys)
             cfg = config.load(path)
             url = storage.resolve_url(cfg)
-            t0 = time.perf_counter()
+            t0, t_start = time.perf_counter(), datetime.datetime.now()
             if k == 1:
                 study = worker.run_worker(cfg, url)
             else:
@@ -126,13 +133,17 @@ def seed_study(args, device: str) -> list[tuple[str, float, float | None]]:
                 gpus = placement.plan(k, available=placement.visible_gpus()[:1]) if device == "cuda" else None
                 procs = worker.start_local_workers(str(path), url, k, n_trials=None,
                                                    log_prefix=str(Path(tmp) / f"w{i}"), gpus=gpus)
-                for p, _ in procs:
-                    p.wait()
+                for p, log in procs:
+                    if p.wait() != 0:
+                        tail = Path(log).read_text(errors="replace").splitlines()[-5:] if Path(log).exists() else []
+                        print(f"  worker exited {p.returncode}; its log ends:", *tail, sep="\n    ", flush=True)
             seconds = time.perf_counter() - t0
             done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
             best = study.best_value if any(t.value is not None for t in done) else None
             rows.append((label, 3600 * len(done) / seconds, best))
-            print(f"  {label}: {len(done)} trials in {seconds:.0f} s", flush=True)
+            first = min((t.datetime_complete for t in done if t.datetime_complete), default=None)
+            start = f", first trial done after {(first - t_start).total_seconds():.0f} s" if first else ""
+            print(f"  {label}: {len(done)} trials in {seconds:.0f} s{start}, best {best}", flush=True)
     return rows
 
 
@@ -140,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every code path")
     ap.add_argument("--skip-study", action="store_true", help="the bare model only")
+    ap.add_argument("--skip-bare", action="store_true", help="the seed study only")
+    ap.add_argument("--settings", nargs="+", choices=["workers", "pack", "graphs"],
+                    default=["workers", "pack", "graphs"],
+                    help="seed-study settings besides one plain worker (default: all; run in that order)")
     ap.add_argument("--rounds", type=int, default=None, help="timed calls per bare-model variant (default 3, quick 1)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per bare-model call (default 2, quick 1)")
     ap.add_argument("--trials", type=int, default=None, help="seed-study trials per setting (default 40, quick 3)")
@@ -162,12 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"torch {torch.__version__}: no CUDA device; running the same code paths on the CPU. "
               "These are not GPU figures: they check the plumbing and show the CPU's own numbers.")
-    rows = bare_model(args, device)
-    base = rows[0][1]
-    print(f"\n| {device} | bare seed model | samples/s | vs one eager trial | note |\n|---|---|---:|---:|---|")
-    for label, rate, note in rows:
-        shown = ("-", "-") if rate != rate else (f"{rate:.0f}", f"{rate / base:.2f}")  # nan: not measurable here
-        print(f"| {device} | {label} | {shown[0]} | {shown[1]} | {note} |")
+    if not args.skip_bare:
+        rows = bare_model(args, device)
+        base = rows[0][1]
+        print(f"\n| {device} | bare seed model | samples/s | vs one eager trial | note |\n|---|---|---:|---:|---|")
+        for label, rate, note in rows:
+            shown = ("-", "-") if rate != rate else (f"{rate:.0f}", f"{rate / base:.2f}")  # nan: not measurable here
+            print(f"| {device} | {label} | {shown[0]} | {shown[1]} | {note} |")
     if not args.skip_study:
         print(f"\nseed study, {args.trials} trials per setting:", flush=True)
         study_rows = seed_study(args, device)

@@ -122,18 +122,21 @@ class Population:
             self.models.append(train.use_rate_dropout(train.build_model(data, hp, cfg)).to(device, non_blocking=True))
         self.template = self.models[0]  # the structure functional_call runs; its own tensors are not used
         params, self.buffers = stack_module_state(self.models)
-        self.params = {k: v.detach() for k, v in params.items()}
-        # make_optimizer's rule: weight decay on each member's matrices, not on biases and norms
-        self.decay = {k: v.ndim >= 3 for k, v in self.params.items()}
-        self.exp_avg = {k: torch.zeros_like(v) for k, v in self.params.items()}
-        self.exp_avg_sq = {k: torch.zeros_like(v) for k, v in self.params.items()}
         m = len(hps)
+        # Every member's parameters live in one row of a [members, P] tensor (self.params are views
+        # of it), so the optimizer step is a dozen kernels over all parameters, not a dozen per tensor.
+        self.shapes = {k: v.shape[1:] for k, v in params.items()}
+        self.flat = torch.cat([v.detach().reshape(m, -1) for v in params.values()], dim=1)
+        self.params = self._views(self.flat)
+        # make_optimizer's rule: weight decay on each member's matrices, not on biases and norms
+        self.decay = torch.cat([torch.full((v[0].numel(),), float(v.ndim >= 3), device=device)
+                                for v in params.values()])
+        self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.flat), torch.zeros_like(self.flat)
         self.adam_steps = torch.zeros(m, device=device)
         # lr in float64 as the host computes it for a trial alone (reported); the update casts it to float32
         self.base_lr = train.to_device(torch.tensor([hp.lr for hp in hps], dtype=torch.float64), device)
         self.wd = train.to_device(torch.tensor([hp.weight_decay for hp in hps]), device)
-        self.bad_run = torch.zeros(m, dtype=torch.int64, device=device)
-        self.tripped = torch.zeros(m, dtype=torch.bool, device=device)
+        self.guard = train._Guard((m,), device, cfg.max_bad_batches)
         self.shuffle = torch.Generator().manual_seed(seed)
         self.x_tr, self.y_tr = train.to_device(data.x_train, device), train.to_device(data.y_train, device)
         self.x_va, self.y_va = train.to_device(data.x_val, device), train.to_device(data.y_val, device)
@@ -165,12 +168,11 @@ class Population:
                 self.final[id(r)] = self.weights(slots[id(r)])
         idx = train.to_device(torch.tensor([slots[id(r)] for r in live]), self.device)
 
-        def take(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return {k: v.index_select(0, idx) for k, v in d.items()}
-
-        self.params, self.buffers = take(self.params), take(self.buffers)
-        self.exp_avg, self.exp_avg_sq = take(self.exp_avg), take(self.exp_avg_sq)
-        for name in ("adam_steps", "base_lr", "wd", "bad_run", "tripped"):
+        self.buffers = {k: v.index_select(0, idx) for k, v in self.buffers.items()}
+        self.flat = self.flat.index_select(0, idx)
+        self.params = self._views(self.flat)
+        self.guard.take(idx)
+        for name in ("exp_avg", "exp_avg_sq", "adam_steps", "base_lr", "wd"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
         self.order = list(live)
 
@@ -180,9 +182,8 @@ class Population:
         self.template.train()
         perm = train.to_device(train.epoch_order(self.n_data, self.passes, self.shuffle), device)
         xs, ys = self.x_tr[perm], self.y_tr[perm]
-        loss_sum = torch.zeros(m, device=device)
-        good = torch.zeros(m, dtype=torch.int64, device=device)
-        epoch_bad = torch.zeros(m, dtype=torch.int64, device=device)
+        guard = self.guard
+        guard.new_epoch()
         last_lr = torch.zeros(m, dtype=torch.float64, device=device)
         for k, i in enumerate(range(0, n, bs)):
             xb = train._augment(xs[i:i + bs], cfg)  # one draw for all: members share the seed
@@ -195,30 +196,16 @@ class Population:
             with self._attention():
                 grads, loss = self._grad(self.params, self.buffers, xb, yb)
             loss = loss.detach()
-            # per member, as clip_grad_norm_ / get_total_norm compute it for one model
-            gnorm = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1)
+            grads = torch.cat([grads[k].reshape(m, -1) for k in self.shapes], dim=1)  # rows as self.flat's
+            gnorm = grads.norm(dim=1)  # per member, the norm clip_grad_norm_ / get_total_norm compute
             if cfg.grad_clip > 0:
-                coef = (cfg.grad_clip / (gnorm + 1e-6)).clamp(max=1.0)
-                grads = {k: g * _per_member(coef, g) for k, g in grads.items()}
-            live_now = ~self.tripped
-            ok = torch.isfinite(loss) & torch.isfinite(gnorm)
-            apply = ok & live_now
-            self._adam(grads, lr.float(), apply)
-            loss_sum += torch.where(apply, loss * len(yb), 0.0)
-            good += apply * len(yb)
-            bad = ~ok & live_now
-            epoch_bad += bad
-            last_lr = torch.where(live_now, lr, last_lr)
-            self.bad_run = torch.where(live_now, (self.bad_run + 1) * bad, self.bad_run)
-            self.tripped = self.tripped | (self.bad_run >= cfg.max_bad_batches)
-            if (k + 1) % self.check_every == 0 and i + bs < n and bool(self.tripped.all()):
+                grads.mul_((cfg.grad_clip / (gnorm + 1e-6)).clamp(max=1.0).unsqueeze(1))
+            last_lr = torch.where(guard.tripped > 0, last_lr, lr)
+            self._adam(grads, lr.float(), 1 - guard.step(loss, gnorm, len(yb)))
+            if (k + 1) % self.check_every == 0 and i + bs < n and bool(guard.tripped.all()):
                 break
         seconds = time.perf_counter() - t0
-        mean = loss_sum / good.clamp(min=1)
-        rows = torch.stack([mean.double(), good.double(), epoch_bad.double(), self.bad_run.double(),
-                            self.tripped.double(), last_lr.double()], dim=1).tolist()  # the epoch's one host read
-        return [EpochStats(loss if g else math.nan, int(g), int(b), int(r), lr_, bool(t), seconds)
-                for loss, g, b, r, t, lr_ in rows]
+        return [guard.stats(row, row[5], seconds) for row in guard.read(last_lr)]  # the epoch's one host read
 
     def evaluate(self, diverged: list[bool]) -> list[tuple[float, float]]:
         n, m = len(self.x_va), len(self.order)
@@ -250,9 +237,10 @@ class Population:
         model.load_state_dict(self.weights(i))
         opt, _ = train.make_optimizer(model, run.hp, self.cfg)
         step = self.adam_steps[i].detach().clone()
+        exp_avg, exp_avg_sq = self._views(self.exp_avg), self._views(self.exp_avg_sq)
         for name, p in model.named_parameters():
-            opt.state[p] = {"step": step.clone(), "exp_avg": self.exp_avg[name][i].clone(),
-                            "exp_avg_sq": self.exp_avg_sq[name][i].clone()}
+            opt.state[p] = {"step": step.clone(), "exp_avg": exp_avg[name][i].clone(),
+                            "exp_avg_sq": exp_avg_sq[name][i].clone()}
         return train._clone(model.state_dict()), opt.state_dict()
 
     def rng_state(self) -> dict:
@@ -281,29 +269,34 @@ class Population:
         # loop over the members); the math kernel batches as plain matmuls.
         return sdpa_kernel(SDPBackend.MATH)
 
-    def _adam(self, grads: dict[str, torch.Tensor], lr: torch.Tensor, apply: torch.Tensor) -> None:
-        """One Adam/AdamW step per member, as torch's fused kernel computes it; skipped members keep
-        their weights, moments and step count (the fused kernel's found_inf)."""
+    def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each parameter's [members, ...] view of a [members, P] tensor laid out as self.flat."""
+        views, at = {}, 0
+        for k, shape in self.shapes.items():
+            n = shape.numel()
+            views[k] = flat[:, at:at + n].view(len(flat), *shape)
+            at += n
+        return views
+
+    def _adam(self, g: torch.Tensor, lr: torch.Tensor, apply: torch.Tensor) -> None:
+        """One Adam/AdamW step per member on the [members, P] gradients ``g``, as torch's fused kernel
+        computes it; members whose ``apply`` is 0.0 keep their weights, moments and step count (the
+        fused kernel's found_inf). Updated in place: self.params stay views of self.flat."""
         b1, b2 = BETAS
-        decoupled = self.cfg.optimizer == "adamw"
+        p, a = self.flat, apply.unsqueeze(1) > 0
         steps = self.adam_steps + apply
-        step_size = lr / (1 - b1 ** steps)
-        bc2_sqrt = (1 - b2 ** steps).sqrt()
-        for k, p in self.params.items():
-            g, a = grads[k], _per_member(apply, p)
-            wd = _per_member(self.wd, p) if self.decay[k] else None
-            if wd is not None and not decoupled:
-                g = g + wd * p  # Adam's coupled L2
-            m = self.exp_avg[k].lerp(g, 1 - b1)
-            v = self.exp_avg_sq[k] * b2 + (1 - b2) * g * g
-            new = p * (1 - _per_member(lr, p) * wd) if wd is not None and decoupled else p
-            new = new - _per_member(step_size, p) * m / (v.sqrt() / _per_member(bc2_sqrt, p) + EPS)
-            self.params[k] = torch.where(a, new, p)
-            self.exp_avg[k] = torch.where(a, m, self.exp_avg[k])
-            self.exp_avg_sq[k] = torch.where(a, v, self.exp_avg_sq[k])
+        step_size = (lr / (1 - b1 ** steps)).unsqueeze(1)
+        bc2_sqrt = (1 - b2 ** steps).sqrt().unsqueeze(1)
+        decay = self.wd.unsqueeze(1) * self.decay  # [members, P]: each member's rate on its matrices
+        if self.cfg.optimizer == "adam":
+            g = g + decay * p  # Adam's coupled L2
+            new = p
+        else:
+            new = p * (1 - lr.unsqueeze(1) * decay)
+        m = self.exp_avg.lerp(g, 1 - b1)
+        v = torch.addcmul(self.exp_avg_sq * b2, g, g, value=1 - b2)
+        new = new - step_size * m / (v.sqrt() / bc2_sqrt + EPS)
+        torch.where(a, new, p, out=p)
+        torch.where(a, m, self.exp_avg, out=self.exp_avg)
+        torch.where(a, v, self.exp_avg_sq, out=self.exp_avg_sq)
         self.adam_steps = steps
-
-
-def _per_member(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A [members] vector shaped to broadcast against a stacked [members, ...] tensor."""
-    return v.view(-1, *([1] * (like.ndim - 1)))

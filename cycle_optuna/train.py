@@ -41,9 +41,11 @@ from cycle_optuna.model import TransformerClassifier
 CHECKPOINT_FORMAT = 1
 SOPHIA_CLIP = 0.01  # SophiaH's clip threshold p (the paper's gamma); lr is divided by it, see make_optimizer
 GUARD_CHECK_STEPS = 16  # accelerators: steps between host reads of the divergence flag
-# Optimizer steps below which a CUDA-graph trial trains eagerly: compiling and capturing cost more
-# than the replays save. Not measured yet (no GPU at hand); 0 compiles every trial on CUDA.
-CUDAGRAPH_MIN_STEPS = 0
+# CUDA graphs pay back after this many optimizer steps of one shape in one worker: measured on an
+# H200 with the seed model (docs/performance.md), compiling took 38-43 s and saved 4.2-4.9 ms a step
+# of 32 samples, so 7,700-10,200 steps. A worker compiles a shape once the trials it has trained of
+# that shape, this one included, reach it; later trials of the shape reuse the compiled code.
+CUDAGRAPH_MIN_STEPS = 8000
 COMPILE_CACHE_SHAPES = 64  # compiled variants kept per code object (torch's default is 8)
 
 
@@ -209,7 +211,8 @@ class _MaybeCompiled(nn.Module):
         return self.model(x)
 
 
-def _compiled(model: nn.Module, cfg: TrainConfig, device: torch.device, steps: int) -> nn.Module:
+def _compiled(model: nn.Module, cfg: TrainConfig, device: torch.device, steps: int,
+              batch: tuple[int, ...] = ()) -> nn.Module:
     """The model as ``cfg.compile`` asks: inductor, inductor + CUDA graphs, or eager where graphs can't pay.
 
     Compiled code is cached per code object and shapes, not per model: parameters are graph inputs,
@@ -217,13 +220,25 @@ def _compiled(model: nn.Module, cfg: TrainConfig, device: torch.device, steps: i
     for the new parameters, not recompiled). The recompile limit is raised so that the handful of
     shapes a study revisits all stay cached instead of the ninth one falling back to eager.
     """
-    if cfg.compile == COMPILE_CUDAGRAPHS and (device.type != "cuda" or steps < CUDAGRAPH_MIN_STEPS):
-        return model  # CUDA graphs exist only on CUDA; a short trial does not earn back the capture
+    if cfg.compile == COMPILE_CUDAGRAPHS and (device.type != "cuda" or not _graphs_pay(model, batch, steps)):
+        return model  # CUDA graphs exist only on CUDA; a shape trained briefly does not earn back the capture
     import torch._dynamo
 
     limit = max(torch._dynamo.config.cache_size_limit, COMPILE_CACHE_SHAPES)
     torch._dynamo.config.cache_size_limit = limit
     return _MaybeCompiled(model, mode="reduce-overhead" if cfg.compile == COMPILE_CUDAGRAPHS else None)
+
+
+_SHAPE_STEPS: dict[tuple, int] = {}  # per model shape: optimizer steps of CUDA-graph trials in this process
+
+
+def _graphs_pay(model: nn.Module, batch: tuple[int, ...], steps: int) -> bool:
+    """Whether this process has now trained, or is about to train, enough steps of ``model``'s shape
+    on batches of shape ``batch`` (its trials so far plus this one's ``steps``) for CUDA graphs to
+    pay back their compilation."""
+    key = (batch, *(tuple(p.shape) for p in model.parameters()))
+    _SHAPE_STEPS[key] = _SHAPE_STEPS.get(key, 0) + steps
+    return _SHAPE_STEPS[key] >= CUDAGRAPH_MIN_STEPS
 
 
 def _guard_check_steps(device: torch.device) -> int:
@@ -361,6 +376,60 @@ class EpochStats:
     lr: float
     diverged: bool
     step_seconds: float
+
+
+class _Guard:
+    """The non-finite guard's device state: one trial's (shape ()) or a population's (shape (m,)).
+
+    A step is bad when its loss or gradient norm is not finite. A bad step is skipped, and once
+    ``max_bad`` bad steps ran in a row the run has diverged ("tripped") and every later step is
+    skipped too, so an accelerator that reads ``tripped`` only every few steps trains exactly as a
+    per-step read would. Everything is counted on the device for the epoch's one host read, in a
+    dozen small kernels a step (each a launch on an accelerator, which is what a small model's step
+    costs there).
+    """
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, max_bad: int) -> None:
+        self.max_bad = max_bad
+        self.bad_run = torch.zeros(shape, device=device)  # bad steps in a row (a float: exact far past any limit)
+        self.tripped = torch.zeros(shape, device=device)  # 1.0 once diverged
+        self.new_epoch()
+
+    def new_epoch(self) -> None:
+        self.loss_sum = torch.zeros_like(self.bad_run)  # sum of applied steps' loss x batch size
+        self.good = torch.zeros_like(self.bad_run, dtype=torch.float64)  # samples of applied steps
+        self.skipped = torch.zeros_like(self.bad_run)  # steps skipped ...
+        self.after_trip = torch.zeros_like(self.bad_run)  # ... of which after diverging (not counted as bad)
+
+    def take(self, idx: torch.Tensor) -> None:
+        """Keep the members at ``idx`` (a population whose members left)."""
+        self.bad_run, self.tripped = self.bad_run.index_select(0, idx), self.tripped.index_select(0, idx)
+
+    def step(self, loss: torch.Tensor, gnorm: torch.Tensor, n: int) -> torch.Tensor:
+        """Judge a step of ``n`` samples; 1.0 where it must be skipped (fused Adam's ``found_inf``), else 0.0."""
+        bad = (loss * 0).add_(gnorm * 0).nan_to_num_(1.0)  # inf * 0 and nan * 0 are nan
+        skip = torch.maximum(bad, self.tripped)
+        apply = 1 - skip
+        self.loss_sum.addcmul_(loss.nan_to_num(0.0, 0.0, 0.0), apply, value=n)
+        self.good.add_(apply, alpha=n)
+        self.skipped.add_(skip)
+        self.after_trip.add_(self.tripped)
+        self.bad_run.add_(bad).mul_(bad)  # past a trip it runs on unread: the reads report max_bad
+        torch.maximum(self.tripped, (self.bad_run >= self.max_bad).float(), out=self.tripped)
+        return skip
+
+    def read(self, *more: torch.Tensor) -> list[list[float]]:
+        """The epoch's one host read: per member mean loss, good samples, bad steps, bad run,
+        tripped, then ``more``'s values."""
+        mean = self.loss_sum / self.good.clamp(min=1).to(self.loss_sum.dtype)
+        cols = [mean, self.good, self.skipped - self.after_trip, self.bad_run, self.tripped, *more]
+        rows = torch.stack([c.double() for c in cols], dim=-1)
+        return rows.view(-1, len(cols)).tolist()
+
+    def stats(self, row: list[float], lr: float, seconds: float) -> EpochStats:
+        loss, good, bad, run, tripped = row[:5]
+        return EpochStats(loss if good else math.nan, int(good), int(bad), self.max_bad if tripped else int(run), lr,
+                          bool(tripped), seconds)
 
 
 @dataclass
@@ -515,19 +584,17 @@ class _Single:
         self.bs = max(1, min(hp.batch_size, self.n_data))
         self.steps_per_epoch = math.ceil(self.n / self.bs)
         steps = self.steps_per_epoch * cfg.epochs
-        self.net = _compiled(self.model, cfg, device, steps) if cfg.compile else self.model
+        batch = (self.bs, *self.x_tr.shape[1:])
+        self.net = _compiled(self.model, cfg, device, steps, batch) if cfg.compile else self.model
         self.masked = _masks_on_device(self.opt)
         self.check_every = _guard_check_steps(device)
-        # Consecutive skipped batches, and whether they ever reached max_bad_batches (then every later
-        # step is skipped too, so a late read of the flag trains exactly as a per-step read would).
-        self.bad_run = torch.zeros((), dtype=torch.int64, device=device)
-        self.tripped = torch.zeros((), dtype=torch.bool, device=device)
+        self.guard = _Guard((), device, cfg.max_bad_batches)
 
     def resume(self, run: Run, state: dict) -> int:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(_clone(state["optimizer"]))
         start = run.load(state, self.device)
-        self.bad_run.fill_(run.consecutive_bad)
+        self.guard.bad_run.fill_(run.consecutive_bad)
         _set_rng_state(state["rng"], self.shuffle, self.device)
         return self.cfg.epochs if run.finished else start
 
@@ -540,9 +607,8 @@ class _Single:
         self.net.train()
         perm = to_device(epoch_order(self.n_data, self.passes, self.shuffle), device)
         xs, ys = self.x_tr[perm], self.y_tr[perm]  # one gather per epoch; batches below are views
-        loss_sum = torch.zeros((), device=device)
-        good = torch.zeros((), dtype=torch.int64, device=device)
-        epoch_bad = torch.zeros((), dtype=torch.int64, device=device)
+        guard = self.guard
+        guard.new_epoch()
         sophia = cfg.optimizer == "sophia"
         lr = 0.0
         for k, i in enumerate(range(0, n, bs)):
@@ -566,34 +632,21 @@ class _Single:
                 gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
             else:
                 gnorm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-            live_now = ~self.tripped
-            ok = torch.isfinite(loss) & torch.isfinite(gnorm)
-            apply = ok & live_now
+            skip = guard.step(loss.detach(), gnorm, len(yb))
             for g in opt.param_groups:
                 g["lr"] = lr * self.lr_scale
             if self.masked:
-                opt.found_inf = (~apply).float()  # read by the fused kernel; no host sync
+                opt.found_inf = skip  # read by the fused kernel; no host sync
                 opt.step()
-            elif bool(apply):  # the host read for optimizers without found_inf
+            elif not bool(skip):  # the host read for optimizers without found_inf
                 opt.step()
             opt.zero_grad(set_to_none=True)
-            loss_sum += torch.where(apply, loss.detach() * len(yb), 0.0)
-            good += apply * len(yb)
-            bad = ~ok & live_now
-            epoch_bad += bad
-            self.bad_run = torch.where(live_now, (self.bad_run + 1) * bad, self.bad_run)
-            self.tripped = self.tripped | (self.bad_run >= cfg.max_bad_batches)
             # the epoch's last step is checked by the read below
-            if (k + 1) % self.check_every == 0 and i + bs < n and bool(self.tripped):
+            if (k + 1) % self.check_every == 0 and i + bs < n and bool(guard.tripped):
                 break
         opt.__dict__.pop("found_inf", None)  # a later opt.step() elsewhere must not see a stale verdict
         seconds = time.perf_counter() - t0
-        mean = loss_sum / good.clamp(min=1)
-        # the epoch's one host read
-        loss_v, good_v, bad_v, run_v, tripped_v = torch.stack(
-            [mean.double(), good.double(), epoch_bad.double(), self.bad_run.double(), self.tripped.double()]).tolist()
-        return [EpochStats(loss_v if good_v else math.nan, int(good_v), int(bad_v), int(run_v), lr,
-                           bool(tripped_v), seconds)]
+        return [guard.stats(guard.read()[0], lr, seconds)]
 
     def evaluate(self, diverged: list[bool]) -> list[tuple[float, float]]:
         if diverged[0]:
@@ -635,7 +688,7 @@ class _Folds:
                                                            folds["bad_runs"], state["rng"]["fold_shuffles"]):
             part.opt.load_state_dict(_clone(opt))
             fold_run.step, fold_run.consecutive_bad = step, bad
-            part.bad_run.fill_(bad)
+            part.guard.bad_run.fill_(bad)
             part.shuffle.set_state(shuffle.cpu())
         start = run.load(state, self.device)
         _set_rng_state(state["rng"], self.parts[0].shuffle, self.device)

@@ -347,3 +347,18 @@ def test_cuda_graph_mode_trains_eagerly_off_cuda(easy):
     model = build_model(easy, HP, cfg)
     assert train._compiled(model, cfg, torch.device("cpu"), steps=10_000) is model
     assert _curve(_run(easy, cfg=cfg)) == _curve(_run(easy, cfg=dataclasses.replace(CFG, epochs=2)))
+
+
+def test_cuda_graphs_wait_until_a_shape_has_trained_enough_steps_in_the_worker(easy, monkeypatch):
+    """A worker compiles a shape once its trials of that shape, the current one included, reach the
+    break-even step count; later trials of that shape reuse it, and another shape counts apart."""
+    from cycle_optuna import train
+
+    monkeypatch.setattr(train, "_SHAPE_STEPS", {})
+    monkeypatch.setattr(train, "CUDAGRAPH_MIN_STEPS", 1000)
+    small, wide = build_model(easy, HP, CFG), build_model(easy, dataclasses.replace(HP, hidden_dim=32), CFG)
+    batch = (16, *easy.x_train.shape[1:])
+    assert [train._graphs_pay(small, batch, 400) for _ in range(4)] == [False, False, True, True]
+    assert not train._graphs_pay(wide, batch, 400)  # another width: its own count
+    assert not train._graphs_pay(small, (32, *easy.x_train.shape[1:]), 400)  # another batch size too
+    assert train._graphs_pay(wide, batch, 600)
