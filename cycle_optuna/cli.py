@@ -389,8 +389,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
             tmp.write_text(pred.to_csv())
     except OSError as e:
         raise StorageError(f"cannot write {target}: {e.strerror or e}") from None
-    out.print(f"{summary}; wrote {target}", highlight=False, soft_wrap=True, markup=False)
+    _beside(target).print(f"{summary}; wrote {target}", highlight=False, soft_wrap=True, markup=False)
     return 0
+
+
+def _beside(target: Path) -> Console:
+    """Where to say what a command wrote to ``target``: stderr when ``target`` is this process's
+    stdout (``-o /dev/stdout``), so the line does not land inside the data; else stdout."""
+    try:
+        a, b = os.stat(target), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no such file, or stdout is no real file
+        return out
+    return err if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) else out
 
 
 def _not_an_input(target: Path, cfg, url: str, data_file: str) -> None:
@@ -422,7 +432,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         export.frame(args.study, url).to_csv(sys.stdout, index=False)
         return 0
     path = export.write(args.study, target, storage=url, fmt="csv" if args.csv else "parquet")
-    out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    _beside(Path(path)).print(f"wrote {path}", highlight=False, soft_wrap=True)
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +67,17 @@ def test_cli_writes_one_row_per_series(study, tmp_path, capsys):
     std = capsys.readouterr()
     assert std.out.startswith("series,id,predicted,label,p_a,p_b\n") and "20 series of" in std.err
 
+
+
+def test_output_to_dev_stdout_keeps_the_summary_out_of_the_csv(study):
+    """`-o /dev/stdout | ...`: the data stream is CSV only; the summary goes to stderr."""
+    run = subprocess.run([sys.executable, "-m", "cycle_optuna.cli", "predict", str(study),
+                          str(study.parent / "test.csv"), "-o", "/dev/stdout"],
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=study.parent)
+    assert run.returncode == 0, run.stderr
+    rows = list(csv.DictReader(io.StringIO(run.stdout)))
+    assert len(rows) == 20 and all(r["predicted"] in ("a", "b") for r in rows)
+    assert "series of" not in run.stdout and "20 series of" in run.stderr
 
 @pytest.mark.parametrize(
     ("name", "text", "needle"),
