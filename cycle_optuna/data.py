@@ -41,6 +41,7 @@ import csv
 import dataclasses
 import io
 import math
+import unicodedata
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -457,7 +458,7 @@ def load_arff(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
         if line.startswith("{"):
             raise _fail(path, f"line {n}: sparse ARFF rows are not supported")
         body, _, label = line.rpartition(",")
-        label = label.strip().strip("'\"")
+        label = unicodedata.normalize("NFC", label.strip().strip("'\""))
         if label not in declared:
             raise _fail(path, f"line {n}: class label {label!r} is not declared by the class attribute "
                         f"{attrs[-1][0]} ({', '.join(declared)})")
@@ -509,7 +510,7 @@ def _arff_classes(path: Path, attrs: list[tuple[str, str]]) -> list[str]:
     if not (kind.startswith("{") and kind.endswith("}")):
         raise _fail(path, f"the last attribute {name!r} is the class and must be nominal ({{a,b,...}}), got "
                     f"{kind!r}: cycle-optuna classifies")
-    classes = [c.strip().strip("'\"") for c in kind[1:-1].split(",") if c.strip()]
+    classes = _same_text(c.strip().strip("'\"") for c in kind[1:-1].split(",") if c.strip())
     if len(classes) < 2 or len(set(classes)) != len(classes):
         raise _fail(path, f"the class attribute {name!r} needs two or more distinct labels, got {kind}")
     series = attrs[:-1]
@@ -626,9 +627,10 @@ def _ts_header(path: Path, n: int, line: str, head: dict[str, Any]) -> bool:
         if key == "classlabel":
             if not value:
                 raise _fail(path, f"line {n}: @classLabel false: classification needs class labels")
-            if len(words) < 3 or len(set(words[1:])) != len(words) - 1:
+            names = _same_text(words[1:])
+            if len(names) < 2 or len(set(names)) != len(names):
                 raise _fail(path, f"line {n}: @classLabel true needs two or more distinct labels, got {words[1:]}")
-            head[key] = words[1:]
+            head[key] = names
         else:
             head[key] = value
     elif key in ("dimensions", "serieslength"):
@@ -641,7 +643,7 @@ def _ts_header(path: Path, n: int, line: str, head: dict[str, Any]) -> bool:
 def _ts_case(path: Path, n: int, line: str, head: dict[str, Any], n_dims: int | None) -> tuple[np.ndarray, str]:
     """One sequence [T, F] and its label from a .ts data line (dimensions separated by ':')."""
     *dims, label = line.split(":")
-    label = label.strip()
+    label = unicodedata.normalize("NFC", label.strip())
     if label not in head["classlabel"]:
         raise _fail(path, f"line {n}: class label {label!r} is not declared in @classLabel "
                     f"({' '.join(head['classlabel'])})")
@@ -659,6 +661,12 @@ def _ts_case(path: Path, n: int, line: str, head: dict[str, Any], n_dims: int | 
         raise _fail(path, f"line {n}: {lengths[0]} values, but @equalLength true with @seriesLength "
                     f"{head['serieslength']}")
     return np.stack(cols, axis=1), label
+
+
+def _same_text(labels: Any) -> list[str]:
+    """Labels in Unicode's composed form (NFC): "café" typed with a combining accent, as some
+    systems save it, is the same class as "café" with the accented letter."""
+    return [unicodedata.normalize("NFC", label) for label in labels]
 
 
 def class_order(declared: list[str]) -> tuple[str, ...]:
@@ -753,6 +761,7 @@ def _read(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None, *, need_
                 x, labels = load_ucr_table(path)
             if labels is None:
                 return _unlabelled(path, x, classes, ids)
+            labels = _same_text(labels)
             found = class_order(sorted(set(labels)))
             if classes is not None and (unknown := sorted(set(labels) - set(classes))):
                 raise _fail(path, f"class(es) {', '.join(unknown)} not in the training file's classes "

@@ -423,7 +423,23 @@ def test_a_latin1_file_keeps_its_labels_apart(tmp_path):
     assert read_file(path, DataConfig())[2] == ("cafè", "café", "thé")  # sorted
 
 
-def test_ucr_tsv_label_first_then_values_nan_padded(tmp_path):
+
+def test_labels_that_differ_only_in_unicode_composition_are_one_class(tmp_path):
+    from cycle_optuna.data import read_file
+
+    composed, decomposed = "caf\u00e9", "cafe\u0301"  # both print as café
+    train = tmp_path / "train.csv"
+    train.write_text(f"sample,label,f0\ns0,{composed},1\ns1,{decomposed},2\ns2,th\u00e9,3\n")
+    x, y, names = read_file(train, DataConfig())
+    assert names == (composed, "th\u00e9") and y.tolist() == [0, 0, 1]
+    test = tmp_path / "test.csv"  # the other form in the test file: the training file's class
+    test.write_text(f"sample,label,f0\ns0,{decomposed},1\n")
+    assert read_file(test, DataConfig(), classes=names)[1].tolist() == [0]
+    ts = tmp_path / "u.ts"  # .ts: declared classes and labels alike
+    ts.write_text(f"@problemName u\n@univariate true\n@equalLength true\n@classLabel true {decomposed} the\n@data\n"
+                  f"1,2,3:{composed}\n3,2,1:the\n1,1,1:{decomposed}\n2,2,2:the\n")
+    x, y, names = read_file(ts, DataConfig())
+    assert names == (composed, "the") and y.tolist() == [0, 1, 0, 1]
     from cycle_optuna.data import read_file
 
     # the UCR archive's .tsv: no header, label then values; NaN pads a shorter series; labels -1/1
