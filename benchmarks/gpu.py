@@ -74,12 +74,14 @@ def bare_model(args, device: str) -> list[tuple[str, float, str]]:
         # the replays' own speed: compiled however short the call (the product waits for a shape to
         # reach train.CUDAGRAPH_MIN_STEPS in a worker, which the seed-study setting below shows)
         train.CUDAGRAPH_MIN_STEPS = 0
-        gcfg = dataclasses.replace(cfg, compile=config.COMPILE_CUDAGRAPHS)
-        first = _timed(lambda: train.train_and_evaluate(data, hp, gcfg, seed=0), device)
-        rate = statistics.median(n / _timed(lambda: train.train_and_evaluate(data, hp, gcfg, seed=0), device)
-                                 for _ in range(args.rounds))
+        try:
+            gcfg = dataclasses.replace(cfg, compile=config.COMPILE_CUDAGRAPHS)
+            first = _timed(lambda: train.train_and_evaluate(data, hp, gcfg, seed=0), device)
+            rate = statistics.median(n / _timed(lambda: train.train_and_evaluate(data, hp, gcfg, seed=0), device)
+                                     for _ in range(args.rounds))
+        finally:
+            train.CUDAGRAPH_MIN_STEPS = min_steps
         rows.append(("one trial, CUDA graphs", rate, f"first call {first:.1f} s (compiling)"))
-        train.CUDAGRAPH_MIN_STEPS = min_steps
     else:
         rows.append(("one trial, CUDA graphs", float("nan"), "needs CUDA (trains eagerly on the CPU)"))
     for m in args.packs:
@@ -121,6 +123,11 @@ def seed_study(args, device: str) -> list[tuple[str, float, float | None]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, train_keys, k) in enumerate(settings):
+            if train_keys.get("compile"):  # pays its own compilation: nothing from the bare model's run
+                import torch._dynamo
+
+                torch._dynamo.reset()
+                train._SHAPE_STEPS.clear()
             extra = {"threads": args.threads} if args.threads else {}
             path = _study_file(Path(tmp), f"gpu-bench-{i}", args, device=device, **extra, **train_keys)
             cfg = config.load(path)

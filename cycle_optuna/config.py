@@ -534,6 +534,7 @@ TRAIN_KEYS_BY: dict[str, tuple[str, tuple[str, ...]]] = {  # key: (the setting, 
 }
 # [data] keys only a .csv file reads (data.load_csv), and what they set there
 CSV_ONLY_KEYS = {"label_column": "columns to name", "sample_column": "columns to name", "layout": "a layout to choose"}
+SYNTHETIC_ONLY_KEYS = ("n_samples", "seq_len", "n_features", "n_classes", "noise")  # a data file has its own
 
 
 def _check_written(c: _Checker, cfg: StudyConfig, written: dict[str, set[str]]) -> None:
@@ -549,6 +550,10 @@ def _check_written(c: _Checker, cfg: StudyConfig, written: dict[str, set[str]]) 
     for key in CSV_ONLY_KEYS:
         if key in written["data"]:
             _check_csv_key(c, cfg, key)
+    for key in SYNTHETIC_ONLY_KEYS:
+        if key in written["data"] and d.source != "synthetic":
+            raise c.fail(f"data.{key}", f"only the synthetic task reads it, and data.source is the file {d.source!r} "
+                         "(its size, length, features and classes are the file's own); remove the key")
     if d.test_source is not None and _same_path(resolve_data_path(cfg), resolve_test_path(cfg)):
         raise c.fail("data.test_source", f"is the training file itself ({d.source}): a test split must be held out; "
                      "leave test_source out to carve one from data.source")

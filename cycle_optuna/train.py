@@ -212,7 +212,7 @@ class _MaybeCompiled(nn.Module):
 
 
 def _compiled(model: nn.Module, cfg: TrainConfig, device: torch.device, steps: int,
-              batch: tuple[int, ...] = ()) -> nn.Module:
+              shape: tuple = ()) -> nn.Module:
     """The model as ``cfg.compile`` asks: inductor, inductor + CUDA graphs, or eager where graphs can't pay.
 
     Compiled code is cached per code object and shapes, not per model: parameters are graph inputs,
@@ -220,7 +220,7 @@ def _compiled(model: nn.Module, cfg: TrainConfig, device: torch.device, steps: i
     for the new parameters, not recompiled). The recompile limit is raised so that the handful of
     shapes a study revisits all stay cached instead of the ninth one falling back to eager.
     """
-    if cfg.compile == COMPILE_CUDAGRAPHS and (device.type != "cuda" or not _graphs_pay(model, batch, steps)):
+    if cfg.compile == COMPILE_CUDAGRAPHS and (device.type != "cuda" or not _graphs_pay(shape, steps)):
         return model  # CUDA graphs exist only on CUDA; a shape trained briefly does not earn back the capture
     import torch._dynamo
 
@@ -232,13 +232,22 @@ def _compiled(model: nn.Module, cfg: TrainConfig, device: torch.device, steps: i
 _SHAPE_STEPS: dict[tuple, int] = {}  # per model shape: optimizer steps of CUDA-graph trials in this process
 
 
-def _graphs_pay(model: nn.Module, batch: tuple[int, ...], steps: int) -> bool:
-    """Whether this process has now trained, or is about to train, enough steps of ``model``'s shape
-    on batches of shape ``batch`` (its trials so far plus this one's ``steps``) for CUDA graphs to
-    pay back their compilation."""
-    key = (batch, *(tuple(p.shape) for p in model.parameters()))
-    _SHAPE_STEPS[key] = _SHAPE_STEPS.get(key, 0) + steps
-    return _SHAPE_STEPS[key] >= CUDAGRAPH_MIN_STEPS
+def _graphs_pay(shape: tuple, steps: int) -> bool:
+    """Whether this process has now trained, or is about to train, enough steps of ``shape`` (its
+    trials so far plus this one's ``steps``) for CUDA graphs to pay back their compilation.
+
+    ``shape`` is what the compiled graphs depend on: every hyperparameter but the per-trial rates
+    (lr, weight decay and dropout are inputs, not structure) and the batch's shape. Planned steps
+    count, pruned trials' too: a shape the sampler keeps proposing is what the cache pays for.
+    """
+    _SHAPE_STEPS[shape] = _SHAPE_STEPS.get(shape, 0) + steps
+    return _SHAPE_STEPS[shape] >= CUDAGRAPH_MIN_STEPS
+
+
+def graph_shape(hp: Hyperparams, batch: tuple[int, ...]) -> tuple:
+    """The key CUDA-graph compilation is counted under (see _graphs_pay)."""
+    rates = ("lr", "weight_decay", "dropout")
+    return (batch, *sorted((k, v) for k, v in asdict(hp).items() if k not in rates), hp.dropout > 0)
 
 
 def _guard_check_steps(device: torch.device) -> int:
@@ -584,8 +593,8 @@ class _Single:
         self.bs = max(1, min(hp.batch_size, self.n_data))
         self.steps_per_epoch = math.ceil(self.n / self.bs)
         steps = self.steps_per_epoch * cfg.epochs
-        batch = (self.bs, *self.x_tr.shape[1:])
-        self.net = _compiled(self.model, cfg, device, steps, batch) if cfg.compile else self.model
+        shape = graph_shape(hp, (self.bs, *self.x_tr.shape[1:]))
+        self.net = _compiled(self.model, cfg, device, steps, shape) if cfg.compile else self.model
         self.masked = _masks_on_device(self.opt)
         self.check_every = _guard_check_steps(device)
         self.guard = _Guard((), device, cfg.max_bad_batches)

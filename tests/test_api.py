@@ -163,14 +163,14 @@ def test_best_and_report_read_this_machines_copy_of_the_data_and_artifacts(tmp_p
     import shutil
 
     from cycle_optuna import report
-    from workers_helpers import write_study
+    from workers_helpers import drop_synthetic_keys, write_study
 
     rows = ["sample,label,f0"] + [f"s{i},{'ab'[i % 2]},{i % 2 + 0.01 * t}" for i in range(40) for t in range(6)]
     made, moved = tmp_path / "made", tmp_path / "moved"
     made.mkdir()
     (made / "d.csv").write_text("\n".join(rows) + "\n")
     path = write_study(made, n_trials=2, epochs=1)
-    path.write_text(path.read_text().replace("[data]\n", '[data]\nsource = "d.csv"\n'))
+    path.write_text(drop_synthetic_keys(path.read_text()).replace("[data]\n", '[data]\nsource = "d.csv"\n'))
     api.run_study(path)
     before = api.best_record(path)
     assert before["test_accuracy"] is not None
@@ -200,7 +200,7 @@ def test_run_study_checks_what_run_checks_before_writing(tmp_path):
 
 def test_a_test_file_changed_in_place_makes_the_held_out_score_unavailable(tmp_path, one_thread):
     """A test_source edited after the study ran changes no training statistic: its digest tells."""
-    from workers_helpers import write_study
+    from workers_helpers import drop_synthetic_keys, write_study
 
     def rows(n: int, seed: int) -> list[str]:
         return [f"s{seed}_{i},{'ab'[i % 2]},{i % 2 + 0.01 * t + seed}" for i in range(n) for t in range(6)]
@@ -208,7 +208,8 @@ def test_a_test_file_changed_in_place_makes_the_held_out_score_unavailable(tmp_p
     (tmp_path / "train.csv").write_text("\n".join(["sample,label,f0", *rows(40, 0)]) + "\n")
     (tmp_path / "test.csv").write_text("\n".join(["sample,label,f0", *rows(10, 1)]) + "\n")
     path = write_study(tmp_path, n_trials=1, epochs=1)
-    path.write_text(path.read_text().replace("[data]\n", '[data]\nsource = "train.csv"\ntest_source = "test.csv"\n'))
+    path.write_text(drop_synthetic_keys(path.read_text()).replace(
+        "[data]\n", '[data]\nsource = "train.csv"\ntest_source = "test.csv"\n'))
     api.run_study(path)
     assert api.best_record(path)["n_test"] == 10
     (tmp_path / "test.csv").write_text("\n".join(["sample,label,f0", *rows(6, 1)]) + "\n")

@@ -12,6 +12,7 @@ import optuna
 import pytest
 
 from cycle_optuna import cli
+from workers_helpers import drop_synthetic_keys
 
 
 def run_cli(*argv: str) -> int:
@@ -324,7 +325,7 @@ def _csv_study(quick_study: Path, counts: dict[str, int], extra: str = "") -> Pa
     for c, (name, n) in enumerate(counts.items()):
         rows += [f"{name}{i},{name},{np.sin((c + 1) * t / 3) + 0.1 * i}" for i in range(n) for t in range(12)]
     (quick_study.parent / "d.csv").write_text("\n".join(rows))
-    text = quick_study.read_text().replace('source = "synthetic"', f'source = "d.csv"{extra}')
+    text = drop_synthetic_keys(quick_study.read_text()).replace('source = "synthetic"', f'source = "d.csv"{extra}')
     quick_study.write_text(text)
     return quick_study
 

@@ -10,6 +10,7 @@ import pytest
 
 from cycle_optuna import config
 from cycle_optuna.errors import ConfigError
+from workers_helpers import drop_synthetic_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = (ROOT / "studies" / "quick.toml").read_text()
@@ -22,8 +23,11 @@ def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
 
 
 def edit(text: str, section: str, line: str) -> str:
-    """QUICK with `line` added at the top of [section] (replacing a key of the same name)."""
+    """QUICK with `line` added at the top of [section] (replacing a key of the same name); a data
+    file as `data.source` drops the keys only the synthetic task reads."""
     key = line.split("=")[0].strip()
+    if section == "data" and key == "source" and "synthetic" not in line:
+        text = drop_synthetic_keys(text)
     lines, out, current = text.splitlines(), [], None
     for ln in lines:
         header = re.match(r"^\[(\w+)\]", ln)
@@ -332,6 +336,16 @@ def test_csv_only_keys_with_a_file_that_has_no_columns_name_key_and_file(tmp_pat
     # a .csv test file reads it
     assert config.load(write(tmp_path, edit(edit(text, "data", line), "data", "test_source = 't.csv'")))
 
+
+@pytest.mark.parametrize("line", ["n_samples = 500", "seq_len = 32", "n_features = 3", "n_classes = 4", "noise = 0.5"])
+def test_keys_of_the_synthetic_task_beside_a_data_file_are_refused(tmp_path, line):
+    """A size, length or class count written for a data file would be silently ignored: refused."""
+    (tmp_path / "d.npz").write_bytes(b"")  # the study file is checked before any data file is read
+    text = edit(edit(QUICK, "data", "source = 'd.npz'"), "data", line)
+    assert refused(tmp_path, text) == (
+        f"data.{line.split()[0]}: only the synthetic task reads it, and data.source is the file 'd.npz' (its size, "
+        "length, features and classes are the file's own); remove the key")
+    assert config.load(write(tmp_path, edit(QUICK, "data", line)))  # the synthetic task reads it
 
 def test_the_test_file_cannot_be_the_training_file(tmp_path):
     (tmp_path / "d.npz").write_bytes(b"")

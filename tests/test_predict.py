@@ -15,7 +15,7 @@ from cycle_optuna import api
 from cycle_optuna.cli import main
 from cycle_optuna.errors import DataError
 from cycle_optuna.predict import predict_file
-from workers_helpers import write_study
+from workers_helpers import drop_synthetic_keys, write_study
 
 
 def _rows(n: int, seed: int, steps: int = 6) -> list[str]:
@@ -31,7 +31,8 @@ def study(tmp_path_factory) -> Path:
     (folder / "train.csv").write_text("\n".join(["sample,label,f0", *_rows(40, 0)]) + "\n")
     (folder / "test.csv").write_text("\n".join(["sample,label,f0", *_rows(20, 1)]) + "\n")
     path = write_study(folder, n_trials=2, epochs=2)
-    path.write_text(path.read_text().replace("[data]\n", '[data]\nsource = "train.csv"\ntest_source = "test.csv"\n'))
+    path.write_text(drop_synthetic_keys(path.read_text()).replace(
+        "[data]\n", '[data]\nsource = "train.csv"\ntest_source = "test.csv"\n'))
     api.run_study(path)
     return path
 

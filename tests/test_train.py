@@ -356,9 +356,13 @@ def test_cuda_graphs_wait_until_a_shape_has_trained_enough_steps_in_the_worker(e
 
     monkeypatch.setattr(train, "_SHAPE_STEPS", {})
     monkeypatch.setattr(train, "CUDAGRAPH_MIN_STEPS", 1000)
-    small, wide = build_model(easy, HP, CFG), build_model(easy, dataclasses.replace(HP, hidden_dim=32), CFG)
     batch = (16, *easy.x_train.shape[1:])
-    assert [train._graphs_pay(small, batch, 400) for _ in range(4)] == [False, False, True, True]
-    assert not train._graphs_pay(wide, batch, 400)  # another width: its own count
-    assert not train._graphs_pay(small, (32, *easy.x_train.shape[1:]), 400)  # another batch size too
-    assert train._graphs_pay(wide, batch, 600)
+    seed = train.graph_shape(HP, batch)
+    assert [train._graphs_pay(seed, 400) for _ in range(4)] == [False, False, True, True]
+    # the rates are graph inputs: the same shape; heads, width or batch size are another
+    assert train.graph_shape(dataclasses.replace(HP, lr=HP.lr * 3, dropout=HP.dropout / 2), batch) == seed
+    others = [train.graph_shape(dataclasses.replace(HP, n_heads=1), batch),
+              train.graph_shape(dataclasses.replace(HP, hidden_dim=32), batch),
+              train.graph_shape(HP, (32, *easy.x_train.shape[1:]))]
+    assert not any(train._graphs_pay(shape, 400) for shape in others)
+    assert train._graphs_pay(others[0], 600)

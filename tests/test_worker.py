@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from cycle_optuna import config, storage, worker
 from cycle_optuna.errors import StorageError
 from cycle_optuna.objective import CHECKPOINT_ATTR, RESUMED_ATTR, TrialCheckpoints
-from workers_helpers import write_study
+from workers_helpers import drop_synthetic_keys, write_study
 
 
 def test_worker_meets_the_cap_and_leaves_no_checkpoints(tmp_path: Path):
@@ -111,6 +111,7 @@ def test_a_worker_joins_with_the_same_data_file_at_another_path(tmp_path: Path):
         folder.mkdir()
         (folder / "d.csv").write_text("\n".join(rows) + "\n")
         path = write_study(folder, n_trials=1, epochs=1)
+        path.write_text(drop_synthetic_keys(path.read_text()))
         _edit(path, "[data]\n", '[data]\nsource = "d.csv"\n')
     cfg = config.load(here / "tiny.toml")
     url = storage.resolve_url(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -47,6 +48,11 @@ type = "random"
 [pruner]
 type = "none"
 """
+
+
+def drop_synthetic_keys(text: str) -> str:
+    """A study file's text without the keys only the synthetic task reads (a data file is refused with them)."""
+    return re.sub(r"(?m)^(n_samples|seq_len|n_features|n_classes|noise)\s*=.*\n", "", text)
 
 
 def write_study(directory: Path, *, name: str = "tiny", n_trials: int = 4, epochs: int = 1,
