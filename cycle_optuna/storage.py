@@ -483,6 +483,8 @@ def fail_stale(study: optuna.Study, conn: sqlalchemy.Connection | None = None, *
     """
     storage = internals.storage_of(study)
     backend = _unwrap(storage)
+    if isinstance(storage, JournalStorage):
+        return _fail_gone_local(study, storage, on_exhausted)
     if not isinstance(backend, RDBStorage) or backend.get_heartbeat_interval() is None:
         return []
     grace = backend.grace_period or 2 * backend.get_heartbeat_interval()
@@ -513,6 +515,56 @@ def fail_stale(study: optuna.Study, conn: sqlalchemy.Connection | None = None, *
             on_exhausted(study, trial)
         failed.append(trial.number)
     return failed
+
+
+def _fail_gone_local(study: optuna.Study, backend: JournalStorage,
+                     on_exhausted: Callable[[optuna.Study, FrozenTrial], None] | None) -> list[int]:
+    """fail_stale for a journal file, which has no heartbeats: a running trial whose worker was a
+    process of this machine that no longer runs is failed and retried the same way. A worker on
+    another machine (a journal on a shared disk) cannot be checked from here and is left alone."""
+    failed = []
+    for trial in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get(WORKER_ATTR)
+        if not _gone_here(worker):
+            continue
+        trial_id = internals.trial_id_of(trial)
+        # the cause first (a finished trial's attrs are frozen); the retry copies the attrs from before it
+        backend.set_trial_user_attr(trial_id, FAIL_CAUSE_ATTR, f"worker lost ({worker}: its process has ended)")
+        try:
+            if not backend.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        retry_callback()(study, trial)
+        if retries_exhausted(trial) and on_exhausted is not None:
+            on_exhausted(study, backend.get_trial(trial_id))
+        failed.append(trial.number)
+    return failed
+
+
+def _gone_here(worker: object) -> bool:
+    """Whether a "host:pid" worker attr names a process of this machine that has ended."""
+    host, _, pid = str(worker).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process (EPERM): it runs
+        return False
+    return False
+
+
+def running_here(study: optuna.Study) -> bool:
+    """A journal file's stand-in for live heartbeats: a running trial whose worker is a live process
+    of this machine (a worker that has met the cap waits for it, to retry it should it die)."""
+    if not isinstance(internals.storage_of(study), JournalStorage):
+        return False
+    host = socket.gethostname()
+    return any(str(t.user_attrs.get(WORKER_ATTR, "")).rpartition(":")[0] == host
+               and not _gone_here(t.user_attrs.get(WORKER_ATTR))
+               for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def retries_exhausted(trial: FrozenTrial) -> bool:

@@ -38,6 +38,7 @@ CONFIG_ATTR = "cycle_optuna_config"
 STATS_ATTR = "data_stats"
 _FINAL = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 POLL_SECONDS = 0.25  # how often an idle worker looks for retries while other workers finish
+LOCAL_CHECK_SECONDS = 5.0  # a journal file (no heartbeats): how often a worker looks for trials of dead local workers
 RECONNECT_SECONDS = 300  # a worker gives up after this long without its database
 
 THREADS_ENV_VAR = "CYCLE_OPTUNA_THREADS"  # set by `run --workers K` for its children
@@ -358,8 +359,8 @@ class _Loop:
     def _fail_stale(self, conn: sqlalchemy.Connection | None, *, always: bool) -> None:
         # A dead worker's trial is failed (and its retry queued) GRACE_SECONDS after its last beat;
         # checking more often than once per beat interval finds nothing sooner.
-        interval = self.heartbeat.interval
-        if interval is None or (not always and time.monotonic() - self.stale_checked < interval):
+        interval = self.heartbeat.interval or LOCAL_CHECK_SECONDS  # a journal file: process checks
+        if not always and time.monotonic() - self.stale_checked < interval:
             return
         failed = storage_mod.fail_stale(self.study, conn, on_exhausted=getattr(self.objective, "trial_abandoned", None))
         if failed:
@@ -378,7 +379,7 @@ class _Loop:
                 self._fail_stale(conn, always=True)
                 counted, waiting = _count_and_waiting(study, conn)
                 if not waiting:
-                    alive = storage_mod.last_heartbeats(self.storage, study)
+                    alive = storage_mod.last_heartbeats(self.storage, study) or storage_mod.running_here(study)
                     return "wait" if alive else "done"
             if self.hooks.on_trial_start is not None:
                 self.hooks.on_trial_start(min(counted, self.n_trials))

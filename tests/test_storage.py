@@ -50,6 +50,61 @@ def test_journal_storage_runs_a_study(tmp_path: Path):
     assert (tmp_path / "tiny.log").stat().st_size > 0
 
 
+
+def _journal_trials(log: Path) -> list:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if not log.exists():
+        return []
+    try:
+        return optuna.load_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(str(log)))).trials
+    except KeyError:
+        return []
+
+
+def test_a_killed_workers_trial_on_a_journal_file_is_retried_from_its_checkpoint(tmp_path: Path):
+    """A journal file has no heartbeats: a trial whose worker process has ended (kill -9) is failed
+    by the next worker on the machine and retried from its last epoch checkpoint."""
+    from cycle_optuna.objective import CHECKPOINT_ATTR, RESUMED_ATTR
+    from workers_helpers import start_cli, wait_for
+
+    study, log = write_study(tmp_path, n_trials=1, epochs=4), tmp_path / "tiny.log"
+    url = f"journal:///{log}"
+    victim = start_cli(["worker", str(study), "--storage", url], pause=1.0)
+    hit = wait_for(lambda: next((t for t in _journal_trials(log) if t.state == TrialState.RUNNING
+                                 and CHECKPOINT_ATTR in t.user_attrs), None), 90, "a trial with an epoch checkpoint")
+    victim.kill()
+    victim.wait()
+    rescuer = start_cli(["worker", str(study), "--storage", url])
+    out, _ = rescuer.communicate(timeout=120)
+    assert rescuer.returncode == 0, out
+    ts = _journal_trials(log)
+    assert [t.state for t in ts] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert ts[0].user_attrs[storage.FAIL_CAUSE_ATTR] == (
+        f"worker lost ({hit.user_attrs[storage.WORKER_ATTR]}: its process has ended)")
+    retry = ts[1]
+    assert retry.system_attrs["failed_trial"] == hit.number and retry.params == ts[0].params
+    assert retry.user_attrs[RESUMED_ATTR].startswith(f"trial {hit.number} epoch ")
+    assert storage.FAIL_CAUSE_ATTR not in retry.user_attrs and retry.user_attrs["epochs_run"] == 4
+
+
+def test_a_journal_trial_of_a_live_or_remote_worker_is_left_running(tmp_path: Path):
+    """Only a process of this machine that has ended is a lost worker: this one, or a worker on
+    another machine sharing the journal file, is not."""
+    import socket
+
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    backend = JournalStorage(JournalFileBackend(str(tmp_path / "j.log")))
+    study = optuna.create_study(study_name="tiny", storage=backend)
+    for worker in (storage.worker_id(), "elsewhere.example:1", f"{socket.gethostname()}:not-a-pid"):
+        study.ask().set_user_attr(storage.WORKER_ATTR, worker)
+    assert storage.fail_stale(study) == []
+    assert [t.state for t in study.trials] == [TrialState.RUNNING] * 3
+    assert storage.running_here(study)
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_url(request, tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'beat.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
