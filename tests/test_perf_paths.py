@@ -202,7 +202,9 @@ def test_cuda_epoch_syncs_once_per_check_interval(data):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in record if "synchroniz" in str(w.message)]
-    assert len(syncs) <= -(-steps // train.GUARD_CHECK_STEPS) + 12 < steps + 12
+    # the flag reads, the epoch's metrics, validation's; and at most two inside torch's own start-up
+    # (an H200 with torch 2.11 showed 3 in all on a process's first call, 2 on later ones)
+    assert len(syncs) <= -(-steps // train.GUARD_CHECK_STEPS) + 4 < steps
 
 
 def test_accelerator_path_epoch_reads_the_host_once_for_metrics_and_once_for_validation(data, monkeypatch,
