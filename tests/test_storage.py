@@ -89,6 +89,26 @@ def test_a_killed_workers_trial_on_a_journal_file_is_retried_from_its_checkpoint
     assert storage.FAIL_CAUSE_ATTR not in retry.user_attrs and retry.user_attrs["epochs_run"] == 4
 
 
+def test_a_journal_worker_at_the_cap_waits_for_a_live_local_trial_and_retries_it_if_its_worker_dies(tmp_path: Path):
+    """Two workers, one trial: the second finds the cap met by the first's running trial and waits
+    (without heartbeats it looks at the process); when the first is killed it takes the retry."""
+    import time
+
+    from workers_helpers import start_cli, wait_for
+
+    study, log = write_study(tmp_path, n_trials=1, epochs=4), tmp_path / "tiny.log"
+    url = f"journal:///{log}"
+    first = start_cli(["worker", str(study), "--storage", url], pause=3.0)  # 4 epochs: 12 s at least
+    wait_for(lambda: any(t.state == TrialState.RUNNING for t in _journal_trials(log)), 90, "the first worker's trial")
+    second = start_cli(["worker", str(study), "--storage", url])
+    time.sleep(4)  # the second worker starts and finds the cap met
+    assert second.poll() is None  # waiting for the live trial, not done
+    first.kill()
+    first.wait()
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 0, out
+    assert [t.state for t in _journal_trials(log)] == [TrialState.FAIL, TrialState.COMPLETE]
+
 def test_a_journal_trial_of_a_live_or_remote_worker_is_left_running(tmp_path: Path):
     """Only a process of this machine that has ended is a lost worker: this one, or a worker on
     another machine sharing the journal file, is not."""
