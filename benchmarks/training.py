@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/training.py            # baseline + large config, eager and compiled (~4-6 min, 2 cores)
     .venv/bin/python benchmarks/training.py --quick    # seconds: a smoke run on tiny sizes
     .venv/bin/python benchmarks/training.py --compile none --rounds 9
+    .venv/bin/python benchmarks/training.py --compile none --ablate   # what the gap is made of
 
 Both sides build the same TransformerClassifier (same init, seed), train it on the same in-memory
 tensors with the same batch size and the same fused AdamW kernel, and validate once per epoch; each
@@ -123,6 +124,54 @@ def bench(name: str, hp: Hyperparams, dcfg: DataConfig, device: torch.device, ar
             "compile_s": compile_s}
 
 
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def ablate(hp: Hyperparams, dcfg: DataConfig, device: torch.device, args) -> list[tuple[str, float, float | None]]:
+    """What the project's extras over the minimal loop cost: (variant, samples/s, kernel launches a step).
+
+    Dropout (the project's masks come from torch.rand, see train.RateDropout), gradient clipping and
+    label smoothing are switched off one at a time and together, on both loops where they exist;
+    the rest of the gap is the guard, the second parameter group and the loop's bookkeeping.
+    Launches are counted by torch.profiler on CUDA only.
+    """
+    data = load_task(dcfg, 0)
+    base = TrainConfig(epochs=args.epochs, early_stopping_patience=0, device=device.type, threads=args.threads,
+                       min_epoch_samples=0)
+    hp0 = dataclasses.replace(hp, dropout=0.0)
+    variants = {
+        "minimal": (minimal_loop, hp, base),
+        "minimal, no dropout": (minimal_loop, hp0, base),
+        "project": (project_loop, hp, base),
+        "project, no dropout": (project_loop, hp0, base),
+        "project, no clipping": (project_loop, hp, dataclasses.replace(base, grad_clip=0.0)),
+        "project, no label smoothing": (project_loop, hp, dataclasses.replace(base, label_smoothing=0.0)),
+        "project, none of the three": (project_loop, hp0, dataclasses.replace(base, grad_clip=0.0,
+                                                                              label_smoothing=0.0)),
+    }
+    for fn, h, cfg in variants.values():
+        fn(data, h, cfg, seed=0)  # warm-up
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    order = list(variants)
+    for r in range(args.rounds):
+        for v in order[r % len(order):] + order[:r % len(order)]:
+            fn, h, cfg = variants[v]
+            rates[v].append(timed(fn, data, h, cfg, device))
+    steps = math.ceil(len(data.x_train) / hp.batch_size) * args.epochs
+    rows = []
+    for v, (fn, h, cfg) in variants.items():
+        launches = None
+        if device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn(data, h, cfg, seed=0)
+                _sync(device)
+            launches = sum(e.count for e in prof.key_averages() if e.key in LAUNCHES) / steps
+        rows.append((v, statistics.median(rates[v]), launches))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 3 rounds: a smoke run")
@@ -134,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", choices=["none", "baseline", "all"], default="baseline",
                     help="which configs also run the project loop with torch.compile (CPU compilation takes minutes)")
     ap.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also time the baseline config with dropout, clipping and label smoothing off (and count "
+                         "kernel launches a step on CUDA): what the gap to the minimal loop is made of")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     if args.rounds is None:
@@ -168,6 +220,15 @@ def main(argv: list[str] | None = None) -> int:
         if res["compile_s"] is not None:
             print(f"\ntorch.compile first call ({res['device']}, {res['name']}): {res['compile_s']:.1f} s "
                   "(compilation included; later calls hit the in-process cache)")
+    if args.ablate:
+        for dev in devices:
+            hp, dcfg = table["baseline"]
+            rows = ablate(hp, dcfg, torch.device(dev), args)
+            print(f"\n| {dev} | baseline, ablated | samples/s (median) | vs minimal | kernel launches a step |"
+                  "\n|---|---|---:|---:|---:|")
+            for v, rate, launches in rows:
+                shown = "-" if launches is None else f"{launches:.0f}"
+                print(f"| {dev} | {v} | {rate:.1f} | {rate / rows[0][1]:.3f} | {shown} |")
     head = next((r for r in results if r["device"] == "cuda" and r["name"] == "baseline"),
                 next((r for r in results if r["name"] == "baseline"), results[0]))
     print(f"\nratio project/minimal samples/s ({head['device']}, {head['name']}, eager): "

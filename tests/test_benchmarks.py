@@ -24,8 +24,12 @@ def _run(script: str, *args: str) -> str:
 
 
 def test_training_benchmark_prints_the_ratio_last():
-    out = _run("training.py", "--quick", "--rounds", "1")
+    out = _run("training.py", "--quick", "--rounds", "1", "--ablate")
     assert "| project |" in out and "| minimal |" in out
+    ablated = [line.split("|")[2].strip() for line in out.splitlines() if line.startswith("| cpu | ") and
+               line.split("|")[2].strip().startswith(("minimal", "project")) and line.count("|") == 6]
+    assert ablated == ["minimal", "minimal, no dropout", "project", "project, no dropout", "project, no clipping",
+                       "project, no label smoothing", "project, none of the three"]
     assert re.search(r"ratio project/minimal samples/s \(cpu, baseline, eager\): \d+\.\d+\s*$", out)
 
 
