@@ -12,9 +12,10 @@ Two parts, each against a baseline measured in the same run:
    trials (`pack.train_pack`, M = 8 and 32; samples counted over all members). Ratios are against
    the eager trial.
 2. The seed study (`studies/seed.toml`, 40 trials, its CycleSampler and pruner) run to the end with
-   each setting: one plain worker; K workers on the GPU (`run --workers-per-gpu K`); CUDA graphs;
-   `[train] pack = 8` and 32. Trials/hour (start-up included) against the plain worker, and each
-   setting's best value, which should agree within noise.
+   each setting: one plain worker; K workers on the GPU (`run --workers-per-gpu K`, K = 8 and 16);
+   `[train] pack = 8` and 32; the most workers with the smallest pack each; CUDA graphs.
+   Trials/hour (start-up included) against the plain worker, and each setting's best value, which
+   should agree within noise. `--settings` picks among them (`--trials 20` halves the time).
 
 Without a CUDA device the script says so and runs the same code paths on the CPU on small sizes,
 so what it prints there checks the plumbing, not the GPU figures.
@@ -118,6 +119,9 @@ def seed_study(args, device: str) -> list[tuple[str, float, float | None]]:
         settings += [(f"{k} workers{where}", {}, k) for k in args.workers if k > 1]
     if "pack" in args.settings:
         settings += [(f"pack = {m}", {"pack": m}, 1) for m in args.packs]
+    if "both" in args.settings and max(args.workers) > 1:  # the most workers, each packing the fewest
+        k, m = max(args.workers), min(args.packs)
+        settings.append((f"{k} workers{where}, pack = {m} each", {"pack": m}, k))
     if device == "cuda" and "graphs" in args.settings:
         settings.append(("CUDA graphs", {"compile": config.COMPILE_CUDAGRAPHS}, 1))
     rows = []
@@ -159,14 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every code path")
     ap.add_argument("--skip-study", action="store_true", help="the bare model only")
     ap.add_argument("--skip-bare", action="store_true", help="the seed study only")
-    ap.add_argument("--settings", nargs="+", choices=["workers", "pack", "graphs"],
-                    default=["workers", "pack", "graphs"],
+    ap.add_argument("--settings", nargs="+", choices=["workers", "pack", "both", "graphs"],
+                    default=["workers", "pack", "both", "graphs"],
                     help="seed-study settings besides one plain worker (default: all; run in that order)")
     ap.add_argument("--rounds", type=int, default=None, help="timed calls per bare-model variant (default 3, quick 1)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per bare-model call (default 2, quick 1)")
     ap.add_argument("--trials", type=int, default=None, help="seed-study trials per setting (default 40, quick 3)")
     ap.add_argument("--packs", type=int, nargs="+", default=None, help="pack sizes (default 8 32, quick 3)")
-    ap.add_argument("--workers", type=int, nargs="+", default=None, help="workers per GPU to try (default 4 8)")
+    ap.add_argument("--workers", type=int, nargs="+", default=None, help="workers per GPU to try (default 8 16)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads per worker (default: the workers' own default; quick 1)")
     args = ap.parse_args(argv)
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args.trials = args.trials or (3 if q else 40)
     args.packs = args.packs or ([3] if q else [8, 32])
     args.threads = args.threads if args.threads is not None else (1 if q else 0)
-    args.workers = args.workers or ([2] if q else [4, 8])
+    args.workers = args.workers or ([2] if q else [8, 16])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
