@@ -42,9 +42,9 @@ CHECKPOINT_FORMAT = 1
 SOPHIA_CLIP = 0.01  # SophiaH's clip threshold p (the paper's gamma); lr is divided by it, see make_optimizer
 GUARD_CHECK_STEPS = 16  # accelerators: steps between host reads of the divergence flag
 # CUDA graphs pay back after this many optimizer steps of one shape in one worker: measured on an
-# H200 with the seed model (docs/performance.md), compiling took 38-43 s and saved 4.2-4.9 ms a step
-# of 32 samples, so 7,700-10,200 steps. A worker compiles a shape once the trials it has trained of
-# that shape, this one included, reach it; later trials of the shape reuse the compiled code.
+# H200 with the seed model (docs/performance.md), compiling took 38-43 s and saved 4.2-4.8 ms a step
+# of 32 samples, so about 7,900-10,300 steps. A worker compiles a shape once the trials it has
+# trained of that shape, this one included, reach it; later trials of the shape reuse the compiled code.
 CUDAGRAPH_MIN_STEPS = 8000
 COMPILE_CACHE_SHAPES = 64  # compiled variants kept per code object (torch's default is 8)
 
@@ -237,7 +237,8 @@ def _graphs_pay(shape: tuple, steps: int) -> bool:
     trials so far plus this one's ``steps``) for CUDA graphs to pay back their compilation.
 
     ``shape`` is what the compiled graphs depend on: every hyperparameter but the per-trial rates
-    (lr, weight decay and dropout are inputs, not structure) and the batch's shape. Planned steps
+    (lr, weight decay and dropout are inputs, not structure), whether dropout is on, and the
+    batch's shape. Planned steps
     count, pruned trials' too: a shape the sampler keeps proposing is what the cache pays for.
     """
     _SHAPE_STEPS[shape] = _SHAPE_STEPS.get(shape, 0) + steps
@@ -393,9 +394,9 @@ class _Guard:
     A step is bad when its loss or gradient norm is not finite. A bad step is skipped, and once
     ``max_bad`` bad steps ran in a row the run has diverged ("tripped") and every later step is
     skipped too, so an accelerator that reads ``tripped`` only every few steps trains exactly as a
-    per-step read would. Everything is counted on the device for the epoch's one host read, in a
-    dozen small kernels a step (each a launch on an accelerator, which is what a small model's step
-    costs there).
+    per-step read would. Everything is counted on the device for the epoch's one host read, in 16
+    small kernels a step (each a launch on an accelerator, which is what a small model's step costs
+    there).
     """
 
     def __init__(self, shape: tuple[int, ...], device: torch.device, max_bad: int) -> None:
