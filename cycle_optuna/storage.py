@@ -43,6 +43,7 @@ SQLITE_TIMEOUT_SECONDS = 120  # SQLite writers wait this long for the lock inste
 WORKER_ATTR = "worker"  # user attr "host:pid" of the worker running a trial
 DEVICE_ATTR = "device"  # user attr beside it: "cpu" or "gpu <id>"
 FAIL_CAUSE_ATTR = "fail_cause"  # user attr on a failed trial: why it failed, in one line
+ORPHAN_SECONDS = 60.0  # a journal file's running trial still without a worker attr this long after it began: lost
 # drivers SQLAlchemy may ask for that this package does not install: what to install instead
 _DRIVER_HINTS = {
     "psycopg2": "pip install psycopg2-binary, or use postgresql+psycopg:// (installed)",
@@ -525,11 +526,15 @@ def _fail_gone_local(study: optuna.Study, backend: JournalStorage,
     failed = []
     for trial in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get(WORKER_ATTR)
-        if not _gone_here(worker):
+        if worker is None and _orphaned(trial):
+            cause = "worker lost (it ended between creating the trial and naming itself on it)"
+        elif _gone_here(worker):
+            cause = f"worker lost ({worker}: its process has ended)"
+        else:
             continue
         trial_id = internals.trial_id_of(trial)
         # the cause first (a finished trial's attrs are frozen); the retry copies the attrs from before it
-        backend.set_trial_user_attr(trial_id, FAIL_CAUSE_ATTR, f"worker lost ({worker}: its process has ended)")
+        backend.set_trial_user_attr(trial_id, FAIL_CAUSE_ATTR, cause)
         try:
             if not backend.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 continue
@@ -540,6 +545,14 @@ def _fail_gone_local(study: optuna.Study, backend: JournalStorage,
             on_exhausted(study, backend.get_trial(trial_id))
         failed.append(trial.number)
     return failed
+
+
+def _orphaned(trial: FrozenTrial) -> bool:
+    """A running trial without a worker attr whose worker is gone: every worker creates a trial and
+    names itself on it under the cap lock within milliseconds, so one still unnamed ORPHAN_SECONDS
+    later (its creator killed in between) has no worker to finish it."""
+    started = trial.datetime_start
+    return started is not None and (datetime.now() - started).total_seconds() > ORPHAN_SECONDS
 
 
 def _gone_here(worker: object) -> bool:

@@ -125,6 +125,24 @@ def test_a_journal_trial_of_a_live_or_remote_worker_is_left_running(tmp_path: Pa
     assert [t.state for t in study.trials] == [TrialState.RUNNING] * 3
     assert storage.running_here(study)
 
+
+def test_a_journal_trial_its_worker_never_named_is_failed_once_it_is_old(tmp_path: Path, monkeypatch):
+    """A worker killed between creating a trial and writing its worker attr (both under the cap
+    lock, milliseconds apart) leaves a trial nobody names: failed and retried once it is older
+    than storage.ORPHAN_SECONDS, left alone before."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.create_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(str(tmp_path / "j.log"))))
+    study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    assert storage.fail_stale(study) == []  # just created: its worker may be naming itself right now
+    monkeypatch.setattr(storage, "ORPHAN_SECONDS", 0.0)
+    assert storage.fail_stale(study) == [0]
+    lost, retry = study.trials
+    assert lost.state == TrialState.FAIL and retry.state == TrialState.WAITING
+    assert lost.user_attrs[storage.FAIL_CAUSE_ATTR].startswith("worker lost (it ended between creating the trial")
+    assert retry.params == lost.params and storage.FAIL_CAUSE_ATTR not in retry.user_attrs
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_url(request, tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'beat.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
