@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,3 +119,14 @@ def test_pruning_replay_judges_recorded_curves_with_the_real_pruner(tmp_path):
     out = _run("pruning_replay.py", "--curves", str(path), "--seeds", "10", "--no-sweep", "--parent", "0.25", "0.1", "0.2", "1")
     # warm-up 4 of 16 epochs: the second trial stops after epoch 5 -> 16 + 5 + 3 + 16 of 16 + 16 + 3 + 16 epochs
     assert f"{100 * (1 - 40 / 51):.0f}% fewer epochs, best within 1% on 1/1 seeds" in out, out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_the_gpu_figures_script_refuses_a_machine_without_cuda_and_writes_nothing(tmp_path):
+    out = tmp_path / "figures"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_all.sh"), str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["error: torch sees no CUDA device; these are GPU figures "
+                                        "(benchmarks/gpu.py --quick checks the code paths on the CPU)"]
+    assert not out.exists()
