@@ -502,23 +502,38 @@ def fail_stale(study: optuna.Study, conn: sqlalchemy.Connection | None = None, *
                 stale.append((trial_id, _as_naive(beat)))
     failed = []
     for trial_id, beat in stale:
-        try:
-            if not backend.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # its worker finished it, or another worker failed it first
         trial = backend.get_trial(trial_id)
-        retry_callback()(study, trial)  # before the cause is written: the retry copies user attrs
         cause = f"worker lost ({trial.user_attrs.get(WORKER_ATTR, '?')}, last heartbeat {beat.isoformat(timespec='seconds')})"
-        with _connection(backend, None) as c:
-            internals.insert_user_attr(c, trial_id, FAIL_CAUSE_ATTR, cause)
-        if retries_exhausted(trial) and on_exhausted is not None:
-            on_exhausted(study, trial)
-        failed.append(trial.number)
+        if _fail_lost(study, storage, trial, cause, on_exhausted):
+            failed.append(trial.number)
     return failed
 
 
-def _fail_gone_local(study: optuna.Study, backend: JournalStorage,
+def _fail_lost(study: optuna.Study, storage: BaseStorage, trial: FrozenTrial, cause: str,
+               on_exhausted: Callable[[optuna.Study, FrozenTrial], None] | None) -> bool:
+    """Fail a running trial whose worker is gone, queue its retry and record ``cause`` as its
+    `fail_cause`; False when it had ended already (its worker finished it, or another worker failed
+    it first). The retry copies ``trial`` as read before the cause, so it does not carry one."""
+    journal = isinstance(storage, JournalStorage)
+    target = storage if journal else _unwrap(storage)
+    trial_id = internals.trial_id_of(trial)
+    if journal:  # a journal drops attrs written to a finished trial: the cause goes first
+        storage.set_trial_user_attr(trial_id, FAIL_CAUSE_ATTR, cause)
+    try:
+        if not target.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    retry_callback()(study, trial)
+    if not journal:  # Optuna refuses attrs on a finished trial: one INSERT, as register_trial writes
+        with _connection(target, None) as c:
+            internals.insert_user_attr(c, trial_id, FAIL_CAUSE_ATTR, cause)
+    if retries_exhausted(trial) and on_exhausted is not None:
+        on_exhausted(study, target.get_trial(trial_id))
+    return True
+
+
+def _fail_gone_local(study: optuna.Study, storage: JournalStorage,
                      on_exhausted: Callable[[optuna.Study, FrozenTrial], None] | None) -> list[int]:
     """fail_stale for a journal file, which has no heartbeats: a running trial whose worker was a
     process of this machine that no longer runs is failed and retried the same way. A worker on
@@ -528,22 +543,12 @@ def _fail_gone_local(study: optuna.Study, backend: JournalStorage,
         worker = trial.user_attrs.get(WORKER_ATTR)
         if worker is None and _orphaned(trial):
             cause = "worker lost (it ended between creating the trial and naming itself on it)"
-        elif _gone_here(worker):
+        elif _local_alive(worker) is False:
             cause = f"worker lost ({worker}: its process has ended)"
         else:
             continue
-        trial_id = internals.trial_id_of(trial)
-        # the cause first (a finished trial's attrs are frozen); the retry copies the attrs from before it
-        backend.set_trial_user_attr(trial_id, FAIL_CAUSE_ATTR, cause)
-        try:
-            if not backend.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-        retry_callback()(study, trial)
-        if retries_exhausted(trial) and on_exhausted is not None:
-            on_exhausted(study, backend.get_trial(trial_id))
-        failed.append(trial.number)
+        if _fail_lost(study, storage, trial, cause, on_exhausted):
+            failed.append(trial.number)
     return failed
 
 
@@ -555,18 +560,19 @@ def _orphaned(trial: FrozenTrial) -> bool:
     return started is not None and (datetime.now() - started).total_seconds() > ORPHAN_SECONDS
 
 
-def _gone_here(worker: object) -> bool:
-    """Whether a "host:pid" worker attr names a process of this machine that has ended."""
+def _local_alive(worker: object) -> bool | None:
+    """Whether the process a "host:pid" worker attr names still runs; None when it is not a
+    process of this machine (another host's cannot be checked from here)."""
     host, _, pid = str(worker).rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
-        return False
+        return None
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
-        return True
-    except OSError:  # another user's process (EPERM): it runs
         return False
-    return False
+    except OSError:  # another user's process (EPERM): it runs
+        return True
+    return True
 
 
 def running_here(study: optuna.Study) -> bool:
@@ -574,10 +580,8 @@ def running_here(study: optuna.Study) -> bool:
     of this machine (a worker that has met the cap waits for it, to retry it should it die)."""
     if not isinstance(internals.storage_of(study), JournalStorage):
         return False
-    host = socket.gethostname()
-    return any(str(t.user_attrs.get(WORKER_ATTR, "")).rpartition(":")[0] == host
-               and not _gone_here(t.user_attrs.get(WORKER_ATTR))
-               for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    return any(_local_alive(t.user_attrs.get(WORKER_ATTR)) for t in
+               study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def retries_exhausted(trial: FrozenTrial) -> bool:

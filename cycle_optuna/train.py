@@ -238,8 +238,8 @@ def _graphs_pay(shape: tuple, steps: int) -> bool:
 
     ``shape`` is what the compiled graphs depend on: every hyperparameter but the per-trial rates
     (lr, weight decay and dropout are inputs, not structure), whether dropout is on, and the
-    batch's shape. Planned steps
-    count, pruned trials' too: a shape the sampler keeps proposing is what the cache pays for.
+    batch's shape. Planned steps count, pruned trials' too: a shape the sampler keeps proposing is
+    what the cache pays for.
     """
     _SHAPE_STEPS[shape] = _SHAPE_STEPS.get(shape, 0) + steps
     return _SHAPE_STEPS[shape] >= CUDAGRAPH_MIN_STEPS
