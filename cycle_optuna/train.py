@@ -594,8 +594,8 @@ class _Single:
         self.bs = max(1, min(hp.batch_size, self.n_data))
         self.steps_per_epoch = math.ceil(self.n / self.bs)
         steps = self.steps_per_epoch * cfg.epochs
-        shape = graph_shape(hp, (self.bs, *self.x_tr.shape[1:]))
-        self.net = _compiled(self.model, cfg, device, steps, shape) if cfg.compile else self.model
+        self.net = (_compiled(self.model, cfg, device, steps, graph_shape(hp, (self.bs, *self.x_tr.shape[1:])))
+                    if cfg.compile else self.model)
         self.masked = _masks_on_device(self.opt)
         self.check_every = _guard_check_steps(device)
         self.guard = _Guard((), device, cfg.max_bad_batches)
