@@ -395,6 +395,12 @@ def parse(raw: Mapping[str, Any], where: str = "<study>", *, check_files: bool =
     if not isinstance(raw_space, Mapping):
         raise c.fail("space", "must be a table of parameters")
     space = tuple(c.space_param(name, spec) for name, spec in raw_space.items())
+    if as_written and not space:  # nothing to search: every trial would train the baseline to the same result
+        if "n_trials" not in raw.get("study", {}):
+            parts["study"] = dataclasses.replace(parts["study"], n_trials=1)
+        elif parts["study"].n_trials > 1:
+            raise c.fail("study.n_trials", f"{parts['study'].n_trials} trials of an empty [space] would train the "
+                         "baseline again with the same result each time; use 1, or name parameters to search in [space]")
     cfg = StudyConfig(space=space, path=None if where.startswith("<") else where, **parts)
     _validate(c, cfg, check_files)
     if as_written:
@@ -794,4 +800,7 @@ def resolve_artifact_dir(cfg: StudyConfig) -> Path:
 def override(cfg: StudyConfig, **study_fields: Any) -> StudyConfig:
     """A copy with [study] fields replaced (n_trials, storage from the command line)."""
     changes = {k: v for k, v in study_fields.items() if v is not None}
+    if not cfg.space and changes.get("n_trials", 1) > 1:
+        raise ConfigError(f"--n-trials: {changes['n_trials']} trials of an empty [space] would train the baseline "
+                          "again with the same result each time; use 1, or name parameters to search in [space]")
     return dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, **changes)) if changes else cfg

@@ -64,6 +64,8 @@ def _root(e: BaseException) -> BaseException:
 
 def build_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
     """The study file's sampler, seeded by the study seed."""
+    if not cfg.space:  # nothing to search: no sampler's reasons ("no baseline given") would be true
+        return optuna.samplers.RandomSampler(seed=cfg.study.seed)
     baseline = {p.name: getattr(cfg.baseline, p.name) for p in cfg.space}
     return make_sampler(cfg.sampler, baseline=baseline, seed=cfg.study.seed)
 

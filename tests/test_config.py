@@ -208,6 +208,18 @@ def test_override_changes_only_study_fields():
     assert changed.trial_definition() == cfg.trial_definition()
 
 
+def test_an_empty_space_trains_the_baseline_once(tmp_path):
+    """Nothing to search: training is seeded, so a second trial would repeat the first exactly."""
+    cfg = config.load(write(tmp_path, "[study]\nname = 'x'\n[space]\n"))
+    assert (cfg.space, cfg.study.n_trials) == ((), 1)
+    with pytest.raises(ConfigError, match=r"s\.toml: study\.n_trials: 3 trials of an empty \[space\]"):
+        config.load(write(tmp_path, "[study]\nname = 'x'\nn_trials = 3\n[space]\n"))
+    with pytest.raises(ConfigError, match=r"--n-trials: 2 trials of an empty \[space\]"):
+        config.override(cfg, n_trials=2)
+    assert config.override(cfg, n_trials=1).study.n_trials == 1
+    assert config.parse({}).study.n_trials == 20  # no [space] table: the default space, the default total
+
+
 def test_reference_study_matches_seed_but_for_its_sampler():
     seed = config.load(ROOT / "studies" / "seed.toml")
     ref = config.load(ROOT / "studies" / "reference.toml")
