@@ -448,6 +448,15 @@ def test_make_sampler_passes_cycle_settings():
     assert study.ask(dict(SPACE)).user_attrs["cycle_move"] == "lr x3"
 
 
+def test_study_file_tpe_fallback_models_the_space_jointly():
+    """A study file's `fallback = "tpe"` is multivariate, like CycleSampler's own default: an
+    exploration sees every parameter together (independent TPE would sample each alone)."""
+    sampler = make_sampler(SamplerConfig(type="cycle", fallback="tpe", n_startup_trials=2), baseline=BASELINE, seed=0)
+    fallback = sampler._make_fallback(7)  # built per trial from a derived seed
+    assert isinstance(fallback, optuna.samplers.TPESampler) and fallback._multivariate
+    assert fallback._n_startup_trials == 2
+
+
 def test_reference_schedule_doubles_lr_and_grows_capacity_without_backing_off():
     sampler = make_sampler(SamplerConfig(type="reference"), baseline=BASELINE, seed=0)
     study = optuna.create_study(sampler=sampler)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, Mapping
 
 from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.exceptions import ExperimentalWarning
 from optuna.samplers import BaseSampler, CmaEsSampler, RandomSampler, TPESampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial
@@ -125,11 +127,21 @@ def make_sampler(cfg: SamplerConfig, *, baseline: Mapping[str, Any], seed: int) 
             lr_factor=cfg.lr_factor,
             noise_margin=cfg.noise_margin,
             plateau_cycles=cfg.plateau_cycles,
-            fallback=functools.partial(_plain, cfg.fallback, cfg),  # built per trial: reproducible on resume
+            fallback=functools.partial(_fallback, cfg.fallback, cfg),  # built per trial: reproducible on resume
         )
     if cfg.type == "reference":
         return ReferenceScheduleSampler(baseline=baseline, seed=seed, lr_factor=cfg.lr_factor)
     return _plain(cfg.type, cfg, seed)
+
+
+def _fallback(kind: str, cfg: SamplerConfig, seed: int | None) -> BaseSampler:
+    """The cycle sampler's exploration sampler: TPE models the whole space jointly (multivariate),
+    strings and numbers together, as the CycleSampler's own default does."""
+    if kind == "tpe":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return TPESampler(n_startup_trials=cfg.n_startup_trials, seed=seed, multivariate=True)
+    return _plain(kind, cfg, seed)
 
 
 def _plain(kind: str, cfg: SamplerConfig, seed: int | None) -> BaseSampler:
