@@ -16,6 +16,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from cycle_optuna import optuna_internals as internals
+from cycle_optuna import redact
 from cycle_optuna import config as config_mod
 from cycle_optuna import storage as storage_mod
 from cycle_optuna.config import PARAM_NAMES, Hyperparams, StudyConfig
@@ -45,6 +46,7 @@ def load_study(path_or_name: StudyLike, storage: str | BaseStorage | None = None
     else:
         name = str(path_or_name)
         url = storage or os.environ.get(storage_mod.ENV_VAR)
+        redact.remember(url)
         if not url:
             raise ConfigError(
                 f"{name!r} is not a study file; to load a study by name pass storage=URL "

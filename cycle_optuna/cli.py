@@ -463,7 +463,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         from cycle_optuna.storage import mask  # a mistyped flag may sit beside a storage URL
 
-        self.exit(2, f"error: {self.prog}: {mask(message)} (see '{self.prog} --help')\n")
+        self.exit(2, f"error: {self.prog}: {one_line(mask(message))} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -562,20 +562,44 @@ _positive = _whole_number(1, "a positive integer")
 _seconds = _whole_number(0, "a whole number of seconds, 0 or more")
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters (a terminal's escape sequences) written
+    as escapes: an error stays one line, whatever a file or a value held."""
+    return text.translate(_CONTROL)
+
+
+def _remember_storage_secrets(argv: list[str]) -> None:
+    """Passwords of the storage URLs given (flag or environment) are masked in every message, even
+    in a URL too malformed to parse: its error names it."""
+    from cycle_optuna.redact import remember
+
+    remember(os.environ.get("CYCLE_OPTUNA_STORAGE"))
+    for i, a in enumerate(argv):
+        if a == "--storage" and i + 1 < len(argv):
+            remember(argv[i + 1])
+        elif a.startswith("--storage="):
+            remember(a.split("=", 1)[1])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns 0 ok, 2 bad input, 1 unexpected error, 130 interrupted."""
+    _remember_storage_secrets(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     logging.captureWarnings(True)
-    from cycle_optuna.storage import mask
+    from cycle_optuna.storage import check_environment, mask
 
     try:
+        check_environment()
         return args.func(args)
     except CycleOptunaError as e:
-        err.print(f"[bold red]error:[/] {escape(mask(str(e)))}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(one_line(mask(str(e))))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -586,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the boundary that turns surprises into exit code 1
         if args.debug:
             raise
-        err.print(f"[bold red]unexpected error:[/] {escape(mask(f'{type(e).__name__}: {e}'))} (rerun with --debug for the traceback)",
+        err.print(f"[bold red]unexpected error:[/] {escape(one_line(mask(f'{type(e).__name__}: {e}')))} (rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         return 1
 

@@ -9,8 +9,31 @@ _URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>`]+", re.IGNORECASE)
 _SECRET_SETTING = re.compile(r"\b(password|passwd|pwd|sslpassword|secret|token|api_key)=([^&\s'\"]*)", re.IGNORECASE)
 
 
+MIN_REMEMBERED = 4
+_KNOWN: set[str] = set()  # passwords of the storage URLs this process was given, however malformed
+
+
+def remember(url: object) -> None:
+    """Note the password of a storage URL, so that :func:`mask` hides it wherever it turns up, also
+    where the URL is too malformed for the URL pattern (``postgresql//user:pw@host``, ``user:pw@host``)
+    or the password holds a blank, a quote or a line break."""
+    if not isinstance(url, str) or "@" not in url:
+        return
+    before = url[:url.rfind("@")]  # user and password: everything before the host's '@'
+    if "://" in before:
+        before = before.split("://", 1)[1]
+    secret = before.partition(":")[2]
+    if secret:
+        from urllib.parse import unquote
+
+        # a password of 1-3 characters would mask those letters in every word: the URL pattern alone hides it
+        _KNOWN.update(s for s in (secret, unquote(secret)) if len(s) >= MIN_REMEMBERED)
+
+
 def mask(text: str) -> str:
     """`text` with every password in a URL, and every `password=...` setting, replaced by ***."""
+    for secret in sorted(_KNOWN, key=len, reverse=True):
+        text = text.replace(secret, "***")
     return _SECRET_SETTING.sub(lambda m: f"{m[1]}=***", _URL.sub(lambda m: _mask_url(m[0]), text))
 
 

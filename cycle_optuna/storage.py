@@ -29,15 +29,39 @@ from sqlalchemy.engine import make_url
 
 from cycle_optuna import optuna_internals as internals
 from cycle_optuna.config import StudyConfig, resolve_artifact_dir, study_dir
-from cycle_optuna.errors import StorageError
-from cycle_optuna.redact import mask
+from cycle_optuna.errors import ConfigError, StorageError
+from cycle_optuna.redact import mask, remember
 
 ENV_VAR = "CYCLE_OPTUNA_STORAGE"
 ARTIFACTS_ENV_VAR = "CYCLE_OPTUNA_ARTIFACT_DIR"  # overrides [study] artifact_dir (a volume shared by machines)
 # A killed worker's trial is failed after GRACE_SECONDS without a beat and retried; both can be
 # lowered through the environment (tests, fast-preempting clusters).
-HEARTBEAT_SECONDS = int(os.environ.get("CYCLE_OPTUNA_HEARTBEAT_SECONDS", 10))
-GRACE_SECONDS = int(os.environ.get("CYCLE_OPTUNA_GRACE_SECONDS", 30))
+# A bad value falls back to the default here, so importing never fails; `check_environment`, which
+# the CLI calls first, refuses it in one line.
+ENV_WHOLE_NUMBERS = {  # variable: (default, least allowed)
+    "CYCLE_OPTUNA_HEARTBEAT_SECONDS": (10, 1),
+    "CYCLE_OPTUNA_GRACE_SECONDS": (30, 1),
+    "CYCLE_OPTUNA_THREADS": (0, 0),  # intra-op threads `run --workers K` gives its children; 0 = cores // workers
+}
+
+
+def env_whole_number(name: str) -> int:
+    """The variable's value; its default when unset or not a whole number in range."""
+    default, least = ENV_WHOLE_NUMBERS[name]
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw.isdigit() and int(raw) >= least else default
+
+
+def check_environment() -> None:
+    """Every CYCLE_OPTUNA_* whole-number variable that is set holds one in range."""
+    for name, (_, least) in ENV_WHOLE_NUMBERS.items():
+        raw = os.environ.get(name)
+        if raw is not None and not (raw.strip().isdigit() and int(raw) >= least):
+            raise ConfigError(f"${name}: {raw!r} is not a whole number >= {least}")
+
+
+HEARTBEAT_SECONDS = env_whole_number("CYCLE_OPTUNA_HEARTBEAT_SECONDS")
+GRACE_SECONDS = env_whole_number("CYCLE_OPTUNA_GRACE_SECONDS")
 MAX_RETRY = 3  # a trial failed by a dead worker is retried this many times
 SQLITE_TIMEOUT_SECONDS = 120  # SQLite writers wait this long for the lock instead of failing
 WORKER_ATTR = "worker"  # user attr "host:pid" of the worker running a trial
@@ -62,6 +86,7 @@ def resolve_url(cfg: StudyConfig, flag: str | None = None) -> str:
     """Storage URL by precedence: flag > $CYCLE_OPTUNA_STORAGE > study file > local SQLite."""
     for url in (flag, os.environ.get(ENV_VAR), cfg.study.storage):
         if url:
+            remember(url)
             return url
     return default_url(cfg)
 

@@ -255,7 +255,7 @@ def run_worker(
     hooks = hooks or Hooks()
     stats = stats if stats is not None else WorkerStats()
     cfg = _with_env_artifacts(cfg)
-    torch.set_num_threads(cfg.train.threads or int(os.environ.get(THREADS_ENV_VAR, 0)) or default_threads(workers))
+    torch.set_num_threads(cfg.train.threads or storage_mod.env_whole_number(THREADS_ENV_VAR) or default_threads(workers))
     if data is None:  # the CLI passes the data it validated before printing anything
         data = load_study_data(cfg)
         config_mod.check_patch_len(cfg, data.seq_len)  # a file's length is known only once it is read

@@ -62,6 +62,28 @@ def test_bad_study_file_exits_2_with_one_line_and_writes_nothing(quick_study, ca
     assert not (quick_study.parent / "quick.db").exists()
 
 
+def test_a_value_with_line_breaks_or_terminal_escapes_is_named_on_one_line(quick_study, capsys):
+    text = quick_study.read_text().replace("[train]\n", '[train]\noptimizer = "x\\ny\\u001b[2J"\n', 1)
+    quick_study.write_text(text)
+    assert run_cli("run", str(quick_study)) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "\x1b" not in err
+    assert "train.optimizer" in err and "x\\ny\\x1b[2J" in err
+    assert not (quick_study.parent / "quick.db").exists()
+
+
+@pytest.mark.parametrize("name, value", [
+    ("CYCLE_OPTUNA_HEARTBEAT_SECONDS", "abc"), ("CYCLE_OPTUNA_HEARTBEAT_SECONDS", "0"),
+    ("CYCLE_OPTUNA_GRACE_SECONDS", "1.5"), ("CYCLE_OPTUNA_THREADS", "-1"),
+])
+def test_a_bad_environment_variable_is_one_line_and_nothing_runs(quick_study, capsys, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    assert run_cli("run", str(quick_study)) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"${name}: {value!r}" in err
+    assert not (quick_study.parent / "quick.db").exists()
+
+
 def test_bad_storage_url_exits_2_and_masks_the_password(quick_study, capsys):
     url = "postgresql+psycopg://alice:s3cret@127.0.0.1:1/none"
     assert run_cli("run", str(quick_study), "--storage", url) == 2

@@ -18,18 +18,33 @@ from cycle_optuna.cli import main
 from workers_helpers import worker_env, write_study
 
 
-@pytest.mark.parametrize("url, words", [
-    ("nosuchdb://u:s3cret@h/x", "cannot open storage"),
-    ("postgresql+psycopg://u:s3cret@127.0.0.1:1/x", "cannot open storage"),
-    ("postgresql+psycopg://nosuchuser:s3cret@127.0.0.1:5432/postgres", "cannot open storage"),
-    ("not a url", "bad storage URL"),
+@pytest.mark.parametrize("url, secret, words", [
+    ("nosuchdb://u:s3cret@h/x", "s3cret", "cannot open storage"),
+    ("postgresql+psycopg://u:s3cret@127.0.0.1:1/x", "s3cret", "cannot open storage"),
+    ("postgresql+psycopg://nosuchuser:s3cret@127.0.0.1:5432/postgres", "s3cret", "cannot open storage"),
+    ("not a url", "s3cret", "bad storage URL"),
+    # too malformed for the URL pattern: the password is still never shown
+    ("postgresql+psycopg//u:m4lf0rmed@127.0.0.1:1/x", "m4lf0rmed", "bad storage URL"),
+    ("postgresql+psycopg:/u:m4lf0rmed@127.0.0.1:1/x", "m4lf0rmed", "bad storage URL"),
+    ("u:m4lf0rmed@127.0.0.1:1/x", "m4lf0rmed", "bad storage URL"),
+    ("postgresql+psycopg://u:bl4nk pw@127.0.0.1:1/x", "bl4nk pw", "cannot open storage"),
+    ("postgresql+psycopg://u:qu0te'pw@127.0.0.1:1/x", "qu0te'pw", "cannot open storage"),
+    ("postgresql+psycopg://u:line\nbreak@127.0.0.1:1/x", "break", "cannot open storage"),
+    ("journal://u:j0urnalpw@host/x.log", "j0urnalpw", "no study database"),
 ])
-def test_bad_storage_is_one_masked_line_and_exit_2(tmp_path: Path, capsys, url: str, words: str):
+def test_bad_storage_is_one_masked_line_and_exit_2(tmp_path: Path, capsys, url: str, secret: str, words: str):
     study = write_study(tmp_path)
     assert main(["status", str(study), "--storage", url]) == 2
     err = capsys.readouterr().err
-    assert words in err and "s3cret" not in err and "Traceback" not in err
+    assert words in err and secret not in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.strip()]) <= 3  # one message (rich may wrap it)
+
+
+def test_a_malformed_url_in_the_environment_is_masked_too(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setenv(storage.ENV_VAR, "postgresql+psycopg//u:env5ecret@127.0.0.1:1/x")
+    assert main(["status", str(write_study(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert "bad storage URL" in err and "env5ecret" not in err
 
 
 @pytest.mark.slow
