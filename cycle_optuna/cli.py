@@ -355,7 +355,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     cfg, url = _load(args)
     preflight.for_read(url)
-    preflight.for_report(Path(args.output) if args.output else report.default_dir(args.study, cfg.study.name))
+    preflight.for_report(Path(args.output) if args.output is not None else report.default_dir(args.study, cfg.study.name))
     path = report.write_report(args.study, args.output, storage=url, test=not args.no_test)
     plots = sorted(p.name for p in path.parent.glob("*.png"))
     out.print(f"report of study [bold]{cfg.study.name}[/]: {path} with {len(plots)} plots ({', '.join(plots)})",
@@ -370,10 +370,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     cfg, url = _load(args)
     preflight.for_read(url)
-    target = Path(args.output) if args.output else None
+    target = Path(args.output) if args.output is not None else None
     if target is not None:  # before the model is loaded: a path it cannot write is one line, nothing written
         preflight.check_output_file(target, what="predict output directory", example="predictions.csv")
-        _not_an_input(target, cfg, url, args.file)
+        _not_an_input(target, cfg, url, args.file, flag="-o")
     pred = predict_file(args.study, args.file, storage=url)
     labelled = (f"accuracy {pred.accuracy:.2%} against the file's labels" if pred.labels is not None
                 else f"the file has no labels (no {cfg.data.label_column!r} column or y array)")
@@ -403,8 +403,9 @@ def _beside(target: Path) -> Console:
     return err if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) else out
 
 
-def _not_an_input(target: Path, cfg, url: str, data_file: str) -> None:
-    """`predict -o`: the output is none of the files the command or the study reads (it would be replaced)."""
+def _not_an_input(target: Path, cfg, url: str, data_file: str | None, *, flag: str) -> None:
+    """`predict -o`, `export --csv/--parquet`: the output is none of the files the command or the
+    study reads (it would be replaced: a study database overwritten by a table is lost)."""
     from cycle_optuna import config, storage
     from cycle_optuna.errors import ConfigError
 
@@ -420,14 +421,16 @@ def _not_an_input(target: Path, cfg, url: str, data_file: str) -> None:
         except OSError:  # it does not exist: nothing to overwrite
             same = False
         if same:
-            raise ConfigError(f"-o {target}: that is {what}; name another file for the predictions")
+            raise ConfigError(f"{flag} {target}: that is {what}; name another file to write")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from cycle_optuna import export
 
-    _, url = _load(args)
-    target = args.csv or args.parquet
+    cfg, url = _load(args)
+    target = args.csv if args.csv is not None else args.parquet
+    if target is not None:
+        _not_an_input(Path(target), cfg, url, None, flag="--csv" if args.csv is not None else "--parquet")
     if target is None:
         export.frame(args.study, url).to_csv(sys.stdout, index=False)
         return 0
@@ -445,6 +448,14 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         echo=lambda line: out.print(line, highlight=False, soft_wrap=True),
         warn=lambda line: err.print(f"[bold yellow]{line}[/]", highlight=False, soft_wrap=True),
     )
+
+
+def _path(text: str) -> str:
+    """A file or directory argument: an empty one is a mistake (it would mean the current directory
+    or no flag at all), not a request."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must be a path, got {text!r}")
+    return text
 
 
 def _port(text: str) -> int:
@@ -508,17 +519,17 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--json", action="store_true", help="machine-readable output (optuna best-trial's field names)")
     best.add_argument("--no-test", action="store_true", help="skip the held-out test evaluation of the best model")
     rep = command("report", cmd_report, "write report.md and PNG plots of the study's cycles")
-    rep.add_argument("-o", "--output", metavar="DIR",
+    rep.add_argument("-o", "--output", metavar="DIR", type=_path,
                      help="output directory (default: <study name>-report beside the study file)")
     rep.add_argument("--no-test", action="store_true", help="skip the held-out test evaluation of the best model")
     exp = command("export", cmd_export, "write one row per cycle (params, state, value, user attrs, reason)")
     where = exp.add_mutually_exclusive_group()
-    where.add_argument("--csv", metavar="FILE", help="write CSV to FILE (default: CSV on stdout)")
-    where.add_argument("--parquet", metavar="FILE", help="write Parquet to FILE (needs pyarrow)")
+    where.add_argument("--csv", metavar="FILE", type=_path, help="write CSV to FILE (default: CSV on stdout)")
+    where.add_argument("--parquet", metavar="FILE", type=_path, help="write Parquet to FILE (needs pyarrow)")
     pred = command("predict", cmd_predict, "predict the class of every series of a data file with the best model")
-    pred.add_argument("file", metavar="FILE", help="a data file in any format the study reads (labels optional "
+    pred.add_argument("file", metavar="FILE", type=_path, help="a data file in any format the study reads (labels optional "
                       "in .csv and .npz); relative to the current directory")
-    pred.add_argument("-o", "--output", metavar="FILE.csv",
+    pred.add_argument("-o", "--output", metavar="FILE.csv", type=_path,
                       help="write the predictions to FILE.csv (default: CSV on stdout, the summary on stderr)")
     dash = command("dashboard", cmd_dashboard, "serve optuna-dashboard on the study's storage and artifacts")
     dash.add_argument("--host", default="127.0.0.1",

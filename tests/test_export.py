@@ -96,3 +96,26 @@ def test_a_reader_that_stops_early_is_not_an_error(study_file):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "error" not in err.lower(), err
+
+
+@pytest.mark.parametrize("flag", ["--csv", "--parquet"])
+def test_export_never_overwrites_the_study_file_or_its_database(study_file, capsys, flag):
+    db = next(study_file.parent.glob("*.db"))
+    before = {p: p.read_bytes() for p in (study_file, db)}
+    for target in before:
+        assert cli.main(["export", str(study_file), flag, str(target)]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {target}: that is the study" in err and len(err.splitlines()) == 1
+    assert {p: p.read_bytes() for p in before} == before
+
+
+@pytest.mark.parametrize("argv", [["export", "{s}", "--csv", ""], ["export", "{s}", "--parquet", " "],
+                                  ["report", "{s}", "-o", ""], ["predict", "{s}", ""]])
+def test_an_empty_path_is_refused_not_read_as_no_flag(study_file, tmp_path, capsys, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)  # an empty -o would have meant here
+    with pytest.raises(SystemExit) as e:
+        cli.main([a.format(s=study_file) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr()
+    assert "must be a path" in err.err and len(err.err.splitlines()) == 1 and err.out == ""
+    assert list(tmp_path.iterdir()) == []
