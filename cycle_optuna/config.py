@@ -659,12 +659,14 @@ def _check_pruner_reach(c: _Checker, pr: PrunerConfig, epochs: int, written: set
 
 
 # what each hyperparameter may be: (low, low excluded, high, high excluded); None = unbounded
+# (low, low open, high, high open). The highs are far beyond a small transformer, yet stop a typo
+# (hidden_dim = 1000000000000) before it is a study whose trials exhaust memory or never build.
 _DOMAINS: dict[str, tuple[float, bool, float | None, bool]] = {
-    "lr": (0, True, None, False),
-    "batch_size": (1, False, None, False),
-    "hidden_dim": (1, False, None, False),
-    "n_layers": (1, False, None, False),
-    "n_heads": (1, False, None, False),
+    "lr": (0, True, 10, False),
+    "batch_size": (1, False, 2**20, False),
+    "hidden_dim": (1, False, 16384, False),
+    "n_layers": (1, False, 128, False),
+    "n_heads": (1, False, 1024, False),
     "dropout": (0, False, 1, True),
     "weight_decay": (0, False, None, False),
     "patch_len": (0, False, None, False),  # 0: chosen from the sequence length

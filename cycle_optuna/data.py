@@ -718,10 +718,16 @@ def check_arrays(path: Path | str, x: Any, y: Any, *, named: bool = False) -> tu
     if len(present) < 2:
         raise _fail(path, f"only one class ({int(present[0])}); classification needs at least two")
     k = int(y.max()) + 1
-    missing = sorted(set(range(k)) - set(present.tolist()))
-    if missing:
+    if k > len(present):  # present holds distinct labels in 0..k-1: some are missing (never build range(k): y may say 10**12)
+        have, missing = set(present.tolist()), []
+        for label in range(k):
+            if label not in have:
+                missing.append(label)
+                if len(missing) == 5:
+                    break
+        shown = ", ".join(map(str, missing)) + (", ..." if k - len(present) > len(missing) else "")
         raise _fail(path, f"labels must be 0..K-1 with every class present: labels go up to {k - 1} but "
-                    f"class(es) {missing} have no samples")
+                    f"{k - len(present)} class(es) have no samples ({shown})")
     return x32, y, k
 
 

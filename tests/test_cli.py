@@ -233,8 +233,8 @@ def test_report_onto_an_existing_file_is_refused_before_anything_is_written(quic
 
 @pytest.mark.parametrize("space, key", [
     ("dropout = { low = 0.0, high = 1.5 }", "space.dropout.high: dropout must be in [0, 1), got 1.5"),
-    ("batch_size = { choices = [-8, 32] }", "space.batch_size.choices: batch_size must be in [1, inf), got -8"),
-    ("lr = { low = -0.01, high = 0.01 }", "space.lr.low: lr must be in (0, inf), got -0.01"),
+    ("batch_size = { choices = [-8, 32] }", "space.batch_size.choices: batch_size must be in [1, 1048576], got -8"),
+    ("lr = { low = -0.01, high = 0.01 }", "space.lr.low: lr must be in (0, 10], got -0.01"),
 ])
 def test_search_bounds_outside_a_parameters_domain(tmp_path: Path, capsys, space: str, key: str):
     name = space.split()[0]
