@@ -412,6 +412,8 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
     s, d, t, b = cfg.study, cfg.data, cfg.train, cfg.baseline
     if not s.name or not all(ch.isalnum() or ch in "-_." for ch in s.name):
         raise c.fail("study.name", f"must be letters, digits, '-', '_' or '.', got {s.name!r}")
+    if s.name.startswith("."):  # '.', '..' or '.x' would name hidden files: '..db', '.-artifacts'
+        raise c.fail("study.name", f"must not start with '.', got {s.name!r}")
     c.one_of("study.direction", s.direction, DIRECTIONS)
     c.at_least("study.n_trials", s.n_trials, 1)
     c.at_least("study.ensemble", s.ensemble, 1)
@@ -739,6 +741,8 @@ def _check_space_feasible(c: _Checker, cfg: StudyConfig) -> None:
 def load(path: str | Path) -> StudyConfig:
     """Read and validate a study file."""
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO or device would block the read
+        raise ConfigError(f"{path}: not a regular file (a pipe or a device); give the study file itself")
     try:
         text = path.read_text(encoding="utf-8-sig")  # Windows editors may start the file with a byte-order mark
     except FileNotFoundError:

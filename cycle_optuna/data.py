@@ -750,6 +750,8 @@ def read_inputs(path: Path, cfg: DataConfig, classes: tuple[str, ...]
 def _read(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None, *, need_labels: bool
           ) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...], list[str] | None]:
     """read_file, and without `need_labels` read_inputs: also a file without labels (y None), and ids."""
+    if path.exists() and not path.is_file():  # a directory, or a FIFO or device that would block the read
+        raise _fail(path, "not a regular file")
     suffix = path.suffix.lower()
     ids = None
     if suffix in (".ts", ".arff", ".csv", ".tsv", ".txt"):  # labels are names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def test_to_dict_round_trips():
         ("space", "n_layers = { low = 1.5, high = 2 }", r"space\.n_layers\.low: must be an integer"),
         ("space", "n_layers = { low = 1, hi = 2 }", r"space\.n_layers\.hi: unknown key \(did you mean 'high'\?\)"),
         ("baseline", "lr = 0.5", r"baseline\.lr: 0\.5 is outside the space"),
+        ("study", "name = '..'", r"study\.name: must not start with '\.', got '\.\.'"),
         # sizes far past a small transformer are typos: refused before a trial exhausts memory
         ("baseline", "hidden_dim = 1000000000000", r"baseline\.hidden_dim: hidden_dim must be in \[1, 16384\]"),
         ("space", "n_layers = { low = 1, high = 100000 }", r"space\.n_layers\.high: n_layers must be in \[1, 128\]"),
@@ -409,3 +411,10 @@ def test_keys_a_trial_never_reads_are_not_part_of_its_definition(tmp_path):
     (tmp_path / "d.csv").write_bytes(b"")  # a .csv file reads its columns: they stay in the definition
     with_csv = config.load(write(tmp_path, edit(QUICK, "data", "source = 'd.csv'"))).trial_definition()
     assert with_csv["data"]["label_column"] == "label"
+
+
+def test_a_pipe_as_the_study_file_is_refused_not_read(tmp_path):
+    fifo = tmp_path / "s.toml"
+    os.mkfifo(fifo)  # reading it would block until a writer came
+    with pytest.raises(ConfigError, match=r"s\.toml: not a regular file"):
+        config.load(fifo)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import dataclasses
 from pathlib import Path
 
@@ -769,3 +770,12 @@ def test_test_source_mismatch(tmp_path, which, needle):
     with pytest.raises(DataError) as e:
         load_task(DataConfig(), 0, data_path=train, test_path=test)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_pipe_as_a_data_file_is_refused_not_read(tmp_path):
+    from cycle_optuna.data import read_inputs
+
+    fifo = tmp_path / "new.csv"
+    os.mkfifo(fifo)  # `predict STUDY new.csv` would block until a writer came
+    with pytest.raises(DataError, match=r"new\.csv: not a regular file"):
+        read_inputs(fifo, DataConfig(), ("a", "b"))
