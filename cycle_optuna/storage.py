@@ -280,6 +280,7 @@ def _journal(url: str, *, create: bool) -> BaseStorage:
     if not path:
         raise StorageError(f"bad storage URL {mask(url)!r}: expected journal:///path/to/study.log")
     check_file_location(url, Path(path), create=create)
+    _check_journal_lines(Path(path))
     try:
         return JournalStorage(JournalFileBackend(path))  # reads the whole file
     except OSError as e:
@@ -288,6 +289,32 @@ def _journal(url: str, *, create: bool) -> BaseStorage:
         raise StorageError(f"{path}: not a journal file (a line is not JSON)") from None
     except (KeyError, TypeError, AssertionError):  # Optuna asserts on an operation it does not know
         raise StorageError(f"{path}: not a journal file (a line is not an Optuna journal operation)") from None
+
+
+def _check_journal_lines(path: Path) -> None:
+    """Every line of an existing journal file looks like a record (one JSON object), before a worker
+    appends to it. Optuna's reader forgives one bad last line (a torn write), so a file of some other
+    kind was opened, written to and broken for good; a last line without its newline that starts like
+    a record is left alone, since another worker may be writing it."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return  # missing (a new journal) or unreadable: opening it says which
+    if not data:
+        return
+    body, _, tail = data.rpartition(b"\n")
+    lines = body.split(b"\n") if body or data.endswith(b"\n") else []
+    for number, line in enumerate(lines, 1):
+        if not (line.startswith(b"{") and line.endswith(b"}")):
+            raise StorageError(f"{path}: not a journal file (line {number} is not an Optuna journal record)")
+    if lines:  # the one line Optuna's reader would forgive: parsed here (the others it parses itself)
+        try:
+            if not isinstance(json.loads(lines[-1]), dict):
+                raise ValueError
+        except ValueError:
+            raise StorageError(f"{path}: not a journal file (line {len(lines)} is not JSON)") from None
+    if tail and not tail.startswith(b"{"):
+        raise StorageError(f"{path}: not a journal file (line {len(lines) + 1} is not an Optuna journal record)")
 
 
 def retry_callback() -> RetryHeartbeatStaleTrialCallback:

@@ -418,9 +418,14 @@ def _same_bytes(tmp_path: Path, capsys, path: Path, *argv: str) -> str:
 
 @pytest.mark.parametrize("command", ["run", *READERS])
 @pytest.mark.parametrize("content, why", [
-    (b"\x00garbage\n" * 10, "a line is not JSON"),
-    (b'{"op_code": 99, "worker_id": "x"}\nnot json\n', "a line is not an Optuna journal operation"),
-], ids=["binary", "unknown-operation"])
+    (b"\x00garbage\n" * 10, "line 1 is not an Optuna journal record"),
+    (b'{"op_code": 99, "worker_id": "x"}\nnot json\n', "line 2 is not an Optuna journal record"),
+    (b'{"op_code": 99, "worker_id": "x"}\n', "a line is not an Optuna journal operation"),
+    (b'{"op_code": 0, "worker_id": "x", "study_name": "a", "directions": [1]}\n{not json}\n', "line 2 is not JSON"),
+    # one bad line: Optuna's reader forgives it as a torn last write, so `run` used to append to it and break the file
+    (b"not json\n", "line 1 is not an Optuna journal record"),
+    (b"xx", "line 1 is not an Optuna journal record"),
+], ids=["binary", "not-json", "unknown-operation", "json-shaped", "one-bad-line", "no-newline"])
 def test_a_journal_storage_that_is_not_a_journal_is_named(tmp_path: Path, capsys, command, content, why):
     log = tmp_path / "x.log"
     log.write_bytes(content)
