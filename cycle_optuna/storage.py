@@ -636,6 +636,12 @@ def running_here(study: optuna.Study) -> bool:
                study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
+def local_workers(study: optuna.Study) -> int:
+    """How many live processes of this machine run trials of the study (by the trials' worker attrs)."""
+    named = {t.user_attrs.get(WORKER_ATTR) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    return sum(1 for w in named if _local_alive(w))
+
+
 def retries_exhausted(trial: FrozenTrial) -> bool:
     """True when a failed trial gets no retry: it already had MAX_RETRY of them."""
     return len(trial.system_attrs.get("retry_history", ())) >= MAX_RETRY

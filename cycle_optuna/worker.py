@@ -255,7 +255,8 @@ def run_worker(
     hooks = hooks or Hooks()
     stats = stats if stats is not None else WorkerStats()
     cfg = _with_env_artifacts(cfg)
-    torch.set_num_threads(cfg.train.threads or storage_mod.env_whole_number(THREADS_ENV_VAR) or default_threads(workers))
+    threads = cfg.train.threads or storage_mod.env_whole_number(THREADS_ENV_VAR)
+    torch.set_num_threads(threads or default_threads(workers))
     if data is None:  # the CLI passes the data it validated before printing anything
         data = load_study_data(cfg)
         config_mod.check_patch_len(cfg, data.seq_len)  # a file's length is known only once it is read
@@ -270,7 +271,10 @@ def run_worker(
     objective = Objective(cfg, data, artifact_store=storage_mod.artifact_store(cfg), on_epoch=on_epoch,
                           defer_cleanup=True)
     objective.sweep_checkpoints(study)  # a worker killed after a trial's tell leaves its checkpoint
-    run_trials(study, url, cfg.study.n_trials, objective, hooks=hooks, stats=stats)
+    # A worker started on its own, with no thread count given, shares the cores with the other live
+    # workers of the study on this machine (started by hand, each would take them all).
+    run_trials(study, url, cfg.study.n_trials, objective, hooks=hooks, stats=stats,
+               share_cores=not threads and workers == 1)
     return study
 
 
@@ -282,9 +286,14 @@ def run_trials(
     *,
     hooks: Hooks | None = None,
     stats: WorkerStats | None = None,
+    share_cores: bool = False,
 ) -> None:
-    """The worker loop of :func:`run_worker` for any objective (benchmarks, custom studies)."""
-    _Loop(study, url, n_trials, objective, hooks or Hooks(), stats if stats is not None else WorkerStats()).run()
+    """The worker loop of :func:`run_worker` for any objective (benchmarks, custom studies).
+    ``share_cores``: before each trial, set torch's threads to the cores divided by the study's
+    live workers on this machine."""
+    loop = _Loop(study, url, n_trials, objective, hooks or Hooks(), stats if stats is not None else WorkerStats())
+    loop.share_cores = share_cores
+    loop.run()
 
 
 class _Loop:
@@ -313,6 +322,7 @@ class _Loop:
         self.stale_checked = -float("inf")  # monotonic time of the last stale-trial check
         self.pack = getattr(objective, "pack", 1)  # trials taken at once (an Objective's run_pack)
         self.device = placement.device_label(_training_device(objective))
+        self.share_cores = False  # run_trials sets it
 
     def run(self) -> None:
         with self.heartbeat:
@@ -398,6 +408,8 @@ class _Loop:
                 storage_mod.register_trial(study, trial, self.stats.worker, conn, device=self.device)
         ids = [internals.trial_id_of(t) for t in trials]
         self.heartbeat.beat_for(ids[0] if len(ids) == 1 else ids)
+        if self.share_cores:
+            self._share_cores()
         try:
             for trial, objective in zip(trials, self._objectives(trials)):
                 try:
@@ -416,6 +428,16 @@ class _Loop:
             self.heartbeat.beat_for(None)
         self.current, self.packed = None, []
         return "run"
+
+    def _share_cores(self) -> None:
+        """Threads = cores // the study's live workers on this machine (this one included, its trial
+        registered): workers started by hand side by side do not each take every core."""
+        local = storage_mod.local_workers(self.study)
+        threads = max(1, available_cores() // max(1, local))
+        if threads != torch.get_num_threads():
+            _log.warning("%d worker(s) of this study run on this machine: %d torch thread(s) each "
+                         "(set [train] threads to choose)", local, threads)
+            torch.set_num_threads(threads)
 
     def _objectives(self, trials: list[optuna.Trial]) -> list[Callable[[optuna.Trial], float]]:
         """One objective per trial: the objective itself, or for a pack the outcomes of one run_pack."""

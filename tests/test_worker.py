@@ -142,3 +142,36 @@ def test_a_study_stored_before_folds_existed_is_the_validation_split(tmp_path: P
     _edit(path, "folds = 1", 'folds = "auto"')
     with pytest.raises(StorageError, match=r"data\.folds: study has 1, file has 'auto'"):
         worker.open_study(config.load(path), url)
+
+
+def test_workers_started_by_hand_on_one_machine_share_its_cores(tmp_path: Path, monkeypatch):
+    """Before each trial a worker without a thread count sets cores // the study's live workers here."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+
+    monkeypatch.setattr(worker, "available_cores", lambda: 8)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    threads = torch.get_num_threads()
+    try:
+        mine, theirs, dead = study.ask(), study.ask(), study.ask()
+        mine.set_user_attr(storage.WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+        theirs.set_user_attr(storage.WORKER_ATTR, f"{socket.gethostname()}:{other.pid}")
+        dead.set_user_attr(storage.WORKER_ATTR, f"{socket.gethostname()}:999999999")  # no such process
+        study.tell(study.ask(), 1.0)  # finished trials do not count
+        assert storage.local_workers(study) == 2
+        loop = worker._Loop(study, "sqlite://", 1, lambda t: 0.0, worker.Hooks(), worker.WorkerStats())
+        loop._share_cores()
+        assert torch.get_num_threads() == 4
+        other.kill()
+        other.wait()
+        assert storage.local_workers(study) == 1
+        loop._share_cores()
+        assert torch.get_num_threads() == 8
+    finally:
+        other.kill()
+        torch.set_num_threads(threads)
