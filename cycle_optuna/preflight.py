@@ -82,6 +82,14 @@ def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[s
     data = load_study_data(cfg)  # with its test file, when [data] test_source names one
     config_mod.check_patch_len(cfg, data.seq_len)  # a file's length is known only once it is read
     storage_mod.wait_until_answers(url, wait_s, say)
+    existing = storage_mod.sqlite_path(url)
+    if existing is not None and existing.is_file():  # read first: a study it cannot join leaves the file untouched
+        try:
+            reader = storage_mod.open_storage(url, heartbeat=False, create=False)
+        except StorageError:  # no Optuna tables yet, or no database: the writable open below says which
+            reader = None
+        if reader is not None:
+            worker.check_joinable(cfg, reader, url)
     worker.check_joinable(cfg, storage_mod.open_storage(url), url)
     return data
 

@@ -117,9 +117,14 @@ def check_joinable(cfg: StudyConfig, storage: optuna.storages.BaseStorage, url: 
     name = cfg.study.name
     exists = name in {s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
     if exists:
-        attrs = optuna.load_study(study_name=name, storage=storage).user_attrs
+        study = optuna.load_study(study_name=name, storage=storage)
+        attrs = study.user_attrs
         if attrs.get(CONFIG_ATTR) is not None:
             _check_same_definition(cfg, attrs[CONFIG_ATTR], attrs.get(DIGESTS_ATTR) or {})
+        elif held := len(study.get_trials(deepcopy=False)):
+            # made by other code (an empty one may be ours, cut off before its config was stored)
+            raise StorageError(f"study {name!r} in {storage_mod.mask(url)} holds {held} trial(s) that cycle-optuna "
+                               "did not make (no study config stored on it); give [study] name another name")
     return exists
 
 

@@ -573,3 +573,14 @@ def test_a_study_name_too_long_for_a_file_name_is_bad_input(tmp_path: Path, caps
     text = TINY_STUDY.replace('name = "t"', f'name = "{"n" * 240}"')  # <name>-artifacts would pass 255 bytes
     assert _bad_input(tmp_path, capsys, "run", _study(tmp_path, text)).startswith(
         "error: s.toml: study.name: at most 200 characters")
+
+
+@pytest.mark.parametrize("command", ["run", "worker"])
+def test_a_study_of_the_same_name_made_by_other_code_is_not_joined_nor_touched(tmp_path: Path, capsys, command):
+    db = tmp_path / "t.db"
+    other = optuna.create_study(study_name="t", storage=f"sqlite:///{db}")
+    other.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    text = TINY_STUDY.replace("n_trials = 1", "n_trials = 20")  # room to join: only the origin refuses it
+    line = _same_bytes(tmp_path, capsys, db, command, _study(tmp_path, text))
+    assert line == f"error: study 't' in sqlite:///{db.name} holds 2 trial(s) that cycle-optuna did not make " \
+                   "(no study config stored on it); give [study] name another name"
