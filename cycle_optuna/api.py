@@ -40,7 +40,7 @@ def load_study(path_or_name: StudyLike, storage: str | BaseStorage | None = None
         return path_or_name
     path, cfg = Path(path_or_name), None
     if path.suffix.lower() == ".toml" or path.is_file():
-        cfg = config_mod.load(path)
+        cfg = config_mod.load(path, check_files=False)  # a read: the data file may have moved
         name = cfg.study.name
         url = storage if isinstance(storage, BaseStorage) else storage_mod.resolve_url(cfg, storage)
     else:

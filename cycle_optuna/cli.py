@@ -60,11 +60,12 @@ file has labels), then p_<class> for every class of the study.""",
 }
 
 
-def _load(args: argparse.Namespace):
-    """The study file with command-line overrides, and its storage URL."""
+def _load(args: argparse.Namespace, *, trains: bool = False):
+    """The study file with command-line overrides, and its storage URL. Only commands that train
+    (`trains`) need the data files where the study file says; the others read the stored study."""
     from cycle_optuna import config, storage
 
-    cfg = config.override(config.load(args.study), n_trials=getattr(args, "n_trials", None))
+    cfg = config.override(config.load(args.study, check_files=trains), n_trials=getattr(args, "n_trials", None))
     return cfg, storage.resolve_url(cfg, args.storage)
 
 
@@ -150,7 +151,7 @@ def small_validation_note(cfg, data) -> str | None:
 def cmd_run(args: argparse.Namespace) -> int:
     from cycle_optuna import placement, preflight, storage, worker
 
-    cfg, url = _load(args)
+    cfg, url = _load(args, trains=True)
     gpus = _placement(args)
     data = preflight.for_run(cfg, url, wait_s=args.wait_for_storage, say=_say_err)  # a bad input: one line, first
     cfg, note = _with_total(args, cfg, url)
@@ -274,7 +275,7 @@ def _print_cycles(study) -> None:
 def cmd_worker(args: argparse.Namespace) -> int:
     from cycle_optuna import placement, preflight, storage, worker
 
-    cfg, url = _load(args)
+    cfg, url = _load(args, trains=True)
     if args.gpus is not None:
         placement.pin(args.gpus)  # before anything starts CUDA
     data = preflight.for_run(cfg, url, wait_s=args.wait_for_storage, say=_say_err)  # a bad input: one line, first

@@ -738,8 +738,9 @@ def _check_space_feasible(c: _Checker, cfg: StudyConfig) -> None:
         raise c.fail("space.n_heads" if "n_heads" in searched else "space.hidden_dim", f"no choice of n_heads {list(heads)} divides any hidden_dim {list(hidden)}")
 
 
-def load(path: str | Path) -> StudyConfig:
-    """Read and validate a study file."""
+def load(path: str | Path, *, check_files: bool = True) -> StudyConfig:
+    """Read and validate a study file. ``check_files=False`` (commands that only read a study:
+    its definition is stored on it) accepts data files that are no longer where it says."""
     path = Path(path)
     if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO or device would block the read
         raise ConfigError(f"{path}: not a regular file (a pipe or a device); give the study file itself")
@@ -759,7 +760,7 @@ def load(path: str | Path) -> StudyConfig:
     if not raw:  # an empty file is a mistake, not a request for an all-default study
         raise ConfigError(f"{path}: the study file is empty; give at least [study] name "
                           "(see studies/quick.toml)")
-    return parse(raw, str(path))
+    return parse(raw, str(path), check_files=check_files)
 
 
 def from_dict(d: Mapping[str, Any]) -> StudyConfig:

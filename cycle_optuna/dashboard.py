@@ -104,7 +104,7 @@ def make_dashboard(
 
     from cycle_optuna.preflight import check_writable_dir
 
-    cfg = config_mod.load(study_path)
+    cfg = config_mod.load(study_path, check_files=False)
     url = storage_mod.resolve_url(cfg, storage)
     artifacts = _artifact_dir(cfg)
     check_writable_dir(artifacts, what="study.artifact_dir")

@@ -32,7 +32,7 @@ def analyse(study: api.StudyLike, storage: str | BaseStorage | None = None, *, t
     """Load the study and compute everything the report shows."""
     url = None
     if not isinstance(study, optuna.Study) and Path(study).suffix.lower() == ".toml":
-        url = storage_mod.mask(storage_mod.resolve_url(config_mod.load(study), storage if isinstance(storage, str) else None))
+        url = storage_mod.mask(storage_mod.resolve_url(config_mod.load(study, check_files=False), storage if isinstance(storage, str) else None))
     study = api.load_study(study, storage)
     cyc = api.cycles(study)
     complete = [c for c in cyc if c.state == "COMPLETE" and c.value is not None]

@@ -584,3 +584,26 @@ def test_a_study_of_the_same_name_made_by_other_code_is_not_joined_nor_touched(t
     line = _same_bytes(tmp_path, capsys, db, command, _study(tmp_path, text))
     assert line == f"error: study 't' in sqlite:///{db.name} holds 2 trial(s) that cycle-optuna did not make " \
                    "(no study config stored on it); give [study] name another name"
+
+
+def test_reading_a_study_does_not_need_its_data_file_where_the_study_file_says(tmp_path: Path, capsys):
+    """The definition is stored on the study: status, best, report and export read it; only
+    commands that train need the data file."""
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2
+    np.savez(tmp_path / "d.npz", X=(rng.normal(size=(40, 8, 2)) + y[:, None, None]).astype(np.float32), y=y)
+    text = TINY_STUDY.replace('source = "synthetic"\nn_samples = 60', 'source = "d.npz"')
+    study = _study(tmp_path, text)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert run_cli("run", study) == 0
+        (tmp_path / "d.npz").rename(tmp_path / "elsewhere.npz")
+        capsys.readouterr()
+        for command in READERS:
+            assert run_cli(command, study) == 0, capsys.readouterr().err
+        assert "unavailable" in capsys.readouterr().out  # best: no test split without the data
+        assert run_cli("run", study, "--n-trials", "2") == 2
+        assert "data.source: file not found" in capsys.readouterr().err
+    finally:
+        os.chdir(cwd)
