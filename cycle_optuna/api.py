@@ -306,7 +306,17 @@ def _download_model(store: optuna.artifacts.FileSystemArtifactStore, where: Path
                                f"is missing from {where}") from None
         import torch  # here, not at the top: queries and `status` must not pay for importing torch
 
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated, overwritten or not a model: torch raises many kinds
+            text = str(e).strip()
+            first = text.splitlines()[0].split(". ")[0][:160] if text else type(e).__name__
+            raise StorageError(f"model artifact {trial.user_attrs[MODEL_ATTR]} of cycle {trial.number + 1} in "
+                               f"{where} cannot be read (corrupt or truncated: {first})") from None
+        if not isinstance(payload, dict) or not {"state_dict", "mean", "std"} <= payload.keys():
+            raise StorageError(f"model artifact {trial.user_attrs[MODEL_ATTR]} of cycle {trial.number + 1} in "
+                               f"{where} is not a cycle-optuna model")
+        return payload
 
 
 @dataclass(frozen=True)

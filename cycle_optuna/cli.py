@@ -334,7 +334,7 @@ def cmd_best(args: argparse.Namespace) -> int:
         if len(rec.get("model_cycles") or ()) > 1:
             table.add_row("best model", references.model_name(rec["model_cycles"]))
     elif not args.no_test:
-        table.add_row("test accuracy (held out)", f"unavailable: {rec.get('test_error')}")
+        table.add_row("test accuracy (held out)", escape(f"unavailable: {rec.get('test_error')}"))  # a path may hold [..]
     table.add_section()
     for k, v in rec["hyperparams"].items():
         table.add_row(k if k in rec["params"] else f"{k} (fixed)", f"{v:.4g}" if isinstance(v, float) else str(v))

@@ -107,6 +107,21 @@ def test_load_best_model_without_artifact(tmp_path):
         load_best_model(path)
 
 
+@pytest.mark.parametrize("damage", [lambda b: b[:3000], lambda b: b"garbage" * 100], ids=["truncated", "garbage"])
+def test_a_corrupt_model_file_is_one_clear_error_and_best_still_answers(tmp_path, capsys, damage):
+    from cycle_optuna import cli, config
+
+    path = make_study(tmp_path, "tpe")
+    artifacts = config.resolve_artifact_dir(config.load(path))
+    for f in artifacts.iterdir():
+        f.write_bytes(damage(f.read_bytes()))
+    with pytest.raises(StorageError, match=r"model artifact .* of cycle 5 in .* cannot be read \(corrupt or truncated"):
+        load_best_model(path)
+    assert cli.main(["best", str(path)]) == 0  # the table still prints; the test score is unavailable
+    out = capsys.readouterr().out
+    assert "unavailable: model artifact" in " ".join(out.split())
+
+
 def test_held_out_score_uses_the_test_split(studies):
     score = api.held_out_score(studies["tpe"])
     cfg = api.study_config(load_study(studies["tpe"]))
