@@ -198,8 +198,8 @@ def cycles(study: StudyLike, storage: str | BaseStorage | None = None) -> list[C
 
 def key_change(study: optuna.Study, t: FrozenTrial) -> str:
     """One trial's "key changes" (as in :func:`cycles`), reading only it and its parent."""
-    parent = t.user_attrs.get("cycle_parent")
-    number = parent if isinstance(parent, int) else t.number - 1
+    parent = t.user_attrs.get("cycle_parent")  # a cycle number (trial number + 1), as everywhere it is shown
+    number = parent - 1 if isinstance(parent, int) else t.number - 1
     ref = None
     if number >= 0:
         try:

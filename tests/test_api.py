@@ -85,6 +85,17 @@ def test_cycles_records(studies):
     assert tpe[1].key_change == "lr 0.0005 -> 0.001, n_layers 1 -> 2"
 
 
+def test_one_trials_key_change_reads_the_same_parent_as_the_cycle_table(studies):
+    """cycle_parent is a cycle number (trial number + 1): the dashboard note's change (key_change,
+    one trial at a time) names the same parent as the table's."""
+    study = load_study(studies["cycle"])
+    table = {c.number: c.key_change for c in cycles(study)}
+    trials = study.get_trials()
+    assert any(isinstance(p := t.user_attrs.get("cycle_parent"), int) and p != t.number for t in trials)  # a parent
+    for t in trials:                                                     # other than the previous cycle
+        assert api.key_change(study, t) == table[t.number], t.number
+
+
 def test_load_best_model_predicts_on_raw_data(studies):
     model = load_best_model(studies["tpe"])
     assert isinstance(model, torch.nn.Module) and not model.training

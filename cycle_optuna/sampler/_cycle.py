@@ -93,7 +93,7 @@ class CycleSampler(BaseSampler):
     one trial comes from ``fallback``. Every decision is derived from the study's trials, so
     many workers can share one study; running trials count as taken.
 
-    Each proposed trial gets user attrs ``cycle_parent`` (trial number or None), ``cycle_move``
+    Each proposed trial gets user attrs ``cycle_parent`` (the parent's cycle number, trial number + 1; or None), ``cycle_move``
     and ``cycle_reason`` (one sentence). See ``docs/sampler.md`` for the full rules.
 
     Args:
