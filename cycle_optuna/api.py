@@ -6,6 +6,7 @@ import math
 import os
 import tempfile
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -118,10 +119,19 @@ def baseline_params(study: optuna.Study) -> dict[str, Any]:
 
 def best_trial(study: StudyLike, storage: str | BaseStorage | None = None) -> FrozenTrial:
     """The completed trial with the lowest validation loss."""
-    study = load_study(study, storage)
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        raise StorageError(f"study {study.study_name!r} has no completed trials yet")
-    return study.best_trial
+    return _completed(load_study(study, storage))[0]
+
+
+def _no_completed(study: optuna.Study) -> str:
+    """Why a study has no best trial: none has finished yet, or every one that finished was pruned or failed."""
+    states = Counter(t.state for t in study.get_trials(deepcopy=False))
+    ended = {s: n for s, n in states.items() if s in (TrialState.PRUNED, TrialState.FAIL)}
+    if not ended or states.get(TrialState.RUNNING) or states.get(TrialState.WAITING):
+        return f"study {study.study_name!r} has no completed trials yet"
+    what = " and ".join(f"{ended[s]} {word}" for s, word in ((TrialState.PRUNED, "pruned"), (TrialState.FAIL, "failed"))
+                        if s in ended)
+    return (f"study {study.study_name!r} has no completed trial: all {sum(ended.values())} ended without a value "
+            f"({what}); see `status` for why, then change the study and run more trials")
 
 
 def best_params(study: StudyLike, storage: str | BaseStorage | None = None) -> dict[str, Any]:
@@ -263,7 +273,22 @@ def load_best_model(
     ``model.trial_numbers`` lists the trials it averages, best first.
     """
     study = load_study(study, storage)
-    trial = best_trial(study)
+    return _model_of(study, _completed(study), artifact_dir=artifact_dir, ensemble=ensemble)
+
+
+def _completed(study: optuna.Study) -> list[FrozenTrial]:
+    """The completed trials, best first (lowest value, then earliest): one read, so that what a
+    command shows of the best trial and its model comes from one moment of a running study."""
+    done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: (t.value, t.number))
+    if not done:
+        raise StorageError(_no_completed(study))
+    return done
+
+
+def _model_of(study: optuna.Study, done: list[FrozenTrial], *, artifact_dir: str | os.PathLike | None,
+              ensemble: int | None) -> CycleModel:
+    """load_best_model on the completed trials `done` (best first)."""
+    trial = done[0]
     if not trial.user_attrs.get(MODEL_ATTR):
         why = trial.user_attrs.get("model_save_error", "it was run without an artifact store")
         raise StorageError(f"best trial (cycle {trial.number + 1}) has no saved model: {why}")
@@ -275,8 +300,7 @@ def load_best_model(
     where = Path(artifact_dir) if artifact_dir is not None else study_artifact_dir(study)
     if where is None or not where.is_dir():
         raise StorageError(f"artifact directory of study {study.study_name!r} not found: {where}")
-    done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: (t.value, t.number))
-    members = [trial, *(t for t in done if t.number != trial.number and t.user_attrs.get(MODEL_ATTR))][:ensemble]
+    members = [trial, *(t for t in done[1:] if t.user_attrs.get(MODEL_ATTR))][:ensemble]
     store = optuna.artifacts.FileSystemArtifactStore(where)
     payloads = [_download_model(store, where, t) for t in members]
     from cycle_optuna.best_model import CycleModel, Ensemble
@@ -369,7 +393,8 @@ def reference_baselines(study: StudyLike, storage: str | BaseStorage | None = No
 def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, with_test: bool = True) -> dict[str, Any]:
     """The best trial as JSON-ready data, with the field names of ``optuna best-trial -f json``."""
     study = load_study(study, storage)
-    t = best_trial(study)
+    done = _completed(study)  # one snapshot: the trial, its hyperparameters and its model agree while workers run
+    t = done[0]
     fmt = "%Y-%m-%d %H:%M:%S"  # optuna CLI's datetime format
     rec: dict[str, Any] = {
         "number": t.number,
@@ -382,13 +407,13 @@ def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, w
         "state": t.state.name,
         "study_name": study.study_name,
         "cycle": t.number + 1,
-        "hyperparams": best_params(study),
+        "hyperparams": {**baseline_params(study), **t.params},
         # 1: value and val_accuracy are on the validation split; k: k-fold cross-validated ([data] folds)
         "folds": int((study.user_attrs.get(STATS_ATTR) or {}).get("folds", 1)),
     }
     if with_test:
         try:
-            score = held_out_score(study)
+            score = held_out_score(study, model=_model_of(study, done, artifact_dir=None, ensemble=None))
             rec.update(test_accuracy=score.accuracy, test_loss=score.loss, n_test=score.n,
                        model_cycles=list(score.cycles))
         except (StorageError, DataError) as e:  # the best trial is shown all the same

@@ -64,6 +64,14 @@ def test_no_completed_trials_is_a_clear_error(tmp_path):
     study = optuna.create_study(study_name="empty", storage=f"sqlite:///{tmp_path / 'e.db'}")
     with pytest.raises(StorageError, match="no completed trials yet"):
         best_trial(study)
+    for state in (optuna.trial.TrialState.PRUNED,) * 3 + (optuna.trial.TrialState.FAIL,):
+        study.tell(study.ask(), state=state)
+    # finished without a value: waiting would not help, so the message says what happened instead of "yet"
+    with pytest.raises(StorageError, match=r"no completed trial: all 4 ended without a value \(3 pruned and 1 failed\)"):
+        best_trial(study)
+    study.ask()  # one still running: it may yet complete
+    with pytest.raises(StorageError, match="no completed trials yet"):
+        load_best_model(study)
 
 
 def test_cycles_records(studies):
