@@ -18,8 +18,17 @@ from rich.table import Table
 
 from cycle_optuna.errors import CycleOptunaError
 
-out = Console()
-err = Console(stderr=True)
+class _Console(Console):
+    """rich's Console, whose closed pipe (`best | head -2`) ends the command as `export | head` does:
+    exit 141, like a shell tool killed by SIGPIPE (rich's own handler exits 1, a failure)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError  # main() turns it into 141, its stdout pointed at /dev/null
+
+
+out = _Console()
+err = _Console(stderr=True)
 
 EXAMPLES = {
     "run": """examples:

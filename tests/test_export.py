@@ -85,12 +85,14 @@ def test_optunas_trials_dataframe_works(study_file):
     assert len(df) == 6 and "params_lr" in df.columns
 
 
-def test_a_reader_that_stops_early_is_not_an_error(study_file):
-    """`cycle-optuna export STUDY | head -1`: a closed pipe ends the command quietly (exit 141, as SIGPIPE)."""
+@pytest.mark.parametrize("command", [["export"], ["best", "--no-test"], ["status"]])
+def test_a_reader_that_stops_early_is_not_an_error(study_file, command):
+    """`cycle-optuna export STUDY | head -1`: a closed pipe ends the command quietly (exit 141, as
+    SIGPIPE), also where rich prints the output (it exited 1)."""
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "cycle_optuna.cli", "export", str(study_file)],
+    proc = subprocess.Popen([sys.executable, "-m", "cycle_optuna.cli", *command[:1], str(study_file), *command[1:]],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before the first line is written
     err = proc.stderr.read().decode()
