@@ -126,3 +126,16 @@ def test_a_database_restart_is_the_cause_of_the_trial_it_cut_off(tmp_path: Path,
     text = _status(capsys, path, "--storage", pg_url)
     assert "failed: cycle 1: storage lost mid-trial (OperationalError" in text
     assert "1 of 1 trials finished" in text  # the retried failure does not count toward the total
+
+
+def test_a_running_trial_past_the_grace_period_is_marked_as_lost(monkeypatch):
+    from datetime import datetime, timedelta, timezone
+
+    from cycle_optuna import storage
+
+    monkeypatch.setattr(storage, "GRACE_SECONDS", 30)
+    monkeypatch.setattr(storage, "HEARTBEAT_SECONDS", 10)
+    now = datetime.now(timezone.utc)
+    assert status._ago(now - timedelta(seconds=5)) == "5s ago"
+    lost = status._ago((now - timedelta(seconds=40)).replace(tzinfo=None))  # Optuna stores naive UTC
+    assert lost == "40s ago: worker lost, retried by the next worker"
