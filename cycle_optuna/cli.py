@@ -389,6 +389,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 else f"the file has no labels (no {cfg.data.label_column!r} column or y array)")
     summary = (f"{len(pred.proba)} series of {args.file} predicted by the best model of study {cfg.study.name} "
                f"({references.model_name(list(pred.cycles))}); {labelled}")
+    if (pred.labels is not None and Path(args.file).suffix.lower() == ".npz"
+            and pred.classes != tuple(str(k) for k in range(len(pred.classes)))):
+        # an .npz's y holds class indices; the study's classes have names (its training file's labels)
+        shown = ", ".join(f"{k} = {name!r}" for k, name in enumerate(pred.classes[:4]))
+        summary += f" (its y read as class indices: {shown}{', ...' if len(pred.classes) > 4 else ''})"
     if target is None:
         sys.stdout.write(pred.to_csv())
         err.print(summary, highlight=False, soft_wrap=True, markup=False)

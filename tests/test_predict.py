@@ -70,6 +70,13 @@ def test_cli_writes_one_row_per_series(study, tmp_path, capsys):
 
 
 
+def test_an_npz_y_against_named_classes_is_said_to_be_read_as_indices(study, tmp_path, capsys):
+    x = np.array([[float(r.split(",")[2])] for r in _rows(20, 1)]).reshape(20, 6, 1)
+    np.savez(tmp_path / "new.npz", X=x, y=np.arange(20) % 2)
+    assert main(["predict", str(study), str(tmp_path / "new.npz")]) == 0
+    assert "its y read as class indices: 0 = 'a', 1 = 'b'" in " ".join(capsys.readouterr().err.split())
+
+
 def test_output_to_dev_stdout_keeps_the_summary_out_of_the_csv(study):
     """`-o /dev/stdout | ...`: the data stream is CSV only; the summary goes to stderr."""
     run = subprocess.run([sys.executable, "-m", "cycle_optuna.cli", "predict", str(study),
