@@ -291,8 +291,11 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True
     if not header:
         raise _fail(path, "empty csv file (expected a header row)")
     header = [h.strip() for h in header]
+    rows = list(reader)
+    header, rows = _drop_empty_unnamed(path, header, rows)
     if dup := next((h for i, h in enumerate(header) if h in header[:i]), None):
         raise _fail(path, f"column {dup!r} appears twice in the header")
+    reader = iter(rows)
     if cfg.layout == "wide":
         return _wide_csv(path, cfg, header, reader, number, need_labels)
     for col, key in ((cfg.sample_column, "sample_column"), (cfg.label_column, "label_column")):
@@ -327,8 +330,27 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True
             raise _fail(path, f"line {line}: column '{header[bad]}' value {row[bad]!r} is not a number") from None
     if not seqs:
         raise _fail(path, "no data rows")
+    if need_labels and len(feat_idx) > 1 and all(len(v) == 1 for v in seqs.values()):
+        # a row per series read as a row per step: every "series" would be one step of many features
+        raise _fail(path, f"every sample has a single row, so each series would be one time step of "
+                    f"{len(feat_idx)} features; if a row is a whole series, set [data] layout = \"wide\"")
     x = _pad([np.asarray(s, dtype=np.float64) for s in seqs.values()])
     return x, None if i_label is None else [labels[sid] for sid in seqs], list(seqs)
+
+
+def _drop_empty_unnamed(path: Path, header: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """Columns without a header name: one empty in every row (a trailing delimiter) is dropped; one
+    with values (a row index, as pandas' to_csv() and R's write.csv write) is refused, since read as a
+    feature it would be one, silently, and a row number can give the classes away."""
+    unnamed = [i for i, h in enumerate(header) if not h]
+    if not unnamed:
+        return header, rows
+    keep = [i for i in range(len(header)) if i not in unnamed]
+    for i in unnamed:
+        if any(len(r) > i and r[i].strip() for r in rows):
+            raise _fail(path, f"column {i + 1} has no name in the header (a row index, as pandas' to_csv() or R's "
+                        "write.csv write?); write the file without it (index=False, row.names=FALSE) or name it")
+    return [header[i] for i in keep], [[r[i] for i in keep if i < len(r)] if r else r for r in rows]
 
 
 def _columns(header: list[str], most: int = 12) -> str:
@@ -380,6 +402,11 @@ def _read_text(path: Path) -> str:
         raise _fail(path, "data file not found") from None
     except OSError as e:
         raise _fail(path, f"cannot read data file: {e.strerror}") from e
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with its byte-order mark (Excel's "Unicode text")
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            raise _fail(path, "starts like UTF-16 text but does not decode as it; save it as UTF-8") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:  # a spreadsheet's "ANSI" text: Latin-1 keeps every byte, so no two labels merge
@@ -397,7 +424,8 @@ def load_ucr_table(path: Path) -> tuple[np.ndarray, list[str]]:
     for n, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
-        cells = raw.strip().split("\t") if tabs else raw.split()
+        # a leading tab is an empty label cell, not padding to strip (trailing empty cells pad the series)
+        cells = raw.strip(" \r\n").split("\t") if tabs else raw.split()
         if len(cells) < 2:
             raise _fail(path, f"line {n}: a label and no values (expected {'tab' if tabs else 'space'}-separated: "
                         "label, then the series)")
@@ -435,8 +463,8 @@ def load_arff(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
         line = raw.strip()
         if not line or line.startswith("%"):
             continue
-        if declared is None:  # the header
-            word, _, rest = line.partition(" ")
+        if declared is None:  # the header: its words may be separated by tabs as well as blanks
+            word, rest = (line.split(None, 1) + [""])[:2]
             key = word.lower()
             if key == "@relation":
                 continue
@@ -495,7 +523,7 @@ def _arff_attribute(path: Path, n: int, rest: str) -> tuple[str, str]:
     if rest[:1] in ("'", '"'):
         name, _, kind = rest[1:].partition(rest[0])
     else:
-        name, _, kind = rest.partition(" ")
+        name, kind = (rest.split(None, 1) + [""])[:2]
     if not kind.strip():
         raise _fail(path, f"line {n}: @attribute {rest!r} has no type")
     return name, kind.strip()
@@ -529,20 +557,27 @@ def _label_name(path: Path, line: int, cell: str) -> str:
         raise _fail(path, f"line {line}: empty label")
     if not _is_float(name):
         return name
+    try:
+        return str(int(name))  # an integer literal exactly, however long (a float would merge 2**53 + 1 into 2**53)
+    except ValueError:
+        pass
     value = float(name)
     if not math.isfinite(value) or value != round(value):
         raise _fail(path, f"line {line}: label {name!r} is not a class: labels are integers or names")
     return str(int(value))
 
 
+MISSING = {"", "na", "n/a", "null", "none", "?"}  # cells that mean "no value" (R writes NA), besides NaN
+
+
 def _csv_float(s: str) -> float:
     # an empty cell is a missing value, like NaN
-    return math.nan if not s.strip() else float(s)
+    return math.nan if s.strip().lower() in MISSING else float(s)
 
 
 def _is_float(s: str) -> bool:
-    """A .csv/.tsv cell that reads as a number (an empty cell: missing)."""
-    return not s.strip() or _is_number(s)
+    """A .csv/.tsv cell that reads as a number (an empty cell, NA and the like: missing)."""
+    return s.strip().lower() in MISSING or _is_number(s)
 
 
 def _is_number(s: str) -> bool:
@@ -757,6 +792,8 @@ def _read(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None, *, need_
     if suffix in (".ts", ".arff", ".csv", ".tsv", ".txt"):  # labels are names
         if suffix in (".ts", ".arff"):
             x, labels, declared = load_ts(path) if suffix == ".ts" else load_arff(path)
+            if classes is not None:  # written 1.0 here and 1 in the training file: the same class
+                labels, declared = _as_classes(labels, classes), _as_classes(declared, classes)
             found = class_order(declared)
             if classes is not None and set(declared) != set(classes):
                 raise _fail(path, f"class set differs from the training file's: "
@@ -770,12 +807,17 @@ def _read(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None, *, need_
             if labels is None:
                 return _unlabelled(path, x, classes, ids)
             labels = _same_text(labels)
+            if classes is not None:
+                labels = _as_classes(labels, classes)
             found = class_order(sorted(set(labels)))
             if classes is not None and (unknown := sorted(set(labels) - set(classes))):
                 raise _fail(path, f"class(es) {', '.join(unknown)} not in the training file's classes "
                             f"({', '.join(classes)})")
         if classes is None and len(found) == 1:
             raise _fail(path, f"only one class ({found[0]!r}); classification needs at least two")
+        if classes is None and (empty := [c for c in found if c not in set(labels)]):  # declared, never used
+            raise _fail(path, f"class(es) {', '.join(empty)} declared but no series has them; a training file needs "
+                        "series of every class it declares (remove them from the declaration)")
         names = found if classes is None else classes
         index = {name: i for i, name in enumerate(names)}
         x, y, _ = check_arrays(path, x, np.asarray([index[label] for label in labels]), named=classes is not None)
@@ -791,6 +833,19 @@ def _read(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None, *, need_
         raise _fail(path, f"class set differs from the training file's: label {k - 1} here, "
                     f"0..{len(classes) - 1} in the training file")
     return x, y, classes if classes is not None else tuple(str(c) for c in range(k)), None
+
+
+def _as_classes(labels: list[str], classes: tuple[str, ...]) -> list[str]:
+    """A file's labels as the study's class names: a name the study lacks that is the number of one
+    of its classes (.ts keeps `1.0` as written, .csv reads it as `1`) is that class."""
+    numeric: dict[float, str] = {}
+    for name in classes:
+        if _is_number(name) and math.isfinite(float(name)):
+            numeric.setdefault(float(name), name)
+    if not numeric:
+        return list(labels)
+    known = set(classes)
+    return [label if label in known or not _is_number(label) else numeric.get(float(label), label) for label in labels]
 
 
 def _unlabelled(path: Path, x: np.ndarray, classes: tuple[str, ...] | None, ids: list[str] | None

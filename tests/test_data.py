@@ -527,6 +527,20 @@ def test_arff_univariate_padding_missing_and_declared_order(tmp_path):
     assert read_file(path, DataConfig())[2] == ("b", "a", "10")  # names that are not all numbers: declared order
 
 
+def test_arff_header_words_separated_by_tabs_read_as_by_blanks(tmp_path):
+    from cycle_optuna.data import load_arff
+
+    path = tmp_path / "X_TRAIN.arff"
+    path.write_text(UNIVARIATE_ARFF)
+    tabbed = tmp_path / "T_TRAIN.arff"
+    tabbed.write_text("\n".join(ln.replace(" ", "\t", 2) if ln.lower().startswith(("@attribute", "@relation")) else ln
+                                for ln in UNIVARIATE_ARFF.splitlines()) + "\n")
+    assert "\t" in tabbed.read_text()
+    (x, labels, declared), (x2, labels2, declared2) = load_arff(path), load_arff(tabbed)
+    np.testing.assert_array_equal(x, x2)
+    assert (labels, declared) == (labels2, declared2)
+
+
 def test_arff_multivariate_relational_matches_the_ts_file(tmp_path):
     from cycle_optuna.data import read_file
 
@@ -779,3 +793,85 @@ def test_a_pipe_as_a_data_file_is_refused_not_read(tmp_path):
     os.mkfifo(fifo)  # `predict STUDY new.csv` would block until a writer came
     with pytest.raises(DataError, match=r"new\.csv: not a regular file"):
         read_inputs(fifo, DataConfig(), ("a", "b"))
+
+
+def _long_rows(sep: str = ",") -> list[str]:
+    """6 series of 3 steps, 1 feature: series i holds i*10 + step; classes a, b alternate."""
+    return [sep.join((str(i), "ab"[i % 2], str(i * 10 + t))) for i in range(6) for t in range(3)]
+
+
+@pytest.mark.parametrize("header, rows", [
+    (",sample,label,x", [f"{k},{r}" for k, r in enumerate(_long_rows())]),          # pandas to_csv()
+    ('"","sample","label","x"', [f'"{k + 1}",{r}' for k, r in enumerate(_long_rows())]),  # R write.csv
+])
+def test_a_row_index_column_is_refused_not_read_as_a_feature(tmp_path, header, rows):
+    from cycle_optuna.data import read_file
+
+    path = tmp_path / "d.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    with pytest.raises(DataError, match=r"d\.csv: column 1 has no name in the header \(a row index"):
+        read_file(path, DataConfig())
+
+
+def test_values_that_a_csv_reader_must_not_lose(tmp_path):
+    """A trailing delimiter adds no feature; NA is missing; integer labels stay exact and distinct;
+    UTF-16 text (Excel's "Unicode text") reads as UTF-8 does."""
+    from cycle_optuna.data import read_file
+
+    rows = _long_rows()
+    rows[4] = "1,b,NA"  # series 1, step 1: missing (R writes NA)
+    big = {"a": "9007199254740993", "b": "9007199254740992"}  # 2**53 + 1 and 2**53: one float
+    text = "\n".join(["sample,label,x,", *(f"{r.replace(',a,', ',' + big['a'] + ',').replace(',b,', ',' + big['b'] + ',')},"
+                                          for r in rows)]) + "\n"
+    for name, data in (("u8.csv", text.encode()), ("u16.csv", text.encode("utf-16"))):
+        (tmp_path / name).write_bytes(data)
+        x, y, names = read_file(tmp_path / name, DataConfig())
+        assert x.shape == (6, 3, 1) and names == (big["b"], big["a"])
+        assert np.isnan(x[1, 1, 0]) and x[2, 2, 0] == 22.0
+        assert y.tolist() == [1, 0, 1, 0, 1, 0]
+
+
+def test_a_row_per_series_read_as_a_row_per_step_says_to_set_wide(tmp_path):
+    from cycle_optuna.data import read_file
+
+    path = tmp_path / "d.csv"
+    path.write_text("sample,label,t0,t1,t2\n" + "\n".join(f"{i},{'ab'[i % 2]},{i},{i},{i}" for i in range(6)) + "\n")
+    with pytest.raises(DataError, match=r"every sample has a single row.* set \[data\] layout = \"wide\""):
+        read_file(path, DataConfig())
+    x, _, _ = read_file(path, DataConfig(layout="wide"))
+    assert x.shape == (6, 3, 1)
+
+
+def test_a_tsv_line_with_an_empty_label_cell_is_refused_not_shifted(tmp_path):
+    from cycle_optuna.data import read_file
+
+    path = tmp_path / "d_TRAIN.tsv"
+    path.write_text("1\t0.5\t0.25\n\t0.5\t0.25\n2\t0.1\t0.2\n")
+    with pytest.raises(DataError, match=r"line 2: empty label"):
+        read_file(path, DataConfig())
+
+
+def test_a_class_written_1_0_in_one_file_and_1_in_another_is_one_class(tmp_path):
+    """.ts keeps declared labels as written (`0.0 1.0`, as Covid3Month_disc's); a .csv reads `0.0` as `0`."""
+    from cycle_optuna.data import read_file, read_inputs
+
+    path = tmp_path / "t.csv"
+    path.write_text("sample,label,x\n" + "\n".join(f"{i},{i % 2},{i}.5" for i in range(4)) + "\n")
+    x, y, names = read_file(path, DataConfig(), classes=("0.0", "1.0"))
+    assert names == ("0.0", "1.0") and y.tolist() == [0, 1, 0, 1]
+    assert read_inputs(path, DataConfig(), ("0.0", "1.0"))[1].tolist() == [0, 1, 0, 1]
+    ts = tmp_path / "t.ts"
+    ts.write_text("@problemName t\n@univariate true\n@classLabel true 0.0 1.0\n@data\n1,2,3:0.0\n2,3,4:1.0\n")
+    assert read_file(ts, DataConfig(), classes=("0", "1"))[1].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("declared, used", [("a b c", "a c"), ("1 2 3", "1 2")])
+def test_a_training_file_that_declares_a_class_no_series_has_names_it(tmp_path, declared, used):
+    from cycle_optuna.data import read_file
+
+    path = tmp_path / "t.ts"
+    rows = [f"{k},{k + 1},{k + 2}:{label}" for k, label in enumerate(used.split() * 2)]
+    path.write_text(f"@problemName t\n@univariate true\n@classLabel true {declared}\n@data\n" + "\n".join(rows) + "\n")
+    missing = sorted(set(declared.split()) - set(used.split()))
+    with pytest.raises(DataError, match=rf"class\(es\) {missing[0]} declared but no series has them"):
+        read_file(path, DataConfig())
