@@ -228,6 +228,13 @@ DIAGNOSIS_ADVICE = {
 }
 
 
+# the setting that lets a pruner's trials run longer before they can be stopped, by [pruner] type
+PRUNER_WARMUP_KEY = {
+    "parent": "pruner.warmup_fraction", "median": "pruner.n_warmup_steps", "percentile": "pruner.n_warmup_steps",
+    "patient": "pruner.patience", "successive_halving": "pruner.min_resource", "hyperband": "pruner.min_resource",
+}
+
+
 def recommendations(
     cycles: Sequence[Cycle],
     best: Cycle | None,
@@ -235,9 +242,15 @@ def recommendations(
     *,
     importance: Mapping[str, float] | None = None,
     test_gap: float | None = None,
+    pruner: str | None = None,
 ) -> list[str]:
     """Advice for the next run, each inside what the model and space accept, one per topic, consistent."""
     if best is None:
+        ended = finished(cycles)
+        if ended and len(ended) == len(cycles):  # nothing left running: waiting would not help
+            which = "its only cycle was" if len(ended) == 1 else f"all {len(ended)} were"
+            return [f"No cycle completed: {which} pruned, diverged or failed; read their reasons "
+                    "(`status`, the table above), then change the study (a smaller lr, a gentler pruner) and run more"]
         return ["Run the study: no cycle has completed yet."]
     recs: list[str] = []
     widened: set[str] = set()
@@ -257,8 +270,8 @@ def recommendations(
     stopped = sum(c.state == "PRUNED" for c in cycles)
     done = finished(cycles)
     if done and stopped / len(done) > 0.5:
-        recs.append(f"The pruner stopped {stopped} of {len(done)} cycles: raise pruner.n_warmup_steps if it "
-                    "prunes slow starters")
+        key = PRUNER_WARMUP_KEY.get(pruner or "", "the pruner's warm-up")
+        recs.append(f"The pruner stopped {stopped} of {len(done)} cycles: raise {key} if it prunes slow starters")
     if test_gap is not None and test_gap > 0.05:
         recs.append(f"Test accuracy trails validation accuracy by {100 * test_gap:.1f} points: selection overfits "
                     "the validation split; enlarge data.val_fraction")

@@ -38,11 +38,12 @@ def _color(c: Cycle) -> str:
 
 
 def _loss(c: Cycle) -> float | None:
-    """The cycle's val loss: the objective when complete, else the best epoch it reached."""
-    if c.value is not None:
+    """The cycle's val loss: the objective when complete, else the best epoch it reached (a pruned
+    trial's Optuna value is its last reported epoch, not its best)."""
+    if c.state == "COMPLETE" and c.value is not None:
         return c.value
     finite = [v for v in c.curve if math.isfinite(v)]
-    return min(finite) if finite else None
+    return min(finite) if finite else c.value
 
 
 def _best(cycles: Sequence[Cycle]) -> Cycle | None:
@@ -181,13 +182,19 @@ def lr_vs_loss(cycles: Sequence[Cycle], path: Path) -> Path:
     return _scatter(cycles, lambda c: c.params.get("lr"), path, xlabel="learning rate", title="Learning rate vs loss")
 
 
+RATE_PARAMS = ("lr", "dropout", "weight_decay", "batch_size")  # change no parameter count
+
+
 def capacity_vs_loss(cycles: Sequence[Cycle], path: Path) -> Path:
-    """Trainable parameters (log) against val loss; cycles without a count use 12 x hidden^2 x layers."""
+    """Trainable parameters (log) against val loss. A cycle without its own count (pruned before it
+    stored one) takes that of a cycle with the same architecture; without one it is left out."""
+    def shape(c: Cycle) -> tuple:
+        return tuple(sorted((k, repr(v)) for k, v in c.params.items() if k not in RATE_PARAMS))
+
+    known = {shape(c): c.n_params for c in cycles if c.n_params}
+
     def size(c: Cycle) -> float | None:
-        if c.n_params:
-            return c.n_params
-        h, n = c.params.get("hidden_dim"), c.params.get("n_layers")
-        return 12 * h * h * n if h and n else None  # rough transformer block size, for trials that never ran
+        return c.n_params or known.get(shape(c))
 
     return _scatter(cycles, size, path, xlabel="trainable parameters", title="Model capacity vs loss")
 

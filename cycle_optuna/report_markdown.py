@@ -37,6 +37,14 @@ def _loss(c: Cycle) -> float | None:
     return plots._loss(c)
 
 
+def _model(a: Analysis) -> str:
+    """The model the held-out score belongs to: the best cycle's, or the mean of the best cycles'."""
+    from cycle_optuna.references import model_name
+
+    cycles = list(a.test.cycles) if a.test and a.test.cycles else [a.best.cycle] if a.best else []
+    return f"the best model ({model_name(cycles)})" if len(cycles) > 1 else "its model"
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -68,10 +76,13 @@ def _overview(a: Analysis) -> list[str]:
     if n["RUNNING"] or n["WAITING"]:
         parts.append(f"{n['RUNNING'] + n['WAITING']} running or waiting")
     epochs = sum(c.epochs_run for c in a.cycles)
-    secs = sum(c.metrics.get("train_seconds", 0) or 0 for c in a.cycles)
+    timed = [c for c in a.cycles if c.metrics.get("train_seconds")]  # pruned and failed cycles record none
+    secs = sum(c.metrics["train_seconds"] for c in timed)
     lines = ["## Overview", "", f"Study **{a.name}** ran {len(a.cycles)} improvement cycles ({', '.join(parts)})"
              + (f" with sampler `{a.cfg.sampler.type}` and pruner `{a.cfg.pruner.type}`" if a.cfg else "")
-             + f": {epochs} epochs trained in {secs:.1f} s of training time."]
+             + f": {epochs} epochs trained"
+             + (f"; the {len(timed)} cycle{'s' if len(timed) != 1 else ''} that finished training took {secs:.1f} s"
+                if timed else "") + "."]
     if a.storage:
         lines.append(f"Storage: `{a.storage}`.")
     if a.stats:
@@ -91,6 +102,8 @@ def _overview(a: Analysis) -> list[str]:
         elif first is a.best:
             line += ": no later cycle beat the baseline"
         lines.append(line + ".")
+    elif a.cycles and len(an.finished(a.cycles)) == len(a.cycles):
+        lines.append("No cycle completed: every one was pruned, diverged or failed.")
     else:
         lines.append("No cycle has completed yet.")
     return lines + [""]
@@ -323,7 +336,8 @@ def _recommendations(a: Analysis) -> list[str]:
     gap = None
     if a.test is not None and a.best is not None and a.best.val_accuracy is not None:
         gap = a.best.val_accuracy - a.test.accuracy
-    recs = an.recommendations(a.cycles, a.best, _space(a.cfg), importance=a.importance, test_gap=gap)
+    recs = an.recommendations(a.cycles, a.best, _space(a.cfg), importance=a.importance, test_gap=gap,
+                              pruner=a.cfg.pruner.type if a.cfg else None)
     return ["## Recommendations for the next run", ""] + [f"{i}. {r}" for i, r in enumerate(recs, 1)] + [""]
 
 
@@ -332,8 +346,9 @@ def _loss_reduction(a: Analysis) -> list[str]:
     imp = [c for c in a.cycles if c.improvement_pct is not None]
     if imp:
         top = max(imp, key=lambda c: c.improvement_pct)
-        lines += [f"- **Best improvement:** {top.improvement_pct:.2f}% (cycle {top.cycle})",
-                  f"- **Average improvement:** {np.mean([c.improvement_pct for c in imp]):.2f}% per cycle "
+        lines += [f"- **Largest drop within a cycle** (its first epoch's val loss to its best): "
+                  f"{top.improvement_pct:.2f}% (cycle {top.cycle})",
+                  f"- **Average drop within a cycle:** {np.mean([c.improvement_pct for c in imp]):.2f}% "
                   f"({an.sample(imp)} cycles)"]
     done = a.complete
     if len(done) >= 2:
@@ -355,11 +370,11 @@ def _conclusion(a: Analysis) -> list[str]:
     if a.best is None:
         return []
     b = a.best
-    test = f", {_pct(a.test.accuracy)} held-out test accuracy" if a.test else ""
+    test = (f" On the held-out test split {_model(a)} scored {_pct(a.test.accuracy)} accuracy." if a.test else "")
     return ["## Conclusion", "",
             f"**Key takeaway:** cycle {b.cycle} ({_arch(b)}, lr {_fmt(b.params.get('lr'))}, batch "
             f"{b.params.get('batch_size')}, dropout {_fmt(b.params.get('dropout'))}) reached validation loss "
-            f"{b.value:.4f} and accuracy {_pct(b.val_accuracy)}{test} after {len(a.cycles)} cycles.", ""]
+            f"{b.value:.4f} and accuracy {_pct(b.val_accuracy)} after {len(a.cycles)} cycles.{test}", ""]
 
 
 def render(a: Analysis, images: dict[str, str] | None = None) -> str:
@@ -386,13 +401,14 @@ def summary(a: Analysis) -> str:
         return "\n".join(lines + ["", "No cycle has completed yet."]) + "\n"
     b = a.best
     lines += ["", f"**Best: cycle {b.cycle}**, val loss {b.value:.4f}, val accuracy {_pct(b.val_accuracy)}"
-              + (f", held-out test accuracy {_pct(a.test.accuracy)}" if a.test else "") + f" ({_arch(b)}, "
+              + (f", held-out test accuracy of {_model(a)} {_pct(a.test.accuracy)}" if a.test else "") + f" ({_arch(b)}, "
               f"lr {_fmt(b.params.get('lr'))})", ""]
     lines += _context(a)
     for t, words in ((an.trend(a.cycles, _size), CAPACITY_WORDS), (an.trend(a.cycles, _log_lr), LR_WORDS)):
         if t.rho is not None:
             lines.append(_trend_line(t, *words))
-    recs = an.recommendations(a.cycles, a.best, _space(a.cfg), importance=a.importance)
+    recs = an.recommendations(a.cycles, a.best, _space(a.cfg), importance=a.importance,
+                              pruner=a.cfg.pruner.type if a.cfg else None)
     lines += ["", "**Next:** " + recs[0]] + ([f"**Also:** {r}" for r in recs[1:3]])
     lines += ["", "The full report: `cycle-optuna report STUDY.toml`."]
     return "\n".join(lines).rstrip() + "\n"

@@ -70,7 +70,7 @@ def test_numbers_come_from_the_study(written):
     assert "**Cycle 3** had the best accuracy of the 3 complete cycles (47.68%) despite not having the best loss" in text
     assert "cycle 4 (lr 0.004, hidden 128, 5 layers, 4 heads): diverged: the loss became non-finite" in text
     assert "cycle 6 (lr 0.00025, hidden 32, 2 layers, 4 heads): CUDA out of memory" in text
-    assert "**Best improvement:** 3.15% (cycle 3)" in text
+    assert "**Largest drop within a cycle** (its first epoch's val loss to its best): 3.15% (cycle 3)" in text
     assert "loss of complete cycles in 0.9192 - 0.9213" in text
 
 
@@ -120,9 +120,26 @@ def test_report_of_a_study_without_completed_cycles(tmp_path):
     ))
     path = report.write_report(study, tmp_path / "out", test=False)
     text = path.read_text()
-    assert "No cycle has completed yet." in text and "1. Run the study" in text
+    # its only cycle ended pruned and nothing runs: waiting would not help, so the report says what happened
+    assert "No cycle completed: every one was pruned, diverged or failed." in text
+    assert "1. No cycle completed: its only cycle was pruned, diverged or failed" in text
     assert "cycle 1 (lr 0.0005" in text and "fell behind" in text
     assert all((path.parent / png).stat().st_size > 5_000 for png in PNGS)
+
+
+def test_a_pruned_cycle_shows_the_best_loss_it_reached_not_its_last(tmp_path):
+    """Optuna's value of a pruned trial is its last reported epoch; the table and plots say "best"."""
+    study = optuna.create_study(study_name="p", storage=f"sqlite:///{tmp_path / 'p.db'}")
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=0.50, params={},
+                                              distributions={}, intermediate_values={0: 0.7, 1: 0.5}))
+    trial = study.ask()
+    for step, v in enumerate((0.6, 0.4184, 0.4535)):
+        trial.report(v, step)
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)  # as a worker's pruned trial ends
+    assert study.trials[1].value == 0.4535  # what Optuna keeps: the last epoch
+    text = report.write_report(study, tmp_path / "out", test=False).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| 2 |"))
+    assert row.startswith("| 2 | 0.4184 |"), row
 
 
 def test_default_output_dir_is_beside_the_study_file(tmp_path, monkeypatch):
