@@ -292,7 +292,9 @@ def _importance(a: Analysis) -> list[str]:
         lines.append(f"- Not rated (held one value in every complete cycle): {', '.join(fixed)}")
     if a.importance_warning:
         lines.append(f"- **Warning:** {a.importance_warning}")
-    return lines + [f"- **{top}** explains the most variation in validation loss.", ""]
+    return lines + [f"- **{top}** has the highest importance score over these {n} cycles; with this few "
+                    "cycles, each a single change, the score is a hint, not a measurement (compare the cycles "
+                    "that changed it in the table above).", ""]
 
 
 def _pruning(a: Analysis) -> list[str]:

@@ -153,6 +153,7 @@ def _result(vals, trains, acc):
     ([0.9, 0.7, 0.6, 0.6, 0.6], [0.8, 0.5, 0.4, 0.4, 0.4], 0.70, 0.88, "below_baseline"),  # fits train, not val
     ([0.9, 0.8, 0.7, 0.6], [0.8, 0.6, 0.5, 0.4], 0.70, 0.88, "below_baseline"),  # still improving: not converging
     ([0.9, 0.7, 0.6, 0.6, 0.6], [0.9, 0.7, 0.6, 0.6, 0.6], 0.90, 0.88, "converged"),  # above the reference
+    ([0.9, 0.7, 0.6, 0.6, 0.6], [0.9, 0.7, 0.6, 0.6, 0.6], 40 / 45, 0.888889, "converged"),  # a tie, stored rounded
     ([0.9, 0.7, 0.6, 0.6, 0.6], [0.9, 0.7, 0.6, 0.6, 0.6], 0.70, None, "converged"),  # no reference stored
     ([0.9, 0.7, 0.6, 0.65, 0.7], [0.9, 0.6, 0.4, 0.3, 0.2], 0.70, 0.88, "overfit"),  # the curves say why
 ])
