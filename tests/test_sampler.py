@@ -468,3 +468,24 @@ def test_reference_schedule_doubles_lr_and_grows_capacity_without_backing_off():
     ]
     assert study.trials[3].user_attrs["cycle_parent"] == 3  # cycle 3, numbered like every "cycle N"
     assert "doubled lr and grew capacity" in study.trials[3].user_attrs["cycle_reason"]
+
+
+def test_parallel_tpe_workers_do_not_ask_for_the_running_trials_configuration():
+    """A study file's TPE (and the cycle sampler's fallback) lies about running trials, so two
+    workers asking at once get different configurations; alone it samples as plain TPE does."""
+    import warnings
+
+    cfg = SamplerConfig(type="tpe", n_startup_trials=2)
+    assert make_sampler(cfg, baseline=BASELINE, seed=0)._constant_liar
+    assert make_sampler(SamplerConfig(type="cycle"), baseline=BASELINE, seed=0)._make_fallback(1)._constant_liar
+
+    def objective(t):
+        return (t.suggest_float("x", -3, 3) - 1) ** 2 + t.suggest_int("n", 1, 5)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = optuna.create_study(sampler=optuna.samplers.TPESampler(n_startup_trials=2, seed=0))
+        plain.optimize(objective, n_trials=12)
+        ours = optuna.create_study(sampler=make_sampler(cfg, baseline=BASELINE, seed=0))
+        ours.optimize(objective, n_trials=12)
+    assert [t.params for t in ours.trials] == [t.params for t in plain.trials]

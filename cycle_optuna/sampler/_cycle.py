@@ -51,7 +51,7 @@ def _tpe(seed: int | None) -> BaseSampler:
     # multivariate: an exploration sees the whole space jointly, strings and numbers together
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return TPESampler(seed=seed, multivariate=True)
+        return TPESampler(seed=seed, multivariate=True, constant_liar=True)  # parallel workers: no duplicates
 
 
 class _BoundedStudy(Study):

@@ -140,13 +140,17 @@ def _fallback(kind: str, cfg: SamplerConfig, seed: int | None) -> BaseSampler:
     if kind == "tpe":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
-            return TPESampler(n_startup_trials=cfg.n_startup_trials, seed=seed, multivariate=True)
+            return TPESampler(n_startup_trials=cfg.n_startup_trials, seed=seed, multivariate=True, constant_liar=True)
     return _plain(kind, cfg, seed)
 
 
 def _plain(kind: str, cfg: SamplerConfig, seed: int | None) -> BaseSampler:
     if kind == "tpe":
-        return TPESampler(n_startup_trials=cfg.n_startup_trials, seed=seed)
+        # constant liar: workers that ask while others' trials run get other configurations, not the same
+        # one (one worker alone samples exactly as without it)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return TPESampler(n_startup_trials=cfg.n_startup_trials, seed=seed, constant_liar=True)
     if kind == "random":
         return RandomSampler(seed=seed)
     if kind == "cmaes":
