@@ -332,7 +332,12 @@ class Analysis:
 
     @property
     def failed(self) -> list[Cycle]:
-        return [c for c in self.cycles if c.state == "FAIL"]
+        """Failed cycles that got no retry (an interrupted or lost cycle that was retried is `retried`)."""
+        return [c for c in self.cycles if c.state == "FAIL" and c.retried_as is None]
+
+    @property
+    def retried(self) -> list[Cycle]:
+        return [c for c in self.cycles if c.state == "FAIL" and c.retried_as is not None]
 
     @property
     def epochs(self) -> int | None:

@@ -155,6 +155,8 @@ class Cycle:
     metrics: dict[str, Any] = field(repr=False)  # the trial's numeric user attrs
     diagnosis: str | None = None
     reason: str | None = None  # why it was pruned / failed, or the sampler's explanation
+    retried_as: int | None = None  # a failed (interrupted, lost) cycle's retry: that cycle's number
+    retry_of: int | None = None  # a retry: the cycle it resumes
 
     @property
     def val_accuracy(self) -> float | None:
@@ -184,6 +186,7 @@ def cycles(study: StudyLike, storage: str | BaseStorage | None = None) -> list[C
     base = baseline_params(study)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     by_number = {t.number: t for t in trials}
+    retries = {t.system_attrs["failed_trial"]: t.number for t in trials if isinstance(t.system_attrs.get("failed_trial"), int)}
     out = []
     for i, t in enumerate(trials):
         attrs = t.user_attrs
@@ -194,14 +197,21 @@ def cycles(study: StudyLike, storage: str | BaseStorage | None = None) -> list[C
         params = {**base, **t.params}
         parent = attrs.get("cycle_parent")
         ref = by_number.get(parent - 1) if isinstance(parent, int) else (trials[i - 1] if i else None)
+        retry_of = t.system_attrs.get("failed_trial") if isinstance(t.system_attrs.get("failed_trial"), int) else None
         if t.state == TrialState.FAIL:
             reason = failure_cause(t)
+            if t.number in retries:
+                reason += f"; retried as cycle {retries[t.number] + 1}"
         else:
             reason = attrs.get("prune_reason") or attrs.get("cycle_reason")
+            if retry_of is not None and not attrs.get("prune_reason"):  # the reason it copied is its original's
+                reason = f"retry of cycle {retry_of + 1}, from its last checkpoint"
         out.append(Cycle(
             cycle=t.number + 1, number=t.number, state=t.state.name, value=t.value, params=params,
             searched=dict(t.params), key_change=_key_change(t, ref, base), curve=curve, metrics=metrics,
             diagnosis=attrs.get("diagnosis"), reason=reason,
+            retried_as=None if retries.get(t.number) is None else retries[t.number] + 1,
+            retry_of=None if retry_of is None else retry_of + 1,
         ))
     return out
 

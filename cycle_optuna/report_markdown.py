@@ -73,6 +73,8 @@ def _space(cfg: StudyConfig | None) -> dict[str, config_mod.ParamSpace]:
 def _overview(a: Analysis) -> list[str]:
     n = Counter(c.state for c in a.cycles)
     parts = [f"{n['COMPLETE']} complete", f"{len(a.pruned)} pruned", f"{len(a.diverged)} diverged", f"{len(a.failed)} failed"]
+    if a.retried:
+        parts.append(f"{len(a.retried)} interrupted and retried")
     if n["RUNNING"] or n["WAITING"]:
         parts.append(f"{n['RUNNING'] + n['WAITING']} running or waiting")
     epochs = sum(c.epochs_run for c in a.cycles)
@@ -327,7 +329,9 @@ def _worked(a: Analysis) -> list[str]:
     lines += ["", "### What failed", ""]
     lines.append(f"- **Did not improve:** {_n(len(misses), 'complete cycle')}"
                  + (": " + "; ".join(f"cycle {c.cycle} ({c.key_change})" for c in misses[:8]) if misses else ""))
-    for label, group in (("Diverged", a.diverged), ("Pruned", a.pruned), ("Failed", a.failed)):
+    groups = [("Diverged", a.diverged), ("Pruned", a.pruned), ("Failed", a.failed)]
+    groups += [("Interrupted and retried", a.retried)] if a.retried else []
+    for label, group in groups:
         lines.append(f"- **{label}:** {len(group)}")
         for c in group[:10]:
             lines.append(f"  - cycle {c.cycle} (lr {_fmt(c.params.get('lr'))}, {_arch(c)}): {c.reason or 'no reason recorded'}")
@@ -398,7 +402,8 @@ def summary(a: Analysis) -> str:
     lines = [f"## cycle-optuna summary of {a.name}", ""]
     n = Counter(c.state for c in a.cycles)
     lines.append(f"{len(a.cycles)} cycles: {n['COMPLETE']} complete, {len(a.pruned)} pruned, {len(a.diverged)} "
-                 f"diverged, {len(a.failed)} failed.")
+                 f"diverged, {len(a.failed)} failed"
+                 + (f", {len(a.retried)} interrupted and retried." if a.retried else "."))
     if a.best is None:
         return "\n".join(lines + ["", "No cycle has completed yet."]) + "\n"
     b = a.best

@@ -229,3 +229,28 @@ def test_the_result_is_put_in_context(tmp_path):
     assert line.startswith("- **In context** (validation accuracy 74.0%): chance 33.3%; majority class 33.3%, "
                            "test 33.3%; 1-NN 50.0%; Bayes-optimal oracle ")
     assert re.search(r"reaches \d+% of the oracle's accuracy$", line)
+
+
+def test_an_interrupted_cycle_that_was_retried_is_not_counted_as_failed(tmp_path):
+    import warnings
+
+    study = optuna.create_study(study_name="r", storage=f"sqlite:///{tmp_path / 'r.db'}")
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=0.5, params={},
+                                              distributions={}, intermediate_values={0: 0.7, 1: 0.5}))
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.FAIL, params={}, distributions={}, intermediate_values={0: 0.6},
+        user_attrs={"fail_cause": "worker interrupted (vm:1, SIGINT)", "cycle_reason": "cycle 2: trying lr x2"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # create_trial's system_attrs: how Optuna's retry callback marks a retry
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE, value=0.45, params={}, distributions={},
+            intermediate_values={0: 0.6, 1: 0.45}, user_attrs={"cycle_reason": "cycle 2: trying lr x2"},
+            system_attrs={"failed_trial": 1, "retry_history": [1]}))
+    cyc = api.cycles(study)
+    assert (cyc[1].retried_as, cyc[2].retry_of) == (3, 2)
+    assert cyc[1].reason == "worker interrupted (vm:1, SIGINT); retried as cycle 3"
+    assert cyc[2].reason == "retry of cycle 2, from its last checkpoint"
+    text = report.write_report(study, tmp_path / "out", test=False).read_text()
+    assert "(2 complete, 0 pruned, 0 diverged, 0 failed, 1 interrupted and retried)" in text
+    assert "- **Failed:** 0" in text and "- **Interrupted and retried:** 1" in text
+    assert "cycle 2 (lr" in text and "SIGINT); retried as cycle 3" in text
