@@ -51,7 +51,9 @@ def _cell(text: str) -> str:
 
 def _arch(c: Cycle) -> str:
     p = c.params
-    return f"hidden {p.get('hidden_dim')}, {p.get('n_layers')} layers, {p.get('n_heads')} heads"
+    layers, heads = p.get("n_layers"), p.get("n_heads")
+    return (f"hidden {p.get('hidden_dim')}, {_n(layers, 'layer') if isinstance(layers, int) else f'{layers} layers'}, "
+            f"{_n(heads, 'head') if isinstance(heads, int) else f'{heads} heads'}")
 
 
 def _state(c: Cycle) -> str:
@@ -80,7 +82,7 @@ def _overview(a: Analysis) -> list[str]:
     epochs = sum(c.epochs_run for c in a.cycles)
     timed = [c for c in a.cycles if c.metrics.get("train_seconds")]  # pruned and failed cycles record none
     secs = sum(c.metrics["train_seconds"] for c in timed)
-    lines = ["## Overview", "", f"Study **{a.name}** ran {len(a.cycles)} improvement cycles ({', '.join(parts)})"
+    lines = ["## Overview", "", f"Study **{a.name}** ran {_n(len(a.cycles), 'improvement cycle')} ({', '.join(parts)})"
              + (f" with sampler `{a.cfg.sampler.type}` and pruner `{a.cfg.pruner.type}`" if a.cfg else "")
              + f": {epochs} epochs trained"
              + (f"; the {len(timed)} cycle{'s' if len(timed) != 1 else ''} that finished training took {secs:.1f} s"
