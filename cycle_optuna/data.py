@@ -391,6 +391,13 @@ def _wide_csv(path: Path, cfg: DataConfig, header: list[str], reader: Any, numbe
             raise _fail(path, f"line {line}: column '{header[bad]}' value {row[bad]!r} is not a number") from None
     if not seqs:
         raise _fail(path, "no data rows")
+    first = np.array([seq[0, 0] for seq in seqs])
+    stem = [header[i].rstrip("0123456789").lower() for i in steps[:2]]  # "t0", "t1": one pattern; "id", "t0": not
+    if (len(seqs) >= 5 and len(steps) >= 2 and stem[0] != stem[1] and np.all(first == np.round(first))
+            and np.all(np.diff(first) == 1)):
+        # a column counting the rows is an id or a row index, not the first step of every series
+        raise _fail(path, f"column '{header[steps[0]]}' counts the rows ({first[0]:.0f}, {first[1]:.0f}, ...): "
+                    "an id, not a time step? name it in [data] sample_column, or write the file without it")
     return _pad(seqs), None if i_label is None else labels, None if i_sample is None else list(ids)
 
 

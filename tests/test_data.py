@@ -875,3 +875,14 @@ def test_a_training_file_that_declares_a_class_no_series_has_names_it(tmp_path, 
     missing = sorted(set(declared.split()) - set(used.split()))
     with pytest.raises(DataError, match=rf"class\(es\) {missing[0]} declared but no series has them"):
         read_file(path, DataConfig())
+
+
+def test_a_wide_column_counting_the_rows_is_refused_as_an_id_not_read_as_step_0(tmp_path):
+    from cycle_optuna.data import read_file
+
+    path = tmp_path / "w.csv"
+    path.write_text("id,label,t0,t1,t2\n" + "\n".join(f"{100 + i},{'ab'[i % 2]},0,0.5,{i / 4}" for i in range(6)) + "\n")
+    with pytest.raises(DataError, match=r"column 'id' counts the rows \(100, 101, \.\.\.\): an id"):
+        read_file(path, DataConfig(layout="wide"))
+    x, _, _ = read_file(path, DataConfig(layout="wide", sample_column="id"))
+    assert x.shape == (6, 3, 1)
