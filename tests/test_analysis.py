@@ -108,5 +108,8 @@ def test_no_range_advice_for_a_parameter_the_complete_cycles_never_moved():
 
 
 def test_nothing_complete_means_run_the_study():
-    assert an.recommendations([cyc(1, "PRUNED", curve=[1.2])], None, SPACE) == ["Run the study: no cycle has completed yet."]
+    assert an.recommendations([cyc(1, "RUNNING", curve=[1.2])], None, SPACE) == ["Run the study: no cycle has completed yet."]
+    # every cycle ended without a value: more of the same would not help
+    done = an.recommendations([cyc(1, "PRUNED", curve=[1.2]), cyc(2, "FAIL")], None, SPACE)
+    assert done[0].startswith("No cycle completed: all 2 were pruned, diverged or failed")
     assert an.plateau([cyc(1, "PRUNED", curve=[1.2])]) is None
