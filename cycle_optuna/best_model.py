@@ -22,8 +22,9 @@ class CycleModel(torch.nn.Module):
                  trial_numbers: list[int] | None = None) -> None:
         super().__init__()
         self.net = net
-        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)))
-        self.register_buffer("std", torch.as_tensor(np.asarray(std, dtype=np.float32)))
+        # float64: the raw input is normalised in double precision, as in training (a large offset keeps its small changes)
+        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float64)))
+        self.register_buffer("std", torch.as_tensor(np.asarray(std, dtype=np.float64)))
         self.params = dict(params)
         self.trial_number = trial_number
         self.trial_numbers = list(trial_numbers) if trial_numbers else [trial_number]  # averaged, best first
@@ -34,10 +35,10 @@ class CycleModel(torch.nn.Module):
         from cycle_optuna.data import fill_partial
 
         # NaN marks missing values as in training: filled within a step, all-NaN steps masked by the net
-        return self.net(fill_partial((x.float() - self.mean) / self.std))
+        return self.net(fill_partial(((x.double() - self.mean) / self.std).float()))
 
     def _logits(self, x: Any) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, torch.Tensor) else x
+        x = torch.as_tensor(np.asarray(x, dtype=np.float64)) if not isinstance(x, torch.Tensor) else x
         single = x.dim() == 2
         with torch.inference_mode():
             logits = self(x.to(self.mean.device)[None] if single else x.to(self.mean.device))

@@ -72,8 +72,8 @@ class TaskData:
     y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    mean: np.ndarray  # float32 [F], train split only (train + val under cross-validation)
-    std: np.ndarray  # float32 [F], as mean; tiny stds floored to 1
+    mean: np.ndarray  # float64 [F], train split only (train + val under cross-validation)
+    std: np.ndarray  # float64 [F], as mean; tiny stds floored to 1
     n_classes: int
     class_names: tuple[str, ...] = ()  # the file's label for each class index; () for the synthetic task
     # k-fold cross-validation: the fold (0..k-1) of each series of x_train then x_val; None: holdout
@@ -269,7 +269,7 @@ def _apply_lengths(path: Path, x: np.ndarray, lengths: np.ndarray) -> np.ndarray
     if len(bad):
         i = int(bad[0])
         raise _fail(path, f"lengths[{i}] = {lengths[i]:g} is out of range 1..{t} (the steps of X)")
-    x = x.astype(np.float32)
+    x = x.astype(np.float64)
     x[np.arange(t)[None, :] >= lengths.astype(np.int64)[:, None]] = np.nan
     return x
 
@@ -596,9 +596,10 @@ def _is_number(s: str) -> bool:
 
 
 def _pad(seqs: list[np.ndarray], length: int | None = None) -> np.ndarray:
-    """[T_i, F] arrays -> [N, T, F] float32, shorter ones padded at the end with NaN."""
+    """[T_i, F] arrays -> [N, T, F] float64 (normalised before the cast to float32, so a large offset
+    keeps its small changes), shorter ones padded at the end with NaN."""
     t = length or max(len(s) for s in seqs)
-    out = np.full((len(seqs), t, seqs[0].shape[1]), np.nan, dtype=np.float32)
+    out = np.full((len(seqs), t, seqs[0].shape[1]), np.nan, dtype=np.float64)
     for i, s in enumerate(seqs):
         out[i, :len(s)] = s
     return out
@@ -719,7 +720,8 @@ def class_order(declared: list[str]) -> tuple[str, ...]:
 
 
 def check_arrays(path: Path | str, x: Any, y: Any, *, named: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
-    """Validate raw arrays; return X float32 (NaN = missing), y int64 and the number of classes.
+    """Validate raw arrays; return X float64 (NaN = missing; every value finite in float32, which the
+    model sees after normalisation), y int64 and the number of classes.
 
     ``named``: y indexes a test file's labels into the training file's classes, already checked by
     name; such a file may lack classes (a small test file), so only X is checked further.
@@ -754,8 +756,9 @@ def check_arrays(path: Path | str, x: Any, y: Any, *, named: bool = False) -> tu
     if (y < 0).any():
         raise _fail(path, f"labels must be integers 0..K-1, got negative label {int(y.min())}")
     y = y.astype(np.int64)
+    x = x.astype(np.float64)  # normalised in float64: 100000000.25 and 100000000.5 differ, in float32 they do not
     if named:
-        return x32, y, int(y.max()) + 1
+        return x, y, int(y.max()) + 1
     present = np.unique(y)
     if len(present) < 2:
         raise _fail(path, f"only one class ({int(present[0])}); classification needs at least two")
@@ -770,7 +773,7 @@ def check_arrays(path: Path | str, x: Any, y: Any, *, named: bool = False) -> tu
         shown = ", ".join(map(str, missing)) + (", ..." if k - len(present) > len(missing) else "")
         raise _fail(path, f"labels must be 0..K-1 with every class present: labels go up to {k - 1} but "
                     f"{k - len(present)} class(es) have no samples ({shown})")
-    return x32, y, k
+    return x, y, k
 
 
 def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = None
@@ -908,13 +911,14 @@ def cv_folds(y: np.ndarray, n_classes: int, k: int, seed: int) -> np.ndarray:
 
 
 def normalise(x: np.ndarray | torch.Tensor, mean: Any, std: Any) -> np.ndarray | torch.Tensor:
-    """(x - mean) / std over the last (feature) axis; float32, same kind as x; NaN stays NaN."""
+    """(x - mean) / std over the last (feature) axis, computed in float64 (a large offset keeps its
+    small changes), returned as float32, the same kind as x; NaN stays NaN."""
     if isinstance(x, torch.Tensor):
-        m = torch.as_tensor(np.asarray(mean, dtype=np.float32), device=x.device)
-        s = torch.as_tensor(np.asarray(std, dtype=np.float32), device=x.device)
-        return (x.float() - m) / s
-    return ((np.asarray(x, dtype=np.float32) - np.asarray(mean, dtype=np.float32))
-            / np.asarray(std, dtype=np.float32)).astype(np.float32)
+        m = torch.as_tensor(np.asarray(mean, dtype=np.float64), device=x.device)
+        s = torch.as_tensor(np.asarray(std, dtype=np.float64), device=x.device)
+        return ((x.double() - m) / s).float()
+    return ((np.asarray(x, dtype=np.float64) - np.asarray(mean, dtype=np.float64))
+            / np.asarray(std, dtype=np.float64)).astype(np.float32)
 
 
 def fill_partial(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -940,7 +944,7 @@ def train_stats(x_train: np.ndarray, *, where: Path | str = "data") -> tuple[np.
     mean = np.where(observed, flat, 0.0).sum(0) / count
     std = np.sqrt(np.where(observed, (flat - mean) ** 2, 0.0).sum(0) / count)
     std = np.where(std < _STD_FLOOR, 1.0, std)
-    return mean.astype(np.float32), std.astype(np.float32)
+    return mean, std  # float64: a mean of 100000000.25 is kept
 
 
 def load_task(cfg: DataConfig, seed: int, *, data_path: Path | None = None, test_path: Path | None = None) -> TaskData:
