@@ -70,7 +70,9 @@ class Fold:
     explores_since: int = 0  # exploration trials after the incumbent
     n_trials: int = 0  # trials seen, WAITING ones excluded
     space: dict[str, BaseDistribution] = field(default_factory=dict)  # union, latest wins
-    conflicts: set[str] = field(default_factory=set)  # names seen with incompatible distributions
+    # names seen with incompatible distributions, or whose proposed move ran as another value (a wrapping
+    # sampler such as PartialFixedSampler fixes them): the rules leave them alone
+    conflicts: set[str] = field(default_factory=set)
     fails: dict[tuple, int] = field(default_factory=dict)  # move kind -> times it did not improve
 
     def copy(self) -> Fold:
@@ -181,7 +183,12 @@ class HistoryCache:
             if old is not None and not compatible(old, dist):
                 f.conflicts.add(name)
             f.space[name] = dist
-        config = dict(prop.get("params") or {})
+        proposed = dict(prop.get("params") or {})
+        config = dict(proposed)
+        if t.state.is_finished() and t.params:
+            # what it ran: a proposed param it never suggested (a branch of a conditional space not
+            # taken) is no part of it, or moves on that param would rerun this configuration
+            config = {k: v for k, v in config.items() if k in t.params}
         for name, value in t.params.items():
             if self._movable(name, t.distributions[name]):
                 config[name] = value
@@ -206,8 +213,15 @@ class HistoryCache:
         )
         recs[t.number] = rec
         f.n_trials += 1
-        if rec.kind in ("lazy", "move") and rec.param:  # claim the move itself, too
-            keys.setdefault(move_key(rec.parent, rec.param, rec.direction, rec.scale, config.get(rec.param)), rec)
+        if rec.kind in ("lazy", "move") and rec.param:  # claim the move itself, too (as proposed: a wrapper
+            # such as PartialFixedSampler may have run another value, and the move must still count as taken)
+            moved = proposed.get(rec.param, config.get(rec.param))
+            keys.setdefault(move_key(rec.parent, rec.param, rec.direction, rec.scale, moved), rec)
+        if proposed and rec.kind in ("move", "explore") and t.state.is_finished():
+            keys.setdefault(config_key(proposed), rec)  # the proposal itself, whatever ran
+        if (rec.kind == "move" and rec.param in proposed and rec.param in t.params
+                and norm(t.params[rec.param]) != norm(proposed[rec.param])):
+            f.conflicts.add(rec.param)
         if config and (rec.kind != "lazy" or t.state.is_finished()):  # a running lazy trial's params are partial
             key = config_key(config)
             if keys.get(key) is None or not keys[key].state.is_finished():  # type: ignore[union-attr]

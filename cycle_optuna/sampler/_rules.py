@@ -82,6 +82,10 @@ class Planner:
         """(payload for the system attr, reason sentence)."""
         f, n = self.hist.fold, self.n
         base = f.incumbent or f.base
+        if base is not None and not self.space and f.last_finished is not None:
+            # every parameter is fixed by something else or changed its range: nothing for the rules to move
+            return self._explore(None, "no parameter the rules can move (each is fixed by another sampler, "
+                                 "or changed its range)")
         if base is None or not self.space:
             return self._startup()
         ref = max(base.number, f.last_explore)
@@ -230,7 +234,7 @@ class Planner:
         role = roles.role_of(c.param)
         cfg = dict(config)
         if c.value is not _NO_VALUE:
-            if old is None or c.value == old:
+            if old is None or (type(c.value) is type(old) and c.value == old):  # False -> 0 is a move
                 return None
             cfg[c.param] = c.value
             return cfg, describe(c.param, role, dist, old, c.value)
@@ -333,7 +337,8 @@ class Planner:
         names = [roles.as_dict()[r] for r in ROLE_ORDER]
         names = [x for x in names if x and is_numeric_choice(self.s.baseline.get(x))]
         role_names = set(roles.as_dict().values())
-        names += sorted(x for x, v in self.s.baseline.items() if x not in role_names and is_numeric_choice(v))
+        if self.s.generic_moves:  # without generic moves, parameters without a role are the fallback's
+            names += sorted(x for x, v in self.s.baseline.items() if x not in role_names and is_numeric_choice(v))
         free = [(x, d) for x in names for d in (+1, -1) if not self.hist.known(move_key(base.number, x, d))]
         if not free:
             fb = self.s.fallback_name
@@ -440,7 +445,8 @@ def _other_choices(dist: BaseDistribution, current: Any) -> list[Any]:
     out: list[Any] = []
     for k in range(1, len(choices)):
         for j in ((idx + k) % len(choices), (idx - k) % len(choices)):
-            if j != idx and choices[j] not in out:
+            # by type and value: False and 0 (or True and 1) are two choices, though Python calls them equal
+            if j != idx and not any(type(c) is type(choices[j]) and c == choices[j] for c in out):
                 out.append(choices[j])
     return out
 
