@@ -308,9 +308,11 @@ def _pruning(a: Analysis) -> list[str]:
         return lines + [f"- {len(stopped)} cycles were stopped early (epoch budget unknown).", ""]
     saved = sum(max(0, a.epochs - c.epochs_run) for c in stopped)
     early = sum(max(0, a.epochs - c.epochs_run) for c in a.complete)
-    budget = a.epochs * max(1, len(a.cycles))
-    return lines + [f"- Pruning stopped {_n(len(stopped), 'cycle')} and saved **{saved} epochs** "
-                    f"({100 * saved / budget:.1f}% of the {budget}-epoch budget of {len(a.cycles)} cycles)",
+    counted = [c for c in a.cycles if c.retried_as is None]  # a retried cycle's epochs go on in its retry
+    budget = a.epochs * max(1, len(counted))
+    what = _n(len(a.pruned), "cycle") + (f" and stopped {len(a.diverged)} that diverged" if a.diverged else "")
+    return lines + [f"- Pruning stopped {what}, saving **{saved} epochs** "
+                    f"({100 * saved / budget:.1f}% of the {budget}-epoch budget of {_n(len(counted), 'cycle')})",
                     f"- Early stopping saved another {_n(early, 'epoch')} in complete cycles", ""]
 
 

@@ -61,7 +61,8 @@ def test_numbers_come_from_the_study(written):
     assert table[3].endswith("| diverged |") and "pruned at epoch 2" in table[4] and table[5].endswith("| fail |")
     assert "(3 complete, 1 pruned, 1 diverged, 1 failed)" in text
     # cycles 4 and 5 ran 2 of 4 epochs each: 4 epochs saved of the 24-epoch budget
-    assert "Pruning stopped 2 cycles and saved **4 epochs** (16.7% of the 24-epoch budget" in text
+    assert ("Pruning stopped 1 cycle and stopped 1 that diverged, saving **4 epochs** (16.7% of the 24-epoch "
+            "budget of 6 cycles)") in text
     assert "**Sequence:** 0.0005 -> 0.001 -> 0.002 -> 0.004 -> 0.001 -> 0.00025" in text
     # 4 cycles to compare: too few for a trend, and the report says so with its sample
     assert ("Too few cycles with different capacities to relate them to loss (3 complete, 1 pruned; a trend "
