@@ -47,11 +47,14 @@ class _Entry:
         return self.payload.get("kind") == "explore" and self.payload.get("scope") != "local"
 
 
-def _tpe(seed: int | None) -> BaseSampler:
-    # multivariate: an exploration sees the whole space jointly, strings and numbers together
+def make_tpe(seed: int | None, *, n_startup_trials: int = 10, multivariate: bool | None = True) -> BaseSampler:
+    """TPE as this project builds it. Multivariate (the default): an exploration sees the whole
+    space jointly, strings and numbers together. Constant liar: workers that ask while others'
+    trials run get other configurations (one worker alone samples exactly as without it).
+    ``multivariate=None`` is Optuna's own default."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return TPESampler(seed=seed, multivariate=True, constant_liar=True)  # parallel workers: no duplicates
+        return TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=multivariate, constant_liar=True)
 
 
 class _BoundedStudy(Study):
@@ -146,7 +149,7 @@ class CycleSampler(BaseSampler):
         if isinstance(fallback, BaseSampler):
             self._fallback, self._make_fallback = fallback, None
         else:
-            self._make_fallback = fallback if fallback is not None else _tpe
+            self._make_fallback = fallback if fallback is not None else make_tpe
             self._fallback = self._make_fallback(seed)
         self._roles = roles or Roles()
         self._generic_moves = bool(generic_moves)

@@ -102,10 +102,7 @@ def coerce(dist: BaseDistribution, value: Any) -> Any:
 
 
 def norm(value: Any) -> Any:
-    """Round floats so a value reached by two routes compares equal; a bool stays apart from the
-    number it equals in Python (False == 0), as distinct categorical choices."""
-    if isinstance(value, bool):
-        return ("bool", value)
+    """Round floats so a value reached by two routes compares equal."""
     if isinstance(value, float) and math.isfinite(value):
         return float(f"{value:.10g}")
     return value

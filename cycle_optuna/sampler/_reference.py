@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Any, Mapping
 
 from optuna.distributions import BaseDistribution, FloatDistribution
-from optuna.exceptions import ExperimentalWarning
-from optuna.samplers import BaseSampler, CmaEsSampler, RandomSampler, TPESampler
+from optuna.samplers import BaseSampler, CmaEsSampler, RandomSampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial
 
 from cycle_optuna import optuna_internals as internals
 from cycle_optuna.config import SamplerConfig
-from cycle_optuna.sampler._cycle import MOVE_ATTR, PARENT_ATTR, REASON_ATTR, CycleSampler
+from cycle_optuna.sampler._cycle import MOVE_ATTR, PARENT_ATTR, REASON_ATTR, CycleSampler, make_tpe
 from cycle_optuna.sampler._moves import Roles, coerce, repair, step_value
 
 
@@ -136,21 +134,13 @@ def make_sampler(cfg: SamplerConfig, *, baseline: Mapping[str, Any], seed: int) 
 
 def _fallback(kind: str, cfg: SamplerConfig, seed: int | None) -> BaseSampler:
     """The cycle sampler's exploration sampler: TPE models the whole space jointly (multivariate),
-    strings and numbers together, as the CycleSampler's own default does."""
-    if kind == "tpe":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            return TPESampler(n_startup_trials=cfg.n_startup_trials, seed=seed, multivariate=True, constant_liar=True)
-    return _plain(kind, cfg, seed)
+    as the CycleSampler's own default does."""
+    return make_tpe(seed, n_startup_trials=cfg.n_startup_trials) if kind == "tpe" else _plain(kind, cfg, seed)
 
 
 def _plain(kind: str, cfg: SamplerConfig, seed: int | None) -> BaseSampler:
-    if kind == "tpe":
-        # constant liar: workers that ask while others' trials run get other configurations, not the same
-        # one (one worker alone samples exactly as without it)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            return TPESampler(n_startup_trials=cfg.n_startup_trials, seed=seed, constant_liar=True)
+    if kind == "tpe":  # Optuna's default TPE, as a `type = "tpe"` study has always had, with constant liar
+        return make_tpe(seed, n_startup_trials=cfg.n_startup_trials, multivariate=None)
     if kind == "random":
         return RandomSampler(seed=seed)
     if kind == "cmaes":

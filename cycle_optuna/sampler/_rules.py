@@ -234,7 +234,7 @@ class Planner:
         role = roles.role_of(c.param)
         cfg = dict(config)
         if c.value is not _NO_VALUE:
-            if old is None or (type(c.value) is type(old) and c.value == old):  # False -> 0 is a move
+            if old is None or c.value == old:
                 return None
             cfg[c.param] = c.value
             return cfg, describe(c.param, role, dist, old, c.value)
@@ -445,8 +445,7 @@ def _other_choices(dist: BaseDistribution, current: Any) -> list[Any]:
     out: list[Any] = []
     for k in range(1, len(choices)):
         for j in ((idx + k) % len(choices), (idx - k) % len(choices)):
-            # by type and value: False and 0 (or True and 1) are two choices, though Python calls them equal
-            if j != idx and not any(type(c) is type(choices[j]) and c == choices[j] for c in out):
+            if j != idx and choices[j] not in out:
                 out.append(choices[j])
     return out
 
