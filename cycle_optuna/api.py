@@ -186,7 +186,7 @@ def cycles(study: StudyLike, storage: str | BaseStorage | None = None) -> list[C
     base = baseline_params(study)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     by_number = {t.number: t for t in trials}
-    retries = {t.system_attrs["failed_trial"]: t.number for t in trials if isinstance(t.system_attrs.get("failed_trial"), int)}
+    retries = {r: t.number for t in trials if (r := _retry_of(t)) is not None}  # failed trial -> its retry
     out = []
     for i, t in enumerate(trials):
         attrs = t.user_attrs
@@ -197,7 +197,7 @@ def cycles(study: StudyLike, storage: str | BaseStorage | None = None) -> list[C
         params = {**base, **t.params}
         parent = attrs.get("cycle_parent")
         ref = by_number.get(parent - 1) if isinstance(parent, int) else (trials[i - 1] if i else None)
-        retry_of = t.system_attrs.get("failed_trial") if isinstance(t.system_attrs.get("failed_trial"), int) else None
+        retry_of = _retry_of(t)
         if t.state == TrialState.FAIL:
             reason = failure_cause(t)
             if t.number in retries:
@@ -210,10 +210,16 @@ def cycles(study: StudyLike, storage: str | BaseStorage | None = None) -> list[C
             cycle=t.number + 1, number=t.number, state=t.state.name, value=t.value, params=params,
             searched=dict(t.params), key_change=_key_change(t, ref, base), curve=curve, metrics=metrics,
             diagnosis=attrs.get("diagnosis"), reason=reason,
-            retried_as=None if retries.get(t.number) is None else retries[t.number] + 1,
+            retried_as=retries[t.number] + 1 if t.number in retries else None,
             retry_of=None if retry_of is None else retry_of + 1,
         ))
     return out
+
+
+def _retry_of(t: FrozenTrial) -> int | None:
+    """The trial number a retry resumes (Optuna's retry callback writes it), else None."""
+    number = t.system_attrs.get("failed_trial")
+    return number if isinstance(number, int) else None
 
 
 def key_change(study: optuna.Study, t: FrozenTrial) -> str:

@@ -597,22 +597,8 @@ def one_line(text: str) -> str:
     return text.translate(_CONTROL)
 
 
-def _remember_storage_secrets(argv: list[str]) -> None:
-    """Passwords of the storage URLs given (flag or environment) are masked in every message, even
-    in a URL too malformed to parse: its error names it."""
-    from cycle_optuna.redact import remember
-
-    remember(os.environ.get("CYCLE_OPTUNA_STORAGE"))
-    for i, a in enumerate(argv):
-        if a == "--storage" and i + 1 < len(argv):
-            remember(argv[i + 1])
-        elif a.startswith("--storage="):
-            remember(a.split("=", 1)[1])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns 0 ok, 2 bad input, 1 unexpected error, 130 interrupted."""
-    _remember_storage_secrets(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
     import optuna
 

@@ -399,8 +399,7 @@ def parse(raw: Mapping[str, Any], where: str = "<study>", *, check_files: bool =
         if "n_trials" not in raw.get("study", {}):
             parts["study"] = dataclasses.replace(parts["study"], n_trials=1)
         elif parts["study"].n_trials > 1:
-            raise c.fail("study.n_trials", f"{parts['study'].n_trials} trials of an empty [space] would train the "
-                         "baseline again with the same result each time; use 1, or name parameters to search in [space]")
+            raise c.fail("study.n_trials", _empty_space_repeats(parts["study"].n_trials))
     cfg = StudyConfig(space=space, path=None if where.startswith("<") else where, **parts)
     _validate(c, cfg, check_files)
     if as_written:
@@ -804,10 +803,14 @@ def resolve_artifact_dir(cfg: StudyConfig) -> Path:
     return study_dir(cfg) / f"{cfg.study.name}-artifacts"
 
 
+def _empty_space_repeats(n: int) -> str:
+    return (f"{n} trials of an empty [space] would train the baseline again with the same result each time; "
+            "use 1, or name parameters to search in [space]")
+
+
 def override(cfg: StudyConfig, **study_fields: Any) -> StudyConfig:
     """A copy with [study] fields replaced (n_trials, storage from the command line)."""
     changes = {k: v for k, v in study_fields.items() if v is not None}
     if not cfg.space and changes.get("n_trials", 1) > 1:
-        raise ConfigError(f"--n-trials: {changes['n_trials']} trials of an empty [space] would train the baseline "
-                          "again with the same result each time; use 1, or name parameters to search in [space]")
+        raise ConfigError(f"--n-trials: {_empty_space_repeats(changes['n_trials'])}")
     return dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, **changes)) if changes else cfg

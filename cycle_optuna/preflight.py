@@ -82,16 +82,25 @@ def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[s
     data = load_study_data(cfg)  # with its test file, when [data] test_source names one
     config_mod.check_patch_len(cfg, data.seq_len)  # a file's length is known only once it is read
     storage_mod.wait_until_answers(url, wait_s, say)
-    existing = storage_mod.sqlite_path(url)
-    if existing is not None and existing.is_file():  # read first: a study it cannot join leaves the file untouched
-        try:
-            reader = storage_mod.open_storage(url, heartbeat=False, create=False)
-        except StorageError:  # no Optuna tables yet, or no database: the writable open below says which
-            reader = None
-        if reader is not None:
-            worker.check_joinable(cfg, reader, url)
-    worker.check_joinable(cfg, storage_mod.open_storage(url), url)
+    reader = _existing_sqlite(url)
+    if reader is not None:  # read first: a study it cannot join leaves the file untouched
+        worker.check_joinable(cfg, reader, url)
+    writer = storage_mod.open_storage(url)  # a read-only file or an unreachable server: one line, here
+    if reader is None:
+        worker.check_joinable(cfg, writer, url)
     return data
+
+
+def _existing_sqlite(url: str):
+    """A read-only storage on an existing SQLite file with Optuna's tables; None otherwise (a new
+    file, another database, or one the writable open will name the trouble of)."""
+    path = storage_mod.sqlite_path(url)
+    if path is None or not path.is_file():
+        return None
+    try:
+        return storage_mod.open_storage(url, heartbeat=False, create=False)
+    except StorageError:
+        return None
 
 
 def for_read(url: str) -> None:

@@ -73,7 +73,7 @@ def _ago(when: datetime | None) -> str:
     if when.tzinfo is None:  # Optuna stores naive UTC
         when = when.replace(tzinfo=timezone.utc)
     age = (datetime.now(timezone.utc) - when).total_seconds()
-    if age > max(storage_mod.GRACE_SECONDS, storage_mod.HEARTBEAT_SECONDS + 1):
+    if age > storage_mod.grace_period():
         # past the grace period: the worker is gone (the next worker that looks fails the trial and retries it)
         return f"{age:.0f}s ago: worker lost, retried by the next worker"
     return f"{age:.0f}s ago"

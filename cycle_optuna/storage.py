@@ -45,23 +45,32 @@ ENV_WHOLE_NUMBERS = {  # variable: (default, least allowed)
 }
 
 
+def _env_value(name: str) -> int | None:
+    """The variable as a whole number in range; None when unset or not one."""
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw.isdigit() and int(raw) >= ENV_WHOLE_NUMBERS[name][1] else None
+
+
 def env_whole_number(name: str) -> int:
     """The variable's value; its default when unset or not a whole number in range."""
-    default, least = ENV_WHOLE_NUMBERS[name]
-    raw = os.environ.get(name, "").strip()
-    return int(raw) if raw.isdigit() and int(raw) >= least else default
+    value = _env_value(name)
+    return ENV_WHOLE_NUMBERS[name][0] if value is None else value
 
 
 def check_environment() -> None:
     """Every CYCLE_OPTUNA_* whole-number variable that is set holds one in range."""
     for name, (_, least) in ENV_WHOLE_NUMBERS.items():
-        raw = os.environ.get(name)
-        if raw is not None and not (raw.strip().isdigit() and int(raw) >= least):
-            raise ConfigError(f"${name}: {raw!r} is not a whole number >= {least}")
+        if name in os.environ and _env_value(name) is None:
+            raise ConfigError(f"${name}: {os.environ[name]!r} is not a whole number >= {least}")
 
 
 HEARTBEAT_SECONDS = env_whole_number("CYCLE_OPTUNA_HEARTBEAT_SECONDS")
 GRACE_SECONDS = env_whole_number("CYCLE_OPTUNA_GRACE_SECONDS")
+
+
+def grace_period() -> int:
+    """Seconds without a heartbeat after which a running trial's worker counts as lost (at least one beat)."""
+    return max(GRACE_SECONDS, HEARTBEAT_SECONDS + 1)
 MAX_RETRY = 3  # a trial failed by a dead worker is retried this many times
 SQLITE_TIMEOUT_SECONDS = 120  # SQLite writers wait this long for the lock instead of failing
 WORKER_ATTR = "worker"  # user attr "host:pid" of the worker running a trial
@@ -218,7 +227,7 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> Ba
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
     beat = dict(
         heartbeat_interval=HEARTBEAT_SECONDS,
-        grace_period=max(GRACE_SECONDS, HEARTBEAT_SECONDS + 1),
+        grace_period=grace_period(),
         # the retry keeps the dead trial's learning curve, so pruning and resuming agree
         heartbeat_stale_trial_callback=retry_callback(),
     ) if heartbeat else {}

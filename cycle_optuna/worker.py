@@ -296,9 +296,8 @@ def run_trials(
     """The worker loop of :func:`run_worker` for any objective (benchmarks, custom studies).
     ``share_cores``: before each trial, set torch's threads to the cores divided by the study's
     live workers on this machine."""
-    loop = _Loop(study, url, n_trials, objective, hooks or Hooks(), stats if stats is not None else WorkerStats())
-    loop.share_cores = share_cores
-    loop.run()
+    _Loop(study, url, n_trials, objective, hooks or Hooks(), stats if stats is not None else WorkerStats(),
+          share_cores=share_cores).run()
 
 
 class _Loop:
@@ -315,7 +314,7 @@ class _Loop:
     """
 
     def __init__(self, study: optuna.Study, url: str, n_trials: int, objective: Callable,
-                 hooks: Hooks, stats: WorkerStats) -> None:
+                 hooks: Hooks, stats: WorkerStats, *, share_cores: bool = False) -> None:
         self.study, self.url, self.n_trials = study, url, n_trials
         self.objective, self.hooks, self.stats = objective, hooks, stats
         self.storage = internals.storage_of(study)
@@ -327,7 +326,7 @@ class _Loop:
         self.stale_checked = -float("inf")  # monotonic time of the last stale-trial check
         self.pack = getattr(objective, "pack", 1)  # trials taken at once (an Objective's run_pack)
         self.device = placement.device_label(_training_device(objective))
-        self.share_cores = False  # run_trials sets it
+        self.share_cores = share_cores
 
     def run(self) -> None:
         with self.heartbeat:
