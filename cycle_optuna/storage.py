@@ -289,7 +289,7 @@ def _journal(url: str, *, create: bool) -> BaseStorage:
     if not path:
         raise StorageError(f"bad storage URL {mask(url)!r}: expected journal:///path/to/study.log")
     check_file_location(url, Path(path), create=create)
-    _check_journal_lines(Path(path))
+    _check_journal_tail(Path(path))
     try:
         return JournalStorage(JournalFileBackend(path))  # reads the whole file
     except OSError as e:
@@ -300,30 +300,34 @@ def _journal(url: str, *, create: bool) -> BaseStorage:
         raise StorageError(f"{path}: not a journal file (a line is not an Optuna journal operation)") from None
 
 
-def _check_journal_lines(path: Path) -> None:
-    """Every line of an existing journal file looks like a record (one JSON object), before a worker
-    appends to it. Optuna's reader forgives one bad last line (a torn write), so a file of some other
-    kind was opened, written to and broken for good; a last line without its newline that starts like
-    a record is left alone, since another worker may be writing it."""
+JOURNAL_TAIL_BYTES = 1 << 20  # enough for the last records of any journal
+
+
+def _check_journal_tail(path: Path) -> None:
+    """The end of an existing journal file looks like records, before a worker appends to it.
+    Optuna's reader parses every line itself but forgives a bad last one (a torn write), so a file
+    of some other kind was opened, written to and broken for good. Only the end is read: a last
+    line without its newline that starts like a record is left alone (another worker may be
+    writing it)."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            start = max(0, f.seek(0, os.SEEK_END) - JOURNAL_TAIL_BYTES)
+            f.seek(start)
+            data = f.read()
     except OSError:
         return  # missing (a new journal) or unreadable: opening it says which
-    if not data:
-        return
-    body, _, tail = data.rpartition(b"\n")
-    lines = body.split(b"\n") if body or data.endswith(b"\n") else []
-    for number, line in enumerate(lines, 1):
-        if not (line.startswith(b"{") and line.endswith(b"}")):
-            raise StorageError(f"{path}: not a journal file (line {number} is not an Optuna journal record)")
-    if lines:  # the one line Optuna's reader would forgive: parsed here (the others it parses itself)
-        try:
-            if not isinstance(json.loads(lines[-1]), dict):
-                raise ValueError
-        except ValueError:
-            raise StorageError(f"{path}: not a journal file (line {len(lines)} is not JSON)") from None
-    if tail and not tail.startswith(b"{"):
-        raise StorageError(f"{path}: not a journal file (line {len(lines) + 1} is not an Optuna journal record)")
+    body, newline, tail = data.rpartition(b"\n")
+    earlier, _, last = body.rpartition(b"\n")
+    whole = bool(newline) and (start == 0 or bool(earlier))  # `last` is a whole line, not a cut one
+    if (tail and not tail.startswith(b"{")) or (whole and not _is_record(last)):
+        raise StorageError(f"{path}: not a journal file (its last line is not an Optuna journal record)")
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def retry_callback() -> RetryHeartbeatStaleTrialCallback:

@@ -418,14 +418,18 @@ def _same_bytes(tmp_path: Path, capsys, path: Path, *argv: str) -> str:
 
 @pytest.mark.parametrize("command", ["run", *READERS])
 @pytest.mark.parametrize("content, why", [
-    (b"\x00garbage\n" * 10, "line 1 is not an Optuna journal record"),
-    (b'{"op_code": 99, "worker_id": "x"}\nnot json\n', "line 2 is not an Optuna journal record"),
+    (b"\x00garbage\n" * 10, "its last line is not an Optuna journal record"),
+    (b'{"op_code": 99, "worker_id": "x"}\nnot json\n', "its last line is not an Optuna journal record"),
     (b'{"op_code": 99, "worker_id": "x"}\n', "a line is not an Optuna journal operation"),
-    (b'{"op_code": 0, "worker_id": "x", "study_name": "a", "directions": [1]}\n{not json}\n', "line 2 is not JSON"),
+    (b'{"op_code": 0, "worker_id": "x", "study_name": "a", "directions": [1]}\n{not json}\n',
+     "its last line is not an Optuna journal record"),
+    (b"not json\n" + b'{"op_code": 99, "worker_id": "x"}\n', "a line is not JSON"),  # Optuna's reader names it
     # one bad line: Optuna's reader forgives it as a torn last write, so `run` used to append to it and break the file
-    (b"not json\n", "line 1 is not an Optuna journal record"),
-    (b"xx", "line 1 is not an Optuna journal record"),
-], ids=["binary", "not-json", "unknown-operation", "json-shaped", "one-bad-line", "no-newline"])
+    (b"not json\n", "its last line is not an Optuna journal record"),
+    (b"xx", "its last line is not an Optuna journal record"),
+    (b'{"a": 1}\n' * 150_000 + b"not json\n", "its last line is not an Optuna journal record"),  # past the tail read
+], ids=["binary", "not-json", "unknown-operation", "json-shaped", "bad-first-line", "one-bad-line", "no-newline",
+        "long"])
 def test_a_journal_storage_that_is_not_a_journal_is_named(tmp_path: Path, capsys, command, content, why):
     log = tmp_path / "x.log"
     log.write_bytes(content)
