@@ -291,11 +291,11 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True
     if not header:
         raise _fail(path, "empty csv file (expected a header row)")
     header = [h.strip() for h in header]
-    rows = list(reader)
-    header, rows = _drop_empty_unnamed(path, header, rows)
+    if not all(header):  # a column without a name: read the rows once to see what it holds
+        header, rows = _drop_empty_unnamed(path, header, list(reader))
+        reader = iter(rows)
     if dup := next((h for i, h in enumerate(header) if h in header[:i]), None):
         raise _fail(path, f"column {dup!r} appears twice in the header")
-    reader = iter(rows)
     if cfg.layout == "wide":
         return _wide_csv(path, cfg, header, reader, number, need_labels)
     for col, key in ((cfg.sample_column, "sample_column"), (cfg.label_column, "label_column")):
@@ -343,8 +343,6 @@ def _drop_empty_unnamed(path: Path, header: list[str], rows: list[list[str]]) ->
     with values (a row index, as pandas' to_csv() and R's write.csv write) is refused, since read as a
     feature it would be one, silently, and a row number can give the classes away."""
     unnamed = [i for i, h in enumerate(header) if not h]
-    if not unnamed:
-        return header, rows
     keep = [i for i in range(len(header)) if i not in unnamed]
     for i in unnamed:
         if any(len(r) > i and r[i].strip() for r in rows):
