@@ -643,10 +643,7 @@ def _local_alive(worker: object) -> bool | None:
 def running_here(study: optuna.Study) -> bool:
     """A journal file's stand-in for live heartbeats: a running trial whose worker is a live process
     of this machine (a worker that has met the cap waits for it, to retry it should it die)."""
-    if not isinstance(internals.storage_of(study), JournalStorage):
-        return False
-    return any(_local_alive(t.user_attrs.get(WORKER_ATTR)) for t in
-               study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    return isinstance(internals.storage_of(study), JournalStorage) and local_workers(study) > 0
 
 
 def local_workers(study: optuna.Study) -> int:
