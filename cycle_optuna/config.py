@@ -193,7 +193,10 @@ class StudyConfig:
         return {k: without_execution(k, d[k]) for k in DEFINITION_SECTIONS}
 
 
-DEFINITION_SECTIONS = ("data", "train", "baseline", "space")
+DEFINITION_SECTIONS = ("study", "data", "train", "baseline", "space")
+# sections of which only these keys define a trial: the seed draws the split, the folds, the
+# synthetic data and every model's initial weights; a study's name, total and storage do not
+DEFINITION_ONLY = {"study": ("seed",)}
 # [train] keys that change how fast a trial runs, not what it computes (packed and compiled trials
 # match the trial alone within float tolerance): not part of the trial definition
 EXECUTION_KEYS = {"train": ("device", "threads", "compile", "pack", "eval_batch_size")}
@@ -208,6 +211,8 @@ def without_execution(section: str, values: Any) -> Any:
     write those (`parse`), and a study made when it could is still joined by a file without them."""
     if not isinstance(values, dict):
         return values
+    if section in DEFINITION_ONLY:
+        return {k: values[k] for k in DEFINITION_ONLY[section] if k in values}
     unread = set(EXECUTION_KEYS.get(section, ()))
     if section == "train":
         unread |= {k for k, (setting, readers) in TRAIN_KEYS_BY.items() if values.get(setting) not in readers}

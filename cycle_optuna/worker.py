@@ -162,7 +162,7 @@ def _check_same_definition(cfg: StudyConfig, stored: dict, digests: dict[str, st
     raise StorageError(
         f"study {cfg.study.name!r} was created with a different trial definition "
         f"({'; '.join(diffs[:3])}{' ...' if len(diffs) > 3 else ''}); "
-        "use a new study name, or restore the original data/train/baseline/space"
+        "use a new study name, or restore the original [study] seed and data/train/baseline/space"
     )
 
 

@@ -102,6 +102,16 @@ def test_workers_may_differ_in_how_they_run_but_not_in_what_a_trial_is(tmp_path:
     _edit(path, "epochs = 1", "epochs = 2")
     with pytest.raises(StorageError, match=r"different trial definition \(train\.epochs: study has 1, file has 2\)"):
         worker.open_study(config.load(path), url)
+    _edit(path, "epochs = 2", "epochs = 1")
+    # the seed draws the split, the folds and the initial weights: another seed is another trial,
+    # while the total and the sampler are the file's own to change
+    _edit(path, "seed = 0", "seed = 5")
+    with pytest.raises(StorageError, match=r"different trial definition \(study\.seed: study has 0, file has 5\)"):
+        worker.open_study(config.load(path), url)
+    _edit(path, "seed = 5", "seed = 0")
+    _edit(path, "n_trials = 1", "n_trials = 3")
+    _edit(path, 'type = "random"', 'type = "tpe"')
+    worker.open_study(config.load(path), url)
 
 
 def test_a_worker_joins_with_the_same_data_file_at_another_path(tmp_path: Path):
