@@ -158,7 +158,7 @@ def small_validation_note(cfg, data) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cycle_optuna import placement, preflight, storage, worker
+    from cycle_optuna import placement, preflight, storage, totals, worker
 
     cfg, url = _load(args, trains=True)
     gpus = _placement(args)
@@ -201,8 +201,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress.update(epochs, completed=m.epoch + 1, description=f"cycle {trial.number + 1}",
                             info=f"val loss {m.val_loss:.4f}  acc {m.val_accuracy:.1%}")
 
-        def on_trial_end(study, t) -> None:
-            progress.update(trials, completed=worker.trials_counted(study), info=_trial_line(t))
+        def on_trial_end(study, t) -> None:  # the stored total: another worker may have raised it
+            progress.update(trials, total=totals.shown(study, cfg.study.n_trials),
+                            completed=worker.trials_counted(study), info=_trial_line(t))
 
         hooks = worker.Hooks(on_trial_start=on_trial_start, on_epoch=on_epoch, on_trial_end=_noted(on_trial_end))
         try:
@@ -215,11 +216,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _after_run(study, cfg, stats) -> int:
-    from cycle_optuna import dashboard, worker
+    from cycle_optuna import dashboard, totals, worker
 
     _print_cycles(study)
     if not stats.states:
-        out.print(f"the study already holds {worker.trials_counted(study)} of {cfg.study.n_trials} trials; "
+        out.print(f"the study already holds {worker.trials_counted(study)} of {totals.shown(study, cfg.study.n_trials)} trials; "
                   "pass a larger total with --n-trials N to grow it")
     dashboard.write_notes(study)
     return 0
@@ -237,7 +238,10 @@ def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None]
     procs = worker.start_local_workers(cfg.path, url, len(gpus), n_trials=cfg.study.n_trials, log_prefix=prefix,
                                        gpus=gpus, log_json=args.log_json)
     try:
-        status.watch(study, cfg.study.n_trials, procs, epochs=cfg.train.epochs, console=out)
+        if args.log_json or not out.is_terminal:  # a live view in a log file shows only its last frame
+            status.follow(procs, lambda line: out.print(line, highlight=False, soft_wrap=True, markup=False))
+        else:
+            status.watch(study, cfg.study.n_trials, procs, epochs=cfg.train.epochs, console=out)
     except KeyboardInterrupt:
         for p, _ in procs:
             if p.poll() is None:
@@ -282,7 +286,7 @@ def _print_cycles(study) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from cycle_optuna import placement, preflight, storage, worker
+    from cycle_optuna import placement, preflight, storage, totals, worker
 
     cfg, url = _load(args, trains=True)
     if args.gpus is not None:
@@ -304,7 +308,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         err.print(f"interrupted: {stats.summary()}")
         return worker.interrupt_exit_code()
     err.print(stats.summary())
-    err.print(f"study {cfg.study.name}: {worker.trials_counted(study)} of {cfg.study.n_trials} trials")
+    err.print(f"study {cfg.study.name}: {worker.trials_counted(study)} of {totals.shown(study, cfg.study.n_trials)} trials")
     return 0
 
 

@@ -14,7 +14,7 @@ from rich.table import Table
 from cycle_optuna import optuna_internals as internals
 from cycle_optuna import api
 from cycle_optuna import storage as storage_mod
-from cycle_optuna.totals import trials_counted
+from cycle_optuna.totals import shown, trials_counted
 
 
 FAILURES_SHOWN = 5  # the latest failures `status` lists with their cause
@@ -124,16 +124,40 @@ def watch(study: optuna.Study, n_trials: int, procs: list, *, epochs: int | None
     with Live(Group(bar, render(last, epochs=epochs)), console=console, refresh_per_second=4) as live:
         while True:
             alive = sum(p.poll() is None for p, _ in procs)
-            try:
-                last = collect(study, n_trials)
+            try:  # the stored total: another worker may have raised it with --n-trials
+                last = collect(study, shown(study, n_trials))
             except Exception as e:  # noqa: BLE001 - the view must not die while the database restarts
                 if not storage_mod.is_connection_error(e):
                     raise
-            bar.update(task, completed=min(last.finished, n_trials), info=f"{alive} worker(s) running")
+            bar.update(task, total=last.n_trials, completed=min(last.finished, last.n_trials),
+                       info=f"{alive} worker(s) running")
             live.update(Group(bar, render(last, epochs=epochs)))
             if not alive:
                 return last
             time.sleep(interval)
+
+
+def follow(procs: list, echo, *, interval: float = 1.0) -> None:
+    """Echo the local workers' log lines as they are written, until every worker has exited: what
+    `run --workers K` prints instead of a live view when its output is a file (nohup, SLURM, CI)."""
+    read = {log: 0 for _, log in procs}  # bytes of each log already echoed
+    while True:
+        alive = any(p.poll() is None for p, _ in procs)
+        for _, log in procs:
+            try:
+                with open(log, "rb") as f:
+                    f.seek(read[log])
+                    chunk = f.read()
+            except OSError:
+                continue
+            # whole lines only while the worker writes; its last line too once every worker is gone
+            end = chunk.rfind(b"\n") + 1 if alive else len(chunk)
+            read[log] += end
+            for line in chunk[:end].decode("utf-8", "replace").splitlines():
+                echo(line)
+        if not alive:
+            return
+        time.sleep(interval)
 
 
 def find(cfg, url: str) -> optuna.Study | None:

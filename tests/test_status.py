@@ -139,3 +139,16 @@ def test_a_running_trial_past_the_grace_period_is_marked_as_lost(monkeypatch):
     assert status._ago(now - timedelta(seconds=5)) == "5s ago"
     lost = status._ago((now - timedelta(seconds=40)).replace(tzinfo=None))  # Optuna stores naive UTC
     assert lost == "40s ago: worker lost, retried by the next worker"
+
+
+def test_a_worker_closes_with_the_total_another_worker_raised(tmp_path):
+    study = write_study(tmp_path, n_trials=1, epochs=2)
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    first = start_cli(["worker", str(study)], pause=1.0, cwd=tmp_path)  # runs to the file's total, 1
+    wait_for(lambda: any(t.state == TrialState.RUNNING for t in trials(url)), 90, "the first worker's trial")
+    second = start_cli(["worker", str(study), "--n-trials", "2"], cwd=tmp_path)
+    raised, _ = second.communicate(timeout=120)
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0 and second.returncode == 0, out + raised
+    assert len(trials(url)) == 2
+    assert "study tiny: 2 of 2 trials" in out  # the stored total, not the file's 1

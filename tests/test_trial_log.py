@@ -50,6 +50,18 @@ def test_run_without_a_terminal_prints_text_lines(tmp_path):
     assert "cycles of tiny" in proc.stdout
 
 
+def test_run_with_workers_without_a_terminal_prints_the_workers_lines(tmp_path):
+    path = write_study(tmp_path, n_trials=3, epochs=2)
+    proc = _cli("run", str(path), "--workers", "2", cwd=tmp_path)  # stdout a pipe: no live view
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    started = re.findall(r" cycle (\d) started on (\S+:\d+)", proc.stdout)
+    ended = re.findall(r" cycle (\d) (?:complete|pruned): ", proc.stdout)
+    assert sorted(c for c, _ in started) == ["1", "2", "3"] and sorted(ended) == ["1", "2", "3"], proc.stdout
+    assert len({w for _, w in started}) == 2  # both workers' lines, as they wrote them
+    assert not re.search(r"trials +━", proc.stdout)  # no frame of a live view in a log
+    assert re.search(r"(?m)^ *cycles of tiny *$", proc.stdout)  # the table's title on a line of its own
+
+
 def test_each_trial_gets_its_dashboard_note_as_it_ends(tmp_path):
     import optuna
     import optuna_dashboard
