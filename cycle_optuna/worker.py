@@ -30,7 +30,7 @@ from cycle_optuna.data import TaskData, load_study_data
 from cycle_optuna.digests import DIGESTS_ATTR, data_digests
 from cycle_optuna.errors import StorageError
 from cycle_optuna.objective import ModelNotSaved, Objective, make_pruner
-from cycle_optuna.sampler import make_sampler
+from cycle_optuna.sampler import PerTrialSeeded, make_sampler
 from cycle_optuna.totals import count_and_waiting as _count_and_waiting, trials_counted  # noqa: F401 - re-exported
 from cycle_optuna.train import EpochMetrics
 
@@ -67,7 +67,10 @@ def build_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
     if not cfg.space:  # nothing to search: no sampler's reasons ("no baseline given") would be true
         return optuna.samplers.RandomSampler(seed=cfg.study.seed)
     baseline = {p.name: getattr(cfg.baseline, p.name) for p in cfg.space}
-    return make_sampler(cfg.sampler, baseline=baseline, seed=cfg.study.seed)
+    if cfg.sampler.type in ("cycle", "reference"):  # their rules are a function of the trials
+        return make_sampler(cfg.sampler, baseline=baseline, seed=cfg.study.seed)
+    # Optuna's samplers seeded per trial: workers sharing the study, or a resumed one, draw anew
+    return PerTrialSeeded(lambda seed: make_sampler(cfg.sampler, baseline=baseline, seed=seed), cfg.study.seed)
 
 
 def open_study(

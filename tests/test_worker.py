@@ -185,3 +185,21 @@ def test_workers_started_by_hand_on_one_machine_share_its_cores(tmp_path: Path, 
     finally:
         other.kill()
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kind", ["random", "tpe"])
+def test_a_resumed_study_draws_what_an_uninterrupted_one_would(tmp_path: Path, kind: str):
+    """Optuna's samplers are seeded per trial: seeded once per process, a second `run` (or a second
+    worker) would start the same sequence again and repeat the first run's configurations."""
+    params = {}
+    for how, runs in (("at once", [4]), ("resumed", [2, 4])):
+        folder = tmp_path / how.replace(" ", "-")
+        folder.mkdir()
+        path = write_study(folder, n_trials=4, epochs=1)
+        _edit(path, 'type = "random"', f'type = "{kind}"')
+        for total in runs:
+            cfg = config.override(config.load(path), n_trials=total, storage=None)
+            study = worker.run_worker(cfg, storage.resolve_url(cfg))
+        params[how] = [t.params["lr"] for t in study.trials]
+    assert len(set(params["resumed"])) == 4, params  # trials 3 and 4 are not trials 1 and 2 again
+    assert params["resumed"] == params["at once"]

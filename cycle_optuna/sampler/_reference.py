@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Mapping
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Mapping, Sequence
 
 from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.samplers import BaseSampler, CmaEsSampler, RandomSampler
 from optuna.study import Study
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from cycle_optuna import optuna_internals as internals
 from cycle_optuna.config import SamplerConfig
@@ -153,3 +155,62 @@ def _plain(kind: str, cfg: SamplerConfig, seed: int | None) -> BaseSampler:
         )
     raise ValueError(f"sampler type must be one of cycle, reference, tpe, random, cmaes, but got {kind=}.")
 
+
+
+class PerTrialSeeded(BaseSampler):
+    """Optuna's sampler `make(seed)` built afresh for every trial, its seed derived from `seed` and
+    the trial number, as the CycleSampler builds its fallback.
+
+    One sampler seeded once per process draws the same sequence in every process: two workers on
+    one study, or a study resumed by a second `run`, would run the first one's configurations again.
+    Seeded per trial, trial n gets the same draw in any process, so a resumed study proposes what
+    an uninterrupted one would have, and concurrent workers, holding other trial numbers, draw
+    other configurations."""
+
+    _MAX_BUILT = 256  # samplers of trials still asking; a trial's is dropped when it ends
+
+    def __init__(self, make: Callable[[int], BaseSampler], seed: int) -> None:
+        self._make, self._seed = make, seed
+        self._built: OrderedDict[tuple[int, int], BaseSampler] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_built"] = OrderedDict()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _for(self, study: Study, trial: FrozenTrial) -> BaseSampler:
+        key = (id(internals.storage_of(study)), internals.trial_id_of(trial))
+        with self._lock:
+            sampler = self._built.get(key)
+            if sampler is None:
+                sampler = self._built[key] = self._make((self._seed * 1_000_003 + trial.number) % 2**31)
+                while len(self._built) > self._MAX_BUILT:
+                    self._built.popitem(last=False)
+            return sampler
+
+    def reseed_rng(self) -> None:
+        pass  # every trial's sampler is seeded by its number: nothing is shared between trials
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        self._for(study, trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self._for(study, trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self._for(study, trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._for(study, trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
+        self._for(study, trial).after_trial(study, trial, state, values)
+        with self._lock:
+            self._built.pop((id(internals.storage_of(study)), internals.trial_id_of(trial)), None)
