@@ -257,10 +257,18 @@ def _dynamics(a: Analysis) -> list[str]:
     lines = ["### 3. Training dynamics", ""]
     acc = [c for c in a.cycles if c.val_accuracy is not None and c.state == "COMPLETE"]
     if acc:
-        top = max(acc, key=lambda c: c.val_accuracy)
-        note = " (also the best loss)" if top is a.best else " despite not having the best loss"
-        lines.append(f"- **Cycle {top.cycle}** had the best accuracy of the {len(acc)} complete cycles "
-                     f"({_pct(top.val_accuracy)}){note}")
+        high = max(c.val_accuracy for c in acc)
+        tops = [c for c in acc if c.val_accuracy == high]
+        if len(tops) == 1:
+            note = " (also the best loss)" if tops[0] is a.best else " despite not having the best loss"
+            lines.append(f"- **Cycle {tops[0].cycle}** had the best accuracy of the {len(acc)} complete cycles "
+                         f"({_pct(high)}){note}")
+        else:  # a tie: no cycle had it "despite" anything
+            names = ", ".join(str(c.cycle) for c in tops[:-1]) + f" and {tops[-1].cycle}"
+            note = (f"; cycle {a.best.cycle}, one of them, also had the best loss" if a.best in tops
+                    else "; none of them had the best loss")
+            lines.append(f"- **Cycles {names}** shared the best accuracy of the {len(acc)} complete cycles "
+                         f"({_pct(high)}){note}")
     imp = [c for c in a.cycles if c.improvement_pct is not None]
     if imp and max(c.improvement_pct for c in imp) > 0:
         top = max(imp, key=lambda c: c.improvement_pct)

@@ -143,6 +143,18 @@ def test_a_pruned_cycle_shows_the_best_loss_it_reached_not_its_last(tmp_path):
     assert row.startswith("| 2 | 0.4184 |"), row
 
 
+def test_cycles_that_tie_on_accuracy_share_it(tmp_path):
+    study = optuna.create_study(study_name="t", storage=f"sqlite:///{tmp_path / 't.db'}")
+    for value in (0.30, 0.20):  # both 100% accurate; the second has the lower loss
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=value, params={},
+                                                  distributions={}, intermediate_values={0: value},
+                                                  user_attrs={"val_accuracy": 1.0}))
+    text = report.write_report(study, tmp_path / "out", test=False).read_text()
+    assert ("**Cycles 1 and 2** shared the best accuracy of the 2 complete cycles (100.00%); cycle 2, one of them, "
+            "also had the best loss") in text
+    assert "despite" not in text
+
+
 def test_default_output_dir_is_beside_the_study_file(tmp_path, monkeypatch):
     path = make_study(tmp_path, "tpe")
     monkeypatch.setattr(api, "held_out_score", lambda *a, **k: (_ for _ in ()).throw(api.StorageError("skip")))
