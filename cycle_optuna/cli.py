@@ -142,8 +142,8 @@ def small_validation_note(cfg, data) -> str | None:
         pool = Counter(data.y_train.tolist() + data.y_val.tolist())
         lone = sorted(c for c, count in pool.items() if count == 1)
         if lone:  # its one series is validated by the fold model that never saw the class
-            note += (f"; class(es) {named(lone)} have a single series, which only models that never saw the class "
-                     "validate, so cycles are not scored on them")
+            note += (f"; class(es) {named(lone)} have a single series, validated by the one fold model that never "
+                     "saw the class: it counts as a likely miss in every cycle's score alike")
         return note
     unscored = sorted(set(range(data.n_classes)) - set(data.y_val.tolist()))
     if unscored:
