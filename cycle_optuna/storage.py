@@ -23,7 +23,7 @@ import sqlalchemy.exc
 import sqlalchemy.pool
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
@@ -291,7 +291,7 @@ def _journal(url: str, *, create: bool) -> BaseStorage:
     check_file_location(url, Path(path), create=create)
     _check_journal_tail(Path(path))
     try:
-        return JournalStorage(JournalFileBackend(path))  # reads the whole file
+        return JournalStorage(JournalFileBackend(path, _TornTailCuttingLock(path)))  # reads the whole file
     except OSError as e:
         raise StorageError(f"cannot open storage {mask(url)}: {e.strerror or e}") from None
     except ValueError:  # a line that is not UTF-8 JSON, or not ended by a newline
@@ -307,8 +307,8 @@ def _check_journal_tail(path: Path) -> None:
     """The end of an existing journal file looks like records, before a worker appends to it.
     Optuna's reader parses every line itself but forgives a bad last one (a torn write), so a file
     of some other kind was opened, written to and broken for good. Only the end is read: a last
-    line without its newline that starts like a record is left alone (another worker may be
-    writing it)."""
+    line without its newline that starts like a record is left alone here (another worker may be
+    writing it); the next append cuts it off if it is a dead one (:class:`_TornTailCuttingLock`)."""
     try:
         with path.open("rb") as f:
             start = max(0, f.seek(0, os.SEEK_END) - JOURNAL_TAIL_BYTES)
@@ -321,6 +321,47 @@ def _check_journal_tail(path: Path) -> None:
     whole = bool(newline) and (start == 0 or bool(earlier))  # `last` is a whole line, not a cut one
     if (tail and not tail.startswith(b"{")) or (whole and not _is_record(last)):
         raise StorageError(f"{path}: not a journal file (its last line is not an Optuna journal record)")
+
+
+class _TornTailCuttingLock(JournalFileSymlinkLock):
+    """Optuna's own journal lock (the one its appends take by default), which on acquiring cuts
+    off a torn last record: one a full disk cut short ends without its newline, and the next
+    append would glue itself to it into a corrupt line that breaks the journal for good. Readers
+    skip such a line; under the lock no writer is part-way through one, so it is a dead write."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self._journal = Path(path)
+
+    def acquire(self) -> bool:
+        acquired = super().acquire()
+        try:
+            _cut_torn_tail(self._journal)
+        except BaseException:
+            self.release()
+            raise
+        return acquired
+
+
+def _cut_torn_tail(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError), path.open("r+b") as f:
+        end = keep = f.seek(0, os.SEEK_END)
+        if end == 0:
+            return
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return  # the common case: one byte read per append
+        while keep > 0:  # back to just after the last newline (the start of the file if none)
+            start = max(0, keep - 65536)
+            f.seek(start)
+            cut = f.read(keep - start).rfind(b"\n")
+            keep = start + cut + 1 if cut >= 0 else start
+            if cut >= 0:
+                break
+        _log.warning("%s: cut off a torn last record of %d bytes (a write cut short, e.g. by a full disk)",
+                     path, end - keep)
+        f.truncate(keep)
+        os.fsync(f.fileno())
 
 
 def _is_record(line: bytes) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import sqlite3
 import subprocess
 import sys
@@ -283,3 +286,48 @@ def test_the_heartbeat_thread_beats_only_for_the_running_trial(tmp_path: Path, m
 def test_sqlite_studies_use_write_ahead_logging(tmp_path: Path):
     storage.open_storage(f"sqlite:///{tmp_path / 'wal.db'}").get_all_studies()
     assert sqlite3.connect(tmp_path / "wal.db").execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+@contextlib.contextmanager
+def _small_tmpfs(path: Path, size: str):
+    """A real disk of `size` at `path` (a tmpfs: root only), unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("a full disk is a small tmpfs, which only root can mount")
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("running as root without permission to mount a tmpfs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    """Fill `disk` to the last block; the filler file, to delete to free the space."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_journal_record_cut_off_by_a_full_disk_is_dropped_before_the_next_append(tmp_path: Path):
+    with _small_tmpfs(tmp_path / "disk", "64k") as disk:
+        url, log = f"journal://{disk / 'j.log'}", disk / "j.log"
+        study = optuna.create_study(study_name="j", storage=storage.open_storage(url))
+        filler = _fill(disk)
+        with pytest.raises(OSError, match="No space left"):
+            study.set_user_attr("cut", "x" * 20000)
+        assert not log.read_bytes().endswith(b"\n")  # the torn record: written up to the full disk
+        reader = optuna.load_study(study_name="j", storage=storage.open_storage(url, create=False))
+        assert reader.user_attrs == {}  # readers skip it
+        filler.unlink()
+        study.set_user_attr("after", 1)
+        assert optuna.load_study(study_name="j", storage=storage.open_storage(url, create=False)).user_attrs == {
+            "after": 1}
