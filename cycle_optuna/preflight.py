@@ -82,6 +82,7 @@ def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[s
     data = load_study_data(cfg)  # with its test file, when [data] test_source names one
     config_mod.check_patch_len(cfg, data.seq_len)  # a file's length is known only once it is read
     storage_mod.wait_until_answers(url, wait_s, say)
+    storage_mod.note_if_locked(url, say)
     reader = _existing_sqlite(url)
     if reader is not None:  # read first: a study it cannot join leaves the file untouched
         worker.check_joinable(cfg, reader, url)

@@ -163,9 +163,10 @@ def follow(procs: list, echo, *, interval: float = 1.0) -> None:
 def find(cfg, url: str) -> optuna.Study | None:
     """The study of `cfg` at `url` when it exists, else None (creates nothing but an empty SQLite file)."""
     storage = storage_mod.open_storage(url, heartbeat=False)
-    if cfg.study.name not in optuna.get_all_study_names(storage):
-        return None
-    return optuna.load_study(study_name=cfg.study.name, storage=storage)
+    with storage_mod.named_errors(url):
+        if cfg.study.name not in optuna.get_all_study_names(storage):
+            return None
+        return optuna.load_study(study_name=cfg.study.name, storage=storage)
 
 
 def load(cfg, url: str) -> optuna.Study:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -166,6 +167,51 @@ def describe(e: BaseException) -> str:
     return mask(reason.splitlines()[0] if reason else type(e).__name__)
 
 
+@contextlib.contextmanager
+def named_errors(url: str) -> Iterator[None]:
+    """Optuna's calls on the storage, whose failure is one StorageError naming the storage and the
+    real reason: Optuna's own text blames "invalid data, e.g. exceeding max length" for any failed
+    commit, a full disk and a lock held by another process included."""
+    try:
+        yield
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+        raise StorageError(f"storage {mask(url)}: {_reason(e)}") from None
+    except OSError as e:  # a journal file's append; reading the data or the artifacts never fills a disk
+        if file_path(url) is None or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StorageError(f"storage {mask(url)}: {e.strerror}") from None
+
+
+def _reason(e: BaseException) -> str:
+    reason = describe(e)
+    if "database is locked" in reason:  # SQLite's whole text, after a wait that said nothing
+        reason += f" (another process held its write lock for {SQLITE_TIMEOUT_SECONDS}s)"
+    return reason
+
+
+def note_if_locked(url: str, say: Callable[[str], None]) -> None:
+    """For a SQLite file whose write lock another process holds (an open `BEGIN EXCLUSIVE`, a long
+    write): say so once, as writers then wait for it silently for up to SQLITE_TIMEOUT_SECONDS.
+    Workers' own commits take milliseconds, so a lock still held after a second is worth a line."""
+    path = sqlite_path(url)
+    if path is None or not path.is_file():
+        return
+    import sqlite3
+
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=1.0, isolation_level=None)
+    except sqlite3.Error:
+        return  # opening it for real names the trouble
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+    except sqlite3.Error as e:  # any other trouble: opening it for real names it
+        if "locked" in str(e):
+            say(f"waiting up to {SQLITE_TIMEOUT_SECONDS}s for {path}: another process holds its write lock")
+    finally:
+        conn.close()
+
+
 def sqlite_path(url: str) -> Path | None:
     """The database file of a sqlite:// URL (None for other URLs and in-memory databases)."""
     if not url.startswith("sqlite"):
@@ -261,7 +307,7 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> Ba
         hint = _DRIVER_HINTS.get(driver, f"pip install {driver}")
         raise StorageError(f"storage {mask(url)}: database driver {driver!r} is not installed ({hint})") from None
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
-        reason = describe(e)
+        reason = _reason(e)
         if "readonly database" in reason or "read-only" in reason:
             raise StorageError(f"cannot write {sqlite_path(url) or mask(url)}: read-only ({reason})") from None
         raise StorageError(f"cannot open storage {mask(url)}: {reason}") from None

@@ -76,7 +76,13 @@ def build_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
 def open_study(
     cfg: StudyConfig, url: str, *, data: TaskData | None = None, create: bool = True
 ) -> optuna.Study:
-    """Create or load the study; refuse one whose stored trial definition differs from `cfg`."""
+    """Create or load the study; refuse one whose stored trial definition differs from `cfg`.
+    A storage that fails here (a full disk, a lock another process holds) is one StorageError."""
+    with storage_mod.named_errors(url):
+        return _open_study(cfg, url, data=data, create=create)
+
+
+def _open_study(cfg: StudyConfig, url: str, *, data: TaskData | None, create: bool) -> optuna.Study:
     cfg = _with_env_artifacts(cfg)
     storage = storage_mod.open_storage(url)
     name = cfg.study.name
@@ -269,7 +275,8 @@ def run_worker(
         data = load_study_data(cfg)
         config_mod.check_patch_len(cfg, data.seq_len)  # a file's length is known only once it is read
     study = open_study(cfg, url, data=data)
-    totals.record(study, cfg.study.n_trials)  # status and progress bars read the total from the study
+    with storage_mod.named_errors(url):
+        totals.record(study, cfg.study.n_trials)  # status and progress bars read the total from the study
 
     def on_epoch(trial: optuna.Trial, m: EpochMetrics) -> None:
         check_interrupted()

@@ -331,3 +331,53 @@ def test_a_journal_record_cut_off_by_a_full_disk_is_dropped_before_the_next_appe
         study.set_user_attr("after", 1)
         assert optuna.load_study(study_name="j", storage=storage.open_storage(url, create=False)).user_attrs == {
             "after": 1}
+
+
+# The real CLI in a new process, its SQLite writers waiting one second for a lock instead of 120.
+_SHORT_LOCK_WAIT = ("import sys, cycle_optuna.storage as s\ns.SQLITE_TIMEOUT_SECONDS = 1\n"
+                    "from cycle_optuna.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+
+
+def _worker(study: Path, url: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _SHORT_LOCK_WAIT, "worker", str(study), "--storage", url],
+                          env=worker_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_storage_on_a_full_disk_is_one_line_naming_it_before_the_first_trial(tmp_path: Path, kind: str):
+    study = write_study(tmp_path, n_trials=1)
+    with _small_tmpfs(tmp_path / "disk", "1m") as disk:
+        url = f"sqlite:///{disk / 'tiny.db'}" if kind == "sqlite" else f"journal://{disk / 'tiny.log'}"
+        held = None
+        if kind == "sqlite":  # a database in WAL mode with its -wal and -shm files, as a worker leaves it
+            st = storage.open_storage(url)
+            st.get_all_studies()
+            st.engine.dispose()
+            held = sqlite3.connect(disk / "tiny.db")
+            held.execute("SELECT COUNT(*) FROM studies").fetchall()
+        try:
+            _fill(disk)
+            proc = _worker(study, url)
+        finally:
+            if held is not None:
+                held.close()
+    assert proc.returncode == 2, proc.stderr
+    reason = "database or disk is full" if kind == "sqlite" else "No space left on device"
+    assert proc.stderr.splitlines()[-1] == f"error: storage {url}: {reason}"
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_database_another_process_keeps_locked_is_one_line_after_a_note(tmp_path: Path):
+    study, db = write_study(tmp_path, n_trials=1), tmp_path / "tiny.db"
+    url = f"sqlite:///{db}"
+    optuna.create_study(study_name="tiny", storage=storage.open_storage(url))
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        proc = _worker(study, url)
+    finally:
+        holder.close()
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert f"waiting up to 1s for {db}: another process holds its write lock" in lines
+    assert lines[-1] == f"error: storage {url}: database is locked (another process held its write lock for 1s)"
