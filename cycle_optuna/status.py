@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -25,7 +24,7 @@ class RunningTrial:
     number: int
     worker: str  # "host:pid", or "?" before the worker wrote it
     epochs_done: int
-    last_heartbeat: datetime | None  # UTC; None without heartbeats (journal storage)
+    heartbeat_age: float | None  # seconds since the last beat, by the database's clock; None without heartbeats (journal)
     resumed_from: str | None
     device: str = "-"  # "cpu" or "gpu <id>", as the worker wrote it
 
@@ -53,10 +52,10 @@ def collect(study: optuna.Study, n_trials: int) -> StudyStatus:
     states: dict[str, int] = {}
     for t in trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
-    beats = storage_mod.last_heartbeats(internals.storage_of(study), study)
+    ages = storage_mod.heartbeat_ages(internals.storage_of(study), study)
     running = [
         RunningTrial(t.number, str(t.user_attrs.get(storage_mod.WORKER_ATTR, "?")), len(t.intermediate_values),
-                     beats.get(t.number), t.user_attrs.get("resumed_from"),
+                     ages.get(t.number), t.user_attrs.get("resumed_from"),
                      str(t.user_attrs.get(storage_mod.DEVICE_ATTR, "-")))
         for t in trials if t.state == TrialState.RUNNING
     ]
@@ -67,12 +66,9 @@ def collect(study: optuna.Study, n_trials: int) -> StudyStatus:
                        api.baselines(study))
 
 
-def _ago(when: datetime | None) -> str:
-    if when is None:
+def _ago(age: float | None) -> str:
+    if age is None:
         return "-"
-    if when.tzinfo is None:  # Optuna stores naive UTC
-        when = when.replace(tzinfo=timezone.utc)
-    age = (datetime.now(timezone.utc) - when).total_seconds()
     if age > storage_mod.grace_period():
         # past the grace period: the worker is gone (the next worker that looks fails the trial and retries it)
         return f"{age:.0f}s ago: worker lost, retried by the next worker"
@@ -92,7 +88,7 @@ def render(s: StudyStatus, *, epochs: int | None = None) -> Group:
             run.add_column(col)
         for r in sorted(s.running, key=lambda r: r.number):
             run.add_row(str(r.number + 1), f"{r.epochs_done}" + (f"/{epochs}" if epochs else ""), r.worker,
-                        r.device, _ago(r.last_heartbeat), r.resumed_from or "")
+                        r.device, _ago(r.heartbeat_age), r.resumed_from or "")
         parts.append(run)
     if s.best is not None:
         b = s.best

@@ -583,15 +583,29 @@ def count_trials(storage: BaseStorage, study: optuna.Study,
 
 
 def last_heartbeats(storage: BaseStorage, study: optuna.Study) -> dict[int, datetime]:
-    """Trial number -> last heartbeat (UTC) of the study's running trials; empty without heartbeats."""
+    """Trial number -> last heartbeat of the study's running trials, as the database stamped it
+    (naive, on its own clock and time zone); empty without heartbeats."""
+    return _beats(storage, study)[0]
+
+
+def heartbeat_ages(storage: BaseStorage, study: optuna.Study) -> dict[int, float]:
+    """Trial number -> seconds since the last heartbeat of the study's running trials, by the
+    database's clock, which stamps the beats: right whatever its time zone (PostgreSQL stamps a
+    naive local time) or its skew from this machine, as :func:`fail_stale` judges them."""
+    beats, now = _beats(storage, study)
+    return {n: max(0.0, (now - beat).total_seconds()) for n, beat in beats.items()}
+
+
+def _beats(storage: BaseStorage, study: optuna.Study) -> tuple[dict[int, datetime], datetime | None]:
+    """(last_heartbeats, the database's time now), read on one connection."""
     storage = _unwrap(storage)
     if not isinstance(storage, RDBStorage) or storage.get_heartbeat_interval() is None:
-        return {}
+        return {}, None
     with storage.engine.connect() as conn:
         rows = [(n, beat) for _, n, beat in internals.running_trials_and_beats(conn, internals.study_id_of(study))
                 if beat is not None]
-    # SQLite hands back text; the others datetimes (naive UTC, as Optuna writes them)
-    return {int(n): datetime.fromisoformat(hb) if isinstance(hb, str) else hb for n, hb in rows}
+        now = _as_naive(conn.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar()) if rows else None
+    return {int(n): _as_naive(beat) for n, beat in rows}, now
 
 
 def register_trial(study: optuna.Study, trial: optuna.Trial, worker: str,

@@ -57,3 +57,18 @@ def test_mariadb_storage_when_reachable():
     with storage.cap_lock(st, url, name):
         pass
     assert st.get_heartbeat_interval() == storage.HEARTBEAT_SECONDS
+
+
+def test_status_ages_heartbeats_by_the_database_clock_in_any_time_zone(tmp_path: Path, pg_url: str, capsys):
+    """PostgreSQL stamps a beat in the database's own time zone (a naive local time)."""
+    from conftest import pg_admin_connect
+
+    with pg_admin_connect() as admin:
+        admin.execute(f"ALTER DATABASE \"{pg_url.rsplit('/', 1)[1]}\" SET timezone TO 'America/New_York'")
+    study = write_study(tmp_path, n_trials=1)
+    s = optuna.create_study(study_name="tiny", storage=storage.open_storage(pg_url))
+    storage.register_trial(s, s.ask(), "box:123")  # its first beat, stamped now
+    capsys.readouterr()
+    assert main(["status", str(study), "--storage", pg_url]) == 0
+    out = capsys.readouterr().out
+    assert "box:123" in out and "s ago" in out and "worker lost" not in out
