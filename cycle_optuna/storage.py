@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -11,6 +12,7 @@ import glob
 import os
 import shutil
 import socket
+import sqlite3
 import threading
 import time
 from datetime import datetime
@@ -196,8 +198,6 @@ def note_if_locked(url: str, say: Callable[[str], None]) -> None:
     path = sqlite_path(url)
     if path is None or not path.is_file():
         return
-    import sqlite3
-
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=1.0, isolation_level=None)
     except sqlite3.Error:
@@ -267,6 +267,8 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> Ba
         if path is not None:
             check_file_location(url, path, create=create)
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_SECONDS}
+        if path is not None and not create and not os.access(path.parent, os.W_OK):
+            engine_kwargs["creator"] = _read_only_sqlite(path)
     elif backend in ("postgresql", "mysql", "mariadb"):
         # pre-ping + recycle let workers survive a database restart; a worker needs few connections
         engine_kwargs.update(pool_pre_ping=True, pool_size=2, max_overflow=2, pool_recycle=300)
@@ -311,6 +313,17 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> Ba
         if "readonly database" in reason or "read-only" in reason:
             raise StorageError(f"cannot write {sqlite_path(url) or mask(url)}: read-only ({reason})") from None
         raise StorageError(f"cannot open storage {mask(url)}: {reason}") from None
+
+
+def _read_only_sqlite(path: Path) -> Callable[[], sqlite3.Connection]:
+    """Connections for a reader of a SQLite file in a directory it cannot write (read-only media or
+    mount): in WAL mode SQLite must create `-shm` beside the file even to read ("unable to open
+    database file"). With a `-wal` beside it (writers have it open elsewhere) the file is read
+    read-only through their files; without one (the last writer folded the log into the file) it
+    is opened immutable, which needs no file beside it."""
+    wal = path.with_name(f"{path.name}-wal").exists()
+    uri = f"{path.resolve().as_uri()}?{'mode=ro' if wal else 'immutable=1'}"
+    return functools.partial(sqlite3.connect, uri, uri=True, timeout=SQLITE_TIMEOUT_SECONDS, check_same_thread=False)
 
 
 def _use_wal(engine: sqlalchemy.Engine) -> None:

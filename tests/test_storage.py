@@ -381,3 +381,41 @@ def test_a_database_another_process_keeps_locked_is_one_line_after_a_note(tmp_pa
     lines = proc.stderr.splitlines()
     assert f"waiting up to 1s for {db}: another process holds its write lock" in lines
     assert lines[-1] == f"error: storage {url}: database is locked (another process held its write lock for 1s)"
+
+
+@contextlib.contextmanager
+def _read_only_view(directory: Path, at: Path):
+    """`directory` as read-only media: a read-only bind mount at `at` as root, else `directory` chmod 555."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        try:
+            yield directory
+        finally:
+            directory.chmod(0o755)
+        return
+    at.mkdir()
+    if subprocess.run(["mount", "--bind", str(directory), str(at)], capture_output=True).returncode != 0:
+        pytest.skip("running as root without permission to bind-mount a directory")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(at)], check=True)
+        yield at
+    finally:
+        subprocess.run(["umount", str(at)], check=False)
+
+
+def test_a_finished_sqlite_study_in_wal_mode_on_read_only_media_can_be_read(tmp_path: Path):
+    rw = tmp_path / "rw"
+    rw.mkdir()
+    write_study(rw, n_trials=1)
+    st = storage.open_storage(f"sqlite:///{rw / 'tiny.db'}")
+    optuna.create_study(study_name="tiny", storage=st).add_trial(
+        optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+    st.engine.dispose()
+    with contextlib.closing(sqlite3.connect(rw / "tiny.db")) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert sorted(p.name for p in rw.iterdir()) == ["tiny.db", "tiny.toml"]  # no -wal, no -shm: all closed
+    with _read_only_view(rw, tmp_path / "ro") as ro:
+        proc = subprocess.run([sys.executable, "-m", "cycle_optuna.cli", "status", str(ro / "tiny.toml")],
+                              env=worker_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 of 1 trials finished" in proc.stdout and "val loss 0.5000" in proc.stdout
