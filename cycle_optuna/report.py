@@ -22,7 +22,7 @@ from cycle_optuna import storage as storage_mod
 from cycle_optuna.analysis import Analysis
 from cycle_optuna.api import Cycle
 from cycle_optuna.config import StudyConfig
-from cycle_optuna.errors import CycleOptunaError
+from cycle_optuna.errors import CycleOptunaError, StorageError
 from cycle_optuna.report_markdown import render, summary
 
 __all__ = ["Analysis", "analyse", "default_dir", "render", "summary", "write_report"]
@@ -106,11 +106,14 @@ def write_report(
     """Write report.md and its PNG plots into `out_dir`; returns the report's path."""
     a = analyse(study, storage, test=test)
     out = Path(out_dir) if out_dir is not None else default_dir(study, a.name)
-    out.mkdir(parents=True, exist_ok=True)
-    pngs = plots.write_all(a.cycles, a.importance, out, note=a.importance_note, warning=a.importance_warning)
     path = out / "report.md"
-    with files.replacing(path) as tmp:
-        tmp.write_text(render(a, {k: p.name for k, p in pngs.items()}))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        pngs = plots.write_all(a.cycles, a.importance, out, note=a.importance_note, warning=a.importance_warning)
+        with files.replacing(path) as tmp:
+            tmp.write_text(render(a, {k: p.name for k, p in pngs.items()}))
+    except OSError as e:  # a full disk: one line naming where, as `export` and `predict` say it
+        raise StorageError(f"cannot write {out}: {e.strerror or e}") from None
     from cycle_optuna import dashboard
 
     dashboard.write_notes(api.load_study(study, storage), summary=summary(a))

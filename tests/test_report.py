@@ -267,3 +267,16 @@ def test_an_interrupted_cycle_that_was_retried_is_not_counted_as_failed(tmp_path
     assert "(2 complete, 0 pruned, 0 diverged, 0 failed, 1 interrupted and retried)" in text
     assert "- **Failed:** 0" in text and "- **Interrupted and retried:** 1" in text
     assert "cycle 2 (lr" in text and "SIGINT); retried as cycle 3" in text
+
+
+def test_a_report_onto_a_full_disk_is_one_line_naming_it_and_exit_2(tmp_path, capsys):
+    from cycle_optuna.cli import main
+    from workers_helpers import fill_disk, small_tmpfs
+
+    study = make_study(tmp_path, "tpe", with_model=False)
+    with small_tmpfs(tmp_path / "disk", "1m") as disk:
+        fill_disk(disk)
+        assert main(["report", str(study), "-o", str(disk / "out"), "--no-test"]) == 2
+        assert not [p.name for p in (disk / "out").iterdir()]  # no partial plot or report left
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"error: cannot write {disk / 'out'}: No space left on device"

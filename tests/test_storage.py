@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import sqlite3
 import subprocess
@@ -18,7 +17,7 @@ from optuna.trial import TrialState
 
 from cycle_optuna import storage
 from cycle_optuna.cli import main
-from workers_helpers import worker_env, write_study
+from workers_helpers import fill_disk, small_tmpfs, worker_env, write_study
 
 
 @pytest.mark.parametrize("url, secret, words", [
@@ -288,40 +287,11 @@ def test_sqlite_studies_use_write_ahead_logging(tmp_path: Path):
     assert sqlite3.connect(tmp_path / "wal.db").execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
-@contextlib.contextmanager
-def _small_tmpfs(path: Path, size: str):
-    """A real disk of `size` at `path` (a tmpfs: root only), unmounted after."""
-    if os.geteuid() != 0:
-        pytest.skip("a full disk is a small tmpfs, which only root can mount")
-    path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("running as root without permission to mount a tmpfs")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=False)
-
-
-def _fill(disk: Path) -> Path:
-    """Fill `disk` to the last block; the filler file, to delete to free the space."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError as e:
-        assert e.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    return filler
-
-
 def test_a_journal_record_cut_off_by_a_full_disk_is_dropped_before_the_next_append(tmp_path: Path):
-    with _small_tmpfs(tmp_path / "disk", "64k") as disk:
+    with small_tmpfs(tmp_path / "disk", "64k") as disk:
         url, log = f"journal://{disk / 'j.log'}", disk / "j.log"
         study = optuna.create_study(study_name="j", storage=storage.open_storage(url))
-        filler = _fill(disk)
+        filler = fill_disk(disk)
         with pytest.raises(OSError, match="No space left"):
             study.set_user_attr("cut", "x" * 20000)
         assert not log.read_bytes().endswith(b"\n")  # the torn record: written up to the full disk
@@ -346,7 +316,7 @@ def _worker(study: Path, url: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_a_storage_on_a_full_disk_is_one_line_naming_it_before_the_first_trial(tmp_path: Path, kind: str):
     study = write_study(tmp_path, n_trials=1)
-    with _small_tmpfs(tmp_path / "disk", "1m") as disk:
+    with small_tmpfs(tmp_path / "disk", "1m") as disk:
         url = f"sqlite:///{disk / 'tiny.db'}" if kind == "sqlite" else f"journal://{disk / 'tiny.log'}"
         held = None
         if kind == "sqlite":  # a database in WAL mode with its -wal and -shm files, as a worker leaves it
@@ -356,7 +326,7 @@ def test_a_storage_on_a_full_disk_is_one_line_naming_it_before_the_first_trial(t
             held = sqlite3.connect(disk / "tiny.db")
             held.execute("SELECT COUNT(*) FROM studies").fetchall()
         try:
-            _fill(disk)
+            fill_disk(disk)
             proc = _worker(study, url)
         finally:
             if held is not None:
@@ -419,3 +389,4 @@ def test_a_finished_sqlite_study_in_wal_mode_on_read_only_media_can_be_read(tmp_
                               env=worker_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "1 of 1 trials finished" in proc.stdout and "val loss 0.5000" in proc.stdout
+

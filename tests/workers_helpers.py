@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import subprocess
@@ -10,6 +12,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,3 +113,32 @@ def trials(url: str, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
         return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     except KeyError:
         return []
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str):
+    """A real disk of `size` at `path` (a tmpfs: root only), unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("a full disk is a small tmpfs, which only root can mount")
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("running as root without permission to mount a tmpfs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def fill_disk(disk: Path) -> Path:
+    """Fill `disk` to the last block; the filler file, to delete to free the space."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
