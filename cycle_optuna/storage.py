@@ -555,7 +555,12 @@ def cap_lock(storage: BaseStorage, url: str, study_name: str) -> Iterator[sqlalc
     import fcntl
 
     # "<db>-<hash>.lock": beside the file, and matched by the studies/*.db-* ignore rule
-    with open(f"{path}-{hashlib.sha256(key.encode()).hexdigest()[:8]}.lock", "a") as f:
+    lock = f"{path}-{hashlib.sha256(key.encode()).hexdigest()[:8]}.lock"
+    try:
+        f = open(lock, "a")
+    except OSError as e:  # e.g. made immutable or another user's: every worker needs it
+        raise StorageError(f"cannot write {lock}: {e.strerror or e} (the lock file the study's workers share)") from None
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield None

@@ -390,3 +390,23 @@ def test_a_finished_sqlite_study_in_wal_mode_on_read_only_media_can_be_read(tmp_
     assert proc.returncode == 0, proc.stderr
     assert "1 of 1 trials finished" in proc.stdout and "val loss 0.5000" in proc.stdout
 
+
+def test_a_lock_file_the_worker_cannot_write_is_one_line_naming_it(tmp_path: Path, capsys):
+    import hashlib
+
+    study = write_study(tmp_path, n_trials=1)
+    lock = tmp_path / f"tiny.db-{hashlib.sha256(b'cycle-optuna:tiny').hexdigest()[:8]}.lock"
+    lock.touch()
+    root = os.geteuid() == 0
+    if root and subprocess.run(["chattr", "+i", str(lock)], capture_output=True).returncode != 0:
+        pytest.skip(f"cannot make {lock} immutable (chattr) on this filesystem")
+    if not root:
+        lock.chmod(0o444)
+    try:
+        assert main(["worker", str(study)]) == 2
+    finally:
+        if root:
+            subprocess.run(["chattr", "-i", str(lock)], check=False)
+    reason = "Operation not permitted" if root else "Permission denied"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: cannot write {lock}: {reason} (the lock file the study's workers share)")
