@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -626,6 +627,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the boundary that turns surprises into exit code 1
         if args.debug:
             raise
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # e.g. a journal's disk, mid-run
+            where = f"{e.filename}: " if e.filename else ""
+            err.print(f"[bold red]error:[/] {escape(one_line(mask(f'{where}{e.strerror}')))}; free space and run "
+                      "again (a trial cut off is retried)", highlight=False, soft_wrap=True)
+            return 2
         err.print(f"[bold red]unexpected error:[/] {escape(one_line(mask(f'{type(e).__name__}: {e}')))} (rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         return 1

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from cycle_optuna import storage
 from cycle_optuna.cli import main
-from workers_helpers import fill_disk, small_tmpfs, worker_env, write_study
+from workers_helpers import fill_disk, small_tmpfs, start_cli, wait_for, worker_env, write_study
 
 
 @pytest.mark.parametrize("url, secret, words", [
@@ -410,3 +410,25 @@ def test_a_lock_file_the_worker_cannot_write_is_one_line_naming_it(tmp_path: Pat
     reason = "Operation not permitted" if root else "Permission denied"
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: cannot write {lock}: {reason} (the lock file the study's workers share)")
+
+
+def test_a_journal_disk_that_fills_mid_run_is_one_line_and_loses_no_trial(tmp_path: Path):
+    study = write_study(tmp_path, n_trials=2, epochs=3)
+    with small_tmpfs(tmp_path / "disk", "256k") as disk:
+        url = f"journal://{disk / 'tiny.log'}"
+        victim = start_cli(["worker", str(study), "--storage", url], pause=1.0, cwd=tmp_path)
+        wait_for(lambda: b'"op_code":7,' in (disk / "tiny.log").read_bytes() if (disk / "tiny.log").exists() else False,
+                 90, "the first epoch in the journal")
+        filler = fill_disk(disk)
+        out, _ = victim.communicate(timeout=120)
+        assert victim.returncode == 2, out
+        # the failed trial's traceback is logged as any trial's is; the worker's last word is one line
+        assert out.splitlines()[-1] == "error: No space left on device; free space and run again (a trial cut off is retried)", out
+        filler.unlink()
+        again = start_cli(["worker", str(study), "--storage", url], cwd=tmp_path)
+        out, _ = again.communicate(timeout=120)
+        assert again.returncode == 0, out
+        ts = optuna.load_study(study_name="tiny", storage=storage.open_storage(url, create=False)).trials
+    finished = [t for t in ts if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 2 and ts[0].state == TrialState.FAIL  # the cut-off trial, retried
+    assert any(t.system_attrs.get("failed_trial") == 0 for t in finished)
