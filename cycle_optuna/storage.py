@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import functools
 import hashlib
@@ -708,7 +709,7 @@ def _fail_lost(study: optuna.Study, storage: BaseStorage, trial: FrozenTrial, ca
             return False
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
-    retry_callback()(study, trial)
+    queue_retry(study, trial)
     if not journal:  # Optuna refuses attrs on a finished trial: one INSERT, as register_trial writes
         with _connection(target, None) as c:
             internals.insert_user_attr(c, trial_id, FAIL_CAUSE_ATTR, cause)
@@ -769,6 +770,13 @@ def local_workers(study: optuna.Study) -> int:
     """How many live processes of this machine run trials of the study (by the trials' worker attrs)."""
     named = {t.user_attrs.get(WORKER_ATTR) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     return sum(1 for w in named if _local_alive(w))
+
+
+def queue_retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue a retry of a failed trial (same params, learning curve and attrs); none once it had MAX_RETRY."""
+    # a copy: Optuna's callback appends to the trial's own retry_history list, which would make a
+    # trial given its last retry look out of retries (and a cached trial look retried by itself)
+    retry_callback()(study, copy.deepcopy(trial))
 
 
 def retries_exhausted(trial: FrozenTrial) -> bool:

@@ -517,7 +517,7 @@ class _Loop:
             trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
         # FAIL without a retry: failed here (or by a hand-back the database cut short)
         if trial is not None and not retried and trial.state == TrialState.FAIL:
-            storage_mod.retry_callback()(self.study, trial)
+            storage_mod.queue_retry(self.study, trial)
             if storage_mod.FAIL_CAUSE_ATTR not in trial.user_attrs:
                 storage_mod.write_fail_cause(self.study, internals.trial_id_of(trial), cause)
             self.stats.requeued.append(number)

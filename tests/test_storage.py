@@ -160,6 +160,26 @@ def test_a_journal_trial_its_worker_never_named_is_failed_once_it_is_old(tmp_pat
     assert lost.user_attrs[storage.FAIL_CAUSE_ATTR].startswith("worker lost (it ended between creating the trial")
     assert retry.params == lost.params and storage.FAIL_CAUSE_ATTR not in retry.user_attrs
 
+def test_a_lost_trial_given_its_last_retry_keeps_its_checkpoints(tmp_path: Path, monkeypatch):
+    """on_exhausted (which deletes a trial's checkpoints and its ancestors') gets a lost trial only
+    when it gets no retry: the last retry resumes from those checkpoints."""
+    import socket
+
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    monkeypatch.setattr(storage, "MAX_RETRY", 2)
+    study = optuna.create_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(str(tmp_path / "j.log"))))
+    gone = []
+    for _ in range(3):  # the trial, then each of its retries, lost by a process that has ended
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # the waiting retry first
+        trial.set_user_attr(storage.WORKER_ATTR, f"{socket.gethostname()}:999999999")
+        assert storage.fail_stale(study, on_exhausted=lambda s, t: gone.append(t.number)) == [trial.number]
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 3
+    assert [t.system_attrs.get("retry_history") for t in study.trials] == [None, [0], [0, 1]]
+    assert gone == [2]  # not trial 1, whose retry (trial 2) resumed from its checkpoint
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_url(request, tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'beat.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
