@@ -246,7 +246,8 @@ class Objective:
         if self.artifact_store is None:
             return 0
         trials = study.get_trials(deepcopy=False)
-        live = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        live = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)
+                or storage_mod.retry_missing(t, trials)]  # its retry is queued by the next stale check
         by_number = {t.number: t for t in trials}
         keep = {by_number[n].user_attrs.get(CHECKPOINT_ATTR) for t in live for n in [t.number, *_ancestors(t)]
                 if n in by_number}

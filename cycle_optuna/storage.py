@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import sys
 import threading
 import time
 from datetime import datetime
@@ -80,6 +81,7 @@ SQLITE_TIMEOUT_SECONDS = 120  # SQLite writers wait this long for the lock inste
 WORKER_ATTR = "worker"  # user attr "host:pid" of the worker running a trial
 DEVICE_ATTR = "device"  # user attr beside it: "cpu" or "gpu <id>"
 FAIL_CAUSE_ATTR = "fail_cause"  # user attr on a failed trial: why it failed, in one line
+LOST_CAUSE = "worker lost"  # how fail_cause starts on a trial failed because its worker was gone
 ORPHAN_SECONDS = 60.0  # a journal file's running trial still without a worker attr this long after it began: lost
 # drivers SQLAlchemy may ask for that this package does not install: what to install instead
 _DRIVER_HINTS = {
@@ -587,8 +589,8 @@ def count_trials(storage: BaseStorage, study: optuna.Study,
                  conn: sqlalchemy.Connection | None = None) -> tuple[int, bool] | None:
     """(trials toward the cap, whether any trial is WAITING) in one query; None where not an RDB.
 
-    Same rule as :func:`cycle_optuna.worker.trials_counted` (every trial except failures that a
-    retry's retry_history names), but reads only each trial's number, state and retry_history
+    Same rule as :func:`cycle_optuna.worker.trials_counted` (every trial except those a retry's
+    retry_history names), but reads only each trial's number, state and retry_history
     instead of building every trial. Callers must hold :func:`cap_lock` for an exact count.
     """
     storage = _unwrap(storage)
@@ -597,8 +599,8 @@ def count_trials(storage: BaseStorage, study: optuna.Study,
     with _connection(storage, conn) as c:
         rows = internals.trial_states_and_retries(c, internals.study_id_of(study))
     retried = {int(n) for _, _, history in rows if history for n in json.loads(history)}
-    failed = sum(1 for number, state, _ in rows if state == "FAIL" and number in retried)
-    return len(rows) - failed, any(state == "WAITING" for _, state, _ in rows)
+    return (sum(1 for number, _, _ in rows if number not in retried),
+            any(state == "WAITING" for _, state, _ in rows))
 
 
 def last_heartbeats(storage: BaseStorage, study: optuna.Study) -> dict[int, datetime]:
@@ -665,14 +667,23 @@ def fail_stale(study: optuna.Study, conn: sqlalchemy.Connection | None = None, *
     unless a live worker beats for it. Callers hold :func:`cap_lock`, under which every worker
     creates and registers its trials, so no live trial is ever caught between the two. Each failed
     trial gets `fail_cause` "worker lost (host:pid, last heartbeat <time>)"; `on_exhausted` gets
-    those whose retries are used up.
+    those whose retries are used up. A trial failed so by a worker that died before queuing its
+    retry gets the retry now (its number is returned too).
     """
     storage = internals.storage_of(study)
     backend = _unwrap(storage)
     if isinstance(storage, JournalStorage):
-        return _fail_gone_local(study, storage, on_exhausted)
-    if not isinstance(backend, RDBStorage) or backend.get_heartbeat_interval() is None:
+        failed = _fail_gone_local(study, storage, on_exhausted)
+    elif isinstance(backend, RDBStorage) and backend.get_heartbeat_interval() is not None:
+        failed = _fail_silent(study, backend, conn, on_exhausted)
+    else:
         return []
+    return failed + _queue_missing_retries(study)
+
+
+def _fail_silent(study: optuna.Study, backend: RDBStorage, conn: sqlalchemy.Connection | None,
+                 on_exhausted: Callable[[optuna.Study, FrozenTrial], None] | None) -> list[int]:
+    """fail_stale on a database: the running trials without a heartbeat for the grace period."""
     grace = backend.grace_period or 2 * backend.get_heartbeat_interval()
     with _connection(backend, conn) as c:
         rows = internals.running_trials_and_beats(c, internals.study_id_of(study))
@@ -688,34 +699,66 @@ def fail_stale(study: optuna.Study, conn: sqlalchemy.Connection | None = None, *
     failed = []
     for trial_id, beat in stale:
         trial = backend.get_trial(trial_id)
-        cause = f"worker lost ({trial.user_attrs.get(WORKER_ATTR, '?')}, last heartbeat {beat.isoformat(timespec='seconds')})"
-        if _fail_lost(study, storage, trial, cause, on_exhausted):
+        cause = f"{LOST_CAUSE} ({trial.user_attrs.get(WORKER_ATTR, '?')}, last heartbeat {beat.isoformat(timespec='seconds')})"
+        if _fail_lost(study, trial, cause, on_exhausted):
             failed.append(trial.number)
     return failed
 
 
-def _fail_lost(study: optuna.Study, storage: BaseStorage, trial: FrozenTrial, cause: str,
+def _fail_lost(study: optuna.Study, trial: FrozenTrial, cause: str,
                on_exhausted: Callable[[optuna.Study, FrozenTrial], None] | None) -> bool:
-    """Fail a running trial whose worker is gone, queue its retry and record ``cause`` as its
-    `fail_cause`; False when it had ended already (its worker finished it, or another worker failed
-    it first). The retry copies ``trial`` as read before the cause, so it does not carry one."""
-    journal = isinstance(storage, JournalStorage)
-    target = storage if journal else _unwrap(storage)
-    trial_id = internals.trial_id_of(trial)
-    if journal:  # a journal drops attrs written to a finished trial: the cause goes first
-        storage.set_trial_user_attr(trial_id, FAIL_CAUSE_ATTR, cause)
+    """Fail a running trial whose worker is gone, recording ``cause`` as its `fail_cause`, and queue
+    its retry; False when it had ended already (its worker finished it, or another worker failed it
+    first). Failing goes first, as the one write that checks the trial still runs: its worker may
+    be alive after all (paused) and finish it meanwhile. A worker that dies between the two leaves
+    a failed trial with the cause and no retry, which :func:`_queue_missing_retries` finds; a trial
+    whose own worker queued its retry before it was cut off (a hand-back) gets no second one."""
+    storage, trial_id = internals.storage_of(study), internals.trial_id_of(trial)
     try:
-        if not target.set_trial_state_values(trial_id, state=TrialState.FAIL):
+        # the cause first: a journal drops attrs written to a finished trial
+        storage.set_trial_user_attr(trial_id, FAIL_CAUSE_ATTR, cause)
+        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
             return False
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
-    queue_retry(study, trial)
-    if not journal:  # Optuna refuses attrs on a finished trial: one INSERT, as register_trial writes
-        with _connection(target, None) as c:
-            internals.insert_user_attr(c, trial_id, FAIL_CAUSE_ATTR, cause)
+    pause_for_tests("failing lost")  # a test kills the worker here
+    if not retried(study.get_trials(deepcopy=False), trial.number):
+        queue_retry(study, trial)
     if retries_exhausted(trial) and on_exhausted is not None:
-        on_exhausted(study, target.get_trial(trial_id))
+        on_exhausted(study, storage.get_trial(trial_id))
     return True
+
+
+def retried(trials: list[FrozenTrial], number: int) -> bool:
+    """Whether a retry of trial ``number`` is among ``trials`` (one names it in its retry_history)."""
+    return any(number in t.system_attrs.get("retry_history", ()) for t in trials)
+
+
+def queue_retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue a retry of a failed (or failing) trial: same params, learning curve and attrs, without
+    its `fail_cause`; none once it had MAX_RETRY retries."""
+    # a copy: Optuna's callback appends to the trial's own retry_history list, which would make a
+    # trial given its last retry look out of retries (and a cached trial look retried by itself)
+    trial = copy.deepcopy(trial)
+    trial.user_attrs.pop(FAIL_CAUSE_ATTR, None)
+    retry_callback()(study, trial)
+
+
+def _queue_missing_retries(study: optuna.Study) -> list[int]:
+    """Queue the retries of trials failed for a lost worker by a worker that died before it queued
+    them (see :func:`_fail_lost`); their numbers."""
+    trials = study.get_trials(deepcopy=False)
+    missing = [t for t in trials if retry_missing(t, trials)]
+    for trial in missing:
+        queue_retry(study, trial)
+    return [t.number for t in missing]
+
+
+def retry_missing(trial: FrozenTrial, trials: list[FrozenTrial]) -> bool:
+    """Whether ``trial`` was failed for a lost worker by a worker that died before queuing its retry."""
+    cause = str(trial.user_attrs.get(FAIL_CAUSE_ATTR, ""))
+    return (trial.state == TrialState.FAIL and cause.startswith(f"{LOST_CAUSE} (") and not retries_exhausted(trial)
+            and not retried(trials, trial.number))
 
 
 def _fail_gone_local(study: optuna.Study, storage: JournalStorage,
@@ -727,12 +770,12 @@ def _fail_gone_local(study: optuna.Study, storage: JournalStorage,
     for trial in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get(WORKER_ATTR)
         if worker is None and _orphaned(trial):
-            cause = "worker lost (it ended between creating the trial and naming itself on it)"
+            cause = f"{LOST_CAUSE} (it ended between creating the trial and naming itself on it)"
         elif _local_alive(worker) is False:
-            cause = f"worker lost ({worker}: its process has ended)"
+            cause = f"{LOST_CAUSE} ({worker}: its process has ended)"
         else:
             continue
-        if _fail_lost(study, storage, trial, cause, on_exhausted):
+        if _fail_lost(study, trial, cause, on_exhausted):
             failed.append(trial.number)
     return failed
 
@@ -772,13 +815,6 @@ def local_workers(study: optuna.Study) -> int:
     return sum(1 for w in named if _local_alive(w))
 
 
-def queue_retry(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue a retry of a failed trial (same params, learning curve and attrs); none once it had MAX_RETRY."""
-    # a copy: Optuna's callback appends to the trial's own retry_history list, which would make a
-    # trial given its last retry look out of retries (and a cached trial look retried by itself)
-    retry_callback()(study, copy.deepcopy(trial))
-
-
 def retries_exhausted(trial: FrozenTrial) -> bool:
     """True when a failed trial gets no retry: it already had MAX_RETRY of them."""
     return len(trial.system_attrs.get("retry_history", ())) >= MAX_RETRY
@@ -790,6 +826,16 @@ def write_fail_cause(study: optuna.Study, trial_id: int, cause: str) -> None:
     if isinstance(backend, RDBStorage):
         with _connection(backend, None) as c:
             internals.insert_user_attr(c, trial_id, FAIL_CAUSE_ATTR, mask(cause))
+
+
+def pause_for_tests(point: str) -> None:
+    """Test hook: $CYCLE_OPTUNA_TEST_PAUSE_<POINT> seconds at that point of a two-step write, said
+    on stderr ("paused <point>"), so a test can kill or signal the worker there."""
+    pause = os.environ.get(f"CYCLE_OPTUNA_TEST_PAUSE_{point.upper().replace(' ', '_')}")
+    if pause:
+        sys.stderr.write(f"paused {point}\n")
+        sys.stderr.flush()
+        time.sleep(float(pause))
 
 
 def _as_naive(value: datetime | str) -> datetime:

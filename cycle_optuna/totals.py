@@ -16,9 +16,10 @@ N_TRIALS_ATTR = "cycle_optuna_n_trials"  # study user attr: the total the study 
 
 
 def count(trials: list[FrozenTrial]) -> int:
-    """Trials toward the cap: all, except failures that were retried."""
+    """Trials toward the cap: all, except those a retry stands in for (failures that were retried,
+    and a trial whose hand-back was cut short after queuing its retry, failed later)."""
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-    return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
+    return sum(1 for t in trials if t.number not in retried)
 
 
 def count_and_waiting(study: optuna.Study, conn=None) -> tuple[int, bool]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -418,7 +419,7 @@ class _Loop:
                     trial = study.ask()  # a retry (WAITING) first, else a new trial; exact under the lock
                 trials.append(trial)
                 self.current, self.packed = trials[0].number, [t.number for t in trials[1:]]
-                _pause_for_tests()
+                storage_mod.pause_for_tests("after ask")  # a test kills the worker here
                 storage_mod.register_trial(study, trial, self.stats.worker, conn, device=self.device)
         ids = [internals.trial_id_of(t) for t in trials]
         self.heartbeat.beat_for(ids[0] if len(ids) == 1 else ids)
@@ -511,19 +512,27 @@ class _Loop:
     def _hand_back_one(self, number: int, *, cause: str) -> None:
         trials = self.study.get_trials(deepcopy=False)
         trial = next((t for t in trials if t.number == number), None)
-        retried = any(number in t.system_attrs.get("retry_history", ()) for t in trials)
-        if trial is not None and not retried and trial.state == TrialState.RUNNING:
-            self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
-            trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
-        # FAIL without a retry: failed here (or by a hand-back the database cut short)
-        if trial is not None and not retried and trial.state == TrialState.FAIL:
+        if trial is None or trial.state not in (TrialState.RUNNING, TrialState.FAIL):
+            return
+        # The retry is queued before the trial is failed: a hand-back cut short (a second signal,
+        # the database) leaves it running with its retry queued, and whoever fails it next (this
+        # loop's next try, another worker's stale check) queues no second one. A failed trial
+        # without a retry was failed by a stale check whose worker died before queuing it.
+        if not storage_mod.retried(trials, number):
             storage_mod.queue_retry(self.study, trial)
-            if storage_mod.FAIL_CAUSE_ATTR not in trial.user_attrs:
-                storage_mod.write_fail_cause(self.study, internals.trial_id_of(trial), cause)
             self.stats.requeued.append(number)
-            abandoned = getattr(self.objective, "trial_abandoned", None)
-            if abandoned is not None and storage_mod.retries_exhausted(trial):
-                abandoned(self.study, trial)
+            storage_mod.pause_for_tests("handing back")
+        trial_id = internals.trial_id_of(trial)
+        if trial.state == TrialState.RUNNING:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed meanwhile by a stale check
+                # the cause first: a journal drops attrs written to a finished trial
+                self.storage.set_trial_user_attr(trial_id, storage_mod.FAIL_CAUSE_ATTR, storage_mod.mask(cause))
+                self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        elif storage_mod.FAIL_CAUSE_ATTR not in trial.user_attrs:
+            storage_mod.write_fail_cause(self.study, trial_id, cause)
+        abandoned = getattr(self.objective, "trial_abandoned", None)
+        if abandoned is not None and storage_mod.retries_exhausted(trial):
+            abandoned(self.study, trial)
 
 
 def _replay(outcome: float | Exception) -> float:
@@ -543,16 +552,6 @@ def _training_device(objective: object) -> str:
         return resolve_device(cfg.train.device).type
     except ConfigError:  # cuda asked for but absent: each trial fails with the reason, as before
         return cfg.train.device
-
-
-def _pause_for_tests() -> None:
-    """Test hook: $CYCLE_OPTUNA_TEST_PAUSE_AFTER_ASK seconds between creating a trial and
-    registering it, so a test can kill the worker in that window."""
-    pause = os.environ.get("CYCLE_OPTUNA_TEST_PAUSE_AFTER_ASK")
-    if pause:
-        sys.stderr.write("paused after ask\n")
-        sys.stderr.flush()
-        time.sleep(float(pause))
 
 
 def start_local_workers(

@@ -226,6 +226,49 @@ def test_a_second_signal_stops_the_worker_at_once(tmp_path: Path):
     assert [t.state for t in trials(url)] == [TrialState.FAIL, TrialState.COMPLETE]
 
 
+def test_a_second_signal_in_the_middle_of_the_hand_back_loses_no_trial(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = write_study(tmp_path, n_trials=1, epochs=4)
+    log = tmp_path / "w.log"
+    proc = start_cli(["worker", str(study)], pause=1.0, log=log,
+                     env=worker_env(CYCLE_OPTUNA_TEST_PAUSE_HANDING_BACK="60"))
+    hit = wait_for(lambda: _running_with_checkpoint(url), 90, "a trial with an epoch checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    wait_for(_log_says(log, "paused handing back"), 30, "the hand-back under way")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    assert "second SIGTERM: stopping now" in log.read_text()
+    # cut off between queuing the retry and failing the trial: the next worker fails it as a killed
+    # worker's and runs the queued retry, without queuing a second one
+    code, out = _finish(start_cli(["worker", str(study)]))
+    assert code == 0, out
+    ts = trials(url)
+    assert [t.state for t in ts] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert ts[1].user_attrs[RESUMED_ATTR].startswith(f"trial {hit.number} epoch ")
+
+
+def test_a_worker_killed_while_failing_a_lost_trial_leaves_its_retry_to_the_next(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = write_study(tmp_path, n_trials=1, epochs=4)
+    victim = start_cli(["worker", str(study)], pause=1.0)
+    hit = wait_for(lambda: _running_with_checkpoint(url), 90, "a trial with an epoch checkpoint")
+    victim.kill()
+    victim.wait()
+    log = tmp_path / "rescuer.log"
+    rescuer = _start(["worker", str(study)], log, CYCLE_OPTUNA_TEST_PAUSE_FAILING_LOST="60")
+    wait_for(_log_says(log, "paused failing lost"), 90, "the rescuer to fail the lost trial")
+    assert [t.state for t in trials(url)] == [TrialState.FAIL]  # failed, its retry not queued yet
+    rescuer.kill()
+    rescuer.wait()
+    code, out = _finish(start_cli(["worker", str(study)]))
+    assert code == 0, out
+    lost, retry = trials(url)
+    assert lost.state == TrialState.FAIL and lost.user_attrs["fail_cause"].startswith("worker lost (")
+    assert retry.state == TrialState.COMPLETE and retry.system_attrs["failed_trial"] == hit.number
+    assert retry.user_attrs[RESUMED_ATTR].startswith(f"trial {hit.number} epoch ")
+    assert "fail_cause" not in retry.user_attrs
+
+
 def test_a_kill_before_the_result_is_stored_keeps_the_checkpoint_for_the_retry(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'tiny.db'}"
     study = write_study(tmp_path, n_trials=1, epochs=3)
