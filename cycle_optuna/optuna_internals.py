@@ -111,8 +111,15 @@ def tell(study: optuna.Study, trial: optuna.Trial, value: object,
     """Tell a trial's outcome: (its final state, why a returned value was refused, if it was).
 
     Optuna's own trial runner tells through `_tell_with_warning`, which does not read the whole
-    trial back afterwards as the public `Study.tell` does.
+    trial back afterwards as the public `Study.tell` does. A trial that has finished meanwhile
+    (another worker failed it as stale) raises UpdateFinishedTrialError, as any write to it does,
+    rather than Optuna's ValueError.
     """
-    # positional: the value argument's name differs between Optuna releases
-    final, _values, refusal = _tell_with_warning(study, trial, value, state, suppress_warning=True)
+    try:
+        # positional: the value argument's name differs between Optuna releases
+        final, _values, refusal = _tell_with_warning(study, trial, value, state, suppress_warning=True)
+    except ValueError:
+        if not storage_of(study).get_trial(trial_id_of(trial)).state.is_finished():
+            raise
+        raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} has already finished") from None
     return final, refusal

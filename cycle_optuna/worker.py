@@ -430,7 +430,10 @@ class _Loop:
                 try:
                     told = self._run_trial(trial, objective)
                 except optuna.exceptions.UpdateFinishedTrialError:
-                    told = None  # another worker failed our trial as stale (we lost the database too long); it is retried
+                    # this worker was silent past the grace period (paused, cut off from the database)
+                    _log.warning("trial %d was taken over: another worker failed it as stale and queued its "
+                                 "retry; going on with the next trial", trial.number)
+                    told = None
                 self._release(trial.number)  # told (or failed by another worker): no longer ours to hand back
                 if told is not None:
                     ended = getattr(self.objective, "trial_ended", None)
@@ -473,6 +476,8 @@ class _Loop:
         except optuna.TrialPruned as e:
             state = TrialState.PRUNED
             _log.info("trial %d pruned. %s", trial.number, e)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise  # another worker failed the trial as stale: not this trial's failure, nothing to tell
         except Exception as e:
             if storage_mod.is_connection_error(e):
                 raise  # not counted: the loop hands the trial back for retry once the database answers

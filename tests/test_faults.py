@@ -269,6 +269,30 @@ def test_a_worker_killed_while_failing_a_lost_trial_leaves_its_retry_to_the_next
     assert "fail_cause" not in retry.user_attrs
 
 
+def test_a_worker_paused_past_the_grace_period_carries_on_after_its_trial_was_taken_over(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = write_study(tmp_path, n_trials=2, epochs=4)
+    log = tmp_path / "paused.log"
+    paused = start_cli(["worker", str(study)], pause=1.0, log=log)
+    hit = wait_for(lambda: _running_with_checkpoint(url), 90, "a trial with an epoch checkpoint")
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        other = start_cli(["worker", str(study)])
+        wait_for(lambda: trials(url)[hit.number].state == TrialState.FAIL, 90, "its trial failed as stale")
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    assert paused.wait(timeout=120) == 0, log.read_text()
+    text = log.read_text()
+    assert f"trial {hit.number} was taken over: another worker failed it as stale" in text
+    assert "Traceback" not in text and "Cannot tell" not in text
+    code, out = _finish(other)
+    assert code == 0, out
+    ts = trials(url)
+    assert not [t for t in ts if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert sum(t.state == TrialState.COMPLETE for t in ts) == 2  # the cap, the taken-over trial retried
+    assert any(t.system_attrs.get("failed_trial") == hit.number and t.state == TrialState.COMPLETE for t in ts)
+
+
 def test_a_kill_before_the_result_is_stored_keeps_the_checkpoint_for_the_retry(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'tiny.db'}"
     study = write_study(tmp_path, n_trials=1, epochs=3)

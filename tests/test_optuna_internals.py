@@ -76,6 +76,14 @@ def test_tell_returns_the_final_state_and_any_refusal(study):
     assert study.trials[0].value == 0.5
 
 
+def test_tell_of_a_trial_another_worker_failed_raises_update_finished(study):
+    trial = _ask(study)
+    assert internals.storage_of(study).set_trial_state_values(internals.trial_id_of(trial), TrialState.FAIL)  # stale
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        internals.tell(study, trial, 0.5, None)
+    assert study.trials[0].state == TrialState.FAIL
+
+
 def test_retry_callback_keeps_the_attrs_the_resume_and_the_cap_read(study):
     trial = _ask(study)
     trial.set_user_attr("checkpoint_artifact_id", "checkpoint-x")
