@@ -79,6 +79,9 @@ def grace_period() -> int:
 MAX_RETRY = 3  # a trial failed by a dead worker is retried this many times
 SQLITE_TIMEOUT_SECONDS = 120  # SQLite writers wait this long for the lock instead of failing
 WORKER_ATTR = "worker"  # user attr "host:pid" of the worker running a trial
+# user attr beside it: when that process started ("<boot id>:<clock ticks since boot>", None off
+# Linux), which tells a dead worker from a later process given its pid (a restarted container)
+WORKER_START_ATTR = "worker_start"
 DEVICE_ATTR = "device"  # user attr beside it: "cpu" or "gpu <id>"
 FAIL_CAUSE_ATTR = "fail_cause"  # user attr on a failed trial: why it failed, in one line
 LOST_CAUSE = "worker lost"  # how fail_cause starts on a trial failed because its worker was gone
@@ -638,9 +641,10 @@ def register_trial(study: optuna.Study, trial: optuna.Trial, worker: str,
     when given. A worker killed between creating the trial and this call leaves a trial without a
     beat: :func:`fail_stale` adopts it. A retry carries its dead worker's attr and is renamed
     through Optuna; journal files have no heartbeats and take the attr through Optuna. ``device``
-    (where the worker trains) goes beside the worker attr the same way.
+    (where the worker trains) and when this process started go beside the worker attr the same way.
     """
-    attrs = {WORKER_ATTR: worker, **({DEVICE_ATTR: device} if device is not None else {})}
+    attrs = {WORKER_ATTR: worker, WORKER_START_ATTR: _process_start(os.getpid()),
+             **({DEVICE_ATTR: device} if device is not None else {})}
     backend = _unwrap(internals.storage_of(study))
     if not isinstance(backend, RDBStorage):
         for key, value in attrs.items():
@@ -764,14 +768,15 @@ def retry_missing(trial: FrozenTrial, trials: list[FrozenTrial]) -> bool:
 def _fail_gone_local(study: optuna.Study, storage: JournalStorage,
                      on_exhausted: Callable[[optuna.Study, FrozenTrial], None] | None) -> list[int]:
     """fail_stale for a journal file, which has no heartbeats: a running trial whose worker was a
-    process of this machine that no longer runs is failed and retried the same way. A worker on
-    another machine (a journal on a shared disk) cannot be checked from here and is left alone."""
+    process of this machine that no longer runs it (see :func:`_local_alive`) is failed and retried
+    the same way. A worker on another machine (a journal on a shared disk) cannot be checked from
+    here and is left alone."""
     failed = []
     for trial in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get(WORKER_ATTR)
         if worker is None and _orphaned(trial):
             cause = f"{LOST_CAUSE} (it ended between creating the trial and naming itself on it)"
-        elif _local_alive(worker) is False:
+        elif _local_alive(trial) is False:
             cause = f"{LOST_CAUSE} ({worker}: its process has ended)"
         else:
             continue
@@ -788,12 +793,23 @@ def _orphaned(trial: FrozenTrial) -> bool:
     return started is not None and (datetime.now() - started).total_seconds() > ORPHAN_SECONDS
 
 
-def _local_alive(worker: object) -> bool | None:
-    """Whether the process a "host:pid" worker attr names still runs; None when it is not a
-    process of this machine (another host's cannot be checked from here)."""
-    host, _, pid = str(worker).rpartition(":")
+def _local_alive(trial: FrozenTrial) -> bool | None:
+    """Whether the process a running trial's "host:pid" worker attr names still runs it; None when
+    it is not a process of this machine (another host's cannot be checked from here).
+
+    A dead worker's pid may belong to a live process by now: a restarted container's processes get
+    the same pids (its worker is PID 1 again). This process runs only the trials its workers beat
+    for; another process is not the trial's worker when it started at another time than the one
+    recorded beside the worker attr (where both are known).
+    """
+    host, _, pid = str(trial.user_attrs.get(WORKER_ATTR)).rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return None
+    if int(pid) == os.getpid():
+        return internals.trial_id_of(trial) in _RUNNING_HERE
+    started, now = trial.user_attrs.get(WORKER_START_ATTR), _process_start(int(pid))
+    if started is not None and now is not None and started != now:
+        return False
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -801,6 +817,18 @@ def _local_alive(worker: object) -> bool | None:
     except OSError:  # another user's process (EPERM): it runs
         return True
     return True
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started: "<boot id>:<clock ticks since boot>" from /proc (so no two
+    processes share it, across reboots too); None where that cannot be read (no such process, not Linux)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        # field 22; the command name (field 2, in parentheses) may hold spaces
+        ticks = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+    return f"{boot}:{ticks}"
 
 
 def running_here(study: optuna.Study) -> bool:
@@ -811,8 +839,8 @@ def running_here(study: optuna.Study) -> bool:
 
 def local_workers(study: optuna.Study) -> int:
     """How many live processes of this machine run trials of the study (by the trials' worker attrs)."""
-    named = {t.user_attrs.get(WORKER_ATTR) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    return sum(1 for w in named if _local_alive(w))
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return len({t.user_attrs.get(WORKER_ATTR) for t in running if _local_alive(t)})
 
 
 def retries_exhausted(trial: FrozenTrial) -> bool:
@@ -844,6 +872,9 @@ def _as_naive(value: datetime | str) -> datetime:
     return value.replace(tzinfo=None)
 
 
+_RUNNING_HERE: set[int] = set()  # ids of the trials this process's workers run (their Heartbeat's)
+
+
 class Heartbeat:
     """One thread per worker that beats for whichever trial the worker runs.
 
@@ -866,19 +897,25 @@ class Heartbeat:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.beat_for(None)
         self._closed.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
     def beat_for(self, trial_id: int | list[int] | None) -> None:
         """Beat for this trial (or these, a packed worker's) from now on (None: the worker runs no trial)."""
+        _RUNNING_HERE.difference_update(_ids(self._trial_id))
+        _RUNNING_HERE.update(_ids(trial_id))
         self._trial_id = trial_id
 
     def _run(self) -> None:
         while not self._closed.wait(self.interval):
-            trial_ids = self._trial_id
-            for trial_id in [trial_ids] if isinstance(trial_ids, int) else trial_ids or []:
+            for trial_id in _ids(self._trial_id):
                 try:
                     self.storage.record_heartbeat(trial_id)
                 except Exception as e:  # a missed beat is harmless; a dead thread would fail the trial
                     _log.warning("heartbeat of trial %d skipped: %s", trial_id, describe(e))
+
+
+def _ids(trial_id: int | list[int] | None) -> list[int]:
+    return [trial_id] if isinstance(trial_id, int) else trial_id or []

@@ -15,6 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from cycle_optuna import optuna_internals as internals
 from cycle_optuna import storage
 from cycle_optuna.cli import main
 from workers_helpers import fill_disk, small_tmpfs, start_cli, wait_for, worker_env, write_study
@@ -127,7 +128,7 @@ def test_a_journal_worker_at_the_cap_waits_for_a_live_local_trial_and_retries_it
     assert [t.state for t in _journal_trials(log)] == [TrialState.FAIL, TrialState.COMPLETE]
 
 def test_a_journal_trial_of_a_live_or_remote_worker_is_left_running(tmp_path: Path):
-    """Only a process of this machine that has ended is a lost worker: this one, or a worker on
+    """Only a process of this machine that has ended is a lost worker: a live one, or a worker on
     another machine sharing the journal file, is not."""
     import socket
 
@@ -136,11 +137,92 @@ def test_a_journal_trial_of_a_live_or_remote_worker_is_left_running(tmp_path: Pa
 
     backend = JournalStorage(JournalFileBackend(str(tmp_path / "j.log")))
     study = optuna.create_study(study_name="tiny", storage=backend)
-    for worker in (storage.worker_id(), "elsewhere.example:1", f"{socket.gethostname()}:not-a-pid"):
-        study.ask().set_user_attr(storage.WORKER_ATTR, worker)
-    assert storage.fail_stale(study) == []
-    assert [t.state for t in study.trials] == [TrialState.RUNNING] * 3
-    assert storage.running_here(study)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = socket.gethostname()
+    try:
+        for worker in (f"{host}:{live.pid}", "elsewhere.example:1", f"{host}:not-a-pid"):
+            study.ask().set_user_attr(storage.WORKER_ATTR, worker)
+        assert storage.fail_stale(study) == []
+        assert [t.state for t in study.trials] == [TrialState.RUNNING] * 3
+        assert storage.running_here(study)
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_journal_trial_whose_workers_pid_was_reused_is_failed(tmp_path: Path):
+    """A dead worker's host:pid may name a live process (a restarted container's worker is PID 1
+    again): this process, which runs only the trials its worker beats for, or another process,
+    which started later than the worker recorded on the trial."""
+    import os
+    import socket
+
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.create_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(str(tmp_path / "j.log"))))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    beat = storage.Heartbeat(internals.storage_of(study))
+    try:
+        mine, dead_mine, theirs, dead_theirs = (study.ask() for _ in range(4))
+        for trial in (mine, dead_mine):
+            storage.register_trial(study, trial, storage.worker_id())
+        # dead_theirs: recorded by a process that started before `other` (this one), under other's pid
+        for trial, started in ((theirs, other.pid), (dead_theirs, os.getpid())):
+            trial.set_user_attr(storage.WORKER_ATTR, f"{socket.gethostname()}:{other.pid}")
+            trial.set_user_attr(storage.WORKER_START_ATTR, storage._process_start(started))
+        beat.beat_for(mine._trial_id)  # this process runs `mine`, not `dead_mine`
+        assert storage.fail_stale(study) == [dead_mine.number, dead_theirs.number]
+        assert [t.state for t in study.trials[:4]] == [TrialState.RUNNING, TrialState.FAIL] * 2
+        cause = study.trials[1].user_attrs[storage.FAIL_CAUSE_ATTR]
+        assert cause == f"worker lost ({storage.worker_id()}: its process has ended)"
+        assert storage.local_workers(study) == 2  # this process and `other`, each for its own trial
+        beat.beat_for(None)
+        other.kill()
+        other.wait()
+        assert not storage.running_here(study)
+    finally:
+        beat.beat_for(None)
+        other.kill()
+
+
+def test_a_restarted_container_whose_worker_has_the_dead_workers_pid_retries_its_trial(tmp_path: Path):
+    """A journal file on a volume, its worker's container killed and restarted: same hostname, and
+    the new worker is PID 1 like the dead one (a PID namespace, as a container's)."""
+    import shutil
+    import signal
+    import socket
+
+    from cycle_optuna.objective import CHECKPOINT_ATTR
+    from workers_helpers import SLOW_EPOCHS, wait_for
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-pf", "--mount-proc", "true"],
+                                                     capture_output=True).returncode != 0:
+        pytest.skip("cannot make a PID namespace here (unshare needs root)")
+    study, log = write_study(tmp_path, n_trials=1, epochs=4), tmp_path / "tiny.log"
+
+    def container(pause: float) -> subprocess.Popen:
+        # --kill-child: a kill of unshare kills the worker with it (SIGKILL)
+        cli = [sys.executable, "-c", SLOW_EPOCHS.format(pause=pause), "worker", str(study), "--storage", f"journal:///{log}"]
+        return subprocess.Popen(["unshare", "-pf", "--kill-child", "--mount-proc", *cli], env=worker_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    first = container(1.0)
+    hit = wait_for(lambda: next((t for t in _journal_trials(log) if t.state == TrialState.RUNNING
+                                 and CHECKPOINT_ATTR in t.user_attrs), None), 90, "a trial with an epoch checkpoint")
+    assert hit.user_attrs[storage.WORKER_ATTR] == f"{socket.gethostname()}:1"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    second = container(0.0)
+    try:
+        out, _ = second.communicate(timeout=120)  # without the check it waits at the cap for good
+    finally:
+        second.kill()
+    assert second.returncode == 0, out
+    ts = _journal_trials(log)
+    assert [t.state for t in ts] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert ts[0].user_attrs[storage.FAIL_CAUSE_ATTR] == f"worker lost ({socket.gethostname()}:1: its process has ended)"
+    assert ts[1].system_attrs["failed_trial"] == hit.number
 
 
 def test_a_journal_trial_its_worker_never_named_is_failed_once_it_is_old(tmp_path: Path, monkeypatch):

@@ -173,8 +173,9 @@ def test_workers_started_by_hand_on_one_machine_share_its_cores(tmp_path: Path, 
         theirs.set_user_attr(storage.WORKER_ATTR, f"{socket.gethostname()}:{other.pid}")
         dead.set_user_attr(storage.WORKER_ATTR, f"{socket.gethostname()}:999999999")  # no such process
         study.tell(study.ask(), 1.0)  # finished trials do not count
-        assert storage.local_workers(study) == 2
         loop = worker._Loop(study, "sqlite://", 1, lambda t: 0.0, worker.Hooks(), worker.WorkerStats())
+        loop.heartbeat.beat_for(mine._trial_id)  # this process runs it, as the loop does before sharing
+        assert storage.local_workers(study) == 2
         loop._share_cores()
         assert torch.get_num_threads() == 4
         other.kill()
@@ -183,6 +184,7 @@ def test_workers_started_by_hand_on_one_machine_share_its_cores(tmp_path: Path, 
         loop._share_cores()
         assert torch.get_num_threads() == 8
     finally:
+        loop.heartbeat.beat_for(None)
         other.kill()
         torch.set_num_threads(threads)
 
