@@ -269,13 +269,40 @@ def test_a_worker_killed_while_failing_a_lost_trial_leaves_its_retry_to_the_next
     assert "fail_cause" not in retry.user_attrs
 
 
+def _stop_outside_a_write(proc: subprocess.Popen, db: Path) -> None:
+    """SIGSTOP, at a moment the process holds neither the database's write lock (its heartbeat
+    thread writes every second) nor the workers' cap lock: frozen inside one, it would stall the
+    other worker rather than the test's own fault."""
+    import fcntl
+    import sqlite3
+    import time
+
+    for _ in range(100):
+        proc.send_signal(signal.SIGSTOP)
+        conn = sqlite3.connect(db, timeout=0.2, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            for lock in db.parent.glob(f"{db.name}-*.lock"):
+                with open(lock, "a") as f:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(f, fcntl.LOCK_UN)
+            return
+        except (sqlite3.OperationalError, BlockingIOError):
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
+        finally:
+            conn.close()
+    raise AssertionError("the worker held a lock at every try")
+
+
 def test_a_worker_paused_past_the_grace_period_carries_on_after_its_trial_was_taken_over(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'tiny.db'}"
     study = write_study(tmp_path, n_trials=2, epochs=4)
     log = tmp_path / "paused.log"
     paused = start_cli(["worker", str(study)], pause=1.0, log=log)
     hit = wait_for(lambda: _running_with_checkpoint(url), 90, "a trial with an epoch checkpoint")
-    paused.send_signal(signal.SIGSTOP)
+    _stop_outside_a_write(paused, tmp_path / "tiny.db")
     try:
         other = start_cli(["worker", str(study)])
         wait_for(lambda: trials(url)[hit.number].state == TrialState.FAIL, 90, "its trial failed as stale")
