@@ -54,7 +54,7 @@ class TrialLog:
                   "move": move, "reason": reason, "retry_of": retry}
         text = f"cycle {trial.number + 1} started on {self.worker}"
         if retry is not None:
-            text += f" (retry of trial {retry})"
+            text += f" (retry of cycle {retry + 1})"
         if move:
             text += f": {move}"
         if reason:

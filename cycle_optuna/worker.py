@@ -208,7 +208,8 @@ class WorkerStats:
 
     def summary(self) -> str:
         done = ", ".join(f"{n} {s.lower()}" for s, n in sorted(self.states.items())) or "no trials"
-        extra = f"; handed back trial {', '.join(map(str, self.requeued))} for retry" if self.requeued else ""
+        handed = ", ".join(str(n + 1) for n in self.requeued)  # "cycle N" is trial N - 1, as everywhere
+        extra = f"; handed back cycle {handed} for retry" if self.requeued else ""
         again = f"; reconnected {self.reconnects}x" if self.reconnects else ""
         return f"worker {self.worker}: {done} in {time.monotonic() - self.started:.0f}s{extra}{again}"
 
@@ -431,8 +432,8 @@ class _Loop:
                     told = self._run_trial(trial, objective)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     # this worker was silent past the grace period (paused, cut off from the database)
-                    _log.warning("trial %d was taken over: another worker failed it as stale and queued its "
-                                 "retry; going on with the next trial", trial.number)
+                    _log.warning("cycle %d was taken over: another worker failed it as stale and queued its "
+                                 "retry; going on with the next trial", trial.number + 1)
                     told = None
                 self._release(trial.number)  # told (or failed by another worker): no longer ours to hand back
                 if told is not None:

@@ -33,6 +33,7 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path: Path, pg_u
     rescuer = start_cli(["worker", str(study), "--storage", pg_url])
     code, out = _finish(rescuer)
     assert code == 0, out
+    assert "cycle 2 started on " in out and f"(retry of cycle {hit.number + 1})" in out  # one numbering
     ts = trials(pg_url)
     assert [t.state for t in ts] == [TrialState.FAIL, TrialState.COMPLETE]
     retry = ts[1]
@@ -111,7 +112,7 @@ def test_interrupted_worker_hands_its_trial_back(tmp_path: Path, pg_url: str, si
     proc.send_signal(sig)
     rc, out = _finish(proc, timeout=60)
     assert rc == code, out
-    assert "interrupted: worker" in out and f"handed back trial {hit.number}" in out
+    assert "interrupted: worker" in out and f"handed back cycle {hit.number + 1}" in out
     ts = trials(pg_url)
     assert [t.state for t in ts] == [TrialState.FAIL, TrialState.WAITING]  # no RUNNING zombie
     rc, out = _finish(start_cli(["worker", str(study), "--storage", pg_url]))
@@ -205,7 +206,7 @@ def test_a_swallowed_sigterm_still_stops_the_worker(tmp_path: Path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143, log.read_text()
     text = log.read_text()
-    assert "swallowed" in text and "handed back trial 0" in text
+    assert "swallowed" in text and "handed back cycle 1" in text
     assert [t.state for t in trials(url)] == [TrialState.FAIL, TrialState.WAITING]  # not the whole study
 
 
@@ -310,7 +311,7 @@ def test_a_worker_paused_past_the_grace_period_carries_on_after_its_trial_was_ta
         paused.send_signal(signal.SIGCONT)
     assert paused.wait(timeout=120) == 0, log.read_text()
     text = log.read_text()
-    assert f"trial {hit.number} was taken over: another worker failed it as stale" in text
+    assert f"cycle {hit.number + 1} was taken over: another worker failed it as stale" in text
     assert "Traceback" not in text and "Cannot tell" not in text
     code, out = _finish(other)
     assert code == 0, out
