@@ -55,12 +55,14 @@ def fail_cause(e: BaseException) -> str:
 
 
 def _root(e: BaseException) -> BaseException:
-    """The innermost chained exception: Optuna wraps a dropped connection in a generic storage error."""
-    seen = {id(e)}
-    while (nxt := e.__cause__ or e.__context__) is not None and id(nxt) not in seen:
+    """The innermost chained exception that says something: Optuna wraps a dropped connection in a
+    generic storage error, and SQLAlchemy's pool adds a bare one (`InvalidatePoolError: ()`) beneath
+    the server's own reason."""
+    chain, seen = [e], {id(e)}
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and id(nxt) not in seen:
         seen.add(id(nxt))
-        e = nxt
-    return e
+        chain.append(nxt)
+    return next((x for x in reversed(chain) if str(x).strip("() ")), chain[-1])
 
 
 def build_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:

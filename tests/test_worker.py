@@ -205,3 +205,19 @@ def test_a_resumed_study_draws_what_an_uninterrupted_one_would(tmp_path: Path, k
         params[how] = [t.params["lr"] for t in study.trials]
     assert len(set(params["resumed"])) == 4, params  # trials 3 and 4 are not trials 1 and 2 again
     assert params["resumed"] == params["at once"]
+
+
+def test_a_lost_storage_is_named_by_the_deepest_error_that_says_something():
+    """SQLAlchemy's pool raises a bare InvalidatePoolError beneath the server's own reason."""
+    import sqlalchemy.exc
+
+    try:
+        try:
+            try:
+                raise sqlalchemy.exc.InvalidatePoolError()
+            except Exception:
+                raise ConnectionError("terminating connection due to administrator command")
+        except Exception as e:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from e
+    except Exception as e:
+        assert str(worker._root(e)) == "terminating connection due to administrator command"
