@@ -272,7 +272,9 @@ def _print_cycles(study) -> None:
     from cycle_optuna.api import cycles
 
     table = Table(title=f"cycles of {study.study_name}")
-    for col in ("cycle", "val loss", "accuracy", "improvement", "state", "changes"):
+    # "drop in cycle": its own val loss from its first epoch to its best (improvement_pct), which a
+    # cycle far worse than the best one can have too; "improvement" alone read as gain over the best
+    for col in ("cycle", "val loss", "accuracy", "drop in cycle", "state", "changes"):
         table.add_column(col, justify="right" if col not in ("state", "changes") else "left")
     for c in cycles(study):
         table.add_row(
