@@ -39,11 +39,7 @@ class StudyStatus:
     best: FrozenTrial | None = None
     failures: list[tuple[int, str]] = field(default_factory=list)  # (cycle, cause) of failed trials
     baselines: dict = field(default_factory=dict)  # the study's reference baselines, when it has them
-
-    @property
-    def finished(self) -> int:
-        """Trials that ended for good (retried failures excluded)."""
-        return self.counted - self.states.get("RUNNING", 0) - self.states.get("WAITING", 0)
+    finished: int = 0  # trials that ended for good: not running or waiting, and no retry stands in for them
 
 
 def collect(study: optuna.Study, n_trials: int) -> StudyStatus:
@@ -62,8 +58,12 @@ def collect(study: optuna.Study, n_trials: int) -> StudyStatus:
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     best = min(done, key=lambda t: t.value) if done else None
     failures = [(t.number + 1, api.failure_cause(t)) for t in trials if t.state == TrialState.FAIL]
+    # a trial a retry stands in for counts through its retry, whatever its own state: a hand-back cut
+    # short leaves it RUNNING beside its queued retry until a stale check fails it
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    finished = sum(t.state.is_finished() and t.number not in retried for t in trials)
     return StudyStatus(study.study_name, n_trials, trials_counted(study), states, running, best, failures,
-                       api.baselines(study))
+                       api.baselines(study), finished)
 
 
 def _ago(age: float | None) -> str:

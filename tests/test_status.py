@@ -148,3 +148,16 @@ def test_a_worker_closes_with_the_total_another_worker_raised(tmp_path):
     assert first.returncode == 0 and second.returncode == 0, out + raised
     assert len(trials(url)) == 2
     assert "study tiny: 2 of 2 trials" in out  # the stored total, not the file's 1
+
+
+def test_a_hand_back_cut_short_is_not_counted_as_finished(tmp_path):
+    """Its retry is queued, the trial itself still RUNNING until a stale check fails it: neither
+    has ended for good, so nothing is finished (not -1, as counting by subtraction gave)."""
+    from cycle_optuna import storage
+
+    study = optuna.create_study(study_name="s", storage=storage.open_storage(f"sqlite:///{tmp_path / 's.db'}"))
+    study.ask().suggest_float("x", 0, 1)
+    storage.queue_retry(study, study.get_trials(deepcopy=False)[0])
+    s = status.collect(study, 1)
+    assert s.states == {"RUNNING": 1, "WAITING": 1} and s.finished == 0
+    assert status.render(s).renderables[0].title == "study s: 0 of 1 trials finished"
