@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -484,6 +485,10 @@ class _Loop:
         except Exception as e:
             if storage_mod.is_connection_error(e):
                 raise  # not counted: the loop hands the trial back for retry once the database answers
+            if self.url.startswith("journal:") and isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                # the journal's disk filled: the study's fault, not the trial's. Stop with the trial
+                # left running, so it is retried once there is space (a FAIL might just still fit)
+                raise
             state = TrialState.FAIL
             cause = fail_cause(e)
             # a fault of the machine (full disk) is one line; a bug in a trial shows its traceback

@@ -534,3 +534,40 @@ def test_a_journal_disk_that_fills_mid_run_is_one_line_and_loses_no_trial(tmp_pa
     finished = [t for t in ts if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 2 and ts[0].state == TrialState.FAIL  # the cut-off trial, retried
     assert any(t.system_attrs.get("failed_trial") == 0 for t in finished)
+
+
+def test_a_journal_write_cut_by_a_full_disk_mid_trial_is_not_the_trials_failure(tmp_path: Path, monkeypatch):
+    """A store that raises ENOSPC on the trial's first epoch report: the worker stops with the trial
+    still running, rather than failing it for good in the bytes the cut-off record freed."""
+    import errno
+
+    from optuna.storages.journal import JournalFileBackend
+
+    from cycle_optuna import worker
+
+    url = f"journal://{tmp_path / 'j.log'}"
+    study = optuna.create_study(study_name="s", storage=storage.open_storage(url))
+    append, torn = JournalFileBackend.append_logs, []
+
+    def full_once(self, logs):
+        if logs[0].get("op_code") == 7 and not torn:  # the first intermediate value, cut short
+            torn.append(1)
+            with open(self._file_path, "ab") as f:
+                f.write(b'{"op_code":7,"wor')
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return append(self, logs)
+
+    monkeypatch.setattr(JournalFileBackend, "append_logs", full_once)
+
+    def objective(t):
+        x = t.suggest_float("x", 0, 1)
+        t.report(x, 0)
+        return x
+
+    with pytest.raises(OSError, match="No space left"):
+        worker.run_trials(study, url, 2, objective)
+    (cut,) = optuna.load_study(study_name="s", storage=storage.open_storage(url, create=False)).trials
+    assert cut.state == TrialState.RUNNING  # not FAIL: the next worker retries it
+    worker.run_trials(study, url, 2, objective)  # space again: this process no longer runs it
+    ts = optuna.load_study(study_name="s", storage=storage.open_storage(url, create=False)).trials
+    assert ts[0].state == TrialState.FAIL and any(t.system_attrs.get("failed_trial") == 0 for t in ts[1:])
