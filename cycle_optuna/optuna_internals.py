@@ -83,6 +83,22 @@ def insert_user_attr(conn: sqlalchemy.Connection, trial_id: int, key: str, value
                  {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)})
 
 
+def replace_user_attr(conn: sqlalchemy.Connection, trial_id: int, key: str, value: Any) -> None:
+    """The trial user attr `key` set to `value` whether or not it exists (DELETE, then INSERT: the
+    caller's transaction makes it one write); it also works on a finished trial."""
+    delete_user_attr(conn, trial_id, key)
+    insert_user_attr(conn, trial_id, key, value)
+
+
+def delete_user_attr(conn: sqlalchemy.Connection, trial_id: int, key: str, value: Any = None) -> None:
+    """Remove the trial user attr `key` (only while it holds `value`, when one is given)."""
+    table = _models.TrialUserAttributeModel.__table__
+    where = (table.c.trial_id == trial_id) & (table.c.key == key)
+    if value is not None:
+        where &= table.c.value_json == json.dumps(value)
+    conn.execute(table.delete().where(where))
+
+
 def has_tables(conn: sqlalchemy.Connection) -> bool:
     """Whether the database holds Optuna's tables (its `studies` table); creates nothing."""
     return sqlalchemy.inspect(conn).has_table(_models.StudyModel.__tablename__)

@@ -722,8 +722,10 @@ def _fail_lost(study: optuna.Study, trial: FrozenTrial, cause: str,
         # the cause first: a journal drops attrs written to a finished trial
         storage.set_trial_user_attr(trial_id, FAIL_CAUSE_ATTR, cause)
         if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            _take_back_cause(storage, trial_id, cause)
             return False
     except optuna.exceptions.UpdateFinishedTrialError:
+        _take_back_cause(storage, trial_id, cause)
         return False
     pause_for_tests("failing lost")  # a test kills the worker here
     if not retried(study.get_trials(deepcopy=False), trial.number):
@@ -731,6 +733,17 @@ def _fail_lost(study: optuna.Study, trial: FrozenTrial, cause: str,
     if retries_exhausted(trial) and on_exhausted is not None:
         on_exhausted(study, storage.get_trial(trial_id))
     return True
+
+
+def _take_back_cause(storage: BaseStorage, trial_id: int, cause: str) -> None:
+    """Remove the "worker lost" cause a stale check wrote on a trial that its worker, alive after
+    all, ended in between: a finished trial keeps no false cause (nor, when it failed, a retry it
+    should not get). A database only: on a journal, where the cause goes first too, a live worker
+    is never judged lost (its process is checked on its own machine)."""
+    backend = _unwrap(storage)
+    if isinstance(backend, RDBStorage):
+        with _connection(backend, None) as c:
+            internals.delete_user_attr(c, trial_id, FAIL_CAUSE_ATTR, cause)
 
 
 def retried(trials: list[FrozenTrial], number: int) -> bool:
@@ -853,7 +866,9 @@ def write_fail_cause(study: optuna.Study, trial_id: int, cause: str) -> None:
     backend = _unwrap(internals.storage_of(study))
     if isinstance(backend, RDBStorage):
         with _connection(backend, None) as c:
-            internals.insert_user_attr(c, trial_id, FAIL_CAUSE_ATTR, mask(cause))
+            # replaced, not added: a stale check may have written "worker lost" on it just before its
+            # own worker, silent past the grace period but alive, ended it
+            internals.replace_user_attr(c, trial_id, FAIL_CAUSE_ATTR, mask(cause))
 
 
 def pause_for_tests(point: str) -> None:

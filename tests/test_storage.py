@@ -571,3 +571,37 @@ def test_a_journal_write_cut_by_a_full_disk_mid_trial_is_not_the_trials_failure(
     worker.run_trials(study, url, 2, objective)  # space again: this process no longer runs it
     ts = optuna.load_study(study_name="s", storage=storage.open_storage(url, create=False)).trials
     assert ts[0].state == TrialState.FAIL and any(t.system_attrs.get("failed_trial") == 0 for t in ts[1:])
+
+
+def test_a_worker_that_ends_its_trial_while_a_stale_check_fails_it_leaves_its_own_outcome(tmp_path: Path, monkeypatch):
+    """The stale check writes "worker lost", then fails the trial; its worker, silent past the grace
+    period but alive, ends it in between. The trial keeps its own outcome: no false cause, no retry."""
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    st = storage.open_storage(url)
+    study = optuna.create_study(study_name="r", storage=st)
+    for ending in ("complete", "fail"):
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        frozen = study.get_trials(deepcopy=False)[-1]
+        real = type(internals.storage_of(study)).set_trial_state_values
+
+        def its_worker_first(self, trial_id, state, values=None, _ending=ending, _real=real):
+            monkeypatch.undo()  # the worker's own tell goes through the real storage
+            if _ending == "complete":
+                study.tell(trial_id_to_trial[trial_id], 0.5)
+            else:
+                study.tell(trial_id_to_trial[trial_id], state=TrialState.FAIL)
+                storage.write_fail_cause(study, trial_id, "ValueError: its own failure")  # was a UNIQUE violation
+            return _real(self, trial_id, state, values)
+
+        trial_id_to_trial = {internals.trial_id_of(trial): trial}
+        monkeypatch.setattr(type(internals.storage_of(study)), "set_trial_state_values", its_worker_first)
+        assert storage._fail_lost(study, frozen, "worker lost (host:1: no heartbeat)", None) is False
+        trials = optuna.load_study(study_name="r", storage=storage.open_storage(url, create=False)).trials
+        ended = trials[frozen.number]
+        if ending == "complete":
+            assert ended.state == TrialState.COMPLETE and "fail_cause" not in ended.user_attrs
+        else:
+            assert ended.state == TrialState.FAIL and ended.user_attrs["fail_cause"] == "ValueError: its own failure"
+            assert not storage.retry_missing(ended, trials)
+    assert not [t for t in trials if t.state == TrialState.WAITING]
