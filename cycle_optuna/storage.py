@@ -409,7 +409,10 @@ class _TornTailCuttingLock(JournalFileSymlinkLock):
 
 
 def _cut_torn_tail(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError), path.open("r+b") as f:
+    # read-only first: an append-only file (chattr +a) can be appended to, as Optuna does, but not
+    # opened for writing in place, which only a torn record needs
+    end = keep = 0
+    with contextlib.suppress(FileNotFoundError), path.open("rb") as f:
         end = keep = f.seek(0, os.SEEK_END)
         if end == 0:
             return
@@ -423,8 +426,11 @@ def _cut_torn_tail(path: Path) -> None:
             keep = start + cut + 1 if cut >= 0 else start
             if cut >= 0:
                 break
-        _log.warning("%s: cut off a torn last record of %d bytes (a write cut short, e.g. by a full disk)",
-                     path, end - keep)
+    if keep == end:
+        return
+    _log.warning("%s: cut off a torn last record of %d bytes (a write cut short, e.g. by a full disk)",
+                 path, end - keep)
+    with path.open("r+b") as f:
         f.truncate(keep)
         os.fsync(f.fileno())
 

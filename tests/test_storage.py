@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -605,3 +606,19 @@ def test_a_worker_that_ends_its_trial_while_a_stale_check_fails_it_leaves_its_ow
             assert ended.state == TrialState.FAIL and ended.user_attrs["fail_cause"] == "ValueError: its own failure"
             assert not storage.retry_missing(ended, trials)
     assert not [t for t in trials if t.state == TrialState.WAITING]
+
+
+def test_an_append_only_journal_file_can_be_written(tmp_path: Path):
+    """`chattr +a`: appending, as Optuna does, is allowed; opening the file to write in place is not."""
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        pytest.skip("chattr +a needs root and e2fsprogs")
+    log = tmp_path / "a.log"
+    study = optuna.create_study(study_name="a", storage=storage.open_storage(f"journal://{log}"))
+    if subprocess.run(["chattr", "+a", str(log)], capture_output=True).returncode != 0:
+        pytest.skip(f"this file system ({tmp_path}) takes no append-only flag")
+    try:
+        study.set_user_attr("after", 1)
+    finally:
+        subprocess.run(["chattr", "-a", str(log)], check=True)
+    assert optuna.load_study(study_name="a", storage=storage.open_storage(f"journal://{log}", create=False)).user_attrs == {
+        "after": 1}
