@@ -28,8 +28,9 @@ class _Console(Console):
         raise BrokenPipeError  # main() turns it into 141, its stdout pointed at /dev/null
 
 
-out = _Console()
-err = _Console(stderr=True)
+# emoji off: ":100:" in a study file's value, a data path or a worker's log line is text, not 💯
+out = _Console(emoji=False)
+err = _Console(stderr=True, emoji=False)
 
 EXAMPLES = {
     "run": """examples:

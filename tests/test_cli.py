@@ -72,6 +72,12 @@ def test_a_value_with_line_breaks_or_terminal_escapes_is_named_on_one_line(quick
     assert not (quick_study.parent / "quick.db").exists()
 
 
+def test_a_value_is_printed_as_written_not_as_an_emoji(quick_study, capsys):
+    quick_study.write_text(quick_study.read_text().replace('name = "quick"', 'name = "run:100:"', 1))
+    assert run_cli("run", str(quick_study)) == 2
+    assert "got 'run:100:'" in capsys.readouterr().err  # rich would print 'run💯'
+
+
 @pytest.mark.parametrize("name, value", [
     ("CYCLE_OPTUNA_HEARTBEAT_SECONDS", "abc"), ("CYCLE_OPTUNA_HEARTBEAT_SECONDS", "0"),
     ("CYCLE_OPTUNA_GRACE_SECONDS", "1.5"), ("CYCLE_OPTUNA_THREADS", "-1"),
