@@ -82,6 +82,8 @@ WORKER_ATTR = "worker"  # user attr "host:pid" of the worker running a trial
 # user attr beside it: when that process started ("<boot id>:<clock ticks since boot>", None off
 # Linux), which tells a dead worker from a later process given its pid (a restarted container)
 WORKER_START_ATTR = "worker_start"
+# journal files: the lock file a worker holds while it lives, beside the journal (see _local_alive)
+WORKER_LOCK_ATTR = "worker_lock"
 DEVICE_ATTR = "device"  # user attr beside it: "cpu" or "gpu <id>"
 FAIL_CAUSE_ATTR = "fail_cause"  # user attr on a failed trial: why it failed, in one line
 LOST_CAUSE = "worker lost"  # how fail_cause starts on a trial failed because its worker was gone
@@ -653,6 +655,9 @@ def register_trial(study: optuna.Study, trial: optuna.Trial, worker: str,
              **({DEVICE_ATTR: device} if device is not None else {})}
     backend = _unwrap(internals.storage_of(study))
     if not isinstance(backend, RDBStorage):
+        journal = _journal_file(backend)
+        if journal is not None and (token := _hold_alive_lock(journal)) is not None:
+            attrs[WORKER_LOCK_ATTR] = token
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         return
@@ -795,7 +800,7 @@ def _fail_gone_local(study: optuna.Study, storage: JournalStorage,
         worker = trial.user_attrs.get(WORKER_ATTR)
         if worker is None and _orphaned(trial):
             cause = f"{LOST_CAUSE} (it ended between creating the trial and naming itself on it)"
-        elif _local_alive(trial) is False:
+        elif _local_alive(trial, _journal_file(storage)) is False:
             cause = f"{LOST_CAUSE} ({worker}: its process has ended)"
         else:
             continue
@@ -812,18 +817,26 @@ def _orphaned(trial: FrozenTrial) -> bool:
     return started is not None and (datetime.now() - started).total_seconds() > ORPHAN_SECONDS
 
 
-def _local_alive(trial: FrozenTrial) -> bool | None:
+def _local_alive(trial: FrozenTrial, journal: Path | None = None) -> bool | None:
     """Whether the process a running trial's "host:pid" worker attr names still runs it; None when
     it is not a process of this machine (another host's cannot be checked from here).
 
-    A dead worker's pid may belong to a live process by now: a restarted container's processes get
-    the same pids (its worker is PID 1 again). This process runs only the trials its workers beat
-    for; another process is not the trial's worker when it started at another time than the one
+    On a journal file a worker holds a lock file beside it while it lives (`worker_lock`): held,
+    the worker runs, on this machine's kernel whatever PID namespace it is in (containers sharing
+    the host's name are each PID 1); free, it has ended. Without one (older workers, other
+    storages) by its pid: a dead worker's pid may belong to a live process by now (a restarted
+    container's worker is PID 1 again), so this process runs only the trials its workers beat for,
+    and another process is not the trial's worker when it started at another time than the one
     recorded beside the worker attr (where both are known).
     """
     host, _, pid = str(trial.user_attrs.get(WORKER_ATTR)).rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return None
+    token = trial.user_attrs.get(WORKER_LOCK_ATTR)
+    if journal is not None and isinstance(token, str) and token:
+        if token == _ALIVE_TOKENS.get(journal):
+            return internals.trial_id_of(trial) in _RUNNING_HERE
+        return _lock_held(_alive_dir(journal) / f"{token}.lock")
     if int(pid) == os.getpid():
         return internals.trial_id_of(trial) in _RUNNING_HERE
     started, now = trial.user_attrs.get(WORKER_START_ATTR), _process_start(int(pid))
@@ -836,6 +849,64 @@ def _local_alive(trial: FrozenTrial) -> bool | None:
     except OSError:  # another user's process (EPERM): it runs
         return True
     return True
+
+
+_ALIVE_TOKENS: dict[Path, str] = {}  # journal -> the token of the lock file this process holds beside it
+_ALIVE_FILES: list[BinaryIO] = []  # those lock files, open (and locked) until the process ends
+
+
+def _alive_dir(journal: Path) -> Path:
+    return journal.with_name(f"{journal.name}.workers")
+
+
+def _hold_alive_lock(journal: Path) -> str | None:
+    """This process's lock file beside `journal`, taken once and held until it ends; its token
+    (None where it cannot be made: the journal then falls back to pids)."""
+    import atexit
+    import fcntl
+
+    journal = journal.resolve()
+    if journal in _ALIVE_TOKENS:
+        return _ALIVE_TOKENS[journal]
+    token = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(6).hex()}"
+    path = _alive_dir(journal) / f"{token}.lock"
+    try:
+        path.parent.mkdir(exist_ok=True)
+        f = open(path, "ab")
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return None
+    _ALIVE_FILES.append(f)
+    _ALIVE_TOKENS[journal] = token
+    atexit.register(lambda: path.unlink(missing_ok=True))  # a clean exit leaves no file
+    return token
+
+
+def _lock_held(path: Path) -> bool | None:
+    """Whether a live process holds the lock file at `path`; a free one (its holder ended) is removed."""
+    import fcntl
+
+    try:
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            path.unlink(missing_ok=True)
+            return False
+    except FileNotFoundError:  # its worker ended cleanly, or another worker found it ended
+        return False
+    except OSError:
+        return None
+
+
+def _journal_file(storage: BaseStorage) -> Path | None:
+    """The file behind a journal storage (None for other storages)."""
+    seen = 0
+    while storage is not None and not isinstance(storage, JournalFileBackend) and seen < 4:  # through wrappers
+        storage, seen = getattr(storage, "_backend", None), seen + 1
+    path = getattr(storage, "_file_path", None)
+    return Path(path).resolve() if isinstance(path, str) else None
 
 
 def _process_start(pid: int) -> str | None:
@@ -859,7 +930,8 @@ def running_here(study: optuna.Study) -> bool:
 def local_workers(study: optuna.Study) -> int:
     """How many live processes of this machine run trials of the study (by the trials' worker attrs)."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    return len({t.user_attrs.get(WORKER_ATTR) for t in running if _local_alive(t)})
+    journal = _journal_file(internals.storage_of(study))
+    return len({t.user_attrs.get(WORKER_ATTR) for t in running if _local_alive(t, journal)})
 
 
 def retries_exhausted(trial: FrozenTrial) -> bool:
