@@ -187,34 +187,35 @@ def test_a_journal_trial_whose_workers_pid_was_reused_is_failed(tmp_path: Path):
         other.kill()
 
 
-def test_a_restarted_container_whose_worker_has_the_dead_workers_pid_retries_its_trial(tmp_path: Path):
-    """A journal file on a volume, its worker's container killed and restarted: same hostname, and
-    the new worker is PID 1 like the dead one (a PID namespace, as a container's)."""
-    import shutil
-    import signal
-    import socket
-
-    from cycle_optuna.objective import CHECKPOINT_ATTR
-    from workers_helpers import SLOW_EPOCHS, wait_for
+def _container(study: Path, log: Path, pause: float) -> subprocess.Popen:
+    """A worker on the journal file `log` as PID 1 of a PID namespace of its own, as in a container
+    (skipped where unshare cannot make one); --kill-child: a kill of unshare kills the worker too."""
+    from workers_helpers import SLOW_EPOCHS
 
     if not shutil.which("unshare") or subprocess.run(["unshare", "-pf", "--mount-proc", "true"],
                                                      capture_output=True).returncode != 0:
         pytest.skip("cannot make a PID namespace here (unshare needs root)")
+    cli = [sys.executable, "-c", SLOW_EPOCHS.format(pause=pause), "worker", str(study), "--storage", f"journal:///{log}"]
+    return subprocess.Popen(["unshare", "-pf", "--kill-child", "--mount-proc", *cli], env=worker_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_restarted_container_whose_worker_has_the_dead_workers_pid_retries_its_trial(tmp_path: Path):
+    """A journal file on a volume, its worker's container killed and restarted: same hostname, and
+    the new worker is PID 1 like the dead one (a PID namespace, as a container's)."""
+    import signal
+    import socket
+
+    from cycle_optuna.objective import CHECKPOINT_ATTR
+
     study, log = write_study(tmp_path, n_trials=1, epochs=4), tmp_path / "tiny.log"
-
-    def container(pause: float) -> subprocess.Popen:
-        # --kill-child: a kill of unshare kills the worker with it (SIGKILL)
-        cli = [sys.executable, "-c", SLOW_EPOCHS.format(pause=pause), "worker", str(study), "--storage", f"journal:///{log}"]
-        return subprocess.Popen(["unshare", "-pf", "--kill-child", "--mount-proc", *cli], env=worker_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    first = container(1.0)
+    first = _container(study, log, 1.0)
     hit = wait_for(lambda: next((t for t in _journal_trials(log) if t.state == TrialState.RUNNING
                                  and CHECKPOINT_ATTR in t.user_attrs), None), 90, "a trial with an epoch checkpoint")
     assert hit.user_attrs[storage.WORKER_ATTR] == f"{socket.gethostname()}:1"
     first.send_signal(signal.SIGKILL)
     first.wait()
-    second = container(0.0)
+    second = _container(study, log, 0.0)
     try:
         out, _ = second.communicate(timeout=120)  # without the check it waits at the cap for good
     finally:
@@ -231,22 +232,11 @@ def test_containers_sharing_the_hosts_name_leave_each_others_trials_alone(tmp_pa
     (containers with the host's network): same "host:1", neither may take the other for dead."""
     import signal
 
-    from workers_helpers import SLOW_EPOCHS
-
-    if not shutil.which("unshare") or subprocess.run(["unshare", "-pf", "--mount-proc", "true"],
-                                                     capture_output=True).returncode != 0:
-        pytest.skip("cannot make a PID namespace here (unshare needs root)")
     study, log = write_study(tmp_path, n_trials=2, epochs=3), tmp_path / "tiny.log"
-
-    def container(pause: float) -> subprocess.Popen:
-        cli = [sys.executable, "-c", SLOW_EPOCHS.format(pause=pause), "worker", str(study), "--storage", f"journal:///{log}"]
-        return subprocess.Popen(["unshare", "-pf", "--kill-child", "--mount-proc", *cli], env=worker_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    slow = container(2.0)  # its one trial takes a few seconds
+    slow = _container(study, log, 2.0)  # its one trial takes a few seconds
     try:
         wait_for(lambda: any(t.state == TrialState.RUNNING for t in _journal_trials(log)), 90, "the slow trial")
-        fast = container(0.0)  # runs the other trial, then waits at the cap, checking the slow one
+        fast = _container(study, log, 0.0)  # runs the other trial, then waits at the cap, checking the slow one
         fast_out, _ = fast.communicate(timeout=120)
         slow_out, _ = slow.communicate(timeout=120)
     finally:
