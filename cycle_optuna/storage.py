@@ -195,7 +195,8 @@ def named_errors(url: str) -> Iterator[None]:
 def _reason(e: BaseException) -> str:
     reason = describe(e)
     if "database is locked" in reason:  # SQLite's whole text, after a wait that said nothing
-        reason += f" (another process held its write lock for {SQLITE_TIMEOUT_SECONDS}s)"
+        # not "for 120s": SQLite also says it at once (a read transaction that cannot become a write)
+        reason += f" (another process holds its write lock; a writer waits up to {SQLITE_TIMEOUT_SECONDS}s for it)"
     return reason
 
 

@@ -476,7 +476,8 @@ def test_a_database_another_process_keeps_locked_is_one_line_after_a_note(tmp_pa
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
     assert f"waiting up to 1s for {db}: another process holds its write lock" in lines
-    assert lines[-1] == f"error: storage {url}: database is locked (another process held its write lock for 1s)"
+    assert lines[-1] == (f"error: storage {url}: database is locked (another process holds its write lock; a "
+                         "writer waits up to 1s for it)")
 
 
 @contextlib.contextmanager
