@@ -62,6 +62,11 @@ def backend_of(storage: BaseStorage) -> BaseStorage:
     return getattr(storage, "_backend", storage)
 
 
+def journal_path_of(backend: Any) -> str:
+    """The file a JournalFileBackend appends to (`JournalFileBackend._file_path`)."""
+    return backend._file_path
+
+
 def study_id_of(study: optuna.Study) -> int:
     """The study's row id in its storage (`Study._study_id`)."""
     return study._study_id

@@ -13,7 +13,7 @@ from rich.table import Table
 from cycle_optuna import optuna_internals as internals
 from cycle_optuna import api
 from cycle_optuna import storage as storage_mod
-from cycle_optuna.totals import shown, trials_counted
+from cycle_optuna.totals import count, shown, stood_in_for
 
 
 FAILURES_SHOWN = 5  # the latest failures `status` lists with their cause
@@ -60,9 +60,9 @@ def collect(study: optuna.Study, n_trials: int) -> StudyStatus:
     failures = [(t.number + 1, api.failure_cause(t)) for t in trials if t.state == TrialState.FAIL]
     # a trial a retry stands in for counts through its retry, whatever its own state: a hand-back cut
     # short leaves it RUNNING beside its queued retry until a stale check fails it
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    retried = stood_in_for(trials)
     finished = sum(t.state.is_finished() and t.number not in retried for t in trials)
-    return StudyStatus(study.study_name, n_trials, trials_counted(study), states, running, best, failures,
+    return StudyStatus(study.study_name, n_trials, count(trials), states, running, best, failures,
                        api.baselines(study), finished)
 
 

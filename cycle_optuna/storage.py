@@ -903,11 +903,8 @@ def _lock_held(path: Path) -> bool | None:
 
 def _journal_file(storage: BaseStorage) -> Path | None:
     """The file behind a journal storage (None for other storages)."""
-    seen = 0
-    while storage is not None and not isinstance(storage, JournalFileBackend) and seen < 4:  # through wrappers
-        storage, seen = getattr(storage, "_backend", None), seen + 1
-    path = getattr(storage, "_file_path", None)
-    return Path(path).resolve() if isinstance(path, str) else None
+    backend = _unwrap(storage)  # a JournalStorage's backend, or the backend itself
+    return Path(internals.journal_path_of(backend)).resolve() if isinstance(backend, JournalFileBackend) else None
 
 
 def _process_start(pid: int) -> str | None:

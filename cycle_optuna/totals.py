@@ -15,10 +15,15 @@ from cycle_optuna import storage as storage_mod
 N_TRIALS_ATTR = "cycle_optuna_n_trials"  # study user attr: the total the study was last run to
 
 
+def stood_in_for(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of the trials a retry stands in for (one names them in its retry_history): failures
+    that were retried, and a trial whose hand-back was cut short after queuing its retry."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+
+
 def count(trials: list[FrozenTrial]) -> int:
-    """Trials toward the cap: all, except those a retry stands in for (failures that were retried,
-    and a trial whose hand-back was cut short after queuing its retry, failed later)."""
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    """Trials toward the cap: all, except those a retry stands in for."""
+    retried = stood_in_for(trials)
     return sum(1 for t in trials if t.number not in retried)
 
 
@@ -34,7 +39,7 @@ def count_and_waiting(study: optuna.Study, conn=None) -> tuple[int, bool]:
 
 
 def trials_counted(study: optuna.Study) -> int:
-    """Trials toward the study's n_trials cap: all, except failures that were retried."""
+    """Trials toward the study's n_trials cap: all, except those a retry stands in for."""
     return count_and_waiting(study)[0]
 
 
