@@ -725,10 +725,12 @@ def _fail_lost(study: optuna.Study, trial: FrozenTrial, cause: str,
                on_exhausted: Callable[[optuna.Study, FrozenTrial], None] | None) -> bool:
     """Fail a running trial whose worker is gone, recording ``cause`` as its `fail_cause`, and queue
     its retry; False when it had ended already (its worker finished it, or another worker failed it
-    first). Failing goes first, as the one write that checks the trial still runs: its worker may
-    be alive after all (paused) and finish it meanwhile. A worker that dies between the two leaves
-    a failed trial with the cause and no retry, which :func:`_queue_missing_retries` finds; a trial
-    whose own worker queued its retry before it was cut off (a hand-back) gets no second one."""
+    first). The cause is written first (a journal drops attrs written to a finished trial), then the
+    failure, the one write that checks the trial still runs: its worker may be alive after all
+    (paused) and end it in between, and then the cause is taken back. Queuing the retry comes last:
+    a worker that dies before it leaves a failed trial with the cause and no retry, which
+    :func:`_queue_missing_retries` finds; a trial whose own worker queued its retry before it was
+    cut off (a hand-back) gets no second one."""
     storage, trial_id = internals.storage_of(study), internals.trial_id_of(trial)
     try:
         # the cause first: a journal drops attrs written to a finished trial
@@ -834,7 +836,7 @@ def _local_alive(trial: FrozenTrial, journal: Path | None = None) -> bool | None
     if host != socket.gethostname() or not pid.isdigit():
         return None
     token = trial.user_attrs.get(WORKER_LOCK_ATTR)
-    if journal is not None and isinstance(token, str) and token:
+    if journal is not None and isinstance(token, str) and token and Path(token).name == token:  # a name, no path
         if token == _ALIVE_TOKENS.get(journal):
             return internals.trial_id_of(trial) in _RUNNING_HERE
         return _lock_held(_alive_dir(journal) / f"{token}.lock")
