@@ -47,6 +47,12 @@ class _Entry:
         return self.payload.get("kind") == "explore" and self.payload.get("scope") != "local"
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """The seed of the sampler built for trial `number` of a study seeded `seed`: the same in any
+    process, another for every trial."""
+    return (seed * 1_000_003 + number) % 2**31
+
+
 def make_tpe(seed: int | None, *, n_startup_trials: int = 10, multivariate: bool | None = True) -> BaseSampler:
     """TPE as this project builds it. Multivariate (the default): an exploration sees the whole
     space jointly, strings and numbers together. Constant liar: workers that ask while others'
@@ -238,7 +244,7 @@ class CycleSampler(BaseSampler):
             return self._fallback
         entry = self._entry(study, trial)
         if entry.fallback is None:
-            entry.fallback = self._make_fallback((self._seed * 1_000_003 + trial.number) % 2**31)
+            entry.fallback = self._make_fallback(trial_seed(self._seed, trial.number))
         return entry.fallback
 
     def _fallback_view(self, study: Study, trial: FrozenTrial) -> Study:

@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cycle_optuna import optuna_internals as internals
 from cycle_optuna.config import SamplerConfig
-from cycle_optuna.sampler._cycle import MOVE_ATTR, PARENT_ATTR, REASON_ATTR, CycleSampler, make_tpe
+from cycle_optuna.sampler._cycle import MOVE_ATTR, PARENT_ATTR, REASON_ATTR, CycleSampler, make_tpe, trial_seed
 from cycle_optuna.sampler._moves import Roles, coerce, repair, step_value
 
 
@@ -189,7 +189,7 @@ class PerTrialSeeded(BaseSampler):
         with self._lock:
             sampler = self._built.get(key)
             if sampler is None:
-                sampler = self._built[key] = self._make((self._seed * 1_000_003 + trial.number) % 2**31)
+                sampler = self._built[key] = self._make(trial_seed(self._seed, trial.number))
                 while len(self._built) > self._MAX_BUILT:
                     self._built.popitem(last=False)
             return sampler
