@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from cycle_optuna.objective import CHECKPOINT_ATTR, RESUMED_ATTR
-from workers_helpers import start_cli, trials, wait_for, write_study
+from cycle_optuna.objective import RESUMED_ATTR
+from workers_helpers import running_with_checkpoint, start_cli, trials, wait_for, write_study
 
 pytestmark = pytest.mark.postgres
 
 
-def _running_with_checkpoint(url: str):
-    return next((t for t in trials(url) if t.state == TrialState.RUNNING and CHECKPOINT_ATTR in t.user_attrs), None)
+def _running_with_checkpoint(url: str, tmp_path: Path):
+    return running_with_checkpoint(trials(url), tmp_path)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
@@ -27,7 +27,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
 def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path: Path, pg_url: str):
     study = write_study(tmp_path, n_trials=1, epochs=4)
     victim = start_cli(["worker", str(study), "--storage", pg_url], pause=1.0)
-    hit = wait_for(lambda: _running_with_checkpoint(pg_url), 90, "a trial with an epoch checkpoint")
+    hit = wait_for(lambda: _running_with_checkpoint(pg_url, tmp_path), 90, "a trial with an epoch checkpoint")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     rescuer = start_cli(["worker", str(study), "--storage", pg_url])
@@ -108,7 +108,7 @@ def test_waiting_for_the_database_does_not_wait_on_a_missing_database(tmp_path: 
 def test_interrupted_worker_hands_its_trial_back(tmp_path: Path, pg_url: str, sig, code):
     study = write_study(tmp_path, n_trials=1, epochs=4)
     proc = start_cli(["worker", str(study), "--storage", pg_url], pause=1.0)
-    hit = wait_for(lambda: _running_with_checkpoint(pg_url), 90, "a trial with an epoch checkpoint")
+    hit = wait_for(lambda: _running_with_checkpoint(pg_url, tmp_path), 90, "a trial with an epoch checkpoint")
     proc.send_signal(sig)
     rc, out = _finish(proc, timeout=60)
     assert rc == code, out
@@ -233,7 +233,7 @@ def test_a_second_signal_in_the_middle_of_the_hand_back_loses_no_trial(tmp_path:
     log = tmp_path / "w.log"
     proc = start_cli(["worker", str(study)], pause=1.0, log=log,
                      env=worker_env(CYCLE_OPTUNA_TEST_PAUSE_HANDING_BACK="60"))
-    hit = wait_for(lambda: _running_with_checkpoint(url), 90, "a trial with an epoch checkpoint")
+    hit = wait_for(lambda: _running_with_checkpoint(url, tmp_path), 90, "a trial with an epoch checkpoint")
     proc.send_signal(signal.SIGTERM)
     wait_for(_log_says(log, "paused handing back"), 30, "the hand-back under way")
     proc.send_signal(signal.SIGTERM)
@@ -252,7 +252,7 @@ def test_a_worker_killed_while_failing_a_lost_trial_leaves_its_retry_to_the_next
     url = f"sqlite:///{tmp_path / 'tiny.db'}"
     study = write_study(tmp_path, n_trials=1, epochs=4)
     victim = start_cli(["worker", str(study)], pause=1.0)
-    hit = wait_for(lambda: _running_with_checkpoint(url), 90, "a trial with an epoch checkpoint")
+    hit = wait_for(lambda: _running_with_checkpoint(url, tmp_path), 90, "a trial with an epoch checkpoint")
     victim.kill()
     victim.wait()
     log = tmp_path / "rescuer.log"
@@ -302,7 +302,7 @@ def test_a_worker_paused_past_the_grace_period_carries_on_after_its_trial_was_ta
     study = write_study(tmp_path, n_trials=2, epochs=4)
     log = tmp_path / "paused.log"
     paused = start_cli(["worker", str(study)], pause=1.0, log=log)
-    hit = wait_for(lambda: _running_with_checkpoint(url), 90, "a trial with an epoch checkpoint")
+    hit = wait_for(lambda: _running_with_checkpoint(url, tmp_path), 90, "a trial with an epoch checkpoint")
     _stop_outside_a_write(paused, tmp_path / "tiny.db")
     try:
         other = start_cli(["worker", str(study)])
@@ -386,7 +386,7 @@ def test_a_database_outage_is_one_line_and_the_cut_off_trial_is_handed_back_by_i
     # a grace period far longer than the test: only a worker's own hand-back can retry a trial
     procs = [start_cli(["worker", str(study), "--storage", pg_url], pause=0.3, log=log,
                        env=worker_env(CYCLE_OPTUNA_GRACE_SECONDS="600")) for log in logs]
-    wait_for(lambda: _running_with_checkpoint(pg_url), 120, "a trial under way")
+    wait_for(lambda: _running_with_checkpoint(pg_url, tmp_path), 120, "a trial under way")
     cluster = next(Path("/etc/postgresql").iterdir()).name
     ctl = ["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main"]
     subprocess.run([*ctl, "stop", "-m", "fast"], check=True, timeout=60, capture_output=True)

@@ -85,14 +85,13 @@ def _journal_trials(log: Path) -> list:
 def test_a_killed_workers_trial_on_a_journal_file_is_retried_from_its_checkpoint(tmp_path: Path):
     """A journal file has no heartbeats: a trial whose worker process has ended (kill -9) is failed
     by the next worker on the machine and retried from its last epoch checkpoint."""
-    from cycle_optuna.objective import CHECKPOINT_ATTR, RESUMED_ATTR
-    from workers_helpers import start_cli, wait_for
+    from cycle_optuna.objective import RESUMED_ATTR
+    from workers_helpers import running_with_checkpoint, start_cli, wait_for
 
     study, log = write_study(tmp_path, n_trials=1, epochs=4), tmp_path / "tiny.log"
     url = f"journal:///{log}"
     victim = start_cli(["worker", str(study), "--storage", url], pause=1.0)
-    hit = wait_for(lambda: next((t for t in _journal_trials(log) if t.state == TrialState.RUNNING
-                                 and CHECKPOINT_ATTR in t.user_attrs), None), 90, "a trial with an epoch checkpoint")
+    hit = wait_for(lambda: running_with_checkpoint(_journal_trials(log), tmp_path), 90, "a trial with an epoch checkpoint")
     victim.kill()
     victim.wait()
     rescuer = start_cli(["worker", str(study), "--storage", url])
@@ -206,12 +205,11 @@ def test_a_restarted_container_whose_worker_has_the_dead_workers_pid_retries_its
     import signal
     import socket
 
-    from cycle_optuna.objective import CHECKPOINT_ATTR
+    from workers_helpers import running_with_checkpoint
 
     study, log = write_study(tmp_path, n_trials=1, epochs=4), tmp_path / "tiny.log"
     first = _container(study, log, 1.0)
-    hit = wait_for(lambda: next((t for t in _journal_trials(log) if t.state == TrialState.RUNNING
-                                 and CHECKPOINT_ATTR in t.user_attrs), None), 90, "a trial with an epoch checkpoint")
+    hit = wait_for(lambda: running_with_checkpoint(_journal_trials(log), tmp_path), 90, "a trial with an epoch checkpoint")
     assert hit.user_attrs[storage.WORKER_ATTR] == f"{socket.gethostname()}:1"
     first.send_signal(signal.SIGKILL)
     first.wait()

@@ -115,6 +115,16 @@ def trials(url: str, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
         return []
 
 
+def running_with_checkpoint(ts: list[optuna.trial.FrozenTrial], directory: Path, name: str = "tiny"):
+    """The running trial once its first epoch checkpoint is on disk in write_study's artifact
+    folder. The checkpoint attr names the file before it is written, so the attr alone may name a
+    checkpoint that a kill or a signal keeps from ever existing, and the retry starts over."""
+    from cycle_optuna.objective import CHECKPOINT_ATTR
+
+    return next((t for t in ts if t.state == optuna.trial.TrialState.RUNNING and CHECKPOINT_ATTR in t.user_attrs
+                 and (directory / f"{name}-artifacts" / t.user_attrs[CHECKPOINT_ATTR]).is_file()), None)
+
+
 @contextlib.contextmanager
 def small_tmpfs(path: Path, size: str):
     """A real disk of `size` at `path` (a tmpfs: root only), unmounted after."""
