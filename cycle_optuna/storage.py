@@ -741,8 +741,8 @@ def _fail_lost(study: optuna.Study, trial: FrozenTrial, cause: str,
     except optuna.exceptions.UpdateFinishedTrialError:
         _take_back_cause(storage, trial_id, cause)
         return False
-    pause_for_tests("failing lost")  # a test kills the worker here
     if not retried(study.get_trials(deepcopy=False), trial.number):
+        pause_for_tests("failing lost")  # a test kills the worker here, or races a hand-back with it
         queue_retry(study, trial)
     if retries_exhausted(trial) and on_exhausted is not None:
         on_exhausted(study, storage.get_trial(trial_id))

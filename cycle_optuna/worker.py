@@ -523,17 +523,22 @@ class _Loop:
         self.current, self.packed = (rest[0] if rest else None), rest[1:]
 
     def _hand_back_one(self, number: int, *, cause: str) -> None:
-        trials = self.study.get_trials(deepcopy=False)
-        trial = next((t for t in trials if t.number == number), None)
-        if trial is None or trial.state not in (TrialState.RUNNING, TrialState.FAIL):
-            return
         # The retry is queued before the trial is failed: a hand-back cut short (a second signal,
         # the database) leaves it running with its retry queued, and whoever fails it next (this
         # loop's next try, another worker's stale check) queues no second one. A failed trial
-        # without a retry was failed by a stale check whose worker died before queuing it.
-        if not storage_mod.retried(trials, number):
-            storage_mod.queue_retry(self.study, trial)
-            self.stats.requeued.append(number)
+        # without a retry was failed by a stale check whose worker died before queuing it. "Is a
+        # retry queued? Queue one" is done under the cap lock, as every stale check does it, so a
+        # stale check failing this trial at the same moment cannot queue a second retry.
+        with storage_mod.cap_lock(self.storage, self.url, self.study.study_name):
+            trials = self.study.get_trials(deepcopy=False)
+            trial = next((t for t in trials if t.number == number), None)
+            if trial is None or trial.state not in (TrialState.RUNNING, TrialState.FAIL):
+                return
+            queued = not storage_mod.retried(trials, number)
+            if queued:
+                storage_mod.queue_retry(self.study, trial)
+                self.stats.requeued.append(number)
+        if queued:
             storage_mod.pause_for_tests("handing back")
         trial_id = internals.trial_id_of(trial)
         if trial.state == TrialState.RUNNING:

@@ -321,6 +321,30 @@ def test_a_worker_paused_past_the_grace_period_carries_on_after_its_trial_was_ta
     assert any(t.system_attrs.get("failed_trial") == hit.number and t.state == TrialState.COMPLETE for t in ts)
 
 
+def test_a_hand_back_racing_a_stale_check_queues_one_retry(tmp_path: Path):
+    """A worker frozen past the grace period is failed as stale by another, which is cut off just
+    before queuing the retry; the frozen worker, thawed and stopped, hands its trial back at that
+    moment. Both found no retry queued; only one may queue it."""
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = write_study(tmp_path, n_trials=1, epochs=6)
+    frozen_log, checker_log = tmp_path / "frozen.log", tmp_path / "checker.log"
+    frozen = start_cli(["worker", str(study)], pause=1.0, log=frozen_log)
+    hit = wait_for(lambda: _running_with_checkpoint(url, tmp_path), 90, "a trial with an epoch checkpoint")
+    _stop_outside_a_write(frozen, tmp_path / "tiny.db")
+    try:
+        checker = _start(["worker", str(study)], checker_log, CYCLE_OPTUNA_TEST_PAUSE_FAILING_LOST="10")
+        wait_for(_log_says(checker_log, "paused failing lost"), 90, "the other worker to fail the trial as stale")
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    frozen.send_signal(signal.SIGTERM)  # its hand-back runs while the checker is paused
+    assert frozen.wait(timeout=120) == 143, frozen_log.read_text()
+    assert checker.wait(timeout=120) == 0, checker_log.read_text()
+    ts = trials(url)
+    retries = [t for t in ts if hit.number in t.system_attrs.get("retry_history", ())]
+    assert len(retries) == 1, [(t.number, t.state, t.system_attrs) for t in ts]
+    assert [t.state for t in ts] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
 def test_a_kill_before_the_result_is_stored_keeps_the_checkpoint_for_the_retry(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'tiny.db'}"
     study = write_study(tmp_path, n_trials=1, epochs=3)
