@@ -324,7 +324,8 @@ class Objective:
             for attempt in (1, 2):
                 try:
                     artifact_id = upload_artifact(
-                        artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial
+                        artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial,
+                        mimetype="application/octet-stream",  # a guess from ".pt" names a game cartridge format
                     )
                     break
                 except (OSError, ArtifactNotFound) as e:

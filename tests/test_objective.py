@@ -52,6 +52,8 @@ def test_complete_trial_writes_the_contract_and_saves_the_model(tmp_path, cfg, d
     assert math.isclose(trial.value, min(trial.intermediate_values.values()))
     assert "model_artifact_id" in trial.user_attrs
     assert (storage.artifact_store(cfg)._base_path / trial.user_attrs["model_artifact_id"]).is_file()
+    (meta,) = optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage)  # the dashboard lists these
+    assert (meta.filename, meta.mimetype) == ("model.pt", "application/octet-stream")
 
 
 def _finished_far_ahead(study: optuna.Study, epochs: int) -> None:
