@@ -112,7 +112,8 @@ def test_services_end_to_end_on_local_postgres(tmp_path: Path, pg_url: str):
     local = lambda s: interpolate(s, env).replace("@postgres:5432/", "@127.0.0.1:5432/")  # noqa: E731
     wk = SERVICES["worker"]
     wenv = worker_env(**{**{k: local(v) for k, v in wk["environment"].items()},
-                         "CYCLE_OPTUNA_ARTIFACT_DIR": str(tmp_path / "artifacts")})  # /artifacts in the image
+                         "CYCLE_OPTUNA_ARTIFACT_DIR": str(tmp_path / "artifacts"),  # /artifacts in the image
+                         "CYCLE_OPTUNA_GRACE_SECONDS": "30"})  # 3 workers on 2 cores: no live trial taken as stale
     cli = [sys.executable, "-m", "cycle_optuna.cli"]
     workers = [subprocess.Popen(cli + [local(a) for a in wk["command"]], env=wenv, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for _ in range(3)]

@@ -19,6 +19,10 @@ def _running_with_checkpoint(url: str, tmp_path: Path):
     return running_with_checkpoint(trials(url), tmp_path)
 
 
+def _both_took_a_trial(url: str) -> bool:
+    return len({t.user_attrs["worker"] for t in trials(url) if "worker" in t.user_attrs}) == 2
+
+
 def _finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
@@ -59,7 +63,9 @@ def _cluster(action: str) -> None:
 def test_database_restart_loses_no_finished_trial(tmp_path: Path, pg_url: str):
     study = write_study(tmp_path, n_trials=6, epochs=3)
     procs = [start_cli(["--debug", "worker", str(study), "--storage", pg_url], pause=0.3) for _ in range(2)]
-    wait_for(lambda: sum(t.state in FINISHED for t in trials(pg_url)) >= 1, 120, "a finished trial")
+    # both in their trial loop (one still starting up would exit 2 at the restart, as it should)
+    wait_for(lambda: _both_took_a_trial(pg_url) and sum(t.state in FINISHED for t in trials(pg_url)) >= 1, 120,
+             "a finished trial, both workers in their loop")
     before = {t.number: (t.state, t.value) for t in trials(pg_url) if t.state in FINISHED}
     _cluster("restart")
     results = [_finish(p, timeout=180) for p in procs]
@@ -189,7 +195,8 @@ _SWALLOW = (
     "def swallowing(self, epoch, state):\n"
     "    save(self, epoch, state)\n"
     "    try:\n"
-    "        print('checkpoint', epoch, flush=True); time.sleep(1.0)\n"
+    # after the first save the worker waits here for the test's signal (the signal cuts it short)
+    "        print('checkpoint', epoch, flush=True); time.sleep(60 if epoch == 0 else 1.0)\n"
     "    except KeyboardInterrupt:\n"
     "        print('swallowed', flush=True)\n"
     "        {after}\n"
@@ -363,7 +370,7 @@ def test_a_trial_out_of_retries_leaves_no_checkpoint(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'tiny.db'}"
     study = write_study(tmp_path, n_trials=1, epochs=3)
     no_retries = "import cycle_optuna.storage as s\ns.MAX_RETRY = 0\n"
-    die = no_retries + _SWALLOW.format(after="pass").replace("time.sleep(1.0)", "import os; os._exit(9)")
+    die = no_retries + _SWALLOW.format(after="pass").replace("time.sleep(60 if epoch == 0 else 1.0)", "import os; os._exit(9)")
     log = tmp_path / "w.log"
     assert _start(["worker", str(study)], log, prelude=die).wait(timeout=120) == 9, log.read_text()
     assert _checkpoint_files(tmp_path)  # the dead trial's checkpoint is there
@@ -410,7 +417,8 @@ def test_a_database_outage_is_one_line_and_the_cut_off_trial_is_handed_back_by_i
     # a grace period far longer than the test: only a worker's own hand-back can retry a trial
     procs = [start_cli(["worker", str(study), "--storage", pg_url], pause=0.3, log=log,
                        env=worker_env(CYCLE_OPTUNA_GRACE_SECONDS="600")) for log in logs]
-    wait_for(lambda: _running_with_checkpoint(pg_url, tmp_path), 120, "a trial under way")
+    wait_for(lambda: _both_took_a_trial(pg_url) and _running_with_checkpoint(pg_url, tmp_path), 120,
+             "a trial under way, both workers in their loop")
     cluster = next(Path("/etc/postgresql").iterdir()).name
     ctl = ["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main"]
     subprocess.run([*ctl, "stop", "-m", "fast"], check=True, timeout=60, capture_output=True)

@@ -26,7 +26,8 @@ def test_postgres_storage_has_heartbeats_and_a_small_pre_pinged_pool(pg_url: str
 def test_two_processes_meet_the_cap_exactly(tmp_path: Path, pg_url: str):
     study = write_study(tmp_path, n_trials=5)
     procs = [subprocess.Popen([sys.executable, "-m", "cycle_optuna.cli", "worker", str(study), "--storage", pg_url],
-                              env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=worker_env(CYCLE_OPTUNA_GRACE_SECONDS="30"),  # no live trial taken as stale
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs

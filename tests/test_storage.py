@@ -55,7 +55,8 @@ def test_a_malformed_url_in_the_environment_is_masked_too(tmp_path: Path, capsys
 def test_sqlite_four_workers_forty_trials_never_locked(tmp_path: Path):
     study = write_study(tmp_path, n_trials=40)
     proc = subprocess.run([sys.executable, "-m", "cycle_optuna.cli", "run", str(study), "--workers", "4"],
-                          env=worker_env(), capture_output=True, text=True, timeout=600)
+                          env=worker_env(CYCLE_OPTUNA_GRACE_SECONDS="30"),  # no live trial taken as stale
+                          capture_output=True, text=True, timeout=600)
     logs = "".join(p.read_text() for p in tmp_path.glob("tiny-worker-*.log"))
     assert proc.returncode == 0, proc.stdout + proc.stderr + logs
     assert "locked" not in logs.lower()
@@ -399,8 +400,9 @@ def test_the_heartbeat_thread_beats_only_for_the_running_trial(tmp_path: Path, m
     with storage.Heartbeat(st) as beat:
         beat.beat_for(trial._trial_id)
         time.sleep(2.5)
-        later = storage.last_heartbeats(st, study)[trial.number]
         beat.beat_for(None)
+        time.sleep(0.5)  # a beat begun before beat_for(None) lands
+        later = storage.last_heartbeats(st, study)[trial.number]
         time.sleep(1.5)
         assert storage.last_heartbeats(st, study)[trial.number] == later
     assert later > first

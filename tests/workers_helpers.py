@@ -113,6 +113,11 @@ def trials(url: str, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
         return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     except KeyError:
         return []
+    finally:
+        # closed now, not at the next full garbage collection: a test polling this for a minute
+        # would otherwise hold dozens of idle PostgreSQL connections beside its workers'
+        if not isinstance(storage, str):
+            storage.engine.dispose()
 
 
 def running_with_checkpoint(ts: list[optuna.trial.FrozenTrial], directory: Path, name: str = "tiny"):
