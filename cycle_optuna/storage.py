@@ -104,11 +104,27 @@ __all__ = ["mask"]  # re-exported: callers mask through this module
 
 def resolve_url(cfg: StudyConfig, flag: str | None = None) -> str:
     """Storage URL by precedence: flag > $CYCLE_OPTUNA_STORAGE > study file > local SQLite."""
-    for url in (flag, os.environ.get(ENV_VAR), cfg.study.storage):
+    for url in (flag, os.environ.get(ENV_VAR), _beside_study(cfg, cfg.study.storage)):
         if url:
             remember(url)
             return url
     return default_url(cfg)
+
+
+def _beside_study(cfg: StudyConfig, url: str | None) -> str | None:
+    """A study file's SQLite or journal URL with a relative path, taken from the study file's
+    folder (as `[data] source` and the default database are): a worker started from another
+    directory must find the same database, not create an empty one. A flag's or the environment's
+    URL stays relative to the current directory, as a path typed in a shell is."""
+    if url and url.startswith("sqlite:///"):
+        path, sep, query = url.removeprefix("sqlite:///").partition("?")
+        if path and path != ":memory:" and not Path(path).is_absolute():
+            return f"sqlite:///{study_dir(cfg) / path}{sep}{query}"
+    elif url and url.startswith("journal:"):
+        path = url.removeprefix("journal:").removeprefix("//")
+        if path and not Path(path).is_absolute():
+            return f"journal://{study_dir(cfg) / path}"
+    return url
 
 
 def default_url(cfg: StudyConfig) -> str:

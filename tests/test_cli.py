@@ -618,3 +618,20 @@ def test_reading_a_study_does_not_need_its_data_file_where_the_study_file_says(t
         assert "data.source: file not found" in capsys.readouterr().err
     finally:
         os.chdir(cwd)
+
+
+@pytest.mark.parametrize("url, made", [("sqlite:///here.db", "here.db"), ("journal://here.log", "here.log")])
+def test_a_relative_storage_path_in_the_study_file_is_beside_the_study_file(tmp_path: Path, monkeypatch, capsys,
+                                                                            url: str, made: str):
+    """A worker started from another directory finds the study's database instead of starting
+    the study over in a new one; a --storage flag's relative path stays the shell's."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "s.toml").write_text(TINY_STUDY.replace("n_trials = 1", f'n_trials = 1\nstorage = "{url}"'))
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("worker", "sub/s.toml") == 0
+    assert (tmp_path / "sub" / made).is_file() and not (tmp_path / made).exists()
+    capsys.readouterr()
+    assert run_cli("status", "sub/s.toml") == 0  # the same database, read from elsewhere
+    assert "study t: 1 of 1 trials finished" in capsys.readouterr().out
+    assert run_cli("worker", "sub/s.toml", "--storage", "sqlite:///flag.db") == 0
+    assert (tmp_path / "flag.db").is_file()
