@@ -406,13 +406,13 @@ def parse(raw: Mapping[str, Any], where: str = "<study>", *, check_files: bool =
         elif parts["study"].n_trials > 1:
             raise c.fail("study.n_trials", _empty_space_repeats(parts["study"].n_trials))
     cfg = StudyConfig(space=space, path=None if where.startswith("<") else where, **parts)
-    _validate(c, cfg, check_files)
+    _validate(c, cfg, check_files, as_written)
     if as_written:
         _check_written(c, cfg, {name: set(raw.get(name, {})) for name in _SECTIONS})
     return cfg
 
 
-def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
+def _validate(c: _Checker, cfg: StudyConfig, check_files: bool, as_written: bool = True) -> None:
     s, d, t, b = cfg.study, cfg.data, cfg.train, cfg.baseline
     if not s.name or not all(ch.isalnum() or ch in "-_." for ch in s.name):
         raise c.fail("study.name", f"must be letters, digits, '-', '_' or '.', got {s.name!r}")
@@ -486,7 +486,7 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool) -> None:
         check_patch_len(cfg, d.seq_len)
     # with neither searched, the space check would name a key not in the file: the baseline one does
     if {p.name for p in cfg.space} & {"hidden_dim", "n_heads"}:
-        _check_space_feasible(c, cfg)
+        _check_space_feasible(c, cfg, each_choice=as_written)  # a stored study stays readable
     for p in cfg.space:
         _check_baseline_in_space(c, p, getattr(b, p.name))
     if b.hidden_dim % b.n_heads:
@@ -735,11 +735,21 @@ def _values(cfg: StudyConfig, name: str) -> tuple[Any, ...]:
     return (getattr(cfg.baseline, name),)
 
 
-def _check_space_feasible(c: _Checker, cfg: StudyConfig) -> None:
+def _check_space_feasible(c: _Checker, cfg: StudyConfig, *, each_choice: bool = True) -> None:
     hidden, heads = _values(cfg, "hidden_dim"), _values(cfg, "n_heads")
     if hidden and heads and not any(h % n == 0 for h in hidden for n in heads):
         searched = {p.name for p in cfg.space}
         raise c.fail("space.n_heads" if "n_heads" in searched else "space.hidden_dim", f"no choice of n_heads {list(heads)} divides any hidden_dim {list(hidden)}")
+    # a listed choice that no value of the other builds would only fail every trial that draws it
+    listed = {p.name for p in cfg.space if p.choices is not None} if each_choice else set()
+    if hidden and heads and "n_heads" in listed:
+        for n in heads:
+            if not any(h % n == 0 for h in hidden):
+                raise c.fail("space.n_heads", f"choice {n} divides no hidden_dim {list(hidden)}: every trial drawing it would fail")
+    if hidden and heads and "hidden_dim" in listed:
+        for h in hidden:
+            if not any(h % n == 0 for n in heads):
+                raise c.fail("space.hidden_dim", f"choice {h} is divided by no n_heads {list(heads)}: every trial drawing it would fail")
 
 
 def load(path: str | Path, *, check_files: bool = True) -> StudyConfig:

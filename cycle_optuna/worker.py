@@ -33,6 +33,7 @@ from cycle_optuna.digests import DIGESTS_ATTR, data_digests
 from cycle_optuna.errors import StorageError
 from cycle_optuna.objective import ModelNotSaved, Objective, make_pruner
 from cycle_optuna.sampler import PerTrialSeeded, make_sampler
+from cycle_optuna.space import InvalidCombination
 from cycle_optuna.totals import count_and_waiting as _count_and_waiting, trials_counted  # noqa: F401 - re-exported
 from cycle_optuna.train import EpochMetrics
 
@@ -491,9 +492,10 @@ class _Loop:
                 raise
             state = TrialState.FAIL
             cause = fail_cause(e)
-            # a fault of the machine (full disk) is one line; a bug in a trial shows its traceback
+            # a fault of the machine (full disk) or parameters the model cannot be built from are one
+            # line; a bug in a trial shows its traceback
             _log.warning("trial %d failed with parameters %s: %r", trial.number, trial.params, e,
-                         exc_info=not isinstance(e, ModelNotSaved))
+                         exc_info=not isinstance(e, (ModelNotSaved, InvalidCombination)))
         told, problem = internals.tell(self.study, trial, value, state)
         self._release(trial.number)  # its outcome is stored: nothing left to hand back
         if problem:  # e.g. the objective returned NaN: Optuna fails the trial

@@ -635,3 +635,20 @@ def test_a_relative_storage_path_in_the_study_file_is_beside_the_study_file(tmp_
     assert "study t: 1 of 1 trials finished" in capsys.readouterr().out
     assert run_cli("worker", "sub/s.toml", "--storage", "sqlite:///flag.db") == 0
     assert (tmp_path / "flag.db").is_file()
+
+
+def test_parameters_the_model_cannot_be_built_from_fail_their_trial_in_one_line(tmp_path: Path, monkeypatch, capsys,
+                                                                                 caplog):
+    """n_heads 3 with hidden_dim 16 from an int range: that trial fails with its reason, no traceback."""
+    text = TINY_STUDY.replace(
+        '[sampler]', '[baseline]\nhidden_dim = 16\nn_heads = 2\n[space]\nn_heads = { low = 2, high = 3 }\n[sampler]')
+    (tmp_path / "s.toml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("worker", "s.toml") == 0  # the baseline
+    optuna.load_study(study_name="t", storage="sqlite:///t.db").enqueue_trial({"n_heads": 3})
+    capsys.readouterr()
+    caplog.clear()
+    assert run_cli("worker", "s.toml", "--n-trials", "2") == 0
+    (failed,) = [r for r in caplog.records if "failed with parameters" in r.getMessage()]
+    assert "n_heads=3 does not divide hidden_dim=16" in failed.getMessage()
+    assert not failed.exc_info  # no traceback: the reason is the whole story

@@ -99,6 +99,10 @@ def test_to_dict_round_trips():
         ("baseline", "hidden_dim = 64", r"baseline\.hidden_dim: 64 is outside the space: choices are \[16, 32\]"),
         ("baseline", "n_heads = 3", r"baseline\.n_heads: 3 is outside the space"),
         ("space", "n_heads = { choices = [3, 5] }", r"no choice of n_heads \[3, 5\] divides any hidden_dim"),
+        ("space", "n_heads = { choices = [2, 4, 3] }",
+         r"space\.n_heads: choice 3 divides no hidden_dim \[16, 32\]: every trial drawing it would fail"),
+        ("space", "hidden_dim = { choices = [16, 32, 25] }",
+         r"space\.hidden_dim: choice 25 is divided by no n_heads \[2, 4\]: every trial drawing it would fail"),
         ("sampler", "type = 'tpee'", r"sampler\.type: 'tpee' is not one of .*tpe.* \(did you mean 'tpe'\?\)"),
         ("pruner", "type = 'medain'", r"pruner\.type: 'medain' is not one of .* \(did you mean 'median'\?\)"),
         ("train", "optimizer = 'adamx'", r"train\.optimizer: 'adamx' is not one of adamw, adam, sgd, lion, sophia"),
@@ -183,7 +187,8 @@ def test_compile_takes_cudagraphs_and_pack_a_size(tmp_path):
 
 
 def test_baseline_heads_must_divide_hidden(tmp_path):
-    text = edit(edit(QUICK, "baseline", "n_heads = 3"), "space", "n_heads = { choices = [2, 3, 4] }")
+    text = edit(edit(edit(QUICK, "baseline", "n_heads = 3"), "space", "n_heads = { choices = [2, 3, 4] }"),
+                "space", "hidden_dim = { choices = [16, 32, 48] }")
     with pytest.raises(ConfigError, match=r"baseline\.n_heads: 3 does not divide hidden_dim 32"):
         config.load(write(tmp_path, text))
 
