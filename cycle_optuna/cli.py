@@ -134,8 +134,8 @@ def small_validation_note(cfg, data) -> str | None:
     n = int(data.y_val.shape[0])
     k = data.n_folds
 
-    def named(classes: list[int]) -> str:
-        return ", ".join(data.class_names[c] if c < len(data.class_names) else str(c) for c in classes)
+    def named(classes: list[int]) -> str:  # a data file's names, its escape sequences made visible
+        return one_line(", ".join(data.class_names[c] if c < len(data.class_names) else str(c) for c in classes))
 
     if k > 1:
         why = f' ([data] folds = "auto": the validation split alone would hold {n})' if cfg.data.folds == FOLDS_AUTO else ""

@@ -367,6 +367,14 @@ def test_classes_without_a_validation_series_are_named(quick_study, capsys):
     assert out.index(note) < out.index("cycles of quick")
 
 
+def test_a_class_name_cannot_write_escape_sequences_to_the_terminal(quick_study, capsys):
+    study = _csv_study(quick_study, {"walk": 40, "run": 40, "r\x1b[2Jare": 1}, "\nfolds = 1")
+    assert run_cli("run", str(study), "--n-trials", "1") == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert "note: class(es) r\\x1b[2Jare have too few series" in out
+
+
 def test_an_empty_validation_split_is_bad_input_and_writes_nothing(quick_study, capsys):
     study = _csv_study(quick_study, {"a": 1, "b": 1, "c": 1, "d": 1}, "\nfolds = 1")
     assert "d.csv: the validation split is empty" in _bad_input(study.parent, capsys, "run", str(study))
