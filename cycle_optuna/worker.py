@@ -219,22 +219,59 @@ class WorkerStats:
 
 
 _SIGNALLED: list[int] = []
+_ARRIVED: list[int] = []  # every SIGINT/SIGTERM since the handlers were installed, as the watcher saw it
+
+
+def _stop_now(signum: int) -> None:
+    os.write(2, f"second {signal.Signals(signum).name}: stopping now\n".encode())
+    os._exit(128 + signum)
 
 
 def install_signal_handlers() -> None:
     """SIGTERM (docker stop, kill) ends the running trial the way Ctrl-C does; a second signal
-    ends the process at once (its trial is then retried by the stale check, like a killed one)."""
+    ends the process at once (its trial is then retried by the stale check, like a killed one).
+
+    Python runs a signal handler only between bytecodes, so while one long PyTorch call (or any C
+    code) runs, the handler waits for it. The second signal must not wait: a watcher thread reads
+    each signal from Python's wakeup fd, which the C-level handler writes at once, and ends the
+    process itself."""
 
     def handler(signum: int, frame: object) -> None:
         _SIGNALLED.append(signum)
         if len(_SIGNALLED) > 1:
-            os.write(2, f"second {signal.Signals(signum).name}: stopping now\n".encode())
-            os._exit(128 + signum)
+            _stop_now(signum)
         raise KeyboardInterrupt
 
     _SIGNALLED.clear()
+    _ARRIVED.clear()
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    _watch_signals()
+
+
+_WATCHER: list[int] = []  # the wakeup pipe's write end, once the watcher runs
+
+
+def _watch_signals() -> None:
+    if _WATCHER:  # again in one process (tests): the same pipe and thread
+        signal.set_wakeup_fd(_WATCHER[0], warn_on_full_buffer=False)
+        return
+    import threading
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    _WATCHER.append(write_end)
+
+    def watch() -> None:
+        while True:
+            for signum in os.read(read_end, 64):
+                if signum in (signal.SIGINT, signal.SIGTERM):
+                    _ARRIVED.append(signum)
+                    if len(_ARRIVED) > 1:
+                        _stop_now(signum)
+
+    threading.Thread(target=watch, name="cycle-optuna-signals", daemon=True).start()
 
 
 def check_interrupted() -> None:

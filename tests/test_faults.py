@@ -234,6 +234,34 @@ def test_a_second_signal_stops_the_worker_at_once(tmp_path: Path):
     assert [t.state for t in trials(url)] == [TrialState.FAIL, TrialState.COMPLETE]
 
 
+_IN_C = (
+    # after the first checkpoint, one long call in C that never returns to Python (as a huge
+    # PyTorch kernel would not for minutes): key stretching far longer than the test, in C
+    "import hashlib, cycle_optuna.objective as o\n"
+    "save = o.TrialCheckpoints.save\n"
+    "def stuck(self, epoch, state):\n"
+    "    save(self, epoch, state)\n"
+    "    print('in C', flush=True)\n"
+    "    hashlib.pbkdf2_hmac('sha256', b'key', b'salt', 2**31 - 1)\n"
+    "o.TrialCheckpoints.save = stuck\n"
+)
+
+
+def test_a_second_signal_stops_a_worker_stuck_in_one_long_call(tmp_path: Path):
+    study = write_study(tmp_path, n_trials=1, epochs=3)
+    log = tmp_path / "w.log"
+    proc = _start(["worker", str(study)], log, prelude=_IN_C)
+    try:
+        wait_for(_log_says(log, "in C"), 90, "the worker inside the long call")
+        proc.send_signal(signal.SIGTERM)  # its handler waits for the call to return
+        wait_for(lambda: proc.poll() is None, 5, "the worker still running")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143
+    finally:
+        proc.kill()
+    assert "second SIGTERM: stopping now" in log.read_text()
+
+
 def test_a_second_signal_in_the_middle_of_the_hand_back_loses_no_trial(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'tiny.db'}"
     study = write_study(tmp_path, n_trials=1, epochs=4)
