@@ -296,6 +296,10 @@ class _Checker:
         if value < low or (strict and value == low):
             raise self.fail(key, f"must be {'>' if strict else '>='} {low}, got {value}")
 
+    def at_most(self, key: str, value: float, high: float, why: str) -> None:
+        if value > high:
+            raise self.fail(key, f"must be <= {high} ({why}), got {value}")
+
     def space_param(self, name: str, raw: Any) -> ParamSpace:
         key = f"space.{name}"
         if name not in PARAM_NAMES:
@@ -454,6 +458,8 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool, as_written: bool
         if check_files and not test.is_file():
             raise c.fail("data.test_source", f"{'not a file' if test.exists() else 'file not found'}: {test}")
     c.at_least("train.epochs", t.epochs, 1)
+    # far past any training this tool runs: a typo that would otherwise run for good, silently
+    c.at_most("train.epochs", t.epochs, 100_000, "epochs per trial")
     c.one_of("train.optimizer", t.optimizer, OPTIMIZERS)
     c.one_of("train.schedule", t.schedule, SCHEDULES)
     c.one_of("train.device", t.device, DEVICES)
@@ -475,7 +481,9 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool, as_written: bool
     c.at_least("train.threads", t.threads, 0)
     c.at_least("train.pack", t.pack, 1)
     c.at_least("train.eval_batch_size", t.eval_batch_size, 1)
+    c.at_most("train.eval_batch_size", t.eval_batch_size, 1_048_576, "series per evaluation batch")
     c.at_least("train.min_epoch_samples", t.min_epoch_samples, 0)
+    c.at_most("train.min_epoch_samples", t.min_epoch_samples, 10_000_000, "series drawn per epoch")
     _validate_params(c, "baseline", b)
     for p in cfg.space:
         _check_space_domain(c, p)
