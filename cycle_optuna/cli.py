@@ -77,7 +77,11 @@ def _load(args: argparse.Namespace, *, trains: bool = False):
     from cycle_optuna import config, storage
 
     cfg = config.override(config.load(args.study, check_files=trains), n_trials=getattr(args, "n_trials", None))
-    return cfg, storage.resolve_url(cfg, args.storage)
+    url = storage.resolve_url(cfg, args.storage)
+    if storage.in_memory(url):
+        raise config.ConfigError(f"storage {storage.mask(url)} is an in-memory database: the study would end with "
+                                 "this process and leave its models behind; give a file, e.g. sqlite:///study.db")
+    return cfg, url
 
 
 def _with_total(args: argparse.Namespace, cfg, url: str):

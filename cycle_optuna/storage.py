@@ -111,6 +111,15 @@ def resolve_url(cfg: StudyConfig, flag: str | None = None) -> str:
     return default_url(cfg)
 
 
+def in_memory(url: str) -> bool:
+    """Whether a SQLite URL names no file (`sqlite://`, `sqlite:///:memory:`): gone with its process."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # not a URL SQLAlchemy reads: the storage check names it
+        return False
+    return parsed.get_backend_name() == "sqlite" and (parsed.database or ":memory:") == ":memory:"
+
+
 def _beside_study(cfg: StudyConfig, url: str | None) -> str | None:
     """A study file's SQLite or journal URL with a relative path, taken from the study file's
     folder (as `[data] source` and the default database are): a worker started from another

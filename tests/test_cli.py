@@ -660,3 +660,10 @@ def test_parameters_the_model_cannot_be_built_from_fail_their_trial_in_one_line(
     (failed,) = [r for r in caplog.records if "failed with parameters" in r.getMessage()]
     assert "n_heads=3 does not divide hidden_dim=16" in failed.getMessage()
     assert not failed.exc_info  # no traceback: the reason is the whole story
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+@pytest.mark.parametrize("command", ["run", "worker"])
+def test_an_in_memory_storage_is_bad_input(tmp_path: Path, capsys, command: str, url: str):
+    line = _bad_input(tmp_path, capsys, command, _study(tmp_path, TINY_STUDY), "--storage", url)
+    assert line.startswith(f"error: storage {url} is an in-memory database")
