@@ -127,13 +127,23 @@ def _beside_study(cfg: StudyConfig, url: str | None) -> str | None:
     URL stays relative to the current directory, as a path typed in a shell is."""
     if url and url.startswith("sqlite:///"):
         path, sep, query = url.removeprefix("sqlite:///").partition("?")
-        if path and path != ":memory:" and not Path(path).is_absolute():
-            return f"sqlite:///{study_dir(cfg) / path}{sep}{query}"
+        if path and path != ":memory:" and not path.startswith("file:") and not Path(path).is_absolute():
+            return f"sqlite:///{_moved_from_here(url, study_dir(cfg) / path, Path(path))}{sep}{query}"
     elif url and url.startswith("journal:"):
         path = url.removeprefix("journal:").removeprefix("//")
         if path and not Path(path).is_absolute():
-            return f"journal://{study_dir(cfg) / path}"
+            return f"journal://{_moved_from_here(url, study_dir(cfg) / path, Path(path))}"
     return url
+
+
+def _moved_from_here(url: str, beside: Path, here: Path) -> Path:
+    """`beside`, unless only `here` (where releases before this one put the file: the current
+    directory) holds it: then a worker would start the study over, so that is one line instead."""
+    if not beside.exists() and here.exists() and beside.resolve() != here.resolve():
+        raise StorageError(f"[study] storage {mask(url)}: a relative path is taken from the study file's folder, "
+                           f"where {beside} does not exist; {here} in the current directory does: move it "
+                           "beside the study file or give an absolute path")
+    return beside
 
 
 def default_url(cfg: StudyConfig) -> str:
@@ -562,7 +572,8 @@ def cap_lock(storage: BaseStorage, url: str, study_name: str) -> Iterator[sqlalc
     """Serialise "count the study's trials, then create one" across workers, so n_trials is exact.
 
     PostgreSQL: a session advisory lock; MySQL/MariaDB: GET_LOCK; SQLite and journal files: an
-    flock beside the file (their workers share one machine). Held only while a trial is created.
+    flock beside the file (their workers share one machine). Held only while a trial is created or
+    a lost trial is failed and its retry queued (stale checks, hand-backs).
     Yields the database connection that holds the lock (autocommit), for :func:`count_trials` and
     :func:`register_trial` to reuse, or None for a file lock.
     """
@@ -579,12 +590,17 @@ def cap_lock(storage: BaseStorage, url: str, study_name: str) -> Iterator[sqlalc
                 lock, unlock = f"SELECT GET_LOCK('{name}', 600)", f"SELECT RELEASE_LOCK('{name}')"
             with storage.engine.connect() as conn:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-                conn.exec_driver_sql(lock)
                 try:
+                    conn.exec_driver_sql(lock)
                     yield conn
-                finally:
                     with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
                         conn.exec_driver_sql(unlock)
+                except BaseException:
+                    # cut off anywhere (a signal between two statements): close the session, which
+                    # ends its lock, rather than pool a connection that may still hold it
+                    with contextlib.suppress(Exception):
+                        conn.invalidate()
+                    raise
             return
         path = make_url(storage.url).database
     else:

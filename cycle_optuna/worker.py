@@ -223,7 +223,8 @@ _ARRIVED: list[int] = []  # every SIGINT/SIGTERM since the handlers were install
 
 
 def _stop_now(signum: int) -> None:
-    os.write(2, f"second {signal.Signals(signum).name}: stopping now\n".encode())
+    with contextlib.suppress(OSError):  # stderr may be a closed pipe
+        os.write(2, f"second {signal.Signals(signum).name}: stopping now\n".encode())
     os._exit(128 + signum)
 
 
@@ -231,10 +232,11 @@ def install_signal_handlers() -> None:
     """SIGTERM (docker stop, kill) ends the running trial the way Ctrl-C does; a second signal
     ends the process at once (its trial is then retried by the stale check, like a killed one).
 
-    Python runs a signal handler only between bytecodes, so while one long PyTorch call (or any C
-    code) runs, the handler waits for it. The second signal must not wait: a watcher thread reads
-    each signal from Python's wakeup fd, which the C-level handler writes at once, and ends the
-    process itself."""
+    Python runs a signal handler only between bytecodes, so while one long PyTorch call runs, the
+    handler waits for it. The second signal must not wait: a watcher thread reads each signal from
+    Python's wakeup fd, which the C-level handler writes at once, and ends the process itself (it
+    runs while the long call has released the GIL, as PyTorch's kernels do). A child forked after
+    this would write its signals into the same pipe: nothing here forks."""
 
     def handler(signum: int, frame: object) -> None:
         _SIGNALLED.append(signum)
@@ -244,9 +246,9 @@ def install_signal_handlers() -> None:
 
     _SIGNALLED.clear()
     _ARRIVED.clear()
+    _watch_signals()  # first: a signal caught by the handler below is then seen by the watcher too
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    _watch_signals()
 
 
 _WATCHER: list[int] = []  # the wakeup pipe's write end, once the watcher runs

@@ -667,3 +667,15 @@ def test_parameters_the_model_cannot_be_built_from_fail_their_trial_in_one_line(
 def test_an_in_memory_storage_is_bad_input(tmp_path: Path, capsys, command: str, url: str):
     line = _bad_input(tmp_path, capsys, command, _study(tmp_path, TINY_STUDY), "--storage", url)
     assert line.startswith(f"error: storage {url} is an in-memory database")
+
+
+@pytest.mark.parametrize("command", ["worker", "status"])
+def test_a_database_left_in_the_current_directory_by_the_old_rule_is_named(tmp_path: Path, capsys, command: str):
+    """Before, a relative [study] storage path was taken from the current directory: a study kept
+    there is not started over beside the study file, nor reported missing, without a word."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "s.toml").write_text(TINY_STUDY.replace("n_trials = 1", 'n_trials = 1\nstorage = "sqlite:///here.db"'))
+    (tmp_path / "here.db").write_bytes(b"")
+    line = _bad_input(tmp_path, capsys, command, "sub/s.toml")
+    assert line.startswith("error: [study] storage sqlite:///here.db: a relative path is taken from the study file's folder")
+    assert "sub/here.db does not exist; here.db in the current directory does" in line
