@@ -195,8 +195,9 @@ _SWALLOW = (
     "def swallowing(self, epoch, state):\n"
     "    save(self, epoch, state)\n"
     "    try:\n"
-    # after the first save the worker waits here for the test's signal (the signal cuts it short)
-    "        print('checkpoint', epoch, flush=True); time.sleep(60 if epoch == 0 else 1.0)\n"
+    # after the second save (the "checkpoint 1" the tests wait for) the worker waits here for their
+    # signal, which cuts the wait short
+    "        print('checkpoint', epoch, flush=True); time.sleep(60 if epoch == 1 else 1.0)\n"
     "    except KeyboardInterrupt:\n"
     "        print('swallowed', flush=True)\n"
     "        {after}\n"
@@ -398,7 +399,7 @@ def test_a_trial_out_of_retries_leaves_no_checkpoint(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'tiny.db'}"
     study = write_study(tmp_path, n_trials=1, epochs=3)
     no_retries = "import cycle_optuna.storage as s\ns.MAX_RETRY = 0\n"
-    die = no_retries + _SWALLOW.format(after="pass").replace("time.sleep(60 if epoch == 0 else 1.0)", "import os; os._exit(9)")
+    die = no_retries + _SWALLOW.format(after="pass").replace("time.sleep(60 if epoch == 1 else 1.0)", "import os; os._exit(9)")
     log = tmp_path / "w.log"
     assert _start(["worker", str(study)], log, prelude=die).wait(timeout=120) == 9, log.read_text()
     assert _checkpoint_files(tmp_path)  # the dead trial's checkpoint is there
