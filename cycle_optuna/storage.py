@@ -104,10 +104,11 @@ __all__ = ["mask"]  # re-exported: callers mask through this module
 
 def resolve_url(cfg: StudyConfig, flag: str | None = None) -> str:
     """Storage URL by precedence: flag > $CYCLE_OPTUNA_STORAGE > study file > local SQLite."""
-    for url in (flag, os.environ.get(ENV_VAR), _beside_study(cfg, cfg.study.storage)):
-        if url:
-            remember(url)
-            return url
+    # the study file's URL is resolved only when it is the one used: a flag overrides it untouched
+    url = flag or os.environ.get(ENV_VAR) or _beside_study(cfg, cfg.study.storage)
+    if url:
+        remember(url)
+        return url
     return default_url(cfg)
 
 

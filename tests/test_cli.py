@@ -679,3 +679,13 @@ def test_a_database_left_in_the_current_directory_by_the_old_rule_is_named(tmp_p
     line = _bad_input(tmp_path, capsys, command, "sub/s.toml")
     assert line.startswith("error: [study] storage sqlite:///here.db: a relative path is taken from the study file's folder")
     assert "sub/here.db does not exist; here.db in the current directory does" in line
+
+
+def test_a_storage_flag_leaves_the_study_files_url_unread(tmp_path: Path, monkeypatch):
+    """The old-place check is the study file's URL's: --storage overrides that URL, untouched."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "s.toml").write_text(TINY_STUDY.replace("n_trials = 1", 'n_trials = 1\nstorage = "sqlite:///here.db"'))
+    (tmp_path / "here.db").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("worker", "sub/s.toml", "--storage", "sqlite:///other.db") == 0
+    assert (tmp_path / "other.db").is_file() and not (tmp_path / "sub" / "here.db").exists()
