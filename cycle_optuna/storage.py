@@ -568,6 +568,9 @@ def wait_until_answers(url: str, seconds: float, say: Callable[[str], None]) -> 
         engine.dispose()
 
 
+MYSQL_LOCK_WAIT_S = 600  # one GET_LOCK call's wait; cap_lock calls it again until it holds the lock
+
+
 @contextlib.contextmanager
 def cap_lock(storage: BaseStorage, url: str, study_name: str) -> Iterator[sqlalchemy.Connection | None]:
     """Serialise "count the study's trials, then create one" across workers, so n_trials is exact.
@@ -588,11 +591,17 @@ def cap_lock(storage: BaseStorage, url: str, study_name: str) -> Iterator[sqlalc
                 lock, unlock = f"SELECT pg_advisory_lock({number})", f"SELECT pg_advisory_unlock({number})"
             else:
                 name = hashlib.sha256(key.encode()).hexdigest()[:60]
-                lock, unlock = f"SELECT GET_LOCK('{name}', 600)", f"SELECT RELEASE_LOCK('{name}')"
+                lock, unlock = f"SELECT GET_LOCK('{name}', {MYSQL_LOCK_WAIT_S})", f"SELECT RELEASE_LOCK('{name}')"
             with storage.engine.connect() as conn:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
                 try:
-                    conn.exec_driver_sql(lock)
+                    got = conn.exec_driver_sql(lock).scalar()
+                    # GET_LOCK gives up after its wait with 0 (and NULL on an error); pg_advisory_lock
+                    # only returns once it holds the lock. Wait as long as PostgreSQL would.
+                    while backend != "postgresql" and got != 1:
+                        if got is None:
+                            raise sqlalchemy.exc.OperationalError(lock, None, Exception("GET_LOCK returned NULL"))
+                        got = conn.exec_driver_sql(lock).scalar()
                     yield conn
                     with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
                         conn.exec_driver_sql(unlock)

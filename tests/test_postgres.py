@@ -60,6 +60,41 @@ def test_mariadb_storage_when_reachable():
     assert st.get_heartbeat_interval() == storage.HEARTBEAT_SECONDS
 
 
+def test_a_mariadb_cap_lock_waits_past_get_locks_timeout(monkeypatch):
+    """GET_LOCK gives up with 0 after its wait: cap_lock must not go on without the lock."""
+    import hashlib
+    import threading
+
+    import sqlalchemy
+
+    url = "mysql+pymysql://root@127.0.0.1:3306/test"
+    try:
+        st = storage.open_storage(url)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"MariaDB not usable: {e}")
+    monkeypatch.setattr(storage, "MYSQL_LOCK_WAIT_S", 1)
+    study_name = "cycle-mysql-wait"
+    name = hashlib.sha256(f"cycle-optuna:{study_name}".encode()).hexdigest()[:60]
+    holder = sqlalchemy.create_engine(url)
+    entered = threading.Event()
+
+    def take() -> None:
+        with storage.cap_lock(st, url, study_name):
+            entered.set()
+
+    try:
+        with holder.connect() as other:
+            assert other.exec_driver_sql(f"SELECT GET_LOCK('{name}', 5)").scalar() == 1
+            t = threading.Thread(target=take, daemon=True)
+            t.start()
+            assert not entered.wait(3.5), "cap_lock went on while another session held the lock"
+            other.exec_driver_sql(f"SELECT RELEASE_LOCK('{name}')")
+            assert entered.wait(30), "cap_lock did not take the lock once it was free"
+            t.join(30)
+    finally:
+        holder.dispose()
+
+
 def test_status_ages_heartbeats_by_the_database_clock_in_any_time_zone(tmp_path: Path, pg_url: str, capsys):
     """PostgreSQL stamps a beat in the database's own time zone (a naive local time)."""
     from conftest import pg_admin_connect
