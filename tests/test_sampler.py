@@ -419,6 +419,10 @@ def test_multi_objective_is_refused():
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=CycleSampler(seed=0))
     with pytest.raises(ValueError, match="multi-objective"):
         study.ask()
+    with pytest.raises(ValueError, match="multi-objective"):
+        study.optimize(lambda t: (t.suggest_float("x", 0, 1), 0.0), n_trials=1)
+    # the trials Optuna created before the refusal are ended, not left RUNNING for ever
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
 
 
 def test_reseed_rng_reseeds_fallback():

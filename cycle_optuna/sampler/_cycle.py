@@ -178,7 +178,10 @@ class CycleSampler(BaseSampler):
 
     # -- BaseSampler -------------------------------------------------------------------------
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
-        self._raise_error_if_multi_objective(study)
+        if len(study.directions) > 1:
+            # Optuna has created the trial already: end it rather than leave it RUNNING forever
+            internals.storage_of(study).set_trial_state_values(internals.trial_id_of(trial), TrialState.FAIL)
+            self._raise_error_if_multi_objective(study)
         self._fallback.before_trial(study, trial)
         self._entry(study, trial, wait=True)
 
