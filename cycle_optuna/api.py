@@ -84,8 +84,8 @@ def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: 
 
 def _open(url: str) -> BaseStorage:
     """Open for reading: a missing SQLite file is an error, not a new empty database."""
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        db = Path(url.removeprefix("sqlite:///").split("?")[0])
+    db = storage_mod.sqlite_path(url)  # any SQLite driver's URL (sqlite+pysqlite:// too)
+    if db is not None:
         if not db.is_file():
             raise StorageError(f"no study database at {db} (run the study first)")
     return storage_mod.open_storage(url, heartbeat=False, create=False)

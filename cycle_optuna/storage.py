@@ -112,13 +112,29 @@ def resolve_url(cfg: StudyConfig, flag: str | None = None) -> str:
     return default_url(cfg)
 
 
-def in_memory(url: str) -> bool:
-    """Whether a SQLite URL names no file (`sqlite://`, `sqlite:///:memory:`): gone with its process."""
+def _sqlite_url(url: str | None):
+    """The parsed URL when it names SQLite through any driver (`sqlite://`, `sqlite+pysqlite://`), else None."""
+    if not url:
+        return None
     try:
         parsed = make_url(url)
     except Exception:  # not a URL SQLAlchemy reads: the storage check names it
+        return None
+    return parsed if parsed.get_backend_name() == "sqlite" else None
+
+
+def in_memory(url: str) -> bool:
+    """Whether a SQLite URL names no file (`sqlite://`, `sqlite:///:memory:`, a `file:` URI in memory
+    mode such as `sqlite:///file:db?mode=memory&cache=shared&uri=true`): gone with its process."""
+    parsed = _sqlite_url(url)
+    if parsed is None:
         return False
-    return parsed.get_backend_name() == "sqlite" and (parsed.database or ":memory:") == ":memory:"
+    database = parsed.database or ":memory:"
+    if database == ":memory:":
+        return True
+    return database.startswith("file:") and (
+        database.removeprefix("file:").startswith(":memory:") or parsed.query.get("mode") == "memory"
+    )
 
 
 def _beside_study(cfg: StudyConfig, url: str | None) -> str | None:
@@ -126,10 +142,12 @@ def _beside_study(cfg: StudyConfig, url: str | None) -> str | None:
     folder (as `[data] source` and the default database are): a worker started from another
     directory must find the same database, not create an empty one. A flag's or the environment's
     URL stays relative to the current directory, as a path typed in a shell is."""
-    if url and url.startswith("sqlite:///"):
-        path, sep, query = url.removeprefix("sqlite:///").partition("?")
+    if (parsed := _sqlite_url(url)) is not None:
+        path = parsed.database
         if path and path != ":memory:" and not path.startswith("file:") and not Path(path).is_absolute():
-            return f"sqlite:///{_moved_from_here(url, study_dir(cfg) / path, Path(path))}{sep}{query}"
+            beside = _moved_from_here(url, study_dir(cfg) / path, Path(path))
+            _, sep, query = url.partition("?")  # the options as written, not re-encoded
+            return f"{parsed.drivername}:///{beside}{sep}{query}"
     elif url and url.startswith("journal:"):
         path = url.removeprefix("journal:").removeprefix("//")
         if path and not Path(path).is_absolute():

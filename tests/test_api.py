@@ -46,6 +46,9 @@ def test_load_study_errors_are_one_clear_line(studies, tmp_path):
     with pytest.raises(StorageError, match="no study database"):
         load_study("x", storage=f"sqlite:///{missing}")
     assert not missing.exists()  # a query must not create an empty database
+    with pytest.raises(StorageError, match="no study database"):
+        load_study("x", storage=f"sqlite+pysqlite:///{missing}")  # through any SQLite driver
+    assert not missing.exists()
 
 
 def test_best_trial_and_params(studies):

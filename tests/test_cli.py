@@ -214,6 +214,7 @@ def test_read_only_commands_create_nothing(tmp_path: Path, capsys, command: str)
     assert "no study database at missing/x.db" in _bad_input(
         tmp_path, capsys, command, study, "--storage", "sqlite:///missing/x.db")
     assert "no study database" in _bad_input(tmp_path, capsys, command, study, "--storage", "journal:///missing/x.log")
+    assert "no study database at y.db" in _bad_input(tmp_path, capsys, command, study, "--storage", "sqlite+pysqlite:///y.db")
 
 
 def test_a_missing_database_driver_names_what_to_install(tmp_path: Path, capsys):
@@ -628,7 +629,8 @@ def test_reading_a_study_does_not_need_its_data_file_where_the_study_file_says(t
         os.chdir(cwd)
 
 
-@pytest.mark.parametrize("url, made", [("sqlite:///here.db", "here.db"), ("journal://here.log", "here.log")])
+@pytest.mark.parametrize("url, made", [("sqlite:///here.db", "here.db"), ("journal://here.log", "here.log"),
+                                       ("sqlite+pysqlite:///here.db?timeout=20", "here.db")])
 def test_a_relative_storage_path_in_the_study_file_is_beside_the_study_file(tmp_path: Path, monkeypatch, capsys,
                                                                             url: str, made: str):
     """A worker started from another directory finds the study's database instead of starting
@@ -662,7 +664,9 @@ def test_parameters_the_model_cannot_be_built_from_fail_their_trial_in_one_line(
     assert not failed.exc_info  # no traceback: the reason is the whole story
 
 
-@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite+pysqlite://",
+                                 "sqlite:///file:m?mode=memory&cache=shared&uri=true",
+                                 "sqlite:///file::memory:?cache=shared&uri=true"])
 @pytest.mark.parametrize("command", ["run", "worker"])
 def test_an_in_memory_storage_is_bad_input(tmp_path: Path, capsys, command: str, url: str):
     line = _bad_input(tmp_path, capsys, command, _study(tmp_path, TINY_STUDY), "--storage", url)
