@@ -73,6 +73,9 @@ def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: 
 
     cfg = config_mod.load(path)
     url = storage_mod.resolve_url(cfg, storage)
+    if storage_mod.in_memory(url):  # each connection would get its own empty database, gone with it
+        raise StorageError(f"storage {storage_mod.mask(url)} is an in-memory database: the study's results "
+                           "would be lost; give a file, e.g. sqlite:///study.db")
     data = preflight.for_run(cfg, url)  # what `run` checks first: the device, the artifact folder, the data
     try:
         held = load_study(path, url)

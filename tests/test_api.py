@@ -235,6 +235,15 @@ def test_run_study_checks_what_run_checks_before_writing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
 
 
+def test_run_study_refuses_an_in_memory_database(tmp_path):
+    from workers_helpers import write_study
+
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    with pytest.raises(StorageError, match="in-memory database"):
+        api.run_study(path, "sqlite://")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]  # no model trained and left behind
+
+
 def test_a_test_file_changed_in_place_makes_the_held_out_score_unavailable(tmp_path, one_thread):
     """A test_source edited after the study ran changes no training statistic: its digest tells."""
     from workers_helpers import drop_synthetic_keys, write_study
