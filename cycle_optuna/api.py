@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import os
 import tempfile
 import weakref
@@ -314,8 +315,13 @@ def _model_of(study: optuna.Study, done: list[FrozenTrial], *, artifact_dir: str
     if ensemble is None:
         cfg = study_config(study)
         ensemble = cfg.study.ensemble if cfg is not None else 1
-    if ensemble < 1:
-        raise ValueError(f"ensemble must be >= 1, but got {ensemble=}.")
+    given = ensemble
+    try:
+        ensemble = None if isinstance(ensemble, bool) else operator.index(ensemble)  # numpy ints too
+    except TypeError:
+        ensemble = None
+    if ensemble is None or ensemble < 1:
+        raise ConfigError(f"ensemble: expected a whole number >= 1, got {given!r}")
     where = Path(artifact_dir) if artifact_dir is not None else study_artifact_dir(study)
     if where is None or not where.is_dir():
         raise StorageError(f"artifact directory of study {study.study_name!r} not found: {where}")
@@ -326,11 +332,16 @@ def _model_of(study: optuna.Study, done: list[FrozenTrial], *, artifact_dir: str
     from cycle_optuna.model import TransformerClassifier
 
     nets = []
-    for payload in payloads:
-        folds = int(payload.get("folds", 1))  # a cross-validated trial's model: its folds' models averaged
-        net = TransformerClassifier(**payload["model_kwargs"]) if folds == 1 else \
-            Ensemble([TransformerClassifier(**payload["model_kwargs"]) for _ in range(folds)])
-        net.load_state_dict(payload["state_dict"])
+    for t, payload in zip(members, payloads):
+        try:
+            folds = int(payload.get("folds", 1))  # a cross-validated trial's model: its folds' models averaged
+            net = TransformerClassifier(**payload["model_kwargs"]) if folds == 1 else \
+                Ensemble([TransformerClassifier(**payload["model_kwargs"]) for _ in range(folds)])
+            net.load_state_dict(payload["state_dict"])
+        except (RuntimeError, TypeError, ValueError) as e:  # weights of another shape, kwargs of another version
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise StorageError(f"model artifact {t.user_attrs[MODEL_ATTR]} of cycle {t.number + 1} in {where} "
+                               f"does not fit the model it describes ({first})") from None
         nets.append(net)
     params = {**baseline_params(study), **payloads[0].get("params", trial.params)}
     net = nets[0] if len(nets) == 1 else Ensemble(nets)
@@ -347,16 +358,20 @@ def _download_model(store: optuna.artifacts.FileSystemArtifactStore, where: Path
         except (FileNotFoundError, optuna.artifacts.exceptions.ArtifactNotFound):
             raise StorageError(f"model artifact {trial.user_attrs[MODEL_ATTR]} of cycle {trial.number + 1} "
                                f"is missing from {where}") from None
+        except OSError as e:  # not readable by this user (workers ran as another), a folder, ...
+            raise StorageError(f"model artifact {trial.user_attrs[MODEL_ATTR]} of cycle {trial.number + 1} in "
+                               f"{where} cannot be read: {e.strerror or e}") from None
         import torch  # here, not at the top: queries and `status` must not pay for importing torch
 
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - truncated, overwritten or not a model: torch raises many kinds
             text = str(e).strip()
-            first = text.splitlines()[0].split(". ")[0][:160] if text else type(e).__name__
+            first = text.splitlines()[0].split(". ")[0][:160] if text else ""
+            first = f"{type(e).__name__}: {first}" if len(first) < 20 else first  # "101" alone says nothing
             raise StorageError(f"model artifact {trial.user_attrs[MODEL_ATTR]} of cycle {trial.number + 1} in "
                                f"{where} cannot be read (corrupt or truncated: {first})") from None
-        if not isinstance(payload, dict) or not {"state_dict", "mean", "std"} <= payload.keys():
+        if not isinstance(payload, dict) or not {"state_dict", "mean", "std", "model_kwargs"} <= payload.keys():
             raise StorageError(f"model artifact {trial.user_attrs[MODEL_ATTR]} of cycle {trial.number + 1} in "
                                f"{where} is not a cycle-optuna model")
         return payload

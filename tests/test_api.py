@@ -144,6 +144,48 @@ def test_a_corrupt_model_file_is_one_clear_error_and_best_still_answers(tmp_path
     assert "unavailable: model artifact" in " ".join(out.split())
 
 
+def _best_artifact(path):
+    from cycle_optuna import config
+
+    study = load_study(path)
+    return config.resolve_artifact_dir(config.load(path)) / study.best_trial.user_attrs["model_artifact_id"]
+
+
+def test_an_unreadable_model_file_is_one_clear_error_and_best_still_answers(tmp_path, capsys):
+    """A worker running as another user, or a folder where the file was: OSError, not a crash."""
+    from cycle_optuna import cli
+
+    path = make_study(tmp_path, "tpe")
+    f = _best_artifact(path)
+    f.unlink()
+    f.mkdir()  # read by root too, unlike a permission: the same OSError branch
+    with pytest.raises(StorageError, match=r"model artifact .* of cycle 5 in .* cannot be read: "):
+        load_best_model(path)
+    assert cli.main(["best", str(path)]) == 0
+    assert "unavailable: model artifact" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("edit", ["shape", "no kwargs"])
+def test_a_model_file_of_another_shape_is_one_clear_error(tmp_path, capsys, edit):
+    import torch
+
+    from cycle_optuna import cli
+
+    path = make_study(tmp_path, "tpe")
+    f = _best_artifact(path)
+    payload = torch.load(f, weights_only=True)
+    if edit == "shape":
+        payload["state_dict"][next(iter(payload["state_dict"]))] = torch.zeros(1)
+    else:
+        del payload["model_kwargs"]
+    torch.save(payload, f)
+    match = "does not fit the model it describes" if edit == "shape" else "is not a cycle-optuna model"
+    with pytest.raises(StorageError, match=rf"model artifact .* of cycle 5 in .* {match}"):
+        load_best_model(path)
+    assert cli.main(["best", str(path)]) == 0
+    assert "unavailable: model artifact" in " ".join(capsys.readouterr().out.split())
+
+
 def test_held_out_score_uses_the_test_split(studies):
     score = api.held_out_score(studies["tpe"])
     cfg = api.study_config(load_study(studies["tpe"]))

@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 
 from cycle_optuna import api, config, storage, worker
 from cycle_optuna.best_model import Ensemble
+from cycle_optuna.errors import ConfigError
 from cycle_optuna.data import load_study_data
 
 
@@ -63,8 +64,10 @@ def test_ensemble_one_keeps_only_new_bests(quick_study):
         best_so_far = min(best_so_far, t.value)
     model = api.load_best_model(quick_study)
     assert model.trial_numbers == [study.best_trial.number] and not isinstance(model.net, Ensemble)
-    with pytest.raises(ValueError, match="ensemble must be >= 1"):
-        api.load_best_model(quick_study, ensemble=0)
+    for bad in (0, -1, "2", 1.5, True):  # the project's own error, naming the argument
+        with pytest.raises(ConfigError, match="ensemble: expected a whole number >= 1"):
+            api.load_best_model(quick_study, ensemble=bad)
+    assert api.load_best_model(quick_study, ensemble=np.int64(1)).trial_numbers == [study.best_trial.number]
 
 
 def test_best_and_the_report_name_the_cycles_the_best_model_averages(quick_study, capsys, tmp_path):
