@@ -45,7 +45,7 @@ import unicodedata
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -286,7 +286,7 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True
     delimiter = "," if "," in first else max(";\t", key=first.count)
     # those locales write 1,5 for 1.5, and a ';'-separated cell holds no other comma
     number = (lambda v: v.replace(",", ".")) if delimiter == ";" else (lambda v: v)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    reader = _rows(path, csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
     header = next(reader, None)
     if not header:
         raise _fail(path, "empty csv file (expected a header row)")
@@ -336,6 +336,20 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True
                     f"{len(feat_idx)} features; if a row is a whole series, set [data] layout = \"wide\"")
     x = _pad([np.asarray(s, dtype=np.float64) for s in seqs.values()])
     return x, None if i_label is None else [labels[sid] for sid in seqs], list(seqs)
+
+
+def _rows(path: Path, reader: Any) -> Iterator[list[str]]:
+    """A csv reader's rows; its error (a quote never closed runs on until the field is over the
+    csv module's limit) names the file and how far it read, as one line."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise _fail(path, f"cannot read it as csv at line {reader.line_num} ({e}): a quote that is never "
+                        "closed?") from None
+        yield row
 
 
 def _drop_empty_unnamed(path: Path, header: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:

@@ -340,6 +340,24 @@ def test_wide_csv_errors(tmp_path, text, needle):
     assert str(path) in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("layout", ["long", "wide"])
+def test_a_quote_never_closed_is_one_line_naming_the_file(tmp_path, layout):
+    """The csv module reads on to the end of the file and raises its own error past 128 KiB."""
+    path = tmp_path / "stray.csv"
+    if layout == "long":
+        rows = [f"s{i},{'x' if i % 2 else 'y'},{t * 0.1:.3f}" for i in range(400) for t in range(50)]
+        rows[150] = 's3,"y,0.1'
+        head = "sample,label,a"
+    else:
+        rows = [f"{'x' if i % 2 else 'y'}," + ",".join(f"{t * 0.1:.3f}" for t in range(50)) for i in range(800)]
+        rows[150] = '"y,' + rows[150][2:]
+        head = "label," + ",".join(f"t{t}" for t in range(50))
+    path.write_text("\n".join([head, *rows]) + "\n")
+    with pytest.raises(DataError) as e:
+        load_task(DataConfig(layout=layout), 0, data_path=path)
+    assert str(path) in str(e.value) and "a quote that is never closed?" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_semicolon_csv_reads_decimal_commas(tmp_path):
     from cycle_optuna.data import read_file
 
