@@ -767,6 +767,8 @@ def check_arrays(path: Path | str, x: Any, y: Any, *, named: bool = False) -> tu
         raise _fail(path, f"labels must be integers 0..K-1, got {y[y != np.round(y)][0]!r}")
     if (y < 0).any():
         raise _fail(path, f"labels must be integers 0..K-1, got negative label {int(y.min())}")
+    if y.max() >= 2**62:  # past 2**63 the cast below would wrap it round to another (or a negative) label
+        raise _fail(path, f"labels must be integers 0..K-1, got label {y.max():.6g}")
     y = y.astype(np.int64)
     x = x.astype(np.float64)  # normalised in float64: 100000000.25 and 100000000.5 differ, in float32 they do not
     if named:

@@ -226,6 +226,9 @@ def test_csv_custom_columns_and_interleaved_ids(tmp_path):
         (lambda x, y: (x, np.where(y == 1, 10**12, y)),
          f"labels go up to {10**12} but {10**12 - 2} class(es) have no samples (1, 3, 4, 5, 6, ...)"),
         (lambda x, y: (x, np.where(y == 1, -1, y)), "negative label -1"),
+        # past 2**63 a label wrapped round in the cast to int64 (1e300 became a negative label, dropped)
+        (lambda x, y: (x, np.where(y == 1, 1e300, y)), "got label 1e+300"),
+        (lambda x, y: (x, np.where(y == 1, 2**64 - 1, y).astype(np.uint64)), "got label 1.84467e+19"),
         (lambda x, y: (x, np.where(y == 1, 1.5, y)), "must be integers 0..K-1"),
     ],
 )
