@@ -689,7 +689,7 @@ def _ts_header(path: Path, n: int, line: str, head: dict[str, Any]) -> bool:
         else:
             head[key] = value
     elif key in ("dimensions", "serieslength"):
-        if len(words) != 1 or not words[0].isdigit() or int(words[0]) < 1:
+        if len(words) != 1 or not (words[0].isascii() and words[0].isdigit()) or int(words[0]) < 1:
             raise _fail(path, f"line {n}: @{key} must be a positive integer, got {rest.strip()!r}")
         head[key] = int(words[0])
     return False

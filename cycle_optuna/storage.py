@@ -53,7 +53,7 @@ ENV_WHOLE_NUMBERS = {  # variable: (default, least allowed)
 def _env_value(name: str) -> int | None:
     """The variable as a whole number in range; None when unset or not one."""
     raw = os.environ.get(name, "").strip()
-    return int(raw) if raw.isdigit() and int(raw) >= ENV_WHOLE_NUMBERS[name][1] else None
+    return int(raw) if raw.isascii() and raw.isdigit() and int(raw) >= ENV_WHOLE_NUMBERS[name][1] else None
 
 
 def env_whole_number(name: str) -> int:
@@ -902,7 +902,7 @@ def _local_alive(trial: FrozenTrial, journal: Path | None = None) -> bool | None
     recorded beside the worker attr (where both are known).
     """
     host, _, pid = str(trial.user_attrs.get(WORKER_ATTR)).rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != socket.gethostname() or not (pid.isascii() and pid.isdigit()):
         return None
     token = trial.user_attrs.get(WORKER_LOCK_ATTR)
     if journal is not None and isinstance(token, str) and token and Path(token).name == token:  # a name, no path

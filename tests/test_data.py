@@ -712,6 +712,8 @@ def test_csv_unequal_lengths_are_padded(tmp_path):
     (lambda t: t.replace("@classLabel true 2 10 1\n", ""), "no @classLabel header"),
     (lambda t: t.replace("@data\n", ""), "data before the @data line"),
     (lambda t: t.split("@data")[0] + "@data\n", "no data rows"),
+    # str.isdigit() takes '²' as a digit, int() does not: a one-line error, not a ValueError
+    (lambda t: t.replace("@seriesLength 4", "@seriesLength \u00b2"), "@serieslength must be a positive integer"),
 ])
 def test_ts_errors(tmp_path, edit, needle):
     path = _ts(tmp_path, edit(UNIVARIATE_TS))
