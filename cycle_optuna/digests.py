@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from cycle_optuna import config as config_mod
 from cycle_optuna.config import StudyConfig
+from cycle_optuna.errors import DataError
 
 DIGESTS_ATTR = "cycle_optuna_data_digests"  # {[data] key: sha256 of the file it named when the study was made}
 KEYS = ("source", "test_source")
@@ -22,8 +23,11 @@ def data_paths(cfg: StudyConfig) -> dict[str, Path | None]:
 
 def sha256(path: Path) -> str:
     """The file's sha256, read once per version of the file (a command asks for it several times)."""
-    st = os.stat(path)
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    try:
+        st = os.stat(path)
+        return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    except OSError as e:  # not readable by this user: the data checks' one line, not a traceback
+        raise DataError(f"{path}: cannot read data file: {e.strerror or e}") from None
 
 
 @functools.lru_cache(maxsize=64)

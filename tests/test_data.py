@@ -921,3 +921,13 @@ def test_a_wide_column_counting_the_rows_is_refused_as_an_id_not_read_as_step_0(
         read_file(path, DataConfig(layout="wide"))
     x, _, _ = read_file(path, DataConfig(layout="wide", sample_column="id"))
     assert x.shape == (6, 3, 1)
+
+
+def test_a_data_file_that_cannot_be_read_for_its_digest_is_a_data_error():
+    """`best` and held_out_score compare the data file with the study's digest of it: a file this
+    user cannot read (here /proc/self/mem, a regular file whose read fails with EIO even for root)
+    is the data checks' one line, which `best` shows as "test accuracy unavailable"."""
+    from cycle_optuna import digests
+
+    with pytest.raises(DataError, match=r"/proc/self/mem: cannot read data file: Input/output error"):
+        digests.sha256(Path("/proc/self/mem"))
