@@ -38,8 +38,22 @@ class CycleModel(torch.nn.Module):
         return self.net(fill_partial(((x.double() - self.mean) / self.std).float()))
 
     def _logits(self, x: Any) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(x, dtype=np.float64)) if not isinstance(x, torch.Tensor) else x
+        from cycle_optuna.errors import DataError
+
+        try:
+            x = torch.as_tensor(np.asarray(x, dtype=np.float64)) if not isinstance(x, torch.Tensor) else x
+        except (TypeError, ValueError) as e:
+            raise DataError(f"input must be numbers [N, T, F] or [T, F]: {e}") from None
         single = x.dim() == 2
+        shape = list(x.shape)
+        if x.dim() not in (2, 3) or 0 in shape[-2:] or shape[-1] != self.n_features:
+            raise DataError(f"input of shape {shape}: expected [N, T, F] or [T, F] with F = {self.n_features} "
+                            f"feature(s) per step and 1 <= T <= {self.seq_len} steps")
+        if self.seq_len is not None and shape[-2] > self.seq_len:
+            raise DataError(f"input of {shape[-2]} steps: the model reads at most {self.seq_len} "
+                            "(the training data's longest series); shorter series may be NaN-padded")
+        if torch.isinf(x).any():
+            raise DataError("input holds inf values; only NaN may mark a missing value")
         with torch.inference_mode():
             logits = self(x.to(self.mean.device)[None] if single else x.to(self.mean.device))
         return logits[0] if single else logits

@@ -13,7 +13,7 @@ import torch
 
 from cycle_optuna import api, best_params, best_trial, cycles, load_best_model, load_study
 from cycle_optuna.data import load_task
-from cycle_optuna.errors import ConfigError, StorageError
+from cycle_optuna.errors import ConfigError, DataError, StorageError
 from conftest_report import make_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +121,14 @@ def test_load_best_model_predicts_on_raw_data(studies):
     assert proba.shape == (len(raw), 3) and np.allclose(proba.sum(1), 1, atol=1e-5)
     assert model.predict(raw[0]).shape == ()  # one [T, F] sequence
     assert (model.seq_len, model.n_features) == (6, 3)
+    assert model.predict(raw[:2, :4]).shape == (2,)  # shorter series are fine
+    # input the model cannot read: one DataError naming what is wrong, not torch's error or silent NaN
+    for bad, needle in [(np.zeros((2, 6, 4)), "F = 3 feature"), (np.zeros((2, 7, 3)), "input of 7 steps"),
+                        (np.zeros((1, 2, 6, 3)), "input of shape [1, 2, 6, 3]"), (np.zeros((2, 0, 3)), "1 <= T"),
+                        (np.full((2, 6, 3), np.inf), "inf values"), ([["a"]], "must be numbers")]:
+        for call in (model.predict, model.predict_proba):
+            with pytest.raises(DataError, match=re.escape(needle)):
+                call(bad)
 
 
 def test_load_best_model_without_artifact(tmp_path):
