@@ -235,6 +235,12 @@ def load_npz(path: Path, *, need_y: bool = True) -> tuple[np.ndarray, np.ndarray
     """Raw X, y from an .npz file holding arrays ``X``, ``y`` and optionally ``lengths`` (applied as
     NaN padding); without `need_y`, y is None when the file holds no ``y`` (new data to predict on)."""
     try:
+        with open(path, "rb") as head:
+            magic = head.read(6)
+        if magic == b"\x93NUMPY":  # np.load would return the bare array
+            raise _fail(path, "not an .npz file: it holds one .npy array (save X and y with numpy.savez)")
+        if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # else np.load reads it as a pickle
+            raise _fail(path, "not an .npz file: it is not a zip archive (save X and y with numpy.savez)")
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("X", "y") if k not in f.files and (need_y or k == "X")]
             if missing:
@@ -288,7 +294,7 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True
     number = (lambda v: v.replace(",", ".")) if delimiter == ";" else (lambda v: v)
     reader = _rows(path, csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
     header = next(reader, None)
-    if not header:
+    if not header or not "".join(header).strip():  # nothing, or only blanks, on the first line
         raise _fail(path, "empty csv file (expected a header row)")
     header = [h.strip() for h in header]
     if not all(header):  # a column without a name: read the rows once to see what it holds
@@ -989,12 +995,14 @@ def load_task(cfg: DataConfig, seed: int, *, data_path: Path | None = None, test
         x, x_test = _pad_steps(x, t), _pad_steps(x_test, t)
         tr, va, _ = stratified_split(where, y, k, cfg.val_fraction, 0.0, seed)
     folds = resolve_folds(cfg, len(va), len(tr) + len(va))
-    if folds == 1 and not len(va):
-        raise _fail(Path(where), f"the validation split is empty: no class has a series to spare for it "
-                    f"(val_fraction={cfg.val_fraction}); [data] folds = 5 cross-validates instead")
-    if not len(x_test):
+    if not len(x_test):  # first: cross-validation (the hint below) would not cure it
         raise _fail(Path(where), "the test split is empty: no class has the three series it takes to give "
                     "training, validation and test one each; name an official test file in [data] test_source")
+    if folds == 1 and not len(va):
+        cure = ("[data] folds = 5 cross-validates instead" if len(tr) >= 10 else
+                f"with {len(tr)} series there are too few to cross-validate either (5 folds take 10): add series")
+        raise _fail(Path(where), f"the validation split is empty: no class has a series to spare for it "
+                    f"(val_fraction={cfg.val_fraction}); {cure}")
     if folds > 1 and len(tr) + len(va) < 2 * folds:
         raise _fail(Path(where), f"[data] folds = {folds} needs at least {2 * folds} series outside the test split "
                     f"to cross-validate, it has {len(tr) + len(va)}")

@@ -256,7 +256,14 @@ def test_missing_file(tmp_path):
 
 def test_not_an_npz(tmp_path):
     path = tmp_path / "junk.npz"
-    path.write_text("hello")
+    path.write_text("hello")  # numpy's own message spoke of "pickled (object) data"
+    with pytest.raises(DataError, match=r"junk\.npz: not an \.npz file: it is not a zip archive"):
+        load_task(DataConfig(), 0, data_path=path)
+    np.save(tmp_path / "one.npy", np.zeros((4, 3, 2)))
+    (tmp_path / "one.npy").rename(path)  # np.load gave the bare array: a TypeError, exit 1
+    with pytest.raises(DataError, match=r"junk\.npz: not an \.npz file: it holds one \.npy array"):
+        load_task(DataConfig(), 0, data_path=path)
+    path.write_bytes(b"PK\x03\x04" + b"\0" * 40)  # starts as a zip, is not one
     with pytest.raises(DataError, match=r"junk\.npz: not a readable \.npz"):
         load_task(DataConfig(), 0, data_path=path)
 
@@ -931,3 +938,26 @@ def test_a_data_file_that_cannot_be_read_for_its_digest_is_a_data_error():
 
     with pytest.raises(DataError, match=r"/proc/self/mem: cannot read data file: Input/output error"):
         digests.sha256(Path("/proc/self/mem"))
+
+
+def test_a_training_file_too_small_to_validate_says_what_would_help(tmp_path):
+    """With a test file, two series (one a class) leave nothing to validate on; "folds = 5" would
+    not help either (it takes 10), so the message says to add series instead."""
+    def write(name: str, n: int) -> Path:
+        rows = [f"s{i},{'ab'[i % 2]},{t * 0.1 + i}" for i in range(n) for t in range(5)]
+        (tmp_path / name).write_text("sample,label,f0\n" + "\n".join(rows) + "\n")
+        return tmp_path / name
+
+    train, test = write("tr.csv", 2), write("te.csv", 4)
+    for folds in (1, "auto"):
+        with pytest.raises(DataError, match=r"tr\.csv: the validation split is empty.*with 2 series there are too "
+                                            r"few to cross-validate either \(5 folds take 10\): add series"):
+            load_task(DataConfig(folds=folds), 0, data_path=train, test_path=test)
+
+
+@pytest.mark.parametrize("text", ["", " \n", "\n\n", " , \n1,2\n"])
+def test_a_blank_csv_is_empty(tmp_path, text):
+    path = tmp_path / "blank.csv"
+    path.write_text(text)
+    with pytest.raises(DataError, match=r"blank\.csv: empty csv file \(expected a header row\)"):
+        load_task(DataConfig(), 0, data_path=path)
