@@ -959,8 +959,9 @@ def train_stats(x_train: np.ndarray, *, where: Path | str = "data") -> tuple[np.
     observed = ~np.isnan(flat)
     count = observed.sum(0)
     if not count.all():
-        raise _fail(Path(where), f"feature {int(np.flatnonzero(count == 0)[0])} has no observed value in the "
-                    "training split")
+        i = int(np.flatnonzero(count == 0)[0])
+        raise _fail(Path(where), f"feature {i} (feature column {i + 1} of {len(count)} in file order, not "
+                    "counting the sample and label columns) has no observed value in the training split")
     mean = np.where(observed, flat, 0.0).sum(0) / count
     std = np.sqrt(np.where(observed, (flat - mean) ** 2, 0.0).sum(0) / count)
     std = np.where(std < _STD_FLOOR, 1.0, std)

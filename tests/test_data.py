@@ -961,3 +961,13 @@ def test_a_blank_csv_is_empty(tmp_path, text):
     path.write_text(text)
     with pytest.raises(DataError, match=r"blank\.csv: empty csv file \(expected a header row\)"):
         load_task(DataConfig(), 0, data_path=path)
+
+
+def test_a_feature_never_observed_is_named_by_its_place(tmp_path):
+    path = tmp_path / "d.csv"
+    rows = [f"s{i},{'ab'[i % 2]},{t + i},," for i in range(40) for t in range(5)]
+    path.write_text("sample,label,f0,f1,f2\n" + "\n".join(rows) + "\n")
+    path.write_text(path.read_text().replace(",,\n", ",,7\n"))  # f2 observed, f1 never
+    with pytest.raises(DataError, match=r"d\.csv: feature 1 \(feature column 2 of 3 in file order, not counting the "
+                                        r"sample and label columns\) has no observed value in the training split"):
+        load_task(DataConfig(), 0, data_path=path)
