@@ -442,6 +442,9 @@ def _not_an_input(target: Path, cfg, url: str, data_file: str | None, *, flag: s
               (storage.file_path(url), "the study's database"),
               (config.resolve_data_path(cfg), "the study's data.source"),
               (config.resolve_test_path(cfg), "the study's data.test_source")]
+    db = storage.file_path(url)
+    if db is not None:  # SQLite's companions: replacing one under a running worker loses its commits
+        inputs += [(Path(f"{db}{end}"), "a file of the study's database") for end in ("-wal", "-shm", "-journal")]
     for path, what in inputs:
         try:
             same = path is not None and os.path.samefile(target, path)
@@ -449,6 +452,10 @@ def _not_an_input(target: Path, cfg, url: str, data_file: str | None, *, flag: s
             same = False
         if same:
             raise ConfigError(f"{flag} {target}: that is {what}; name another file to write")
+    artifacts = config.resolve_artifact_dir(cfg).resolve()
+    if artifacts in target.resolve().parents:  # the study's saved models and checkpoints
+        raise ConfigError(f"{flag} {target}: that is in the study's artifact folder {artifacts} (its models and "
+                          "checkpoints); name a file elsewhere")
 
 
 def cmd_export(args: argparse.Namespace) -> int:

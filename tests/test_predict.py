@@ -129,6 +129,26 @@ def test_an_output_that_is_a_file_the_command_reads_is_refused_and_left_alone(st
     assert target.read_bytes() == before
 
 
+@pytest.mark.parametrize("which", ["model", "wal"])
+def test_an_output_over_a_saved_model_or_the_database_log_is_refused_and_left_alone(study, capsys, which):
+    """predict -o over the best model's file wrote a csv there: the model could not be loaded again."""
+    from cycle_optuna import config
+
+    if which == "model":
+        target = next(config.resolve_artifact_dir(config.load(study)).iterdir())
+    else:
+        target = study.parent / "tiny.db-wal"
+        target.write_bytes(b"")  # as a running worker's SQLite keeps it
+    before = target.read_bytes()
+    for argv in (["predict", str(study), str(study.parent / "test.csv"), "-o", str(target)],
+                 ["export", str(study), "--csv", str(target)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and str(target) in err and "\n" not in err
+        assert ("artifact folder" if which == "model" else "a file of the study's database") in err
+        assert target.read_bytes() == before
+
+
 def test_an_output_that_is_a_pipe_or_a_link_is_written_through_not_replaced(study, tmp_path, capsys):
     import os
     import stat
