@@ -163,21 +163,37 @@ def small_validation_note(cfg, data) -> str | None:
             "choice")
 
 
+WORKERS_PER_CORE = 16  # `run --workers K` beyond this many a core is refused: each is a process with PyTorch
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from cycle_optuna import placement, preflight, storage, totals, worker
+    from cycle_optuna import placement, preflight, status, storage, totals, worker
 
     cfg, url = _load(args, trains=True)
     gpus = _placement(args)
+    if len(gpus) > (most := WORKERS_PER_CORE * worker.available_cores()):
+        raise CycleOptunaError(f"--workers {len(gpus)}: more than {WORKERS_PER_CORE} per core on this machine's "
+                               f"{worker.available_cores()} cores ({most}); each worker is a process with PyTorch "
+                               "loaded: start workers on more machines with `cycle-optuna worker` instead")
     data = preflight.for_run(cfg, url, wait_s=args.wait_for_storage, say=_say_err)  # a bad input: one line, first
     cfg, note = _with_total(args, cfg, url)
     if note:
         out.print(note, highlight=False, soft_wrap=True)
         _print_cycles(worker.open_study(cfg, url, create=False))
         return 0
+    fewer = None
+    if len(gpus) > 1:  # no more workers than trials left to run: the others would start only to stop
+        held = status.find(cfg, url)
+        left = cfg.study.n_trials - (worker.trials_counted(held) if held is not None else 0)
+        if 0 < left < len(gpus):
+            fewer = f"note: {left} trial(s) left to run: starting {left} worker(s), not {len(gpus)}"
+            gpus = gpus[:left]
     out.print(f"study [bold]{cfg.study.name}[/] on {storage.mask(url)}: "
               f"{cfg.study.n_trials} trials, sampler {cfg.sampler.type}, pruner {cfg.pruner.type}")
     if (small := small_validation_note(cfg, data)) is not None:
         out.print(small, highlight=False, soft_wrap=True, markup=False)
+    if fewer:
+        out.print(fewer, highlight=False, soft_wrap=True)
     worker.install_signal_handlers()
     if len(gpus) > 1:
         return _run_workers(args, cfg, url, gpus, data)

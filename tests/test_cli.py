@@ -677,6 +677,14 @@ def test_an_in_memory_storage_is_bad_input(tmp_path: Path, capsys, command: str,
     assert line.startswith(f"error: storage {url} is an in-memory database")
 
 
+def test_more_local_workers_than_the_machine_can_hold_is_bad_input(tmp_path: Path, capsys):
+    from cycle_optuna import cli, worker
+
+    k = cli.WORKERS_PER_CORE * worker.available_cores() + 1
+    line = _bad_input(tmp_path, capsys, "run", _study(tmp_path, TINY_STUDY), "--workers", str(k))
+    assert line.startswith(f"error: --workers {k}: more than {cli.WORKERS_PER_CORE} per core")
+
+
 @pytest.mark.parametrize("command", ["worker", "status"])
 def test_a_database_left_in_the_current_directory_by_the_old_rule_is_named(tmp_path: Path, capsys, command: str):
     """Before, a relative [study] storage path was taken from the current directory: a study kept

@@ -87,3 +87,11 @@ def test_run_with_workers_passes_log_json_to_each_worker(tmp_path):
     assert len(logs) == 2, list(tmp_path.rglob("*"))
     records = [json.loads(line) for log in logs for line in log.read_text().splitlines() if line.startswith("{")]
     assert sorted(r["cycle"] for r in records if r["event"] == "trial_end") == [1, 2], [log.read_text() for log in logs]
+
+
+def test_run_starts_no_more_workers_than_trials_left(tmp_path):
+    path = write_study(tmp_path, n_trials=2, epochs=1)
+    proc = _cli("run", str(path), "--workers", "5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "note: 2 trial(s) left to run: starting 2 worker(s), not 5" in proc.stdout
+    assert sorted(p.name for p in tmp_path.glob("tiny-worker-*.log")) == ["tiny-worker-1.log", "tiny-worker-2.log"]
