@@ -62,9 +62,24 @@ def load_study(path_or_name: StudyLike, storage: str | BaseStorage | None = None
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False))
         held = f"it holds: {', '.join(names)}" if names else "it holds no studies"
         raise StorageError(f"no study named {name!r} in {where} ({held})") from None
+    check_readable(study, where, from_file=cfg is not None)
     if cfg is not None:
         _STUDY_FILE[study] = cfg  # this machine's paths, for data and artifacts kept elsewhere than the creator's
     return study
+
+
+def check_readable(study: optuna.Study, where: str, *, from_file: bool) -> None:
+    """Refuse what the queries would misread: a study that does not minimise one value (they rank
+    by lowest value), or, named by a study file, a study with trials made by other code (its
+    parameters are not the file's)."""
+    directions = study.directions
+    if len(directions) > 1 or directions[0] != optuna.study.StudyDirection.MINIMIZE:
+        what = f"has {len(directions)} objectives" if len(directions) > 1 else "maximises its value"
+        raise StorageError(f"study {study.study_name!r} in {where} {what}: cycle-optuna reads studies that "
+                           "minimise one value (a validation loss)")
+    if from_file and study.user_attrs.get(CONFIG_ATTR) is None and (held := len(study.get_trials(deepcopy=False))):
+        raise StorageError(f"study {study.study_name!r} in {where} holds {held} trial(s) that cycle-optuna did not "
+                           "make (no study config stored on it); give [study] name another name")
 
 
 def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: int | None = None) -> optuna.Study:

@@ -172,4 +172,8 @@ def load(cfg, url: str) -> optuna.Study:
     storage = storage_mod.open_storage(url, create=False)
     if cfg.study.name not in optuna.get_all_study_names(storage):
         raise StorageError(f"no study named {cfg.study.name!r} in {storage_mod.mask(url)}")
-    return optuna.load_study(study_name=cfg.study.name, storage=storage)
+    from cycle_optuna.api import check_readable
+
+    study = optuna.load_study(study_name=cfg.study.name, storage=storage)
+    check_readable(study, storage_mod.mask(url), from_file=False)  # states of any study; best needs one minimised value
+    return study

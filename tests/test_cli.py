@@ -677,6 +677,25 @@ def test_an_in_memory_storage_is_bad_input(tmp_path: Path, capsys, command: str,
     assert line.startswith(f"error: storage {url} is an in-memory database")
 
 
+@pytest.mark.parametrize("made", ["foreign", "maximise", "two objectives"])
+def test_read_commands_refuse_a_study_they_would_misread(tmp_path: Path, capsys, made: str):
+    """A study of the file's name made by plain Optuna: best picked the wrong trial and report wrote
+    its notes into it; a multi-objective one crashed every read command."""
+    import optuna
+
+    study = _study(tmp_path, TINY_STUDY)
+    directions = {"foreign": ["minimize"], "maximise": ["maximize"], "two objectives": ["minimize", "minimize"]}[made]
+    db = optuna.create_study(study_name="t", storage=f"sqlite:///{tmp_path / 't.db'}", directions=directions)
+    db.optimize(lambda t: (t.suggest_float("x", 0, 1),) * len(directions), n_trials=2)
+    for command in (["best"], ["best", "--json"], ["report", "-o", "rep"], ["export"], ["status"]):
+        if command == ["status"] and made == "foreign":
+            continue  # states and workers of any study: nothing there is misread
+        line = _bad_input(tmp_path, capsys, *command[:1], study, *command[1:])
+        want = {"foreign": "holds 2 trial(s) that cycle-optuna did not make", "maximise": "maximises its value",
+                "two objectives": "has 2 objectives"}[made]
+        assert line.startswith("error: study 't' in ") and want in line, line
+
+
 def test_more_local_workers_than_the_machine_can_hold_is_bad_input(tmp_path: Path, capsys):
     from cycle_optuna import cli, worker
 

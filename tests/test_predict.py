@@ -138,7 +138,8 @@ def test_an_output_over_a_saved_model_or_the_database_log_is_refused_and_left_al
         target = next(config.resolve_artifact_dir(config.load(study)).iterdir())
     else:
         target = study.parent / "tiny.db-wal"
-        target.write_bytes(b"")  # as a running worker's SQLite keeps it
+        if not target.exists():  # as a running worker's SQLite keeps it (one that exists holds commits: keep it)
+            target.write_bytes(b"")
     before = target.read_bytes()
     for argv in (["predict", str(study), str(study.parent / "test.csv"), "-o", str(target)],
                  ["export", str(study), "--csv", str(target)]):
