@@ -272,6 +272,10 @@ def _watch_signals() -> None:
                     _ARRIVED.append(signum)
                     if len(_ARRIVED) > 1:
                         _stop_now(signum)
+                    # said at once, even while a long call keeps the handler waiting
+                    with contextlib.suppress(OSError):
+                        os.write(2, f"{signal.Signals(signum).name}: handing back the running trial(s); a second "
+                                    f"{signal.Signals(signum).name} stops at once\n".encode())
 
     threading.Thread(target=watch, name="cycle-optuna-signals", daemon=True).start()
 
