@@ -43,17 +43,19 @@ ARTIFACTS_ENV_VAR = "CYCLE_OPTUNA_ARTIFACT_DIR"  # overrides [study] artifact_di
 # lowered through the environment (tests, fast-preempting clusters).
 # A bad value falls back to the default here, so importing never fails; `check_environment`, which
 # the CLI calls first, refuses it in one line.
-ENV_WHOLE_NUMBERS = {  # variable: (default, least allowed)
-    "CYCLE_OPTUNA_HEARTBEAT_SECONDS": (10, 1),
-    "CYCLE_OPTUNA_GRACE_SECONDS": (30, 1),
-    "CYCLE_OPTUNA_THREADS": (0, 0),  # intra-op threads `run --workers K` gives its children; 0 = cores // workers
+ENV_WHOLE_NUMBERS = {  # variable: (default, least allowed, most allowed)
+    "CYCLE_OPTUNA_HEARTBEAT_SECONDS": (10, 1, 86_400),  # beyond a day the beat thread's wait overflows in time
+    "CYCLE_OPTUNA_GRACE_SECONDS": (30, 1, 7 * 86_400),
+    # intra-op threads `run --workers K` gives its children; 0 = cores // workers; more than the cores only slows
+    "CYCLE_OPTUNA_THREADS": (0, 0, os.cpu_count() or 1),
 }
 
 
 def _env_value(name: str) -> int | None:
     """The variable as a whole number in range; None when unset or not one."""
     raw = os.environ.get(name, "").strip()
-    return int(raw) if raw.isascii() and raw.isdigit() and int(raw) >= ENV_WHOLE_NUMBERS[name][1] else None
+    _, least, most = ENV_WHOLE_NUMBERS[name]
+    return int(raw) if raw.isascii() and raw.isdigit() and least <= int(raw) <= most else None
 
 
 def env_whole_number(name: str) -> int:
@@ -64,9 +66,9 @@ def env_whole_number(name: str) -> int:
 
 def check_environment() -> None:
     """Every CYCLE_OPTUNA_* whole-number variable that is set holds one in range."""
-    for name, (_, least) in ENV_WHOLE_NUMBERS.items():
+    for name, (_, least, most) in ENV_WHOLE_NUMBERS.items():
         if name in os.environ and _env_value(name) is None:
-            raise ConfigError(f"${name}: {os.environ[name]!r} is not a whole number >= {least}")
+            raise ConfigError(f"${name}: {os.environ[name]!r} is not a whole number from {least} to {most}")
 
 
 HEARTBEAT_SECONDS = env_whole_number("CYCLE_OPTUNA_HEARTBEAT_SECONDS")
