@@ -18,10 +18,18 @@ def visible_gpus() -> list[str]:
     if env is not None:
         entries = [e.strip() for e in env.split(",")]
         # CUDA stops at the first invalid entry ("" or "-1" hide the rest)
-        return entries[:next((i for i, e in enumerate(entries) if e in ("", "-1")), len(entries))]
+        entries = entries[:next((i for i, e in enumerate(entries) if e in ("", "-1")), len(entries))]
+        # and there are no more GPUs than torch sees through it: none on a machine without CUDA,
+        # whatever the variable names
+        return entries[:cuda_device_count()] if entries else []
+    return [str(i) for i in range(cuda_device_count())]
+
+
+def cuda_device_count() -> int:
+    """The GPUs torch sees (CUDA_VISIBLE_DEVICES applied); 0 without CUDA."""
     import torch
 
-    return [str(i) for i in range(torch.cuda.device_count())]
+    return torch.cuda.device_count()
 
 
 def parse_gpus(text: str) -> list[int]:

@@ -51,6 +51,7 @@ def test_parse_gpus():
 
 
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setattr(placement, "cuda_device_count", lambda: 8)  # a machine with 8 GPUs
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert placement.visible_gpus() == ["2", "3"]
     assert placement.device_label("cuda") == "gpu 2" and placement.device_label("cpu") == "cpu"
@@ -58,6 +59,9 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     assert placement.visible_gpus() == ["1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert placement.visible_gpus() == []
+    monkeypatch.setattr(placement, "cuda_device_count", lambda: 1)  # names two, torch sees one
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert placement.visible_gpus() == ["0"]
 
 
 def test_each_spawned_worker_gets_its_gpu(monkeypatch, tmp_path):
@@ -79,9 +83,12 @@ def test_each_spawned_worker_gets_its_gpu(monkeypatch, tmp_path):
     assert all("CUDA_VISIBLE_DEVICES" not in e for e in envs)
 
 
+@pytest.mark.parametrize("env", ["", "0"])
 @pytest.mark.parametrize("args", [["run", "--gpus", "0"], ["run", "--workers-per-gpu", "2"], ["worker", "--gpus", "0"]])
-def test_gpu_flags_without_a_gpu_are_one_line_and_write_nothing(tmp_path, capsys, monkeypatch, args):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU, whatever this machine has
+def test_gpu_flags_without_a_gpu_are_one_line_and_write_nothing(tmp_path, capsys, monkeypatch, args, env):
+    if env and __import__("torch").cuda.is_available():
+        pytest.skip("CUDA_VISIBLE_DEVICES=0 names a real GPU on this machine")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)  # "": no GPU whatever the machine has; "0" on a machine without one
     study = write_study(tmp_path)
     code = main([args[0], str(study), *args[1:]])
     err = capsys.readouterr().err.strip()
@@ -90,6 +97,7 @@ def test_gpu_flags_without_a_gpu_are_one_line_and_write_nothing(tmp_path, capsys
 
 
 def test_a_worker_runs_on_one_gpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(placement, "cuda_device_count", lambda: 2)  # a machine with 2 GPUs
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     assert main(["worker", str(write_study(tmp_path)), "--gpus", "0,1"]) == 2
     assert "a worker runs on one GPU" in capsys.readouterr().err
