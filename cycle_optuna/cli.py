@@ -658,9 +658,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # e.g. a journal's disk, mid-run
-            where = f"{e.filename}: " if e.filename else ""
+            trains = args.command in ("run", "worker")  # a storage's or a checkpoint's disk; else the output's
+            where = f"{e.filename}: " if e.filename else "" if trains else "writing the output: "
             err.print(f"[bold red]error:[/] {escape(one_line(mask(f'{where}{e.strerror}')))}; free space and run "
-                      "again (a trial cut off is retried)", highlight=False, soft_wrap=True)
+                      f"again{' (a trial cut off is retried)' if trains else ''}", highlight=False, soft_wrap=True)
             return 2
         err.print(f"[bold red]unexpected error:[/] {escape(one_line(mask(f'{type(e).__name__}: {e}')))} (rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)

@@ -12,7 +12,7 @@ import optuna
 import pytest
 
 from cycle_optuna import cli
-from workers_helpers import drop_synthetic_keys
+from workers_helpers import drop_synthetic_keys, worker_env, write_study
 
 
 def run_cli(*argv: str) -> int:
@@ -727,3 +727,14 @@ def test_a_storage_flag_leaves_the_study_files_url_unread(tmp_path: Path, monkey
     monkeypatch.chdir(tmp_path)
     assert run_cli("worker", "sub/s.toml", "--storage", "sqlite:///other.db") == 0
     assert (tmp_path / "other.db").is_file() and not (tmp_path / "sub" / "here.db").exists()
+
+
+@pytest.mark.parametrize("command", ["status", "export"])
+def test_output_to_a_full_disk_is_one_line_without_the_training_hint(tmp_path: Path, command: str):
+    study = write_study(tmp_path, n_trials=1, epochs=1)
+    assert run_cli("run", str(study)) == 0
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "cycle_optuna.cli", command, str(study)], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120, env=worker_env())
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "error: writing the output: No space left on device; free space and run again"
