@@ -6,6 +6,7 @@ import argparse
 import errno
 import logging
 import os
+import re
 import sys
 import warnings
 from collections import Counter
@@ -395,7 +396,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     preflight.for_read(url)
     preflight.for_report(Path(args.output) if args.output is not None else report.default_dir(args.study, cfg.study.name))
     path = report.write_report(args.study, args.output, storage=url, test=not args.no_test)
-    plots = sorted(p.name for p in path.parent.glob("*.png"))
+    shown = set(re.findall(r"\]\(([^)/]+\.png)\)", path.read_text()))  # the plots it links, not other PNGs there
+    plots = sorted(p.name for p in path.parent.glob("*.png") if p.name in shown)
     out.print(f"report of study [bold]{cfg.study.name}[/]: {path} with {len(plots)} plots ({', '.join(plots)})",
               highlight=False, soft_wrap=True)
     return 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import optuna
 from optuna.storages import BaseStorage
 
 from cycle_optuna import analysis as an
-from cycle_optuna import api, files, plots
+from cycle_optuna import api, plots
 from cycle_optuna import config as config_mod
 from cycle_optuna import storage as storage_mod
 from cycle_optuna.analysis import Analysis
@@ -107,13 +109,24 @@ def write_report(
     a = analyse(study, storage, test=test)
     out = Path(out_dir) if out_dir is not None else default_dir(study, a.name)
     path = out / "report.md"
+    made = not out.exists()
+    stage = None
     try:
         out.mkdir(parents=True, exist_ok=True)
-        pngs = plots.write_all(a.cycles, a.importance, out, note=a.importance_note, warning=a.importance_warning)
-        with files.replacing(path) as tmp:
-            tmp.write_text(render(a, {k: p.name for k, p in pngs.items()}))
+        # every file is written in a folder beside the report first, then renamed in, report.md
+        # last: a full disk leaves the folder as it was, not new plots beside an old report.md
+        stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+        pngs = plots.write_all(a.cycles, a.importance, stage, note=a.importance_note, warning=a.importance_warning)
+        (stage / "report.md").write_text(render(a, {k: p.name for k, p in pngs.items()}))
+        for p in [*pngs.values(), stage / "report.md"]:
+            os.replace(p, out / p.name)
     except OSError as e:  # a full disk: one line naming where, as `export` and `predict` say it
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
         raise StorageError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
     from cycle_optuna import dashboard
 
     dashboard.write_notes(api.load_study(study, storage), summary=summary(a))

@@ -274,9 +274,31 @@ def test_a_report_onto_a_full_disk_is_one_line_naming_it_and_exit_2(tmp_path, ca
     from workers_helpers import fill_disk, small_tmpfs
 
     study = make_study(tmp_path, "tpe", with_model=False)
-    with small_tmpfs(tmp_path / "disk", "1m") as disk:
+    with small_tmpfs(tmp_path / "disk", "4m") as disk:
+        assert main(["report", str(study), "-o", str(disk / "old"), "--no-test"]) == 0
+        before = {p.name: p.read_bytes() for p in (disk / "old").iterdir()}
+        (disk / "old" / "report.md").write_text("the report of last week")
         fill_disk(disk)
+        capsys.readouterr()
         assert main(["report", str(study), "-o", str(disk / "out"), "--no-test"]) == 2
-        assert not [p.name for p in (disk / "out").iterdir()]  # no partial plot or report left
+        assert not (disk / "out").exists()  # no partial plot or report left, nor the folder it made
+        assert main(["report", str(study), "-o", str(disk / "old"), "--no-test"]) == 2
+        # an earlier report stays whole: no new plot beside the old report.md
+        after = {p.name: p.read_bytes() for p in (disk / "old").iterdir()}
+        assert after == {**before, "report.md": b"the report of last week"}
     err = capsys.readouterr().err
-    assert err.splitlines()[-1] == f"error: cannot write {disk / 'out'}: No space left on device"
+    assert err.splitlines()[0] == f"error: cannot write {disk / 'out'}: No space left on device"
+    assert err.splitlines()[-1] == f"error: cannot write {disk / 'old'}: No space left on device"
+
+
+def test_the_report_command_names_the_plots_it_wrote_not_other_pictures_there(tmp_path, capsys):
+    from cycle_optuna.cli import main
+
+    study = make_study(tmp_path, "tpe", with_model=False)
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "holiday.png").write_bytes(b"\x89PNG")
+    assert main(["report", str(study), "-o", str(tmp_path / "pics"), "--no-test"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "with 5 plots (" in out and "holiday.png" not in out
+    assert (tmp_path / "pics" / "holiday.png").read_bytes() == b"\x89PNG"
+    assert not [p for p in (tmp_path / "pics").iterdir() if p.name.startswith(".")]  # no staging folder left
