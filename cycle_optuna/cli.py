@@ -168,7 +168,7 @@ WORKERS_PER_CORE = 16  # `run --workers K` beyond this many a core is refused: e
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cycle_optuna import placement, preflight, status, storage, totals, worker
+    from cycle_optuna import config, placement, preflight, status, storage, totals, worker
 
     cfg, url = _load(args, trains=True)
     gpus = _placement(args)
@@ -176,7 +176,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CycleOptunaError(f"--workers {len(gpus)}: more than {WORKERS_PER_CORE} per core on this machine's "
                                f"{worker.available_cores()} cores ({most}); each worker is a process with PyTorch "
                                "loaded: start workers on more machines with `cycle-optuna worker` instead")
-    data = preflight.for_run(cfg, url, wait_s=args.wait_for_storage, say=_say_err)  # a bad input: one line, first
+    logs = config.study_dir(cfg) if len(gpus) > 1 else None  # where the workers' logs go
+    data = preflight.for_run(cfg, url, wait_s=args.wait_for_storage, say=_say_err, logs=logs)  # bad input: one line, first
     cfg, note = _with_total(args, cfg, url)
     if note:
         out.print(note, highlight=False, soft_wrap=True)

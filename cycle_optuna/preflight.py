@@ -50,13 +50,14 @@ def artifact_dir(cfg: StudyConfig) -> Path:
     return Path(env) if env else config_mod.resolve_artifact_dir(cfg)
 
 
-def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[str], None] = print) -> TaskData:
+def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[str], None] = print,
+            logs: Path | None = None) -> TaskData:
     """Everything `run`/`worker` needs, checked in order of cost; the loaded data, to reuse.
 
     The storage is opened last (for a new SQLite file, that creates it): after it nothing but
     a study created with a different trial definition can be refused, and that writes nothing.
     With `wait_s`, a database server that does not answer yet is waited for (saying so once)
-    before it is opened.
+    before it is opened. `logs`: a folder that must take files too (`run --workers K`'s logs).
     """
     from cycle_optuna import worker
     from cycle_optuna.train import resolve_device
@@ -76,6 +77,8 @@ def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[s
         raise ConfigError(f"{where}train.threads: {cfg.train.threads} is more than this machine's {cores} cores; at most "
                           "that, or 0 = cores / workers")
     check_writable_dir(artifact_dir(cfg), what=f"{where}study.artifact_dir")
+    if logs is not None:  # `run --workers K` writes its workers' logs there
+        check_writable_dir(logs, what="the workers' log folder (the study file's)")
     check_storage_location(url, create=True)
     from cycle_optuna.data import load_study_data
 

@@ -120,10 +120,12 @@ def write_report(
         (stage / "report.md").write_text(render(a, {k: p.name for k, p in pngs.items()}))
         for p in [*pngs.values(), stage / "report.md"]:
             os.replace(p, out / p.name)
-    except OSError as e:  # a full disk: one line naming where, as `export` and `predict` say it
+    except BaseException as e:  # Ctrl-C included: a folder this call made goes with it
         if made:
             shutil.rmtree(out, ignore_errors=True)
-        raise StorageError(f"cannot write {out}: {e.strerror or e}") from None
+        if isinstance(e, OSError):  # a full disk: one line naming where, as `export` and `predict` say it
+            raise StorageError(f"cannot write {out}: {e.strerror or e}") from None
+        raise
     finally:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
