@@ -36,6 +36,21 @@ def check_writable_dir(path: Path, *, what: str) -> None:
         raise StorageError(f"cannot write {path}: {existing} takes no new files ({e.strerror or e})") from None
 
 
+def check_room(path: Path, size: int = 1 << 16) -> None:
+    """`path` (or its nearest existing parent) takes `size` bytes now: a full disk is refused in
+    one line before anything is created. Leaves nothing behind."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing) as f:
+            f.write(b"\0" * size)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e.strerror or e} (free space and run again)") from None
+
+
 def check_storage_location(url: str, *, create: bool) -> None:
     """A SQLite or journal file: its directory exists (writable, to create it), or for a reader
     the file itself exists. Server URLs are checked when opened."""
@@ -80,6 +95,9 @@ def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[s
     if logs is not None:  # `run --workers K` writes its workers' logs there
         check_writable_dir(logs, what="the workers' log folder (the study file's)")
     check_storage_location(url, create=True)
+    # a disk already full: one line now, not after the banner with an empty database file left behind
+    for folder in {artifact_dir(cfg), *((db.parent,) if (db := storage_mod.file_path(url)) is not None else ())}:
+        check_room(folder)
     from cycle_optuna.data import load_study_data
 
     data = load_study_data(cfg)  # with its test file, when [data] test_source names one
