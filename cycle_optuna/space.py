@@ -38,12 +38,21 @@ def suggest(trial: optuna.Trial, cfg: StudyConfig) -> Hyperparams:
     """Ask the trial for every searched parameter; the rest come from [baseline]."""
     values = {}
     for p in cfg.space:
-        if p.choices is not None:
-            values[p.name] = trial.suggest_categorical(p.name, list(p.choices))
-        elif isinstance(p.low, int) and isinstance(p.high, int):
-            values[p.name] = trial.suggest_int(p.name, p.low, p.high, log=p.log, step=int(p.step or 1))
-        else:
-            values[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
+        try:
+            if p.choices is not None:
+                values[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+            elif isinstance(p.low, int) and isinstance(p.high, int):
+                values[p.name] = trial.suggest_int(p.name, p.low, p.high, log=p.log, step=int(p.step or 1))
+            else:
+                values[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
+        except ValueError as e:  # a value fixed for this trial (enqueue_trial) that the space cannot hold
+            raise InvalidCombination(f"{p.name}: {e} (a value enqueued for this trial outside the space?)") from None
+        v = values[p.name]
+        if (v not in p.choices) if p.choices is not None else not (p.low <= v <= p.high):
+            # Optuna runs an enqueued value outside the space with only a warning
+            raise InvalidCombination(f"{p.name}: {v!r} is outside the space "
+                                     f"({list(p.choices) if p.choices is not None else f'[{p.low}, {p.high}]'}; "
+                                     "a value enqueued for this trial outside the space?)")
     return to_hyperparams(cfg, values)
 
 

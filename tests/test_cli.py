@@ -678,12 +678,14 @@ def test_parameters_the_model_cannot_be_built_from_fail_their_trial_in_one_line(
     monkeypatch.chdir(tmp_path)
     assert run_cli("worker", "s.toml") == 0  # the baseline
     optuna.load_study(study_name="t", storage="sqlite:///t.db").enqueue_trial({"n_heads": 3})
+    optuna.load_study(study_name="t", storage="sqlite:///t.db").enqueue_trial({"n_heads": -1})  # outside the space
     capsys.readouterr()
     caplog.clear()
-    assert run_cli("worker", "s.toml", "--n-trials", "2") == 0
-    (failed,) = [r for r in caplog.records if "failed with parameters" in r.getMessage()]
-    assert "n_heads=3 does not divide hidden_dim=16" in failed.getMessage()
-    assert not failed.exc_info  # no traceback: the reason is the whole story
+    assert run_cli("worker", "s.toml", "--n-trials", "3") == 0
+    first, second = [r for r in caplog.records if "failed with parameters" in r.getMessage()]
+    assert "n_heads=3 does not divide hidden_dim=16" in first.getMessage()
+    assert "n_heads: " in second.getMessage() and "a value enqueued for this trial outside the space?" in second.getMessage()
+    assert not first.exc_info and not second.exc_info  # no traceback: the reason is the whole story
 
 
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite+pysqlite://",
