@@ -482,8 +482,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     cfg, url = _load(args)
     target = args.csv if args.csv is not None else args.parquet
+    flag = "--csv" if args.csv is not None else "--parquet"
+    if target == "-":  # the usual name for stdout
+        if args.parquet is not None:
+            raise CycleOptunaError("--parquet -: Parquet is written to a file; use --csv - (or no flag) for stdout")
+        target = None
+    if target is not None and target.endswith(("/", os.sep)):  # Path() drops the slash: a file of that name
+        raise CycleOptunaError(f"{flag} {target}: names a folder; give a file in it, e.g. {target}cycles"
+                               f"{'.csv' if args.csv is not None else '.parquet'}")
     if target is not None:
-        _not_an_input(Path(target), cfg, url, None, flag="--csv" if args.csv is not None else "--parquet")
+        _not_an_input(Path(target), cfg, url, None, flag=flag)
     if target is None:
         export.frame(args.study, url).to_csv(sys.stdout, index=False)
         return 0

@@ -121,3 +121,15 @@ def test_an_empty_path_is_refused_not_read_as_no_flag(study_file, tmp_path, caps
     err = capsys.readouterr()
     assert "must be a path" in err.err and len(err.err.splitlines()) == 1 and err.out == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_to_dash_is_stdout_and_a_folder_name_is_refused(study_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["export", str(study_file), "--csv", "-"]) == 0
+    out = capsys.readouterr().out
+    assert out == export.frame(str(study_file)).to_csv(index=False)  # the table itself, as with no flag
+    for flag, target in (("--csv", "newdir/"), ("--parquet", "-")):
+        assert cli.main(["export", str(study_file), flag, target]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} {target}: ") and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # no file named "-" or "newdir"
