@@ -91,7 +91,8 @@ def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[s
     if cfg.train.threads > cores:  # more threads than cores only slows a trial down (and crashes torch when huge)
         raise ConfigError(f"{where}train.threads: {cfg.train.threads} is more than this machine's {cores} cores; at most "
                           "that, or 0 = cores / workers")
-    check_writable_dir(artifact_dir(cfg), what=f"{where}study.artifact_dir")
+    own = os.environ.get(storage_mod.ARTIFACTS_ENV_VAR)  # the variable overrides the file: name the one used
+    check_writable_dir(artifact_dir(cfg), what=f"${storage_mod.ARTIFACTS_ENV_VAR}" if own else f"{where}study.artifact_dir")
     if logs is not None:  # `run --workers K` writes its workers' logs there
         check_writable_dir(logs, what="the workers' log folder (the study file's)")
     check_storage_location(url, create=True)

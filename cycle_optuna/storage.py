@@ -69,6 +69,9 @@ def check_environment() -> None:
     for name, (_, least, most) in ENV_WHOLE_NUMBERS.items():
         if name in os.environ and _env_value(name) is None:
             raise ConfigError(f"${name}: {os.environ[name]!r} is not a whole number from {least} to {most}")
+    if ARTIFACTS_ENV_VAR in os.environ and os.environ[ARTIFACTS_ENV_VAR] and not os.environ[ARTIFACTS_ENV_VAR].strip():
+        raise ConfigError(f"${ARTIFACTS_ENV_VAR}: {os.environ[ARTIFACTS_ENV_VAR]!r} is blank; unset it to use the "
+                          "study file's artifact_dir, or give a folder")
 
 
 HEARTBEAT_SECONDS = env_whole_number("CYCLE_OPTUNA_HEARTBEAT_SECONDS")
