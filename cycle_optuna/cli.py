@@ -615,15 +615,15 @@ def _gpus(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--gpus ").rstrip(".")) from None
 
 
-def _whole_number(low: int, what: str) -> Callable[[str], int]:
-    """An argparse type: an int of at least `low`, else "must be <what>, got ..."."""
+def _whole_number(low: int, what: str, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int from `low` (to `high`), else "must be <what>, got ..."."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if value < low:
+        if value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
         return value
 
@@ -631,7 +631,7 @@ def _whole_number(low: int, what: str) -> Callable[[str], int]:
 
 
 _positive = _whole_number(1, "a positive integer")
-_seconds = _whole_number(0, "a whole number of seconds, 0 or more")
+_seconds = _whole_number(0, "a whole number of seconds from 0 to 604800 (a week)", 7 * 86_400)
 
 
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}

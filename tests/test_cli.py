@@ -351,6 +351,8 @@ def test_auto_folds_cross_validate_a_small_split_and_say_so(quick_study, capsys)
 @pytest.mark.parametrize("argv, says", [
     (["run", "{study}", "--n-trials", "x"], "error: cycle-optuna run: argument --n-trials: must be a positive integer, got 'x'"),
     (["run", "{study}", "--bogus"], "error: cycle-optuna: unrecognized arguments: --bogus"),
+    (["worker", "{study}", "--wait-for-storage", "9" * 23],
+     "error: cycle-optuna worker: argument --wait-for-storage: must be a whole number of seconds from 0 to 604800"),
     (["frob"], "error: cycle-optuna: argument COMMAND: invalid choice: 'frob'"),
     (["run", "{study}", "postgresql://u:hunter2@db/x"], "error: cycle-optuna: unrecognized arguments: postgresql://u:***@db/x"),
     # an unset shell variable: not silently the default SQLite file
