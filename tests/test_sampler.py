@@ -493,3 +493,26 @@ def test_parallel_tpe_workers_do_not_ask_for_the_running_trials_configuration():
         ours = optuna.create_study(sampler=make_sampler(cfg, baseline=BASELINE, seed=0))
         ours.optimize(objective, n_trials=12)
     assert [t.params for t in ours.trials] == [t.params for t in plain.trials]
+
+
+def test_one_sampler_on_study_after_study_decides_each_from_its_own_trials():
+    """Its caches are keyed on id(storage): a new in-memory storage that took a collected one's id
+    was read as the old study (proposals and reasons from another study's values)."""
+    import gc
+
+    sampler = CycleSampler(seed=0)
+    dist = {"x": FloatDistribution(0, 10)}
+    for k in range(8):
+        study = optuna.create_study(sampler=sampler)
+        xs = (1.0, 2.5) if k % 2 == 0 else (9.0, 8.5)
+        for v in xs:
+            study.add_trial(optuna.trial.create_trial(params={"x": v}, distributions=dist, value=(v - 3) ** 2))
+        study.optimize(lambda t: (t.suggest_float("x", 0, 10) - 3) ** 2, n_trials=1)
+        reason = study.trials[-1].user_attrs["cycle_reason"]
+        assert f"improved {_fmt((xs[0] - 3) ** 2)} -> {_fmt((xs[1] - 3) ** 2)}" in reason, (k, reason)
+        del study
+        gc.collect()
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"

@@ -22,7 +22,9 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from cycle_optuna import optuna_internals as internals
-from cycle_optuna.sampler._history import FIXED_ATTR, PROPOSAL_ATTR, History, HistoryCache, move_key
+from cycle_optuna.sampler._history import (
+    FIXED_ATTR, PROPOSAL_ATTR, History, HistoryCache, move_key, ref_to, same_object,
+)
 from cycle_optuna.sampler._moves import Roles, coerce, config_key, contains, repair, step_value
 from cycle_optuna.sampler._rules import MULTIPLICATIVE, Planner, Settings
 
@@ -40,6 +42,7 @@ class _Entry:
     space: dict[str, BaseDistribution] | None  # relative search space; None until needed
     fallback: BaseSampler | None = None  # this trial's fallback, when built per trial
     view: Study | None = None  # what the fallback sees of the study, when it samples
+    owner: Callable[[], Any] | None = None  # the storage the trial is in (keys hold only its id)
 
     @property
     def from_fallback(self) -> bool:
@@ -280,16 +283,18 @@ class CycleSampler(BaseSampler):
         return self._history.view(internals.storage_of(study), internals.study_id_of(study), study.direction, trial.number)
 
     def _entry(self, study: Study, trial: FrozenTrial, *, wait: bool = False) -> _Entry:
-        key = (id(internals.storage_of(study)), internals.trial_id_of(trial))
+        storage = internals.storage_of(study)
+        key = (id(storage), internals.trial_id_of(trial))
         with self._lock:
             entry = self._entries.get(key)
-        if entry is not None:
+        if entry is not None and same_object(entry.owner, storage):  # not a dead storage's trial of that id
             return entry
         stored = trial.system_attrs.get(PROPOSAL_ATTR)
         if isinstance(stored, dict):
             entry = _Entry(stored, None)
         else:
             entry = self._decide(study, trial, wait)
+        entry.owner = ref_to(storage)
         with self._lock:
             self._entries[key] = entry
             while len(self._entries) > _MAX_ENTRIES:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -106,9 +107,23 @@ class History:
         return self._tail_keys.get(key) or self._keys.get(key)
 
 
+def same_object(ref: Callable[[], Any] | None, obj: Any) -> bool:
+    """Whether `ref` (from :func:`ref_to`) still points at `obj`: a cache keyed on id() must not
+    serve a new object that took a dead one's id."""
+    return ref is not None and ref() is obj
+
+
+def ref_to(obj: Any) -> Callable[[], Any]:
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # an object without weak references: held (the caches holding it are bounded)
+        return lambda: obj
+
+
 @dataclass
 class _Cache:
     direction: StudyDirection
+    owner: Callable[[], Any] | None = None  # the storage it was folded from
     fold: Fold = field(default_factory=Fold)
     recs: dict[int, Rec] = field(default_factory=dict)
     keys: dict[tuple, Rec | None] = field(default_factory=dict)
@@ -144,11 +159,12 @@ class HistoryCache:
             cache = self._caches.get(key)
             if (
                 cache is None
+                or not same_object(cache.owner, storage)  # a new storage that took a dead one's id
                 or cache.direction != direction
                 or cache.done > len(trials)
                 or (cache.done and trials[cache.done - 1].number != cache.done - 1)
             ):
-                cache = self._caches[key] = _Cache(direction)
+                cache = self._caches[key] = _Cache(direction, ref_to(storage))
             if any(t.number != i for i, t in enumerate(trials[cache.done : cache.done + 1], cache.done)):
                 trials = sorted(trials, key=lambda t: t.number)  # storages list by number; be safe
             i = cache.done
