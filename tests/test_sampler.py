@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import optuna
@@ -516,3 +517,17 @@ def test_one_sampler_on_study_after_study_decides_each_from_its_own_trials():
 
 def _fmt(v: float) -> str:
     return f"{v:.4g}"
+
+
+def test_a_down_move_from_a_value_below_the_range_is_not_proposed_as_one():
+    """Optuna runs an enqueued value outside the range; clipping it made "x down" land above it,
+    described as the opposite of the up move it repeated."""
+    study = optuna.create_study(sampler=CycleSampler(baseline={"x": 5.0}, seed=0))
+    study.enqueue_trial({"x": 5.0})
+    study.enqueue_trial({"x": -5.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's own warning about the fixed value
+        study.optimize(lambda t: abs(t.suggest_float("x", 0, 10) + 5), n_trials=4)
+    for t in study.trials[2:]:
+        assert "opposite" not in t.user_attrs["cycle_reason"], t.user_attrs["cycle_reason"]
+        assert t.user_attrs["cycle_move"].startswith("x +"), t.user_attrs["cycle_move"]

@@ -182,6 +182,8 @@ def step_value(
         new = min(max(norm(float(new)), dist.low), dist.high)
     if norm(new) == norm(value) or not contains(dist, new):
         return None
+    if (new - value) * direction <= 0:  # from a value outside the range, clipping would move it the other way
+        return None
     return new
 
 
