@@ -531,3 +531,22 @@ def test_a_down_move_from_a_value_below_the_range_is_not_proposed_as_one():
     for t in study.trials[2:]:
         assert "opposite" not in t.user_attrs["cycle_reason"], t.user_attrs["cycle_reason"]
         assert t.user_attrs["cycle_move"].startswith("x +"), t.user_attrs["cycle_move"]
+
+
+def test_every_opposite_a_reason_names_is_that_cycles_move_from_the_same_parent():
+    """"trying the opposite of cycle 4 (x +2)" was written when cycle 4 was x +1 from another
+    cycle, or the baseline: the trial holding the opposite configuration is not always a move."""
+    import re
+
+    study = optuna.create_study(sampler=CycleSampler(baseline={"x": 5.0, "y": 3}, seed=0))
+    study.optimize(lambda t: abs(t.suggest_float("x", 0, 10) - 4.2) + abs(t.suggest_int("y", 0, 8) - 5) / 3,
+                   n_trials=30)
+    named = 0
+    for t in study.trials:
+        m = re.search(r"trying the opposite of cycle (\d+) \(([^)]*)\)", t.user_attrs["cycle_reason"])
+        if m:
+            other = study.trials[int(m.group(1)) - 1]
+            assert other.user_attrs["cycle_move"] == m.group(2), (t.number, t.user_attrs["cycle_reason"])
+            assert other.user_attrs["cycle_parent"] == t.user_attrs["cycle_parent"], t.user_attrs["cycle_reason"]
+            named += 1
+    assert named  # the claim is made, and true each time

@@ -430,8 +430,11 @@ class Planner:
         if c.direction:
             opposite = self._apply(config, _Candidate(c.param, -c.direction, c.scale, "pair"))
             other = self.hist.holder(config_key(opposite[0])) if opposite else None
-            if other is not None and other.state.is_finished():
-                return f"{where}, trying the opposite of cycle {other.cycle} ({opposite[1]}): {label}"  # type: ignore[index]
+            # only a move of this parameter the other way from this same cycle is "the opposite";
+            # the trial holding that configuration may be the baseline, or another parent's move
+            if (other is not None and other.state.is_finished() and other.kind == "move"
+                    and other.parent == base.number and other.param == c.param and other.direction == -c.direction):
+                return f"{where}, trying the opposite of cycle {other.cycle} ({other.move}): {label}"
         return f"{where}, trying {label}"
 
 
