@@ -550,3 +550,14 @@ def test_every_opposite_a_reason_names_is_that_cycles_move_from_the_same_parent(
             assert other.user_attrs["cycle_parent"] == t.user_attrs["cycle_parent"], t.user_attrs["cycle_reason"]
             named += 1
     assert named  # the claim is made, and true each time
+
+
+def test_an_int_repeat_is_never_called_a_larger_step():
+    """11 -> 6 -> 3 on a log int is ÷2 twice, rounded: "again", not "(same way, larger step)"."""
+    import math as m
+
+    study = optuna.create_study(sampler=CycleSampler(baseline={"b": 11}, seed=0))
+    study.optimize(lambda t: abs(m.log2(t.suggest_int("b", 1, 1024, log=True)) - 1), n_trials=6)
+    reasons = [t.user_attrs["cycle_reason"] for t in study.trials]
+    assert any(" again" in r for r in reasons), reasons
+    assert not any("larger step" in r for r in reasons), reasons

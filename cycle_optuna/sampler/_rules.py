@@ -403,8 +403,8 @@ class Planner:
             last_step, next_step = abs(math.log(now / before)), abs(math.log(after / now))
         else:  # linear floats and ints step by a fixed amount
             last_step, next_step = abs(now - before), abs(after - now)
-        if next_step > last_step * 1.001:
-            return "(same way, larger step)"
+        if next_step > last_step * 1.001 and not isinstance(dist, IntDistribution):
+            return "(same way, larger step)"  # an int always takes one step: 11 -> 6 -> 3 is rounding, not larger
         if next_step < last_step * 0.999:
             return "(same way, up to the end of the range)"
         return "again"
