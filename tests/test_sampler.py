@@ -561,3 +561,20 @@ def test_an_int_repeat_is_never_called_a_larger_step():
     reasons = [t.user_attrs["cycle_reason"] for t in study.trials]
     assert any(" again" in r for r in reasons), reasons
     assert not any("larger step" in r for r in reasons), reasons
+
+
+def test_a_move_claimed_before_the_baseline_finished_is_repeated_when_it_improves():
+    """Workers asking while the baseline still runs get its neighbours ("lazy" moves); one that
+    improves is kept going like any move."""
+    study = optuna.create_study(sampler=CycleSampler(baseline={"x": 5.0}, seed=0))
+    dist = {"x": FloatDistribution(0, 10)}
+    first, second = study.ask(), study.ask()  # the second is claimed before the first has suggested x
+    assert study.trials[1].system_attrs["cycle:proposal"]["kind"] == "lazy"
+    for t in (second, first):
+        t.suggest_float("x", 0, 10)
+        study.tell(t, abs(t.params["x"] - 9))
+    assert second.params["x"] > first.params["x"]  # x up came first, and is the better one
+    third = study.ask(dist)
+    assert third.params["x"] > second.params["x"]
+    reason = study.trials[2].user_attrs["cycle_reason"]
+    assert f"cycle 2 improved" in reason and " again" in reason, reason

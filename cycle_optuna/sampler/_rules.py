@@ -132,7 +132,7 @@ class Planner:
         lr = self._name("lr")
         if lr and last is not None and last is not base and last.diagnosis == "diverged":
             front.append(_Candidate(lr, -1, 1.0, "diverged"))
-        if base.improved and base.kind == "move" and base.param in self.space and base.direction:
+        if base.improved and base.kind in ("move", "lazy") and base.param in self.space and base.direction:
             front.append(_Candidate(base.param, base.direction, self._repeat_scale(base), "keep"))
             # One lr probe once capacity stops paying (a larger model often wants a smaller lr).
             if roles.role_of(base.param) in CAPACITY and lr:
