@@ -471,7 +471,9 @@ def _not_an_input(target: Path, cfg, url: str, data_file: str | None, *, flag: s
             same = False
         if same:
             raise ConfigError(f"{flag} {target}: that is {what}; name another file to write")
-    artifacts = config.resolve_artifact_dir(cfg).resolve()
+    from cycle_optuna.preflight import artifact_dir
+
+    artifacts = artifact_dir(cfg).resolve()  # $CYCLE_OPTUNA_ARTIFACT_DIR over the study file's, as workers use
     if artifacts in target.resolve().parents:  # the study's saved models and checkpoints
         raise ConfigError(f"{flag} {target}: that is in the study's artifact folder {artifacts} (its models and "
                           "checkpoints); name a file elsewhere")
