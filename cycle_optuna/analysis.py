@@ -283,8 +283,8 @@ def recommendations(
         elif verdict.since == 0 and len(done) > 1:
             recs.append("The last finished cycle set the best loss: run more cycles (raise study.n_trials)")
         else:
-            recs.append(f"Keep going: {verdict.since} finished cycles since the last new best, short of the stop "
-                        f"rule ({verdict.rule})")
+            recs.append(f"Keep going: {verdict.since} finished cycle{'' if verdict.since == 1 else 's'} since the last "
+                        f"new best by more than {100 * NOISE:g}%, short of the stop rule ({verdict.rule})")
     n_complete = sum(c.state == "COMPLETE" for c in cycles)
     if importance and n_complete >= MIN_IMPORTANCE:
         top, *rest = importance.items()

@@ -169,8 +169,10 @@ def _table(a: Analysis) -> list[str]:
         mark = " **best**" if c is a.best else ""
         lines.append(f"| {c.cycle} | {'-' if loss is None else f'{loss:.4f}'}{mark} | {_pct(c.val_accuracy)} | "
                      f"{'-' if imp is None else f'{imp:.2f}%'} | {_cell(c.key_change)} | {_state(c)} |")
-    lines += ["", "Final val loss is the best validation loss the cycle reached (the objective); improvement is "
-              "first-to-best validation loss within the cycle's epochs.", ""]
+    lines += ["", "Final val loss is the best validation loss the cycle reached: a complete cycle's objective value "
+              "(a pruned cycle's Optuna value, which `export` and the trial logs show, is its loss at the epoch it was "
+              "stopped); accuracy is at the best epoch for a complete cycle, at the last epoch for a pruned one; "
+              "improvement is first-to-best validation loss within the cycle's epochs.", ""]
     return lines
 
 
@@ -314,14 +316,36 @@ def _pruning(a: Analysis) -> list[str]:
     stopped = a.pruned + a.diverged
     if not a.epochs:
         return lines + [f"- {len(stopped)} cycles were stopped early (epoch budget unknown).", ""]
-    saved = sum(max(0, a.epochs - c.epochs_run) for c in stopped)
+    # a cycle that early stopping would have ended by the same epoch owes pruning nothing; for the
+    # others the rest of the budget is an upper bound (early stopping might have come later)
+    train = a.cfg.train if a.cfg else None
+    by_pruning = [c for c in stopped
+                  if train is None or _early_stop_at(c.curve, train.early_stopping_patience, train.min_delta,
+                                                     a.epochs) is None]
+    saved = sum(max(0, a.epochs - c.epochs_run) for c in by_pruning)
     early = sum(max(0, a.epochs - c.epochs_run) for c in a.complete)
     counted = [c for c in a.cycles if c.retried_as is None]  # a retried cycle's epochs go on in its retry
     budget = a.epochs * max(1, len(counted))
     what = _n(len(a.pruned), "cycle") + (f" and stopped {len(a.diverged)} that diverged" if a.diverged else "")
-    return lines + [f"- Pruning stopped {what}, saving **{saved} epochs** "
-                    f"({100 * saved / budget:.1f}% of the {budget}-epoch budget of {_n(len(counted), 'cycle')})",
+    also = len(stopped) - len(by_pruning)
+    same = (f"; early stopping would have ended {also} of them by the same epoch (counted as saving none)"
+            if also else "")
+    return lines + [f"- Pruning stopped {what}, saving up to **{_n(saved, 'epoch')}** "
+                    f"({100 * saved / budget:.1f}% of the {budget}-epoch budget of {_n(len(counted), 'cycle')}){same}",
                     f"- Early stopping saved another {_n(early, 'epoch')} in complete cycles", ""]
+
+
+def _early_stop_at(curve: list[float], patience: int, min_delta: float, epochs: int) -> int | None:
+    """The epochs the trainer's early stopping would have run on `curve`, when it stops within it."""
+    ref, bad = math.inf, 0
+    for e, v in enumerate(curve):
+        if v < ref - min_delta:
+            ref, bad = v, 0
+        else:
+            bad += 1
+        if patience > 0 and bad >= patience and e < epochs - 1:
+            return e + 1
+    return None
 
 
 def _worked(a: Analysis) -> list[str]:
@@ -332,8 +356,9 @@ def _worked(a: Analysis) -> list[str]:
             continue
         if c.value < best:
             if math.isfinite(best):
+                small = "; within the noise threshold, so not counted as progress" if c.value >= best * (1 - an.NOISE) else ""
                 wins.append(f"- Cycle {c.cycle}: {c.key_change} lowered the best loss {best:.4f} -> {c.value:.4f} "
-                            f"({100 * (best - c.value) / best:.2f}%)")
+                            f"({100 * (best - c.value) / best:.2f}%{small})")
             best = c.value
         else:
             misses.append(c)

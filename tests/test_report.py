@@ -61,7 +61,7 @@ def test_numbers_come_from_the_study(written):
     assert table[3].endswith("| diverged |") and "pruned at epoch 2" in table[4] and table[5].endswith("| fail |")
     assert "(3 complete, 1 pruned, 1 diverged, 1 failed)" in text
     # cycles 4 and 5 ran 2 of 4 epochs each: 4 epochs saved of the 24-epoch budget
-    assert ("Pruning stopped 1 cycle and stopped 1 that diverged, saving **4 epochs** (16.7% of the 24-epoch "
+    assert ("Pruning stopped 1 cycle and stopped 1 that diverged, saving up to **4 epochs** (16.7% of the 24-epoch "
             "budget of 6 cycles)") in text
     assert "**Sequence:** 0.0005 -> 0.001 -> 0.002 -> 0.004 -> 0.001 -> 0.00025" in text
     # 4 cycles to compare: too few for a trend, and the report says so with its sample
@@ -80,7 +80,7 @@ def test_recommendations_are_derived_from_the_data(written):
     _, tpe = written["tpe"]
     assert "Keep the learning rate below 0.004: 1 cycle diverged" in cyc
     # 5 cycles without progress: short of the stated stop rule, so no "stop" advice
-    assert "Keep going: 5 finished cycles since the last new best, short of the stop rule (stop when 8" in cyc
+    assert "Keep going: 5 finished cycles since the last new best by more than 0.5%, short of the stop rule (stop when 8" in cyc
     assert "Stop" not in cyc
     # best lr 0.0039 of [1e-4, 4e-3]: at the edge of the range -> widen it
     assert "Best lr 0.0039 sits at the upper edge of [0.0001, 0.004]: widen the range upwards (e.g. high = 0.008)" in tpe
@@ -302,3 +302,35 @@ def test_the_report_command_names_the_plots_it_wrote_not_other_pictures_there(tm
     assert "with 5 plots (" in out and "holiday.png" not in out
     assert (tmp_path / "pics" / "holiday.png").read_bytes() == b"\x89PNG"
     assert not [p for p in (tmp_path / "pics").iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_pruning_savings_leave_out_cycles_early_stopping_would_have_ended_as_soon():
+    """The report charged every epoch a pruned cycle did not run to pruning, also where the
+    trainer's early stopping (patience, min_delta) would have ended it at the same epoch."""
+    from cycle_optuna.report_markdown import _early_stop_at
+
+    assert _early_stop_at([1.0, 0.9, 0.95, 0.96], 2, 1e-4, 10) == 4  # two epochs without a new best
+    assert _early_stop_at([1.0, 0.9, 0.8], 2, 1e-4, 10) is None  # still improving: pruning saved the rest
+    assert _early_stop_at([1.0, 0.9, 0.89995, 0.8999], 2, 1e-4, 10) == 4  # gains below min_delta do not count
+    assert _early_stop_at([1.0, 1.0, 1.0], 2, 1e-4, 3) is None  # never at the last epoch, as the trainer
+    assert _early_stop_at([1.0, 1.1, 1.2], 0, 1e-4, 10) is None  # patience 0: early stopping off
+
+
+def test_a_new_best_within_the_noise_threshold_is_marked_as_such():
+    """Cycles 0.3000 -> 0.2995: 'What worked' listed the new best while the recommendation, which
+    counts only bests by more than 0.5%, said none had come: both now say which rule they apply."""
+    from cycle_optuna.api import Cycle
+    from cycle_optuna.report_markdown import _worked
+
+    def cycle(n: int, value: float) -> Cycle:
+        return Cycle(cycle=n, number=n - 1, state="COMPLETE", value=value, params={}, searched={},
+                     key_change=f"change {n}", curve=[value], metrics={})
+
+    from types import SimpleNamespace
+
+    cycles = [cycle(1, 0.3000), cycle(2, 0.2995), cycle(3, 0.2500)]
+    a = SimpleNamespace(cycles=cycles, best=cycles[2], cfg=None, diverged=[], failed=[], importance={}, pruned=[],
+                        retried=[], test=None)
+    text = "\n".join(_worked(a))  # type: ignore[arg-type]
+    assert "Cycle 2: change 2 lowered the best loss 0.3000 -> 0.2995 (0.17%; within the noise threshold" in text
+    assert "Cycle 3: change 3 lowered the best loss 0.2995 -> 0.2500 (16.53%)\n" in text + "\n"
