@@ -17,6 +17,7 @@ from cycle_optuna.config import ParamSpace, StudyConfig
 
 CORRELATION = 0.3  # |Spearman rho| from which a relation is called a trend
 MIN_TREND = 6  # informative cycles (complete or pruned) needed before any trend is stated
+MIN_TREND_MOVED = 3  # ... of which at least this many away from the quantity's most common value
 MIN_IMPORTANCE = 10  # complete cycles below which importances carry a warning
 EDGE = 0.1  # best value within this fraction of a range's ends is "at the edge"
 NOISE = 0.005  # a new best must beat the old by this fraction to count as progress
@@ -113,7 +114,10 @@ def trend(cycles: Sequence[Cycle], x_of: Callable[[Cycle], float | None]) -> Tre
     pool = [c for c in informative(cycles) if x_of(c) is not None]
     epoch = common_epoch(pool)
     n = sample(pool)
-    if epoch is None or len(pool) < MIN_TREND:
+    xs = [x_of(c) for c in pool]
+    off_mode = len(xs) - max((xs.count(x) for x in set(xs)), default=0)
+    # a rank correlation carried by one or two cycles that moved the quantity says what those cycles did
+    if epoch is None or len(pool) < MIN_TREND or off_mode < MIN_TREND_MOVED:
         return Trend(None, epoch, n)
     pts = [(x_of(c), loss_at(c, epoch)) for c in pool]
     pts = [(x, y) for x, y in pts if y is not None]

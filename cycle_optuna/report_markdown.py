@@ -204,7 +204,8 @@ def _trend_line(t: an.Trend, quantity: str, up: str, down: str, flat: str) -> st
 
 def _too_few(t: an.Trend, what: str) -> str:
     return (f"- Too few cycles with different {what} to relate them to loss ({t.n}; a trend needs "
-            f"{an.MIN_TREND} complete or pruned cycles)")
+            f"{an.MIN_TREND} complete or pruned cycles, at least {an.MIN_TREND_MOVED} of them away from the most "
+            "common value)")
 
 
 def _capacity(a: Analysis) -> list[str]:

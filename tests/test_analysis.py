@@ -38,6 +38,17 @@ def test_complete_cycles_alone_are_too_few_for_a_trend():
     assert t.rho is None and t.direction == 0 and str(t.n) == "3 complete, 0 pruned"
 
 
+def test_a_trend_carried_by_one_or_two_cycles_that_moved_the_quantity_is_not_stated():
+    """Seven cycles, one larger model and one smaller: rho came from those two alone and read as
+    "larger models performed better" although the one larger model lost to its parent."""
+    sizes = [32, 32, 64, 16, 32, 32, 32]
+    cycles = [cyc(i + 1, hidden_dim=h, curve=[1.0, 0.9 - 0.01 * i]) for i, h in enumerate(sizes)]
+    assert an.trend(cycles, lambda c: float(c.params["hidden_dim"])).rho is None
+    sizes = [32, 32, 64, 16, 128, 32, 32]  # three away from the most common value: enough to state one
+    cycles = [cyc(i + 1, hidden_dim=h, curve=[1.0, 0.9 - 0.01 * i]) for i, h in enumerate(sizes)]
+    assert an.trend(cycles, lambda c: float(c.params["hidden_dim"])).rho is not None
+
+
 def test_diverged_and_failed_cycles_are_not_loss_evidence():
     cycles = [cyc(1), cyc(2, "PRUNED", curve=[1.3, float("nan")], diagnosis="diverged"), cyc(3, "FAIL")]
     assert [c.cycle for c in an.informative(cycles)] == [1]

@@ -66,7 +66,7 @@ def test_numbers_come_from_the_study(written):
     assert "**Sequence:** 0.0005 -> 0.001 -> 0.002 -> 0.004 -> 0.001 -> 0.00025" in text
     # 4 cycles to compare: too few for a trend, and the report says so with its sample
     assert ("Too few cycles with different capacities to relate them to loss (3 complete, 1 pruned; a trend "
-            "needs 6 complete or pruned cycles)") in text
+            "needs 6 complete or pruned cycles, at least 3 of them away from the most common value)") in text
     assert "**Finding:**" not in text
     assert "**Cycle 3** had the best accuracy of the 3 complete cycles (47.68%) despite not having the best loss" in text
     assert "cycle 4 (lr 0.004, hidden 128, 5 layers, 4 heads): diverged: the loss became non-finite" in text
