@@ -213,7 +213,7 @@ def cycles(study: StudyLike, storage: str | BaseStorage | None = None) -> list[C
         metrics = {k: v for k, v in attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if "improvement_pct" not in metrics and len(curve) >= 2 and curve[0] > 0:
             metrics["improvement_pct"] = round(100.0 * (curve[0] - min(curve)) / curve[0], 3)
-        params = {**base, **t.params}
+        params = {**base, **_planned(t), **t.params}
         parent = attrs.get("cycle_parent")
         ref = by_number.get(parent - 1) if isinstance(parent, int) else (trials[i - 1] if i else None)
         retry_of = _retry_of(t)
@@ -233,6 +233,18 @@ def cycles(study: StudyLike, storage: str | BaseStorage | None = None) -> list[C
             retry_of=None if retry_of is None else retry_of + 1,
         ))
     return out
+
+
+def _planned(t: FrozenTrial) -> dict[str, Any]:
+    """What the trial was to run: the cycle sampler's proposal and any enqueued values. A trial
+    that failed while suggesting holds only the parameters suggested before the failure; the rest
+    are these, not the baseline's."""
+    from cycle_optuna.sampler._history import FIXED_ATTR, PROPOSAL_ATTR
+
+    proposal = t.system_attrs.get(PROPOSAL_ATTR)
+    planned = dict(proposal.get("params") or {}) if isinstance(proposal, dict) else {}
+    fixed = t.system_attrs.get(FIXED_ATTR)
+    return {**planned, **(fixed if isinstance(fixed, dict) else {})}
 
 
 def _retry_of(t: FrozenTrial) -> int | None:

@@ -689,6 +689,14 @@ def test_parameters_the_model_cannot_be_built_from_fail_their_trial_in_one_line(
     assert "n_heads=3 does not divide hidden_dim=16" in first.getMessage()
     assert "n_heads: " in second.getMessage() and "a value enqueued for this trial outside the space?" in second.getMessage()
     assert not first.exc_info and not second.exc_info  # no traceback: the reason is the whole story
+    # the cycles table, report and export show what the failed trials were to run, not the baseline
+    from cycle_optuna import api
+
+    assert [c.params["n_heads"] for c in api.cycles("s.toml")] == [2, 3, -1]
+    # a trial that failed at its first suggestion holds no parameter: its enqueued value is shown
+    optuna.load_study(study_name="t", storage="sqlite:///t.db").enqueue_trial({"n_heads": "four"})
+    assert run_cli("worker", "s.toml", "--n-trials", "4") == 0
+    assert api.cycles("s.toml")[3].params["n_heads"] == "four" and api.cycles("s.toml")[3].state == "FAIL"
 
 
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite+pysqlite://",
