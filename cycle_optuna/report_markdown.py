@@ -100,10 +100,10 @@ def _overview(a: Analysis) -> list[str]:
                         if s.get("folds", 1) > 1 else ""))
     first = a.cycles[0] if a.cycles else None
     if a.best is not None:
-        line = f"Best validation loss **{a.best.value:.4f}** in cycle {a.best.cycle} (of {len(a.complete)} complete cycles)"
+        line = f"Best validation loss **{a.best.value:.4f}** in cycle {a.best.cycle} (of {_n(len(a.complete), 'complete cycle')})"
         if first is not None and first.state == "COMPLETE" and first.value and first is not a.best:
             line += f", {100 * (first.value - a.best.value) / first.value:.2f}% below cycle 1 ({first.value:.4f})"
-        elif first is a.best:
+        elif first is a.best and len(a.cycles) > 1:
             line += ": no later cycle beat the baseline"
         lines.append(line + ".")
     elif a.cycles and len(an.finished(a.cycles)) == len(a.cycles):
@@ -363,7 +363,8 @@ def _worked(a: Analysis) -> list[str]:
             best = c.value
         else:
             misses.append(c)
-    lines += wins or ["- No cycle improved on the first complete cycle."]
+    lines += wins or (["- No cycle improved on the first complete cycle."] if a.complete
+                      else ["- No cycle completed, so none set a best."])
     lines += ["", "### What failed", ""]
     lines.append(f"- **Did not improve:** {_n(len(misses), 'complete cycle')}"
                  + (": " + "; ".join(f"cycle {c.cycle} ({c.key_change})" for c in misses[:8]) if misses else ""))
@@ -401,7 +402,7 @@ def _loss_reduction(a: Analysis) -> list[str]:
         rel = slope / float(np.mean(ys))
         trend = ("loss fell with later cycles" if rel < -0.001 else
                  "loss rose with later cycles (diminishing returns)" if rel > 0.001 else "flat")
-        lines.append(f"- **Overall trend:** {trend} ({slope:+.4f} per cycle, over {len(done)} complete cycles)")
+        lines.append(f"- **Overall trend:** {trend} ({slope:+.4f} per cycle, over {_n(len(done), 'complete cycle')})")
         cv = float(np.std(ys) / np.mean(ys))
         lines.append(f"- **Stability:** loss of complete cycles in {ys.min():.4f} - {ys.max():.4f} "
                      f"(std {np.std(ys):.4f}, {'narrow' if cv < 0.01 else 'wide'} at {100 * cv:.2f}% of the mean)")
@@ -418,7 +419,7 @@ def _conclusion(a: Analysis) -> list[str]:
     return ["## Conclusion", "",
             f"**Key takeaway:** cycle {b.cycle} ({_arch(b)}, lr {_fmt(b.params.get('lr'))}, batch "
             f"{b.params.get('batch_size')}, dropout {_fmt(b.params.get('dropout'))}) reached validation loss "
-            f"{b.value:.4f} and accuracy {_pct(b.val_accuracy)} after {len(a.cycles)} cycles.{test}", ""]
+            f"{b.value:.4f} and accuracy {_pct(b.val_accuracy)} after {_n(len(a.cycles), 'cycle')}.{test}", ""]
 
 
 def render(a: Analysis, images: dict[str, str] | None = None) -> str:
