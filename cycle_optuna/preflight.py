@@ -6,6 +6,7 @@ line and exit 2, with no banner, no progress bar, no database file and no direct
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -20,8 +21,9 @@ if TYPE_CHECKING:  # data imports torch: read-only commands never need it
     from cycle_optuna.data import TaskData
 
 
-def check_writable_dir(path: Path, *, what: str) -> None:
-    """`path` is a directory this process can write, or can be created as one; leaves nothing behind."""
+def check_writable_dir(path: Path, *, what: str, room: int = 0) -> None:
+    """`path` is a directory this process can write, or can be created as one, and takes `room`
+    bytes now (a disk already full is refused before anything is created); leaves nothing behind."""
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -30,25 +32,18 @@ def check_writable_dir(path: Path, *, what: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise StorageError(f"cannot write {path}: read-only ({existing} is not writable)")
     try:  # what permissions do not show (root on /proc, a read-only mount): one real file, unnamed or gone at once
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        with tempfile.TemporaryFile(dir=existing) as f:
+            if room:
+                f.write(b"\0" * room)
+                f.flush()
+                os.fsync(f.fileno())
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageError(f"cannot write {path}: {e.strerror} (free space and run again)") from None
         raise StorageError(f"cannot write {path}: {existing} takes no new files ({e.strerror or e})") from None
 
 
-def check_room(path: Path, size: int = 1 << 16) -> None:
-    """`path` (or its nearest existing parent) takes `size` bytes now: a full disk is refused in
-    one line before anything is created. Leaves nothing behind."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        with tempfile.TemporaryFile(dir=existing) as f:
-            f.write(b"\0" * size)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise StorageError(f"cannot write {path}: {e.strerror or e} (free space and run again)") from None
+ROOM = 1 << 16  # bytes `run`/`worker` must be able to write where the study's files go before starting
 
 
 def check_storage_location(url: str, *, create: bool) -> None:
@@ -92,13 +87,14 @@ def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[s
         raise ConfigError(f"{where}train.threads: {cfg.train.threads} is more than this machine's {cores} cores; at most "
                           "that, or 0 = cores / workers")
     own = os.environ.get(storage_mod.ARTIFACTS_ENV_VAR)  # the variable overrides the file: name the one used
-    check_writable_dir(artifact_dir(cfg), what=f"${storage_mod.ARTIFACTS_ENV_VAR}" if own else f"{where}study.artifact_dir")
+    check_writable_dir(artifact_dir(cfg), what=f"${storage_mod.ARTIFACTS_ENV_VAR}" if own else f"{where}study.artifact_dir",
+                       room=ROOM)
     if logs is not None:  # `run --workers K` writes its workers' logs there
         check_writable_dir(logs, what="the workers' log folder (the study file's)")
     check_storage_location(url, create=True)
-    # a disk already full: one line now, not after the banner with an empty database file left behind
-    for folder in {artifact_dir(cfg), *((db.parent,) if (db := storage_mod.file_path(url)) is not None else ())}:
-        check_room(folder)
+    if (db := storage_mod.file_path(url)) is not None:
+        # a disk already full: one line now, not after the banner with an empty database file left behind
+        check_writable_dir(db.parent, what="the storage file's folder", room=ROOM)
     from cycle_optuna.data import load_study_data
 
     data = load_study_data(cfg)  # with its test file, when [data] test_source names one
