@@ -6,7 +6,6 @@ import argparse
 import errno
 import logging
 import os
-import re
 import sys
 import warnings
 from collections import Counter
@@ -86,14 +85,15 @@ def _load(args: argparse.Namespace, *, trains: bool = False):
 
 
 def _with_total(args: argparse.Namespace, cfg, url: str):
-    """The config with the total to run to (--n-trials, else the larger of file and study), and the
-    line to print when the study already holds more trials than that."""
+    """The config with the total to run to (--n-trials, else the larger of file and study), the
+    line to print when the study already holds more trials than that, and the study (None when
+    it does not exist yet)."""
     from cycle_optuna import config, status, totals
 
     study = status.find(cfg, url)
     total = totals.resolve(study, flag=args.n_trials, file=cfg.study.n_trials)
     note = totals.too_small(study, total) if study is not None else None
-    return config.override(cfg, n_trials=total), note
+    return config.override(cfg, n_trials=total), note, study
 
 
 def _trial_log(args: argparse.Namespace, echo: Callable[[str], None]):
@@ -168,7 +168,7 @@ WORKERS_PER_CORE = 16  # `run --workers K` beyond this many a core is refused: e
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cycle_optuna import config, placement, preflight, status, storage, totals, worker
+    from cycle_optuna import config, placement, preflight, storage, totals, worker
 
     cfg, url = _load(args, trains=True)
     gpus = _placement(args)
@@ -178,14 +178,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                                "loaded: start workers on more machines with `cycle-optuna worker` instead")
     logs = config.study_dir(cfg) if len(gpus) > 1 else None  # where the workers' logs go
     data = preflight.for_run(cfg, url, wait_s=args.wait_for_storage, say=_say_err, logs=logs)  # bad input: one line, first
-    cfg, note = _with_total(args, cfg, url)
+    cfg, note, held = _with_total(args, cfg, url)
     if note:
         out.print(note, highlight=False, soft_wrap=True)
         _print_cycles(worker.open_study(cfg, url, create=False))
         return 0
     fewer = None
     if len(gpus) > 1:  # no more workers than trials left to run: the others would start only to stop
-        held = status.find(cfg, url)
         left = cfg.study.n_trials - (worker.trials_counted(held) if held is not None else 0)
         if 0 < left < len(gpus):
             fewer = f"note: {left} trial(s) left to run: starting {left} worker(s), not {len(gpus)}"
@@ -318,7 +317,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.gpus is not None:
         placement.pin(args.gpus)  # before anything starts CUDA
     data = preflight.for_run(cfg, url, wait_s=args.wait_for_storage, say=_say_err)  # a bad input: one line, first
-    cfg, note = _with_total(args, cfg, url)
+    cfg, note, _ = _with_total(args, cfg, url)
     if note:  # a worker can do nothing useful: say so and stop before anything else
         raise CycleOptunaError(note)
     worker.install_signal_handlers()
@@ -392,13 +391,13 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from cycle_optuna import preflight, report
+    from cycle_optuna.plots import FILES as plot_files
 
     cfg, url = _load(args)
     preflight.for_read(url)
     preflight.for_report(Path(args.output) if args.output is not None else report.default_dir(args.study, cfg.study.name))
     path = report.write_report(args.study, args.output, storage=url, test=not args.no_test)
-    shown = set(re.findall(r"\]\(([^)/]+\.png)\)", path.read_text()))  # the plots it links, not other PNGs there
-    plots = sorted(p.name for p in path.parent.glob("*.png") if p.name in shown)
+    plots = sorted(plot_files.values())  # the plots it wrote, not other PNGs in the folder
     out.print(f"report of study [bold]{cfg.study.name}[/]: {path} with {len(plots)} plots ({', '.join(plots)})",
               highlight=False, soft_wrap=True)
     return 0
@@ -458,10 +457,9 @@ def _not_an_input(target: Path, cfg, url: str, data_file: str | None, *, flag: s
     if not target.is_file():
         return
     inputs = [(data_file, "the data file to predict on"), (cfg.path, "the study file"),
-              (storage.file_path(url), "the study's database"),
+              (db := storage.file_path(url), "the study's database"),
               (config.resolve_data_path(cfg), "the study's data.source"),
               (config.resolve_test_path(cfg), "the study's data.test_source")]
-    db = storage.file_path(url)
     if db is not None:  # SQLite's companions: replacing one under a running worker loses its commits
         inputs += [(Path(f"{db}{end}"), "a file of the study's database") for end in ("-wal", "-shm", "-journal")]
     for path, what in inputs:

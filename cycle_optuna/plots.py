@@ -216,14 +216,18 @@ def importances(values: dict[str, float], path: Path, *, note: str = "", warning
     return _save(fig, path)
 
 
+FILES = {"history": "history.png", "curves": "curves.png", "lr": "lr_vs_loss.png",
+         "capacity": "capacity_vs_loss.png", "importances": "importances.png"}  # the report's plots
+
+
 def write_all(cycles: Sequence[Cycle], importance: dict[str, float], out_dir: Path, *, note: str = "",
               warning: str = "") -> dict[str, Path]:
     """Every report plot into `out_dir`; name -> path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     return {
-        "history": history(cycles, out_dir / "history.png"),
-        "curves": curves(cycles, out_dir / "curves.png"),
-        "lr": lr_vs_loss(cycles, out_dir / "lr_vs_loss.png"),
-        "capacity": capacity_vs_loss(cycles, out_dir / "capacity_vs_loss.png"),
-        "importances": importances(importance, out_dir / "importances.png", note=note, warning=warning),
+        "history": history(cycles, out_dir / FILES["history"]),
+        "curves": curves(cycles, out_dir / FILES["curves"]),
+        "lr": lr_vs_loss(cycles, out_dir / FILES["lr"]),
+        "capacity": capacity_vs_loss(cycles, out_dir / FILES["capacity"]),
+        "importances": importances(importance, out_dir / FILES["importances"], note=note, warning=warning),
     }
