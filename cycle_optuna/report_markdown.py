@@ -337,7 +337,8 @@ def _pruning(a: Analysis) -> list[str]:
 
 
 def _early_stop_at(curve: list[float], patience: int, min_delta: float, epochs: int) -> int | None:
-    """The epochs the trainer's early stopping would have run on `curve`, when it stops within it."""
+    """The epochs the trainer's early stopping would have run on `curve`, when it stops within it:
+    the rule of train._track_best and train._early_stop, replayed here without importing torch."""
     ref, bad = math.inf, 0
     for e, v in enumerate(curve):
         if v < ref - min_delta:
