@@ -282,12 +282,8 @@ def note_if_locked(url: str, say: Callable[[str], None]) -> None:
 
 def sqlite_path(url: str) -> Path | None:
     """The database file of a sqlite:// URL (None for other URLs and in-memory databases)."""
-    if not url.startswith("sqlite"):
-        return None
-    try:
-        database = make_url(url).database
-    except (sqlalchemy.exc.ArgumentError, ValueError):
-        return None
+    parsed = _sqlite_url(url)
+    database = parsed.database if parsed is not None else None
     return Path(database) if database and database != ":memory:" and not database.startswith("file:") else None
 
 
