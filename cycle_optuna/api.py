@@ -176,6 +176,7 @@ class Cycle:
     reason: str | None = None  # why it was pruned / failed, or the sampler's explanation
     retried_as: int | None = None  # a failed (interrupted, lost) cycle's retry: that cycle's number
     retry_of: int | None = None  # a retry: the cycle it resumes
+    resumed_epochs: int = 0  # a retry: the epochs its checkpoint held (trained by the cycle it resumes)
 
     @property
     def val_accuracy(self) -> float | None:
@@ -189,6 +190,11 @@ class Cycle:
     @property
     def epochs_run(self) -> int:
         return int(self.metrics.get("epochs_run") or len(self.curve))
+
+    @property
+    def epochs_trained(self) -> int:
+        """Epochs this cycle trained itself: a retry's epochs run less those its checkpoint held."""
+        return max(0, self.epochs_run - self.resumed_epochs)
 
     @property
     def n_params(self) -> int | None:
@@ -231,6 +237,7 @@ def cycles(study: StudyLike, storage: str | BaseStorage | None = None) -> list[C
             diagnosis=attrs.get("diagnosis"), reason=reason,
             retried_as=retries[t.number] + 1 if t.number in retries else None,
             retry_of=None if retry_of is None else retry_of + 1,
+            resumed_epochs=_resumed_epochs(attrs.get(storage_mod.RESUMED_ATTR)),
         ))
     return out
 
@@ -245,6 +252,12 @@ def _planned(t: FrozenTrial) -> dict[str, Any]:
     planned = dict(proposal.get("params") or {}) if isinstance(proposal, dict) else {}
     fixed = t.system_attrs.get(FIXED_ATTR)
     return {**planned, **(fixed if isinstance(fixed, dict) else {})}
+
+
+def _resumed_epochs(resumed: object) -> int:
+    """The epoch count in a retry's "trial N epoch E" (storage.RESUMED_ATTR), else 0."""
+    words = resumed.split() if isinstance(resumed, str) else []
+    return int(words[3]) if len(words) == 4 and words[2] == "epoch" and words[3].isdigit() else 0
 
 
 def _retry_of(t: FrozenTrial) -> int | None:

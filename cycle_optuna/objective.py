@@ -27,7 +27,7 @@ from cycle_optuna.train import EpochMetrics, TrainResult, model_kwargs, train_an
 DIAGNOSES = ("diverged", "unstable", "underfit", "overfit", "below_baseline", "converging", "converged")
 MODEL_FILE = "model.pt"
 CHECKPOINT_ATTR = "checkpoint_artifact_id"  # user attr: the trial's latest epoch checkpoint
-RESUMED_ATTR = "resumed_from"  # user attr on a retry: "trial N epoch E"
+RESUMED_ATTR = storage_mod.RESUMED_ATTR  # user attr on a retry: "trial N epoch E"
 
 _log = logging.getLogger(__name__)
 

@@ -79,7 +79,7 @@ def _overview(a: Analysis) -> list[str]:
         parts.append(f"{len(a.retried)} interrupted and retried")
     if n["RUNNING"] or n["WAITING"]:
         parts.append(f"{n['RUNNING'] + n['WAITING']} running or waiting")
-    epochs = sum(c.epochs_run for c in a.cycles)
+    epochs = sum(c.epochs_trained for c in a.cycles)  # a retry's resumed epochs were trained by its original
     timed = [c for c in a.cycles if c.metrics.get("train_seconds")]  # pruned and failed cycles record none
     secs = sum(c.metrics["train_seconds"] for c in timed)
     lines = ["## Overview", "", f"Study **{a.name}** ran {_n(len(a.cycles), 'improvement cycle')} ({', '.join(parts)})"

@@ -91,6 +91,7 @@ WORKER_START_ATTR = "worker_start"
 WORKER_LOCK_ATTR = "worker_lock"
 DEVICE_ATTR = "device"  # user attr beside it: "cpu" or "gpu <id>"
 FAIL_CAUSE_ATTR = "fail_cause"  # user attr on a failed trial: why it failed, in one line
+RESUMED_ATTR = "resumed_from"  # user attr on a retry that resumed a checkpoint: "trial N epoch E"
 LOST_CAUSE = "worker lost"  # how fail_cause starts on a trial failed because its worker was gone
 ORPHAN_SECONDS = 60.0  # a journal file's running trial still without a worker attr this long after it began: lost
 # drivers SQLAlchemy may ask for that this package does not install: what to install instead

@@ -396,6 +396,11 @@ def test_a_kill_before_the_result_is_stored_keeps_the_checkpoint_for_the_retry(t
     assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
     assert retry.user_attrs[RESUMED_ATTR] == "trial 0 epoch 3"  # trained, not from scratch
     assert not _checkpoint_files(tmp_path)
+    # the three epochs were trained once, by the killed cycle: the retry only stored their result
+    from cycle_optuna import api, report, report_markdown
+
+    assert [(c.epochs_run, c.epochs_trained) for c in api.cycles("tiny", url)] == [(3, 3), (3, 0)]
+    assert ": 3 epochs trained" in report_markdown.render(report.analyse("tiny", url, test=False))
 
 
 def test_a_trial_out_of_retries_leaves_no_checkpoint(tmp_path: Path):
