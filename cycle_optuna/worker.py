@@ -386,6 +386,7 @@ class _Loop:
         self.pack = getattr(objective, "pack", 1)  # trials taken at once (an Objective's run_pack)
         self.device = placement.device_label(_training_device(objective))
         self.share_cores = share_cores
+        self.load = placement.CoreLoad() if share_cores else None
 
     def run(self) -> None:
         with self.heartbeat:
@@ -497,12 +498,24 @@ class _Loop:
 
     def _share_cores(self) -> None:
         """Threads = cores // the study's live workers on this machine (this one included, its trial
-        registered): workers started by hand side by side do not each take every core."""
+        registered): workers started by hand side by side do not each take every core. Fewer while
+        other processes keep cores busy (measured over the last trial; before the first, over a
+        quarter of a second): a spinning thread kept off its core stalls every step."""
         local = storage_mod.local_workers(self.study)
-        threads = max(1, available_cores() // max(1, local))
+        cores = available_cores()
+        share = max(1, cores // max(1, local))
+        others = self.load.others(wait=self.load.last is None) if self.load is not None else None
+        threads = placement.threads_beside(share, cores, others)
         if threads != torch.get_num_threads():
-            _log.warning("%d worker(s) of this study run on this machine: %d torch thread(s) each "
-                         "(set [train] threads to choose)", local, threads)
+            if threads < share:
+                _log.warning("other processes keep %.1f of this machine's %d cores busy: %d torch thread%s for "
+                             "this worker until they are free (set [train] threads to choose)", others, cores, threads,
+                             "" if threads == 1 else "s")
+            elif torch.get_num_threads() < threads and local == 1:
+                _log.warning("the cores are free again: %d torch threads", threads)
+            else:
+                _log.warning("%d worker(s) of this study run on this machine: %d torch thread(s) each "
+                             "(set [train] threads to choose)", local, threads)
             torch.set_num_threads(threads)
 
     def _objectives(self, trials: list[optuna.Trial]) -> list[Callable[[optuna.Trial], float]]:

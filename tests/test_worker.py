@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from cycle_optuna import config, storage, worker
+from cycle_optuna import config, placement, storage, worker
 from cycle_optuna.errors import StorageError
 from cycle_optuna.objective import CHECKPOINT_ATTR, RESUMED_ATTR, TrialCheckpoints
 from workers_helpers import drop_synthetic_keys, write_study
@@ -187,6 +188,75 @@ def test_workers_started_by_hand_on_one_machine_share_its_cores(tmp_path: Path, 
         loop.heartbeat.beat_for(None)
         other.kill()
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("share", "cores", "others", "threads"), [
+    (2, 2, None, 2),  # not measured (no /proc/stat): the share
+    (2, 2, 0.1, 2),  # idle apart from daemons
+    (2, 2, 0.3, 1),  # a quarter of a core busy elsewhere takes a thread
+    (2, 2, 1.9, 1),  # never fewer than one
+    (2, 2, 5.0, 1),
+    (8, 16, 3.0, 8),  # the share is the cap: 13 free cores
+    (16, 16, 3.0, 13),
+    (4, 8, 7.9, 1),
+])
+def test_threads_leave_the_cores_other_processes_keep_busy(share, cores, others, threads):
+    assert placement.threads_beside(share, cores, others) == threads
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="CPU load is read from Linux's /proc/stat")
+def test_a_worker_beside_busy_processes_trains_on_fewer_threads(tmp_path: Path, monkeypatch, caplog):
+    """Two processes keep two cores busy: a worker without a thread count sets one torch thread
+    before its first trial, rather than two threads spinning against them (about 12x slower)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    monkeypatch.setattr(worker, "available_cores", lambda: 2)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        loop = worker._Loop(study, "sqlite://", 1, lambda t: 0.0, worker.Hooks(), worker.WorkerStats(),
+                            share_cores=True)
+        with caplog.at_level("WARNING", logger=worker.__name__):
+            loop._share_cores()  # first trial: measured over a quarter of a second first
+        assert loop.load.last is not None and loop.load.last > 0.75, loop.load.last
+        assert torch.get_num_threads() == 1
+        assert "other processes keep" in caplog.text and "1 torch thread for this worker" in caplog.text
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+        torch.set_num_threads(threads)
+
+
+_SPIN = """
+import time
+from cycle_optuna import placement
+load = placement.CoreLoad()
+end = time.monotonic() + 0.8
+while time.monotonic() < end:
+    pass
+print(load.others(), time.process_time())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="CPU load is read from Linux's /proc/stat")
+def test_a_process_own_work_is_not_counted_as_load():
+    """A child spins on a core while this process sleeps: to this process the child is load, to the
+    child itself it is not, so the child measures less busy elsewhere by about what it ran."""
+    import subprocess
+    import sys
+
+    load = placement.CoreLoad()
+    child = subprocess.run([sys.executable, "-c", _SPIN], capture_output=True, text=True, check=True)
+    mine = load.others()
+    theirs, spent = map(float, child.stdout.split())
+    assert spent > 0.3  # it did run (on a busy machine, a share of a core)
+    assert mine is not None and mine - theirs > 0.25, (mine, theirs, spent)
 
 
 @pytest.mark.parametrize("kind", ["random", "tpe"])
