@@ -132,7 +132,7 @@ def make_dashboard(
         path, found = "/dashboard", False
     return Dashboard(server=server, url=f"http://{shown}:{bound}{path}", study_name=cfg.study.name,
                      storage_url=storage_mod.mask(url), artifact_dir=artifacts,
-                     warning=exposure_warning(host, bound), study_found=found)
+                     warning=exposure_warning(server.server_address[0], bound), study_found=found)
 
 
 def launch(

@@ -76,6 +76,17 @@ def test_warns_when_bound_beyond_loopback(served):
         dash.server.server_close()
 
 
+@pytest.mark.parametrize("host", ["127.1", "0x7f.0.0.1", "localhost"])
+def test_loopback_written_another_way_gets_no_warning(served, host):
+    """Judged by the address the server bound, not the text: 127.1 is 127.0.0.1."""
+    dash = dashboard.make_dashboard(Path(served.artifact_dir).parent / "cycle.toml", host=host, port=0)
+    try:
+        assert dash.server.server_address[0] == "127.0.0.1"
+        assert dash.warning is None
+    finally:
+        dash.server.server_close()
+
+
 def test_port_in_use_is_a_clear_error(served):
     with pytest.raises(CycleOptunaError, match=f"cannot listen on 127.0.0.1:{served.port}"):
         dashboard.make_dashboard(Path(served.artifact_dir).parent / "cycle.toml", port=served.port)
