@@ -5,6 +5,7 @@ Smoke runs only: speed is measured by running the scripts (README.md), never ass
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -32,6 +33,15 @@ def test_training_benchmark_prints_the_ratio_last():
     assert ablated == ["minimal", "minimal, no dropout", "project", "project, no dropout", "project, no clipping",
                        "project, no label smoothing", "project, none of the three"]
     assert re.search(r"ratio project/minimal samples/s \(cpu, baseline, eager\): \d+\.\d+\s*$", out)
+
+
+def test_busy_benchmark_pairs_the_default_threads_with_a_fixed_count():
+    out = _run("busy.py", "--busy", "1", "--rounds", "1", "--trials", "1", "--epochs", "1")
+    (row,) = [line for line in out.splitlines() if line.startswith("| 1 | 1 |")]
+    # beside one busy process the default leaves its core alone
+    assert 1 <= int(row.split("|")[4]) <= max(1, (os.cpu_count() or 1) - 1), row
+    assert re.search(r"ratio fixed/default wall seconds beside 1 busy process \(median of 1 rounds\): \d+\.\d+\s*$", out)
+    _names_the_machine(out)
 
 
 def test_pruning_benchmark_runs_the_same_sequence_under_each_pruner():
