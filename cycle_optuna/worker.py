@@ -320,6 +320,11 @@ def run_worker(
     cfg = _with_env_artifacts(cfg)
     threads = cfg.train.threads or storage_mod.env_whole_number(THREADS_ENV_VAR)
     torch.set_num_threads(threads or default_threads(workers))
+    # A worker started on its own, with no thread count given, shares the cores with the other live
+    # workers of the study on this machine (started by hand, each would take them all) and leaves
+    # those other jobs keep busy; the load is measured from here, over the start-up, for the first trial.
+    share_cores = not threads and workers == 1
+    load = placement.CoreLoad() if share_cores else None
     if data is None:  # the CLI passes the data it validated before printing anything
         data = load_study_data(cfg)
         config_mod.check_patch_len(cfg, data.seq_len)  # a file's length is known only once it is read
@@ -335,10 +340,7 @@ def run_worker(
     objective = Objective(cfg, data, artifact_store=storage_mod.artifact_store(cfg), on_epoch=on_epoch,
                           defer_cleanup=True)
     objective.sweep_checkpoints(study)  # a worker killed after a trial's tell leaves its checkpoint
-    # A worker started on its own, with no thread count given, shares the cores with the other live
-    # workers of the study on this machine (started by hand, each would take them all).
-    run_trials(study, url, cfg.study.n_trials, objective, hooks=hooks, stats=stats,
-               share_cores=not threads and workers == 1)
+    run_trials(study, url, cfg.study.n_trials, objective, hooks=hooks, stats=stats, share_cores=share_cores, load=load)
     return study
 
 
@@ -351,12 +353,14 @@ def run_trials(
     hooks: Hooks | None = None,
     stats: WorkerStats | None = None,
     share_cores: bool = False,
+    load: placement.CoreLoad | None = None,
 ) -> None:
     """The worker loop of :func:`run_worker` for any objective (benchmarks, custom studies).
     ``share_cores``: before each trial, set torch's threads to the cores divided by the study's
-    live workers on this machine."""
+    live workers on this machine, less those other processes keep busy (``load``: measuring since
+    the caller began; else from here)."""
     _Loop(study, url, n_trials, objective, hooks or Hooks(), stats if stats is not None else WorkerStats(),
-          share_cores=share_cores).run()
+          share_cores=share_cores, load=load).run()
 
 
 class _Loop:
@@ -373,7 +377,8 @@ class _Loop:
     """
 
     def __init__(self, study: optuna.Study, url: str, n_trials: int, objective: Callable,
-                 hooks: Hooks, stats: WorkerStats, *, share_cores: bool = False) -> None:
+                 hooks: Hooks, stats: WorkerStats, *, share_cores: bool = False,
+                 load: placement.CoreLoad | None = None) -> None:
         self.study, self.url, self.n_trials = study, url, n_trials
         self.objective, self.hooks, self.stats = objective, hooks, stats
         self.storage = internals.storage_of(study)
@@ -386,7 +391,7 @@ class _Loop:
         self.pack = getattr(objective, "pack", 1)  # trials taken at once (an Objective's run_pack)
         self.device = placement.device_label(_training_device(objective))
         self.share_cores = share_cores
-        self.load = placement.CoreLoad() if share_cores else None
+        self.load = (load or placement.CoreLoad()) if share_cores else None
 
     def run(self) -> None:
         with self.heartbeat:
@@ -499,8 +504,9 @@ class _Loop:
     def _share_cores(self) -> None:
         """Threads = cores // the study's live workers on this machine (this one included, its trial
         registered): workers started by hand side by side do not each take every core. Fewer while
-        other processes keep cores busy (measured over the last trial; before the first, over a
-        quarter of a second): a spinning thread kept off its core stalls every step."""
+        other processes keep cores busy (measured over the last trial; before the first, over the
+        worker's start-up, at least a quarter of a second): a spinning thread kept off its core
+        stalls every step."""
         local = storage_mod.local_workers(self.study)
         cores = available_cores()
         share = max(1, cores // max(1, local))
