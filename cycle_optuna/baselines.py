@@ -18,12 +18,9 @@ import torch
 from torch import nn
 
 from cycle_optuna.data import TaskData
+from cycle_optuna.features import summary_features
 from cycle_optuna.references import BASELINES_ATTR, LABELS, best_reference, compare  # noqa: F401 - re-exported
 
-N_SEGMENTS = 8  # piecewise means per channel: the coarse shape of a series
-N_FREQS = 8  # lowest non-constant Fourier magnitudes per channel
-MAX_LAG = 2  # cross-channel correlations at lags -2..2
-MAX_PAIR_CHANNELS = 16  # above this many channels the pairwise correlations are left out (F^2 features)
 MLP_HIDDEN = 128
 MLP_EPOCHS = 150
 MLP_PATIENCE = 20  # epochs without a better validation loss before the MLP stops
@@ -111,65 +108,6 @@ def nearest_neighbour(data: TaskData, *, chunk: int = 1024) -> tuple[float, floa
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     return _accuracy(predict(data.x_val), data.y_val), _accuracy(predict(data.x_test), data.y_test)
-
-
-def summary_features(x: torch.Tensor) -> torch.Tensor:
-    """Per-series features [N, D] of normalised series [N, T, F], NaN-safe (NaN = missing step).
-
-    Per channel: mean, std, min, max, first and last observed value, linear slope, mean and std of
-    the step-to-step change, lag-1 autocorrelation, positions of the max and min, observed fraction,
-    ``N_SEGMENTS`` segment means and ``N_FREQS`` Fourier magnitudes; between channels (up to
-    ``MAX_PAIR_CHANNELS``): correlations at lags -MAX_LAG..MAX_LAG.
-    """
-    x = x.double()
-    n, t, f = x.shape
-    obs = ~torch.isnan(x)
-    cnt = obs.sum(1).clamp(min=1)
-    z = torch.where(obs, x, torch.zeros((), dtype=x.dtype))
-    mean = z.sum(1) / cnt
-    dev = torch.where(obs, x - mean[:, None], torch.zeros((), dtype=x.dtype))
-    std = (dev.pow(2).sum(1) / cnt).sqrt()
-    inf = torch.tensor(math.inf, dtype=x.dtype)
-    mx = torch.where(obs, x, -inf).amax(1)
-    mn = torch.where(obs, x, inf).amin(1)
-    steps = torch.arange(t, dtype=x.dtype)[None, :, None].expand(n, t, f)
-    pos = torch.where(obs, steps, torch.full((), float(t), dtype=x.dtype))
-    first_i = pos.amin(1).long().clamp(max=t - 1)
-    last_i = torch.where(obs, steps, torch.full((), -1.0, dtype=x.dtype)).amax(1).long().clamp(min=0)
-    first = z.gather(1, first_i[:, None]).squeeze(1)
-    last = z.gather(1, last_i[:, None]).squeeze(1)
-    tt = torch.where(obs, steps / max(1, t - 1), torch.zeros((), dtype=x.dtype))
-    t_mean = tt.sum(1) / cnt
-    t_dev = torch.where(obs, tt - t_mean[:, None], torch.zeros((), dtype=x.dtype))
-    slope = (t_dev * dev).sum(1) / t_dev.pow(2).sum(1).clamp(min=1e-12)
-    both = obs[:, 1:] & obs[:, :-1]
-    nb = both.sum(1).clamp(min=1)
-    diff = torch.where(both, z[:, 1:] - z[:, :-1], torch.zeros((), dtype=x.dtype))
-    d_mean = diff.abs().sum(1) / nb
-    d_std = ((diff.pow(2).sum(1) / nb) - (diff.sum(1) / nb).pow(2)).clamp(min=0).sqrt()
-    ac1 = (torch.where(both, dev[:, 1:] * dev[:, :-1], torch.zeros((), dtype=x.dtype)).sum(1) / nb) \
-        / std.pow(2).clamp(min=1e-12)
-    argmax = torch.where(obs & (x == mx[:, None]), steps, torch.full((), float(t), dtype=x.dtype)).amin(1) / t
-    argmin = torch.where(obs & (x == mn[:, None]), steps, torch.full((), float(t), dtype=x.dtype)).amin(1) / t
-    frac = obs.sum(1).to(x.dtype) / t
-    segs = []
-    for idx in np.array_split(np.arange(t), min(N_SEGMENTS, t)):
-        seg_obs = obs[:, idx]
-        segs.append(z[:, idx].sum(1) / seg_obs.sum(1).clamp(min=1))
-    spec = torch.fft.rfft(z, dim=1).abs()[:, 1:N_FREQS + 1] / math.sqrt(t)  # [N, <=N_FREQS, F]
-    feats = [mean, std, mn, mx, first, last, slope, d_mean, d_std, ac1, argmax, argmin, frac, *segs,
-             spec.reshape(n, -1)]
-    if 2 <= f <= MAX_PAIR_CHANNELS:
-        zs = dev / std[:, None].clamp(min=1e-12)
-        iu = torch.triu_indices(f, f, offset=1)
-        for lag in range(-MAX_LAG, MAX_LAG + 1):
-            if abs(lag) >= t:
-                continue
-            a, b = (zs[:, :t - lag], zs[:, lag:]) if lag >= 0 else (zs[:, -lag:], zs[:, :t + lag])
-            c = torch.einsum("ntf,ntg->nfg", a, b) / cnt.min(1).values[:, None, None]
-            feats.append(c[:, iu[0], iu[1]])
-    out = torch.cat([v.reshape(n, -1) for v in feats], dim=1)
-    return torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).float()
 
 
 def summary_mlp(data: TaskData, *, seed: int) -> tuple[float, float]:

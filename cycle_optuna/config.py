@@ -110,6 +110,7 @@ class Hyperparams:
     pos_encoding: str = "sinusoidal"  # sinusoidal | rotary | learned | none
     pooling: str = "max"  # max | mean | cls | last
     instance_norm: bool = False  # standardise each series on its own (level/scale fed to the head)
+    summary_features: bool = False  # per-series statistics (the MLP reference's inputs) into the head
 
 
 PARAM_NAMES = tuple(f.name for f in dataclasses.fields(Hyperparams))

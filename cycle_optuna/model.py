@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cycle_optuna.features import summary_features as summary_features_of
+
 POS_ENCODINGS = ("sinusoidal", "rotary", "learned", "none")
 POOLINGS = ("mean", "cls", "last", "max")
 CONV_KERNELS = (5, 3, 3)  # kernel of each conv layer of the stem: conv_stem = how many of them
@@ -76,7 +78,8 @@ class TransformerClassifier(nn.Module):
 
     def __init__(self, *, n_features: int, n_classes: int, seq_len: int, hidden_dim: int, n_layers: int,
                  n_heads: int, dropout: float, init_gain: float = 1.0, patch_len: int = 1, conv_stem: int = 0,
-                 pos_encoding: str = "sinusoidal", pooling: str = "max", instance_norm: bool = False) -> None:
+                 pos_encoding: str = "sinusoidal", pooling: str = "max", instance_norm: bool = False,
+                 summary_features: bool = False) -> None:
         super().__init__()
         if n_heads < 1 or hidden_dim % n_heads != 0:
             raise ValueError(f"hidden_dim must be divisible by n_heads, but got {hidden_dim=}, {n_heads=}.")
@@ -95,6 +98,7 @@ class TransformerClassifier(nn.Module):
             raise ValueError(f"patch_len must be in 1..seq_len={seq_len}, but got {patch_len=}.")
         self.seq_len, self.patch_len, self.n_tokens = seq_len, patch_len, math.ceil(seq_len / patch_len)
         self.pos_encoding, self.pooling, self.instance_norm = pos_encoding, pooling, instance_norm
+        self.summary_features = summary_features
         # Stem: one linear map per patch of patch_len steps (a strided conv), then conv_stem
         # same-length convolutions over the tokens for local temporal features.
         self.embed = nn.Conv1d(n_features, hidden_dim, kernel_size=patch_len, stride=patch_len)
@@ -105,6 +109,12 @@ class TransformerClassifier(nn.Module):
             self.norm_weight = nn.Parameter(torch.ones(n_features))
             self.norm_bias = nn.Parameter(torch.zeros(n_features))
             self.stats = nn.Linear(2 * n_features, hidden_dim)
+        if summary_features:
+            # Per-series statistics of the input (level, spread, extremes, trend, segment means,
+            # low frequencies, cross-channel correlations: features.summary_features), through a
+            # small MLP into the pooled vector: what a bag of patches sees least directly.
+            n_summary = summary_features_of(torch.zeros(1, seq_len, n_features)).shape[1]
+            self.summary = nn.Sequential(nn.Linear(n_summary, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim))
         if pos_encoding == "sinusoidal":
             self.register_buffer("pos", sinusoid_table(self.n_tokens, hidden_dim)[None], persistent=False)
         elif pos_encoding == "learned":
@@ -142,6 +152,10 @@ class TransformerClassifier(nn.Module):
         b, t, _ = x.shape
         if t > self.seq_len:
             raise ValueError(f"sequence length must be <= {self.seq_len}, but got {t=}.")
+        if self.summary_features:
+            with torch.no_grad():  # statistics of the data: nothing to learn upstream of them
+                full = F.pad(x, (0, 0, 0, self.seq_len - t), value=math.nan) if t < self.seq_len else x
+                summary = summary_features_of(full).to(x.dtype)
         missing = torch.isnan(x)
         valid = ~missing.all(dim=2)  # [B, T]: a step with any value is data
         if self.instance_norm:
@@ -178,6 +192,8 @@ class TransformerClassifier(nn.Module):
         pooled = self._pool(h, tok_valid, attended)
         if self.instance_norm:
             pooled = pooled + self.stats(stats)
+        if self.summary_features:
+            pooled = pooled + self.summary(summary)
         return self.head(pooled)
 
     def _pool(self, h: torch.Tensor, tok_valid: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,31 @@ def test_instance_norm_makes_the_body_ignore_level_and_scale_except_through_the_
     assert not torch.allclose(m(x), m(3 * x + 7), atol=1e-4)  # level and scale still reach the head
 
 
+def test_summary_features_reach_the_head_and_only_through_their_branch():
+    m = _model(summary_features=True)
+    x = torch.randn(3, 12, 5)
+    plain = _model()
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("summary.")})
+    assert not torch.allclose(m(x), plain(x), atol=1e-6)  # the branch adds to the pooled vector
+    with torch.no_grad():
+        m.summary[2].weight.zero_()  # cut the branch: the rest is the plain model, weight for weight
+    assert torch.allclose(m(x), plain(x), atol=1e-6)
+
+
+def test_summary_features_train_and_ignore_padding():
+    m = _model(summary_features=True, instance_norm=True).train()
+    x = torch.randn(4, 12, 5)
+    x[0, 9:] = math.nan
+    x[1, 4, 2] = math.nan  # a missing value inside a series
+    m(x).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    assert m.summary[0].weight.grad.abs().sum() > 0
+    m.eval()
+    short = torch.randn(2, 8, 5)  # a shorter series is the same series padded to seq_len
+    padded = torch.cat((short, torch.full((2, 4, 5), math.nan)), dim=1)
+    assert torch.allclose(m(short), m(padded), atol=1e-5)
+
+
 def test_init_is_normal_002_with_residual_projections_scaled_by_depth():
     m = _model(hidden_dim=64, n_heads=4, n_layers=4, init_gain=1.0)
     assert m.blocks[0].qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
