@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -140,3 +141,18 @@ def test_the_gpu_figures_script_refuses_a_machine_without_cuda_and_writes_nothin
     assert proc.stderr.splitlines() == ["error: torch sees no CUDA device; these are GPU figures "
                                         "(benchmarks/gpu.py --quick checks the code paths on the CPU)"]
     assert not out.exists()
+
+
+def test_make_sets_writes_generated_sets_the_loader_reads(tmp_path):
+    from cycle_optuna.config import DataConfig
+    from cycle_optuna.data import load_task
+
+    out = _run("make_sets.py", str(tmp_path))
+    assert "SynthCBF, SynthControl" in out
+    for name, steps, classes, n_train in (("SynthCBF", 128, 3, 30), ("SynthControl", 60, 6, 300)):
+        train, test = (tmp_path / name / f"{name}_{part}.tsv" for part in ("TRAIN", "TEST"))
+        data = load_task(DataConfig(source=str(train), test_source=str(test)), 0, data_path=train, test_path=test)
+        assert (data.seq_len, data.n_classes, data.n_features) == (steps, classes, 1)
+        assert len(data.x_train) + len(data.x_val) == n_train
+        x = data.x_train.numpy()[..., 0]
+        assert np.isfinite(x).all()
