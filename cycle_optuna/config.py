@@ -354,7 +354,8 @@ def _example_choices(default: bool | str) -> str:
 
 
 # A study file without a [space] table searches this (an empty [space] table searches nothing):
-# optimisation, capacity, the stem and per-series normalisation, as benchmarks/accuracy.py measures.
+# optimisation, capacity, the stem, per-series normalisation and the summary branch, as
+# benchmarks/accuracy.py measures.
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "lr": {"low": 1e-4, "high": 1e-2, "log": True},
     "conv_stem": {"low": 0, "high": MAX_CONV_STEM},
@@ -364,6 +365,7 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "dropout": {"low": 0.0, "high": 0.3},
     "batch_size": {"choices": [16, 32, 64]},
     "pooling": {"choices": ["max", "mean"]},
+    "summary_features": {"choices": [False, True]},
 }
 
 

@@ -34,6 +34,10 @@ MIXED_BASE = {
     "pooling": "mean", "pos_encoding": "sinusoidal", "instance_norm": False,
 }
 
+# the space without its switch, whose first flip comes before every other move
+STEPS = {k: v for k, v in MIXED.items() if k != "instance_norm"}
+STEPS_BASE = {k: v for k, v in MIXED_BASE.items() if k != "instance_norm"}
+
 
 def mixed_loss(p: dict[str, Any]) -> float:
     """Smooth in the numbers, with a best choice for each string and the bool."""
@@ -107,14 +111,14 @@ def test_duplicate_check_covers_string_parameters():
 
 
 def test_a_move_that_lost_with_another_change_is_retried_alone():
-    study = optuna.create_study(sampler=CycleSampler(baseline=MIXED_BASE, seed=0, plateau_cycles=100))
-    study.tell(study.ask(dict(MIXED)), 1.0)
+    study = optuna.create_study(sampler=CycleSampler(baseline=STEPS_BASE, seed=0, plateau_cycles=100))
+    study.tell(study.ask(dict(STEPS)), 1.0)
     # lr x2 together with another pooling: worse
-    study.enqueue_trial({**MIXED_BASE, "lr": 2e-3, "pooling": "last"})
-    study.tell(study.ask(dict(MIXED)), 1.5)
-    trial = study.ask(dict(MIXED))
+    study.enqueue_trial({**STEPS_BASE, "lr": 2e-3, "pooling": "last"})
+    study.tell(study.ask(dict(STEPS)), 1.5)
+    trial = study.ask(dict(STEPS))
     assert trial.user_attrs["cycle_move"] == "lr x2"
-    assert trial.params == {**MIXED_BASE, "lr": 2e-3}
+    assert trial.params == {**STEPS_BASE, "lr": 2e-3}
 
 
 def test_values_alone_are_enough():
@@ -262,8 +266,30 @@ def test_reasons_are_true_with_three_worker_processes_on_sqlite(tmp_path: Path):
 
 @pytest.mark.parametrize("diagnosis", ["underfit", "below_baseline"])
 def test_below_baseline_is_treated_like_underfit(diagnosis):
-    study = optuna.create_study(sampler=CycleSampler(baseline=MIXED_BASE, seed=0))
-    trial = study.ask(dict(MIXED))
+    study = optuna.create_study(sampler=CycleSampler(baseline=STEPS_BASE, seed=0))
+    trial = study.ask(dict(STEPS))
     trial.set_user_attr("diagnosis", diagnosis)
     study.tell(trial, 1.0)
-    assert study.ask(dict(MIXED)).user_attrs["cycle_move"] == "layers +1"
+    assert study.ask(dict(STEPS)).user_attrs["cycle_move"] == "layers +1"
+
+
+@pytest.mark.parametrize("improves", [True, False])
+def test_each_switch_is_flipped_first_once_then_takes_its_place(improves):
+    space = {**MIXED, "summary": CategoricalDistribution([False, True])}
+    study = optuna.create_study(sampler=CycleSampler(baseline={**MIXED_BASE, "summary": False}, seed=0))
+    trial = study.ask(space)
+    trial.set_user_attr("diagnosis", "overfit")  # a switch not flipped yet comes before the diagnosis too
+    study.tell(trial, 1.0)
+    moves = []
+    for value in (0.9 if improves else 1.1, 1.2):
+        trial = study.ask(space)
+        moves.append(trial.user_attrs["cycle_move"])
+        study.tell(trial, value)
+    assert moves == ["instance_norm False->True", "summary False->True"]  # alphabetical
+    # a new incumbent whose switches nobody flipped (enqueued: no move of its own to repeat)
+    study.enqueue_trial({**study.best_params, "pooling": "cls"})
+    study.tell(study.ask(space), study.best_value * 0.9)
+    trial = study.ask(space)  # flipped once each, the switches now wait behind the other moves
+    assert trial.params["instance_norm"] == study.best_params["instance_norm"], trial.user_attrs["cycle_move"]
+    assert trial.params["summary"] == study.best_params["summary"], trial.user_attrs["cycle_move"]
+    assert "a switch no cycle has flipped yet" in study.trials[1].user_attrs["cycle_reason"]

@@ -75,11 +75,12 @@ class Fold:
     # sampler such as PartialFixedSampler fixes them): the rules leave them alone
     conflicts: set[str] = field(default_factory=set)
     fails: dict[tuple, int] = field(default_factory=dict)  # move kind -> times it did not improve
+    moved: set[str] = field(default_factory=set)  # parameters a move trial changed (any state)
 
     def copy(self) -> Fold:
         return Fold(
             self.incumbent, self.base, self.last_finished, self.last_explore, self.explores_since,
-            self.n_trials, dict(self.space), set(self.conflicts), dict(self.fails),
+            self.n_trials, dict(self.space), set(self.conflicts), dict(self.fails), set(self.moved),
         )
 
 
@@ -229,6 +230,8 @@ class HistoryCache:
         )
         recs[t.number] = rec
         f.n_trials += 1
+        if rec.kind in ("lazy", "move") and rec.param:
+            f.moved.add(rec.param)
         if rec.kind in ("lazy", "move") and rec.param:  # claim the move itself, too (as proposed: a wrapper
             # such as PartialFixedSampler may have run another value, and the move must still count as taken)
             moved = proposed.get(rec.param, config.get(rec.param))

@@ -59,7 +59,7 @@ class _Candidate:
     param: str
     direction: int  # +1 / -1 on ordered parameters; 0 for a choice of an unordered categorical
     scale: float
-    why: str  # keep | reprobe | diverged | diagnosis | pair | next | smaller | explore
+    why: str  # keep | reprobe | diverged | switch | diagnosis | pair | next | smaller | explore
     value: Any = _NO_VALUE  # the choice, for unordered categoricals
 
 
@@ -141,11 +141,17 @@ class Planner:
         if tie is not None:
             front.append(tie)
         pairs: list[_Candidate] = []
+        role_names = {v for v in roles.as_dict().values() if v}
+        # A switch (a true/false parameter) no cycle has flipped yet comes before the diagnosis and
+        # the default order: on data files the model's switches (instance_norm, summary_features)
+        # moved validation loss more than any step. Once flipped it takes its place among the others.
+        untried = (x for x in self.space if x not in role_names and x not in hist.fold.moved)
+        for name in sorted(x for x in untried if _is_switch(self.space[x])):
+            pairs += [_Candidate(name, 0, 1.0, "switch", v) for v in _other_choices(self.space[name], config.get(name))]
         for role, d in DIAGNOSIS_FIRST.get(base.diagnosis or "", ()):
             name = self._name(role)
             if name:
                 pairs += [_Candidate(name, d, 1.0, "diagnosis"), _Candidate(name, -d, 1.0, "pair")]
-        role_names = {v for v in roles.as_dict().values() if v}
         names = [x for x in (self._name(r) for r in ROLE_ORDER) if x]
         names += sorted(x for x in self.space if x not in role_names)
         others: dict[str, list[Any]] = {}
@@ -425,6 +431,8 @@ class Planner:
             return f"{where}, lowering lr: {label}"
         if c.why == "diagnosis":
             return f"cycle {base.cycle} looks {base.diagnosis}: trying {label}"
+        if c.why == "switch":
+            return f"{where}, trying a switch no cycle has flipped yet: {label}"
         if c.why == "smaller":
             return f"{where}, every one-step move from cycle {base.cycle} is taken; trying a smaller step: {label}"
         if c.direction:
@@ -436,6 +444,12 @@ class Planner:
                     and other.parent == base.number and other.param == c.param and other.direction == -c.direction):
                 return f"{where}, trying the opposite of cycle {other.cycle} ({other.move}): {label}"
         return f"{where}, trying {label}"
+
+
+def _is_switch(dist: BaseDistribution) -> bool:
+    """A true/false parameter: a categorical whose choices are exactly the two bools."""
+    return isinstance(dist, CategoricalDistribution) and len(dist.choices) == 2 and \
+        all(isinstance(c, bool) for c in dist.choices) and dist.choices[0] is not dist.choices[1]
 
 
 def _other_choices(dist: BaseDistribution, current: Any) -> list[Any]:
