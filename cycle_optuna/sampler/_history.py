@@ -230,12 +230,11 @@ class HistoryCache:
         )
         recs[t.number] = rec
         f.n_trials += 1
-        if rec.kind in ("lazy", "move") and rec.param:
-            f.moved.add(rec.param)
         if rec.kind in ("lazy", "move") and rec.param:  # claim the move itself, too (as proposed: a wrapper
             # such as PartialFixedSampler may have run another value, and the move must still count as taken)
             moved = proposed.get(rec.param, config.get(rec.param))
             keys.setdefault(move_key(rec.parent, rec.param, rec.direction, rec.scale, moved), rec)
+            f.moved.add(rec.param)
         if proposed and rec.kind in ("move", "explore") and t.state.is_finished():
             keys.setdefault(config_key(proposed), rec)  # the proposal itself, whatever ran
         if (rec.kind == "move" and rec.param in proposed and rec.param in t.params
