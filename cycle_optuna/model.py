@@ -148,14 +148,22 @@ class TransformerClassifier(nn.Module):
             for m in (block.proj, block.mlp[2]):
                 nn.init.normal_(m.weight, std=INIT_STD * gain / math.sqrt(2 * n_layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def summary_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The summary branch's input for series ``x`` [B, T, F] (T <= seq_len): their statistics as
+        if padded to seq_len, row by row, so a data set's can be computed once and sliced per batch."""
+        t = x.shape[1]
+        with torch.no_grad():  # statistics of the data: nothing to learn upstream of them
+            full = F.pad(x, (0, 0, 0, self.seq_len - t), value=math.nan) if t < self.seq_len else x
+            return summary_features_of(full).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, summary: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``x``; ``summary`` is ``summary_of(x)`` where the caller has it (training
+        computes a data set's once), else the summary branch computes it here."""
         b, t, _ = x.shape
         if t > self.seq_len:
             raise ValueError(f"sequence length must be <= {self.seq_len}, but got {t=}.")
-        if self.summary_features:
-            with torch.no_grad():  # statistics of the data: nothing to learn upstream of them
-                full = F.pad(x, (0, 0, 0, self.seq_len - t), value=math.nan) if t < self.seq_len else x
-                summary = summary_features_of(full).to(x.dtype)
+        if self.summary_features and summary is None:
+            summary = self.summary_of(x)
         missing = torch.isnan(x)
         valid = ~missing.all(dim=2)  # [B, T]: a step with any value is data
         if self.instance_norm:

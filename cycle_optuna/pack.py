@@ -140,14 +140,17 @@ class Population:
         self.shuffle = torch.Generator().manual_seed(seed)
         self.x_tr, self.y_tr = train.to_device(data.x_train, device), train.to_device(data.y_train, device)
         self.x_va, self.y_va = train.to_device(data.x_val, device), train.to_device(data.y_val, device)
+        # the summary branch's inputs, once for all members (as train._Single computes them)
+        self.f_tr = None if train.augments(cfg) else train.summaries(self.template, self.x_tr)
+        self.f_va = train.summaries(self.template, self.x_va)
         self.n_data = len(self.x_tr)
         self.passes = train.epoch_passes(self.n_data, cfg)
         self.n = self.n_data * self.passes  # samples per epoch
         self.bs = max(1, min(hps[0].batch_size, self.n_data))
         self.steps_per_epoch = math.ceil(self.n / self.bs)
         self.check_every = train._guard_check_steps(device)
-        self._grad = vmap(grad_and_value(self._loss), in_dims=(0, 0, None, None), randomness="same")
-        self._logits = vmap(self._forward, in_dims=(0, 0, None), randomness="same")
+        self._grad = vmap(grad_and_value(self._loss), in_dims=(0, 0, None, None, None), randomness="same")
+        self._logits = vmap(self._forward, in_dims=(0, 0, None, None), randomness="same")
         self.order: list[Run] = []  # the member in each slot of the stacked tensors
         self.index: dict[int, int] = {}  # id(run) -> its model in self.models
         self.final: dict[int, dict[str, torch.Tensor]] = {}  # id(run) -> its weights when it left
@@ -182,6 +185,7 @@ class Population:
         self.template.train()
         perm = train.to_device(train.epoch_order(self.n_data, self.passes, self.shuffle), device)
         xs, ys = self.x_tr[perm], self.y_tr[perm]
+        fs = None if self.f_tr is None else self.f_tr[perm]
         guard = self.guard
         guard.new_epoch()
         last_lr = torch.zeros(m, dtype=torch.float64, device=device)
@@ -194,7 +198,7 @@ class Population:
                 run.step += 1
             lr = self.base_lr * train.to_device(torch.tensor(factors, dtype=torch.float64), device)
             with self._attention():
-                grads, loss = self._grad(self.params, self.buffers, xb, yb)
+                grads, loss = self._grad(self.params, self.buffers, xb, yb, None if fs is None else fs[i:i + bs])
             loss = loss.detach()
             grads = torch.cat([grads[k].reshape(m, -1) for k in self.shapes], dim=1)  # rows as self.flat's
             gnorm = grads.norm(dim=1)  # per member, the norm clip_grad_norm_ / get_total_norm compute
@@ -216,8 +220,10 @@ class Population:
         correct = torch.zeros(m, dtype=torch.int64, device=self.device)
         with torch.no_grad(), self._attention():
             for i in range(0, n, self.cfg.eval_batch_size):
-                xb, yb = self.x_va[i:i + self.cfg.eval_batch_size], self.y_va[i:i + self.cfg.eval_batch_size]
-                logits = self._logits(self.params, self.buffers, xb).float()  # [members, batch, classes]
+                sl = slice(i, i + self.cfg.eval_batch_size)
+                fb = None if self.f_va is None else self.f_va[sl]
+                logits = self._logits(self.params, self.buffers, self.x_va[sl], fb).float()  # [members, batch, classes]
+                yb = self.y_va[sl]
                 per_sample = F.cross_entropy(logits.flatten(0, 1), yb.repeat(m), reduction="none")
                 loss_sum += per_sample.view(m, -1).sum(dim=1)
                 correct += (logits.argmax(dim=2) == yb).sum(dim=1)
@@ -257,11 +263,13 @@ class Population:
             model.load_state_dict(self.weights([id(r) for r in self.order].index(id(run))))
         return model
 
-    def _forward(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.template, (params, buffers), (x,))
+    def _forward(self, params: dict, buffers: dict, x: torch.Tensor, summary: torch.Tensor | None) -> torch.Tensor:
+        return functional_call(self.template, (params, buffers), (x, summary))
 
-    def _loss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self._forward(params, buffers, x).float(), y, label_smoothing=self.cfg.label_smoothing)
+    def _loss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor,
+              summary: torch.Tensor | None) -> torch.Tensor:
+        return F.cross_entropy(self._forward(params, buffers, x, summary).float(), y,
+                               label_smoothing=self.cfg.label_smoothing)
 
     @staticmethod
     def _attention():

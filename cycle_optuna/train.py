@@ -47,6 +47,7 @@ GUARD_CHECK_STEPS = 16  # accelerators: steps between host reads of the divergen
 # trained of that shape, this one included, reach it; later trials of the shape reuse the compiled code.
 CUDAGRAPH_MIN_STEPS = 8000
 COMPILE_CACHE_SHAPES = 64  # compiled variants kept per code object (torch's default is 8)
+SUMMARY_CHUNK_VALUES = 1 << 22  # series values per slice when summaries() computes a data set's statistics
 
 
 @dataclass
@@ -202,14 +203,14 @@ class _MaybeCompiled(nn.Module):
             compiled = None
         object.__setattr__(self, "compiled", compiled)  # not a submodule: its parameters are model's
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, summary: torch.Tensor | None = None) -> torch.Tensor:
         if self.compiled is not None:
             try:
-                return self.compiled(x)
+                return self.compiled(x, summary)
             except Exception as e:  # noqa: BLE001
                 warnings.warn(f"torch.compile failed, training eagerly: {e}", RuntimeWarning, stacklevel=2)
                 object.__setattr__(self, "compiled", None)
-        return self.model(x)
+        return self.model(x, summary)
 
 
 def _compiled(model: nn.Module, cfg: TrainConfig, device: torch.device, steps: int,
@@ -262,8 +263,10 @@ def _masks_on_device(opt: torch.optim.Optimizer) -> bool:
     return isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and all(g.get("fused") for g in opt.param_groups)
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) in eval mode under inference_mode."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+             summary: torch.Tensor | None = None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) in eval mode under inference_mode; ``summary``: the
+    transformer's ``summary_of(x)`` where it was computed beforehand (see `summaries`)."""
     n = len(x)
     if n == 0:
         return math.nan, math.nan
@@ -274,7 +277,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
             loss_sum = torch.zeros((), device=x.device)
             correct = torch.zeros((), device=x.device, dtype=torch.int64)
             for i in range(0, n, batch_size):
-                logits = model(x[i:i + batch_size])
+                logits = model(x[i:i + batch_size]) if summary is None else model(x[i:i + batch_size],
+                                                                                    summary[i:i + batch_size])
                 yb = y[i:i + batch_size]
                 loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
                 correct += (logits.argmax(dim=1) == yb).sum()
@@ -362,6 +366,21 @@ def _augment(xb: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     if cfg.augment_scale > 0:
         xb = xb * (1 + cfg.augment_scale * (2 * torch.rand(len(xb), 1, 1, device=xb.device) - 1))
     return xb
+
+
+def augments(cfg: TrainConfig) -> bool:
+    """Whether training inputs are changed per step (then their summary statistics change too)."""
+    return cfg.augment_jitter > 0 or cfg.augment_scale > 0
+
+
+def summaries(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``model.summary_of`` for all of ``x``, in slices of bounded memory; None when the model has no
+    summary branch. Engines compute a data set's once and slice it per batch: recomputed at every
+    step, the statistics cost more than the step itself on long multichannel series."""
+    if not getattr(model, "summary_features", False):
+        return None
+    rows = max(1, SUMMARY_CHUNK_VALUES // max(1, x.shape[1] * x.shape[2]))
+    return torch.cat([model.summary_of(x[i:i + rows]) for i in range(0, len(x), rows)] or [model.summary_of(x)])
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -589,6 +608,9 @@ class _Single:
         self.shuffle = torch.Generator().manual_seed(seed)
         self.x_tr, self.y_tr = to_device(data.x_train, device), to_device(data.y_train, device)
         self.x_va, self.y_va = to_device(data.x_val, device), to_device(data.y_val, device)
+        # the summary branch's inputs, once per trial; per step instead where augmentation changes the series
+        self.f_tr = None if augments(cfg) else summaries(self.model, self.x_tr)
+        self.f_va = summaries(self.model, self.x_va)
         self.n_data = len(self.x_tr)
         self.passes = epoch_passes(self.n_data, cfg)
         self.n = self.n_data * self.passes  # samples per epoch
@@ -618,6 +640,7 @@ class _Single:
         self.net.train()
         perm = to_device(epoch_order(self.n_data, self.passes, self.shuffle), device)
         xs, ys = self.x_tr[perm], self.y_tr[perm]  # one gather per epoch; batches below are views
+        fs = None if self.f_tr is None else self.f_tr[perm]
         guard = self.guard
         guard.new_epoch()
         sophia = cfg.optimizer == "sophia"
@@ -631,7 +654,8 @@ class _Single:
             # attention kernel has no double backward, so those steps use the math kernel.
             hessian_step = sophia and opt.param_groups[0].get("step", 0) % opt.update_period == 0
             with sdpa_kernel(SDPBackend.MATH) if hessian_step else contextlib.nullcontext():
-                loss = F.cross_entropy(self.net(xb).float(), yb, label_smoothing=cfg.label_smoothing)
+                logits = self.net(xb) if fs is None else self.net(xb, fs[i:i + bs])
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
             if hessian_step:
                 with warnings.catch_warnings():
                     # torch warns of a grad<->param cycle; zero_grad(set_to_none=True) below breaks it.
@@ -662,7 +686,7 @@ class _Single:
     def evaluate(self, diverged: list[bool]) -> list[tuple[float, float]]:
         if diverged[0]:
             return [(math.nan, math.nan)]
-        return [evaluate(self.net, self.x_va, self.y_va, self.cfg.eval_batch_size)]
+        return [evaluate(self.net, self.x_va, self.y_va, self.cfg.eval_batch_size, self.f_va)]
 
     def weights(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}

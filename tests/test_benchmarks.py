@@ -36,6 +36,15 @@ def test_training_benchmark_prints_the_ratio_last():
     assert re.search(r"ratio project/minimal samples/s \(cpu, baseline, eager\): \d+\.\d+\s*$", out)
 
 
+def test_summary_benchmark_times_the_branch_on_off_and_per_step():
+    out = _run("summary.py", "--quick", "--rounds", "1")
+    rows = [line for line in out.splitlines() if re.match(r"\| \d+ x \d+ ", line)]
+    assert [r.split("|")[1].split("(")[0].strip() for r in rows] == ["16 x 4", "200 x 2"]
+    assert all(re.search(r"\| \d+\.\d+x \(.*\) \| \d+\.\d+x \(.*\) \|$", r) for r in rows), rows
+    assert re.search(r"ratio on/off seconds per trial at the longest shape: \d+\.\d+\s*$", out)
+    _names_the_machine(out)
+
+
 def test_busy_benchmark_pairs_the_default_threads_with_a_fixed_count():
     out = _run("busy.py", "--busy", "1", "--rounds", "1", "--trials", "1", "--epochs", "1")
     (row,) = [line for line in out.splitlines() if line.startswith("| 1 | 1 |")]

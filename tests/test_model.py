@@ -115,6 +115,28 @@ def test_summary_features_train_and_ignore_padding():
     assert torch.allclose(m(short), m(padded), atol=1e-5)
 
 
+def test_summary_given_beforehand_is_the_one_forward_computes():
+    """Training passes each batch's rows of statistics computed once for the data set (in slices);
+    they must be exactly what the forward pass computes from the batch itself."""
+    from cycle_optuna import train
+
+    m = _model(summary_features=True)
+    x = torch.randn(9, 12, 5)
+    x[2, 7:] = math.nan  # padding
+    x[5, 3, 1] = math.nan  # a missing value
+    whole = train.summaries(m, x)
+    assert torch.equal(whole[2:6], m.summary_of(x[2:6]))  # rows do not depend on the batch
+    assert torch.allclose(m(x[2:6], whole[2:6]), m(x[2:6]), atol=1e-6)
+    assert not torch.allclose(m(x[2:6], whole[5:9]), m(x[2:6]), atol=1e-4)  # the argument is what the branch reads
+    assert train.summaries(_model(), x) is None  # no branch, nothing computed
+    old = train.SUMMARY_CHUNK_VALUES
+    try:
+        train.SUMMARY_CHUNK_VALUES = 2 * 12 * 5  # two series per slice: slices join to the same rows
+        assert torch.equal(train.summaries(m, x), whole)
+    finally:
+        train.SUMMARY_CHUNK_VALUES = old
+
+
 def test_init_is_normal_002_with_residual_projections_scaled_by_depth():
     m = _model(hidden_dim=64, n_heads=4, n_layers=4, init_gain=1.0)
     assert m.blocks[0].qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)

@@ -71,6 +71,17 @@ def test_summary_features_pack_as_they_train_alone(data):
     assert pack.pack_key(hps[0]) != pack.pack_key(MOVES[0])  # a shape of its own
 
 
+def test_packed_summary_statistics_computed_once_train_as_recomputed_per_step(data, monkeypatch):
+    from cycle_optuna import train
+
+    hps = [dataclasses.replace(hp, summary_features=True) for hp in MOVES[:2]]
+    cfg = dataclasses.replace(CFG, augment_jitter=0.0)  # augmented batches are always computed per step
+    once = pack.train_pack(data, hps, cfg, seed=0)
+    monkeypatch.setattr(train, "summaries", lambda model, x: None)  # the forward pass computes them per batch
+    for p, s in zip(once, pack.train_pack(data, hps, cfg, seed=0)):
+        _assert_close(p, s)
+
+
 def test_a_pruned_member_leaves_and_the_others_are_unchanged(data):
     full = pack.train_pack(data, MOVES, CFG, seed=0)
 

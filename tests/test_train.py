@@ -147,6 +147,38 @@ def test_augmentation_changes_training_but_not_validation(easy):
     assert evaluate(aug.model, easy.x_val, easy.y_val, 64)[0] == pytest.approx(aug.best_val_loss, abs=1e-6)
 
 
+def _summary_calls(data, cfg, monkeypatch) -> int:
+    """How many times training computed summary statistics (the real function, counted)."""
+    from cycle_optuna import model
+
+    calls = []
+    real = model.summary_features_of
+    monkeypatch.setattr(model, "summary_features_of", lambda x: calls.append(len(x)) or real(x))
+    _run(data, hp=dataclasses.replace(HP, summary_features=True), cfg=cfg)
+    return len(calls)
+
+
+def test_summary_statistics_are_computed_once_per_trial_unless_augmented(easy, monkeypatch):
+    one, three = (_summary_calls(easy, dataclasses.replace(CFG, epochs=e), monkeypatch) for e in (1, 3))
+    # the data set's statistics once per trial (train and validation, plus the model's size probe),
+    # not once per step: more epochs, same count
+    assert one == three <= 4
+    augmented = _summary_calls(easy, dataclasses.replace(CFG, epochs=1, augment_scale=0.2), monkeypatch)
+    steps = math.ceil(len(easy.x_train) / HP.batch_size)
+    assert augmented >= steps  # an augmented batch is a new series: its statistics are its own
+
+
+def test_summary_statistics_computed_once_train_as_recomputed_per_step(easy, monkeypatch):
+    from cycle_optuna import train
+
+    hp, cfg = dataclasses.replace(HP, summary_features=True), dataclasses.replace(CFG, epochs=2)
+    once = _run(easy, hp=hp, cfg=cfg)
+    monkeypatch.setattr(train, "summaries", lambda model, x: None)  # the forward pass computes them per batch
+    per_step = _run(easy, hp=hp, cfg=cfg)
+    for a, b in zip(_curve(once), _curve(per_step), strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+
+
 # --- schedules ----------------------------------------------------------------------------------
 
 
