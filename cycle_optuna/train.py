@@ -204,13 +204,14 @@ class _MaybeCompiled(nn.Module):
         object.__setattr__(self, "compiled", compiled)  # not a submodule: its parameters are model's
 
     def forward(self, x: torch.Tensor, summary: torch.Tensor | None = None) -> torch.Tensor:
+        args = (x,) if summary is None else (x, summary)
         if self.compiled is not None:
             try:
-                return self.compiled(x, summary)
+                return self.compiled(*args)
             except Exception as e:  # noqa: BLE001
                 warnings.warn(f"torch.compile failed, training eagerly: {e}", RuntimeWarning, stacklevel=2)
                 object.__setattr__(self, "compiled", None)
-        return self.model(x, summary)
+        return self.model(*args)
 
 
 def _compiled(model: nn.Module, cfg: TrainConfig, device: torch.device, steps: int,
