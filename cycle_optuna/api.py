@@ -304,7 +304,9 @@ def _key_change(t: FrozenTrial, ref: FrozenTrial | None, base: dict[str, Any]) -
         f"{k} {_fmt(before.get(k))} -> {_fmt(v)}" for k, v in t.params.items() if before.get(k) != v
     )
     if move:
-        return f"{move}: {diff}" if diff else str(move)
+        if not diff or str(move).replace(" ", "") == diff.replace(" ", ""):
+            return diff or str(move)  # a move that names its one change (a switch flipped) says it once
+        return f"{move}: {diff}"
     return diff or ("first trial" if ref is None else "no change")
 
 

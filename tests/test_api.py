@@ -315,3 +315,19 @@ def test_a_test_file_changed_in_place_makes_the_held_out_score_unavailable(tmp_p
     assert str(tmp_path / "test.csv") in rec["test_error"]
     with pytest.raises(StorageError, match="test_source"):
         api.held_out_score(path)
+
+
+def test_a_switch_flip_is_said_once_in_the_key_change():
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from cycle_optuna import api
+
+    dists = {"instance_norm": CategoricalDistribution([False, True]), "lr": FloatDistribution(1e-4, 1e-2, log=True)}
+    parent = optuna.trial.create_trial(params={"instance_norm": False, "lr": 5e-4}, distributions=dists, value=1.0)
+    flip = optuna.trial.create_trial(params={"instance_norm": True, "lr": 5e-4}, distributions=dists, value=0.9,
+                                     user_attrs={"cycle_move": "instance_norm False->True"})
+    assert api._key_change(flip, parent, {}) == "instance_norm False -> True"
+    step = optuna.trial.create_trial(params={"instance_norm": False, "lr": 1e-3}, distributions=dists, value=0.9,
+                                     user_attrs={"cycle_move": "lr x2"})
+    assert api._key_change(step, parent, {}) == "lr x2: lr 0.0005 -> 0.001"  # a move with more to say keeps it
