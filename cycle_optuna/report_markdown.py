@@ -56,6 +56,14 @@ def _arch(c: Cycle) -> str:
             f"{_n(heads, 'head') if isinstance(heads, int) else f'{heads} heads'}")
 
 
+def _tried(c: Cycle) -> str:
+    """What a cycle tried: its change against its parent, or its configuration when it changed nothing."""
+    if c.key_change and c.key_change not in ("baseline configuration", "first trial", "no change"):
+        return c.key_change
+    lead = f"{c.key_change}: " if c.key_change else ""
+    return f"{lead}lr {_fmt(c.params.get('lr'))}, {_arch(c)}"
+
+
 def _state(c: Cycle) -> str:
     if c.diverged:
         return "diverged"
@@ -374,7 +382,7 @@ def _worked(a: Analysis) -> list[str]:
     for label, group in groups:
         lines.append(f"- **{label}:** {len(group)}")
         for c in group[:10]:
-            lines.append(f"  - cycle {c.cycle} (lr {_fmt(c.params.get('lr'))}, {_arch(c)}): {c.reason or 'no reason recorded'}")
+            lines.append(f"  - cycle {c.cycle} ({_tried(c)}): {c.reason or 'no reason recorded'}")
     return lines + [""]
 
 

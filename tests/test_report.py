@@ -69,8 +69,9 @@ def test_numbers_come_from_the_study(written):
             "needs 6 complete or pruned cycles, at least 3 of them away from the most common value)") in text
     assert "**Finding:**" not in text
     assert "**Cycle 3** had the best accuracy of the 3 complete cycles (47.68%) despite not having the best loss" in text
-    assert "cycle 4 (lr 0.004, hidden 128, 5 layers, 4 heads): diverged: the loss became non-finite" in text
-    assert "cycle 6 (lr 0.00025, hidden 32, 2 layers, 4 heads): CUDA out of memory" in text
+    # each listed cycle says what it tried: its change against its parent
+    assert "cycle 4 (lr x2: lr 0.002 -> 0.004, n_layers 4 -> 5): diverged: the loss became non-finite" in text
+    assert "cycle 6 (lr /2: lr 0.0005 -> 0.00025, hidden_dim 64 -> 32): CUDA out of memory" in text
     assert "**Largest drop within a cycle** (its first epoch's val loss to its best): 3.15% (cycle 3)" in text
     assert "loss of complete cycles in 0.9192 - 0.9213" in text
 
@@ -124,7 +125,7 @@ def test_report_of_a_study_without_completed_cycles(tmp_path):
     # its only cycle ended pruned and nothing runs: waiting would not help, so the report says what happened
     assert "No cycle completed: every one was pruned, diverged or failed." in text
     assert "1. No cycle completed: its only cycle was pruned, diverged or failed" in text
-    assert "cycle 1 (lr 0.0005" in text and "fell behind" in text
+    assert "cycle 1 (baseline configuration: lr 0.0005, hidden 64" in text and "fell behind" in text
     assert all((path.parent / png).stat().st_size > 5_000 for png in PNGS)
 
 
@@ -266,7 +267,7 @@ def test_an_interrupted_cycle_that_was_retried_is_not_counted_as_failed(tmp_path
     text = report.write_report(study, tmp_path / "out", test=False).read_text()
     assert "(2 complete, 0 pruned, 0 diverged, 0 failed, 1 interrupted and retried)" in text
     assert "- **Failed:** 0" in text and "- **Interrupted and retried:** 1" in text
-    assert "cycle 2 (lr" in text and "SIGINT); retried as cycle 3" in text
+    assert "cycle 2 (no change: lr 0.0005" in text and "SIGINT); retried as cycle 3" in text
 
 
 def test_a_report_onto_a_full_disk_is_one_line_naming_it_and_exit_2(tmp_path, capsys):
