@@ -383,6 +383,9 @@ def _worked(a: Analysis) -> list[str]:
         lines.append(f"- **{label}:** {len(group)}")
         for c in group[:10]:
             lines.append(f"  - cycle {c.cycle} ({_tried(c)}): {c.reason or 'no reason recorded'}")
+        if len(group) > 10:
+            lines.append(f"  - and {len(group) - 10} more (cycles {', '.join(str(c.cycle) for c in group[10:])}; "
+                         "the table above lists every cycle)")
     return lines + [""]
 
 

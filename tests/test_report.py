@@ -335,3 +335,14 @@ def test_a_new_best_within_the_noise_threshold_is_marked_as_such():
     text = "\n".join(_worked(a))  # type: ignore[arg-type]
     assert "Cycle 2: change 2 lowered the best loss 0.3000 -> 0.2995 (0.17%; within the noise threshold" in text
     assert "Cycle 3: change 3 lowered the best loss 0.2995 -> 0.2500 (16.53%)\n" in text + "\n"
+
+
+def test_a_long_list_of_pruned_cycles_says_how_many_it_leaves_out(tmp_path):
+    study = optuna.create_study(study_name="many", storage=f"sqlite:///{tmp_path / 'm.db'}")
+    for k in range(12):
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.PRUNED, params={}, distributions={}, intermediate_values={0: 1.0 + k},
+            user_attrs={"prune_reason": f"reason {k}", "epochs_run": 1}))
+    text = report.write_report(study, tmp_path / "out", test=False).read_text()
+    assert "reason 9" in text and "reason 10" not in text
+    assert "  - and 2 more (cycles 11, 12; the table above lists every cycle)" in text
