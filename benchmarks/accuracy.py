@@ -134,18 +134,19 @@ def archive_files(data_dir: Path, name: str) -> tuple[Path, Path] | tuple[None, 
     return None, None
 
 
-def _series_len(path: Path) -> int:
-    """Longest series of a data file (the data module pads shorter ones)."""
+def _series_len(train: Path, test: Path) -> int:
+    """Longest series of a train/test pair (the data module pads shorter ones to it), loaded as the
+    study loads them: the TRAIN file alone may be too small to split off a test part of its own."""
     from cycle_optuna.data import load_task
 
-    cfg = config.DataConfig(source=str(path))
-    return load_task(cfg, 0, data_path=path).seq_len
+    cfg = config.DataConfig(source=str(train), test_source=str(test))
+    return load_task(cfg, 0, data_path=train, test_path=test).seq_len
 
 
 def file_study(name: str, train: Path, test: Path, *, trials: int, epochs: int, template: str, where: Path,
                seed: int = 0) -> Path:
     """Write the default study file for a train/test pair; patch lengths around the automatic one."""
-    p = auto_patch_len(_series_len(train))
+    p = auto_patch_len(_series_len(train, test))
     patches = sorted({max(1, p // 2), p, 2 * p})
     path = where / f"{name}.toml"
     path.write_text(template.format(name=name, trials=trials, epochs=epochs, seed=seed, train=train.resolve(),
