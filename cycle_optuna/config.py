@@ -111,6 +111,7 @@ class Hyperparams:
     pooling: str = "max"  # max | mean | cls | last
     instance_norm: bool = False  # standardise each series on its own (level/scale fed to the head)
     summary_features: bool = False  # per-series statistics (the MLP reference's inputs) into the head
+    step_conv: bool = False  # a convolution over the raw steps before patching (nonlinear local shapes)
 
 
 PARAM_NAMES = tuple(f.name for f in dataclasses.fields(Hyperparams))

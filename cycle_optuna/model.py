@@ -18,6 +18,7 @@ from cycle_optuna.features import summary_features as summary_features_of
 POS_ENCODINGS = ("sinusoidal", "rotary", "learned", "none")
 POOLINGS = ("mean", "cls", "last", "max")
 CONV_KERNELS = (5, 3, 3)  # kernel of each conv layer of the stem: conv_stem = how many of them
+STEP_KERNEL = 7  # step_conv: steps each output of the convolution over the raw steps reads
 INIT_STD = 0.02  # the small-transformer codebases' N(0, 0.02), times init_gain
 _EPS = 1e-5
 
@@ -79,7 +80,7 @@ class TransformerClassifier(nn.Module):
     def __init__(self, *, n_features: int, n_classes: int, seq_len: int, hidden_dim: int, n_layers: int,
                  n_heads: int, dropout: float, init_gain: float = 1.0, patch_len: int = 1, conv_stem: int = 0,
                  pos_encoding: str = "sinusoidal", pooling: str = "max", instance_norm: bool = False,
-                 summary_features: bool = False) -> None:
+                 summary_features: bool = False, step_conv: bool = False) -> None:
         super().__init__()
         if n_heads < 1 or hidden_dim % n_heads != 0:
             raise ValueError(f"hidden_dim must be divisible by n_heads, but got {hidden_dim=}, {n_heads=}.")
@@ -101,7 +102,15 @@ class TransformerClassifier(nn.Module):
         self.summary_features = summary_features
         # Stem: one linear map per patch of patch_len steps (a strided conv), then conv_stem
         # same-length convolutions over the tokens for local temporal features.
-        self.embed = nn.Conv1d(n_features, hidden_dim, kernel_size=patch_len, stride=patch_len)
+        # step_conv: one convolution over the raw steps (kernel STEP_KERNEL, hidden_dim // 2 channels,
+        # GELU) before the patches are cut, so each token is made of nonlinear local shapes rather
+        # than a linear map of its steps.
+        c_in = n_features
+        self.step_conv = None
+        if step_conv:
+            self.step_conv = nn.Conv1d(n_features, max(1, hidden_dim // 2), STEP_KERNEL, padding=STEP_KERNEL // 2)
+            c_in = self.step_conv.out_channels
+        self.embed = nn.Conv1d(c_in, hidden_dim, kernel_size=patch_len, stride=patch_len)
         self.stem = nn.ModuleList(nn.Conv1d(hidden_dim, hidden_dim, k, padding=k // 2) for k in CONV_KERNELS[:conv_stem])
         if instance_norm:
             # RevIN-style: each series is scaled to zero mean, unit std per feature with a learned
@@ -175,7 +184,10 @@ class TransformerClassifier(nn.Module):
         n = (t + pad) // self.patch_len
         tok_valid = valid.view(b, n, self.patch_len).any(dim=2)  # [B, N]: a token with any data step
         keep = tok_valid[:, None, :].to(x.dtype)
-        h = self.embed(x.transpose(1, 2)) * keep  # [B, D, N]; padded tokens stay zero through the stem
+        h = x.transpose(1, 2)
+        if self.step_conv is not None:  # padded steps are zero before and after it
+            h = F.gelu(self.step_conv(h)) * valid[:, None, :].to(x.dtype)
+        h = self.embed(h) * keep  # [B, D, N]; padded tokens stay zero through the stem
         for conv in self.stem:
             h = F.gelu(conv(h)) * keep
         h = h.transpose(1, 2)

@@ -97,7 +97,7 @@ def model_kwargs(data: TaskData, hp: Hyperparams, init_gain: float) -> dict:
         hidden_dim=hp.hidden_dim, n_layers=hp.n_layers, n_heads=hp.n_heads, dropout=hp.dropout,
         init_gain=init_gain, patch_len=hp.patch_len, conv_stem=hp.conv_stem, pos_encoding=hp.pos_encoding,
         pooling=hp.pooling, instance_norm=hp.instance_norm,
-        summary_features=hp.summary_features,
+        summary_features=hp.summary_features, step_conv=hp.step_conv,
     )
 
 

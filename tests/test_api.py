@@ -59,7 +59,7 @@ def test_best_trial_and_params(studies):
     assert params == {"lr": 3.9e-3, "batch_size": 32, "hidden_dim": 32, "n_layers": 3, "n_heads": 2,
                       "dropout": 0.0, "weight_decay": 0.01, "patch_len": 0, "conv_stem": 2,
                       "pos_encoding": "sinusoidal", "pooling": "max", "instance_norm": False,
-                      "summary_features": False}
+                      "summary_features": False, "step_conv": False}
 
 
 def test_no_completed_trials_is_a_clear_error(tmp_path):

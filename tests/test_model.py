@@ -151,10 +151,10 @@ def test_init_is_normal_002_with_residual_projections_scaled_by_depth():
 
 @pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
 @pytest.mark.parametrize("pooling", POOLINGS)
-@pytest.mark.parametrize("patch_len, conv_stem", [(1, 0), (2, 2)])
-def test_padded_steps_never_change_the_output(pos_encoding, pooling, patch_len, conv_stem):
+@pytest.mark.parametrize("patch_len, conv_stem, step_conv", [(1, 0, False), (2, 2, False), (3, 1, True)])
+def test_padded_steps_never_change_the_output(pos_encoding, pooling, patch_len, conv_stem, step_conv):
     m = _model(pos_encoding=pos_encoding, pooling=pooling, patch_len=patch_len, conv_stem=conv_stem,
-               instance_norm=pooling == "cls")
+               instance_norm=pooling == "cls", step_conv=step_conv)
     x = torch.randn(2, 8, 5)
     padded = torch.cat((x, torch.full((2, 4, 5), math.nan)), dim=1)
     ref = m(x)
@@ -196,6 +196,23 @@ def test_without_positions_stem_or_patches_mean_pooling_is_a_bag_of_steps():
     assert torch.allclose(m(x), m(x[:, torch.randperm(12)]), atol=1e-5)
     assert not torch.allclose(_model(pos_encoding="none", conv_stem=2)(x),
                               _model(pos_encoding="none", conv_stem=2)(x[:, torch.randperm(12)]), atol=1e-4)
+
+
+def test_step_conv_reads_neighbouring_steps_and_trains():
+    """step_conv: a convolution over the raw steps before the patches. Without positions, stem or
+    patches the model is a bag of steps; the step convolution alone makes it read each step's
+    neighbours, so reordering the steps changes the output."""
+    m = _model(pos_encoding="none", conv_stem=0, patch_len=1, pooling="mean", step_conv=True)
+    x = torch.randn(4, 12, 5)
+    assert not torch.allclose(m(x), m(x[:, torch.randperm(12)]), atol=1e-4)
+    assert m.step_conv.kernel_size == (7,) and m.embed.in_channels == 16 // 2
+    m.train()
+    x[0, 9:] = math.nan
+    x[1, 4, 2] = math.nan
+    m(x).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    assert m.step_conv.weight.grad.abs().sum() > 0
+    assert _model().step_conv is None  # off by default: the plain patch embedding
 
 
 def test_bad_arguments_name_the_value():

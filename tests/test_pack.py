@@ -71,6 +71,14 @@ def test_summary_features_pack_as_they_train_alone(data):
     assert pack.pack_key(hps[0]) != pack.pack_key(MOVES[0])  # a shape of its own
 
 
+def test_step_conv_packs_as_it_trains_alone(data):
+    hps = [dataclasses.replace(hp, step_conv=True) for hp in MOVES[:2]]
+    packed = pack.train_pack(data, hps, CFG, seed=0)
+    for p, hp in zip(packed, hps):
+        _assert_close(p, train_and_evaluate(data, hp, CFG, seed=0))
+    assert pack.pack_key(hps[0]) != pack.pack_key(MOVES[0])  # a shape of its own
+
+
 def test_packed_summary_statistics_computed_once_train_as_recomputed_per_step(data, monkeypatch):
     from cycle_optuna import train
 
