@@ -63,16 +63,9 @@ def test_a_packed_trial_trains_as_it_does_alone(data, alone):
     assert len({round(r.best_val_loss, 5) for r in packed}) == len(MOVES)
 
 
-def test_summary_features_pack_as_they_train_alone(data):
-    hps = [dataclasses.replace(hp, summary_features=True) for hp in MOVES[:2]]
-    packed = pack.train_pack(data, hps, CFG, seed=0)
-    for p, hp in zip(packed, hps):
-        _assert_close(p, train_and_evaluate(data, hp, CFG, seed=0))
-    assert pack.pack_key(hps[0]) != pack.pack_key(MOVES[0])  # a shape of its own
-
-
-def test_step_conv_packs_as_it_trains_alone(data):
-    hps = [dataclasses.replace(hp, step_conv=True) for hp in MOVES[:2]]
+@pytest.mark.parametrize("knob", ["summary_features", "step_conv"])
+def test_a_model_switch_packs_as_it_trains_alone(data, knob):
+    hps = [dataclasses.replace(hp, **{knob: True}) for hp in MOVES[:2]]
     packed = pack.train_pack(data, hps, CFG, seed=0)
     for p, hp in zip(packed, hps):
         _assert_close(p, train_and_evaluate(data, hp, CFG, seed=0))
