@@ -204,7 +204,8 @@ DEFINITION_ONLY = {"study": ("seed",)}
 EXECUTION_KEYS = {"train": ("device", "threads", "compile", "pack", "eval_batch_size")}
 # keys added after studies existed, with the value that reproduces what those studies did
 CSV_LAYOUTS = ("long", "wide")
-DEFINITION_ADDED = {"data": {"folds": 1, "layout": "long"}}
+DEFINITION_ADDED = {"data": {"folds": 1, "layout": "long"},
+                    "baseline": {"summary_features": False, "step_conv": False}}
 
 
 def without_execution(section: str, values: Any) -> Any:

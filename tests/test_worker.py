@@ -155,6 +155,22 @@ def test_a_study_stored_before_folds_existed_is_the_validation_split(tmp_path: P
         worker.open_study(config.load(path), url)
 
 
+def test_a_study_stored_before_the_model_switches_existed_goes_on_without_them(tmp_path: Path):
+    """An upgrade adds model knobs to [baseline]; a study made before them ran with them off."""
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    cfg = config.load(path)
+    url = storage.resolve_url(cfg)
+    study = worker.open_study(cfg, url)
+    stored = study.user_attrs[worker.CONFIG_ATTR]
+    for key in ("summary_features", "step_conv"):
+        del stored["baseline"][key]  # as a release before the key wrote it
+    study.set_user_attr(worker.CONFIG_ATTR, stored)
+    worker.open_study(cfg, url)
+    _edit(path, "[baseline]", "[baseline]\nstep_conv = true")
+    with pytest.raises(StorageError, match=r"baseline\.step_conv: study has False, file has True"):
+        worker.open_study(config.load(path), url)
+
+
 def test_workers_started_by_hand_on_one_machine_share_its_cores(tmp_path: Path, monkeypatch):
     """Before each trial a worker without a thread count sets cores // the study's live workers here."""
     import os
