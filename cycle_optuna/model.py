@@ -100,11 +100,13 @@ class TransformerClassifier(nn.Module):
         self.seq_len, self.patch_len, self.n_tokens = seq_len, patch_len, math.ceil(seq_len / patch_len)
         self.pos_encoding, self.pooling, self.instance_norm = pos_encoding, pooling, instance_norm
         self.summary_features = summary_features
-        # Stem: one linear map per patch of patch_len steps (a strided conv), then conv_stem
-        # same-length convolutions over the tokens for local temporal features.
+        # Stem: one linear map per patch of patch_len steps (a strided conv's weights, applied as
+        # one matrix product: _patches), then conv_stem same-length convolutions over the tokens
+        # for local temporal features.
         # step_conv: one convolution over the raw steps (kernel STEP_KERNEL, hidden_dim // 2 channels,
         # GELU) before the patches are cut, so each token is made of nonlinear local shapes rather
-        # than a linear map of its steps.
+        # than a linear map of its steps (a conv's weights, applied as one matrix product over each
+        # step's window: _step_windows; on the CPU the convolutions took 2-4x as long).
         c_in = n_features
         self.step_conv = None
         if step_conv:
@@ -184,10 +186,10 @@ class TransformerClassifier(nn.Module):
         n = (t + pad) // self.patch_len
         tok_valid = valid.view(b, n, self.patch_len).any(dim=2)  # [B, N]: a token with any data step
         keep = tok_valid[:, None, :].to(x.dtype)
-        h = x.transpose(1, 2)
+        h = x  # [B, T', C], steps by channels
         if self.step_conv is not None:  # padded steps are zero before and after it
-            h = F.gelu(self.step_conv(h)) * valid[:, None, :].to(x.dtype)
-        h = self.embed(h) * keep  # [B, D, N]; padded tokens stay zero through the stem
+            h = F.gelu(self._step_windows(h)) * valid[:, :, None].to(x.dtype)
+        h = self._patches(h).transpose(1, 2) * keep  # [B, D, N]; padded tokens stay zero through the stem
         for conv in self.stem:
             h = F.gelu(conv(h)) * keep
         h = h.transpose(1, 2)
@@ -215,6 +217,22 @@ class TransformerClassifier(nn.Module):
         if self.summary_features:
             pooled = pooled + self.summary(summary)
         return self.head(pooled)
+
+    def _step_windows(self, h: torch.Tensor) -> torch.Tensor:
+        """step_conv (a same-length Conv1d) on steps [B, T', F] as one matrix product over each
+        step's window of STEP_KERNEL steps x F channels: [B, T', C]. Same weights as the conv."""
+        conv = self.step_conv
+        k = conv.kernel_size[0]
+        win = F.pad(h, (0, 0, k // 2, k // 2)).unfold(1, k, 1)  # [B, T', F, k], a view
+        return F.linear(win.reshape(*win.shape[:2], -1), conv.weight.reshape(conv.out_channels, -1), conv.bias)
+
+    def _patches(self, h: torch.Tensor) -> torch.Tensor:
+        """The patch map (embed, a Conv1d of kernel = stride = patch_len) on steps [B, T', C] as one
+        matrix product over each patch's steps x channels: [B, N, D]. Same weights as the conv."""
+        b, t, c = h.shape
+        w = self.embed.weight  # [D, C, p]
+        return F.linear(h.reshape(b, t // self.patch_len, self.patch_len * c),
+                        w.transpose(1, 2).reshape(w.shape[0], -1), self.embed.bias)
 
     def _pool(self, h: torch.Tensor, tok_valid: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":

@@ -215,6 +215,19 @@ def test_step_conv_reads_neighbouring_steps_and_trains():
     assert _model().step_conv is None  # off by default: the plain patch embedding
 
 
+@pytest.mark.parametrize("n_features, patch_len", [(1, 1), (1, 4), (5, 3)])
+def test_patch_map_and_step_conv_compute_the_convolutions_their_weights_describe(n_features, patch_len):
+    """forward runs the patch map and step_conv as matrix products over each patch's / window's steps
+    (faster on the CPU than the convolutions); the weights are the Conv1d modules', so a model
+    saved by any version loads and computes the same function."""
+    m = _model(n_features=n_features, patch_len=patch_len, step_conv=True)
+    h = torch.randn(3, 12, n_features)
+    conv = torch.nn.functional.conv1d(h.transpose(1, 2), m.step_conv.weight, m.step_conv.bias, padding=3)
+    assert torch.allclose(m._step_windows(h), conv.transpose(1, 2), atol=1e-5)
+    g = torch.randn(3, 12, m.embed.in_channels)
+    assert torch.allclose(m._patches(g), m.embed(g.transpose(1, 2)).transpose(1, 2), atol=1e-5)
+
+
 def test_bad_arguments_name_the_value():
     with pytest.raises(ValueError, match=r"but got hidden_dim=18, n_heads=4\."):
         _model(hidden_dim=18)
