@@ -36,12 +36,16 @@ def test_training_benchmark_prints_the_ratio_last():
     assert re.search(r"ratio project/minimal samples/s \(cpu, baseline, eager\): \d+\.\d+\s*$", out)
 
 
-def test_summary_benchmark_times_the_branch_on_off_and_per_step():
-    out = _run("summary.py", "--quick", "--rounds", "1")
+def test_branches_benchmark_times_each_branch_against_the_baseline_model():
+    out = _run("branches.py", "--quick", "--rounds", "1")
+    header = next(line for line in out.splitlines() if line.startswith("| series"))
+    assert [c.strip() for c in header.split("|")[3:-1]] == [
+        "summary / off", "summary, per step / off", "step_conv / off", "step_conv, as convolutions / off",
+        "off, as convolution / off"]
     rows = [line for line in out.splitlines() if re.match(r"\| \d+ x \d+ ", line)]
     assert [r.split("|")[1].split("(")[0].strip() for r in rows] == ["16 x 4", "200 x 2"]
-    assert all(re.search(r"\| \d+\.\d+x \(.*\) \| \d+\.\d+x \(.*\) \|$", r) for r in rows), rows
-    assert re.search(r"ratio on/off seconds per trial at the longest shape: \d+\.\d+\s*$", out)
+    assert all(len(re.findall(r"\| \d+\.\d+x \(\d+\.\d+\.\.\d+\.\d+\) ", r + " ")) == 5 for r in rows), rows
+    assert re.search(r"ratio step_conv/off seconds per trial at the longest shape: \d+\.\d+\s*$", out)
     _names_the_machine(out)
 
 
