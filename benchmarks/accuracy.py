@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/accuracy.py --datasets OSULeaf --seed 1       # another [study] seed of the UCR studies
     .venv/bin/python benchmarks/accuracy.py --tiny                     # seconds: a smoke run
     .venv/bin/python benchmarks/accuracy.py --datasets ACSF1 --keep runs/  # keep the study files and databases
+    .venv/bin/python benchmarks/accuracy.py --datasets OSULeaf --refit   # also the best model refit on all training series
 
 Per dataset it runs one study with the cycle sampler and prints the held-out test accuracy of the
 best model (the `[study] ensemble` best cycles by validation loss, their class probabilities
@@ -41,6 +42,7 @@ import torch
 from cycle_optuna import api, config, storage, worker
 from cycle_optuna.data import load_study_data
 from cycle_optuna.model import auto_patch_len
+from cycle_optuna.refitting import refit as refit_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR_ENV = "CYCLE_OPTUNA_UCR_DIR"
@@ -176,8 +178,9 @@ def _one_nn(cfg: config.StudyConfig) -> dict[str, dict]:
     return {"1nn": {"label": "1-NN Euclidean", "test_accuracy": float((pred == data.y_test).float().mean())}}
 
 
-def run_study(study_file: Path) -> dict:
-    """Run a study file to its n_trials in a fresh SQLite file; the best trial's test accuracy and the baselines."""
+def run_study(study_file: Path, *, refit: bool = False) -> dict:
+    """Run a study file to its n_trials in a fresh SQLite file; the best trial's test accuracy and the
+    baselines; with `refit`, also the test accuracy of the best model refit on all training series."""
     cfg = config.load(study_file)
     url = storage.default_url(cfg)  # a fresh local file where `cycle-optuna best FILE` looks (never $CYCLE_OPTUNA_STORAGE)
     t0 = time.perf_counter()
@@ -187,9 +190,14 @@ def run_study(study_file: Path) -> dict:
     single = api.held_out_score(study, model=api.load_best_model(study, ensemble=1))
     refs = study.user_attrs.get("cycle_optuna_baselines") or _one_nn(cfg)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    return {"test": score.accuracy, "cycle": score.cycle, "cycles": score.cycles, "single": single.accuracy, "n": score.n, "trials": len(study.trials),
-            "complete": len(done), "baselines": refs, "seconds": seconds,
-            "best_params": {k: v for k, v in api.best_params(study).items()}}
+    out = {"test": score.accuracy, "cycle": score.cycle, "cycles": score.cycles, "single": single.accuracy, "n": score.n, "trials": len(study.trials),
+           "complete": len(done), "baselines": refs, "seconds": seconds,
+           "best_params": {k: v for k, v in api.best_params(study).items()}}
+    if refit:
+        t0 = time.perf_counter()
+        out["refit"] = api.held_out_score(study, model=refit_model(study)).accuracy
+        out["refit_seconds"] = time.perf_counter() - t0
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--seed", type=int, default=0, help="[study] seed of the UCR studies (the built-in study keeps its own)")
     ap.add_argument("--tiny", action="store_true", help="a generated tiny .ts set, 2 trials: a smoke run")
+    ap.add_argument("--refit", action="store_true",
+                    help="also score the best model refit on all training series (`cycle-optuna refit`)")
     ap.add_argument("--keep", type=Path, default=None, metavar="DIR",
                     help="write each study file and its SQLite database here (kept) instead of a temporary folder; "
                          "open them with `cycle-optuna report DIR/NAME.toml`")
@@ -232,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 raw = tomllib.loads((ROOT / "studies" / "seed.toml").read_text())
                 study_file = work / "seed.toml"
                 study_file.write_text((ROOT / "studies" / "seed.toml").read_text())
-                res = run_study(study_file)
+                res = run_study(study_file, refit=args.refit)
                 rows.append(("built-in (seed.toml)", res, None, BAYES_SOURCE, raw["study"]["n_trials"]))
             else:
                 train, test = archive_files(data_dir, name) if data_dir else (None, None)
@@ -241,26 +251,29 @@ def main(argv: list[str] | None = None) -> int:
                           f"{data_dir or f'--data-dir / ${DATA_DIR_ENV}'}")
                     continue
                 res = run_study(file_study(name, train, test, trials=args.trials, epochs=args.epochs,
-                                           template=template, where=work, seed=args.seed))
+                                           template=template, where=work, seed=args.seed), refit=args.refit)
                 rows.append((name, res, ROCKET.get(name), ROCKET_SOURCE if name in ROCKET else "-", args.trials))
             r = rows[-1][1]
             print(f"done {rows[-1][0]}: test {r['test']:.3f} (cycles {', '.join(map(str, r['cycles']))}; "
                   f"best cycle {r['cycle']} alone {r['single']:.3f}), {r['seconds']:.0f} s, "
+                  + (f"refit {r['refit']:.3f} ({r['refit_seconds']:.0f} s), " if "refit" in r else "") +
                   f"best params {r['best_params']}", flush=True)
     if not rows:
         return 0
     keys = list(dict.fromkeys(k for _, r, *_ in rows for k in r["baselines"]))
     labels = {k: next(r["baselines"][k]["label"] for _, r, *_ in rows if k in r["baselines"]) for k in keys}
-    print("\n| dataset | trials | tuned transformer (test) | best cycle alone | " + " | ".join(labels[k] for k in keys)
-          + " | published | source |")
-    print("|---|---:|---:|---:|" + "---:|" * len(keys) + "---:|---|")
+    refit = " refit on all training series |" if args.refit else ""
+    print("\n| dataset | trials | tuned transformer (test) |" + refit + " best cycle alone | "
+          + " | ".join(labels[k] for k in keys) + " | published | source |")
+    print("|---|---:|---:|" + "---:|" * bool(refit) + "---:|" + "---:|" * len(keys) + "---:|---|")
     for name, r, published, source, trials in rows:
         refs = [r["baselines"].get(k, {}).get("test_accuracy") for k in keys]
         cells = " | ".join("-" if v is None else f"{v:.3f}" for v in refs)
         pub = "-" if published is None else f"{published:.3f}"
         if name.startswith("built-in"):
             pub = "0.964"
-        print(f"| {name} | {trials} | {r['test']:.3f} | {r['single']:.3f} | {cells} | {pub} | {source} |")
+        refit_cell = f" {r['refit']:.3f} |" if "refit" in r else ""
+        print(f"| {name} | {trials} | {r['test']:.3f} |{refit_cell} {r['single']:.3f} | {cells} | {pub} | {source} |")
     return 0
 
 

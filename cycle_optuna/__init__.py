@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from cycle_optuna.api import best_params, best_trial, cycles, load_best_model, load_study, run_study
     from cycle_optuna.config import StudyConfig, load as load_config
     from cycle_optuna.errors import ConfigError, CycleOptunaError, DataError, StorageError
+    from cycle_optuna.refitting import refit
     from cycle_optuna.sampler import CycleSampler
 
 # Re-exports resolved on first use, so `cycle-optuna --help` and `status` do not pay for Optuna,
@@ -17,7 +18,7 @@ _EXPORTS = {
     "ConfigError": "errors", "CycleOptunaError": "errors", "DataError": "errors", "StorageError": "errors",
     "CycleSampler": "sampler", "StudyConfig": "config", "load_config": ("config", "load"),
     "best_params": "api", "best_trial": "api", "cycles": "api", "load_best_model": "api", "load_study": "api",
-    "run_study": "api",
+    "run_study": "api", "refit": "refitting",
 }
 
 __all__ = sorted(_EXPORTS)

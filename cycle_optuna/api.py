@@ -32,6 +32,8 @@ CONFIG_ATTR = "cycle_optuna_config"
 STATS_ATTR = "data_stats"
 MODEL_ATTR = "model_artifact_id"
 BASELINES_ATTR = "cycle_optuna_baselines"  # study attr: {"majority": {"label", "val_accuracy", "test_accuracy"}, ...}
+# study attr written by `refit`: {"trials": [numbers, best first], "artifacts": [ids], "series": n, "epochs": n}
+REFIT_ATTR = "refit_model"
 
 StudyLike = Union[optuna.Study, str, os.PathLike]
 
@@ -325,7 +327,7 @@ def study_artifact_dir(study: optuna.Study) -> Path | None:
 
 def load_best_model(
     study: StudyLike, storage: str | BaseStorage | None = None, *, artifact_dir: str | os.PathLike | None = None,
-    ensemble: int | None = None,
+    ensemble: int | None = None, refit: bool | None = None,
 ) -> CycleModel:
     """The best model, in eval mode on CPU, normalising raw input itself.
 
@@ -333,9 +335,14 @@ def load_best_model(
     validation loss first; default: the study's `[study] ensemble`, 3 unless set) — fewer when
     fewer trials completed or kept a model; ``ensemble=1`` is the best trial's model alone.
     ``model.trial_numbers`` lists the trials it averages, best first.
+
+    ``refit``: None (default) takes the models `refit` trained on all training series when they
+    are of exactly these trials, else the trials' own; True requires them (StorageError when there
+    are none, or when they are of other trials than the best now); False never takes them.
+    ``model.refit`` says which it is.
     """
     study = load_study(study, storage)
-    return _model_of(study, _completed(study), artifact_dir=artifact_dir, ensemble=ensemble)
+    return _model_of(study, _completed(study), artifact_dir=artifact_dir, ensemble=ensemble, refit=refit)
 
 
 def _completed(study: optuna.Study) -> list[FrozenTrial]:
@@ -348,8 +355,34 @@ def _completed(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def _model_of(study: optuna.Study, done: list[FrozenTrial], *, artifact_dir: str | os.PathLike | None,
-              ensemble: int | None) -> CycleModel:
+              ensemble: int | None, refit: bool | None = None) -> CycleModel:
     """load_best_model on the completed trials `done` (best first)."""
+    members = _members(study, done, ensemble)
+    rec = refit_state(study, members)
+    if refit and rec["state"] != "current":
+        raise StorageError(rec["note"])
+    use = refit is not False and rec["state"] == "current"
+    where = Path(artifact_dir) if artifact_dir is not None else study_artifact_dir(study)
+    if where is None or not where.is_dir():
+        raise StorageError(f"artifact directory of study {study.study_name!r} not found: {where}")
+    store = optuna.artifacts.FileSystemArtifactStore(where)
+    if use:
+        named = [(a, f"refit model of cycle {t.number + 1}") for a, t in zip(rec["artifacts"], members)]
+    else:
+        named = [(t.user_attrs[MODEL_ATTR], f"model artifact {t.user_attrs[MODEL_ATTR]} of cycle {t.number + 1}")
+                 for t in members]
+    payloads = [_download_model(store, where, artifact_id, what) for artifact_id, what in named]
+    from cycle_optuna.best_model import CycleModel, Ensemble
+
+    nets = [_net_of(payload, what, where) for payload, (_, what) in zip(payloads, named)]
+    params = {**baseline_params(study), **payloads[0].get("params", members[0].params)}
+    net = nets[0] if len(nets) == 1 else Ensemble(nets)
+    return CycleModel(net, payloads[0]["mean"], payloads[0]["std"], params=params, trial_number=members[0].number,
+                      trial_numbers=[t.number for t in members], refit=use).eval()
+
+
+def _members(study: optuna.Study, done: list[FrozenTrial], ensemble: int | None) -> list[FrozenTrial]:
+    """The trials the best model averages: the best, then the next best that kept a model, `ensemble` in all."""
     trial = done[0]
     if not trial.user_attrs.get(MODEL_ATTR):
         why = trial.user_attrs.get("model_save_error", "it was run without an artifact store")
@@ -364,45 +397,52 @@ def _model_of(study: optuna.Study, done: list[FrozenTrial], *, artifact_dir: str
         ensemble = None
     if ensemble is None or ensemble < 1:
         raise ConfigError(f"ensemble: expected a whole number >= 1, got {given!r}")
-    where = Path(artifact_dir) if artifact_dir is not None else study_artifact_dir(study)
-    if where is None or not where.is_dir():
-        raise StorageError(f"artifact directory of study {study.study_name!r} not found: {where}")
-    members = [trial, *(t for t in done[1:] if t.user_attrs.get(MODEL_ATTR))][:ensemble]
-    store = optuna.artifacts.FileSystemArtifactStore(where)
-    payloads = [_download_model(store, where, t) for t in members]
-    from cycle_optuna.best_model import CycleModel, Ensemble
+    return [trial, *(t for t in done[1:] if t.user_attrs.get(MODEL_ATTR))][:ensemble]
+
+
+def refit_state(study: optuna.Study, members: list[FrozenTrial]) -> dict[str, Any]:
+    """Whether the study's refit models are those of `members`: {"state": "none" | "current" |
+    "stale", "note": why not, "artifacts": their ids}."""
+    rec = study.user_attrs.get(REFIT_ATTR)
+    cycles = ", ".join(str(t.number + 1) for t in members)
+    if not isinstance(rec, dict) or not rec.get("artifacts"):
+        return {"state": "none", "note": f"study {study.study_name!r} has no refit model: run 'cycle-optuna refit "
+                                         f"STUDY.toml' to train cycles {cycles} on all training series"}
+    if rec.get("trials") != [t.number for t in members]:
+        done = ", ".join(str(n + 1) for n in rec.get("trials") or [])
+        return {"state": "stale", "artifacts": rec["artifacts"],
+                "note": f"the refit model is of cycles {done}, but the best model averages cycles {cycles}: "
+                        "run 'cycle-optuna refit STUDY.toml' again"}
+    return {"state": "current", "artifacts": rec["artifacts"], "note": ""}
+
+
+def _net_of(payload: dict[str, Any], what: str, where: Path) -> Any:
+    """The network a model payload describes, with its weights."""
+    from cycle_optuna.best_model import Ensemble
     from cycle_optuna.model import TransformerClassifier
 
-    nets = []
-    for t, payload in zip(members, payloads):
-        try:
-            folds = int(payload.get("folds", 1))  # a cross-validated trial's model: its folds' models averaged
-            net = TransformerClassifier(**payload["model_kwargs"]) if folds == 1 else \
-                Ensemble([TransformerClassifier(**payload["model_kwargs"]) for _ in range(folds)])
-            net.load_state_dict(payload["state_dict"])
-        except (RuntimeError, TypeError, ValueError) as e:  # weights of another shape, kwargs of another version
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            raise StorageError(f"model artifact {t.user_attrs[MODEL_ATTR]} of cycle {t.number + 1} in {where} "
-                               f"does not fit the model it describes ({first})") from None
-        nets.append(net)
-    params = {**baseline_params(study), **payloads[0].get("params", trial.params)}
-    net = nets[0] if len(nets) == 1 else Ensemble(nets)
-    return CycleModel(net, payloads[0]["mean"], payloads[0]["std"], params=params, trial_number=trial.number,
-                      trial_numbers=[t.number for t in members]).eval()
+    try:
+        folds = int(payload.get("folds", 1))  # a cross-validated trial's model: its folds' models averaged
+        net = TransformerClassifier(**payload["model_kwargs"]) if folds == 1 else \
+            Ensemble([TransformerClassifier(**payload["model_kwargs"]) for _ in range(folds)])
+        net.load_state_dict(payload["state_dict"])
+    except (RuntimeError, TypeError, ValueError) as e:  # weights of another shape, kwargs of another version
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise StorageError(f"{what} in {where} does not fit the model it describes ({first})") from None
+    return net
 
 
-def _download_model(store: optuna.artifacts.FileSystemArtifactStore, where: Path, trial: FrozenTrial) -> dict[str, Any]:
+def _download_model(store: optuna.artifacts.FileSystemArtifactStore, where: Path, artifact_id: str,
+                    what: str) -> dict[str, Any]:
+    """The payload of model artifact `artifact_id` (`what` names it in errors)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
         try:
-            optuna.artifacts.download_artifact(artifact_store=store, file_path=str(path),
-                                               artifact_id=trial.user_attrs[MODEL_ATTR])
+            optuna.artifacts.download_artifact(artifact_store=store, file_path=str(path), artifact_id=artifact_id)
         except (FileNotFoundError, optuna.artifacts.exceptions.ArtifactNotFound):
-            raise StorageError(f"model artifact {trial.user_attrs[MODEL_ATTR]} of cycle {trial.number + 1} "
-                               f"is missing from {where}") from None
+            raise StorageError(f"{what} is missing from {where}") from None
         except OSError as e:  # not readable by this user (workers ran as another), a folder, ...
-            raise StorageError(f"model artifact {trial.user_attrs[MODEL_ATTR]} of cycle {trial.number + 1} in "
-                               f"{where} cannot be read: {e.strerror or e}") from None
+            raise StorageError(f"{what} in {where} cannot be read: {e.strerror or e}") from None
         import torch  # here, not at the top: queries and `status` must not pay for importing torch
 
         try:
@@ -411,11 +451,9 @@ def _download_model(store: optuna.artifacts.FileSystemArtifactStore, where: Path
             text = str(e).strip()
             first = text.splitlines()[0].split(". ")[0][:160] if text else ""
             first = f"{type(e).__name__}: {first}" if len(first) < 20 else first  # "101" alone says nothing
-            raise StorageError(f"model artifact {trial.user_attrs[MODEL_ATTR]} of cycle {trial.number + 1} in "
-                               f"{where} cannot be read (corrupt or truncated: {first})") from None
+            raise StorageError(f"{what} in {where} cannot be read (corrupt or truncated: {first})") from None
         if not isinstance(payload, dict) or not {"state_dict", "mean", "std", "model_kwargs"} <= payload.keys():
-            raise StorageError(f"model artifact {trial.user_attrs[MODEL_ATTR]} of cycle {trial.number + 1} in "
-                               f"{where} is not a cycle-optuna model")
+            raise StorageError(f"{what} in {where} is not a cycle-optuna model")
         return payload
 
 
@@ -428,11 +466,11 @@ class HeldOutScore:
     n: int
     cycle: int  # the best trial's cycle
     cycles: tuple[int, ...] = ()  # the cycles whose models the best model averages, best first
+    refit: bool = False  # their configurations trained on all training series (`refit`)
 
 
 def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *, model: CycleModel | None = None) -> HeldOutScore:
     """Held-out test loss and accuracy of the best model (see load_best_model), on the study's own split."""
-    from cycle_optuna.data import load_study_data
     from cycle_optuna.train import evaluate
 
     study = load_study(study, storage)
@@ -440,21 +478,29 @@ def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *
     if cfg is None:
         raise StorageError(f"study {study.study_name!r} has no stored cycle-optuna config; cannot rebuild its test split")
     model = model if model is not None else load_best_model(study)
+    data = study_data(study, cfg, "its test split cannot be rebuilt")
+    # the split is normalised already, so evaluate the inner network
+    loss, acc = evaluate(model.net, data.x_test, data.y_test, cfg.train.eval_batch_size)
+    return HeldOutScore(loss=loss, accuracy=acc, n=int(data.y_test.shape[0]), cycle=model.trial_number + 1,
+                        cycles=tuple(n + 1 for n in model.trial_numbers), refit=bool(getattr(model, "refit", False)))
+
+
+def study_data(study: optuna.Study, cfg: StudyConfig, consequence: str) -> Any:
+    """The study's splits (TaskData) rebuilt from its data, refused (StorageError ending with
+    `consequence`) when the data changed since the study ran."""
+    from cycle_optuna.data import load_study_data
     from cycle_optuna.digests import DIGESTS_ATTR, changed
 
     # by content, since a changed test file changes no stored statistic
     if found := changed(cfg, _STUDY_FILE.get(study), study.user_attrs.get(DIGESTS_ATTR) or {}):
         key, path = found
         raise StorageError(f"data of study {study.study_name!r} changed since it ran ({path}: other content "
-                           f"than data.{key} had); its test split cannot be rebuilt")
+                           f"than data.{key} had); {consequence}")
     data = load_study_data(cfg)
     stats = study.user_attrs.get(STATS_ATTR)
     if stats and not np.allclose(stats["mean"], data.mean, rtol=1e-4, atol=1e-5):
-        raise StorageError(f"data of study {study.study_name!r} changed since it ran; its test split cannot be rebuilt")
-    # the split is normalised already, so evaluate the inner network
-    loss, acc = evaluate(model.net, data.x_test, data.y_test, cfg.train.eval_batch_size)
-    return HeldOutScore(loss=loss, accuracy=acc, n=int(data.y_test.shape[0]), cycle=model.trial_number + 1,
-                        cycles=tuple(n + 1 for n in model.trial_numbers))
+        raise StorageError(f"data of study {study.study_name!r} changed since it ran; {consequence}")
+    return data
 
 
 
@@ -491,15 +537,21 @@ def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, w
         try:
             score = held_out_score(study, model=_model_of(study, done, artifact_dir=None, ensemble=None))
             rec.update(test_accuracy=score.accuracy, test_loss=score.loss, n_test=score.n,
-                       model_cycles=list(score.cycles))
+                       model_cycles=list(score.cycles), model_refit=score.refit)
         except (StorageError, DataError) as e:  # the best trial is shown all the same
             rec.update(test_accuracy=None, test_loss=None, test_error=str(e))
+    try:
+        refit = refit_state(study, _members(study, done, None))
+    except (StorageError, ConfigError):  # no model: said by the test figure's error
+        refit = {"state": "none"}
+    if refit["state"] == "stale":
+        rec["refit_note"] = refit["note"]
     from cycle_optuna.references import compare, model_name
 
     stored = study.user_attrs.get(BASELINES_ATTR)
     rec["baselines"] = compare(stored, val_accuracy=t.user_attrs.get("val_accuracy"),
                                test_accuracy=rec.get("test_accuracy"), val_model=model_name([t.number + 1]),
-                               test_model=model_name(rec.get("model_cycles")))
+                               test_model=model_name(rec.get("model_cycles"), bool(rec.get("model_refit"))))
     if stored is None:
         rec["baselines_note"] = "no reference baselines stored yet: the next worker on this study computes them"
     return rec

@@ -15,11 +15,12 @@ class CycleModel(torch.nn.Module):
     ``model(x)`` returns logits for raw ``[N, T, F]`` input (T <= ``seq_len``, F = ``n_features``);
     ``predict`` returns class indices and ``predict_proba`` class probabilities, for numpy arrays or
     tensors, one ``[T, F]`` sequence or a batch. ``params`` holds the best trial's hyperparameters;
-    ``trial_numbers`` the trials whose models it averages (an `Ensemble` net), best first.
+    ``trial_numbers`` the trials whose models it averages (an `Ensemble` net), best first; ``refit``
+    whether these are their configurations trained again on all training series (`cycle-optuna refit`).
     """
 
     def __init__(self, net: torch.nn.Module, mean: Any, std: Any, *, params: dict[str, Any], trial_number: int,
-                 trial_numbers: list[int] | None = None) -> None:
+                 trial_numbers: list[int] | None = None, refit: bool = False) -> None:
         super().__init__()
         self.net = net
         # float64: the raw input is normalised in double precision, as in training (a large offset keeps its small changes)
@@ -28,6 +29,7 @@ class CycleModel(torch.nn.Module):
         self.params = dict(params)
         self.trial_number = trial_number
         self.trial_numbers = list(trial_numbers) if trial_numbers else [trial_number]  # averaged, best first
+        self.refit = refit
         self.n_features = int(self.mean.shape[0])
         self.seq_len = int(getattr(net, "seq_len", 0)) or None  # longest input sequence
 

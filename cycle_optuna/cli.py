@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections import Counter
@@ -17,7 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cycle_optuna.errors import CycleOptunaError
+from cycle_optuna.errors import CycleOptunaError, StorageError
 
 class _Console(Console):
     """rich's Console, whose closed pipe (`best | head -2`) ends the command as `export | head` does:
@@ -51,6 +53,14 @@ EXAMPLES = {
     "best": """examples:
   cycle-optuna best studies/seed.toml
   cycle-optuna best studies/seed.toml --json""",
+    "refit": """examples:
+  cycle-optuna refit studies/gunpoint.toml
+  cycle-optuna refit studies/gunpoint.toml --ensemble 1   # the best cycle alone
+
+Trains the configurations of the cycles the best model averages again on the training and
+validation series together (the study's seed, epochs and schedule; each keeps its last epoch).
+best, predict, report and load_best_model() then use these models while the best cycles stay
+the same; the test split is used by neither.""",
     "report": """examples:
   cycle-optuna report studies/seed.toml
   cycle-optuna report studies/seed.toml -o reports/seed""",
@@ -369,8 +379,8 @@ def cmd_best(args: argparse.Namespace) -> int:
     if rec.get("test_accuracy") is not None:
         table.add_row("test accuracy (held out)", f"{rec['test_accuracy']:.2%}")
         table.add_row("test loss (held out)", f"{rec['test_loss']:.4f}")
-        if len(rec.get("model_cycles") or ()) > 1:
-            table.add_row("best model", references.model_name(rec["model_cycles"]))
+        if len(rec.get("model_cycles") or ()) > 1 or rec.get("model_refit"):
+            table.add_row("best model", references.model_name(rec["model_cycles"], rec.get("model_refit", False)))
     elif not args.no_test:
         table.add_row("test accuracy (held out)", escape(f"unavailable: {rec.get('test_error')}"))  # a path may hold [..]
     table.add_section()
@@ -386,7 +396,45 @@ def cmd_best(args: argparse.Namespace) -> int:
         out.print(f"vs {b['line']}", highlight=False, soft_wrap=True)
     if rec.get("baselines_note"):
         out.print(rec["baselines_note"], highlight=False, soft_wrap=True)
+    if rec.get("refit_note"):
+        out.print(escape(rec["refit_note"]), highlight=False, soft_wrap=True)
     return 0
+
+
+def cmd_refit(args: argparse.Namespace) -> int:
+    from cycle_optuna import api, preflight, references
+    from cycle_optuna.errors import TrainingError
+    from cycle_optuna.refitting import refit
+
+    cfg, url = _load(args)
+    preflight.for_read(url)
+    say = lambda line: out.print(line, highlight=False, soft_wrap=True, markup=False)  # noqa: E731
+    signal.signal(signal.SIGTERM, _interrupt)  # stopped like Ctrl-C: the models not yet named are removed
+    with out.status("loading the study", spinner="line") as status:
+        def on_epoch(k: int, m) -> None:
+            status.update(f"model {k + 1}: epoch {m.epoch + 1}/{cfg.train.epochs}, training loss {m.val_loss:.4f}")
+
+        try:
+            model = refit(args.study, storage=url, ensemble=args.ensemble, say=say, on_epoch=on_epoch)
+        except TrainingError as e:
+            err.print(f"[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True)
+            return 1
+    name = references.model_name([n + 1 for n in model.trial_numbers], True)
+    if args.no_test:
+        say(f"stored: best, predict, report and load_best_model() now use the refit model ({name})")
+        return 0
+    mine, own = api.held_out_score(args.study, storage=url, model=model), None
+    with contextlib.suppress(StorageError):
+        own = api.held_out_score(args.study, storage=url, model=api.load_best_model(
+            args.study, storage=url, ensemble=len(model.trial_numbers), refit=False))
+    versus = f" (the cycles' own models: {own.accuracy:.2%})" if own is not None else ""
+    say(f"stored: best, predict, report and load_best_model() now use the refit model ({name}); held-out test accuracy "
+        f"{mine.accuracy:.2%} on {mine.n} series{versus}")
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -418,7 +466,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     labelled = (f"accuracy {pred.accuracy:.2%} against the file's labels" if pred.labels is not None
                 else f"the file has no labels (no {cfg.data.label_column!r} column or y array)")
     summary = (f"{len(pred.proba)} series of {args.file} predicted by the best model of study {cfg.study.name} "
-               f"({references.model_name(list(pred.cycles))}); {labelled}")
+               f"({references.model_name(list(pred.cycles), pred.refit)}); {labelled}")
     if (pred.labels is not None and Path(args.file).suffix.lower() == ".npz"
             and pred.classes != tuple(str(k) for k in range(len(pred.classes)))):
         # an .npz's y holds class indices; the study's classes have names (its training file's labels)
@@ -579,6 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
     best = command("best", cmd_best, "print the best trial's parameters and metrics")
     best.add_argument("--json", action="store_true", help="machine-readable output (optuna best-trial's field names)")
     best.add_argument("--no-test", action="store_true", help="skip the held-out test evaluation of the best model")
+    ref = command("refit", cmd_refit, "train the best model's cycles again on all training series (training + validation)")
+    ref.add_argument("--ensemble", type=_positive, metavar="N",
+                     help="refit the N best cycles (default: the study's [study] ensemble, 3 unless set)")
+    ref.add_argument("--no-test", action="store_true", help="skip the held-out test evaluation of the refit model")
     rep = command("report", cmd_report, "write report.md and PNG plots of the study's cycles")
     rep.add_argument("-o", "--output", metavar="DIR", type=_path,
                      help="output directory (default: <study name>-report beside the study file)")

@@ -15,3 +15,7 @@ class DataError(CycleOptunaError):
 
 class StorageError(CycleOptunaError):
     """The storage URL is invalid, unreachable, or holds an incompatible study."""
+
+
+class TrainingError(CycleOptunaError):
+    """Training gave no usable model (it diverged); the CLI exits 1 for it, not 2."""

@@ -35,6 +35,7 @@ class Predictions:
     proba: np.ndarray  # [N, K]
     labels: np.ndarray | None  # the file's own class indices, when it has labels
     cycles: tuple[int, ...]  # the cycles whose models were averaged, best first
+    refit: bool = False  # their configurations trained on all training series (`refit`)
 
     @property
     def predicted(self) -> np.ndarray:
@@ -93,4 +94,4 @@ def predict_file(study: api.StudyLike, path: str | Path, storage: str | BaseStor
     proba = np.concatenate([model.predict_proba(x[i:i + cfg.train.eval_batch_size])
                             for i in range(0, len(x), cfg.train.eval_batch_size)])
     return Predictions(path=path, classes=classes, ids=ids, proba=proba, labels=y,
-                       cycles=tuple(n + 1 for n in model.trial_numbers))
+                       cycles=tuple(n + 1 for n in model.trial_numbers), refit=bool(getattr(model, "refit", False)))

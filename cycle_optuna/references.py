@@ -19,11 +19,13 @@ def best_reference(baselines: dict[str, dict[str, Any]] | None) -> tuple[str, di
     return max(scored, key=lambda kv: kv[1]["val_accuracy"]) if scored else None
 
 
-def model_name(cycles: list[int] | tuple[int, ...] | None) -> str | None:
-    """How `best` names a model: "cycle 4", or "mean of cycles 4, 7, 2" for an ensemble."""
+def model_name(cycles: list[int] | tuple[int, ...] | None, refit: bool = False) -> str | None:
+    """How `best` names a model: "cycle 4", or "mean of cycles 4, 7, 2" for an ensemble; " (refit)"
+    after it when they are the cycles' configurations trained on all training series."""
     if not cycles:
         return None
-    return f"cycle {cycles[0]}" if len(cycles) == 1 else "mean of cycles " + ", ".join(map(str, cycles))
+    name = f"cycle {cycles[0]}" if len(cycles) == 1 else "mean of cycles " + ", ".join(map(str, cycles))
+    return f"{name} (refit)" if refit else name
 
 
 def compare(baselines: dict[str, dict[str, Any]] | None, *, val_accuracy: float | None,

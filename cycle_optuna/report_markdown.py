@@ -42,7 +42,8 @@ def _model(a: Analysis) -> str:
     from cycle_optuna.references import model_name
 
     cycles = list(a.test.cycles) if a.test and a.test.cycles else [a.best.cycle] if a.best else []
-    return f"the best model ({model_name(cycles)})" if len(cycles) > 1 else "its model"
+    refit = bool(a.test and a.test.refit)
+    return f"the best model ({model_name(cycles, refit)})" if len(cycles) > 1 or refit else "its model"
 
 
 def _cell(text: str) -> str:
@@ -133,7 +134,9 @@ def _best(a: Analysis) -> list[str]:
         lines.append(f"- **Held-out test accuracy:** {_pct(a.test.accuracy)} (test loss {a.test.loss:.4f}, "
                      f"{a.test.n} sequences never used to select this model)"
                      + (f"; the best model averages the class probabilities of cycles "
-                        f"{', '.join(map(str, a.test.cycles))} (`[study] ensemble`)" if len(a.test.cycles) > 1 else ""))
+                        f"{', '.join(map(str, a.test.cycles))} (`[study] ensemble`)" if len(a.test.cycles) > 1 else "")
+                     + ("; refit: trained again on all training series, validation included (`cycle-optuna refit`)"
+                        if a.test.refit else ""))
     else:
         lines.append(f"- **Held-out test accuracy:** unavailable ({a.test_note})")
     lines += _context(a)

@@ -769,8 +769,9 @@ class _Folds:
 def train_and_evaluate(data: TaskData, hp: Hyperparams, cfg: TrainConfig, *, seed: int,
                        report: Callable[[EpochMetrics], None] | None = None,
                        checkpoint: Callable[[int, dict], None] | None = None,
-                       resume: dict | None = None) -> TrainResult:
-    """Train on ``data.x_train``, validate every epoch, early-stop on val loss, keep the best weights.
+                       resume: dict | None = None, last_weights: bool = False) -> TrainResult:
+    """Train on ``data.x_train``, validate every epoch, early-stop on val loss, keep the best weights
+    (``last_weights``: the last epoch's instead, for a refit where nothing is held out to choose one).
 
     ``report(metrics)`` runs after each finite validation; whatever it raises propagates (a prune
     signal, say). A diverged epoch (``cfg.max_bad_batches`` consecutive skipped batches, or a
@@ -786,4 +787,6 @@ def train_and_evaluate(data: TaskData, hp: Hyperparams, cfg: TrainConfig, *, see
     run = Run(hp, report=report, checkpoint=checkpoint)
     start = engine.resume(run, resume) if resume is not None else 0
     run_epochs(engine, [run], cfg, start_epoch=start)
+    if last_weights:
+        run.best_state = None
     return run.result(engine.model)

@@ -1,0 +1,115 @@
+"""Refit: the best cycles' configurations trained again on all training series.
+
+A cycle's model learns from the training split only: the validation split (or, under k-fold
+cross-validation, each fold's held-out fifth) chose it. Once the study has chosen, `refit` trains
+the configurations of the cycles the best model averages again on the training and validation
+series together, with the study's seed, epochs and schedule, and keeps each one's last epoch
+(nothing is held out to choose another). The models are stored beside the cycles' in the study's
+artifact store and named in the study attr ``refit_model``; `load_best_model`, `best`, `predict` and
+the report then use them for as long as they are of the cycles the best model averages (the test
+split stays out of both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+import torch
+
+from cycle_optuna import api, space
+from cycle_optuna import storage as storage_mod
+from cycle_optuna.errors import StorageError, TrainingError
+from cycle_optuna.objective import model_payload
+from cycle_optuna.placement import CoreLoad, threads_beside
+from cycle_optuna.train import EpochMetrics, model_kwargs, train_and_evaluate
+from cycle_optuna.worker import THREADS_ENV_VAR, available_cores
+
+EVAL_SERIES = 1024  # the training series scored after each epoch (progress, and the divergence guard)
+
+
+def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | None = None,
+          say: Callable[[str], None] = lambda line: None,
+          on_epoch: Callable[[int, EpochMetrics], None] | None = None) -> Any:
+    """Train the best model's cycles (`ensemble` of them, default the study's) on all training
+    series, store the models and return the best model made of them (a CycleModel, ``refit``).
+
+    ``say`` receives a line per model; ``on_epoch(k, metrics)`` each epoch of the k-th (from 0).
+    Nothing is recorded until every model is stored: an interrupted refit leaves the study as it was.
+    """
+    load = CoreLoad()  # other processes' use of the cores, measured over the start-up
+    study = api.load_study(study, storage)
+    cfg = api.study_config(study)
+    if cfg is None:
+        raise StorageError(f"study {study.study_name!r} has no stored cycle-optuna config; it cannot be refit")
+    members = api._members(study, api._completed(study), ensemble)
+    where = api.study_artifact_dir(study)
+    if where is None or not where.is_dir():
+        raise StorageError(f"artifact directory of study {study.study_name!r} not found: {where}")
+    from cycle_optuna.preflight import check_writable_dir
+
+    check_writable_dir(where, what="artifact directory", room=1 << 20)  # before any training
+    data = api.study_data(study, cfg, "it cannot be refit")
+    x, y = data.pooled()
+    scored = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.study.seed))[:EVAL_SERIES]
+    full = dataclasses.replace(data, x_train=x, y_train=y, x_val=x[scored], y_val=y[scored], fold_ids=None)
+    train_cfg = dataclasses.replace(cfg.train, early_stopping_patience=0)
+    cycles = ", ".join(str(t.number + 1) for t in members)
+    say(f"refit of study {study.study_name}: cycle{'s' if len(members) > 1 else ''} {cycles} trained on all "
+        f"{len(y)} training series ({len(data.y_train)} training + {len(data.y_val)} validation), "
+        f"{train_cfg.epochs} epochs each")
+    if data.n_folds > 1:
+        say(f"note: this study's cycles were cross-validated ({data.n_folds} folds): each cycle's model already "
+            "averages its folds' models, which together learned from every training series; refit models are "
+            "one model each")
+    store = storage_mod.DurableArtifactStore(where)
+    written: list[str] = []
+    threads = torch.get_num_threads()
+    chosen = train_cfg.threads or storage_mod.env_whole_number(THREADS_ENV_VAR)
+    if chosen:
+        torch.set_num_threads(chosen)
+    else:  # as a worker on its own: the cores other jobs leave free (a spinning thread kept off its core stalls every step)
+        cores = available_cores()
+        torch.set_num_threads(threads_beside(cores, cores, load.others(wait=True)))
+    try:
+        for k, t in enumerate(members):
+            hp = space.to_hyperparams(cfg, t.params)
+            t0 = time.perf_counter()
+            result = train_and_evaluate(full, hp, train_cfg, seed=cfg.study.seed, last_weights=True,
+                                        report=(lambda m, k=k: on_epoch(k, m)) if on_epoch else None)
+            if result.diverged:
+                raise TrainingError(f"cycle {t.number + 1} diverged when trained on all training series (epoch "
+                                    f"{result.epochs_run}); nothing was stored: the best model stays the cycles' own")
+            buf = io.BytesIO()
+            torch.save(model_payload(result.model, model_kwargs(full, hp, cfg.train.init_gain), data, t.params), buf)
+            buf.seek(0)
+            artifact_id = f"refit-{uuid.uuid4().hex}"
+            written.append(artifact_id)
+            store.write(artifact_id, buf)
+            storage_mod.pause_for_tests("refit model written")
+            last = result.history[-1]
+            say(f"cycle {t.number + 1} refit ({k + 1} of {len(members)}): training loss {last.val_loss:.4f}, "
+                f"accuracy {last.val_accuracy:.2%} on {len(full.y_val)} of its series, "
+                f"{time.perf_counter() - t0:.0f} s")
+        old = study.user_attrs.get(api.REFIT_ATTR)
+        study.set_user_attr(api.REFIT_ATTR, {"trials": [t.number for t in members], "artifacts": written,
+                                             "series": int(len(y)), "epochs": train_cfg.epochs})
+    except BaseException:
+        for artifact_id in written:  # not named anywhere yet: an interrupted refit leaves nothing behind
+            with contextlib.suppress(OSError):
+                store.remove_all(artifact_id)
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    if isinstance(old, dict):  # the refit these replace: no reader can reach them any more
+        for artifact_id in old.get("artifacts") or ():
+            if artifact_id not in written:
+                with contextlib.suppress(OSError, optuna.artifacts.exceptions.ArtifactNotFound):
+                    store.remove_all(artifact_id)
+    return api.load_best_model(study, ensemble=len(members), refit=True)

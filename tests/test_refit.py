@@ -1,0 +1,163 @@
+"""`cycle-optuna refit`: the best cycles' configurations trained on all training series, used by
+best / predict / load_best_model while they are of the best cycles, and nothing left half-written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cycle_optuna import api, cli, space
+from cycle_optuna.data import load_study_data
+from cycle_optuna.errors import StorageError
+from cycle_optuna.train import train_and_evaluate
+from workers_helpers import fill_disk, small_tmpfs, start_cli, wait_for, worker_env, write_study
+
+
+def _study(tmp_path: Path, capsys) -> Path:
+    """Four completed cycles of the tiny study (threads = 1, no pruning), models kept for the best three."""
+    path = write_study(tmp_path, n_trials=4, epochs=3, n_samples=80)
+    assert cli.main(["run", str(path)]) == 0
+    capsys.readouterr()
+    return path
+
+
+def _refit_files(path: Path) -> list[str]:
+    return sorted(p.name for p in (path.parent / "tiny-artifacts").glob("refit-*"))
+
+
+def test_refit_trains_the_best_cycles_on_every_training_series_and_the_best_model_is_then_theirs(
+        tmp_path: Path, capsys, one_thread):
+    path = _study(tmp_path, capsys)
+    own = api.load_best_model(path)
+    assert not own.refit and len(own.trial_numbers) == 3
+    assert cli.main(["refit", str(path)]) == 0
+    said = capsys.readouterr().out
+    study = api.load_study(path)
+    data = load_study_data(api.study_config(study))
+    n_all = len(data.y_train) + len(data.y_val)
+    assert f"trained on all {n_all} training series ({len(data.y_train)} training + {len(data.y_val)} validation)" in said
+    assert "now use the refit model (mean of cycles " in said and "held-out test accuracy" in said
+    rec = study.user_attrs[api.REFIT_ATTR]
+    assert rec["trials"] == own.trial_numbers and rec["series"] == n_all and len(rec["artifacts"]) == 3
+    assert _refit_files(path) == sorted(rec["artifacts"])
+    first_files = set(rec["artifacts"])
+
+    model = api.load_best_model(path)
+    assert model.refit and model.trial_numbers == own.trial_numbers
+    # each member is its cycle's configuration trained on training + validation, the last epoch kept
+    cfg = api.study_config(study)
+    x, y = data.pooled()
+    full = dataclasses.replace(data, x_train=x, y_train=y, fold_ids=None)
+    best = next(t for t in study.trials if t.number == own.trial_numbers[0])
+    direct = train_and_evaluate(full, space.to_hyperparams(cfg, best.params),
+                                dataclasses.replace(cfg.train, early_stopping_patience=0), seed=cfg.study.seed,
+                                last_weights=True).model
+    first = model.net.nets[0].state_dict()
+    assert all(torch.equal(first[k], v) for k, v in direct.state_dict().items())
+    assert not torch.equal(first["head.weight"], own.net.nets[0].state_dict()["head.weight"])
+
+    assert cli.main(["best", str(path), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["model_refit"] is True and rec["model_cycles"] == [n + 1 for n in own.trial_numbers]
+    assert any("(refit)" in b["line"] for b in rec["baselines"])
+    x_new = np.random.default_rng(0).normal(size=(5, 4, 2))
+    assert np.allclose(model.predict_proba(x_new), api.load_best_model(path).predict_proba(x_new))
+    assert cli.main(["report", str(path), "-o", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "refit: trained again on all training series" in text and "(refit)) scored" in text
+    # a second refit replaces the first: its files go once the study names the new ones
+    assert cli.main(["refit", str(path), "--no-test"]) == 0
+    again = api.load_study(path).user_attrs[api.REFIT_ATTR]["artifacts"]
+    assert _refit_files(path) == sorted(again) and not set(again) & first_files
+
+
+def test_the_refit_model_serves_only_the_cycles_it_was_made_of(tmp_path: Path, capsys, one_thread):
+    path = _study(tmp_path, capsys)
+    with pytest.raises(StorageError, match="has no refit model: run 'cycle-optuna refit STUDY.toml'"):
+        api.load_best_model(path, refit=True)
+    assert cli.main(["refit", str(path), "--ensemble", "1", "--no-test"]) == 0
+    capsys.readouterr()
+    alone = api.load_best_model(path, ensemble=1)
+    assert alone.refit and len(alone.trial_numbers) == 1
+    assert not api.load_best_model(path, ensemble=1, refit=False).refit
+    three = api.load_best_model(path)  # the study's ensemble of 3: not what was refit
+    assert not three.refit and len(three.trial_numbers) == 3
+    cycles = ", ".join(str(n + 1) for n in three.trial_numbers)
+    with pytest.raises(StorageError, match=rf"refit model is of cycles {alone.trial_numbers[0] + 1}, but the best "
+                                           rf"model averages cycles {cycles}: run 'cycle-optuna refit STUDY.toml' again"):
+        api.load_best_model(path, refit=True)
+    assert cli.main(["best", str(path)]) == 0
+    assert "run 'cycle-optuna refit STUDY.toml' again" in capsys.readouterr().out
+
+
+def test_refit_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path: Path, capsys):
+    path = write_study(tmp_path)
+    assert cli.main(["refit", str(path)]) == 2  # no study yet
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no study database" in err
+    assert not (tmp_path / "tiny.db").exists() and not (tmp_path / "tiny-artifacts").exists()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["refit", str(path), "--ensemble", "0"])
+    assert e.value.code == 2 and "--ensemble: must be a positive integer, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_refit_stopped_after_writing_a_model_leaves_the_study_as_it_was(tmp_path: Path, capsys, sig, one_thread):
+    path = _study(tmp_path, capsys)
+    log = tmp_path / "refit.log"
+    proc = start_cli(["refit", str(path)], log=log, env=worker_env(CYCLE_OPTUNA_TEST_PAUSE_REFIT_MODEL_WRITTEN="60"))
+    wait_for(lambda: "paused refit model written" in log.read_text(), 120, "the refit's first model written")
+    assert len(_refit_files(path)) == 1
+    proc.send_signal(sig)
+    assert proc.wait(60) == 130, log.read_text()
+    assert _refit_files(path) == []  # removed: no study attr named it yet
+    assert api.REFIT_ATTR not in api.load_study(path).user_attrs
+    assert not api.load_best_model(path).refit
+
+
+def test_a_refit_killed_after_writing_a_model_changes_nothing_a_reader_sees(tmp_path: Path, capsys, one_thread):
+    path = _study(tmp_path, capsys)
+    log = tmp_path / "refit.log"
+    proc = start_cli(["refit", str(path)], log=log, env=worker_env(CYCLE_OPTUNA_TEST_PAUSE_REFIT_MODEL_WRITTEN="60"))
+    wait_for(lambda: "paused refit model written" in log.read_text(), 120, "the refit's first model written")
+    proc.kill()
+    proc.wait(30)
+    assert api.REFIT_ATTR not in api.load_study(path).user_attrs
+    assert not api.load_best_model(path).refit  # the cycles' own models, whole
+    assert cli.main(["refit", str(path), "--no-test"]) == 0  # and a new refit completes
+    assert api.load_best_model(path).refit
+
+
+def test_a_full_artifact_disk_is_refused_before_training(tmp_path: Path, capsys, monkeypatch, one_thread):
+    with small_tmpfs(tmp_path / "disk", "4m") as disk:
+        monkeypatch.setenv("CYCLE_OPTUNA_ARTIFACT_DIR", str(disk / "artifacts"))
+        path = _study(tmp_path, capsys)
+        fill_disk(disk)
+        assert cli.main(["refit", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"cannot write {disk / 'artifacts'}: No space left" in err, err
+        assert not list((disk / "artifacts").glob("refit-*"))
+        assert api.REFIT_ATTR not in api.load_study(path).user_attrs
+
+
+def test_refit_of_a_postgresql_study_is_what_its_readers_load(tmp_path: Path, capsys, pg_url: str, one_thread):
+    path = write_study(tmp_path, n_trials=3, epochs=2, n_samples=60)
+    assert cli.main(["run", str(path), "--storage", pg_url]) == 0
+    assert cli.main(["refit", str(path), "--storage", pg_url]) == 0
+    capsys.readouterr()
+    model = api.load_best_model(path, storage=pg_url)
+    assert model.refit and api.load_study(path, storage=pg_url).user_attrs[api.REFIT_ATTR]["trials"] == model.trial_numbers
+    assert cli.main(["predict", str(path), "--storage", pg_url, str(_npz(tmp_path))]) == 0
+    assert "(refit)" in capsys.readouterr().err
+
+
+def _npz(tmp_path: Path) -> Path:
+    path = tmp_path / "new.npz"
+    np.savez(path, X=np.random.default_rng(1).normal(size=(4, 4, 2)))
+    return path
