@@ -298,6 +298,11 @@ def baselines(study: optuna.Study) -> dict[str, dict[str, Any]]:
 
 
 def _key_change(t: FrozenTrial, ref: FrozenTrial | None, base: dict[str, Any]) -> str:
+    retried = _retry_of(t)
+    if retried is not None and not isinstance(t.user_attrs.get("cycle_parent"), int):
+        # it reruns that cycle's configuration; without a cycle parent to compare with (the cycle
+        # sampler's moves name one, and a retry keeps it), the trial before it is that cycle itself
+        return f"retry of cycle {retried + 1}"
     move = t.user_attrs.get("cycle_move")
     if move == "baseline" or (ref is None and {**base, **t.params} == base):
         return "baseline configuration"

@@ -264,6 +264,7 @@ def test_an_interrupted_cycle_that_was_retried_is_not_counted_as_failed(tmp_path
     assert (cyc[1].retried_as, cyc[2].retry_of) == (3, 2)
     assert cyc[1].reason == "worker interrupted (vm:1, SIGINT); retried as cycle 3"
     assert cyc[2].reason == "retry of cycle 2, from its last checkpoint"
+    assert cyc[2].key_change == "retry of cycle 2"  # not "no change" against the cycle it reruns
     text = report.write_report(study, tmp_path / "out", test=False).read_text()
     assert "(2 complete, 0 pruned, 0 diverged, 0 failed, 1 interrupted and retried)" in text
     assert "- **Failed:** 0" in text and "- **Interrupted and retried:** 1" in text
