@@ -397,7 +397,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     if rec.get("baselines_note"):
         out.print(rec["baselines_note"], highlight=False, soft_wrap=True)
     if rec.get("refit_note"):
-        out.print(escape(rec["refit_note"]), highlight=False, soft_wrap=True)
+        out.print(escape(rec["refit_note"].replace("STUDY.toml", args.study)), highlight=False, soft_wrap=True)
     return 0
 
 
