@@ -1,10 +1,12 @@
 """Refit: the best cycles' configurations trained again on all training series.
 
 A cycle's model learns from the training split only: the validation split (or, under k-fold
-cross-validation, each fold's held-out fifth) chose it. Once the study has chosen, `refit` trains
+cross-validation, each fold's held-out part) chose it. Once the study has chosen, `refit` trains
 the configurations of the cycles the best model averages again on the training and validation
 series together, with the study's seed, epochs and schedule, and keeps each one's last epoch
-(nothing is held out to choose another). The models are stored beside the cycles' in the study's
+(nothing is held out to choose another). A refit model has as many networks as the cycle's own:
+one, or under k-fold cross-validation k (seeds seed..seed+k-1) whose probabilities it averages as
+the cycle's model averaged its folds'. The models are stored beside the cycles' in the study's
 artifact store and named in the study attr ``refit_model``; `load_best_model`, `best`, `predict` and
 the report then use them for as long as they are of the cycles the best model averages (the test
 split stays out of both).
@@ -24,6 +26,7 @@ import optuna
 import torch
 
 from cycle_optuna import api, space
+from cycle_optuna.best_model import Ensemble
 from cycle_optuna import storage as storage_mod
 from cycle_optuna.errors import StorageError, TrainingError
 from cycle_optuna.objective import model_payload
@@ -64,10 +67,10 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
     say(f"refit of study {study.study_name}: cycle{'s' if len(members) > 1 else ''} {cycles} trained on all "
         f"{len(y)} training series ({len(data.y_train)} training + {len(data.y_val)} validation), "
         f"{train_cfg.epochs} epochs each")
-    if data.n_folds > 1:
-        say(f"note: this study's cycles were cross-validated ({data.n_folds} folds): each cycle's model already "
-            "averages its folds' models, which together learned from every training series; refit models are "
-            "one model each")
+    nets = data.n_folds  # as many networks as each cycle's own model averages, each on every series
+    if nets > 1:
+        say(f"the cycles were cross-validated: each refit model averages {nets} networks, as each cycle's own "
+            f"averaged its {nets} folds' (seeds {cfg.study.seed}..{cfg.study.seed + nets - 1})")
     store = storage_mod.DurableArtifactStore(where)
     written: list[str] = []
     threads = torch.get_num_threads()
@@ -81,21 +84,26 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
         for k, t in enumerate(members):
             hp = space.to_hyperparams(cfg, t.params)
             t0 = time.perf_counter()
-            result = train_and_evaluate(full, hp, train_cfg, seed=cfg.study.seed, last_weights=True,
-                                        report=(lambda m, k=k: on_epoch(k, m)) if on_epoch else None)
-            if result.diverged:
-                raise TrainingError(f"cycle {t.number + 1} diverged when trained on all training series (epoch "
-                                    f"{result.epochs_run}); nothing was stored: the best model stays the cycles' own")
+            results = []
+            for j in range(nets):
+                result = train_and_evaluate(full, hp, train_cfg, seed=cfg.study.seed + j, last_weights=True,
+                                            report=(lambda m, k=k: on_epoch(k, m)) if on_epoch else None)
+                if result.diverged:
+                    raise TrainingError(f"cycle {t.number + 1} diverged when trained on all training series (epoch "
+                                        f"{result.epochs_run}); nothing was stored: the best model stays the cycles' own")
+                results.append(result)
+            model = results[0].model if nets == 1 else Ensemble([r.model for r in results])
             buf = io.BytesIO()
-            torch.save(model_payload(result.model, model_kwargs(full, hp, cfg.train.init_gain), data, t.params), buf)
+            torch.save(model_payload(model, model_kwargs(full, hp, cfg.train.init_gain), data, t.params), buf)
             buf.seek(0)
             artifact_id = f"refit-{uuid.uuid4().hex}"
             written.append(artifact_id)
             store.write(artifact_id, buf)
             storage_mod.pause_for_tests("refit model written")
-            last = result.history[-1]
-            say(f"cycle {t.number + 1} refit ({k + 1} of {len(members)}): training loss {last.val_loss:.4f}, "
-                f"accuracy {last.val_accuracy:.2%} on {len(full.y_val)} of its series, "
+            last = [r.history[-1] for r in results]
+            say(f"cycle {t.number + 1} refit ({k + 1} of {len(members)}): training loss "
+                f"{sum(m.val_loss for m in last) / nets:.4f}, accuracy {sum(m.val_accuracy for m in last) / nets:.2%} "
+                f"on {len(full.y_val)} of its series{' (mean of its networks)' if nets > 1 else ''}, "
                 f"{time.perf_counter() - t0:.0f} s")
         old = study.user_attrs.get(api.REFIT_ATTR)
         study.set_user_attr(api.REFIT_ATTR, {"trials": [t.number for t in members], "artifacts": written,

@@ -165,3 +165,23 @@ def _npz(tmp_path: Path) -> Path:
     path = tmp_path / "new.npz"
     np.savez(path, X=np.random.default_rng(1).normal(size=(4, 4, 2)))
     return path
+
+
+def test_a_cross_validated_cycle_is_refit_as_as_many_networks_each_on_every_series(tmp_path: Path, capsys, one_thread):
+    """Under k-fold cross-validation a cycle's model averages its k folds' networks; its refit
+    averages k networks too, each trained on every series (seeds seed..seed+k-1)."""
+    path = write_study(tmp_path, n_trials=2, epochs=2, n_samples=60)
+    path.write_text(path.read_text().replace("folds = 1 ", "folds = 3 "))
+    assert cli.main(["run", str(path)]) == 0
+    assert cli.main(["refit", str(path), "--ensemble", "1", "--no-test"]) == 0
+    assert "each refit model averages 3 networks" in capsys.readouterr().out
+    study = api.load_study(path)
+    own, model = api.load_best_model(path, ensemble=1, refit=False), api.load_best_model(path, ensemble=1)
+    assert model.refit and len(own.net.nets) == len(model.net.nets) == 3
+    cfg, data = api.study_config(study), load_study_data(api.study_config(study))
+    x, y = data.pooled()
+    full = dataclasses.replace(data, x_train=x, y_train=y, fold_ids=None)
+    third = train_and_evaluate(full, space.to_hyperparams(cfg, study.best_trial.params),
+                               dataclasses.replace(cfg.train, early_stopping_patience=0), seed=cfg.study.seed + 2,
+                               last_weights=True).model
+    assert all(torch.equal(model.net.nets[2].state_dict()[k], v) for k, v in third.state_dict().items())
