@@ -419,7 +419,7 @@ def cmd_refit(args: argparse.Namespace) -> int:
         except TrainingError as e:
             err.print(f"[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True)
             return 1
-    name = references.model_name([n + 1 for n in model.trial_numbers], True)
+    name = references.model_name([n + 1 for n in model.trial_numbers])
     if args.no_test:
         say(f"stored: best, predict, report and load_best_model() now use the refit model ({name})")
         return 0
