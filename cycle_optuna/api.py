@@ -547,8 +547,8 @@ def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, w
             rec.update(test_accuracy=None, test_loss=None, test_error=str(e))
     try:
         refit = refit_state(study, _members(study, done, None))
-    except (StorageError, ConfigError):  # no model: said by the test figure's error
-        refit = {"state": "none"}
+    except (StorageError, ConfigError):  # no model to refit: said by the test figure's error
+        refit = {"state": "unavailable"}
     n_val = (study.user_attrs.get(STATS_ATTR) or {}).get("n_val")
     if refit["state"] == "stale":
         rec["refit_note"] = refit["note"]

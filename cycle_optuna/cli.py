@@ -60,7 +60,9 @@ EXAMPLES = {
 Trains the configurations of the cycles the best model averages again on the training and
 validation series together (the study's seed, epochs and schedule; each keeps its last epoch).
 best, predict, report and load_best_model() then use these models while the best cycles stay
-the same; the test split is used by neither.""",
+the same; the test split is used by neither. Nothing is recorded until every model is stored: an
+interrupted refit (Ctrl-C, SIGTERM: exit 130) leaves the study as it was, and a cycle that diverges
+on all the series stops it with exit 1.""",
     "report": """examples:
   cycle-optuna report studies/seed.toml
   cycle-optuna report studies/seed.toml -o reports/seed""",
