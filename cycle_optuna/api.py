@@ -547,14 +547,10 @@ def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, w
             rec.update(test_accuracy=None, test_loss=None, test_error=str(e))
     try:
         refit = refit_state(study, _members(study, done, None))
-    except (StorageError, ConfigError):  # no model to refit: said by the test figure's error
+    except (StorageError, ConfigError):  # no model: said by the test figure's error
         refit = {"state": "unavailable"}
-    n_val = (study.user_attrs.get(STATS_ATTR) or {}).get("n_val")
     if refit["state"] == "stale":
         rec["refit_note"] = refit["note"]
-    elif refit["state"] == "none" and rec["folds"] == 1 and n_val:
-        rec["refit_note"] = (f"the best model learned from the training split alone: 'cycle-optuna refit STUDY.toml' "
-                             f"trains its cycles again with the {n_val} validation series too")
     from cycle_optuna.references import compare, model_name
 
     stored = study.user_attrs.get(BASELINES_ATTR)

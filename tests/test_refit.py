@@ -81,10 +81,8 @@ def test_the_refit_model_serves_only_the_cycles_it_was_made_of(tmp_path: Path, c
     path = _study(tmp_path, capsys)
     with pytest.raises(StorageError, match="has no refit model: run 'cycle-optuna refit STUDY.toml'"):
         api.load_best_model(path, refit=True)
-    assert cli.main(["best", str(path)]) == 0  # where a refit can add series, best says so
-    n_val = api.load_study(path).user_attrs["data_stats"]["n_val"]
-    assert (f"the best model learned from the training split alone: 'cycle-optuna refit {path}' trains its cycles "
-            f"again with the {n_val} validation series too") in capsys.readouterr().out.replace("\n", " ")
+    assert cli.main(["best", str(path)]) == 0  # a refit is not a sure gain: best does not urge one
+    assert "refit" not in capsys.readouterr().out
     assert cli.main(["refit", str(path), "--ensemble", "1", "--no-test"]) == 0
     capsys.readouterr()
     alone = api.load_best_model(path, ensemble=1)
