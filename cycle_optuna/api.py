@@ -474,8 +474,11 @@ class HeldOutScore:
     refit: bool = False  # their configurations trained on all training series (`refit`)
 
 
-def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *, model: CycleModel | None = None) -> HeldOutScore:
-    """Held-out test loss and accuracy of the best model (see load_best_model), on the study's own split."""
+def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *, model: CycleModel | None = None,
+                   data: Any = None) -> HeldOutScore:
+    """Held-out test loss and accuracy of the best model (see load_best_model), on the study's own
+    split (``data``: the study's splits as `study_data` returned them, to score several models on
+    one read of the data files)."""
     from cycle_optuna.train import evaluate
 
     study = load_study(study, storage)
@@ -483,7 +486,7 @@ def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *
     if cfg is None:
         raise StorageError(f"study {study.study_name!r} has no stored cycle-optuna config; cannot rebuild its test split")
     model = model if model is not None else load_best_model(study)
-    data = study_data(study, cfg, "its test split cannot be rebuilt")
+    data = data if data is not None else study_data(study, cfg, "its test split cannot be rebuilt")
     # the split is normalised already, so evaluate the inner network
     loss, acc = evaluate(model.net, data.x_test, data.y_test, cfg.train.eval_batch_size)
     return HeldOutScore(loss=loss, accuracy=acc, n=int(data.y_test.shape[0]), cycle=model.trial_number + 1,

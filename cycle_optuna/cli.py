@@ -425,10 +425,12 @@ def cmd_refit(args: argparse.Namespace) -> int:
     if args.no_test:
         say(f"stored: best, predict, report and load_best_model() now use the refit model ({name})")
         return 0
-    mine, own = api.held_out_score(args.study, storage=url, model=model), None
+    study = api.load_study(args.study, storage=url)
+    data = api.study_data(study, api.study_config(study), "its test split cannot be rebuilt")  # one read for both scores
+    mine, own = api.held_out_score(study, model=model, data=data), None
     with contextlib.suppress(StorageError):
-        own = api.held_out_score(args.study, storage=url, model=api.load_best_model(
-            args.study, storage=url, ensemble=len(model.trial_numbers), refit=False))
+        own = api.held_out_score(study, model=api.load_best_model(
+            study, ensemble=len(model.trial_numbers), refit=False), data=data)
     versus = f" (the cycles' own models: {own.accuracy:.2%})" if own is not None else ""
     say(f"stored: best, predict, report and load_best_model() now use the refit model ({name}); held-out test accuracy "
         f"{mine.accuracy:.2%} on {mine.n} series{versus}")

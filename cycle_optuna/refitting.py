@@ -32,7 +32,7 @@ from cycle_optuna.errors import StorageError, TrainingError
 from cycle_optuna.objective import model_payload
 from cycle_optuna.placement import CoreLoad, threads_beside
 from cycle_optuna.train import EpochMetrics, model_kwargs, train_and_evaluate
-from cycle_optuna.worker import THREADS_ENV_VAR, available_cores
+from cycle_optuna.worker import available_cores, given_threads
 
 EVAL_SERIES = 1024  # the training series scored after each epoch (progress, and the divergence guard)
 
@@ -74,7 +74,7 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
     store = storage_mod.DurableArtifactStore(where)
     written: list[str] = []
     threads = torch.get_num_threads()
-    chosen = train_cfg.threads or storage_mod.env_whole_number(THREADS_ENV_VAR)
+    chosen = given_threads(cfg)
     if chosen:
         torch.set_num_threads(chosen)
     else:  # as a worker on its own: the cores other jobs leave free (a spinning thread kept off its core stalls every step)

@@ -185,6 +185,11 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
+def given_threads(cfg: StudyConfig) -> int:
+    """The thread count chosen for this process: `[train] threads`, else $CYCLE_OPTUNA_THREADS; 0: none."""
+    return cfg.train.threads or storage_mod.env_whole_number(THREADS_ENV_VAR)
+
+
 def default_threads(workers: int) -> int:
     """Intra-op threads per worker so that workers x threads <= cores."""
     return max(1, available_cores() // max(1, workers))
@@ -318,7 +323,7 @@ def run_worker(
     hooks = hooks or Hooks()
     stats = stats if stats is not None else WorkerStats()
     cfg = _with_env_artifacts(cfg)
-    threads = cfg.train.threads or storage_mod.env_whole_number(THREADS_ENV_VAR)
+    threads = given_threads(cfg)
     torch.set_num_threads(threads or default_threads(workers))
     # A worker started on its own, with no thread count given, shares the cores with the other live
     # workers of the study on this machine (started by hand, each would take them all) and leaves
