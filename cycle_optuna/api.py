@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 import os
@@ -27,6 +28,8 @@ from cycle_optuna.errors import ConfigError, DataError, StorageError
 if TYPE_CHECKING:
     from cycle_optuna.best_model import CycleModel
 
+_log = logging.getLogger(__name__)
+
 # Same names as cycle_optuna.worker (kept here so queries do not import the training stack).
 CONFIG_ATTR = "cycle_optuna_config"
 STATS_ATTR = "data_stats"
@@ -34,6 +37,8 @@ MODEL_ATTR = "model_artifact_id"
 BASELINES_ATTR = "cycle_optuna_baselines"  # study attr: {"majority": {"label", "val_accuracy", "test_accuracy"}, ...}
 # study attr written by `refit`: {"trials": [numbers, best first], "artifacts": [ids], "series": n, "epochs": n}
 REFIT_ATTR = "refit_model"
+# study attr a running refit writes first: {"artifacts": [ids it will write], "host": name, "pid": n}; None once done
+REFIT_PENDING_ATTR = "refit_pending"
 
 StudyLike = Union[optuna.Study, str, os.PathLike]
 
@@ -373,10 +378,19 @@ def _model_of(study: optuna.Study, done: list[FrozenTrial], *, artifact_dir: str
     store = optuna.artifacts.FileSystemArtifactStore(where)
     if use:
         named = [(a, f"refit model of cycle {t.number + 1}") for a, t in zip(rec["artifacts"], members)]
-    else:
+        try:
+            payloads = [_download_model(store, where, artifact_id, what) for artifact_id, what in named]
+        except StorageError as e:
+            if refit:
+                raise
+            # the cycles' own models still serve: a lost refit file costs the refit, not the best model
+            _log.warning("%s; using the cycles' own models instead (run 'cycle-optuna refit STUDY.toml' to "
+                         "train them again on all training series)", e)
+            use = False
+    if not use:
         named = [(t.user_attrs[MODEL_ATTR], f"model artifact {t.user_attrs[MODEL_ATTR]} of cycle {t.number + 1}")
                  for t in members]
-    payloads = [_download_model(store, where, artifact_id, what) for artifact_id, what in named]
+        payloads = [_download_model(store, where, artifact_id, what) for artifact_id, what in named]
     from cycle_optuna.best_model import CycleModel, Ensemble
 
     nets = [_net_of(payload, what, where) for payload, (_, what) in zip(payloads, named)]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -59,6 +61,8 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
 
     check_writable_dir(where, what="artifact directory", room=1 << 20)  # before any training
     data = api.study_data(study, cfg, "it cannot be refit")
+    store = storage_mod.DurableArtifactStore(where)
+    _sweep_left(study, store, say)
     x, y = data.pooled()
     scored = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.study.seed))[:EVAL_SERIES]
     full = dataclasses.replace(data, x_train=x, y_train=y, x_val=x[scored], y_val=y[scored], fold_ids=None)
@@ -71,7 +75,6 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
     if nets > 1:
         say(f"the cycles were cross-validated: each refit model averages {nets} networks, as each cycle's own "
             f"averaged its {nets} folds' (seeds {cfg.study.seed}..{cfg.study.seed + nets - 1})")
-    store = storage_mod.DurableArtifactStore(where)
     written: list[str] = []
     threads = torch.get_num_threads()
     chosen = given_threads(cfg)
@@ -80,7 +83,11 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
     else:  # as a worker on its own: the cores other jobs leave free (a spinning thread kept off its core stalls every step)
         cores = available_cores()
         torch.set_num_threads(threads_beside(cores, cores, load.others(wait=True)))
+    ids = [f"refit-{uuid.uuid4().hex}" for _ in members]
     try:
+        # named before the first write, so that a refit killed half-way leaves files the next one finds
+        study.set_user_attr(api.REFIT_PENDING_ATTR, {"artifacts": ids, "host": socket.gethostname(), "pid": os.getpid(),
+                                                     "started": _started(os.getpid())})
         for k, t in enumerate(members):
             hp = space.to_hyperparams(cfg, t.params)
             t0 = time.perf_counter()
@@ -96,7 +103,7 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
             buf = io.BytesIO()
             torch.save(model_payload(model, model_kwargs(full, hp, cfg.train.init_gain), data, t.params), buf)
             buf.seek(0)
-            artifact_id = f"refit-{uuid.uuid4().hex}"
+            artifact_id = ids[k]
             written.append(artifact_id)
             store.write(artifact_id, buf)
             storage_mod.pause_for_tests("refit model written")
@@ -112,12 +119,60 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
         for artifact_id in written:  # not named anywhere yet: an interrupted refit leaves nothing behind
             with contextlib.suppress(OSError):
                 store.remove_all(artifact_id)
+        with contextlib.suppress(Exception):  # the storage may be what failed: then the next refit sweeps
+            study.set_user_attr(api.REFIT_PENDING_ATTR, None)
         raise
     finally:
         torch.set_num_threads(threads)
+    study.set_user_attr(api.REFIT_PENDING_ATTR, None)
     if isinstance(old, dict):  # the refit these replace: no reader can reach them any more
         for artifact_id in old.get("artifacts") or ():
             if artifact_id not in written:
                 with contextlib.suppress(OSError, optuna.artifacts.exceptions.ArtifactNotFound):
                     store.remove_all(artifact_id)
     return api.load_best_model(study, ensemble=len(members), refit=True)
+
+
+def _sweep_left(study: optuna.Study, store: storage_mod.DurableArtifactStore, say: Callable[[str], None]) -> None:
+    """Remove the model files of a refit that was killed before it finished (the study attr
+    ``refit_pending`` names them before they are written); refuse while that refit still runs here."""
+    rec = study.user_attrs.get(api.REFIT_PENDING_ATTR)
+    if not isinstance(rec, dict) or not rec.get("artifacts"):
+        return
+    host, pid = rec.get("host"), rec.get("pid")
+    if host != socket.gethostname():  # its process cannot be seen from here: it may still be writing
+        say(f"a refit on {host} (pid {pid}) did not finish, or is still running: its files are left in place")
+        return
+    if isinstance(pid, int) and pid != os.getpid() and _alive(pid, rec.get("started")):
+        raise StorageError(f"study {study.study_name!r} is being refit by process {pid} on this machine; "
+                           "wait for it to finish, or stop it")
+    named = set((study.user_attrs.get(api.REFIT_ATTR) or {}).get("artifacts") or ())
+    left = [a for a in rec["artifacts"] if a not in named]  # named: it was killed after naming them
+    removed = 0
+    for artifact_id in left:
+        with contextlib.suppress(OSError):
+            removed += store.remove_all(artifact_id)
+    if removed:
+        say(f"removed {removed} model file{'s' if removed > 1 else ''} of a refit that was stopped before it "
+            f"finished (pid {pid})")
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    """Whether process `pid` still runs and is the one that started at `started` (not a reuse of its pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    now = _started(pid)
+    return started is None or now is None or now == started
+
+
+def _started(pid: int) -> str | None:
+    """Process `pid`'s start time in clock ticks since boot (/proc/PID/stat), None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None

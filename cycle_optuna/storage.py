@@ -204,12 +204,15 @@ class DurableArtifactStore(FileSystemArtifactStore):
             raise
         _fsync_dir(path.parent)
 
-    def remove_all(self, artifact_id: str) -> None:
-        """Remove an artifact and any temporary file a killed writer left for it."""
+    def remove_all(self, artifact_id: str) -> bool:
+        """Remove an artifact and any temporary file a killed writer left for it; whether there was any."""
         path = self._get_filepath(artifact_id)
+        removed = False
         for p in (path, *path.parent.glob(f"{glob.escape(path.name)}.tmp-*")):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(p)
+                removed = True
+        return removed
 
 
 def _fsync_dir(path: Path) -> None:

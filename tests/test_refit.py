@@ -128,12 +128,37 @@ def test_a_refit_killed_after_writing_a_model_changes_nothing_a_reader_sees(tmp_
     log = tmp_path / "refit.log"
     proc = start_cli(["refit", str(path)], log=log, env=worker_env(CYCLE_OPTUNA_TEST_PAUSE_REFIT_MODEL_WRITTEN="60"))
     wait_for(lambda: "paused refit model written" in log.read_text(), 120, "the refit's first model written")
+    left = _refit_files(path)
+    assert len(left) == 1
+    # while it runs, a second refit of the study on this machine is refused, with nothing written
+    assert cli.main(["refit", str(path), "--no-test"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"is being refit by process {proc.pid} on this machine" in err, err
+    assert _refit_files(path) == left
     proc.kill()
     proc.wait(30)
     assert api.REFIT_ATTR not in api.load_study(path).user_attrs
     assert not api.load_best_model(path).refit  # the cycles' own models, whole
     assert cli.main(["refit", str(path), "--no-test"]) == 0  # and a new refit completes
+    assert "removed 1 model file of a refit that was stopped before it finished" in capsys.readouterr().out
     assert api.load_best_model(path).refit
+    study = api.load_study(path)
+    assert _refit_files(path) == sorted(study.user_attrs[api.REFIT_ATTR]["artifacts"])  # the killed one's file went
+    assert study.user_attrs[api.REFIT_PENDING_ATTR] is None
+
+
+def test_a_lost_refit_file_falls_back_to_the_cycles_own_models(tmp_path: Path, capsys, caplog, one_thread):
+    path = _study(tmp_path, capsys)
+    assert cli.main(["refit", str(path), "--no-test"]) == 0
+    capsys.readouterr()
+    (path.parent / "tiny-artifacts" / _refit_files(path)[1]).unlink()
+    model = api.load_best_model(path)
+    assert not model.refit and len(model.trial_numbers) == 3
+    assert "is missing from" in caplog.text and "using the cycles' own models instead" in caplog.text
+    with pytest.raises(StorageError, match="refit model of cycle .* is missing from"):
+        api.load_best_model(path, refit=True)
+    assert cli.main(["best", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_refit"] is False
 
 
 def test_a_full_artifact_disk_is_refused_before_training(tmp_path: Path, capsys, monkeypatch, one_thread):
