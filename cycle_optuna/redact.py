@@ -26,8 +26,10 @@ def remember(url: object) -> None:
     if secret:
         from urllib.parse import unquote
 
-        # a password of 1-3 characters would mask those letters in every word: the URL pattern alone hides it
-        _KNOWN.update(s for s in (secret, unquote(secret)) if len(s) >= MIN_REMEMBERED)
+        # a password of 1-3 characters would mask those letters in every word: the URL pattern alone hides it;
+        # its pieces around an unencoded '@' too: a driver that split the URL at the first '@' echoes the rest as the host
+        pieces = (secret, unquote(secret), *secret.split("@"), *unquote(secret).split("@"))
+        _KNOWN.update(s for s in pieces if len(s) >= MIN_REMEMBERED)
 
 
 def mask(text: str) -> str:
@@ -41,7 +43,10 @@ def _mask_url(url: str) -> str:
     scheme, rest = url.split("://", 1)
     # the host follows the last '@': everything before it is user and password, even an unencoded '@'
     at = rest.rfind("@")
-    if at < 0:
+    if at < 0:  # no user part, but "scheme://user:password" without a host reads as a host and a port
+        host, colon, port = re.split(r"[/?#]", rest, maxsplit=1)[0].partition(":")
+        if colon and not host.startswith("[") and not port.isdigit():
+            return f"{scheme}://{host}:***{rest[len(host) + 1 + len(port):]}"
         return url
     user, colon, _ = rest[:at].partition(":")
     return f"{scheme}://{user + ':***' if colon else rest[:at]}{rest[at:]}"

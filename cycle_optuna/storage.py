@@ -11,6 +11,7 @@ import json
 import logging
 import glob
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -313,6 +314,17 @@ def check_file_location(url: str, path: Path, *, create: bool) -> None:
         raise StorageError(f"cannot write {path}: read-only (check its permissions and mount)")
 
 
+def check_url(url: str) -> None:
+    """Refuse a database URL with an unencoded '@' in its user name or password: the driver would
+    split it at the first '@' and take the rest of the password for the host (and print it)."""
+    if "://" not in url:
+        return
+    authority = re.split(r"[/?#]", url.split("://", 1)[1], maxsplit=1)[0]
+    if authority.count("@") > 1:
+        raise StorageError("bad storage URL: its user name or password holds an '@'; write it as %40 "
+                           "(the URL is not shown: it holds a password)")
+
+
 def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> BaseStorage:
     """An Optuna storage for `url`; one clear StorageError (password masked) when it cannot be used.
 
@@ -321,6 +333,7 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> Ba
     """
     if url.startswith("journal:"):
         return _journal(url, create=create)
+    check_url(url)
     try:
         parsed = make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError):
@@ -559,6 +572,7 @@ def wait_until_answers(url: str, seconds: float, say: Callable[[str], None]) -> 
     """
     if seconds <= 0 or url.startswith(("sqlite", "journal:")):
         return
+    check_url(url)
     try:
         parsed = make_url(url)
         backend = parsed.get_backend_name()

@@ -35,6 +35,10 @@ from workers_helpers import fill_disk, small_tmpfs, start_cli, wait_for, worker_
     ("postgresql+psycopg://u:qu0te'pw@127.0.0.1:1/x", "qu0te'pw", "cannot open storage"),
     ("postgresql+psycopg://u:line\nbreak@127.0.0.1:1/x", "break", "cannot open storage"),
     ("journal://u:j0urnalpw@host/x.log", "j0urnalpw", "no study database"),
+    # an unencoded '@' in the password: a driver would take its second half for the host and print it
+    ("postgresql+psycopg://u:abc@S3cr3t@127.0.0.1:1/x", "S3cr3t", "holds an '@'; write it as %40"),
+    ("mysql+pymysql://u:abc@S3cr3t@127.0.0.1:1/x", "S3cr3t", "holds an '@'; write it as %40"),
+    ("postgresql+psycopg://u:n0h0st", "n0h0st", "bad storage URL"),  # "user:password" with no host
 ])
 def test_bad_storage_is_one_masked_line_and_exit_2(tmp_path: Path, capsys, url: str, secret: str, words: str):
     study = write_study(tmp_path)
@@ -350,7 +354,8 @@ def test_mask_hides_passwords_in_every_form(text: str, secret: str):
 
 
 def test_mask_keeps_urls_without_a_password():
-    for text in ("sqlite:///studies/a@b.db", "postgresql+psycopg://alice@db/x", "journal:///x.log"):
+    for text in ("sqlite:///studies/a@b.db", "postgresql+psycopg://alice@db/x", "journal:///x.log",
+                 "postgresql://db:5432/x", "postgresql://[::1]:5432/x", "http://127.0.0.1:8080/"):
         assert storage.mask(text) == text
 
 
