@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 import torch
 
 from cycle_optuna import api, space
@@ -62,7 +63,15 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
     check_writable_dir(where, what="artifact directory", room=1 << 20)  # before any training
     data = api.study_data(study, cfg, "it cannot be refit")
     store = storage_mod.DurableArtifactStore(where)
-    _sweep_left(study, store, say)
+    left = _left_behind(study)
+    ids = [f"refit-{uuid.uuid4().hex}" for _ in members]
+    try:  # named before the first write, so that a refit killed half-way leaves files the next one finds
+        study.set_user_attr(api.REFIT_PENDING_ATTR, {"artifacts": ids, "host": socket.gethostname(),
+                                                     "pid": os.getpid(), "started": _started(os.getpid())})
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:  # before any training
+        raise StorageError(f"cannot write study {study.study_name!r} (a refit records its models on the study): "
+                           f"{storage_mod.describe(e)}") from None
+    _remove_left(store, left, say)
     x, y = data.pooled()
     scored = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.study.seed))[:EVAL_SERIES]
     full = dataclasses.replace(data, x_train=x, y_train=y, x_val=x[scored], y_val=y[scored], fold_ids=None)
@@ -83,11 +92,7 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
     else:  # as a worker on its own: the cores other jobs leave free (a spinning thread kept off its core stalls every step)
         cores = available_cores()
         torch.set_num_threads(threads_beside(cores, cores, load.others(wait=True)))
-    ids = [f"refit-{uuid.uuid4().hex}" for _ in members]
     try:
-        # named before the first write, so that a refit killed half-way leaves files the next one finds
-        study.set_user_attr(api.REFIT_PENDING_ATTR, {"artifacts": ids, "host": socket.gethostname(), "pid": os.getpid(),
-                                                     "started": _started(os.getpid())})
         for k, t in enumerate(members):
             hp = space.to_hyperparams(cfg, t.params)
             t0 = time.perf_counter()
@@ -133,28 +138,34 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
     return api.load_best_model(study, ensemble=len(members), refit=True)
 
 
-def _sweep_left(study: optuna.Study, store: storage_mod.DurableArtifactStore, say: Callable[[str], None]) -> None:
-    """Remove the model files of a refit that was killed before it finished (the study attr
-    ``refit_pending`` names them before they are written); refuse while that refit still runs here."""
+def _left_behind(study: optuna.Study) -> dict[str, Any]:
+    """The model files of a refit killed before it finished (the study attr ``refit_pending`` names
+    them before they are written): {"artifacts", "pid"}, or {"elsewhere": text} when its process ran on
+    another machine; refuses while that refit still runs here."""
     rec = study.user_attrs.get(api.REFIT_PENDING_ATTR)
     if not isinstance(rec, dict) or not rec.get("artifacts"):
-        return
+        return {"artifacts": []}
     host, pid = rec.get("host"), rec.get("pid")
     if host != socket.gethostname():  # its process cannot be seen from here: it may still be writing
-        say(f"a refit on {host} (pid {pid}) did not finish, or is still running: its files are left in place")
-        return
+        return {"artifacts": [], "elsewhere": f"a refit on {host} (pid {pid}) did not finish, or is still running: "
+                                              "its files are left in place"}
     if isinstance(pid, int) and pid != os.getpid() and _alive(pid, rec.get("started")):
         raise StorageError(f"study {study.study_name!r} is being refit by process {pid} on this machine; "
                            "wait for it to finish, or stop it")
     named = set((study.user_attrs.get(api.REFIT_ATTR) or {}).get("artifacts") or ())
-    left = [a for a in rec["artifacts"] if a not in named]  # named: it was killed after naming them
+    return {"artifacts": [a for a in rec["artifacts"] if a not in named], "pid": pid}  # named: killed after naming
+
+
+def _remove_left(store: storage_mod.DurableArtifactStore, left: dict[str, Any], say: Callable[[str], None]) -> None:
+    if left.get("elsewhere"):
+        say(left["elsewhere"])
     removed = 0
-    for artifact_id in left:
+    for artifact_id in left["artifacts"]:
         with contextlib.suppress(OSError):
             removed += store.remove_all(artifact_id)
     if removed:
         say(f"removed {removed} model file{'s' if removed > 1 else ''} of a refit that was stopped before it "
-            f"finished (pid {pid})")
+            f"finished (pid {left['pid']})")
 
 
 def _alive(pid: int, started: str | None) -> bool:
