@@ -241,6 +241,7 @@ def load_npz(path: Path, *, need_y: bool = True) -> tuple[np.ndarray, np.ndarray
             raise _fail(path, "not an .npz file: it holds one .npy array (save X and y with numpy.savez)")
         if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # else np.load reads it as a pickle
             raise _fail(path, "not an .npz file: it is not a zip archive (save X and y with numpy.savez)")
+        _check_npz_sizes(path)
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("X", "y") if k not in f.files and (need_y or k == "X")]
             if missing:
@@ -254,9 +255,32 @@ def load_npz(path: Path, *, need_y: bool = True) -> tuple[np.ndarray, np.ndarray
         raise _fail(path, "data file not found") from None
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise _fail(path, f"not a readable .npz file ({e})") from e
+    except MemoryError as e:  # a header that declares far more data than the file holds, or than memory allows
+        raise _fail(path, f"cannot be loaded: {e} (the file holds {path.stat().st_size:,} bytes)") from None
     if lengths is not None:
         x = _apply_lengths(path, x, lengths)
     return x, y
+
+
+def _check_npz_sizes(path: Path) -> None:
+    """Every array of the archive holds the data its header declares: a header may declare any
+    shape, and numpy would allocate it (terabytes) before finding the data missing."""
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with z.open(info) as m:
+                version = np.lib.format.read_magic(m)
+                if version not in ((1, 0), (2, 0)):
+                    continue  # np.load names it
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(m)
+                declared = math.prod(shape) * dtype.itemsize
+                held = info.file_size - m.tell()
+            if dtype.hasobject or declared <= held:
+                continue
+            raise _fail(path, f"array {info.filename[:-4]} declares shape {tuple(shape)} ({declared:,} bytes of "
+                              f"{dtype}) but holds {max(held, 0):,} bytes: truncated or corrupt")
 
 
 def _apply_lengths(path: Path, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -268,6 +268,30 @@ def test_not_an_npz(tmp_path):
         load_task(DataConfig(), 0, data_path=path)
 
 
+def test_an_npz_whose_header_declares_terabytes_is_named(tmp_path):
+    """An array header may declare any shape: one of 10**11 x 8 x 2 floats was a MemoryError (exit 1)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (10**11, 8, 2)})
+    path = tmp_path / "huge.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("X.npy", buf.getvalue() + b"\0" * 64)
+        z.writestr("y.npy", _npy_bytes(np.arange(4) % 2))
+    with pytest.raises(DataError, match=r"huge\.npz: array X declares shape \(100000000000, 8, 2\) "
+                                        r"\(6,400,000,000,000 bytes of float32\) but holds 64 bytes: truncated or corrupt"):
+        load_task(DataConfig(), 0, data_path=path)
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
