@@ -556,6 +556,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from cycle_optuna import dashboard
 
     _load(args)  # validates the study file first: a bad file is one clear line, not a traceback
+    signal.signal(signal.SIGTERM, _interrupt)  # stopped like Ctrl-C: SQLite's -wal/-shm files go with the last connection
     return dashboard.launch(
         args.study, host=args.host, port=args.port, storage=args.storage,
         echo=lambda line: out.print(line, highlight=False, soft_wrap=True),

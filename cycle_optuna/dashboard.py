@@ -18,7 +18,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from cycle_optuna import optuna_internals as internals
 from cycle_optuna import config as config_mod
 from cycle_optuna import storage as storage_mod
-from cycle_optuna.errors import CycleOptunaError
+from cycle_optuna.errors import ConfigError, CycleOptunaError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -102,22 +102,29 @@ def make_dashboard(
     """Bind optuna-dashboard for the study file's storage (flag > env > file > local SQLite)."""
     from optuna_dashboard import wsgi
 
-    from cycle_optuna.preflight import check_writable_dir
-
     cfg = config_mod.load(study_path, check_files=False)
     url = storage_mod.resolve_url(cfg, storage)
     artifacts = _artifact_dir(cfg)
-    check_writable_dir(artifacts, what="study.artifact_dir")
-    # bound first: a host or port it cannot listen on is refused before the storage or the
-    # artifact directory is created
+    if artifacts.exists() and not artifacts.is_dir():
+        what = f"${storage_mod.ARTIFACTS_ENV_VAR}" if os.environ.get(storage_mod.ARTIFACTS_ENV_VAR) else "study.artifact_dir"
+        raise ConfigError(f"{what} {artifacts}: a file, not a directory")
+    # the dashboard reads the artifacts (models, checkpoints): a read-only folder serves, as a missing
+    # one does until the workers create it; nothing is created here
+    db = storage_mod.file_path(url)
+    # a SQLite or journal file must already hold the study's database: never created here
+    reader = storage_mod.open_storage(url, heartbeat=False, create=False) if db is not None else None
+    # bound before the storage is opened for writing: a host or port it cannot listen on changes nothing
     server_class = _Server6 if ":" in host.strip("[]") else _Server
     try:
         server = server_class((host.strip("[]"), port), _Handler)
     except OSError as e:
         raise CycleOptunaError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     try:
-        store = storage_mod.open_storage(url, heartbeat=False)
-        artifacts.mkdir(parents=True, exist_ok=True)
+        # notes are written through it; a file in a folder this process cannot write is served read-only
+        writable = db is None or os.access(db.parent, os.W_OK) and os.access(db, os.W_OK)
+        if reader is not None and hasattr(reader, "engine"):
+            reader.engine.dispose()
+        store = storage_mod.open_storage(url, heartbeat=False, create=writable, versions=True)
     except BaseException:
         server.server_close()
         raise

@@ -325,11 +325,13 @@ def check_url(url: str) -> None:
                            "(the URL is not shown: it holds a password)")
 
 
-def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> BaseStorage:
+def open_storage(url: str, *, heartbeat: bool = True, create: bool = True, versions: bool = False) -> BaseStorage:
     """An Optuna storage for `url`; one clear StorageError (password masked) when it cannot be used.
 
     `create=False` (read-only commands) never creates a file: a missing SQLite or journal file is
-    an error. A missing directory is always an error, never created.
+    an error. A missing directory is always an error, never created. `versions` keeps Optuna's
+    schema-version bookkeeping on such a read-only open (it only reads a database that has it):
+    optuna-dashboard asks for the schema version.
     """
     if url.startswith("journal:"):
         return _journal(url, create=create)
@@ -368,7 +370,7 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> Ba
                 storage = internals.open_rdb(
                     lambda: _Storage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=not create,
                                      skip_table_creation=not create, **beat),
-                    read_only=not create)
+                    read_only=not create and not versions)
                 if not create:
                     # nothing above connected to the server or read the file: fail here, as "cannot
                     # open", not at the first read; a database without Optuna's tables holds no study

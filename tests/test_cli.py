@@ -211,7 +211,7 @@ def test_run_to_a_sqlite_file_in_a_missing_directory_says_so(tmp_path: Path, cap
     assert "directory missing/dir does not exist" in line
 
 
-@pytest.mark.parametrize("command", ["status", "best", "report"])
+@pytest.mark.parametrize("command", ["status", "best", "report", "dashboard"])
 def test_read_only_commands_create_nothing(tmp_path: Path, capsys, command: str):
     study = _study(tmp_path)
     assert "no study database at quick.db" in _bad_input(tmp_path, capsys, command, study)
@@ -485,7 +485,7 @@ def test_a_sqlite_storage_that_is_not_a_database_is_named(tmp_path: Path, capsys
     assert line == "error: cannot open storage sqlite:///t.db: file is not a database"
 
 
-@pytest.mark.parametrize("command", READERS)
+@pytest.mark.parametrize("command", [*READERS, "dashboard"])
 @pytest.mark.parametrize("tables", [False, True], ids=["empty-file", "other-tables"])
 def test_read_only_commands_on_a_sqlite_file_without_optunas_tables_write_nothing(tmp_path: Path, capsys, command,
                                                                                    tables):
@@ -561,6 +561,7 @@ def test_a_dashboard_that_cannot_listen_creates_nothing(tmp_path: Path, capsys):
     import socket
 
     study = _study(tmp_path, TINY_STUDY)
+    optuna.create_study(study_name="other", storage=f"sqlite:///{tmp_path / 't.db'}")  # a database to serve
     line = _bad_input(tmp_path, capsys, "dashboard", study, "--host", "no.such.host.invalid")
     assert line.startswith("error: cannot listen on no.such.host.invalid:8080: ")
     with socket.socket() as taken:

@@ -150,3 +150,52 @@ def test_notes_carry_cycle_move_reason_and_failure_cause(tmp_path):
     assert optuna_dashboard.get_note(study) == summary
     # refreshing an unchanged study rewrites nothing
     assert dashboard.write_notes(study, summary=summary) == 0
+
+
+def test_a_read_only_database_and_artifact_folder_are_served(tmp_path):
+    """docker-compose mounts the artifacts read-only into the dashboard: it reads them, and creates nothing."""
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    path = make_study(src, "cycle")
+    ro.mkdir()
+    if subprocess.run(["mount", "--bind", str(src), str(ro)], capture_output=True).returncode != 0:
+        pytest.skip("running as root without permission to bind-mount")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
+        before = sorted(p.name for p in src.iterdir())
+        dash = dashboard.make_dashboard(ro / path.name, port=0)
+        dash.start()
+        try:
+            base = f"http://127.0.0.1:{dash.port}"
+            study_id = dash.url.rsplit("/", 1)[1]
+            _, detail = _get(f"{base}/api/studies/{study_id}")
+            (artifact,) = detail["trials"][0]["artifacts"]
+            status, body = _get(f"{base}/artifacts/{study_id}/{detail['trials'][0]['trial_id']}/{artifact['artifact_id']}")
+            assert status == 200 and len(body) > 10_000
+        finally:
+            dash.close()
+        assert sorted(p.name for p in src.iterdir()) == before
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_sigterm_stops_the_dashboard_and_leaves_no_sqlite_side_files(tmp_path):
+    path = make_study(tmp_path, "tpe")
+    env = {k: v for k, v in os.environ.items() if k != "CYCLE_OPTUNA_STORAGE"}
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "cycle_optuna.cli", "dashboard", str(path), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        out = ""
+        while "open http" not in out and (line := proc.stdout.readline()):
+            out += line
+        m = re.search(r"open (http://\S+)", out)
+        assert m, out
+        assert _get(m.group(1))[0] == 200
+        db = tmp_path / "tpewide.db"
+        assert db.with_name(db.name + "-wal").exists()  # WAL mode: side files while it is open
+        proc.send_signal(15)
+        assert proc.wait(timeout=30) == 0, proc.stdout.read()
+    finally:
+        proc.kill()
+    assert sorted(p.name for p in tmp_path.glob("*.db*")) == [db.name]
