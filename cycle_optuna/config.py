@@ -755,6 +755,15 @@ def _check_space_feasible(c: _Checker, cfg: StudyConfig) -> None:
     if hidden and heads and not any(h % n == 0 for h in hidden for n in heads):
         searched = {p.name for p in cfg.space}
         raise c.fail("space.n_heads" if "n_heads" in searched else "space.hidden_dim", f"no choice of n_heads {list(heads)} divides any hidden_dim {list(hidden)}")
+    listed = {p.name for p in cfg.space if p.choices is not None}  # a range may hold values no partner fits
+    if hidden and heads and "n_heads" in listed:
+        for n in heads:
+            if not any(h % n == 0 for h in hidden):
+                raise c.fail("space.n_heads.choices", f"{n} divides no hidden_dim {list(hidden)}: it could never be tried")
+    if hidden and heads and "hidden_dim" in listed:
+        for h in hidden:
+            if not any(h % n == 0 for n in heads):
+                raise c.fail("space.hidden_dim.choices", f"{h} is divided by no n_heads {list(heads)}: it could never be tried")
 
 
 def load(path: str | Path, *, check_files: bool = True) -> StudyConfig:

@@ -102,6 +102,11 @@ def test_to_dict_round_trips():
         ("train", "min_epoch_samples = 1000000000000", r"train\.min_epoch_samples: must be <= 10000000"),
         ("train", "eval_batch_size = 1000000000000", r"train\.eval_batch_size: must be <= 1048576"),
         ("space", "n_heads = { choices = [3, 5] }", r"no choice of n_heads \[3, 5\] divides any hidden_dim"),
+        # each listed choice must fit some partner: one that fits none would fail every trial that draws it
+        ("space", "n_heads = { choices = [2, 5] }", r"space\.n_heads\.choices: 5 divides no hidden_dim \[16, 32\]: "
+                                                  r"it could never be tried"),
+        ("space", "hidden_dim = { choices = [16, 15] }", r"space\.hidden_dim\.choices: 15 is divided by no n_heads "
+                                                       r"\[2, 4\]: it could never be tried"),
         ("sampler", "type = 'tpee'", r"sampler\.type: 'tpee' is not one of .*tpe.* \(did you mean 'tpe'\?\)"),
         ("pruner", "type = 'medain'", r"pruner\.type: 'medain' is not one of .* \(did you mean 'median'\?\)"),
         ("train", "optimizer = 'adamx'", r"train\.optimizer: 'adamx' is not one of adamw, adam, sgd, lion, sophia"),
@@ -186,7 +191,8 @@ def test_compile_takes_cudagraphs_and_pack_a_size(tmp_path):
 
 
 def test_baseline_heads_must_divide_hidden(tmp_path):
-    text = edit(edit(QUICK, "baseline", "n_heads = 3"), "space", "n_heads = { choices = [2, 3, 4] }")
+    text = edit(edit(edit(QUICK, "baseline", "n_heads = 3"), "space", "n_heads = { choices = [2, 3, 4] }"),
+                "space", "hidden_dim = { choices = [16, 32, 48] }")  # 3 heads fit 48, not the baseline's 32
     with pytest.raises(ConfigError, match=r"baseline\.n_heads: 3 does not divide hidden_dim 32"):
         config.load(write(tmp_path, text))
 
