@@ -506,14 +506,17 @@ def _not_an_input(target: Path, cfg, url: str, data_file: str | None, *, flag: s
     from cycle_optuna import config, storage
     from cycle_optuna.errors import ConfigError
 
+    db = storage.file_path(url)
+    # SQLite's companions, whether there now or not: replacing one under a running worker loses its
+    # commits, and SQLite deletes one it finds when the database closes (the output with it)
+    if db is not None and target.resolve() in {Path(f"{db.resolve()}{end}") for end in ("-wal", "-shm", "-journal")}:
+        raise ConfigError(f"{flag} {target}: that is a file of the study's database; name another file to write")
     if not target.is_file():
         return
     inputs = [(data_file, "the data file to predict on"), (cfg.path, "the study file"),
-              (db := storage.file_path(url), "the study's database"),
+              (db, "the study's database"),
               (config.resolve_data_path(cfg), "the study's data.source"),
               (config.resolve_test_path(cfg), "the study's data.test_source")]
-    if db is not None:  # SQLite's companions: replacing one under a running worker loses its commits
-        inputs += [(Path(f"{db}{end}"), "a file of the study's database") for end in ("-wal", "-shm", "-journal")]
     for path, what in inputs:
         try:
             same = path is not None and os.path.samefile(target, path)

@@ -150,6 +150,21 @@ def test_an_output_over_a_saved_model_or_the_database_log_is_refused_and_left_al
         assert target.read_bytes() == before
 
 
+def test_an_output_named_as_a_database_side_file_not_there_yet_is_refused(study, capsys):
+    """SQLite deletes a -wal/-journal file it finds when the database closes: an output written
+    there was reported and then gone."""
+    for end in ("-wal", "-shm", "-journal"):
+        target = study.parent / f"tiny.db{end}"
+        if target.exists():  # an open connection's (WAL mode): deleting it would lose commits; -journal never is
+            continue
+        for argv in (["predict", str(study), str(study.parent / "test.csv"), "-o", str(target)],
+                     ["export", str(study), "--csv", str(target)]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert "that is a file of the study's database" in err and "\n" not in err
+            assert not target.exists()
+
+
 def test_an_output_that_is_a_pipe_or_a_link_is_written_through_not_replaced(study, tmp_path, capsys):
     import os
     import stat
