@@ -615,15 +615,15 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     run = command("run", cmd_run, "run the study's trials with progress, then print the cycle table")
-    run.add_argument("--n-trials", type=_positive, metavar="N", help="total trials the study should hold")
-    run.add_argument("--workers", type=_positive, metavar="K", default=None,
+    run.add_argument("--n-trials", type=_trials, metavar="N", help="total trials the study should hold")
+    run.add_argument("--workers", type=_workers, metavar="K", default=None,
                      help="local worker processes sharing the study (default 1, in this process), "
                           "spread over the visible GPUs when there are any")
     run.add_argument("--gpus", type=_gpus, metavar="0,2", help="the GPUs to place workers on (default: all visible)")
-    run.add_argument("--workers-per-gpu", type=_positive, metavar="N",
+    run.add_argument("--workers-per-gpu", type=_workers, metavar="N",
                      help="workers on each GPU (without --workers: K = N x GPUs)")
     wk = command("worker", cmd_worker, "run one worker on the study (start several, on many machines)")
-    wk.add_argument("--n-trials", type=_positive, metavar="N", help="total trials the study should hold")
+    wk.add_argument("--n-trials", type=_trials, metavar="N", help="total trials the study should hold")
     wk.add_argument("--gpus", type=_gpus, metavar="N", help="the GPU this worker trains on (default: the first visible)")
     for p in (run, wk):
         p.add_argument("--log-json", action="store_true",
@@ -691,6 +691,8 @@ def _whole_number(low: int, what: str, high: int | None = None) -> Callable[[str
 
 
 _positive = _whole_number(1, "a positive integer")
+_trials = _whole_number(1, "a whole number of trials from 1 to 1000000", 1_000_000)  # config.MAX_TRIALS
+_workers = _whole_number(1, "a whole number of worker processes from 1 to 256", 256)  # more is a typo, not a fleet
 _seconds = _whole_number(0, "a whole number of seconds from 0 to 604800 (a week)", 7 * 86_400)
 
 

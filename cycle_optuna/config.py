@@ -37,6 +37,8 @@ MAX_CONV_STEM = 3  # len(model.CONV_KERNELS)
 # study.name names files (<name>.db, its lock file, <name>-artifacts): longer names pass 255 bytes
 MAX_NAME = 200
 
+MAX_TRIALS = 1_000_000  # a study's total: more is a typo (a trial trains a model)
+
 
 @dataclass(frozen=True)
 class StudySection:
@@ -429,6 +431,7 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool, as_written: bool
         raise c.fail("study.name", f"must not start with '.', got {s.name!r}")
     c.one_of("study.direction", s.direction, DIRECTIONS)
     c.at_least("study.n_trials", s.n_trials, 1)
+    c.at_most("study.n_trials", s.n_trials, MAX_TRIALS, "trials in a study")
     c.at_least("study.ensemble", s.ensemble, 1)
     if not 0 <= s.seed < 2**32:  # numpy's and torch's generators take 32-bit unsigned seeds
         raise c.fail("study.seed", f"must be in 0..{2**32 - 1}, got {s.seed}")

@@ -116,6 +116,7 @@ def test_to_dict_round_trips():
         ("data", "test_source = 'test.npz'", r"data\.test_source: needs a data file in data\.source"),
         ("data", "source = 'd.csv'\nlayout = 'tall'", r"data\.layout: 'tall' is not one of long, wide"),
         ("study", "n_trials = 0", r"study\.n_trials: must be >= 1, got 0"),
+        ("study", "n_trials = 99999999999999999999", r"study\.n_trials: must be <= 1000000 \(trials in a study\)"),
         ("study", "ensemble = 0", r"study\.ensemble: must be >= 1, got 0"),
         ("pruner", "percentile = 150.0", r"pruner\.percentile: must be in \[0, 100\], got 150\.0"),
         ("pruner", "early_margin = -0.2", r"pruner\.early_margin: must be >= 0, got -0\.2"),
