@@ -606,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("study", metavar="STUDY.toml", help="the study file")
+        p.add_argument("study", metavar="STUDY.toml", type=_path, help="the study file")
         p.add_argument("--storage", metavar="URL", type=_url,
                        help="storage URL (default: $CYCLE_OPTUNA_STORAGE, the study file, or sqlite beside it)")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

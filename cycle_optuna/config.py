@@ -455,7 +455,7 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool, as_written: bool
         if src.suffix.lower() not in DATA_SUFFIXES:
             raise c.fail("data.source", f"must be 'synthetic' or a {SUFFIX_LIST} file, got {d.source!r}")
         if check_files and not src.is_file():
-            raise c.fail("data.source", f"{'not a file' if src.exists() else 'file not found'}: {src}")
+            raise c.fail("data.source", f"{_missing(src)}: {src}")
     if d.test_source is not None:
         if d.source == "synthetic":
             raise c.fail("data.test_source", "needs a data file in data.source (the synthetic task carves its own "
@@ -464,7 +464,7 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool, as_written: bool
         if test.suffix.lower() not in DATA_SUFFIXES:
             raise c.fail("data.test_source", f"must be a {SUFFIX_LIST} file, got {d.test_source!r}")
         if check_files and not test.is_file():
-            raise c.fail("data.test_source", f"{'not a file' if test.exists() else 'file not found'}: {test}")
+            raise c.fail("data.test_source", f"{_missing(test)}: {test}")
     c.at_least("train.epochs", t.epochs, 1)
     # far past any training this tool runs: a typo that would otherwise run for good, silently
     if as_written:  # a study stored with more stays readable
@@ -734,6 +734,13 @@ def check_patch_len(cfg: StudyConfig, seq_len: int) -> None:
     for p in cfg.space:
         if p.name == "patch_len" and max(p.choices or (p.high,)) > seq_len:
             raise c.fail("space.patch_len", f"{max(p.choices or (p.high,))} is longer than the sequences ({seq_len} steps)")
+
+
+def _missing(path: Path) -> str:
+    """Why `path`, which is not a regular file, cannot be read as one."""
+    if path.exists():
+        return "not a file"
+    return "a symbolic link to nothing (broken or looping)" if path.is_symlink() else "file not found"
 
 
 def _check_baseline_in_space(c: _Checker, p: ParamSpace, value: Any) -> None:

@@ -794,7 +794,7 @@ def check_arrays(path: Path | str, x: Any, y: Any, *, named: bool = False) -> tu
     if not np.isfinite(y).all():
         raise _fail(path, "y has NaN/inf labels")
     if (y != np.round(y)).any():
-        raise _fail(path, f"labels must be integers 0..K-1, got {y[y != np.round(y)][0]!r}")
+        raise _fail(path, f"labels must be integers 0..K-1, got {float(y[y != np.round(y)][0]):g}")
     if (y < 0).any():
         raise _fail(path, f"labels must be integers 0..K-1, got negative label {int(y.min())}")
     if y.max() >= 2**62:  # past 2**63 the cast below would wrap it round to another (or a negative) label

@@ -309,6 +309,8 @@ def check_file_location(url: str, path: Path, *, create: bool) -> None:
         return
     parent = path.parent
     if not parent.is_dir():
+        if parent.exists():
+            raise StorageError(f"storage {mask(url)}: {parent} is a file, not a directory")
         raise StorageError(f"storage {mask(url)}: directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise StorageError(f"cannot write {path}: read-only (check its permissions and mount)")

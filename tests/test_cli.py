@@ -209,6 +209,15 @@ def _study(tmp_path: Path, text: str = QUICK) -> str:
 def test_run_to_a_sqlite_file_in_a_missing_directory_says_so(tmp_path: Path, capsys):
     line = _bad_input(tmp_path, capsys, "run", _study(tmp_path), "--storage", "sqlite:///missing/dir/x.db")
     assert "directory missing/dir does not exist" in line
+    line = _bad_input(tmp_path, capsys, "run", "s.toml", "--storage", "sqlite:///s.toml/x.db")
+    assert "s.toml is a file, not a directory" in line
+
+
+def test_an_empty_study_path_is_named(tmp_path: Path, capsys):
+    for command in ("run", "status", "best", "refit", "dashboard"):
+        with pytest.raises(SystemExit) as e:
+            run_cli(command, "")
+        assert e.value.code == 2 and "argument STUDY.toml: must be a path, got ''" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["status", "best", "report", "dashboard"])

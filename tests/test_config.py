@@ -191,6 +191,14 @@ def test_compile_takes_cudagraphs_and_pack_a_size(tmp_path):
     assert config.from_dict(cfg.to_dict()).train == cfg.train
 
 
+def test_a_data_source_that_is_a_broken_or_looping_link_says_so(tmp_path):
+    (tmp_path / "loop.npz").symlink_to("loop.npz")
+    (tmp_path / "gone.npz").symlink_to("nowhere.npz")
+    for name in ("loop.npz", "gone.npz"):
+        with pytest.raises(ConfigError, match=rf"data\.source: a symbolic link to nothing \(broken or looping\): .*{name}"):
+            config.load(write(tmp_path, edit(QUICK, "data", f"source = '{name}'")))
+
+
 def test_baseline_heads_must_divide_hidden(tmp_path):
     text = edit(edit(edit(QUICK, "baseline", "n_heads = 3"), "space", "n_heads = { choices = [2, 3, 4] }"),
                 "space", "hidden_dim = { choices = [16, 32, 48] }")  # 3 heads fit 48, not the baseline's 32

@@ -229,7 +229,7 @@ def test_csv_custom_columns_and_interleaved_ids(tmp_path):
         # past 2**63 a label wrapped round in the cast to int64 (1e300 became a negative label, dropped)
         (lambda x, y: (x, np.where(y == 1, 1e300, y)), "got label 1e+300"),
         (lambda x, y: (x, np.where(y == 1, 2**64 - 1, y).astype(np.uint64)), "got label 1.84467e+19"),
-        (lambda x, y: (x, np.where(y == 1, 1.5, y)), "must be integers 0..K-1"),
+        (lambda x, y: (x, np.where(y == 1, 1.5, y)), "must be integers 0..K-1, got 1.5"),  # not np.float64(1.5)
     ],
 )
 def test_npz_errors(tmp_path, make, needle):
