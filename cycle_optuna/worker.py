@@ -14,6 +14,7 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import optuna
@@ -30,7 +31,7 @@ from cycle_optuna import totals
 from cycle_optuna.config import StudyConfig
 from cycle_optuna.data import TaskData, load_study_data
 from cycle_optuna.digests import DIGESTS_ATTR, data_digests
-from cycle_optuna.errors import StorageError
+from cycle_optuna.errors import ConfigError, StorageError
 from cycle_optuna.objective import ModelNotSaved, Objective, make_pruner
 from cycle_optuna.sampler import PerTrialSeeded, make_sampler
 from cycle_optuna.space import InvalidCombination
@@ -135,11 +136,25 @@ def check_joinable(cfg: StudyConfig, storage: optuna.storages.BaseStorage, url: 
         attrs = study.user_attrs
         if attrs.get(CONFIG_ATTR) is not None:
             _check_same_definition(cfg, attrs[CONFIG_ATTR], attrs.get(DIGESTS_ATTR) or {})
+            _check_same_artifact_dir(cfg, attrs[CONFIG_ATTR])
         elif held := len(study.get_trials(deepcopy=False)):
             # made by other code (an empty one may be ours, cut off before its config was stored)
             raise StorageError(f"study {name!r} in {storage_mod.mask(url)} holds {held} trial(s) that cycle-optuna "
                                "did not make (no study config stored on it); give [study] name another name")
     return exists
+
+
+def _check_same_artifact_dir(cfg: StudyConfig, stored: dict) -> None:
+    """A study's models stay where it was created: `best`, `predict` and `report` read them from the
+    folder stored on the study, so a worker writing them elsewhere would lose the best model."""
+    if os.environ.get(storage_mod.ARTIFACTS_ENV_VAR):  # one folder for every worker and reader, stated outside
+        return
+    kept = Path(str((stored.get("study") or {}).get("artifact_dir") or ""))
+    mine = config_mod.resolve_artifact_dir(cfg).resolve()
+    if kept.is_absolute() and kept.is_dir() and kept.resolve() != mine:
+        raise ConfigError(f"study.artifact_dir: study {cfg.study.name!r} keeps its models and checkpoints in {kept}, "
+                          f"where it was created, but the file now says {mine}; set it back (or start a new study "
+                          "under another [study] name)")
 
 
 def _holds_secret(stored: dict) -> bool:
@@ -632,7 +647,6 @@ def _training_device(objective: object) -> str:
     cfg = getattr(objective, "cfg", None)
     if cfg is None:
         return "cpu"
-    from cycle_optuna.errors import ConfigError
     from cycle_optuna.train import resolve_device
 
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import optuna
@@ -10,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from cycle_optuna import config, placement, storage, worker
-from cycle_optuna.errors import StorageError
+from cycle_optuna.errors import ConfigError, StorageError
 from cycle_optuna.objective import CHECKPOINT_ATTR, RESUMED_ATTR, TrialCheckpoints
 from workers_helpers import drop_synthetic_keys, write_study
 
@@ -112,6 +113,24 @@ def test_workers_may_differ_in_how_they_run_but_not_in_what_a_trial_is(tmp_path:
     _edit(path, "seed = 5", "seed = 0")
     _edit(path, "n_trials = 1", "n_trials = 3")
     _edit(path, 'type = "random"', 'type = "tpe"')
+    worker.open_study(config.load(path), url)
+
+
+def test_a_study_keeps_its_artifact_folder(tmp_path: Path, monkeypatch):
+    """Readers load the best model from the folder stored on the study: a worker told another folder
+    would save the next best model where no reader looks."""
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    url = storage.resolve_url(config.load(path))
+    worker.open_study(config.load(path), url)
+    kept = config.resolve_artifact_dir(config.load(path))
+    kept.mkdir(exist_ok=True)
+    _edit(path, "[study]\n", '[study]\nartifact_dir = "elsewhere"\n')
+    with pytest.raises(ConfigError, match=rf"study\.artifact_dir: study 'tiny' keeps its models and checkpoints in "
+                                          rf"{re.escape(str(kept.resolve()))}, where it was created, but the file now says "
+                                          rf"{re.escape(str(tmp_path / 'elsewhere'))}; set it back"):
+        worker.open_study(config.load(path), url)
+    assert not (tmp_path / "elsewhere").exists()
+    monkeypatch.setenv(storage.ARTIFACTS_ENV_VAR, str(tmp_path / "shared"))  # one folder named for all, outside
     worker.open_study(config.load(path), url)
 
 
