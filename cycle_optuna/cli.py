@@ -263,8 +263,6 @@ def _after_run(study, cfg, stats) -> int:
 
 def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None], data) -> int:
     """`run --workers K`: K local worker processes, one combined view polled from the storage."""
-    import signal
-
     from cycle_optuna import config, dashboard, status, worker
 
     # created once here, with its stats and reference baselines, so the children do not race
@@ -288,13 +286,26 @@ def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None]
     failed = [(p.returncode, log) for p, log in procs if p.returncode != 0]
     for code, log in failed:
         lines = [line for line in Path(log).read_text().splitlines() if line.strip()]
-        err.print(f"a worker exited with code {code}: {lines[-1] if lines else ''} (log: {log})",
-                  highlight=False, soft_wrap=True)
-    if failed:
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
+            else f"exited with code {code}"
+        err.print(f"a worker {how}: {lines[-1] if lines else ''} (log: {log})", highlight=False, soft_wrap=True)
+    if failed and not _study_done(study, cfg.study.n_trials):
         return failed[0][0] if failed[0][0] > 0 else 1
+    if failed:  # the other workers retried its trial and finished the study: the job is done
+        err.print("the study holds all its trials: the other workers took over", highlight=False)
     _print_cycles(study)
     dashboard.write_notes(study)
     return 0
+
+
+def _study_done(study, n_trials: int) -> bool:
+    """Every trial of the total has ended and none is running or waiting for a retry."""
+    from optuna.trial import TrialState
+
+    from cycle_optuna import worker
+
+    live = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+    return not live and worker.trials_counted(study) >= n_trials
 
 
 def _trial_line(t) -> str:
@@ -616,11 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = command("run", cmd_run, "run the study's trials with progress, then print the cycle table")
     run.add_argument("--n-trials", type=_trials, metavar="N", help="total trials the study should hold")
-    run.add_argument("--workers", type=_workers, metavar="K", default=None,
+    run.add_argument("--workers", type=_positive, metavar="K", default=None,
                      help="local worker processes sharing the study (default 1, in this process), "
                           "spread over the visible GPUs when there are any")
     run.add_argument("--gpus", type=_gpus, metavar="0,2", help="the GPUs to place workers on (default: all visible)")
-    run.add_argument("--workers-per-gpu", type=_workers, metavar="N",
+    run.add_argument("--workers-per-gpu", type=_positive, metavar="N",
                      help="workers on each GPU (without --workers: K = N x GPUs)")
     wk = command("worker", cmd_worker, "run one worker on the study (start several, on many machines)")
     wk.add_argument("--n-trials", type=_trials, metavar="N", help="total trials the study should hold")
@@ -692,7 +703,6 @@ def _whole_number(low: int, what: str, high: int | None = None) -> Callable[[str
 
 _positive = _whole_number(1, "a positive integer")
 _trials = _whole_number(1, "a whole number of trials from 1 to 1000000", 1_000_000)  # config.MAX_TRIALS
-_workers = _whole_number(1, "a whole number of worker processes from 1 to 256", 256)  # more is a typo, not a fleet
 _seconds = _whole_number(0, "a whole number of seconds from 0 to 604800 (a week)", 7 * 86_400)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -672,7 +673,7 @@ def start_local_workers(
     if log_json:
         args.append("--log-json")
     os.makedirs(os.path.dirname(log_prefix) or ".", exist_ok=True)
-    procs = []
+    procs, parent = [], os.getpid()
     for i in range(workers):
         log = f"{log_prefix}-worker-{i + 1}.log"
         with open(log, "w") as f:
@@ -680,5 +681,17 @@ def start_local_workers(
             # own session: a Ctrl-C at the terminal reaches only the parent, which stops each worker
             # with one SIGTERM (a second signal would stop a worker at once, before its hand-back)
             procs.append((subprocess.Popen(args, env=own, stdout=f, stderr=subprocess.STDOUT,
-                                           start_new_session=True), log))
+                                           start_new_session=True, preexec_fn=functools.partial(_stop_with_parent, parent)),
+                          log))
     return procs
+
+
+def _stop_with_parent(parent: int) -> None:
+    """In a local worker, before it starts: SIGTERM when the `run` that started it dies, even by
+    kill -9 (Linux's parent-death signal), so it hands its trial back instead of training unseen."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # it died before the signal was asked for
+        os._exit(143)

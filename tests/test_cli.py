@@ -360,11 +360,9 @@ def test_auto_folds_cross_validate_a_small_split_and_say_so(quick_study, capsys)
 @pytest.mark.parametrize("argv, says", [
     (["run", "{study}", "--n-trials", "x"],
      "error: cycle-optuna run: argument --n-trials: must be a whole number of trials from 1 to 1000000, got 'x'"),
-    # a typo, not a plan: it ran trial after trial (or would start as many processes)
+    # a typo, not a plan: it ran trial after trial
     (["run", "{study}", "--n-trials", "9" * 20], "error: cycle-optuna run: argument --n-trials: must be a whole number "
                                                  "of trials from 1 to 1000000, got 99999999999999999999"),
-    (["run", "{study}", "--workers", "100000"], "error: cycle-optuna run: argument --workers: must be a whole number of "
-                                                "worker processes from 1 to 256, got 100000"),
     (["run", "{study}", "--bogus"], "error: cycle-optuna: unrecognized arguments: --bogus"),
     (["worker", "{study}", "--wait-for-storage", "9" * 23],
      "error: cycle-optuna worker: argument --wait-for-storage: must be a whole number of seconds from 0 to 604800"),

@@ -485,3 +485,58 @@ def test_a_kill_after_the_result_is_stored_leaves_no_checkpoint_behind(tmp_path:
     assert code == 0, out
     assert [t.state for t in trials(url)] == [TrialState.COMPLETE, TrialState.COMPLETE]
     assert not _checkpoint_files(tmp_path)
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is `pid`."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_of_a_run_killed_by_kill_9_stop_and_hand_their_trials_back(tmp_path: Path):
+    """`run --workers K` killed with -9 cannot stop its workers: they ask Linux for a SIGTERM when
+    their parent dies, and hand back their trials instead of training on unseen."""
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = write_study(tmp_path, n_trials=4, epochs=1)
+    run = start_cli(["run", str(study), "--workers", "2"], env=worker_env(CYCLE_OPTUNA_TEST_PAUSE_AFTER_ASK="120"))
+    logs = [tmp_path / f"tiny-worker-{i}.log" for i in (1, 2)]
+    # one holds a trial it has just asked for (the other waits for the lock it asks under)
+    paused = wait_for(lambda: [p for p in logs if p.exists() and "paused after ask" in p.read_text()], 120,
+                      "a worker paused with a trial")
+    workers = _children(run.pid)
+    assert len(workers) == 2
+    run.kill()
+    run.wait()
+    wait_for(lambda: not any(_alive(p) for p in workers), 60, "the workers to stop with their parent")
+    states = [t.state for t in trials(url)]
+    assert states and TrialState.RUNNING not in states, states  # handed back
+    assert "SIGTERM" in paused[0].read_text()
+
+
+def test_run_with_workers_ends_0_when_the_others_finish_a_killed_workers_study(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = write_study(tmp_path, n_trials=3, epochs=1)
+    run = start_cli(["run", str(study), "--workers", "2"], env=worker_env(CYCLE_OPTUNA_TEST_PAUSE_AFTER_ASK="2"))
+    log = tmp_path / "tiny-worker-1.log"
+    wait_for(lambda: log.exists() and "paused after ask" in log.read_text(), 120, "worker 1 paused with a trial")
+    victim = next(p for p in _children(run.pid) if f"tiny-worker-1" in Path(f"/proc/{p}/fd/1").resolve().name)
+    subprocess.run(["kill", "-9", str(victim)], check=True)
+    code, out = _finish(run, timeout=240)
+    assert code == 0, out
+    assert "a worker was killed by SIGKILL" in out and "the other workers took over" in out and "cycles of tiny" in out
+    done = [t for t in trials(url) if t.state.is_finished() and t.state != TrialState.FAIL]
+    assert len(done) == 3
