@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -61,7 +62,7 @@ Trains the configurations of the cycles the best model averages again on the tra
 validation series together (the study's seed, epochs and schedule; each keeps its last epoch).
 best, predict, report and load_best_model() then use these models while the best cycles stay
 the same; the test split is used by neither. Nothing is recorded until every model is stored: an
-interrupted refit (Ctrl-C, SIGTERM: exit 130) leaves the study as it was, and a cycle that diverges
+interrupted refit (Ctrl-C: exit 130, SIGTERM: 143) leaves the study as it was, and a cycle that diverges
 on all the series stops it with exit 1.""",
     "report": """examples:
   cycle-optuna report studies/seed.toml
@@ -422,7 +423,6 @@ def cmd_refit(args: argparse.Namespace) -> int:
     cfg, url = _load(args)
     preflight.for_read(url)
     say = lambda line: out.print(line, highlight=False, soft_wrap=True, markup=False)  # noqa: E731
-    signal.signal(signal.SIGTERM, _interrupt)  # stopped like Ctrl-C: the models not yet named are removed
     with out.status("loading the study", spinner="line") as status:
         def on_epoch(k: int, m) -> None:
             status.update(f"model {k + 1}: epoch {m.epoch + 1}/{cfg.train.epochs}, training loss {m.val_loss:.4f}")
@@ -448,7 +448,11 @@ def cmd_refit(args: argparse.Namespace) -> int:
     return 0
 
 
+_STOPPED_BY: list[int] = []  # the signal _interrupt turned into KeyboardInterrupt
+
+
 def _interrupt(signum: int, frame: object) -> NoReturn:
+    _STOPPED_BY.append(signum)
     raise KeyboardInterrupt
 
 
@@ -570,7 +574,6 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from cycle_optuna import dashboard
 
     _load(args)  # validates the study file first: a bad file is one clear line, not a traceback
-    signal.signal(signal.SIGTERM, _interrupt)  # stopped like Ctrl-C: SQLite's -wal/-shm files go with the last connection
     return dashboard.launch(
         args.study, host=args.host, port=args.port, storage=args.storage,
         echo=lambda line: out.print(line, highlight=False, soft_wrap=True),
@@ -725,6 +728,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.captureWarnings(True)
     from cycle_optuna.storage import check_environment, mask
 
+    _STOPPED_BY.clear()
+    if threading.current_thread() is threading.main_thread():  # every command stops on SIGTERM as on Ctrl-C, exit 143
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         check_environment()
         return args.func(args)
@@ -733,7 +739,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")
-        return 130
+        worker = sys.modules.get("cycle_optuna.worker")  # its handlers, where a command installed them
+        signals = [*_STOPPED_BY, *(worker._SIGNALLED if worker is not None else ())]
+        return 128 + (signals[0] if signals else signal.SIGINT)
     except BrokenPipeError:  # `export ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush writes nowhere
         return 141  # 128 + SIGPIPE, as a shell tool killed by the closed pipe

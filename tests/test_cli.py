@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -780,3 +781,28 @@ def test_output_to_a_full_disk_is_one_line_without_the_training_hint(tmp_path: P
                               stderr=subprocess.PIPE, text=True, timeout=120, env=worker_env())
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "error: writing the output: No space left on device; free space and run again"
+
+
+def test_sigterm_is_exit_143_for_every_command_ctrl_c_130(tmp_path: Path):
+    """SIGTERM at a moment no command installs a handler of its own (the study file being read):
+    it was the process's default death (-15) or "interrupted" with 130."""
+    study = _study(tmp_path, TINY_STUDY)
+    hold = (
+        "import sys, time\n"
+        "import cycle_optuna.config as c\n"
+        "load = c.load\n"
+        "def slow(*a, **k):\n"
+        "    print('reading', flush=True)\n"
+        "    time.sleep(60)\n"
+        "    return load(*a, **k)\n"
+        "c.load = slow\n"
+        "from cycle_optuna.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = subprocess.Popen([sys.executable, "-c", hold, "status", study], cwd=tmp_path, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout.readline().strip() == "reading"
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 128 + sig and "interrupted" in out, (proc.returncode, out)
