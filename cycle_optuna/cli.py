@@ -198,7 +198,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     fewer = None
     if len(gpus) > 1:  # no more workers than trials left to run: the others would start only to stop
-        left = cfg.study.n_trials - (worker.trials_counted(held) if held is not None else 0)
+        from optuna.trial import TrialState
+
+        live = Counter(t.state for t in held.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+                       ) if held is not None else Counter()
+        # a retry waiting to run is counted toward the total already, yet still needs a worker
+        left = cfg.study.n_trials - (worker.trials_counted(held) if held is not None else 0) + live[TrialState.WAITING]
+        if left <= 0 and not live[TrialState.RUNNING]:
+            out.print(f"the study already holds all its {cfg.study.n_trials} trials; pass a larger total with "
+                      "--n-trials N to grow it", highlight=False, soft_wrap=True)
+            _print_cycles(held)
+            return 0
         if 0 < left < len(gpus):
             fewer = f"note: {left} trial(s) left to run: starting {left} worker(s), not {len(gpus)}"
             gpus = gpus[:left]

@@ -806,3 +806,13 @@ def test_sigterm_is_exit_143_for_every_command_ctrl_c_130(tmp_path: Path):
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 128 + sig and "interrupted" in out, (proc.returncode, out)
+
+
+def test_run_with_workers_on_a_study_that_holds_all_its_trials_starts_none(tmp_path: Path, capsys):
+    study = _study(tmp_path, TINY_STUDY.replace("n_trials = 1", "n_trials = 2"))
+    assert run_cli("run", str(tmp_path / study)) == 0
+    capsys.readouterr()
+    assert run_cli("run", str(tmp_path / study), "--workers", "2") == 0
+    out = capsys.readouterr().out
+    assert "the study already holds all its 2 trials" in out and "cycles of t" in out
+    assert not list(tmp_path.glob("t-worker-*.log"))  # no worker was started
