@@ -343,7 +343,8 @@ def load_best_model(
 
     It averages the class probabilities of the `ensemble` best completed trials' models (lowest
     validation loss first; default: the study's `[study] ensemble`, 3 unless set) — fewer when
-    fewer trials completed or kept a model; ``ensemble=1`` is the best trial's model alone.
+    fewer trials completed or kept a model, or a runner-up's model file is gone (a logged warning);
+    ``ensemble=1`` is the best trial's model alone.
     ``model.trial_numbers`` lists the trials it averages, best first.
 
     ``refit``: None (default) takes the models `refit` trained on all training series when they
@@ -390,7 +391,15 @@ def _model_of(study: optuna.Study, done: list[FrozenTrial], *, artifact_dir: str
     if not use:
         named = [(t.user_attrs[MODEL_ATTR], f"model artifact {t.user_attrs[MODEL_ATTR]} of cycle {t.number + 1}")
                  for t in members]
-        payloads = [_download_model(store, where, artifact_id, what) for artifact_id, what in named]
+        payloads = [_download_model(store, where, *named[0])]  # the best cycle's own: nothing stands in for it
+        kept = [0]
+        for i in range(1, len(members)):
+            try:
+                payloads.append(_download_model(store, where, *named[i]))
+                kept.append(i)
+            except StorageError as e:  # a runner-up's file lost: the model averages the others, as for one never saved
+                _log.warning("%s; the best model averages the other cycles' models", e)
+        members, named = [members[i] for i in kept], [named[i] for i in kept]
     from cycle_optuna.best_model import CycleModel, Ensemble
 
     nets = [_net_of(payload, what, where) for payload, (_, what) in zip(payloads, named)]

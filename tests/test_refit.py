@@ -98,6 +98,22 @@ def test_the_refit_model_serves_only_the_cycles_it_was_made_of(tmp_path: Path, c
     assert f"run 'cycle-optuna refit {path}' again" in capsys.readouterr().out.replace("\n", "")
 
 
+def test_a_lost_runner_up_model_leaves_the_best_model_of_the_others(tmp_path: Path, capsys, caplog, one_thread):
+    path = _study(tmp_path, capsys)
+    three = api.load_best_model(path)
+    study = api.load_study(path)
+    by_number = {t.number: t for t in study.trials}
+    store = path.parent / "tiny-artifacts"
+    (store / by_number[three.trial_numbers[2]].user_attrs[api.MODEL_ATTR]).unlink()
+    two = api.load_best_model(path)
+    assert two.trial_numbers == three.trial_numbers[:2] and not two.refit
+    assert "is missing from" in caplog.text and "the best model averages the other cycles' models" in caplog.text
+    assert cli.main(["predict", str(path), str(_npz(tmp_path))]) == 0
+    (store / by_number[three.trial_numbers[0]].user_attrs[api.MODEL_ATTR]).unlink()  # the best cycle's own: no stand-in
+    with pytest.raises(StorageError, match=rf"of cycle {three.trial_numbers[0] + 1} is missing from"):
+        api.load_best_model(path)
+
+
 def test_refit_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path: Path, capsys):
     path = write_study(tmp_path)
     assert cli.main(["refit", str(path)]) == 2  # no study yet
