@@ -157,7 +157,8 @@ def _no_completed(study: optuna.Study) -> str:
     what = " and ".join(f"{ended[s]} {word}" for s, word in ((TrialState.PRUNED, "pruned"), (TrialState.FAIL, "failed"))
                         if s in ended)
     return (f"study {study.study_name!r} has no completed trial: all {sum(ended.values())} ended without a value "
-            f"({what}); see `status` for why, then change the study and run more trials")
+            f"({what}); see `status` for why, then run more trials (`run --n-trials N`; sampler and pruner may change) "
+            "or a changed study under a new [study] name")
 
 
 def best_params(study: StudyLike, storage: str | BaseStorage | None = None) -> dict[str, Any]:
