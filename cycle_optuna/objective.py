@@ -334,8 +334,8 @@ class Objective:
                         continue
                     if better:  # not the best: the best model averages the others it has
                         trial.set_user_attr("model_save_error", _reason(e))
-                        _log.warning("trial %d: model not saved: %s; it completes, and the best model "
-                                     "averages the best trials whose models were kept", trial.number, _reason(e))
+                        _log.warning("cycle %d (trial %d): model not saved: %s; it completes, and the best model "
+                                     "averages the best trials whose models were kept", trial.number + 1, trial.number, _reason(e))
                         return
                     trial.set_user_attr("unsaved_val_loss", _json_safe(result.best_val_loss))
                     raise ModelNotSaved(f"model of trial {trial.number} (a new best, val loss "
@@ -394,8 +394,8 @@ class TrialCheckpoints:
         except OSError as e:  # a full disk costs resumability, not the trial
             self.trial.set_user_attr("checkpoint_error", _reason(e))
             if not self.failed:
-                _log.warning("trial %d: epoch checkpoint not saved: %s; the trial goes on, but a "
-                             "retry of it would start over", self.trial.number, _reason(e))
+                _log.warning("cycle %d (trial %d): epoch checkpoint not saved: %s; the trial goes on, but a "
+                             "retry of it would start over", self.trial.number + 1, self.trial.number, _reason(e))
             self.failed = True
 
     def discard(self) -> None:

@@ -537,7 +537,7 @@ class _Storage(RDBStorage):
             self._beat_failing = False
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
             if not getattr(self, "_beat_failing", False):  # one line per outage, not one per beat
-                _log.warning("heartbeat of trial %d skipped: %s", trial_id, describe(e))
+                _log.warning("heartbeat of the trial with storage id %d skipped: %s", trial_id, describe(e))
             self._beat_failing = True
 
 
@@ -1099,7 +1099,7 @@ class Heartbeat:
                 try:
                     self.storage.record_heartbeat(trial_id)
                 except Exception as e:  # a missed beat is harmless; a dead thread would fail the trial
-                    _log.warning("heartbeat of trial %d skipped: %s", trial_id, describe(e))
+                    _log.warning("heartbeat of the trial with storage id %d skipped: %s", trial_id, describe(e))
 
 
 def _ids(trial_id: int | list[int] | None) -> list[int]:

@@ -439,7 +439,7 @@ class _Loop:
                 if down_since is None:
                     down_since = time.monotonic()
                     self.stats.reconnects += 1
-                    held = f"; trial {self.current} is handed back once it answers" if self.lost else ""
+                    held = f"; cycle {self.current + 1} (trial {self.current}) is handed back once it answers" if self.lost else ""
                     _log.warning("lost the database: %s; retrying for up to %ds%s",
                                  storage_mod.describe(e), RECONNECT_SECONDS, held)
                 if time.monotonic() - down_since > RECONNECT_SECONDS:
@@ -563,7 +563,7 @@ class _Loop:
             value = (objective or self.objective)(trial)
         except optuna.TrialPruned as e:
             state = TrialState.PRUNED
-            _log.info("trial %d pruned. %s", trial.number, e)
+            _log.info("cycle %d (trial %d) pruned. %s", trial.number + 1, trial.number, e)
         except optuna.exceptions.UpdateFinishedTrialError:
             raise  # another worker failed the trial as stale: not this trial's failure, nothing to tell
         except Exception as e:
@@ -577,13 +577,13 @@ class _Loop:
             cause = fail_cause(e)
             # a fault of the machine (full disk) or parameters the model cannot be built from are one
             # line; a bug in a trial shows its traceback
-            _log.warning("trial %d failed with parameters %s: %r", trial.number, trial.params, e,
+            _log.warning("cycle %d (trial %d) failed with parameters %s: %r", trial.number + 1, trial.number, trial.params, e,
                          exc_info=not isinstance(e, (ModelNotSaved, InvalidCombination)))
         told, problem = internals.tell(self.study, trial, value, state)
         self._release(trial.number)  # its outcome is stored: nothing left to hand back
         if problem:  # e.g. the objective returned NaN: Optuna fails the trial
             cause = problem
-            _log.warning("trial %d failed: %s", trial.number, problem)
+            _log.warning("cycle %d (trial %d) failed: %s", trial.number + 1, trial.number, problem)
         if told == TrialState.FAIL and cause:
             storage_mod.write_fail_cause(self.study, internals.trial_id_of(trial), cause)
         return told

@@ -107,4 +107,4 @@ def test_a_full_disk_costs_a_runner_up_its_place_in_the_ensemble_not_its_result(
     assert runner_up.state == TrialState.COMPLETE  # second of 2: it would have joined the ensemble
     assert "model_artifact_id" not in runner_up.user_attrs
     assert "No space left on device" in runner_up.user_attrs["model_save_error"]
-    assert f"trial {runner_up.number}: model not saved: " in caplog.text
+    assert f"cycle {runner_up.number + 1} (trial {runner_up.number}): model not saved: " in caplog.text

@@ -439,7 +439,7 @@ def test_a_full_artifact_store_loses_no_best_model_and_leaves_no_file(tmp_path: 
     for t in ts:
         assert t.user_attrs["fail_cause"].startswith("ModelNotSaved: model of trial")
         assert "No space left on device" in t.user_attrs["fail_cause"] and "unsaved_val_loss" in t.user_attrs
-        assert f"trial {t.number}: epoch checkpoint not saved: No space left on device" in text
+        assert f"cycle {t.number + 1} (trial {t.number}): epoch checkpoint not saved: No space left on device" in text
     assert "Traceback" not in text  # each fault is one line
     assert not list((tmp_path / "tiny-artifacts").iterdir())  # no empty or partial file
     rc = subprocess.run([sys.executable, "-m", "cycle_optuna.cli", "best", str(study), "--no-test"],
