@@ -321,6 +321,7 @@ class Analysis:
     storage: str | None = None
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
     bayes: dict[str, float] | None = None  # oracle accuracy on the val/test split (built-in task only)
+    search: list[dict[str, Any]] = field(default_factory=list)  # api.search_settings: sampler/pruner per stretch
 
     @property
     def complete(self) -> list[Cycle]:

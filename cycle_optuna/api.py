@@ -37,6 +37,9 @@ MODEL_ATTR = "model_artifact_id"
 BASELINES_ATTR = "cycle_optuna_baselines"  # study attr: {"majority": {"label", "val_accuracy", "test_accuracy"}, ...}
 # study attr written by `refit`: {"trials": [numbers, best first], "artifacts": [ids], "series": n, "epochs": n}
 REFIT_ATTR = "refit_model"
+# study attr: the samplers and pruners a study ran, one entry per change ([{"from_cycle", "sampler", "pruner"}]);
+# absent while the study runs with those it was created with
+SEARCH_ATTR = "search_settings"
 # study attr a running refit writes first: {"artifacts": [ids it will write], "host": name, "pid": n}; None once done
 REFIT_PENDING_ATTR = "refit_pending"
 
@@ -134,6 +137,16 @@ def study_config(study: optuna.Study) -> StudyConfig | None:
     from cycle_optuna.digests import DIGESTS_ATTR, relocate
 
     return relocate(config_mod.from_dict(stored), _STUDY_FILE.get(study), study.user_attrs.get(DIGESTS_ATTR) or {})
+
+
+def search_settings(study: optuna.Study) -> list[dict[str, Any]]:
+    """The sampler and pruner each stretch of cycles ran with, first to last: [{"from_cycle": n,
+    "sampler": type, "pruner": type}] ([] for a study made elsewhere)."""
+    history = study.user_attrs.get(SEARCH_ATTR)
+    if isinstance(history, list) and history:
+        return history
+    cfg = study_config(study)
+    return [{"from_cycle": 1, "sampler": cfg.sampler.type, "pruner": cfg.pruner.type}] if cfg is not None else []
 
 
 def baseline_params(study: optuna.Study) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def analyse(study: api.StudyLike, storage: str | BaseStorage | None = None, *, t
     complete = [c for c in cyc if c.state == "COMPLETE" and c.value is not None]
     best = min(complete, key=lambda c: c.value) if complete else None
     a = Analysis(study.study_name, api.study_config(study), study.user_attrs.get(api.STATS_ATTR), cyc, best,
-                 storage=url, baselines=api.baselines(study))
+                 storage=url, baselines=api.baselines(study), search=api.search_settings(study))
     a.bayes = _bayes(a.cfg)
     if best is not None and test:
         try:

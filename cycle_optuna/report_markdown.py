@@ -92,7 +92,7 @@ def _overview(a: Analysis) -> list[str]:
     timed = [c for c in a.cycles if c.metrics.get("train_seconds")]  # pruned and failed cycles record none
     secs = sum(c.metrics["train_seconds"] for c in timed)
     lines = ["## Overview", "", f"Study **{a.name}** ran {_n(len(a.cycles), 'improvement cycle')} ({', '.join(parts)})"
-             + (f" with sampler `{a.cfg.sampler.type}` and pruner `{a.cfg.pruner.type}`" if a.cfg else "")
+             + _search_text(a.search)
              + f": {epochs} epochs trained"
              + (f"; the {len(timed)} cycle{'s' if len(timed) != 1 else ''} that finished training took {secs:.1f} s"
                 if timed else "") + "."]
@@ -397,7 +397,7 @@ def _recommendations(a: Analysis) -> list[str]:
     if a.test is not None and a.best is not None and a.best.val_accuracy is not None:
         gap = a.best.val_accuracy - a.test.accuracy
     recs = an.recommendations(a.cycles, a.best, _space(a.cfg), importance=a.importance, test_gap=gap,
-                              pruner=a.cfg.pruner.type if a.cfg else None)
+                              pruner=a.search[-1]["pruner"] if a.search else None)
     return ["## Recommendations for the next run", ""] + [f"{i}. {r}" for i, r in enumerate(recs, 1)] + [""]
 
 
@@ -469,7 +469,18 @@ def summary(a: Analysis) -> str:
         if t.rho is not None:
             lines.append(_trend_line(t, *words))
     recs = an.recommendations(a.cycles, a.best, _space(a.cfg), importance=a.importance,
-                              pruner=a.cfg.pruner.type if a.cfg else None)
+                              pruner=a.search[-1]["pruner"] if a.search else None)
     lines += ["", "**Next:** " + recs[0]] + ([f"**Also:** {r}" for r in recs[1:3]])
     lines += ["", "The full report: `cycle-optuna report STUDY.toml`."]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _search_text(search: list[dict]) -> str:
+    """The overview's words on the sampler and pruner: one pair, or one per stretch of cycles when a run changed them."""
+    if not search:
+        return ""
+    parts = [f"sampler `{s['sampler']}` and pruner `{s['pruner']}`" for s in search]
+    if len(search) == 1:
+        return f" with {parts[0]}"
+    spans = [f"{p} from cycle {s['from_cycle']}" for p, s in zip(parts[1:], search[1:])]
+    return f" with {parts[0]}, then {', then '.join(spans)}"

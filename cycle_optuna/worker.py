@@ -109,6 +109,8 @@ def _open_study(cfg: StudyConfig, url: str, *, data: TaskData | None, create: bo
         study.set_user_attr(CONFIG_ATTR, cfg.to_dict())  # its storage URL without the password
     elif _holds_secret(stored):  # written by an older release: the dashboard serves it
         study.set_user_attr(CONFIG_ATTR, json.loads(storage_mod.mask(json.dumps(stored))))
+    if stored is not None and (note := _record_search(study, cfg)) is not None:
+        _log.warning(note)
     if DIGESTS_ATTR not in study.user_attrs and (digests := data_digests(cfg)):
         study.set_user_attr(DIGESTS_ATTR, digests)
     if data is not None and STATS_ATTR not in study.user_attrs:
@@ -126,6 +128,22 @@ def _open_study(cfg: StudyConfig, url: str, *, data: TaskData | None, create: bo
             if not study.get_trials(deepcopy=False):
                 study.enqueue_trial({p.name: getattr(cfg.baseline, p.name) for p in cfg.space})
     return study
+
+
+def _record_search(study: optuna.Study, cfg: StudyConfig) -> str | None:
+    """A study file whose sampler or pruner differs from the ones the study last ran with: record
+    from which cycle on (the report names each), and the note to print; None when unchanged."""
+    from cycle_optuna import api
+
+    history = api.search_settings(study)
+    now = {"sampler": cfg.sampler.type, "pruner": cfg.pruner.type}
+    last = history[-1] if history else now
+    if {k: last.get(k) for k in now} == now:
+        return None
+    start = len(study.get_trials(deepcopy=False)) + 1
+    study.set_user_attr(api.SEARCH_ATTR, [*history, {"from_cycle": start, **now}])
+    return (f"note: sampler {now['sampler']} and pruner {now['pruner']} from cycle {start} on (the study ran "
+            f"sampler {last.get('sampler')} and pruner {last.get('pruner')} before); the report names both")
 
 
 def check_joinable(cfg: StudyConfig, storage: optuna.storages.BaseStorage, url: str) -> bool:

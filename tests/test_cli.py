@@ -816,3 +816,20 @@ def test_run_with_workers_on_a_study_that_holds_all_its_trials_starts_none(tmp_p
     out = capsys.readouterr().out
     assert "the study already holds all its 2 trials" in out and "cycles of t" in out
     assert not list(tmp_path.glob("t-worker-*.log"))  # no worker was started
+
+
+def test_a_sampler_or_pruner_changed_between_runs_is_noted_and_reported(tmp_path: Path, capsys, caplog):
+    study = _study(tmp_path, TINY_STUDY)
+    assert run_cli("run", str(tmp_path / study)) == 0
+    path = tmp_path / study
+    path.write_text(path.read_text().replace('type = "random"', 'type = "tpe"').replace('type = "none"', 'type = "median"'))
+    capsys.readouterr()
+    assert run_cli("run", str(path), "--n-trials", "2") == 0
+    assert ("note: sampler tpe and pruner median from cycle 2 on (the study ran sampler random and pruner none "
+            "before)") in caplog.text
+    assert run_cli("report", str(path), "-o", str(tmp_path / "rep"), "--no-test") == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "with sampler `random` and pruner `none`, then sampler `tpe` and pruner `median` from cycle 2" in text
+    caplog.clear()
+    assert run_cli("run", str(path), "--n-trials", "2") == 0  # unchanged since: nothing more to note
+    assert "note: sampler" not in caplog.text
