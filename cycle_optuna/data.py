@@ -884,8 +884,10 @@ def _read(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None, *, need_
         raise _fail(path, f"unsupported data file type (expected {', '.join(DATA_SUFFIXES)})")
     x, y, k = check_arrays(path, x, y, named=classes is not None)  # a test file may lack a class
     if classes is not None and k > len(classes):
-        raise _fail(path, f"class set differs from the training file's: label {k - 1} here, "
-                    f"0..{len(classes) - 1} in the training file")
+        extra = sorted({int(v) for v in np.unique(np.asarray(y)) if v >= len(classes)})
+        shown = ", ".join(map(str, extra[:5])) + (f", ... ({len(extra)} in all)" if len(extra) > 5 else "")
+        raise _fail(path, f"class set differs from the training file's: label{'s' if len(extra) > 1 else ''} {shown} "
+                    f"here, 0..{len(classes) - 1} in the training file")
     return x, y, classes if classes is not None else tuple(str(c) for c in range(k)), None
 
 

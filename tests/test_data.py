@@ -834,7 +834,7 @@ def test_npz_test_file_may_lack_a_class(tmp_path):
 
 @pytest.mark.parametrize(("which", "needle"), [
     ("features", "test.npz: 2 feature(s) per step, but the training file"),
-    ("classes", "test.npz: class set differs from the training file's: label 4 here, 0..2"),
+    ("classes", "test.npz: class set differs from the training file's: labels 3, 4 here, 0..2"),  # every one, not the largest
     ("ts_classes", "TEST.ts: class set differs from the training file's"),
 ])
 def test_test_source_mismatch(tmp_path, which, needle):
