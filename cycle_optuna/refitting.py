@@ -56,8 +56,8 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
         raise StorageError(f"study {study.study_name!r} has no stored cycle-optuna config; it cannot be refit")
     members = api._members(study, api._completed(study), ensemble)
     where = api.study_artifact_dir(study)
-    if where is None or not where.is_dir():
-        raise StorageError(f"artifact directory of study {study.study_name!r} not found: {where}")
+    if where is None:
+        raise StorageError(f"study {study.study_name!r} names no artifact directory; it cannot be refit")
     from cycle_optuna.preflight import check_writable_dir
 
     check_writable_dir(where, what="artifact directory", room=1 << 20)  # before any training
@@ -72,6 +72,8 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
         raise StorageError(f"cannot write study {study.study_name!r} (a refit records its models on the study): "
                            f"{storage_mod.describe(e)}") from None
     _remove_left(store, left, say)
+    if not where.is_dir():  # lost with the cycles' models: the refit ones make the study's best model again
+        say(f"the artifact directory {where} is missing (the cycles' models with it): the refit models go to a new one")
     x, y = data.pooled()
     scored = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.study.seed))[:EVAL_SERIES]
     full = dataclasses.replace(data, x_train=x, y_train=y, x_val=x[scored], y_val=y[scored], fold_ids=None)
@@ -109,6 +111,7 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
             torch.save(model_payload(model, model_kwargs(full, hp, cfg.train.init_gain), data, t.params), buf)
             buf.seek(0)
             artifact_id = ids[k]
+            where.mkdir(parents=True, exist_ok=True)
             written.append(artifact_id)
             store.write(artifact_id, buf)
             storage_mod.pause_for_tests("refit model written")

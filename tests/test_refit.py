@@ -114,6 +114,18 @@ def test_a_lost_runner_up_model_leaves_the_best_model_of_the_others(tmp_path: Pa
         api.load_best_model(path)
 
 
+def test_a_refit_after_the_artifact_folder_was_lost_makes_a_best_model_again(tmp_path: Path, capsys, one_thread):
+    import shutil
+
+    path = _study(tmp_path, capsys)
+    shutil.rmtree(path.parent / "tiny-artifacts")
+    with pytest.raises(StorageError, match="artifact directory of study 'tiny' not found"):
+        api.load_best_model(path)
+    assert cli.main(["refit", str(path), "--no-test"]) == 0
+    assert "tiny-artifacts is missing (the cycles' models with it): the refit models go to a new one" in capsys.readouterr().out
+    assert api.load_best_model(path).refit and len(_refit_files(path)) == 3
+
+
 def test_refit_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path: Path, capsys):
     path = write_study(tmp_path)
     assert cli.main(["refit", str(path)]) == 2  # no study yet
