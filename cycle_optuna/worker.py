@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import json
 import logging
 import os
@@ -691,7 +690,7 @@ def start_local_workers(
     if log_json:
         args.append("--log-json")
     os.makedirs(os.path.dirname(log_prefix) or ".", exist_ok=True)
-    procs, parent = [], os.getpid()
+    procs, stop_with_parent = [], _parent_death_signal()
     for i in range(workers):
         log = f"{log_prefix}-worker-{i + 1}.log"
         with open(log, "w") as f:
@@ -699,17 +698,26 @@ def start_local_workers(
             # own session: a Ctrl-C at the terminal reaches only the parent, which stops each worker
             # with one SIGTERM (a second signal would stop a worker at once, before its hand-back)
             procs.append((subprocess.Popen(args, env=own, stdout=f, stderr=subprocess.STDOUT,
-                                           start_new_session=True, preexec_fn=functools.partial(_stop_with_parent, parent)),
+                                           start_new_session=True, preexec_fn=stop_with_parent),
                           log))
     return procs
 
 
-def _stop_with_parent(parent: int) -> None:
-    """In a local worker, before it starts: SIGTERM when the `run` that started it dies, even by
-    kill -9 (Linux's parent-death signal), so it hands its trial back instead of training unseen."""
+def _parent_death_signal() -> Callable[[], None] | None:
+    """For a local worker, before it starts: SIGTERM when the `run` that started it dies, even by
+    kill -9 (Linux's parent-death signal), so it hands its trial back instead of training unseen.
+    Resolved here, in the parent: the child, forked beside other threads, only makes the call."""
     import ctypes
 
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    if os.getppid() != parent:  # it died before the signal was asked for
-        os._exit(143)
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent:  # it died before the signal was asked for
+            os._exit(143)
+
+    return in_child
