@@ -68,6 +68,8 @@ class Dashboard:
     artifact_dir: Path
     warning: str | None
     study_found: bool
+    storage: object = None  # what it serves: closed with it, so SQLite's -wal/-shm files go
+
 
     @property
     def port(self) -> int:
@@ -84,7 +86,14 @@ class Dashboard:
 
     def close(self) -> None:
         self.server.shutdown()
+        self.release()
+
+    def release(self) -> None:
+        """Close the socket and the storage's connections (the last SQLite one removes -wal/-shm)."""
         self.server.server_close()
+        engine = getattr(internals.backend_of(self.storage), "engine", None) if self.storage is not None else None
+        if engine is not None:
+            engine.dispose()
 
 
 def _artifact_dir(cfg: config_mod.StudyConfig) -> Path:
@@ -139,7 +148,7 @@ def make_dashboard(
         path, found = "/dashboard", False
     return Dashboard(server=server, url=f"http://{shown}:{bound}{path}", study_name=cfg.study.name,
                      storage_url=storage_mod.mask(url), artifact_dir=artifacts,
-                     warning=exposure_warning(server.server_address[0], bound), study_found=found)
+                     warning=exposure_warning(server.server_address[0], bound), study_found=found, storage=store)
 
 
 def launch(
@@ -165,7 +174,7 @@ def launch(
     except KeyboardInterrupt:
         pass
     finally:
-        dash.server.server_close()
+        dash.release()
     return 0
 
 

@@ -181,7 +181,13 @@ def test_a_read_only_database_and_artifact_folder_are_served(tmp_path):
 
 
 def test_sigterm_stops_the_dashboard_and_leaves_no_sqlite_side_files(tmp_path):
-    path = make_study(tmp_path, "tpe")
+    # made in another process: a connection this one kept open would keep the side files itself
+    subprocess.run([sys.executable, "-c", "from pathlib import Path; from conftest_report import make_study; "
+                    f"make_study(Path({str(tmp_path)!r}), 'tpe')"],
+                   cwd=Path(__file__).parent, check=True, capture_output=True)
+    path = tmp_path / "tpe.toml"
+    db = tmp_path / "tpewide.db"
+    assert not db.with_name(db.name + "-wal").exists()
     env = {k: v for k, v in os.environ.items() if k != "CYCLE_OPTUNA_STORAGE"}
     proc = subprocess.Popen([sys.executable, "-u", "-m", "cycle_optuna.cli", "dashboard", str(path), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -192,7 +198,6 @@ def test_sigterm_stops_the_dashboard_and_leaves_no_sqlite_side_files(tmp_path):
         m = re.search(r"open (http://\S+)", out)
         assert m, out
         assert _get(m.group(1))[0] == 200
-        db = tmp_path / "tpewide.db"
         assert db.with_name(db.name + "-wal").exists()  # WAL mode: side files while it is open
         proc.send_signal(15)
         assert proc.wait(timeout=30) == 0, proc.stdout.read()
