@@ -40,7 +40,8 @@ REFIT_ATTR = "refit_model"
 # study attr: the samplers and pruners a study ran, one entry per change ([{"from_cycle", "sampler", "pruner"}]);
 # absent while the study runs with those it was created with
 SEARCH_ATTR = "search_settings"
-# study attr a running refit writes first: {"artifacts": [ids it will write], "host": name, "pid": n}; None once done
+# study attr a running refit writes first: {"artifacts": [ids it will write], "worker": "host:pid", "started": when};
+# None once done
 REFIT_PENDING_ATTR = "refit_pending"
 
 StudyLike = Union[optuna.Study, str, os.PathLike]

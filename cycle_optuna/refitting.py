@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import io
 import os
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -66,8 +65,8 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
     left = _left_behind(study)
     ids = [f"refit-{uuid.uuid4().hex}" for _ in members]
     try:  # named before the first write, so that a refit killed half-way leaves files the next one finds
-        study.set_user_attr(api.REFIT_PENDING_ATTR, {"artifacts": ids, "host": socket.gethostname(),
-                                                     "pid": os.getpid(), "started": _started(os.getpid())})
+        study.set_user_attr(api.REFIT_PENDING_ATTR, {"artifacts": ids, "worker": storage_mod.worker_id(),
+                                                     "started": storage_mod.process_start(os.getpid())})
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:  # before any training
         raise StorageError(f"cannot write study {study.study_name!r} (a refit records its models on the study): "
                            f"{storage_mod.describe(e)}") from None
@@ -143,20 +142,21 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
 
 def _left_behind(study: optuna.Study) -> dict[str, Any]:
     """The model files of a refit killed before it finished (the study attr ``refit_pending`` names
-    them before they are written): {"artifacts", "pid"}, or {"elsewhere": text} when its process ran on
-    another machine; refuses while that refit still runs here."""
+    them before they are written): {"artifacts", "worker"}, with "elsewhere" (no files) when its
+    process ran on another machine; refuses while that refit still runs here."""
     rec = study.user_attrs.get(api.REFIT_PENDING_ATTR)
     if not isinstance(rec, dict) or not rec.get("artifacts"):
         return {"artifacts": []}
-    host, pid = rec.get("host"), rec.get("pid")
-    if host != socket.gethostname():  # its process cannot be seen from here: it may still be writing
-        return {"artifacts": [], "elsewhere": f"a refit on {host} (pid {pid}) did not finish, or is still running: "
+    worker = rec.get("worker")
+    alive = storage_mod.process_alive(worker, rec.get("started"))
+    if alive is None:  # its process cannot be seen from here: it may still be writing
+        return {"artifacts": [], "elsewhere": f"a refit by {worker} did not finish, or is still running: "
                                               "its files are left in place"}
-    if isinstance(pid, int) and pid != os.getpid() and _alive(pid, rec.get("started")):
-        raise StorageError(f"study {study.study_name!r} is being refit by process {pid} on this machine; "
+    if alive and worker != storage_mod.worker_id():
+        raise StorageError(f"study {study.study_name!r} is being refit by process {worker} on this machine; "
                            "wait for it to finish, or stop it")
     named = set((study.user_attrs.get(api.REFIT_ATTR) or {}).get("artifacts") or ())
-    return {"artifacts": [a for a in rec["artifacts"] if a not in named], "pid": pid}  # named: killed after naming
+    return {"artifacts": [a for a in rec["artifacts"] if a not in named], "worker": worker}  # named: killed after naming
 
 
 def _remove_left(store: storage_mod.DurableArtifactStore, left: dict[str, Any], say: Callable[[str], None]) -> None:
@@ -168,25 +168,4 @@ def _remove_left(store: storage_mod.DurableArtifactStore, left: dict[str, Any], 
             removed += store.remove_all(artifact_id)
     if removed:
         say(f"removed {removed} model file{'s' if removed > 1 else ''} of a refit that was stopped before it "
-            f"finished (pid {left['pid']})")
-
-
-def _alive(pid: int, started: str | None) -> bool:
-    """Whether process `pid` still runs and is the one that started at `started` (not a reuse of its pid)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    now = _started(pid)
-    return started is None or now is None or now == started
-
-
-def _started(pid: int) -> str | None:
-    """Process `pid`'s start time in clock ticks since boot (/proc/PID/stat), None where unknown."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+            f"finished ({left['worker']})")

@@ -744,7 +744,7 @@ def register_trial(study: optuna.Study, trial: optuna.Trial, worker: str,
     through Optuna; journal files have no heartbeats and take the attr through Optuna. ``device``
     (where the worker trains) and when this process started go beside the worker attr the same way.
     """
-    attrs = {WORKER_ATTR: worker, WORKER_START_ATTR: _process_start(os.getpid()),
+    attrs = {WORKER_ATTR: worker, WORKER_START_ATTR: process_start(os.getpid()),
              **({DEVICE_ATTR: device} if device is not None else {})}
     backend = _unwrap(internals.storage_of(study))
     if not isinstance(backend, RDBStorage):
@@ -934,7 +934,17 @@ def _local_alive(trial: FrozenTrial, journal: Path | None = None) -> bool | None
         return _lock_held(_alive_dir(journal) / f"{token}.lock")
     if int(pid) == os.getpid():
         return internals.trial_id_of(trial) in _RUNNING_HERE
-    started, now = trial.user_attrs.get(WORKER_START_ATTR), _process_start(int(pid))
+    return process_alive(f"{host}:{pid}", trial.user_attrs.get(WORKER_START_ATTR))
+
+
+def process_alive(worker: object, started: object) -> bool | None:
+    """Whether the process a "host:pid" id (`worker_id`) names still runs, and is the one that
+    started at `started` (`process_start`, where known: a pid is reused); None when it is not a
+    process of this machine (another host's cannot be checked from here)."""
+    host, _, pid = str(worker).rpartition(":")
+    if host != socket.gethostname() or not (pid.isascii() and pid.isdigit()):
+        return None
+    now = process_start(int(pid))
     if started is not None and now is not None and started != now:
         return False
     try:
@@ -1001,7 +1011,7 @@ def _journal_file(storage: BaseStorage) -> Path | None:
     return Path(internals.journal_path_of(backend)).resolve() if isinstance(backend, JournalFileBackend) else None
 
 
-def _process_start(pid: int) -> str | None:
+def process_start(pid: int) -> str | None:
     """When process ``pid`` started: "<boot id>:<clock ticks since boot>" from /proc (so no two
     processes share it, across reboots too); None where that cannot be read (no such process, not Linux)."""
     try:

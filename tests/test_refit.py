@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,7 @@ def test_a_refit_killed_after_writing_a_model_changes_nothing_a_reader_sees(tmp_
     # while it runs, a second refit of the study on this machine is refused, with nothing written
     assert cli.main(["refit", str(path), "--no-test"]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and f"is being refit by process {proc.pid} on this machine" in err, err
+    assert len(err.strip().splitlines()) == 1 and f"is being refit by process {socket.gethostname()}:{proc.pid} on this machine" in err, err
     assert _refit_files(path) == left
     proc.kill()
     proc.wait(30)

@@ -175,7 +175,7 @@ def test_a_journal_trial_whose_workers_pid_was_reused_is_failed(tmp_path: Path):
         # dead_theirs: recorded by a process that started before `other` (this one), under other's pid
         for trial, started in ((theirs, other.pid), (dead_theirs, os.getpid())):
             trial.set_user_attr(storage.WORKER_ATTR, f"{socket.gethostname()}:{other.pid}")
-            trial.set_user_attr(storage.WORKER_START_ATTR, storage._process_start(started))
+            trial.set_user_attr(storage.WORKER_START_ATTR, storage.process_start(started))
         beat.beat_for(mine._trial_id)  # this process runs `mine`, not `dead_mine`
         assert storage.fail_stale(study) == [dead_mine.number, dead_theirs.number]
         assert [t.state for t in study.trials[:4]] == [TrialState.RUNNING, TrialState.FAIL] * 2
