@@ -91,9 +91,14 @@ class Dashboard:
     def release(self) -> None:
         """Close the socket and the storage's connections (the last SQLite one removes -wal/-shm)."""
         self.server.server_close()
-        engine = getattr(internals.backend_of(self.storage), "engine", None) if self.storage is not None else None
-        if engine is not None:
-            engine.dispose()
+        _dispose(self.storage)
+
+
+def _dispose(storage: object) -> None:
+    """Close a database storage's pooled connections (a journal file has none)."""
+    engine = getattr(internals.backend_of(storage), "engine", None) if storage is not None else None
+    if engine is not None:
+        engine.dispose()
 
 
 def _artifact_dir(cfg: config_mod.StudyConfig) -> Path:
@@ -131,8 +136,7 @@ def make_dashboard(
     try:
         # notes are written through it; a file in a folder this process cannot write is served read-only
         writable = db is None or os.access(db.parent, os.W_OK) and os.access(db, os.W_OK)
-        if reader is not None and hasattr(reader, "engine"):
-            reader.engine.dispose()
+        _dispose(reader)
         store = storage_mod.open_storage(url, heartbeat=False, create=writable, versions=True)
     except BaseException:
         server.server_close()
