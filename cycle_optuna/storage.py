@@ -934,7 +934,7 @@ def _local_alive(trial: FrozenTrial, journal: Path | None = None) -> bool | None
         return _lock_held(_alive_dir(journal) / f"{token}.lock")
     if int(pid) == os.getpid():
         return internals.trial_id_of(trial) in _RUNNING_HERE
-    return process_alive(f"{host}:{pid}", trial.user_attrs.get(WORKER_START_ATTR))
+    return process_alive(trial.user_attrs.get(WORKER_ATTR), trial.user_attrs.get(WORKER_START_ATTR))
 
 
 def process_alive(worker: object, started: object) -> bool | None:
