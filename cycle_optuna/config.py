@@ -24,7 +24,7 @@ AUTO_FOLDS = 5  # folds "auto" takes
 SMALL_VAL = 30  # validation series below which one series moves val accuracy by more than 3 points
 # folds "auto" cross-validates a validation split of at most this many series (one series: >= 5 points).
 # Chosen on the development sets: ACSF1 (20 validation series) gained 8 points with 5 folds,
-# OSULeaf (29) lost on both seeds tried (README, Accuracy)
+# OSULeaf (29) lost on both seeds tried (docs/benchmarks.md, Accuracy)
 AUTO_FOLDS_MAX_VAL = 20
 MAX_FOLDS = 20
 DIRECTIONS = ("minimize",)

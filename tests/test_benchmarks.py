@@ -1,6 +1,6 @@
 """The benchmark scripts run end to end on tiny sizes and print their tables and closing ratio.
 
-Smoke runs only: speed is measured by running the scripts (README.md), never asserted here.
+Smoke runs only: speed is measured by running the scripts, never asserted here (figures: docs/benchmarks.md).
 """
 
 from __future__ import annotations
