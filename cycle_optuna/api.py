@@ -49,8 +49,14 @@ StudyLike = Union[optuna.Study, str, os.PathLike]
 
 def load_study(path_or_name: StudyLike, storage: str | BaseStorage | None = None) -> optuna.Study:
     """The study of a .toml study file, or the study of that name in `storage` / $CYCLE_OPTUNA_STORAGE."""
+    check_storage_arg(storage)
     if isinstance(path_or_name, optuna.Study):
+        # a study handed over is read as one loaded by name: the queries rank by lowest value
+        check_readable(path_or_name, "the given study", from_file=False)
         return path_or_name
+    if not isinstance(path_or_name, (str, os.PathLike)):
+        raise TypeError(f"study: expected a study file path, a study name or an optuna.Study, "
+                        f"got {type(path_or_name).__name__}")
     path, cfg = Path(path_or_name), None
     if path.suffix.lower() == ".toml" or path.is_file():
         cfg = config_mod.load(path, check_files=False)  # a read: the data file may have moved
@@ -93,11 +99,23 @@ def check_readable(study: optuna.Study, where: str, *, from_file: bool) -> None:
                            "make (no study config stored on it); give [study] name another name")
 
 
+def check_storage_arg(storage: object, *, objects: bool = True) -> None:
+    """TypeError naming `storage` when it is neither None, a URL string nor (where taken) an Optuna storage."""
+    if storage is None or isinstance(storage, str) or (objects and isinstance(storage, BaseStorage)):
+        return
+    hint = f" (a SQLite file: 'sqlite:///{os.fspath(storage)}')" if isinstance(storage, os.PathLike) else ""
+    raise TypeError(f"storage: expected a URL string{' or an Optuna storage' if objects else ''}{hint}, "
+                    f"got {type(storage).__name__}")
+
+
 def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: int | None = None) -> optuna.Study:
     """Run a study file's trials in this process until the study holds its total (none when it already does)."""
     from cycle_optuna import preflight, totals
     from cycle_optuna.worker import run_worker
 
+    check_storage_arg(storage, objects=False)
+    if n_trials is not None:  # checked as --n-trials is, before anything is read or written
+        config_mod.check_n_trials(n_trials, "n_trials")
     cfg = config_mod.load(path)
     url = storage_mod.resolve_url(cfg, storage)
     if storage_mod.in_memory(url):  # each connection would get its own empty database, gone with it
@@ -114,6 +132,7 @@ def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: 
 
 def _open(url: str) -> BaseStorage:
     """Open for reading: a missing SQLite file is an error, not a new empty database."""
+    storage_mod.check_url(url)
     db = storage_mod.sqlite_path(url)  # any SQLite driver's URL (sqlite+pysqlite:// too)
     if db is not None:
         if not db.is_file():
@@ -238,7 +257,7 @@ def cycles(study: StudyLike, storage: str | BaseStorage | None = None) -> list[C
     for i, t in enumerate(trials):
         attrs = t.user_attrs
         curve = [float(t.intermediate_values[s]) for s in sorted(t.intermediate_values)]
-        metrics = {k: v for k, v in attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = {k: v for k, v in attrs.items() if finite_number(v) is not None}
         if "improvement_pct" not in metrics and len(curve) >= 2 and curve[0] > 0:
             metrics["improvement_pct"] = round(100.0 * (curve[0] - min(curve)) / curve[0], 3)
         params = {**base, **_planned(t), **t.params}
@@ -367,6 +386,8 @@ def load_best_model(
     are none, or when they are of other trials than the best now); False never takes them.
     ``model.refit`` says which it is.
     """
+    if refit is not None and not isinstance(refit, bool):  # "no" would read as True
+        raise TypeError(f"refit: expected None, True or False, got {refit!r}")
     study = load_study(study, storage)
     return _model_of(study, _completed(study), artifact_dir=artifact_dir, ensemble=ensemble, refit=refit)
 
@@ -428,7 +449,7 @@ def _members(study: optuna.Study, done: list[FrozenTrial], ensemble: int | None)
     """The trials the best model averages: the best, then the next best that kept a model, `ensemble` in all."""
     trial = done[0]
     if not trial.user_attrs.get(MODEL_ATTR):
-        why = trial.user_attrs.get("model_save_error", "it was run without an artifact store")
+        why = trial.user_attrs.get("model_save_error", "it ran without an artifact store, or was added to the study by other code")
         raise StorageError(f"best trial (cycle {trial.number + 1}) has no saved model: {why}")
     if ensemble is None:
         cfg = study_config(study)
@@ -450,7 +471,7 @@ def refit_state(study: optuna.Study, members: list[FrozenTrial]) -> dict[str, An
     cycles = ", ".join(str(t.number + 1) for t in members)
     if not isinstance(rec, dict) or not rec.get("artifacts"):
         return {"state": "none", "note": f"study {study.study_name!r} has no refit model: run 'cycle-optuna refit "
-                                         f"STUDY.toml' to train cycles {cycles} on all training series"}
+                                         f"STUDY.toml' to train {'cycles' if len(members) > 1 else 'cycle'} {cycles} on all training series"}
     if rec.get("trials") != [t.number for t in members]:
         done = ", ".join(str(n + 1) for n in rec.get("trials") or [])
         return {"state": "stale", "artifacts": rec["artifacts"],
@@ -519,6 +540,10 @@ def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *
     one read of the data files)."""
     from cycle_optuna.train import evaluate
 
+    from cycle_optuna.best_model import CycleModel
+
+    if model is not None and not isinstance(model, CycleModel):
+        raise TypeError(f"model: expected a CycleModel (load_best_model's), got {type(model).__name__}")
     study = load_study(study, storage)
     cfg = study_config(study)
     if cfg is None:
@@ -595,18 +620,38 @@ def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, w
     from cycle_optuna.references import compare, model_name
 
     stored = study.user_attrs.get(BASELINES_ATTR)
-    rec["baselines"] = compare(stored, val_accuracy=t.user_attrs.get("val_accuracy"),
+    rec["baselines"] = compare(stored, val_accuracy=finite_number(t.user_attrs.get("val_accuracy")),
                                test_accuracy=rec.get("test_accuracy"), val_model=model_name([t.number + 1]),
                                test_model=model_name(rec.get("model_cycles"), bool(rec.get("model_refit"))))
     if stored is None:
         rec["baselines_note"] = "no reference baselines stored yet: the next worker on this study computes them"
-    return rec
+    return _finite(rec)  # strict JSON: a value of inf (a trial added by hand) reads as null
 
 
 def _json(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v if isinstance(v, (int, float, str, bool, list, dict)) or v is None else str(v)
+
+
+def _finite(v: Any) -> Any:
+    """`v` with every NaN/inf float, however deep in lists and dicts, as None."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
+def finite_number(v: Any) -> float | int | None:
+    """`v` when it is a finite real number a figure can be made of (not a bool, a string, NaN or inf), else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    return v if abs(v) < 2**53 else None
 
 
 def __getattr__(name: str) -> Any:

@@ -34,10 +34,47 @@ class CycleModel(torch.nn.Module):
         self.seq_len = int(getattr(net, "seq_len", 0)) or None  # longest input sequence
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a raw batch ``[N, T, F]`` (a tensor; checked as `predict`'s input is)."""
+        from cycle_optuna.errors import DataError
+
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"model(x) takes a torch tensor [N, T, F], got {type(x).__name__}; "
+                            "predict and predict_proba also take numpy arrays and one [T, F] sequence")
+        if x.dim() != 3:
+            raise DataError(f"model(x) takes a batch [N, T, F], got shape {list(x.shape)}; "
+                            "predict and predict_proba also take one [T, F] sequence")
+        self._check(x)
+        return self._net_logits(x)
+
+    def _net_logits(self, x: torch.Tensor) -> torch.Tensor:
         from cycle_optuna.data import fill_partial
 
         # NaN marks missing values as in training: filled within a step, all-NaN steps masked by the net
-        return self.net(fill_partial(((x.double() - self.mean) / self.std).float()))
+        return self.net(fill_partial(((x.to(self.mean.device).double() - self.mean) / self.std).float()))
+
+    def _check(self, x: torch.Tensor) -> None:
+        """DataError for input the model cannot read as a data file's series would be refused: wrong
+        shape, inf (or beyond 32-bit floats), a series with no observed value."""
+        from cycle_optuna.errors import DataError
+
+        shape = list(x.shape)
+        if x.dim() not in (2, 3) or 0 in shape[-2:] or shape[-1] != self.n_features:
+            raise DataError(f"input of shape {shape}: expected [N, T, F] or [T, F] with F = {self.n_features} "
+                            f"feature(s) per step and 1 <= T <= {self.seq_len} steps")
+        if self.seq_len is not None and shape[-2] > self.seq_len:
+            raise DataError(f"input of {shape[-2]} steps: the model reads at most {self.seq_len} "
+                            "(the training data's longest series); shorter series may be NaN-padded")
+        if not x.is_floating_point():
+            return  # integers: finite, observed
+        if torch.isinf(x).any():
+            raise DataError("input holds inf values; only NaN may mark a missing value")
+        if (x.abs() > torch.finfo(torch.float32).max).any():  # training data's limit: the model computes in float32
+            raise DataError("input holds values beyond 32-bit floats' range (|x| > 3.4e38)")
+        empty = torch.isnan(x).flatten(-2).all(-1).reshape(-1).nonzero().flatten().tolist()
+        if empty:
+            which = "the sequence has" if x.dim() == 2 else f"series {empty[0]}" + (
+                f" (and {len(empty) - 1} more)" if len(empty) > 1 else "") + " has"
+            raise DataError(f"{which} no observed values (all NaN)")
 
     def _logits(self, x: Any) -> torch.Tensor:
         from cycle_optuna.errors import DataError
@@ -47,17 +84,9 @@ class CycleModel(torch.nn.Module):
         except (TypeError, ValueError) as e:
             raise DataError(f"input must be numbers [N, T, F] or [T, F]: {e}") from None
         single = x.dim() == 2
-        shape = list(x.shape)
-        if x.dim() not in (2, 3) or 0 in shape[-2:] or shape[-1] != self.n_features:
-            raise DataError(f"input of shape {shape}: expected [N, T, F] or [T, F] with F = {self.n_features} "
-                            f"feature(s) per step and 1 <= T <= {self.seq_len} steps")
-        if self.seq_len is not None and shape[-2] > self.seq_len:
-            raise DataError(f"input of {shape[-2]} steps: the model reads at most {self.seq_len} "
-                            "(the training data's longest series); shorter series may be NaN-padded")
-        if torch.isinf(x).any():
-            raise DataError("input holds inf values; only NaN may mark a missing value")
+        self._check(x)
         with torch.inference_mode():
-            logits = self(x.to(self.mean.device)[None] if single else x.to(self.mean.device))
+            logits = self._net_logits(x[None] if single else x)
         return logits[0] if single else logits
 
     def predict_proba(self, x: Any) -> np.ndarray:

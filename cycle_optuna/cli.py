@@ -397,9 +397,9 @@ def cmd_best(args: argparse.Namespace) -> int:
     table.add_column("name")
     table.add_column("value", justify="right")
     cv = f" ({rec['folds']}-fold cross-validation)" if rec.get("folds", 1) > 1 else ""
-    table.add_row(f"val loss{cv}", f"{rec['value']:.4f}")
-    if attrs.get("val_accuracy") is not None:
-        table.add_row(f"val accuracy{cv}", f"{attrs['val_accuracy']:.2%}")
+    table.add_row(f"val loss{cv}", "-" if rec["value"] is None else f"{rec['value']:.4f}")  # None: inf, added by hand
+    if (val_accuracy := api.finite_number(attrs.get("val_accuracy"))) is not None:
+        table.add_row(f"val accuracy{cv}", f"{val_accuracy:.2%}")
     if rec.get("test_accuracy") is not None:
         table.add_row("test accuracy (held out)", f"{rec['test_accuracy']:.2%}")
         table.add_row("test loss (held out)", f"{rec['test_loss']:.4f}")

@@ -40,6 +40,27 @@ MAX_NAME = 200
 MAX_TRIALS = 1_000_000  # a study's total: more is a typo (a trial trains a model)
 
 
+def sqlite_host_problem(url: str) -> str | None:
+    """Why a SQLite URL with a host part (`sqlite://studies/x.db`) is wrong, None for any other URL:
+    the driver drops the host and opens another file than the one meant."""
+    scheme, sep, rest = url.partition("://")
+    authority = rest.split("/", 1)[0].split("?", 1)[0]
+    if not sep or scheme.lower().split("+")[0] != "sqlite" or not authority:
+        return None
+    return (f"a SQLite URL has no host ({authority!r} would be dropped); write sqlite:///{rest} for a path "
+            "relative to the current directory, sqlite:////abs/path.db for an absolute one")
+
+
+def check_n_trials(value: object, key: str) -> int:
+    """`value` as a study's total of trials (a whole number from 1 to MAX_TRIALS), else ConfigError naming `key`."""
+    if isinstance(value, bool) or not isinstance(value, int) and not hasattr(value, "__index__"):
+        raise ConfigError(f"{key}: must be a whole number of trials from 1 to {MAX_TRIALS}, got {value!r}")
+    n = value.__index__()
+    if not 1 <= n <= MAX_TRIALS:
+        raise ConfigError(f"{key}: must be a whole number of trials from 1 to {MAX_TRIALS}, got {n}")
+    return n
+
+
 @dataclass(frozen=True)
 class StudySection:
     name: str = "study"
@@ -49,6 +70,11 @@ class StudySection:
     seed: int = 0  # seeds data split, model init and sampler
     artifact_dir: str | None = None  # None -> studies/<name>-artifacts (checkpoints, best model)
     ensemble: int = 3  # the best model averages the top N cycles' models (by val loss); 1 = the best alone
+
+    def __repr__(self) -> str:  # configs get printed and logged: the storage URL's password masked
+        shown = (f"{f.name}={mask(v)!r}" if isinstance(v := getattr(self, f.name), str) and f.name == "storage"
+                 else f"{f.name}={v!r}" for f in dataclasses.fields(self))
+        return f"{type(self).__name__}({', '.join(shown)})"
 
 
 @dataclass(frozen=True)
@@ -577,6 +603,8 @@ def _check_written(c: _Checker, cfg: StudyConfig, written: dict[str, set[str]]) 
     for key in ("storage", "artifact_dir"):
         if key in written["study"] and not getattr(st, key).strip():
             raise c.fail(f"study.{key}", "is empty; leave the key out for the default (beside the study file)")
+    if "storage" in written["study"] and (problem := sqlite_host_problem(st.storage)):
+        raise c.fail("study.storage", f"{mask(st.storage)!r}: {problem}")
     for key in CSV_ONLY_KEYS:
         if key in written["data"]:
             _check_csv_key(c, cfg, key)
@@ -850,6 +878,8 @@ def _empty_space_repeats(n: int) -> str:
 def override(cfg: StudyConfig, **study_fields: Any) -> StudyConfig:
     """A copy with [study] fields replaced (n_trials, storage from the command line)."""
     changes = {k: v for k, v in study_fields.items() if v is not None}
+    if "n_trials" in changes:
+        changes["n_trials"] = check_n_trials(changes["n_trials"], "n_trials")
     if not cfg.space and changes.get("n_trials", 1) > 1:
         raise ConfigError(f"--n-trials: {_empty_space_repeats(changes['n_trials'])}")
     return dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, **changes)) if changes else cfg

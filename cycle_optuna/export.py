@@ -50,6 +50,10 @@ def frame(study: api.StudyLike, storage: str | None = None):
 def write(study: api.StudyLike, path: str | os.PathLike, *, storage: str | None = None, fmt: str | None = None) -> Path:
     """Write the cycle table to `path` as CSV or Parquet (by `fmt`, else the file's suffix); returns the path."""
     path = Path(path)
+    if fmt is not None:
+        if not isinstance(fmt, str) or fmt.lower().lstrip(".") not in ("csv", "parquet"):
+            raise ConfigError(f"fmt: unknown export format {fmt!r} (use 'csv' or 'parquet')")
+        fmt = fmt.lower().lstrip(".")
     fmt = fmt or {".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
     if fmt not in ("csv", "parquet"):
         raise ConfigError(f"{path}: unknown export format {path.suffix or '(no suffix)'!r} (use .csv or .parquet)")

@@ -246,8 +246,10 @@ def _lr(a: Analysis) -> list[str]:
     if len(seq) > 1:
         shown = seq if len(seq) <= 12 else seq[:6] + ["..."] + seq[-5:]
         lines.append("- **Sequence:** " + " -> ".join(_fmt(v) for v in shown))
+    elif seq:
+        lines.append(f"- The learning rate stayed at {_fmt(seq[0])} in every cycle")
     else:
-        lines.append(f"- The learning rate stayed at {_fmt(seq[0]) if seq else '?'} in every cycle")
+        lines.append("- No cycle yet: no learning rate to show")
     t = an.trend(a.cycles, _log_lr)
     if t.rho is not None:
         lines.append(_trend_line(t, *LR_WORDS))
@@ -318,9 +320,14 @@ def _importance(a: Analysis) -> list[str]:
         lines.append(f"- Not rated (held one value in every complete cycle): {', '.join(fixed)}")
     if a.importance_warning:
         lines.append(f"- **Warning:** {a.importance_warning}")
+    if n >= 50:
+        return lines + [f"- **{top}** has the highest importance score over these {n} cycles.", ""]
+    # the cycle sampler changes one parameter a move, so its table shows each change's effect; others change several
+    single = a.cfg is not None and a.cfg.sampler.type == "cycle"
+    compare = ("compare the cycles that changed it in the table above" if single
+               else "its cycles changed several parameters at once, so no one cycle isolates its effect")
     return lines + [f"- **{top}** has the highest importance score over these {n} cycles; with this few "
-                    "cycles, each a single change, the score is a hint, not a measurement (compare the cycles "
-                    "that changed it in the table above).", ""]
+                    f"cycles the score is a hint, not a measurement ({compare}).", ""]
 
 
 def _pruning(a: Analysis) -> list[str]:

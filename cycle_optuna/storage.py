@@ -34,7 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from cycle_optuna import optuna_internals as internals
-from cycle_optuna.config import StudyConfig, resolve_artifact_dir, study_dir
+from cycle_optuna.config import StudyConfig, resolve_artifact_dir, sqlite_host_problem, study_dir
 from cycle_optuna.errors import ConfigError, StorageError
 from cycle_optuna.redact import mask, remember
 
@@ -115,6 +115,7 @@ def resolve_url(cfg: StudyConfig, flag: str | None = None) -> str:
     url = flag or os.environ.get(ENV_VAR) or _beside_study(cfg, cfg.study.storage)
     if url:
         remember(url)
+        check_url(url)  # before any path is taken from it
         return url
     return default_url(cfg)
 
@@ -317,14 +318,17 @@ def check_file_location(url: str, path: Path, *, create: bool) -> None:
 
 
 def check_url(url: str) -> None:
-    """Refuse a database URL with an unencoded '@' in its user name or password: the driver would
-    split it at the first '@' and take the rest of the password for the host (and print it)."""
+    """Refuse a database URL the driver would misread: an unencoded '@' in its user name or password
+    (split at the first '@', the rest of the password taken for the host, and printed), or a SQLite
+    URL with a host (`sqlite://studies/x.db` opens x.db in the current directory)."""
     if "://" not in url:
         return
     authority = re.split(r"[/?#]", url.split("://", 1)[1], maxsplit=1)[0]
     if authority.count("@") > 1:
         raise StorageError("bad storage URL: its user name or password holds an '@'; write it as %40 "
                            "(the URL is not shown: it holds a password)")
+    if problem := sqlite_host_problem(url):
+        raise StorageError(f"bad storage URL {mask(url)!r}: {problem}")
 
 
 def open_storage(url: str, *, heartbeat: bool = True, create: bool = True, versions: bool = False) -> BaseStorage:

@@ -132,6 +132,70 @@ def test_load_best_model_predicts_on_raw_data(studies):
                 call(bad)
 
 
+def test_the_model_refuses_what_a_data_file_would_be_refused_for(studies):
+    """predict/predict_proba/model(x) once gave a class for an all-NaN series and NaN logits for
+    values beyond float32, where predict_file refused the same series."""
+    model = load_best_model(studies["tpe"])
+    ok = np.ones((3, 6, 3))
+    all_nan, big = ok.copy(), ok.copy()
+    all_nan[1:] = np.nan
+    big[0, 2, 1] = 1e39
+    for bad, needle in [(all_nan, "series 1 (and 1 more) has no observed values"), (big, "beyond 32-bit floats")]:
+        for call in (model.predict, model.predict_proba, lambda x: model(torch.as_tensor(x))):
+            with pytest.raises(DataError, match=re.escape(needle)):
+                call(bad)
+    with pytest.raises(DataError, match="the sequence has no observed values"):
+        model.predict(all_nan[1])
+    # model(x) is the tensor entry point: numpy and single sequences are said, not torch's AttributeError
+    with pytest.raises(TypeError, match=r"model\(x\) takes a torch tensor"):
+        model(ok)
+    with pytest.raises(DataError, match=re.escape("takes a batch [N, T, F], got shape [6, 3]")):
+        model(torch.as_tensor(ok[0]))
+    with pytest.raises(DataError, match="F = 3 feature"):
+        model(torch.zeros(2, 6, 4))
+    partly = ok.copy()
+    partly[0, :3] = np.nan  # some steps missing: read as in training
+    with torch.inference_mode():
+        assert torch.isfinite(model(torch.as_tensor(partly))).all()
+    assert model.predict(partly).shape == (3,)
+
+
+def test_wrong_argument_types_name_the_argument(studies, tmp_path):
+    import optuna
+
+    path = studies["tpe"]
+    with pytest.raises(TypeError, match=r"storage: expected a URL string.*sqlite:///"):
+        load_study("refcycles", storage=path.parent / "refcycles.db")
+    with pytest.raises(TypeError, match="storage: expected a URL string, got int"):
+        api.run_study(path, 123)
+    with pytest.raises(TypeError, match="study: expected a study file path.*got int"):
+        load_study(123)
+    with pytest.raises(TypeError, match="model: expected a CycleModel"):
+        api.held_out_score(path, model="x")
+    with pytest.raises(TypeError, match="refit: expected None, True or False, got 'no'"):
+        load_best_model(path, refit="no")
+    # a study handed over as an object is checked as one loaded by name: the queries rank by lowest value
+    maxi = optuna.create_study(direction="maximize")
+    maxi.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    for query in (best_trial, best_params, api.best_record):
+        with pytest.raises(StorageError, match="maximises its value"):
+            query(maxi)
+    two = optuna.create_study(directions=["minimize", "minimize"])
+    with pytest.raises(StorageError, match="has 2 objectives"):
+        best_params(two)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", 2_000_000])
+def test_run_study_checks_n_trials_before_writing(tmp_path, bad):
+    """It stored any n_trials on the study config, which every later read then refused."""
+    from workers_helpers import write_study
+
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    with pytest.raises(ConfigError, match=re.escape(f"n_trials: must be a whole number of trials from 1 to 1000000, got {bad!r}")):
+        api.run_study(path, n_trials=bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
+
+
 def test_load_best_model_without_artifact(tmp_path):
     path = make_study(tmp_path, "tpe", with_model=False)
     with pytest.raises(StorageError, match="no saved model"):

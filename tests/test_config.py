@@ -263,6 +263,23 @@ def test_the_stored_config_holds_no_password(tmp_path):
     assert stored["study"]["storage"] == "postgresql+psycopg://alice:***@db/optuna"
 
 
+def test_a_printed_config_shows_no_password(tmp_path):
+    """print(load_config(...)) is what a notebook or a log line shows of a study file."""
+    from cycle_optuna import load_config
+
+    cfg = load_config(write(tmp_path, "[study]\nname = 'x'\nstorage = 'postgresql+psycopg://me:TopSecret1@db/optuna'\n"))
+    for shown in (repr(cfg), str(cfg), repr(cfg.study), f"{cfg.study}"):
+        assert "TopSecret1" not in shown and "postgresql+psycopg://me:***@db/optuna" in shown
+    assert cfg.study.storage == "postgresql+psycopg://me:TopSecret1@db/optuna"  # the value itself is kept
+
+
+@pytest.mark.parametrize("url", ["sqlite://studies/x.db", "sqlite+pysqlite://here/x.db"])
+def test_a_sqlite_url_with_a_host_is_refused_naming_the_key(tmp_path, url):
+    """The driver drops the "host" and opens another file (x.db in the current directory)."""
+    with pytest.raises(ConfigError, match=r"study\.storage: .*a SQLite URL has no host"):
+        config.load(write(tmp_path, f"[study]\nname = 'x'\nstorage = '{url}'\n"))
+
+
 # ---------------------------------------------------------------------------------------------
 # What a file writes must take effect: a key its own settings never read, or a setting that can
 # never act, is refused like an unknown key; a stored config (every key) is read as before.

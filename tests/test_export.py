@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from cycle_optuna import api, cli, export
+from cycle_optuna.errors import ConfigError
 from conftest_report import make_study
 
 
@@ -78,6 +79,11 @@ def test_csv_on_stdout_and_bad_suffix(study_file, tmp_path, capsys):
     with pytest.raises(Exception, match=r"x\.txt: unknown export format '\.txt'"):
         export.write(study_file, tmp_path / "x.txt")
     assert not (tmp_path / "x.txt").exists()
+    # fmt names the format, whatever the file is called: the error names fmt, not the suffix
+    with pytest.raises(ConfigError, match=r"^fmt: unknown export format 'xlsx'"):
+        export.write(study_file, tmp_path / "x.csv", fmt="xlsx")
+    assert not (tmp_path / "x.csv").exists()
+    assert pd.read_csv(export.write(study_file, tmp_path / "upper.out", fmt="CSV")).shape[0] == 6
 
 
 def test_optunas_trials_dataframe_works(study_file):

@@ -347,3 +347,48 @@ def test_a_long_list_of_pruned_cycles_says_how_many_it_leaves_out(tmp_path):
     text = report.write_report(study, tmp_path / "out", test=False).read_text()
     assert "reason 9" in text and "reason 10" not in text
     assert "  - and 2 more (cycles 11, 12; the table above lists every cycle)" in text
+
+
+def test_the_importance_caveat_names_what_the_sampler_changed(written):
+    """It said "each a single change" of every study; a TPE study's cycles change several parameters."""
+    cyc, tpe = written["cycle"][1], written["tpe"][1]
+    assert "compare the cycles that changed it in the table above" in cyc and "several parameters" not in cyc
+    assert "its cycles changed several parameters at once" in tpe and "compare the cycles" not in tpe
+
+
+@pytest.mark.parametrize("attrs", [{"val_accuracy": float("nan")}, {"n_params": float("nan")},
+                                   {"n_params": 10**30}, {"val_accuracy": "0.9"}])
+def test_attrs_no_worker_writes_are_left_out_not_a_crash(tmp_path, attrs):
+    """Trials added by other code: NaN, out-of-range or string figures crashed report (IndexError,
+    matplotlib's log scale, numpy's log10) and best (a string accuracy)."""
+    import json
+
+    study = optuna.create_study(study_name="odd", storage=f"sqlite:///{tmp_path / 'o.db'}")
+    for i, value in enumerate((0.5, 0.4)):
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE, value=value, params={}, distributions={},
+            intermediate_values={0: value + 0.1, 1: value},
+            user_attrs={"val_accuracy": 0.5, "n_params": 1000 * (i + 1), **(attrs if i else {})}))
+    text = report.write_report(study, tmp_path / "out", test=False).read_text()
+    assert "## Conclusion" in text and "nan" not in text.lower()
+    rec = api.best_record(study, with_test=False)
+    json.loads(json.dumps(rec), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert rec["cycle"] == 2
+    assert [c.val_accuracy for c in api.cycles(study)][1] == (0.5 if "val_accuracy" not in attrs else None)
+
+
+def test_best_record_of_an_infinite_value_is_strict_json(tmp_path):
+    import json
+
+    study = optuna.create_study(study_name="inf", storage=f"sqlite:///{tmp_path / 'i.db'}")
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=float("-inf"),
+                                              params={}, distributions={}, user_attrs={"val_accuracy": 0.5}))
+    rec = api.best_record(study, with_test=False)
+    assert rec["value"] is None
+    json.loads(json.dumps(rec), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+
+
+def test_a_report_of_an_empty_study_shows_no_placeholder(tmp_path):
+    study = optuna.create_study(study_name="e", storage=f"sqlite:///{tmp_path / 'e.db'}")
+    text = report.write_report(study, tmp_path / "out", test=False).read_text()
+    assert "No cycle yet: no learning rate to show" in text and "stayed at ?" not in text

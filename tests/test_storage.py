@@ -39,6 +39,8 @@ from workers_helpers import fill_disk, small_tmpfs, start_cli, wait_for, worker_
     ("postgresql+psycopg://u:abc@S3cr3t@127.0.0.1:1/x", "S3cr3t", "holds an '@'; write it as %40"),
     ("mysql+pymysql://u:abc@S3cr3t@127.0.0.1:1/x", "S3cr3t", "holds an '@'; write it as %40"),
     ("postgresql+psycopg://u:n0h0st", "n0h0st", "bad storage URL"),  # "user:password" with no host
+    # a SQLite URL with a host: the driver would drop it and read (or create) another file
+    ("sqlite://studies/x.db", "n0secret", "a SQLite URL has no host ('studies' would be dropped); write sqlite:///studies/x.db"),
 ])
 def test_bad_storage_is_one_masked_line_and_exit_2(tmp_path: Path, capsys, url: str, secret: str, words: str):
     study = write_study(tmp_path)
