@@ -61,12 +61,23 @@ def make_pruner(cfg: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def diagnose(result: TrainResult, n_classes: int, *, reference: float | None = None) -> str:
+def prior_loss(y: torch.Tensor, n_classes: int) -> float:
+    """Cross-entropy of a model that predicts the labels' class frequencies and nothing else (the
+    entropy of the class prior): log(n_classes) for balanced classes, less for imbalanced ones."""
+    p = torch.bincount(y.flatten().long(), minlength=n_classes).double()
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log()).sum()) if len(p) > 1 else 0.0
+
+
+def diagnose(result: TrainResult, n_classes: int, *, reference: float | None = None,
+             chance: float | None = None) -> str:
     """Name what the learning curves show; the sampler uses it to order its moves.
 
     ``reference``: the best reference baseline's validation accuracy. A result below it is never
     `converged` or `converging`: it is `underfit` when the model fits its training data no better
     than the validation data (capacity or optimisation is the limit), else `below_baseline`.
+    ``chance``: the loss of predicting the class prior (`prior_loss`; default log(n_classes), the
+    balanced case): a model near it learned the class frequencies only, on 95/5 classes as well.
     """
     hist = [h for h in result.history if math.isfinite(h.val_loss)]
     if result.diverged or not hist:
@@ -74,7 +85,7 @@ def diagnose(result: TrainResult, n_classes: int, *, reference: float | None = N
     vals = [h.val_loss for h in hist]
     if result.nan_batches or _rises(vals) > max(2, len(vals) // 3):
         return "unstable"
-    chance = math.log(n_classes)
+    chance = math.log(n_classes) if chance is None else chance
     best = result.best_val_loss
     last = hist[-1]
     if best > 0.9 * chance and last.train_loss > 0.9 * chance:
@@ -115,6 +126,7 @@ class Objective:
         self.defer_cleanup = defer_cleanup
         self._pending: dict[int, TrialCheckpoints] = {}
         self._reference: float | None | bool = False  # False: not read from the study yet
+        self._chance: float | None = None
 
     @property
     def pack(self) -> int:
@@ -272,7 +284,9 @@ class Objective:
     def _finish(self, trial: optuna.Trial, result: TrainResult, *, save: bool,
                 ckpt: TrialCheckpoints | None = None) -> float:
         """The trial contract's user attrs; PRUNED (raised) when it diverged; the value otherwise."""
-        diagnosis = diagnose(result, self.data.n_classes, reference=self._reference_accuracy(trial))
+        if self._chance is None:  # the training labels' prior: the loss of a model that learned nothing else
+            self._chance = prior_loss(torch.cat([self.data.y_train, self.data.y_val]), self.data.n_classes)
+        diagnosis = diagnose(result, self.data.n_classes, reference=self._reference_accuracy(trial), chance=self._chance)
         first = next((h.val_loss for h in result.history if math.isfinite(h.val_loss)), math.nan)
         attrs = {
             "val_accuracy": result.best_val_accuracy,

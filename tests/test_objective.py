@@ -7,6 +7,7 @@ import math
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from cycle_optuna import config, objective, storage
@@ -163,3 +164,18 @@ def curve(vals, trains, best_epoch=None, diverged=False, nan=0):
 )
 def test_diagnose_reads_the_learning_curves(vals, trains, kwargs, expected):
     assert objective.diagnose(curve(vals, trains, **kwargs), n_classes=3) == expected
+
+
+def test_a_model_that_learned_only_the_class_prior_is_underfit_on_imbalanced_classes():
+    """95/5 classes: predicting the prior scores a val loss of about 0.199, far below log 2 (0.693),
+    and was called `converged` while every series got the majority class."""
+    y = torch.tensor([0] * 95 + [1] * 5)
+    chance = objective.prior_loss(y, 2)
+    assert chance == pytest.approx(-(0.95 * math.log(0.95) + 0.05 * math.log(0.05)))
+    assert objective.prior_loss(torch.tensor([0, 1, 2] * 4), 3) == pytest.approx(math.log(3))
+    assert objective.prior_loss(torch.tensor([1, 1]), 3) == 0.0
+    prior_only = curve([0.21, 0.20, 0.197, 0.196], [0.26, 0.25, 0.245, 0.244])
+    assert objective.diagnose(prior_only, n_classes=2) == "converged"  # judged against log 2: the old verdict
+    assert objective.diagnose(prior_only, n_classes=2, chance=chance) == "underfit"
+    learned = curve([0.15, 0.09, 0.06, 0.06], [0.2, 0.1, 0.07, 0.06])  # well below the prior's loss
+    assert objective.diagnose(learned, n_classes=2, chance=chance) == "converged"
