@@ -227,7 +227,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.log_json or not out.is_terminal:  # a progress bar in a log file shows only its last frame
         log = _trial_log(args, lambda line: out.print(line, highlight=False, soft_wrap=True, markup=False))
         try:
-            hooks = worker.Hooks(on_trial_begin=log.begin, on_trial_end=_noted(log.end))
+            hooks = worker.Hooks(on_trial_begin=log.begin, on_epoch=log.epoch, on_trial_end=_noted(log.end))
             study = worker.run_worker(cfg, url, stats=stats, data=data, hooks=hooks)
         except KeyboardInterrupt:
             err.print(f"interrupted: {stats.summary()}")
@@ -362,7 +362,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     log = _trial_log(args, lambda line: err.print(line, highlight=False, soft_wrap=True, markup=False))
     try:
         study = worker.run_worker(cfg, url, stats=stats, data=data,
-                                  hooks=worker.Hooks(on_trial_begin=log.begin, on_trial_end=_noted(log.end)))
+                                  hooks=worker.Hooks(on_trial_begin=log.begin, on_epoch=log.epoch,
+                                                     on_trial_end=_noted(log.end)))
     except KeyboardInterrupt:
         err.print(f"interrupted: {stats.summary()}")
         return worker.interrupt_exit_code()

@@ -1,4 +1,5 @@
-"""One log line per trial event (start with its move, end with state, value, epochs, duration), text or JSON.
+"""One log line per trial event (start with its move, end with state, value, epochs, duration;
+an epoch's figures every PROGRESS_EVERY_S of a long trial), text or JSON.
 
 Workers write these to their log, and `run` prints them when its output is not a terminal (nohup,
 SLURM, CI), where a progress bar would show only its final frame.
@@ -19,6 +20,9 @@ from cycle_optuna import optuna_internals as internals
 from cycle_optuna import storage as storage_mod
 
 MOVE_ATTR, REASON_ATTR = "cycle_move", "cycle_reason"  # written by the cycle samplers
+# a trial running longer than this writes an epoch line at most this often: a log is never silent
+# for minutes (8 series under 4 folds took 100 s a cycle), nor a line an epoch for fast ones
+PROGRESS_EVERY_S = 30.0
 
 
 def _now() -> str:
@@ -33,10 +37,12 @@ class TrialLog:
     """Writes a line when a trial starts and when it ends, through `echo`."""
 
     def __init__(self, *, json_lines: bool = False, echo: Callable[[str], None] = print,
-                 worker: str | None = None) -> None:
+                 worker: str | None = None, every_s: float = PROGRESS_EVERY_S) -> None:
         self.json_lines, self.echo = json_lines, echo
         self.worker = worker or storage_mod.worker_id()
+        self.every_s = every_s
         self.started: dict[int, float] = {}  # trial number -> monotonic start
+        self.last_line: dict[int, float] = {}  # trial number -> monotonic time of its last line
 
     def _emit(self, record: dict[str, Any], text: str) -> None:
         if self.json_lines:
@@ -61,8 +67,22 @@ class TrialLog:
             text += f" ({reason})"
         self._emit(record, text)
 
+    def epoch(self, trial: optuna.Trial, m: Any) -> None:
+        """An epoch's validation figures, once `every_s` has passed since the trial's last line."""
+        now = time.monotonic()
+        start = self.started.get(trial.number)
+        if start is None or now - self.last_line.get(trial.number, start) < self.every_s:
+            return
+        self.last_line[trial.number] = now
+        record = {"event": "epoch", "cycle": trial.number + 1, "trial": trial.number, "worker": self.worker,
+                  "epoch": m.epoch + 1, "val_loss": _num(m.val_loss), "val_accuracy": _num(m.val_accuracy),
+                  "elapsed_s": round(now - start, 1)}
+        self._emit(record, f"cycle {trial.number + 1} epoch {m.epoch + 1}: val loss {m.val_loss:.4f}, "
+                           f"acc {m.val_accuracy:.1%}, {now - start:.0f}s so far")
+
     def end(self, study: optuna.Study, t: FrozenTrial) -> None:
         """The trial's end: state, value, epochs, duration; the failure cause when it failed."""
+        self.last_line.pop(t.number, None)
         start = self.started.pop(t.number, None)
         secs = time.monotonic() - start if start is not None else (t.duration.total_seconds() if t.duration else None)
         attrs = t.user_attrs

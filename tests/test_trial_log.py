@@ -95,3 +95,28 @@ def test_run_starts_no_more_workers_than_trials_left(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "note: 2 trial(s) left to run: starting 2 worker(s), not 5" in proc.stdout
     assert sorted(p.name for p in tmp_path.glob("tiny-worker-*.log")) == ["tiny-worker-1.log", "tiny-worker-2.log"]
+
+
+def test_a_long_trial_writes_its_epochs_at_most_once_an_interval(tmp_path):
+    """Without a terminal a slow cycle (8 series under 4 folds: 100 s) printed nothing from its start
+    line to its end line; now an epoch line once the interval has passed, none for a quick trial."""
+    from cycle_optuna import config, worker
+    from cycle_optuna.trial_log import PROGRESS_EVERY_S, TrialLog
+
+    path = write_study(tmp_path, n_trials=1, epochs=3)
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    lines: list[str] = []
+    log = TrialLog(echo=lines.append, every_s=0.0)  # every epoch of this one
+    hooks = worker.Hooks(on_trial_begin=log.begin, on_epoch=log.epoch, on_trial_end=log.end)
+    study = worker.run_worker(config.load(path), url, hooks=hooks)
+    epochs = [re.search(r" cycle 1 epoch (\d+): val loss \d\.\d{4}, acc \d+\.\d%, \d+s so far$", line)
+              for line in lines if " epoch " in line]
+    assert all(epochs) and [int(m[1]) for m in epochs] == list(range(1, len(study.trials[0].intermediate_values) + 1))
+    assert " cycle 1 started " in lines[0] and " cycle 1 complete" in lines[-1]
+
+    assert PROGRESS_EVERY_S >= 10  # the default: a trial of a second writes its start and end only
+    lines.clear()
+    log = TrialLog(echo=lines.append)
+    hooks = worker.Hooks(on_trial_begin=log.begin, on_epoch=log.epoch, on_trial_end=log.end)
+    worker.run_worker(config.override(config.load(path), n_trials=2), url, hooks=hooks)
+    assert len(lines) == 2 and " cycle 2 started " in lines[0], lines
