@@ -652,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--gpus", type=_gpus, metavar="N", help="the GPU this worker trains on (default: the first visible)")
     for p in (run, wk):
         p.add_argument("--log-json", action="store_true",
-                       help="one JSON line per trial start and end (default: text lines when not on a terminal)")
+                       help="one JSON line per trial start and end, and per epoch every 30 s of a long trial "
+                            "(default: text lines when not on a terminal)")
         p.add_argument("--wait-for-storage", type=_seconds, metavar="SECONDS", default=0,
                        help="wait up to SECONDS for a database server that does not answer yet (restarting, "
                             "starting up) before giving up; default 0: fail at once")

@@ -683,7 +683,9 @@ def start_local_workers(
     worker i on that GPU (its CUDA_VISIBLE_DEVICES; see placement.plan); None leaves it as is.
     ``log_json``: each worker logs JSON lines (``worker --log-json``).
     """
-    env = {**os.environ, storage_mod.ENV_VAR: url, THREADS_ENV_VAR: str(default_threads(workers))}
+    # cores / workers each, unless the user fixed the threads for every worker in the environment
+    threads = os.environ.get(THREADS_ENV_VAR, "").strip() or str(default_threads(workers))
+    env = {**os.environ, storage_mod.ENV_VAR: url, THREADS_ENV_VAR: threads}
     args = [sys.executable, "-m", "cycle_optuna.cli", "worker", str(study_file)]
     if n_trials is not None:
         args += ["--n-trials", str(n_trials)]

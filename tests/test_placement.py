@@ -74,6 +74,7 @@ def test_each_spawned_worker_gets_its_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     monkeypatch.setattr(worker.subprocess, "Popen", FakePopen)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv(worker.THREADS_ENV_VAR, raising=False)
     gpus = placement.plan(4, available=FOUR, gpus=[1, 3])
     worker.start_local_workers("s.toml", "sqlite:///x.db", 4, n_trials=None, log_prefix=str(tmp_path / "w"), gpus=gpus)
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["1", "3", "1", "3"]
@@ -81,6 +82,11 @@ def test_each_spawned_worker_gets_its_gpu(monkeypatch, tmp_path):
     envs.clear()
     worker.start_local_workers("s.toml", "sqlite:///x.db", 2, n_trials=None, log_prefix=str(tmp_path / "w"))
     assert all("CUDA_VISIBLE_DEVICES" not in e for e in envs)
+    assert {int(e[worker.THREADS_ENV_VAR]) for e in envs} == {4}
+    envs.clear()  # threads the user fixed for every worker are theirs, not cores / workers
+    monkeypatch.setenv(worker.THREADS_ENV_VAR, "1")
+    worker.start_local_workers("s.toml", "sqlite:///x.db", 2, n_trials=None, log_prefix=str(tmp_path / "w"))
+    assert {e[worker.THREADS_ENV_VAR] for e in envs} == {"1"}
 
 
 @pytest.mark.parametrize("env", ["", "0"])

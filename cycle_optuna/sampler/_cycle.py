@@ -98,12 +98,14 @@ class CycleSampler(BaseSampler):
     finished trial, where "better" means better by more than ``noise_margin``) and changes one
     parameter: lr x/÷ ``lr_factor``, layers +-1, hidden to the next/previous choice (heads kept
     dividing it), dropout +-, batch size to the next/previous choice, other numeric parameters
-    up/down. A move that improved is repeated (with a larger step after two in a row); one that
+    up/down, a categorical to its next untried choice (a true/false switch flipped once, early).
+    A move that improved is repeated (with a larger step after two in a row); one that
     did not sends the search back to the incumbent to try the opposite, then the next move, then
     the same moves with smaller steps. A ``diagnosis`` user attr on trials, when present, orders
     the moves. After ``plateau_cycles`` trials without improvement, or once every move is taken,
-    one trial comes from ``fallback``. Every decision is derived from the study's trials, so
-    many workers can share one study; running trials count as taken.
+    the search explores: twice around the incumbent (several parameters moved a step each), then
+    one trial from ``fallback`` over the whole space. Every decision is derived from the study's
+    trials, so many workers can share one study; running trials count as taken.
 
     Each proposed trial gets user attrs ``cycle_parent`` (the parent's cycle number, trial number + 1; or None), ``cycle_move``
     and ``cycle_reason`` (one sentence). See ``docs/sampler.md`` for the full rules.
@@ -114,12 +116,13 @@ class CycleSampler(BaseSampler):
         lr_factor: Multiplicative lr step, > 1.
         noise_margin: Relative improvement that counts (0.002 = 0.2% of the incumbent value).
         plateau_cycles: Trials without improvement before one exploration trial, >= 1.
-        fallback: Sampler for exploration trials and parameters the rules do not move
-            (unordered categoricals; all non-role parameters if ``generic_moves`` is False):
+        fallback: Sampler for global exploration trials and parameters the rules do not move
+            (all non-role parameters if ``generic_moves`` is False):
             a sampler instance, or a function ``seed -> sampler`` called once per trial with a
             seed derived from ``seed`` and the trial number (deterministic for a given seed and
             history, also across restarts). Defaults to ``TPESampler``, built that way.
-        roles: Which parameter is the lr, layers, hidden, heads, dropout and batch size.
+        roles: Which parameter is the lr, layers, hidden, heads, dropout, batch size and patch
+            length (a ``Roles``).
         generic_moves: Move numeric parameters that have no role by stepping them up/down.
     """
 
