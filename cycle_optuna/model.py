@@ -126,6 +126,11 @@ class TransformerClassifier(nn.Module):
             # small MLP into the pooled vector: what a bag of patches sees least directly.
             n_summary = summary_features_of(torch.zeros(1, seq_len, n_features)).shape[1]
             self.summary = nn.Sequential(nn.Linear(n_summary, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim))
+            # each statistic standardised by the training series' mean and std (scale_summary), as the
+            # MLP reference standardises them: a small but telling spread (a short burst in a long
+            # series moves its std by a few %) then weighs as much as a large one
+            self.register_buffer("summary_mu", torch.zeros(n_summary))
+            self.register_buffer("summary_sd", torch.ones(n_summary))
         if pos_encoding == "sinusoidal":
             self.register_buffer("pos", sinusoid_table(self.n_tokens, hidden_dim)[None], persistent=False)
         elif pos_encoding == "learned":
@@ -158,6 +163,21 @@ class TransformerClassifier(nn.Module):
         for block in self.blocks:
             for m in (block.proj, block.mlp[2]):
                 nn.init.normal_(m.weight, std=INIT_STD * gain / math.sqrt(2 * n_layers))
+
+    def scale_summary(self, feats: torch.Tensor) -> None:
+        """Standardise the summary branch's inputs by the statistics `feats` [N, D] of the training series."""
+        sd = feats.std(0, unbiased=False) if len(feats) > 1 else torch.ones_like(feats[0])
+        self.summary_mu.copy_(feats.mean(0))
+        self.summary_sd.copy_(torch.where(sd < 1e-6, torch.ones_like(sd), sd))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # a model saved before the summary branch was standardised read its statistics as they are
+        if self.summary_features:
+            for key, fill in (("summary_mu", 0.0), ("summary_sd", 1.0)):
+                state_dict.setdefault(prefix + key, torch.full_like(getattr(self, key), fill))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def summary_of(self, x: torch.Tensor) -> torch.Tensor:
         """The summary branch's input for series ``x`` [B, T, F] (T <= seq_len): their statistics as
@@ -215,7 +235,8 @@ class TransformerClassifier(nn.Module):
         if self.instance_norm:
             pooled = pooled + self.stats(stats)
         if self.summary_features:
-            pooled = pooled + self.summary(summary)
+            # clamped: a new series far outside the training spread of a statistic stays a strong signal, not a blow-up
+            pooled = pooled + self.summary(((summary - self.summary_mu) / self.summary_sd).clamp(-10.0, 10.0))
         return self.head(pooled)
 
     def _step_windows(self, h: torch.Tensor) -> torch.Tensor:

@@ -102,8 +102,12 @@ def model_kwargs(data: TaskData, hp: Hyperparams, init_gain: float) -> dict:
 
 
 def build_model(data: TaskData, hp: Hyperparams, cfg: TrainConfig) -> TransformerClassifier:
-    """The transformer sized for the task and the trial's hyperparameters."""
-    return TransformerClassifier(**model_kwargs(data, hp, cfg.init_gain))
+    """The transformer sized for the task and the trial's hyperparameters (its summary branch, when
+    on, standardised by the training series' statistics)."""
+    model = TransformerClassifier(**model_kwargs(data, hp, cfg.init_gain))
+    if model.summary_features and not model.summary_mu.is_meta:
+        model.scale_summary(_training_statistics(model, data.x_train))
+    return model
 
 
 def epoch_passes(n: int, cfg: TrainConfig) -> int:
@@ -382,6 +386,9 @@ def summaries(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     rows = max(1, SUMMARY_CHUNK_VALUES // max(1, x.shape[1] * x.shape[2]))
     return torch.cat([model.summary_of(x[i:i + rows]) for i in range(0, len(x), rows)] or [model.summary_of(x)])
+
+
+_training_statistics = summaries  # build_model's: the scaling is the model's, whatever an engine hands the branch
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
