@@ -538,9 +538,8 @@ def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *
     """Held-out test loss and accuracy of the best model (see load_best_model), on the study's own
     split (``data``: the study's splits as `study_data` returned them, to score several models on
     one read of the data files)."""
-    from cycle_optuna.train import evaluate
-
     from cycle_optuna.best_model import CycleModel
+    from cycle_optuna.train import evaluate
 
     if model is not None and not isinstance(model, CycleModel):
         raise TypeError(f"model: expected a CycleModel (load_best_model's), got {type(model).__name__}")
@@ -629,9 +628,7 @@ def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, w
 
 
 def _json(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v if isinstance(v, (int, float, str, bool, list, dict)) or v is None else str(v)
+    return v if isinstance(v, (int, float, str, bool, list, dict)) or v is None else str(v)  # NaN/inf: _finite
 
 
 def _finite(v: Any) -> Any:

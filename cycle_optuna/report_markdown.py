@@ -323,11 +323,15 @@ def _importance(a: Analysis) -> list[str]:
     if n >= 50:
         return lines + [f"- **{top}** has the highest importance score over these {n} cycles.", ""]
     # the cycle sampler changes one parameter a move, so its table shows each change's effect; others change several
-    single = a.cfg is not None and a.cfg.sampler.type == "cycle"
-    compare = ("compare the cycles that changed it in the table above" if single
-               else "its cycles changed several parameters at once, so no one cycle isolates its effect")
+    samplers = {s["sampler"] for s in a.search}  # none known for a study made elsewhere
+    if samplers == {"cycle"}:
+        compare = " (compare the cycles that changed it in the table above)"
+    elif samplers:
+        compare = " (its cycles changed several parameters at once, so no one cycle isolates its effect)"
+    else:
+        compare = ""
     return lines + [f"- **{top}** has the highest importance score over these {n} cycles; with this few "
-                    f"cycles the score is a hint, not a measurement ({compare}).", ""]
+                    f"cycles the score is a hint, not a measurement{compare}.", ""]
 
 
 def _pruning(a: Analysis) -> list[str]:
