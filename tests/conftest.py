@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI") == "true"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (the project's default, `-n 2`), each test process gets its share of the
+    cores for torch's intra-op threads: two processes of 2 threads each on 2 cores made CPU-bound
+    tests several times slower than one process."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(workers)))
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +66,45 @@ def pg_admin_connect():
                            autocommit=True, connect_timeout=3)
 
 
+# Tests run in parallel (pytest-xdist). A test that stops or restarts the server (marker
+# `pg_restarts`) holds this machine-wide lock alone; every other test using the server shares it.
+_PG_LOCK = Path(tempfile.gettempdir()) / "cycle-optuna-tests-postgres.lock"
+_held = {"exclusive": False}
+
+
+@contextlib.contextmanager
+def _server_lock(exclusive: bool):
+    with open(_PG_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        _held["exclusive"] = exclusive
+        try:
+            yield
+        finally:
+            _held["exclusive"] = False
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def pg_cluster(action: str, *args: str) -> None:
+    """pg_ctlcluster ACTION on the local server (a real stop, start or restart); only from a test
+    marked `pg_restarts`, which then has the server to itself."""
+    if not _held["exclusive"]:
+        raise RuntimeError("a test that stops or restarts PostgreSQL must be marked pg_restarts")
+    cluster = next(Path("/etc/postgresql").iterdir()).name
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", action, *args], check=True,
+                   timeout=60, capture_output=True)
+
+
 @pytest.fixture
-def pg_url():
+def pg_url(request):
     """postgresql+psycopg:// URL of a new, empty database, dropped after the test.
 
     Skipped when no server answers on 127.0.0.1:5432, except under CI=true where that fails.
     """
+    with _server_lock(exclusive=request.node.get_closest_marker("pg_restarts") is not None):
+        yield from _new_database()
+
+
+def _new_database():
     import uuid
 
     try:

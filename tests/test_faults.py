@@ -10,6 +10,7 @@ import pytest
 from optuna.trial import TrialState
 
 from cycle_optuna.objective import RESUMED_ATTR
+from conftest import pg_cluster
 from workers_helpers import running_with_checkpoint, start_cli, trials, wait_for, write_study
 
 pytestmark = pytest.mark.postgres
@@ -53,13 +54,7 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path: Path, pg_u
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def _cluster(action: str) -> None:
-    """pg_ctlcluster ACTION on the local server: a real stop, start or restart."""
-    cluster = next(Path("/etc/postgresql").iterdir()).name
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", action], check=True,
-                   timeout=60, capture_output=True)
-
-
+@pytest.mark.pg_restarts
 def test_database_restart_loses_no_finished_trial(tmp_path: Path, pg_url: str):
     study = write_study(tmp_path, n_trials=6, epochs=3)
     procs = [start_cli(["--debug", "worker", str(study), "--storage", pg_url], pause=0.3) for _ in range(2)]
@@ -67,7 +62,7 @@ def test_database_restart_loses_no_finished_trial(tmp_path: Path, pg_url: str):
     wait_for(lambda: _both_took_a_trial(pg_url) and sum(t.state in FINISHED for t in trials(pg_url)) >= 1, 120,
              "a finished trial, both workers in their loop")
     before = {t.number: (t.state, t.value) for t in trials(pg_url) if t.state in FINISHED}
-    _cluster("restart")
+    pg_cluster("restart")
     results = [_finish(p, timeout=180) for p in procs]
     assert [code for code, _ in results] == [0, 0], results
     ts = trials(pg_url)
@@ -79,9 +74,10 @@ def test_database_restart_loses_no_finished_trial(tmp_path: Path, pg_url: str):
     assert not [t for t in ts if t.state in (TrialState.RUNNING, TrialState.WAITING)]
 
 
+@pytest.mark.pg_restarts
 def test_worker_started_while_the_database_is_down_waits_for_it_when_asked(tmp_path: Path, pg_url: str):
     study = write_study(tmp_path, n_trials=2, epochs=1)
-    _cluster("stop")
+    pg_cluster("stop")
     try:
         # without the flag: one line naming the storage, exit 2, at once
         rc, out = _finish(start_cli(["worker", str(study), "--storage", pg_url]), timeout=60)
@@ -93,7 +89,7 @@ def test_worker_started_while_the_database_is_down_waits_for_it_when_asked(tmp_p
                  60, "the worker saying it waits")
         assert proc.poll() is None, log.read_text()  # still waiting, not gone
     finally:
-        _cluster("start")
+        pg_cluster("start")
     rc = proc.wait(timeout=180)
     text = log.read_text()
     assert rc == 0, text
@@ -447,6 +443,7 @@ def test_a_full_artifact_store_loses_no_best_model_and_leaves_no_file(tmp_path: 
     assert rc.returncode == 2
 
 
+@pytest.mark.pg_restarts
 def test_a_database_outage_is_one_line_and_the_cut_off_trial_is_handed_back_by_its_worker(
         tmp_path: Path, pg_url: str):
     study = write_study(tmp_path, n_trials=3, epochs=8)
@@ -456,13 +453,11 @@ def test_a_database_outage_is_one_line_and_the_cut_off_trial_is_handed_back_by_i
                        env=worker_env(CYCLE_OPTUNA_GRACE_SECONDS="600")) for log in logs]
     wait_for(lambda: _both_took_a_trial(pg_url) and _running_with_checkpoint(pg_url, tmp_path), 120,
              "a trial under way, both workers in their loop")
-    cluster = next(Path("/etc/postgresql").iterdir()).name
-    ctl = ["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main"]
-    subprocess.run([*ctl, "stop", "-m", "fast"], check=True, timeout=60, capture_output=True)
+    pg_cluster("stop", "-m", "fast")
     try:
         wait_for(lambda: any("lost the database" in log.read_text() for log in logs), 60, "a worker to notice")
     finally:
-        subprocess.run([*ctl, "start"], check=True, timeout=60, capture_output=True)
+        pg_cluster("start")
     assert [p.wait(timeout=240) for p in procs] == [0, 0], [log.read_text() for log in logs]
     text = "".join(log.read_text() for log in logs)
     assert "exceeding max length" not in text and "Traceback" not in text

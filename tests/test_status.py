@@ -11,6 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from cycle_optuna import api, cli, status, totals, worker
+from conftest import pg_cluster
 from workers_helpers import start_cli, trials, wait_for, write_study
 
 
@@ -106,19 +107,18 @@ def test_a_killed_workers_trial_shows_its_stored_cause(tmp_path: Path, pg_url: s
 
 
 @pytest.mark.postgres
+@pytest.mark.pg_restarts
 def test_a_database_restart_is_the_cause_of_the_trial_it_cut_off(tmp_path: Path, pg_url: str, capsys):
     path = write_study(tmp_path, n_trials=1, epochs=6)
     log = tmp_path / "worker.log"
     proc = start_cli(["worker", str(path), "--storage", pg_url], pause=1.0, log=log)
     wait_for(lambda: _running(pg_url), 90, "a running trial with an epoch")
-    cluster = next(Path("/etc/postgresql").iterdir()).name
-    ctl = ["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main"]
     # down until the worker has noticed (a quick restart can fall between two of its writes)
-    subprocess.run([*ctl, "stop", "-m", "fast"], check=True, timeout=60, capture_output=True)
+    pg_cluster("stop", "-m", "fast")
     try:
         wait_for(lambda: "lost the database" in log.read_text(), 60, "the worker to notice")
     finally:
-        subprocess.run([*ctl, "start"], check=True, timeout=60, capture_output=True)
+        pg_cluster("start")
     assert proc.wait(timeout=180) == 0, log.read_text()
     cut, retry = trials(pg_url)
     assert cut.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
