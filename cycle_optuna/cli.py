@@ -55,8 +55,9 @@ EXAMPLES = {
   cycle-optuna best studies/seed.toml
   cycle-optuna best studies/seed.toml --json""",
     "refit": """examples:
-  cycle-optuna refit studies/gunpoint.toml
-  cycle-optuna refit studies/gunpoint.toml --ensemble 1   # the best cycle alone
+  cycle-optuna refit my-data.toml
+  cycle-optuna refit my-data.toml --ensemble 1   # the best cycle alone
+  (my-data.toml: a study file of your own data, docs/data.md)
 
 Trains the configurations of the cycles the best model averages again on the training and
 validation series together (the study's seed, epochs and schedule; each keeps its last epoch).
@@ -68,8 +69,9 @@ on all the series stops it with exit 1.""",
   cycle-optuna report studies/seed.toml
   cycle-optuna report studies/seed.toml -o reports/seed""",
     "predict": """examples:
-  cycle-optuna predict studies/gunpoint.toml new_series.csv -o predictions.csv
-  cycle-optuna predict studies/gunpoint.toml GunPoint_TEST.ts > predictions.csv   # labels in the file: accuracy too
+  cycle-optuna predict my-data.toml new_series.csv -o predictions.csv
+  cycle-optuna predict my-data.toml GunPoint_TEST.ts > predictions.csv   # labels in the file: accuracy too
+  (my-data.toml: a study file of your own data, docs/data.md)
 
 Columns: series (position in the file), id (a .csv file's sample id), predicted, label (when the
 file has labels), then p_<class> for every class of the study.""",
