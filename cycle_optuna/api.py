@@ -531,6 +531,22 @@ class HeldOutScore:
     cycle: int  # the best trial's cycle
     cycles: tuple[int, ...] = ()  # the cycles whose models the best model averages, best first
     refit: bool = False  # their configurations trained on all training series (`refit`)
+    # per class of the test split: (share of its series predicted right, its series), in class order;
+    # accuracy alone can hide a class the model never predicts (a 95/5 split: 95% for "majority")
+    class_recall: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    @property
+    def balanced_accuracy(self) -> float | None:
+        """The mean of the per-class recalls over the classes in the test split."""
+        return float(np.mean([r for r, _ in self.class_recall.values()])) if self.class_recall else None
+
+    @property
+    def lowest_recall(self) -> tuple[str, float, int] | None:
+        """(class, recall, its series) of the class the model gets right least often."""
+        if not self.class_recall:
+            return None
+        name = min(self.class_recall, key=lambda k: self.class_recall[k][0])
+        return (name, *self.class_recall[name])
 
 
 def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *, model: CycleModel | None = None,
@@ -539,7 +555,6 @@ def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *
     split (``data``: the study's splits as `study_data` returned them, to score several models on
     one read of the data files)."""
     from cycle_optuna.best_model import CycleModel
-    from cycle_optuna.train import evaluate
 
     if model is not None and not isinstance(model, CycleModel):
         raise TypeError(f"model: expected a CycleModel (load_best_model's), got {type(model).__name__}")
@@ -550,9 +565,37 @@ def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *
     model = model if model is not None else load_best_model(study)
     data = data if data is not None else study_data(study, cfg, "its test split cannot be rebuilt")
     # the split is normalised already, so evaluate the inner network
-    loss, acc = evaluate(model.net, data.x_test, data.y_test, cfg.train.eval_batch_size)
+    loss, acc, recall = _test_pass(model.net, data, cfg.train.eval_batch_size)
     return HeldOutScore(loss=loss, accuracy=acc, n=int(data.y_test.shape[0]), cycle=model.trial_number + 1,
-                        cycles=tuple(n + 1 for n in model.trial_numbers), refit=bool(getattr(model, "refit", False)))
+                        cycles=tuple(n + 1 for n in model.trial_numbers), refit=bool(getattr(model, "refit", False)),
+                        class_recall=recall)
+
+
+def _test_pass(net: Any, data: Any, batch_size: int) -> tuple[float, float, dict[str, tuple[float, int]]]:
+    """(mean cross-entropy, accuracy, per class present: (recall, its series) by the class's name) of
+    ``net`` on the test split, in one pass (train.evaluate's figures, plus the classes)."""
+    import torch
+    import torch.nn.functional as F
+
+    x, y = data.x_test, data.y_test
+    if len(y) == 0:
+        return math.nan, math.nan, {}
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.inference_mode():
+            logits = torch.cat([net(x[i:i + batch_size]).float() for i in range(0, len(y), batch_size)])
+    finally:
+        net.train(was_training)
+    pred = logits.argmax(dim=1)
+    loss = float(F.cross_entropy(logits, y, reduction="sum").double() / len(y))
+    names = data.class_names or tuple(str(k) for k in range(data.n_classes))
+    out = {}
+    for k in range(data.n_classes):
+        of_k = y == k
+        if n := int(of_k.sum()):
+            out[names[k]] = (float((pred[of_k] == k).double().mean()), n)
+    return loss, float((pred == y).double().mean()), out
 
 
 def study_data(study: optuna.Study, cfg: StudyConfig, consequence: str) -> Any:
@@ -607,6 +650,8 @@ def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, w
         try:
             score = held_out_score(study, model=_model_of(study, done, artifact_dir=None, ensemble=None))
             rec.update(test_accuracy=score.accuracy, test_loss=score.loss, n_test=score.n,
+                       test_balanced_accuracy=score.balanced_accuracy,
+                       test_class_recall={k: {"recall": r, "n": n} for k, (r, n) in score.class_recall.items()},
                        model_cycles=list(score.cycles), model_refit=score.refit)
         except (StorageError, DataError) as e:  # the best trial is shown all the same
             rec.update(test_accuracy=None, test_loss=None, test_error=str(e))

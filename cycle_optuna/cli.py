@@ -406,6 +406,12 @@ def cmd_best(args: argparse.Namespace) -> int:
     if rec.get("test_accuracy") is not None:
         table.add_row("test accuracy (held out)", f"{rec['test_accuracy']:.2%}")
         table.add_row("test loss (held out)", f"{rec['test_loss']:.4f}")
+        recall = rec.get("test_class_recall") or {}
+        if len(recall) > 1:  # accuracy alone hides a class the model gets wrong (95/5: 95% for "always the first")
+            table.add_row("test balanced accuracy (held out)", f"{rec['test_balanced_accuracy']:.2%}")
+            name = min(recall, key=lambda k: recall[k]["recall"])
+            table.add_row("lowest class recall (held out)",
+                          escape(f"{recall[name]['recall']:.2%} of {recall[name]['n']} {name!r}"))
         if len(rec.get("model_cycles") or ()) > 1 or rec.get("model_refit"):
             table.add_row("best model", references.model_name(rec["model_cycles"], rec.get("model_refit", False)))
     elif not args.no_test:

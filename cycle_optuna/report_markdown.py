@@ -137,6 +137,10 @@ def _best(a: Analysis) -> list[str]:
                         f"{', '.join(map(str, a.test.cycles))} (`[study] ensemble`)" if len(a.test.cycles) > 1 else "")
                      + ("; refit: trained again on all training series, validation included (`cycle-optuna refit`)"
                         if a.test.refit else ""))
+        if len(a.test.class_recall) > 1:
+            name, recall, n = a.test.lowest_recall
+            lines.append(f"- **Held-out balanced accuracy:** {_pct(a.test.balanced_accuracy)} (the mean of the "
+                         f"classes' recalls; lowest: {_pct(recall)} of the {n} series of class {name!r})")
     else:
         lines.append(f"- **Held-out test accuracy:** unavailable ({a.test_note})")
     lines += _context(a)

@@ -264,8 +264,15 @@ def test_held_out_score_uses_the_test_split(studies):
     cfg = api.study_config(load_study(studies["tpe"]))
     data = load_task(cfg.data, cfg.study.seed)
     model = load_best_model(studies["tpe"])
-    acc = float((model.net(data.x_test).argmax(1) == data.y_test).double().mean())
+    pred = model.net(data.x_test).argmax(1)
+    acc = float((pred == data.y_test).double().mean())
     assert score.n == len(data.y_test) and score.accuracy == pytest.approx(acc) and score.cycle == 5
+    # the built-in task's classes have no names: their indices
+    recall = {str(k): (float((pred[data.y_test == k] == k).double().mean()), int((data.y_test == k).sum()))
+              for k in range(data.n_classes)}
+    assert score.class_recall.keys() == recall.keys()
+    assert all(score.class_recall[k] == pytest.approx(recall[k]) for k in recall)
+    assert score.balanced_accuracy == pytest.approx(np.mean([r for r, _ in recall.values()]))
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")

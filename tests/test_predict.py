@@ -182,3 +182,32 @@ def test_an_output_that_is_a_pipe_or_a_link_is_written_through_not_replaced(stud
     link.symlink_to("run1.csv")
     assert main(["predict", str(study), str(study.parent / "test.csv"), "-o", str(link)]) == 0
     assert link.is_symlink() and (tmp_path / "run1.csv").read_text().startswith("series,")
+
+
+def test_best_and_the_report_show_a_class_the_model_misses_behind_a_high_accuracy(tmp_path, capsys):
+    """18 test series of class a, 2 of class b that look like a: 90% accuracy, but class b is never
+    found. The balanced accuracy (mean recall per class) and the lowest recall say so."""
+    import json
+
+    (tmp_path / "train.csv").write_text("\n".join(["sample,label,f0", *_rows(40, 0)]) + "\n")
+    rows = [f"s{i},{'b' if i < 2 else 'a'},{-1 + 0.01 * t:.4f}" for i in range(20) for t in range(6)]
+    (tmp_path / "test.csv").write_text("\n".join(["sample,label,f0", *rows]) + "\n")
+    path = write_study(tmp_path, n_trials=1, epochs=3)
+    path.write_text(drop_synthetic_keys(path.read_text()).replace(
+        "[data]\n", '[data]\nsource = "train.csv"\ntest_source = "test.csv"\n'))
+    api.run_study(path)
+    score = api.held_out_score(path)
+    assert predict_file(path, tmp_path / "test.csv").proba.argmax(axis=1).tolist() == [0] * 20  # all "a"
+    assert score.accuracy == pytest.approx(0.9) and score.class_recall == {"a": (1.0, 18), "b": (0.0, 2)}
+    assert score.balanced_accuracy == pytest.approx(0.5) and score.lowest_recall == ("b", 0.0, 2)
+    assert main(["best", str(path), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["test_balanced_accuracy"] == pytest.approx(0.5)
+    assert rec["test_class_recall"] == {"a": {"recall": 1.0, "n": 18}, "b": {"recall": 0.0, "n": 2}}
+    assert main(["best", str(path)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "test balanced accuracy (held out) │ 50.00%" in text
+    assert "lowest class recall (held out) │ 0.00% of 2 'b'" in text
+    assert main(["report", str(path), "-o", str(tmp_path / "rep")]) == 0
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "- **Held-out balanced accuracy:** 50.00% (the mean of the classes' recalls; lowest: 0.00% of the 2 series of class 'b')" in report
