@@ -289,13 +289,17 @@ def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None]
         else:
             status.watch(study, cfg.study.n_trials, procs, epochs=cfg.train.epochs, console=out)
     except KeyboardInterrupt:
+        # each worker gets the signal this process got (Ctrl-C: SIGINT, `kill`: SIGTERM), once: their
+        # handed-back trials and exit codes then name what the user did
+        signals = [*_STOPPED_BY, *worker._SIGNALLED]
+        sig = signals[0] if signals else signal.SIGINT
         for p, _ in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+                p.send_signal(sig)
         for p, _ in procs:
             p.wait()
         err.print(f"interrupted: {len(gpus)} workers stopped; their running trials were handed back for retry")
-        return worker.interrupt_exit_code()
+        return 128 + sig
     failed = [(p.returncode, log) for p, log in procs if p.returncode != 0]
     for code, log in failed:
         lines = [line for line in Path(log).read_text().splitlines() if line.strip()]

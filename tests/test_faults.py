@@ -522,6 +522,30 @@ def test_workers_of_a_run_killed_by_kill_9_stop_and_hand_their_trials_back(tmp_p
     assert "SIGTERM" in paused[0].read_text()
 
 
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_run_with_workers_stops_its_workers_with_the_signal_it_got(tmp_path: Path, sig, code):
+    """Ctrl-C on `run --workers K` is a Ctrl-C for each worker, `kill` a SIGTERM: the handed-back
+    trials, the workers' logs and the exit code name what the user did."""
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = write_study(tmp_path, n_trials=4, epochs=1)
+    run = start_cli(["run", str(study), "--workers", "2"], env=worker_env(CYCLE_OPTUNA_TEST_PAUSE_AFTER_ASK="120"))
+    logs = [tmp_path / f"tiny-worker-{i}.log" for i in (1, 2)]
+    paused = wait_for(lambda: [p for p in logs if p.exists() and "paused after ask" in p.read_text()], 120,
+                      "a worker paused with a trial")
+    workers = _children(run.pid)
+    assert len(workers) == 2
+    run.send_signal(sig)
+    rc, out = _finish(run, timeout=60)
+    assert rc == code, out
+    assert "interrupted: 2 workers stopped" in out
+    wait_for(lambda: not any(_alive(p) for p in workers), 60, "the workers to stop")
+    ts = trials(url)
+    assert ts and TrialState.RUNNING not in [t.state for t in ts]  # handed back
+    text = paused[0].read_text()
+    other = {signal.SIGINT: "SIGTERM", signal.SIGTERM: "SIGINT"}[sig]
+    assert sig.name in text and other not in text, text
+
+
 def test_run_with_workers_ends_0_when_the_others_finish_a_killed_workers_study(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'tiny.db'}"
     study = write_study(tmp_path, n_trials=3, epochs=1)
