@@ -148,6 +148,13 @@ class TransformerClassifier(nn.Module):
         self.ln_f = nn.LayerNorm(hidden_dim)
         self.head = nn.Linear(hidden_dim, n_classes)
         self._init(init_gain, n_layers)
+        if summary_features:
+            # the branch's output layer starts at zero: the model starts as the transformer alone
+            # and the statistics come in as training finds them useful (as a residual branch's last
+            # layer is often zeroed). Drawn at random, the standardised statistics' many inputs
+            # steered the first epochs on a few dozen series: ArrowHead's 20-cycle study fell
+            # below 1-NN (docs/benchmarks.md)
+            nn.init.zeros_(self.summary[-1].weight)
 
     def _init(self, gain: float, n_layers: int) -> None:
         """N(0, 0.02 gain) for the transformer's linear layers, residual projections further scaled by

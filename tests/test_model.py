@@ -90,11 +90,16 @@ def test_instance_norm_makes_the_body_ignore_level_and_scale_except_through_the_
     assert not torch.allclose(m(x), m(3 * x + 7), atol=1e-4)  # level and scale still reach the head
 
 
-def test_summary_features_reach_the_head_and_only_through_their_branch():
+def test_summary_features_start_silent_and_reach_the_head_only_through_their_branch():
     m = _model(summary_features=True)
     x = torch.randn(3, 12, 5)
     plain = _model()
     plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("summary")})
+    # a new model is the transformer alone: the branch's output layer starts at zero
+    assert torch.count_nonzero(m.summary[2].weight) == 0 and torch.count_nonzero(m.summary[0].weight) > 0
+    assert torch.allclose(m(x), plain(x), atol=1e-6)
+    with torch.no_grad():
+        m.summary[2].weight.normal_(std=0.02)  # as training moves it
     assert not torch.allclose(m(x), plain(x), atol=1e-6)  # the branch adds to the pooled vector
     with torch.no_grad():
         m.summary[2].weight.zero_()  # cut the branch: the rest is the plain model, weight for weight
@@ -134,8 +139,14 @@ def test_summary_features_train_and_ignore_padding():
     x = torch.randn(4, 12, 5)
     x[0, 9:] = math.nan
     x[1, 4, 2] = math.nan  # a missing value inside a series
-    m(x).sum().backward()
+    loss = torch.nn.functional.cross_entropy(m(x), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    # the zeroed output layer learns at once, and after one step the layer before it does too
+    assert m.summary[2].weight.grad.abs().sum() > 0
+    torch.optim.SGD(m.parameters(), lr=0.1).step()
+    m.zero_grad()
+    torch.nn.functional.cross_entropy(m(x), torch.tensor([0, 1, 2, 0])).backward()
     assert m.summary[0].weight.grad.abs().sum() > 0
     m.eval()
     short = torch.randn(2, 8, 5)  # a shorter series is the same series padded to seq_len
@@ -149,6 +160,8 @@ def test_summary_given_beforehand_is_the_one_forward_computes():
     from cycle_optuna import train
 
     m = _model(summary_features=True)
+    with torch.no_grad():
+        m.summary[2].weight.normal_(std=0.02)  # as after training (a new branch adds zero)
     x = torch.randn(9, 12, 5)
     x[2, 7:] = math.nan  # padding
     x[5, 3, 1] = math.nan  # a missing value
