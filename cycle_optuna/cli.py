@@ -149,7 +149,7 @@ def _say_err(line: str) -> None:
 def small_validation_note(cfg, data) -> str | None:
     """How cycles are scored, when it is not the plain validation split: cross-validation (what it
     costs), or a validation split of a handful of series (what steadies it)."""
-    from cycle_optuna.config import FOLDS_AUTO, SMALL_VAL
+    from cycle_optuna.config import AUTO_FOLDS_MAX_VAL, AUTO_FOLDS_MIN_VAL_PER_CLASS, FOLDS_AUTO, SMALL_VAL
 
     n = int(data.y_val.shape[0])
     k = data.n_folds
@@ -158,7 +158,9 @@ def small_validation_note(cfg, data) -> str | None:
         return one_line(", ".join(data.class_names[c] if c < len(data.class_names) else str(c) for c in classes))
 
     if k > 1:
-        why = f' ([data] folds = "auto": the validation split alone would hold {n})' if cfg.data.folds == FOLDS_AUTO else ""
+        few = (f", under {AUTO_FOLDS_MIN_VAL_PER_CLASS} per class of its {data.n_classes}"
+               if n > AUTO_FOLDS_MAX_VAL else "")
+        why = f' ([data] folds = "auto": the validation split alone would hold {n}{few})' if cfg.data.folds == FOLDS_AUTO else ""
         note = (f"note: cycles are scored by {k}-fold cross-validation over the {n + int(data.y_train.shape[0])} "
                 f"training and validation series{why}; each cycle trains {k} models, and its model averages them")
         pool = Counter(data.y_train.tolist() + data.y_val.tolist())

@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from cycle_optuna.config import (AUTO_FOLDS, AUTO_FOLDS_MAX_VAL, DATA_SUFFIXES, FOLDS_AUTO, DataConfig, StudyConfig,
+from cycle_optuna.config import (AUTO_FOLDS, AUTO_FOLDS_MAX_VAL, AUTO_FOLDS_MIN_VAL_PER_CLASS, DATA_SUFFIXES, FOLDS_AUTO, DataConfig, StudyConfig,
                                  resolve_data_path, resolve_test_path)
 from cycle_optuna.errors import DataError
 
@@ -937,11 +937,19 @@ def stratified_split(path: Path | str, y: np.ndarray, n_classes: int, val_fracti
     return tuple(rng.permutation(np.concatenate(p)).astype(np.int64) for p in parts)  # type: ignore[return-value]
 
 
-def resolve_folds(cfg: DataConfig, n_val: int, n_pool: int) -> int:
-    """The folds cycles are scored on: [data] folds, "auto" resolved on the validation split's size."""
+def resolve_folds(cfg: DataConfig, n_val: int, n_pool: int, n_classes: int = 1) -> int:
+    """The folds cycles are scored on: [data] folds, "auto" resolved on the validation split's size
+    (see small_validation)."""
     if cfg.folds == FOLDS_AUTO:
-        return max(1, min(AUTO_FOLDS, n_pool // 2)) if n_val <= AUTO_FOLDS_MAX_VAL else 1
+        return max(1, min(AUTO_FOLDS, n_pool // 2)) if small_validation(n_val, n_classes) else 1
     return int(cfg.folds)
+
+
+def small_validation(n_val: int, n_classes: int) -> bool:
+    """Whether a validation split of n_val series over n_classes classes is too small to score cycles
+    on, so that "auto" cross-validates: at most AUTO_FOLDS_MAX_VAL series, or fewer than
+    AUTO_FOLDS_MIN_VAL_PER_CLASS per class."""
+    return n_val <= AUTO_FOLDS_MAX_VAL or n_val < AUTO_FOLDS_MIN_VAL_PER_CLASS * n_classes
 
 
 def cv_folds(y: np.ndarray, n_classes: int, k: int, seed: int) -> np.ndarray:
@@ -1021,7 +1029,7 @@ def load_task(cfg: DataConfig, seed: int, *, data_path: Path | None = None, test
         t = max(x.shape[1], x_test.shape[1])  # one length for both: the shorter file is padded
         x, x_test = _pad_steps(x, t), _pad_steps(x_test, t)
         tr, va, _ = stratified_split(where, y, k, cfg.val_fraction, 0.0, seed)
-    folds = resolve_folds(cfg, len(va), len(tr) + len(va))
+    folds = resolve_folds(cfg, len(va), len(tr) + len(va), k)
     if not len(x_test):  # first: cross-validation (the hint below) would not cure it
         raise _fail(Path(where), "the test split is empty: no class has the three series it takes to give "
                     "training, validation and test one each; name an official test file in [data] test_source")

@@ -49,6 +49,28 @@ def test_auto_cross_validates_only_a_small_validation_split(tmp_path):
     assert load_task(DataConfig(folds=4), 0, data_path=big).n_folds == 4
 
 
+def test_auto_cross_validates_a_split_of_few_series_per_class(tmp_path):
+    """Many classes of a few series each: one validation series per class is a large share of each
+    class's training, so "auto" cross-validates although the validation split holds more than 20."""
+    def classes(k: int, per: int) -> Path:
+        rng = np.random.default_rng(0)
+        path = tmp_path / f"{k}x{per}.npz"
+        np.savez(path, X=rng.normal(size=(k * per, 8, 1)), y=np.repeat(np.arange(k), per))
+        return path
+
+    few = load_task(DataConfig(), 0, data_path=classes(30, 4))  # 30 validation series, one per class
+    assert few.n_folds == 5 and len(few.y_val) == 30
+    assert load_task(DataConfig(folds=1), 0, data_path=classes(30, 4)).n_folds == 1  # an explicit 1 stays
+    from types import SimpleNamespace
+
+    from cycle_optuna.cli import small_validation_note
+
+    note = small_validation_note(SimpleNamespace(data=DataConfig()), few)
+    assert '([data] folds = "auto": the validation split alone would hold 30, under 2 per class of its 30)' in note
+    enough = load_task(DataConfig(folds=1), 0, data_path=classes(12, 14))  # 2 per class
+    assert len(enough.y_val) == 24 and load_task(DataConfig(), 0, data_path=classes(12, 14)).n_folds == 1
+
+
 def test_folds_partition_train_and_val_stratified_and_never_touch_test(tmp_path):
     path, x, y = _npz(tmp_path / "a.npz", n=60)
     d = load_task(DataConfig(), 0, data_path=path)
