@@ -10,8 +10,14 @@
   so the test asks for people the model has not seen. ``pip download --no-deps seglearn==1.2.5``,
   unzip. Its labels are written 0-6; the series keep their own lengths (a ``.ts`` file).
 
+- ``ManyFew`` and ``ManyFewB``: many classes of a few series each, where 1-NN is hard to beat:
+  each class a smooth random template (6 sinusoids, amplitude 1/j), each series its template
+  shifted by up to 10 steps, scaled by U(0.9, 1.1), plus noise of std 0.7. ManyFew: 40 classes,
+  4 training and 10 test series each, 128 steps (seed 7); ManyFewB: 25 classes, 6 and 10, 200
+  steps (seed 11).
+
     python benchmarks/make_sets.py DIR [--watch-npy PATH]
-    python benchmarks/accuracy.py --data-dir DIR --datasets SynthCBF SynthControl Watch
+    python benchmarks/accuracy.py --data-dir DIR --datasets SynthCBF SynthControl Watch ManyFew ManyFewB
 """
 
 from __future__ import annotations
@@ -70,6 +76,22 @@ def write_tsv(out: Path, name: str, gen, n_train: int, n_test: int, seed: int) -
         (out / name / f"{name}_{part}.tsv").write_text("\n".join(lines) + "\n")
 
 
+def write_many_few(out: Path, name: str, k: int, n_train: int, n_test: int, steps: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 1, steps)
+    templates = [sum(rng.normal(0, 1 / (j + 1)) * np.sin(2 * np.pi * (j + 1) * t + rng.uniform(0, 6.28))
+                     for j in range(6)) for _ in range(k)]
+    (out / name).mkdir(parents=True, exist_ok=True)
+    for part, n in (("TRAIN", n_train), ("TEST", n_test)):
+        lines = [f"@problemName {name}", "@timeStamps false", "@univariate true", "@equalLength true",
+                 f"@seriesLength {steps}", f"@classLabel true {' '.join(f'c{c}' for c in range(k))}", "@data"]
+        for c in range(k):
+            for _ in range(n):
+                x = np.roll(templates[c], rng.integers(-10, 11)) * rng.uniform(0.9, 1.1) + rng.normal(0, 0.7, steps)
+                lines.append(",".join(f"{v:.4f}" for v in x) + f":c{c}")
+        (out / name / f"{name}_{part}.ts").write_text("\n".join(lines) + "\n")
+
+
 def write_watch(out: Path, npy: Path) -> None:
     d = np.load(npy, allow_pickle=True).item()
     xs, ys, subjects = d["X"], np.asarray(d["y"]), np.asarray(d["subject"])
@@ -91,6 +113,8 @@ def main() -> None:
     args = ap.parse_args()
     write_tsv(args.dir, "SynthCBF", cbf, 30, 900, seed=1)
     write_tsv(args.dir, "SynthControl", control, 300, 300, seed=2)
+    write_many_few(args.dir, "ManyFew", 40, 4, 10, 128, seed=7)
+    write_many_few(args.dir, "ManyFewB", 25, 6, 10, 200, seed=11)
     if args.watch_npy:
         write_watch(args.dir, args.watch_npy)
     print(f"wrote {', '.join(sorted(p.name for p in args.dir.iterdir() if p.is_dir()))} under {args.dir}")

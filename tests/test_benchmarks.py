@@ -161,7 +161,13 @@ def test_make_sets_writes_generated_sets_the_loader_reads(tmp_path):
     from cycle_optuna.data import load_task
 
     out = _run("make_sets.py", str(tmp_path))
-    assert "SynthCBF, SynthControl" in out
+    assert "ManyFew, ManyFewB, SynthCBF, SynthControl" in out
+    for name, steps, classes, per_class in (("ManyFew", 128, 40, 4), ("ManyFewB", 200, 25, 6)):
+        train, test = (tmp_path / name / f"{name}_{part}.ts" for part in ("TRAIN", "TEST"))
+        data = load_task(DataConfig(source=str(train), test_source=str(test)), 0, data_path=train, test_path=test)
+        assert (data.seq_len, data.n_classes, len(data.y_test)) == (steps, classes, 10 * classes)
+        # one validation series per class: "auto" cross-validates these
+        assert len(data.x_train) + len(data.x_val) == classes * per_class and data.n_folds == 5
     for name, steps, classes, n_train in (("SynthCBF", 128, 3, 30), ("SynthControl", 60, 6, 300)):
         train, test = (tmp_path / name / f"{name}_{part}.tsv" for part in ("TRAIN", "TEST"))
         data = load_task(DataConfig(source=str(train), test_source=str(test)), 0, data_path=train, test_path=test)
