@@ -502,18 +502,24 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_workers_of_a_run_killed_by_kill_9_stop_and_hand_their_trials_back(tmp_path: Path):
-    """`run --workers K` killed with -9 cannot stop its workers: they ask Linux for a SIGTERM when
-    their parent dies, and hand back their trials instead of training on unseen."""
+def _run_with_a_paused_worker(tmp_path: Path) -> tuple[str, subprocess.Popen, list[int], list[Path]]:
+    """`run --workers 2` on a 4-trial study, once one of its workers holds a trial it has just asked
+    for (the other waits for the lock it asks under): (storage URL, run, worker pids, [its log])."""
     url = f"sqlite:///{tmp_path / 'tiny.db'}"
     study = write_study(tmp_path, n_trials=4, epochs=1)
     run = start_cli(["run", str(study), "--workers", "2"], env=worker_env(CYCLE_OPTUNA_TEST_PAUSE_AFTER_ASK="120"))
     logs = [tmp_path / f"tiny-worker-{i}.log" for i in (1, 2)]
-    # one holds a trial it has just asked for (the other waits for the lock it asks under)
     paused = wait_for(lambda: [p for p in logs if p.exists() and "paused after ask" in p.read_text()], 120,
                       "a worker paused with a trial")
     workers = _children(run.pid)
     assert len(workers) == 2
+    return url, run, workers, paused
+
+
+def test_workers_of_a_run_killed_by_kill_9_stop_and_hand_their_trials_back(tmp_path: Path):
+    """`run --workers K` killed with -9 cannot stop its workers: they ask Linux for a SIGTERM when
+    their parent dies, and hand back their trials instead of training on unseen."""
+    url, run, workers, paused = _run_with_a_paused_worker(tmp_path)
     run.kill()
     run.wait()
     wait_for(lambda: not any(_alive(p) for p in workers), 60, "the workers to stop with their parent")
@@ -526,14 +532,7 @@ def test_workers_of_a_run_killed_by_kill_9_stop_and_hand_their_trials_back(tmp_p
 def test_run_with_workers_stops_its_workers_with_the_signal_it_got(tmp_path: Path, sig, code):
     """Ctrl-C on `run --workers K` is a Ctrl-C for each worker, `kill` a SIGTERM: the handed-back
     trials, the workers' logs and the exit code name what the user did."""
-    url = f"sqlite:///{tmp_path / 'tiny.db'}"
-    study = write_study(tmp_path, n_trials=4, epochs=1)
-    run = start_cli(["run", str(study), "--workers", "2"], env=worker_env(CYCLE_OPTUNA_TEST_PAUSE_AFTER_ASK="120"))
-    logs = [tmp_path / f"tiny-worker-{i}.log" for i in (1, 2)]
-    paused = wait_for(lambda: [p for p in logs if p.exists() and "paused after ask" in p.read_text()], 120,
-                      "a worker paused with a trial")
-    workers = _children(run.pid)
-    assert len(workers) == 2
+    url, run, workers, paused = _run_with_a_paused_worker(tmp_path)
     run.send_signal(sig)
     rc, out = _finish(run, timeout=60)
     assert rc == code, out
