@@ -222,9 +222,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         out.print(small, highlight=False, soft_wrap=True, markup=False)
     if fewer:
         out.print(fewer, highlight=False, soft_wrap=True)
-    worker.install_signal_handlers()
     if len(gpus) > 1:
+        worker.install_signal_handlers(does=f"stopping the {len(gpus)} workers, which hand back their running trials")
         return _run_workers(args, cfg, url, gpus, data)
+    worker.install_signal_handlers()
     if gpus[0] is not None:
         os.environ[placement.GPU_ENV_VAR] = gpus[0]  # this process is the one worker; CUDA has not started
     stats = worker.WorkerStats()

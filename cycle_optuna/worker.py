@@ -266,9 +266,14 @@ def _stop_now(signum: int) -> None:
     os._exit(128 + signum)
 
 
-def install_signal_handlers() -> None:
+_FIRST_SIGNAL_DOES = ["handing back the running trial(s)"]  # what the watcher says a first signal does
+
+
+def install_signal_handlers(does: str = "handing back the running trial(s)") -> None:
     """SIGTERM (docker stop, kill) ends the running trial the way Ctrl-C does; a second signal
     ends the process at once (its trial is then retried by the stale check, like a killed one).
+    ``does``: what the first signal does, said at once (`run --workers K` holds no trial: it stops
+    its workers).
 
     Python runs a signal handler only between bytecodes, so while one long PyTorch call runs, the
     handler waits for it. The second signal must not wait: a watcher thread reads each signal from
@@ -284,6 +289,7 @@ def install_signal_handlers() -> None:
 
     _SIGNALLED.clear()
     _ARRIVED.clear()
+    _FIRST_SIGNAL_DOES[0] = does
     _watch_signals()  # first: a signal caught by the handler below is then seen by the watcher too
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
@@ -312,7 +318,7 @@ def _watch_signals() -> None:
                         _stop_now(signum)
                     # said at once, even while a long call keeps the handler waiting
                     with contextlib.suppress(OSError):
-                        os.write(2, f"{signal.Signals(signum).name}: handing back the running trial(s); a second "
+                        os.write(2, f"{signal.Signals(signum).name}: {_FIRST_SIGNAL_DOES[0]}; a second "
                                     f"{signal.Signals(signum).name} stops at once\n".encode())
 
     threading.Thread(target=watch, name="cycle-optuna-signals", daemon=True).start()

@@ -537,6 +537,9 @@ def test_run_with_workers_stops_its_workers_with_the_signal_it_got(tmp_path: Pat
     rc, out = _finish(run, timeout=60)
     assert rc == code, out
     assert "interrupted: 2 workers stopped" in out
+    # this process holds no trial: it says what it does
+    assert f"{sig.name}: stopping the 2 workers, which hand back their running trials" in out
+    assert "handing back the running trial" not in out
     wait_for(lambda: not any(_alive(p) for p in workers), 60, "the workers to stop")
     ts = trials(url)
     assert ts and TrialState.RUNNING not in [t.state for t in ts]  # handed back
