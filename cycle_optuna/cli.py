@@ -415,7 +415,8 @@ def cmd_best(args: argparse.Namespace) -> int:
         table.add_row("test loss (held out)", f"{rec['test_loss']:.4f}")
         recall = rec.get("test_class_recall") or {}
         if len(recall) > 1:  # accuracy alone hides a class the model gets wrong (95/5: 95% for "always the first")
-            table.add_row("test balanced accuracy (held out)", f"{rec['test_balanced_accuracy']:.2%}")
+            if len({r["n"] for r in recall.values()}) > 1:  # equal classes: the same figure as accuracy
+                table.add_row("test balanced accuracy (held out)", f"{rec['test_balanced_accuracy']:.2%}")
             name = min(recall, key=lambda k: recall[k]["recall"])
             table.add_row("lowest class recall (held out)",
                           escape(f"{recall[name]['recall']:.2%} of {recall[name]['n']} {name!r}"))

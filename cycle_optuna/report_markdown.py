@@ -139,8 +139,12 @@ def _best(a: Analysis) -> list[str]:
                         if a.test.refit else ""))
         if len(a.test.class_recall) > 1:
             name, recall, n = a.test.lowest_recall
-            lines.append(f"- **Held-out balanced accuracy:** {_pct(a.test.balanced_accuracy)} (the mean of the "
-                         f"classes' recalls; lowest: {_pct(recall)} of the {n} series of class {name!r})")
+            lowest = f"{_pct(recall)} of the {n} series of class {name!r}"
+            if len({k for _, k in a.test.class_recall.values()}) > 1:  # equal classes: the same figure as accuracy
+                lines.append(f"- **Held-out balanced accuracy:** {_pct(a.test.balanced_accuracy)} (the mean of the "
+                             f"classes' recalls; lowest: {lowest})")
+            else:
+                lines.append(f"- **Lowest class recall (held out):** {lowest}")
     else:
         lines.append(f"- **Held-out test accuracy:** unavailable ({a.test_note})")
     lines += _context(a)

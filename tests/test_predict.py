@@ -211,3 +211,13 @@ def test_best_and_the_report_show_a_class_the_model_misses_behind_a_high_accurac
     assert main(["report", str(path), "-o", str(tmp_path / "rep")]) == 0
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "- **Held-out balanced accuracy:** 50.00% (the mean of the classes' recalls; lowest: 0.00% of the 2 series of class 'b')" in report
+
+
+def test_a_balanced_test_split_gets_its_lowest_class_recall_but_no_second_accuracy(study, tmp_path, capsys):
+    """10 series of each class: balanced accuracy is accuracy, so only the lowest recall is added."""
+    assert main(["best", str(study)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "lowest class recall (held out)" in text and "balanced accuracy" not in text
+    assert main(["report", str(study), "-o", str(tmp_path / "rep")]) == 0
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "- **Lowest class recall (held out):** " in report and "balanced accuracy" not in report
