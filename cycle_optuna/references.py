@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 BASELINES_ATTR = "cycle_optuna_baselines"
-LABELS = {"majority": "majority class", "1nn": "1-NN Euclidean", "mlp": "MLP on summary features"}
+LABELS = {"majority": "majority class", "1nn": "1-NN Euclidean",
+          "1nn_z": "1-NN Euclidean on z-normalised series", "mlp": "MLP on summary features"}
 
 
 def best_reference(baselines: dict[str, dict[str, Any]] | None) -> tuple[str, dict[str, Any]] | None:

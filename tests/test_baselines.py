@@ -90,6 +90,33 @@ def test_nearest_neighbour_is_euclidean_and_treats_missing_steps_as_zero():
     assert baselines.nearest_neighbour(d) == (1.0, 0.5)
 
 
+def test_z_normalised_nearest_neighbour_compares_shapes_whatever_each_series_offset_and_gain():
+    """Raw recordings: each series at its own level and gain. 1-NN on the normalised series follows
+    the offsets; z-normalising each series on its own compares the shapes, as the UCR archive does."""
+    rng = np.random.default_rng(0)
+    n, t = 90, 40
+    y = np.arange(n) % 3
+    s = np.linspace(0, 1, t)
+    shapes = np.stack([np.sin(2 * np.pi * s), np.sign(np.sin(4 * np.pi * s)), 2 * s - 1])  # [3, T]
+    clean = shapes[y][:, :, None] + rng.normal(0, 0.1, (n, t, 1))
+    raw = clean * rng.uniform(0.3, 3.0, (n, 1, 1)) + rng.normal(0, 20.0, (n, 1, 1))
+    raw[5, 10:14, 0] = np.nan  # a missing stretch: the statistics use the present steps
+    raw[7, :, 0] = 4.0  # a constant series: zeros after z-normalising, never NaN
+    parts = lambda x: (x[:60], y[:60], x[60:75], y[60:75], x[75:], y[75:])  # noqa: E731
+    d = _task(*(a.astype(np.float32) if a.dtype.kind == "f" else a for a in parts(raw)), 3)
+    z = baselines.z_normalise(d.x_train.double())
+    present = ~torch.isnan(z[5])
+    assert float(z[5][present].mean()) == pytest.approx(0, abs=1e-9)
+    assert float(z[5][present].std(unbiased=False)) == pytest.approx(1, abs=1e-9)
+    assert torch.equal(z[7], torch.zeros_like(z[7])) and torch.isnan(z[5, 10:14]).all()
+    assert baselines.nearest_neighbour(d, per_series=True) == (1.0, 1.0)
+    assert max(baselines.nearest_neighbour(d)) < 0.7  # the offsets decide the plain 1-NN's neighbours
+    stored = baselines.compute(d, seed=0)
+    assert stored["1nn_z"] == {"label": "1-NN Euclidean on z-normalised series", "val_accuracy": 1.0,
+                               "test_accuracy": 1.0}
+    assert baselines.best_reference(stored)[0] == "1nn_z"
+
+
 def test_summary_features_are_finite_with_padding_and_missing_values():
     x, _ = _toy(20, t=12, f=3)
     x[::2, 7:] = np.nan  # padded shorter series
@@ -108,7 +135,7 @@ def test_compute_is_deterministic_and_beats_chance_on_an_easy_task():
     t = _task(x[tr], y[tr], x[va], y[va], x[te], y[te], 3)
     a, b = baselines.compute(t, seed=0), baselines.compute(t, seed=0)
     assert a == b
-    assert set(a) == {"majority", "1nn", "mlp"}
+    assert set(a) == {"majority", "1nn", "1nn_z", "mlp"}
     assert json.loads(json.dumps(a)) == a
     for key in ("1nn", "mlp"):
         assert a[key]["val_accuracy"] > 0.9 and a[key]["test_accuracy"] > 0.9, a
@@ -173,7 +200,7 @@ def test_baselines_are_computed_at_creation_before_any_trial_and_never_again(tmp
     stored = study.user_attrs[baselines.BASELINES_ATTR]
     assert all(t.state == optuna.trial.TrialState.WAITING for t in study.trials)  # no trial has run yet
     assert stored == baselines.compute(data, seed=0)
-    assert set(stored) == {"majority", "1nn", "mlp"}
+    assert set(stored) == {"majority", "1nn", "1nn_z", "mlp"}
     assert all(set(v) == {"label", "val_accuracy", "test_accuracy"} for v in stored.values())
     # a second worker (and a later run) reads them: mark the stored value, it must survive
     marked = {**stored, "majority": {**stored["majority"], "label": "as stored"}}
@@ -202,14 +229,15 @@ def test_best_prints_one_line_per_baseline_and_json_has_the_margins(tmp_path, ca
     capsys.readouterr()
     assert cli.main(["best", str(path), "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
-    assert [b["baseline"] for b in rec["baselines"]] == ["majority", "1nn", "mlp"]
+    assert [b["baseline"] for b in rec["baselines"]] == ["majority", "1nn", "1nn_z", "mlp"]
     for b in rec["baselines"]:
         assert b["val_margin"] == pytest.approx(100 * (rec["user_attrs"]["val_accuracy"] - b["val_accuracy"]), abs=0.01)
         assert b["test_margin"] == pytest.approx(100 * (rec["test_accuracy"] - b["test_accuracy"]), abs=0.01)
     assert rec["n_test"] == 30  # the official test file, whole
     assert cli.main(["best", str(path)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("vs ")]
-    assert len(lines) == 3 and lines[1].startswith("vs 1-NN Euclidean: ") and " on test (" in lines[1]
+    assert len(lines) == 4 and lines[1].startswith("vs 1-NN Euclidean: ") and " on test (" in lines[1]
+    assert lines[2].startswith("vs 1-NN Euclidean on z-normalised series: ")
     # each figure names its model: val is the best cycle's, test the model `best` loads
     members = rec["model_cycles"]
     test_model = f"mean of cycles {', '.join(map(str, members))}" if len(members) > 1 else f"cycle {members[0]}"

@@ -119,7 +119,7 @@ def test_accuracy_benchmark_tunes_a_generated_ts_set_and_prints_the_baselines(tm
     assert again.returncode == 2 and again.stdout == "" and "tiny.db exists" in again.stderr  # never appends to a kept study
     assert len(optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs' / 'tiny.db'}").trials) == 2
     row = next(line for line in out.splitlines() if line.startswith("| Tiny | 2 |"))
-    assert re.fullmatch(r"\| Tiny \| 2 \|( [\d.]+ \|){5} - \| - \|", row), out  # tuned, best cycle alone, 3 references
+    assert re.fullmatch(r"\| Tiny \| 2 \|( [\d.]+ \|){6} - \| - \|", row), out  # tuned, best cycle alone, 4 references
     assert "1-NN" in out.splitlines()[-3]  # the header names each reference baseline
     out = _run("accuracy.py", "--datasets", "GunPoint", "--data-dir", str(tmp_path))
     assert f"skipped GunPoint: no GunPoint_TRAIN/_TEST file (.ts, .arff, .tsv, .txt) under {tmp_path}" in out
