@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cycle_optuna.data import TaskData
-from cycle_optuna.features import summary_features
+from cycle_optuna.features import summary_features, z_normalise
 from cycle_optuna.references import BASELINES_ATTR, LABELS, best_reference, compare  # noqa: F401 - re-exported
 
 MLP_HIDDEN = 128
@@ -97,20 +97,6 @@ def _flat(x: torch.Tensor, per_series: bool = False) -> torch.Tensor:
     if per_series:
         x = z_normalise(x)
     return torch.nan_to_num(x, nan=0.0).flatten(1)
-
-
-def z_normalise(x: torch.Tensor) -> torch.Tensor:
-    """Each series' features standardised over its own present steps ([N, T, F]; NaN stays NaN).
-
-    The UCR archive's convention: what is compared is the shape, not the level or the scale, so a
-    recording's offset or gain does not decide its neighbour. A constant feature becomes zeros."""
-    present = ~torch.isnan(x)
-    count = present.sum(1, keepdim=True).clamp_min(1)
-    filled = torch.where(present, x, torch.zeros_like(x))
-    mean = filled.sum(1, keepdim=True) / count
-    var = (torch.where(present, x - mean, torch.zeros_like(x)) ** 2).sum(1, keepdim=True) / count
-    std = var.sqrt()
-    return (x - mean) / torch.where(std > 1e-8, std, torch.ones_like(std))
 
 
 def nearest_neighbour(data: TaskData, *, chunk: int = 1024, per_series: bool = False) -> tuple[float, float]:

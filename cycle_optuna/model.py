@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cycle_optuna.features import summary_features as summary_features_of
+from cycle_optuna.features import shape_summary
 
 POS_ENCODINGS = ("sinusoidal", "rotary", "learned", "none")
 POOLINGS = ("mean", "cls", "last", "max")
@@ -80,7 +81,7 @@ class TransformerClassifier(nn.Module):
     def __init__(self, *, n_features: int, n_classes: int, seq_len: int, hidden_dim: int, n_layers: int,
                  n_heads: int, dropout: float, init_gain: float = 1.0, patch_len: int = 1, conv_stem: int = 0,
                  pos_encoding: str = "sinusoidal", pooling: str = "max", instance_norm: bool = False,
-                 summary_features: bool = False, step_conv: bool = False) -> None:
+                 summary_features: bool = False, step_conv: bool = False, summary_of_shape: bool = False) -> None:
         super().__init__()
         if n_heads < 1 or hidden_dim % n_heads != 0:
             raise ValueError(f"hidden_dim must be divisible by n_heads, but got {hidden_dim=}, {n_heads=}.")
@@ -100,6 +101,10 @@ class TransformerClassifier(nn.Module):
         self.seq_len, self.patch_len, self.n_tokens = seq_len, patch_len, math.ceil(seq_len / patch_len)
         self.pos_encoding, self.pooling, self.instance_norm = pos_encoding, pooling, instance_norm
         self.summary_features = summary_features
+        # with instance_norm, the summary branch reads each series z-normalised (its shape): the level
+        # and scale reach the head through the instance norm's own projection, and a recording's
+        # offset or gain no longer dominates every statistic. False: as models saved before it.
+        self.summary_of_shape = summary_of_shape and instance_norm
         # Stem: one linear map per patch of patch_len steps (a strided conv's weights, applied as
         # one matrix product: _patches), then conv_stem same-length convolutions over the tokens
         # for local temporal features.
@@ -126,6 +131,16 @@ class TransformerClassifier(nn.Module):
             # small MLP into the pooled vector: what a bag of patches sees least directly.
             n_summary = summary_features_of(torch.zeros(1, seq_len, n_features)).shape[1]
             self.summary = nn.Sequential(nn.Linear(n_summary, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim))
+            if self.summary_of_shape:
+                # the series' level and log-scale per feature (features.shape_summary), into the
+                # branch's hidden layer beside the shape statistics, initialised as that layer is but
+                # from a generator of its own: the other weights, dropout and shuffling draw what
+                # they drew without it, so on data whose series are z-normalised already (the level
+                # and scale the same for all, standardised to 0) the model trains as before
+                own = torch.Generator().manual_seed(0)
+                self.summary_level = nn.Parameter(
+                    torch.randn(hidden_dim, 2 * n_features, generator=own) * (INIT_STD * init_gain))
+                n_summary += 2 * n_features
             # each statistic standardised by the training series' mean and std (scale_summary), as the
             # MLP reference standardises them: a small but telling spread (a short burst in a long
             # series moves its std by a few %) then weighs as much as a large one
@@ -192,7 +207,19 @@ class TransformerClassifier(nn.Module):
         t = x.shape[1]
         with torch.no_grad():  # statistics of the data: nothing to learn upstream of them
             full = F.pad(x, (0, 0, 0, self.seq_len - t), value=math.nan) if t < self.seq_len else x
-            return summary_features_of(full).to(x.dtype)
+            return self._summary_stats(full).to(x.dtype)
+
+    def _summary_stats(self, x: torch.Tensor) -> torch.Tensor:
+        return shape_summary(x.double()) if self.summary_of_shape else summary_features_of(x)
+
+    def _summary_branch(self, z: torch.Tensor) -> torch.Tensor:
+        """The summary MLP on standardised statistics `z`: with summary_of_shape, its first layer reads
+        the shape statistics and summary_level the level and scale (the last 2F columns)."""
+        if not self.summary_of_shape:
+            return self.summary(z)
+        first = self.summary[0]
+        h = first(z[:, :first.in_features]) + F.linear(z[:, first.in_features:], self.summary_level)
+        return self.summary[2](self.summary[1](h))
 
     def forward(self, x: torch.Tensor, summary: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of ``x``; ``summary`` is ``summary_of(x)`` where the caller has it (training
@@ -243,7 +270,7 @@ class TransformerClassifier(nn.Module):
             pooled = pooled + self.stats(stats)
         if self.summary_features:
             # clamped: a new series far outside the training spread of a statistic stays a strong signal, not a blow-up
-            pooled = pooled + self.summary(((summary - self.summary_mu) / self.summary_sd).clamp(-10.0, 10.0))
+            pooled = pooled + self._summary_branch(((summary - self.summary_mu) / self.summary_sd).clamp(-10.0, 10.0))
         return self.head(pooled)
 
     def _step_windows(self, h: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,7 @@ def model_kwargs(data: TaskData, hp: Hyperparams, init_gain: float) -> dict:
         init_gain=init_gain, patch_len=hp.patch_len, conv_stem=hp.conv_stem, pos_encoding=hp.pos_encoding,
         pooling=hp.pooling, instance_norm=hp.instance_norm,
         summary_features=hp.summary_features, step_conv=hp.step_conv,
+        summary_of_shape=hp.instance_norm and hp.summary_features,
     )
 
 

@@ -13,6 +13,7 @@ import torch
 from cycle_optuna import baselines, cli, objective, worker
 from cycle_optuna.config import load
 from cycle_optuna.data import TaskData, load_study_data
+from cycle_optuna.features import z_normalise
 from cycle_optuna.train import EpochMetrics, TrainResult
 
 TINY = """[study]
@@ -104,7 +105,7 @@ def test_z_normalised_nearest_neighbour_compares_shapes_whatever_each_series_off
     raw[7, :, 0] = 4.0  # a constant series: zeros after z-normalising, never NaN
     parts = lambda x: (x[:60], y[:60], x[60:75], y[60:75], x[75:], y[75:])  # noqa: E731
     d = _task(*(a.astype(np.float32) if a.dtype.kind == "f" else a for a in parts(raw)), 3)
-    z = baselines.z_normalise(d.x_train.double())
+    z = z_normalise(d.x_train.double())
     present = ~torch.isnan(z[5])
     assert float(z[5][present].mean()) == pytest.approx(0, abs=1e-9)
     assert float(z[5][present].std(unbiased=False)) == pytest.approx(1, abs=1e-9)

@@ -134,8 +134,9 @@ def test_the_summary_branch_reads_statistics_standardised_by_the_training_series
     assert "summary_mu" not in train.build_model(data, Hyperparams(hidden_dim=16, n_layers=1, n_heads=2), TrainConfig()).state_dict()
 
 
-def test_summary_features_train_and_ignore_padding():
-    m = _model(summary_features=True, instance_norm=True).train()
+@pytest.mark.parametrize("shape", [False, True])
+def test_summary_features_train_and_ignore_padding(shape):
+    m = _model(summary_features=True, instance_norm=True, summary_of_shape=shape).train()
     x = torch.randn(4, 12, 5)
     x[0, 9:] = math.nan
     x[1, 4, 2] = math.nan  # a missing value inside a series
@@ -152,6 +153,43 @@ def test_summary_features_train_and_ignore_padding():
     short = torch.randn(2, 8, 5)  # a shorter series is the same series padded to seq_len
     padded = torch.cat((short, torch.full((2, 4, 5), math.nan)), dim=1)
     assert torch.allclose(m(short), m(padded), atol=1e-5)
+
+
+def test_with_instance_norm_the_summary_branch_reads_the_shape_and_the_level_and_scale_apart():
+    """Recordings at their own offset and gain: with instance_norm the summary statistics are those of
+    each series z-normalised, followed by its level and log-scale per feature, so an offset or a gain
+    moves 2 figures per feature, not nearly every statistic (ArrowHead with a random offset and gain
+    per series, one cycle of the baseline model with both on, 3 seeds: 72.7% -> 78.7% test accuracy)."""
+    from cycle_optuna import train
+    from cycle_optuna.data import load_task
+    from cycle_optuna.features import summary_features
+
+    m = _model(summary_features=True, instance_norm=True, summary_of_shape=True)
+    x = torch.randn(6, 12, 5, dtype=torch.float64).float()
+    x[1, 9:] = math.nan  # padding
+    x[4, 3, 2] = math.nan  # a missing value
+    gain = torch.tensor([0.3, 1.0, 2.0, 3.0, 0.5, 1.7])[:, None, None]
+    offset = torch.tensor([-5.0, 0.0, 4.0, 10.0, 1.0, -2.0])[:, None, None]
+    a, b = m.summary_of(x), m.summary_of(x * gain + offset)
+    d = a.shape[1] - 2 * 5
+    assert d == summary_features(x).shape[1] and m.summary_mu.shape[0] == d + 10
+    assert torch.allclose(a[:, :d], b[:, :d], atol=1e-3)  # the shape's statistics do not move
+    assert torch.allclose(b[:, d:d + 5], a[:, d:d + 5] * gain[:, 0] + offset[:, 0], atol=1e-4)  # the level
+    assert torch.allclose(b[:, d + 5:], a[:, d + 5:] + gain[:, 0].log(), atol=1e-4)  # the log-scale
+    assert torch.isfinite(m(x)).all() and m(x).shape == (6, 3)
+    # a model saved before (no summary_of_shape in its kwargs) reads the statistics of the series as they are
+    plain = _model(summary_features=True, instance_norm=True)
+    assert torch.equal(plain.summary_of(x), summary_features(x).float())
+    # the level weights draw from a generator of their own: every other weight is the one drawn without them
+    shared = plain.state_dict()
+    for key, value in m.state_dict().items():
+        if key in shared and not key.startswith(("summary_mu", "summary_sd")):
+            assert torch.equal(value, shared[key]), key
+    # new models read the shape only where both knobs are on
+    data = load_task(DataConfig(n_samples=30, seq_len=12, n_features=5, folds=1), seed=0)
+    for inorm, summ in ((True, True), (True, False), (False, True)):
+        hp = Hyperparams(hidden_dim=16, n_layers=1, n_heads=2, instance_norm=inorm, summary_features=summ)
+        assert train.build_model(data, hp, TrainConfig()).summary_of_shape is (inorm and summ)
 
 
 def test_summary_given_beforehand_is_the_one_forward_computes():
