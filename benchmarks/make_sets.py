@@ -10,13 +10,19 @@
   so the test asks for people the model has not seen. ``pip download --no-deps seglearn==1.2.5``,
   unzip. Its labels are written 0-6; the series keep their own lengths (a ``.ts`` file).
 
+- ``GunPointRaw`` and ``ArrowHeadRaw`` (with ``--raw-from DIR``, a folder holding the archive's
+  ``GunPoint`` and ``ArrowHead`` ``.ts`` files, e.g. the aeon wheel's datasets/data): recordings each
+  taken at its own offset and gain, as raw sensor exports are and the archive's z-normalised series
+  are not: every series times a gain drawn log-uniform in 0.3..3, plus an offset drawn N(0, 3)
+  (seed 3, GunPoint's TRAIN, TEST, then ArrowHead's).
+
 - ``ManyFew`` and ``ManyFewB``: many classes of a few series each, where 1-NN is hard to beat:
   each class a smooth random template (6 sinusoids, amplitude 1/j), each series its template
   shifted by up to 10 steps, scaled by U(0.9, 1.1), plus noise of std 0.7. ManyFew: 40 classes,
   4 training and 10 test series each, 128 steps (seed 7); ManyFewB: 25 classes, 6 and 10, 200
   steps (seed 11).
 
-    python benchmarks/make_sets.py DIR [--watch-npy PATH]
+    python benchmarks/make_sets.py DIR [--watch-npy PATH] [--raw-from UCR_DIR]
     python benchmarks/accuracy.py --data-dir DIR --datasets SynthCBF SynthControl Watch ManyFew ManyFewB
 """
 
@@ -106,10 +112,31 @@ def write_watch(out: Path, npy: Path) -> None:
         (out / "Watch" / f"Watch_{part}.ts").write_text(head + "\n".join(rows) + "\n")
 
 
+def write_raw(out: Path, ucr: Path, names: tuple[str, ...] = ("GunPoint", "ArrowHead")) -> None:
+    rng = np.random.default_rng(3)
+    for name in names:
+        (out / f"{name}Raw").mkdir(parents=True, exist_ok=True)
+        for part in ("TRAIN", "TEST"):
+            lines = (ucr / name / f"{name}_{part}.ts").read_text().splitlines()
+            start = next(i for i, line in enumerate(lines) if line.strip().lower() == "@data")
+            rows = []
+            for line in lines[start + 1:]:
+                if not line.strip():
+                    continue
+                *dims, label = line.split(":")
+                offset, gain = rng.normal(0, 3.0), np.exp(rng.uniform(np.log(0.3), np.log(3)))
+                rows.append(":".join([",".join(f"{float(v) * gain + offset:.5f}" for v in d.split(","))
+                                      for d in dims] + [label]))
+            head = [f"@problemName {name}Raw" if h.lower().startswith("@problemname") else h for h in lines[:start + 1]]
+            (out / f"{name}Raw" / f"{name}Raw_{part}.ts").write_text("\n".join(head + rows) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dir", type=Path, help="folder to write <Name>/<Name>_TRAIN/_TEST files into")
     ap.add_argument("--watch-npy", type=Path, help="seglearn's watch_dataset.npy: also write Watch")
+    ap.add_argument("--raw-from", type=Path, metavar="UCR_DIR",
+                    help="a folder with GunPoint/ and ArrowHead/ .ts files: also write GunPointRaw and ArrowHeadRaw")
     args = ap.parse_args()
     write_tsv(args.dir, "SynthCBF", cbf, 30, 900, seed=1)
     write_tsv(args.dir, "SynthControl", control, 300, 300, seed=2)
@@ -117,6 +144,8 @@ def main() -> None:
     write_many_few(args.dir, "ManyFewB", 25, 6, 10, 200, seed=11)
     if args.watch_npy:
         write_watch(args.dir, args.watch_npy)
+    if args.raw_from:
+        write_raw(args.dir, args.raw_from)
     print(f"wrote {', '.join(sorted(p.name for p in args.dir.iterdir() if p.is_dir()))} under {args.dir}")
 
 

@@ -175,3 +175,30 @@ def test_make_sets_writes_generated_sets_the_loader_reads(tmp_path):
         assert len(data.x_train) + len(data.x_val) == n_train
         x = data.x_train.numpy()[..., 0]
         assert np.isfinite(x).all()
+
+
+def test_make_sets_raw_variants_are_each_series_at_its_own_offset_and_gain(tmp_path):
+    from cycle_optuna.data import load_ts
+
+    rng = np.random.default_rng(0)
+    for name in ("GunPoint", "ArrowHead"):  # tiny stand-ins for the archive's files
+        (tmp_path / "ucr" / name).mkdir(parents=True)
+        for part in ("TRAIN", "TEST"):
+            rows = [",".join(f"{v:.4f}" for v in rng.normal(size=20)) + f":{i % 2 + 1}" for i in range(8)]
+            (tmp_path / "ucr" / name / f"{name}_{part}.ts").write_text(
+                f"@problemName {name}\n@univariate true\n@equalLength true\n@classLabel true 1 2\n@data\n"
+                + "\n".join(rows) + "\n")
+    out = _run("make_sets.py", str(tmp_path / "sets"), "--raw-from", str(tmp_path / "ucr"))
+    assert "ArrowHeadRaw, GunPointRaw," in out
+    for name in ("GunPoint", "ArrowHead"):
+        for part in ("TRAIN", "TEST"):
+            x, labels, _ = load_ts(tmp_path / "ucr" / name / f"{name}_{part}.ts")
+            raw, raw_labels, _ = load_ts(tmp_path / "sets" / f"{name}Raw" / f"{name}Raw_{part}.ts")
+            assert raw_labels == labels
+            gains, offsets = [], []
+            for a, b in zip(x[..., 0], raw[..., 0]):
+                gain, offset = np.polyfit(a, b, 1)  # each raw series is an affine copy of its original
+                assert np.allclose(a * gain + offset, b, atol=1e-4)
+                gains.append(gain)
+                offsets.append(offset)
+            assert 0.3 <= min(gains) and max(gains) <= 3 and np.std(offsets) > 1  # not one shared transform
