@@ -17,28 +17,30 @@ MAX_LAG = 2  # cross-channel correlations at lags -2..2
 MAX_PAIR_CHANNELS = 16  # above this many channels the pairwise correlations are left out (F^2 features)
 
 
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each series' mean and variance per feature over its present steps: two [N, 1, F] tensors."""
+    present = ~torch.isnan(x)
+    count = present.sum(1, keepdim=True).clamp_min(1)
+    zero = torch.zeros((), dtype=x.dtype)
+    mean = torch.where(present, x, zero).sum(1, keepdim=True) / count
+    return mean, (torch.where(present, x - mean, zero) ** 2).sum(1, keepdim=True).div(count)
+
+
 def z_normalise(x: torch.Tensor) -> torch.Tensor:
     """Each series' features standardised over its own present steps ([N, T, F]; NaN stays NaN).
 
     The UCR archive's convention: what is left is the shape, not the level or the gain, so a
     recording's offset or gain does not decide what it is compared with. A constant feature becomes
     zeros."""
-    present = ~torch.isnan(x)
-    count = present.sum(1, keepdim=True).clamp_min(1)
-    zero = torch.zeros((), dtype=x.dtype)
-    mean = torch.where(present, x, zero).sum(1, keepdim=True) / count
-    std = (torch.where(present, x - mean, zero) ** 2).sum(1, keepdim=True).div(count).sqrt()
+    mean, var = _moments(x)
+    std = var.sqrt()
     return (x - mean) / torch.where(std > 1e-8, std, torch.ones((), dtype=x.dtype))
 
 
 def level_and_scale(x: torch.Tensor) -> torch.Tensor:
     """Each series' mean and log standard deviation per feature over its present steps: [N, 2F]."""
-    present = ~torch.isnan(x)
-    count = present.sum(1).clamp_min(1)
-    zero = torch.zeros((), dtype=x.dtype)
-    mean = torch.where(present, x, zero).sum(1) / count
-    var = (torch.where(present, x - mean[:, None], zero) ** 2).sum(1) / count
-    return torch.cat((mean, 0.5 * torch.log(var + 1e-10)), dim=1)
+    mean, var = _moments(x)
+    return torch.cat((mean[:, 0], 0.5 * torch.log(var[:, 0] + 1e-10)), dim=1)
 
 
 def shape_summary(x: torch.Tensor) -> torch.Tensor:

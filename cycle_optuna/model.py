@@ -101,9 +101,10 @@ class TransformerClassifier(nn.Module):
         self.seq_len, self.patch_len, self.n_tokens = seq_len, patch_len, math.ceil(seq_len / patch_len)
         self.pos_encoding, self.pooling, self.instance_norm = pos_encoding, pooling, instance_norm
         self.summary_features = summary_features
-        # with instance_norm, the summary branch reads each series z-normalised (its shape): the level
-        # and scale reach the head through the instance norm's own projection, and a recording's
-        # offset or gain no longer dominates every statistic. False: as models saved before it.
+        # with instance_norm, the summary branch reads the statistics of each series z-normalised (its
+        # shape) and, through weights of their own (summary_level), its level and log-scale
+        # (features.shape_summary): a recording's offset or gain no longer dominates every statistic.
+        # False: as models saved before it read the series as they are.
         self.summary_of_shape = summary_of_shape and instance_norm
         # Stem: one linear map per patch of patch_len steps (a strided conv's weights, applied as
         # one matrix product: _patches), then conv_stem same-length convolutions over the tokens
