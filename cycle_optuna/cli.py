@@ -286,14 +286,15 @@ def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None]
     prefix = str(config.study_dir(cfg) / cfg.study.name)
     procs = worker.start_local_workers(cfg.path, url, len(gpus), n_trials=cfg.study.n_trials, log_prefix=prefix,
                                        gpus=gpus, log_json=args.log_json)
+    worker.stop_too([p.pid for p, _ in procs])  # a second signal here stops them at once too
     try:
         if args.log_json or not out.is_terminal:  # a live view in a log file shows only its last frame
             status.follow(procs, lambda line: out.print(line, highlight=False, soft_wrap=True, markup=False))
         else:
             status.watch(study, cfg.study.n_trials, procs, epochs=cfg.train.epochs, console=out)
     except KeyboardInterrupt:
-        # each worker gets the signal this process got (Ctrl-C: SIGINT, `kill`: SIGTERM), once: their
-        # handed-back trials and exit codes then name what the user did
+        # each worker gets the signal this process got (Ctrl-C: SIGINT, `kill`: SIGTERM, a closed
+        # terminal: SIGHUP), once: their handed-back trials and exit codes then name what the user did
         signals = [*_STOPPED_BY, *worker._SIGNALLED]
         sig = signals[0] if signals else signal.SIGINT
         for p, _ in procs:
@@ -303,6 +304,8 @@ def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None]
             p.wait()
         err.print(f"interrupted: {len(gpus)} workers stopped; their running trials were handed back for retry")
         return 128 + sig
+    finally:
+        worker.stop_too([])
     failed = [(p.returncode, log) for p, log in procs if p.returncode != 0]
     for code, log in failed:
         lines = [line for line in Path(log).read_text().splitlines() if line.strip()]

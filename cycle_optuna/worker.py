@@ -260,10 +260,28 @@ _SIGNALLED: list[int] = []
 _ARRIVED: list[int] = []  # every SIGINT/SIGTERM since the handlers were installed, as the watcher saw it
 
 
+_STOP_TOO: list[int] = []  # `run --workers K`: its workers' pids, stopped at once with it
+
+
 def _stop_now(signum: int) -> None:
     with contextlib.suppress(OSError):  # stderr may be a closed pipe
         os.write(2, f"second {signal.Signals(signum).name}: stopping now\n".encode())
+    for pid in _STOP_TOO:  # their second signal (a first one they had from this process)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signum)
     os._exit(128 + signum)
+
+
+def stop_too(pids: list[int]) -> None:
+    """A second signal to this process (`run --workers K`) stops these processes at once too: once it
+    is gone they would hear only the parent-death SIGHUP, which a worker takes once."""
+    _STOP_TOO[:] = pids
+
+
+# Linux sends a child its parent-death signal again each time it is handed on to another of the
+# dead parent's threads: a `run` killed with kill -9 can send its workers two or more. Had it
+# been SIGTERM, the repeat would count as the user's second signal and cut the hand-back short.
+PARENT_DEATH_SIGNAL = signal.SIGHUP
 
 
 _FIRST_SIGNAL_DOES = ["handing back the running trial(s)"]  # what the watcher says a first signal does
@@ -272,6 +290,9 @@ _FIRST_SIGNAL_DOES = ["handing back the running trial(s)"]  # what the watcher s
 def install_signal_handlers(does: str = "handing back the running trial(s)") -> None:
     """SIGTERM (docker stop, kill) ends the running trial the way Ctrl-C does; a second signal
     ends the process at once (its trial is then retried by the stale check, like a killed one).
+    SIGHUP (the `run` that started a local worker died, or the terminal closed) is a first signal
+    and is never a second one: Linux may repeat a parent-death signal (see PARENT_DEATH_SIGNAL).
+    A SIGHUP ignored when the process started (nohup) stays ignored.
     ``does``: what the first signal does, said at once (`run --workers K` holds no trial: it stops
     its workers).
 
@@ -282,6 +303,8 @@ def install_signal_handlers(does: str = "handing back the running trial(s)") -> 
     this would write its signals into the same pipe: nothing here forks."""
 
     def handler(signum: int, frame: object) -> None:
+        if signum == PARENT_DEATH_SIGNAL and _SIGNALLED:
+            return  # the parent's death said again, or a hangup after a stop: nothing new to do
         _SIGNALLED.append(signum)
         if len(_SIGNALLED) > 1:
             _stop_now(signum)
@@ -293,6 +316,8 @@ def install_signal_handlers(does: str = "handing back the running trial(s)") -> 
     _watch_signals()  # first: a signal caught by the handler below is then seen by the watcher too
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    if signal.getsignal(PARENT_DEATH_SIGNAL) is not signal.SIG_IGN:
+        signal.signal(PARENT_DEATH_SIGNAL, handler)
 
 
 _WATCHER: list[int] = []  # the wakeup pipe's write end, once the watcher runs
@@ -312,7 +337,14 @@ def _watch_signals() -> None:
     def watch() -> None:
         while True:
             for signum in os.read(read_end, 64):
-                if signum in (signal.SIGINT, signal.SIGTERM):
+                if signum == PARENT_DEATH_SIGNAL:
+                    if not _ARRIVED:  # a first signal; a repeat, or one after a stop, changes nothing
+                        _ARRIVED.append(signum)
+                        with contextlib.suppress(OSError):
+                            os.write(2, f"SIGHUP (the process that started this worker is gone, or its terminal "
+                                        f"closed): {_FIRST_SIGNAL_DOES[0]}; a SIGINT or SIGTERM stops at once\n"
+                                     .encode())
+                elif signum in (signal.SIGINT, signal.SIGTERM):
                     _ARRIVED.append(signum)
                     if len(_ARRIVED) > 1:
                         _stop_now(signum)
@@ -712,9 +744,11 @@ def start_local_workers(
 
 
 def _parent_death_signal() -> Callable[[], None] | None:
-    """For a local worker, before it starts: SIGTERM when the `run` that started it dies, even by
+    """For a local worker, before it starts: SIGHUP when the `run` that started it dies, even by
     kill -9 (Linux's parent-death signal), so it hands its trial back instead of training unseen.
-    Resolved here, in the parent: the child, forked beside other threads, only makes the call."""
+    Resolved here, in the parent: the child, forked beside other threads, only makes the calls.
+    A SIGHUP ignored by `run` (nohup) is not inherited: the worker, in a session of its own, has no
+    terminal to hang up, and this is the one SIGHUP it can get."""
     import ctypes
 
     try:
@@ -724,8 +758,9 @@ def _parent_death_signal() -> Callable[[], None] | None:
     parent = os.getpid()
 
     def in_child() -> None:
-        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        signal.signal(PARENT_DEATH_SIGNAL, signal.SIG_DFL)
+        prctl(1, PARENT_DEATH_SIGNAL)  # PR_SET_PDEATHSIG = 1
         if os.getppid() != parent:  # it died before the signal was asked for
-            os._exit(143)
+            os._exit(128 + PARENT_DEATH_SIGNAL)
 
     return in_child

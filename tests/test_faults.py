@@ -502,12 +502,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _run_with_a_paused_worker(tmp_path: Path) -> tuple[str, subprocess.Popen, list[int], list[Path]]:
+def _run_with_a_paused_worker(tmp_path: Path, *, nohup: bool = False, **pauses: str,
+                              ) -> tuple[str, subprocess.Popen, list[int], list[Path]]:
     """`run --workers 2` on a 4-trial study, once one of its workers holds a trial it has just asked
     for (the other waits for the lock it asks under): (storage URL, run, worker pids, [its log])."""
     url = f"sqlite:///{tmp_path / 'tiny.db'}"
     study = write_study(tmp_path, n_trials=4, epochs=1)
-    run = start_cli(["run", str(study), "--workers", "2"], env=worker_env(CYCLE_OPTUNA_TEST_PAUSE_AFTER_ASK="120"))
+    env = worker_env(CYCLE_OPTUNA_TEST_PAUSE_AFTER_ASK="120", **pauses)
+    run = start_cli(["run", str(study), "--workers", "2"], env=env, nohup=nohup)
     logs = [tmp_path / f"tiny-worker-{i}.log" for i in (1, 2)]
     paused = wait_for(lambda: [p for p in logs if p.exists() and "paused after ask" in p.read_text()], 120,
                       "a worker paused with a trial")
@@ -516,16 +518,68 @@ def _run_with_a_paused_worker(tmp_path: Path) -> tuple[str, subprocess.Popen, li
     return url, run, workers, paused
 
 
-def test_workers_of_a_run_killed_by_kill_9_stop_and_hand_their_trials_back(tmp_path: Path):
-    """`run --workers K` killed with -9 cannot stop its workers: they ask Linux for a SIGTERM when
-    their parent dies, and hand back their trials instead of training on unseen."""
-    url, run, workers, paused = _run_with_a_paused_worker(tmp_path)
+@pytest.mark.parametrize("nohup", [False, True], ids=["plain", "nohup"])
+def test_workers_of_a_run_killed_by_kill_9_stop_and_hand_their_trials_back(tmp_path: Path, nohup: bool):
+    """`run --workers K` killed with -9 cannot stop its workers: they ask Linux for a SIGHUP when
+    their parent dies, and hand back their trials instead of training on unseen; also when `run` was
+    started with SIGHUP ignored (nohup): the workers, with no terminal of their own, still hear it."""
+    url, run, workers, paused = _run_with_a_paused_worker(tmp_path, nohup=nohup)
     run.kill()
     run.wait()
     wait_for(lambda: not any(_alive(p) for p in workers), 60, "the workers to stop with their parent")
     states = [t.state for t in trials(url)]
-    assert states and TrialState.RUNNING not in states, states  # handed back
-    assert "SIGTERM" in paused[0].read_text()
+    logs = "\n".join(f"--- {p.name}:\n{p.read_text()}" for p in sorted(tmp_path.glob("*-worker-*.log")))
+    assert states and TrialState.RUNNING not in states, f"{states}\n{logs}"  # handed back
+    text = paused[0].read_text()
+    assert "SIGHUP (the process that started this worker is gone" in text and "stopping now" not in text, text
+
+
+@pytest.mark.parametrize("again, code", [(signal.SIGHUP, 129), (signal.SIGTERM, 143)])
+def test_a_repeated_parent_death_signal_lets_the_hand_back_finish(tmp_path: Path, again, code):
+    """Linux repeats the parent-death SIGHUP as each thread of a killed `run` exits: a repeat
+    arriving mid-hand-back changes nothing, while a SIGTERM after it still stops the worker at once."""
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = write_study(tmp_path, n_trials=1, epochs=4)
+    log = tmp_path / "w.log"
+    # paused long enough for the second signal to arrive within the pause, which it does not cut short
+    proc = start_cli(["worker", str(study)], pause=1.0, log=log,
+                     env=worker_env(CYCLE_OPTUNA_TEST_PAUSE_HANDING_BACK="10"))
+    wait_for(lambda: _running_with_checkpoint(url, tmp_path), 90, "a trial with an epoch checkpoint")
+    proc.send_signal(signal.SIGHUP)
+    wait_for(_log_says(log, "paused handing back"), 30, "the hand-back under way")
+    proc.send_signal(again)
+    assert proc.wait(timeout=45) == code, log.read_text()
+    text = log.read_text()
+    if again == signal.SIGHUP:
+        assert "stopping now" not in text and "handed back cycle 1" in text, text
+        assert [t.state for t in trials(url)] == [TrialState.FAIL, TrialState.WAITING]
+    else:
+        assert "second SIGTERM: stopping now" in text, text
+        assert [t.state for t in trials(url)] == [TrialState.RUNNING, TrialState.WAITING]  # the next worker's
+
+
+def test_a_worker_started_under_nohup_trains_on_through_a_hangup(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = write_study(tmp_path, n_trials=1, epochs=3)
+    log = tmp_path / "w.log"
+    proc = start_cli(["worker", str(study)], pause=0.5, log=log, nohup=True)
+    wait_for(lambda: _running_with_checkpoint(url, tmp_path), 90, "a trial with an epoch checkpoint")
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=90) == 0, log.read_text()
+    assert [t.state for t in trials(url)] == [TrialState.COMPLETE]
+
+
+def test_a_second_signal_to_run_with_workers_stops_its_workers_at_once(tmp_path: Path):
+    """The user's second Ctrl-C or kill reaches the workers too: `run` gone, they would hear only
+    the parent-death SIGHUP, which does not cut a hand-back short."""
+    url, run, workers, paused = _run_with_a_paused_worker(tmp_path, CYCLE_OPTUNA_TEST_PAUSE_HANDING_BACK="120")
+    run.send_signal(signal.SIGTERM)
+    wait_for(_log_says(paused[0], "paused handing back"), 30, "the worker's hand-back under way")
+    run.send_signal(signal.SIGTERM)
+    rc, out = _finish(run, timeout=30)
+    assert rc == 143 and "second SIGTERM: stopping now" in out, out
+    wait_for(lambda: not any(_alive(p) for p in workers), 30, "the workers to stop at once")
+    assert "second SIGTERM: stopping now" in paused[0].read_text()
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

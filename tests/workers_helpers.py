@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -88,12 +89,14 @@ def worker_env(**extra: str) -> dict[str, str]:
 
 
 def start_cli(args: list[str], *, pause: float = 0.0, env: dict | None = None, cwd: Path | None = None,
-              log: Path | None = None) -> subprocess.Popen:
-    """`cycle-optuna ARGS` in a new process (epochs slowed by `pause` seconds)."""
+              log: Path | None = None, nohup: bool = False) -> subprocess.Popen:
+    """`cycle-optuna ARGS` in a new process (epochs slowed by `pause` seconds); `nohup`: with SIGHUP
+    ignored, as `nohup` starts it."""
     code = SLOW_EPOCHS.format(pause=pause)
     out = open(log, "w") if log else subprocess.PIPE
+    ignore = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env or worker_env(), cwd=cwd,
-                            stdout=out, stderr=subprocess.STDOUT, text=True)
+                            stdout=out, stderr=subprocess.STDOUT, text=True, preexec_fn=ignore)
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
