@@ -749,6 +749,17 @@ def one_line(text: str) -> str:
     return text.translate(_CONTROL)
 
 
+def _terminal_gone() -> bool:
+    """Whether stdout or stderr is a terminal that no longer answers (hung up: writes fail with EIO)."""
+    for fd in (1, 2):
+        try:
+            os.write(fd, b"")  # nothing written anywhere else (a file, a pipe)
+        except OSError as e:
+            if e.errno == errno.EIO:
+                return True
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns 0 ok, 2 bad input, 1 unexpected error, 130 interrupted."""
     args = build_parser().parse_args(argv)
@@ -777,6 +788,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush writes nowhere
         return 141  # 128 + SIGPIPE, as a shell tool killed by the closed pipe
     except Exception as e:  # noqa: BLE001 - the boundary that turns surprises into exit code 1
+        if isinstance(e, OSError) and e.errno == errno.EIO and _terminal_gone():
+            # its terminal closed (SIGHUP: the running trial was handed back): nothing can be said,
+            # and the exit code names the signal, not the write that failed after it
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for fd in (1, 2):
+                os.dup2(devnull, fd)
+            worker = sys.modules.get("cycle_optuna.worker")
+            signals = [*_STOPPED_BY, *(worker._SIGNALLED if worker is not None else ())]
+            return 128 + signals[0] if signals else 1
         if args.debug:
             raise
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # e.g. a journal's disk, mid-run

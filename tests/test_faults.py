@@ -569,6 +569,79 @@ def test_a_worker_started_under_nohup_trains_on_through_a_hangup(tmp_path: Path)
     assert [t.state for t in trials(url)] == [TrialState.COMPLETE]
 
 
+class _Terminal:
+    """`cycle-optuna ARGS` (epochs slowed by `pause`) on a pseudo-terminal of its own, read as it
+    writes; `hang_up` closes the terminal, as closing its window does."""
+
+    def __init__(self, args: list[str], *, pause: float) -> None:
+        import pty
+        import threading
+
+        from workers_helpers import SLOW_EPOCHS
+
+        argv = [sys.executable, "-c", SLOW_EPOCHS.format(pause=pause), *args]
+        env = worker_env()
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: its session's leader, with the terminal as its own
+            try:
+                os.execve(sys.executable, argv, env)
+            finally:
+                os._exit(127)
+        self.out: list[bytes] = []
+        self.stop = threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        import select
+
+        while not self.stop.is_set():
+            if select.select([self.fd], [], [], 0.1)[0]:
+                try:
+                    self.out.append(os.read(self.fd, 65536))
+                except OSError:
+                    return
+
+    def text(self) -> str:
+        return b"".join(self.out).decode(errors="replace")
+
+    def hang_up(self) -> None:
+        self.stop.set()
+        self.reader.join()
+        os.close(self.fd)
+
+    def wait(self, timeout: float) -> int:
+        import time
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.1)
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError(f"still running {timeout}s after its terminal closed")
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["run", "run-workers"])
+def test_closing_the_terminal_of_run_hands_its_trials_back(tmp_path: Path, workers: list[str]):
+    """Its terminal gone, `run` hands the running trials back (`run --workers`: its workers do) and
+    ends 129 (SIGHUP), saying nothing: every write to the closed terminal fails."""
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = write_study(tmp_path, n_trials=2, epochs=6)
+    term = _Terminal(["run", str(study), *workers], pause=1.0)
+    try:
+        wait_for(lambda: _running_with_checkpoint(url, tmp_path), 90, "a trial with an epoch checkpoint")
+    except BaseException:
+        os.kill(term.pid, signal.SIGKILL)
+        raise
+    term.hang_up()
+    assert term.wait(60) == 129, term.text()
+    states = [t.state for t in trials(url)]
+    assert TrialState.RUNNING not in states and TrialState.WAITING in states, states
+    assert states.count(TrialState.FAIL) == states.count(TrialState.WAITING), states  # each handed back once
+
+
 def test_a_second_signal_to_run_with_workers_stops_its_workers_at_once(tmp_path: Path):
     """The user's second Ctrl-C or kill reaches the workers too: `run` gone, they would hear only
     the parent-death SIGHUP, which does not cut a hand-back short."""
