@@ -257,7 +257,7 @@ class WorkerStats:
 
 
 _SIGNALLED: list[int] = []
-_ARRIVED: list[int] = []  # every SIGINT/SIGTERM since the handlers were installed, as the watcher saw it
+_ARRIVED: list[int] = []  # every SIGINT/SIGTERM (and a first SIGHUP) since the handlers were installed, as the watcher saw it
 
 
 _STOP_TOO: list[int] = []  # `run --workers K`: its workers' pids, stopped at once with it
@@ -341,9 +341,8 @@ def _watch_signals() -> None:
                     if not _ARRIVED:  # a first signal; a repeat, or one after a stop, changes nothing
                         _ARRIVED.append(signum)
                         with contextlib.suppress(OSError):
-                            os.write(2, f"SIGHUP (the process that started this worker is gone, or its terminal "
-                                        f"closed): {_FIRST_SIGNAL_DOES[0]}; a SIGINT or SIGTERM stops at once\n"
-                                     .encode())
+                            os.write(2, f"SIGHUP (the terminal closed, or the run that started this process ended): "
+                                        f"{_FIRST_SIGNAL_DOES[0]}; a SIGINT or SIGTERM stops at once\n".encode())
                 elif signum in (signal.SIGINT, signal.SIGTERM):
                     _ARRIVED.append(signum)
                     if len(_ARRIVED) > 1:
