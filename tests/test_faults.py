@@ -573,14 +573,13 @@ class _Terminal:
     """`cycle-optuna ARGS` (epochs slowed by `pause`) on a pseudo-terminal of its own, read as it
     writes; `hang_up` closes the terminal, as closing its window does."""
 
-    def __init__(self, args: list[str], *, pause: float) -> None:
+    def __init__(self, args: list[str], *, pause: float, env: dict[str, str]) -> None:
         import pty
         import threading
 
         from workers_helpers import SLOW_EPOCHS
 
         argv = [sys.executable, "-c", SLOW_EPOCHS.format(pause=pause), *args]
-        env = worker_env()
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: its session's leader, with the terminal as its own
             try:
@@ -629,9 +628,16 @@ def test_closing_the_terminal_of_run_hands_its_trials_back(tmp_path: Path, worke
     ends 129 (SIGHUP), saying nothing: every write to the closed terminal fails."""
     url = f"sqlite:///{tmp_path / 'tiny.db'}"
     study = write_study(tmp_path, n_trials=2, epochs=6)
-    term = _Terminal(["run", str(study), *workers], pause=1.0)
+    if workers:  # the workers are processes of their own, at full speed: one pauses with its trial
+        env = worker_env(CYCLE_OPTUNA_TEST_PAUSE_AFTER_ASK="120")
+        logs = [tmp_path / f"tiny-worker-{i}.log" for i in (1, 2)]
+        ready = lambda: any(p.exists() and "paused after ask" in p.read_text() for p in logs)  # noqa: E731
+    else:  # the one worker is `run` itself, its epochs slowed
+        env = worker_env()
+        ready = lambda: _running_with_checkpoint(url, tmp_path)  # noqa: E731
+    term = _Terminal(["run", str(study), *workers], pause=1.0, env=env)
     try:
-        wait_for(lambda: _running_with_checkpoint(url, tmp_path), 90, "a trial with an epoch checkpoint")
+        wait_for(ready, 90, "a running trial")
     except BaseException:
         os.kill(term.pid, signal.SIGKILL)
         raise
