@@ -560,9 +560,9 @@ def test_a_repeated_parent_death_signal_lets_the_hand_back_finish(tmp_path: Path
 
 def test_a_worker_started_under_nohup_trains_on_through_a_hangup(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'tiny.db'}"
-    study = write_study(tmp_path, n_trials=1, epochs=3)
+    study = write_study(tmp_path, n_trials=1, epochs=4)
     log = tmp_path / "w.log"
-    proc = start_cli(["worker", str(study)], pause=0.5, log=log, nohup=True)
+    proc = start_cli(["worker", str(study)], pause=1.0, log=log, nohup=True)
     wait_for(lambda: _running_with_checkpoint(url, tmp_path), 90, "a trial with an epoch checkpoint")
     proc.send_signal(signal.SIGHUP)
     assert proc.wait(timeout=90) == 0, log.read_text()
@@ -583,6 +583,7 @@ class _Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: its session's leader, with the terminal as its own
             try:
+                signal.signal(signal.SIGHUP, signal.SIG_DFL)  # whatever the test runner was started with
                 os.execve(sys.executable, argv, env)
             finally:
                 os._exit(127)

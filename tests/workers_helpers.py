@@ -6,7 +6,6 @@ import contextlib
 import errno
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -91,12 +90,13 @@ def worker_env(**extra: str) -> dict[str, str]:
 def start_cli(args: list[str], *, pause: float = 0.0, env: dict | None = None, cwd: Path | None = None,
               log: Path | None = None, nohup: bool = False) -> subprocess.Popen:
     """`cycle-optuna ARGS` in a new process (epochs slowed by `pause` seconds); `nohup`: with SIGHUP
-    ignored, as `nohup` starts it."""
-    code = SLOW_EPOCHS.format(pause=pause)
+    ignored, as `nohup` starts it (else SIGHUP does what it does by default, whatever the test
+    runner was started with)."""
+    hangup = "SIG_IGN" if nohup else "SIG_DFL"
+    code = f"import signal; signal.signal(signal.SIGHUP, signal.{hangup})\n" + SLOW_EPOCHS.format(pause=pause)
     out = open(log, "w") if log else subprocess.PIPE
-    ignore = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env or worker_env(), cwd=cwd,
-                            stdout=out, stderr=subprocess.STDOUT, text=True, preexec_fn=ignore)
+                            stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
