@@ -295,8 +295,7 @@ def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None]
     except KeyboardInterrupt:
         # each worker gets the signal this process got (Ctrl-C: SIGINT, `kill`: SIGTERM, a closed
         # terminal: SIGHUP), once: their handed-back trials and exit codes then name what the user did
-        signals = [*_STOPPED_BY, *worker._SIGNALLED]
-        sig = signals[0] if signals else signal.SIGINT
+        sig = _first_signal() or signal.SIGINT
         for p, _ in procs:
             if p.poll() is None:
                 p.send_signal(sig)
@@ -484,6 +483,14 @@ _STOPPED_BY: list[int] = []  # the signal _interrupt turned into KeyboardInterru
 def _interrupt(signum: int, frame: object) -> NoReturn:
     _STOPPED_BY.append(signum)
     raise KeyboardInterrupt
+
+
+def _first_signal() -> int | None:
+    """The signal that stopped this command: _interrupt's, or the worker handlers' where a command
+    installed them; None when none came."""
+    worker = sys.modules.get("cycle_optuna.worker")
+    signals = [*_STOPPED_BY, *(worker._SIGNALLED if worker is not None else ())]
+    return signals[0] if signals else None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -781,9 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")
-        worker = sys.modules.get("cycle_optuna.worker")  # its handlers, where a command installed them
-        signals = [*_STOPPED_BY, *(worker._SIGNALLED if worker is not None else ())]
-        return 128 + (signals[0] if signals else signal.SIGINT)
+        return 128 + (_first_signal() or signal.SIGINT)
     except BrokenPipeError:  # `export ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush writes nowhere
         return 141  # 128 + SIGPIPE, as a shell tool killed by the closed pipe
@@ -794,9 +799,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             for fd in (1, 2):
                 os.dup2(devnull, fd)
-            worker = sys.modules.get("cycle_optuna.worker")
-            signals = [*_STOPPED_BY, *(worker._SIGNALLED if worker is not None else ())]
-            return 128 + signals[0] if signals else 1
+            sig = _first_signal()
+            return 128 + sig if sig else 1
         if args.debug:
             raise
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # e.g. a journal's disk, mid-run
