@@ -45,7 +45,7 @@ def _mask_url(url: str) -> str:
     at = rest.rfind("@")
     if at < 0:  # no user part, but "scheme://user:password" without a host reads as a host and a port
         host, colon, port = re.split(r"[/?#]", rest, maxsplit=1)[0].partition(":")
-        if colon and not host.startswith("[") and not port.isdigit():
+        if colon and port and not host.startswith("[") and not port.isdigit():
             return f"{scheme}://{host}:***{rest[len(host) + 1 + len(port):]}"
         return url
     user, colon, _ = rest[:at].partition(":")

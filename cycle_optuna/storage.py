@@ -349,6 +349,15 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True, versi
             f"bad storage URL {mask(url)!r}: expected e.g. sqlite:///studies/x.db, "
             "postgresql+psycopg://user:pass@host/db, mysql+pymysql://..., or journal:///path/x.log"
         ) from None
+    try:
+        parsed.get_dialect()  # the dialect's module only: the driver is imported when the engine starts
+    except sqlalchemy.exc.NoSuchModuleError:
+        backend, plus, driver = parsed.drivername.partition("+")
+        what = f"unknown database driver {driver!r} for {backend}" if plus else f"unknown storage scheme {backend!r}"
+        raise StorageError(
+            f"bad storage URL {mask(url)!r}: {what}; expected e.g. sqlite:///studies/x.db, "
+            "postgresql+psycopg://user:pass@host/db, mysql+pymysql://..., or journal:///path/x.log"
+        ) from None
     engine_kwargs: dict = {}
     backend = parsed.get_backend_name()
     if backend == "sqlite":

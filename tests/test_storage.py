@@ -23,7 +23,9 @@ from workers_helpers import fill_disk, small_tmpfs, start_cli, wait_for, worker_
 
 
 @pytest.mark.parametrize("url, secret, words", [
-    ("nosuchdb://u:s3cret@h/x", "s3cret", "cannot open storage"),
+    ("nosuchdb://u:s3cret@h/x", "s3cret", "unknown storage scheme 'nosuchdb'"),
+    ("redis://:s3cret@127.0.0.1:6379", "s3cret", "unknown storage scheme 'redis'"),
+    ("postgresql+nodriver://u:s3cret@127.0.0.1:1/x", "s3cret", "unknown database driver 'nodriver' for postgresql"),
     ("postgresql+psycopg://u:s3cret@127.0.0.1:1/x", "s3cret", "cannot open storage"),
     ("postgresql+psycopg://nosuchuser:s3cret@127.0.0.1:5432/postgres", "s3cret", "cannot open storage"),
     ("not a url", "s3cret", "bad storage URL"),
@@ -357,7 +359,8 @@ def test_mask_hides_passwords_in_every_form(text: str, secret: str):
 
 def test_mask_keeps_urls_without_a_password():
     for text in ("sqlite:///studies/a@b.db", "postgresql+psycopg://alice@db/x", "journal:///x.log",
-                 "postgresql://db:5432/x", "postgresql://[::1]:5432/x", "http://127.0.0.1:8080/"):
+                 "postgresql://db:5432/x", "postgresql://[::1]:5432/x", "http://127.0.0.1:8080/",
+                 "cannot open storage bogus://x: refused"):  # a colon after the host, then the reason
         assert storage.mask(text) == text
 
 
