@@ -32,7 +32,7 @@ class RunningTrial:
 @dataclass(frozen=True)
 class StudyStatus:
     name: str
-    n_trials: int  # the cap
+    n_trials: int | None  # the cap; None for a study other code made (the study file's total is not its)
     counted: int  # trials toward the cap (retried failures excluded)
     states: dict[str, int]
     running: list[RunningTrial] = field(default_factory=list)
@@ -42,7 +42,7 @@ class StudyStatus:
     finished: int = 0  # trials that ended for good: not running or waiting, and no retry stands in for them
 
 
-def collect(study: optuna.Study, n_trials: int) -> StudyStatus:
+def collect(study: optuna.Study, n_trials: int | None) -> StudyStatus:
     """Read the study's state from its storage."""
     trials = study.get_trials(deepcopy=False)
     states: dict[str, int] = {}
@@ -77,7 +77,9 @@ def _ago(age: float | None) -> str:
 
 def render(s: StudyStatus, *, epochs: int | None = None) -> Group:
     """Rich tables: states, running trials with their workers, best so far."""
-    head = Table(title=f"study {s.name}: {s.finished} of {s.n_trials} trials finished", show_header=True)
+    total = f" of {s.n_trials}" if s.n_trials is not None else ""
+    made = "" if s.n_trials is not None else " (no total: a study other code made)"
+    head = Table(title=f"study {s.name}: {s.finished}{total} trials finished{made}", show_header=True)
     for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"):
         head.add_column(state.lower(), justify="right")
     head.add_row(*(str(s.states.get(state, 0)) for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")))
