@@ -24,6 +24,7 @@ from cycle_optuna import config as config_mod
 from cycle_optuna import storage as storage_mod
 from cycle_optuna.config import PARAM_NAMES, Hyperparams, StudyConfig
 from cycle_optuna.errors import ConfigError, DataError, StorageError
+from cycle_optuna.jsonvalues import finite_or_none
 
 if TYPE_CHECKING:
     from cycle_optuna.best_model import CycleModel
@@ -669,22 +670,11 @@ def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, w
                                test_model=model_name(rec.get("model_cycles"), bool(rec.get("model_refit"))))
     if stored is None:
         rec["baselines_note"] = "no reference baselines stored yet: the next worker on this study computes them"
-    return _finite(rec)  # strict JSON: a value of inf (a trial added by hand) reads as null
+    return finite_or_none(rec)  # strict JSON: a value of inf (a trial added by hand) reads as null
 
 
 def _json(v: Any) -> Any:
-    return v if isinstance(v, (int, float, str, bool, list, dict)) or v is None else str(v)  # NaN/inf: _finite
-
-
-def _finite(v: Any) -> Any:
-    """`v` with every NaN/inf float, however deep in lists and dicts, as None."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    return v
+    return v if isinstance(v, (int, float, str, bool, list, dict)) or v is None else str(v)  # NaN/inf: finite_or_none
 
 
 def finite_number(v: Any) -> float | int | None:

@@ -20,6 +20,7 @@ from cycle_optuna import baselines, pack, space
 from cycle_optuna import storage as storage_mod
 from cycle_optuna.config import Hyperparams, PrunerConfig, StudyConfig
 from cycle_optuna.data import TaskData
+from cycle_optuna.jsonvalues import finite_or_none
 from cycle_optuna.model import count_params
 from cycle_optuna.pruners import ParentCurvePruner
 from cycle_optuna.train import EpochMetrics, TrainResult, model_kwargs, train_and_evaluate
@@ -300,7 +301,7 @@ class Objective:
             "nan_batches": result.nan_batches,
         }
         for key, value in attrs.items():
-            trial.set_user_attr(key, _json_safe(value))
+            trial.set_user_attr(key, finite_or_none(value))
         if diagnosis == "diverged":
             trial.set_user_attr("prune_reason", "diverged: the loss became non-finite and stayed so")
             raise optuna.TrialPruned("diverged")
@@ -351,7 +352,7 @@ class Objective:
                         _log.warning("cycle %d (trial %d): model not saved: %s; it completes, and the best model "
                                      "averages the best trials whose models were kept", trial.number + 1, trial.number, _reason(e))
                         return
-                    trial.set_user_attr("unsaved_val_loss", _json_safe(result.best_val_loss))
+                    trial.set_user_attr("unsaved_val_loss", finite_or_none(result.best_val_loss))
                     raise ModelNotSaved(f"model of trial {trial.number} (a new best, val loss "
                                         f"{result.best_val_loss:.4f}) not saved: {_reason(e)}") from e
         trial.set_user_attr("model_artifact_id", artifact_id)
@@ -470,7 +471,3 @@ def _improvement(first: float, best: float) -> float:
     return round(100.0 * (first - best) / first, 3)
 
 
-def _json_safe(value: float | int | str) -> float | int | str | None:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

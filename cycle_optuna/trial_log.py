@@ -8,7 +8,6 @@ SLURM, CI), where a progress bar would show only its final frame.
 from __future__ import annotations
 
 import json
-import math
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -18,6 +17,7 @@ from optuna.trial import FrozenTrial
 
 from cycle_optuna import optuna_internals as internals
 from cycle_optuna import storage as storage_mod
+from cycle_optuna.jsonvalues import finite_or_none
 
 MOVE_ATTR, REASON_ATTR = "cycle_move", "cycle_reason"  # written by the cycle samplers
 # a trial running longer than this writes an epoch line at most this often: a log is never silent
@@ -27,10 +27,6 @@ PROGRESS_EVERY_S = 30.0
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _num(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 class TrialLog:
@@ -75,7 +71,7 @@ class TrialLog:
             return
         self.last_line[trial.number] = now
         record = {"event": "epoch", "cycle": trial.number + 1, "trial": trial.number, "worker": self.worker,
-                  "epoch": m.epoch + 1, "val_loss": _num(m.val_loss), "val_accuracy": _num(m.val_accuracy),
+                  "epoch": m.epoch + 1, "val_loss": finite_or_none(m.val_loss), "val_accuracy": finite_or_none(m.val_accuracy),
                   "elapsed_s": round(now - start, 1)}
         self._emit(record, f"cycle {trial.number + 1} epoch {m.epoch + 1}: val loss {m.val_loss:.4f}, "
                            f"acc {m.val_accuracy:.1%}, {now - start:.0f}s so far")
@@ -89,7 +85,7 @@ class TrialLog:
         epochs = attrs.get("epochs_run", len(t.intermediate_values))
         state = t.state.name
         record = {"event": "trial_end", "cycle": t.number + 1, "trial": t.number, "worker": self.worker,
-                  "state": state, "value": _num(t.value), "val_accuracy": _num(attrs.get("val_accuracy")),
+                  "state": state, "value": finite_or_none(t.value), "val_accuracy": finite_or_none(attrs.get("val_accuracy")),
                   "epochs": epochs, "duration_s": None if secs is None else round(secs, 3),
                   "diagnosis": attrs.get("diagnosis")}
         text = f"cycle {t.number + 1} {state.lower()}"
