@@ -77,9 +77,11 @@ def _ago(age: float | None) -> str:
 
 def render(s: StudyStatus, *, epochs: int | None = None) -> Group:
     """Rich tables: states, running trials with their workers, best so far."""
-    total = f" of {s.n_trials}" if s.n_trials is not None else ""
-    made = "" if s.n_trials is not None else " (no total: a study other code made)"
-    head = Table(title=f"study {s.name}: {s.finished}{total} trials finished{made}", show_header=True)
+    if s.n_trials is not None:
+        title = f"study {s.name}: {s.finished} of {s.n_trials} trials finished"
+    else:
+        title = f"study {s.name}: {s.finished} trial{'' if s.finished == 1 else 's'} finished (no total: a study other code made)"
+    head = Table(title=title, show_header=True)
     for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"):
         head.add_column(state.lower(), justify="right")
     head.add_row(*(str(s.states.get(state, 0)) for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")))

@@ -527,7 +527,9 @@ def test_a_finished_sqlite_study_in_wal_mode_on_read_only_media_can_be_read(tmp_
         proc = subprocess.run([sys.executable, "-m", "cycle_optuna.cli", "status", str(ro / "tiny.toml")],
                               env=worker_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "1 of 1 trials finished" in proc.stdout and "val loss 0.5000" in proc.stdout
+    shown = " ".join(proc.stdout.split())  # the title may wrap
+    # the study was made by plain Optuna here (no cycle-optuna config on it): no total is claimed for it
+    assert "1 trial finished (no total" in shown and "val loss 0.5000" in shown
 
 
 def test_a_lock_file_the_worker_cannot_write_is_one_line_naming_it(tmp_path: Path, capsys):
