@@ -78,7 +78,10 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
     full = dataclasses.replace(data, x_train=x, y_train=y, x_val=x[scored], y_val=y[scored], fold_ids=None)
     train_cfg = dataclasses.replace(cfg.train, early_stopping_patience=0)
     cycles = ", ".join(str(t.number + 1) for t in members)
-    say(f"refit of study {study.study_name}: cycle{'s' if len(members) > 1 else ''} {cycles} trained on all "
+    asked = ensemble if ensemble is not None else cfg.study.ensemble
+    fewer = (f" (of the {asked} asked for, the study has {len(members)} completed cycle{'s' if len(members) > 1 else ''} "
+             "with a saved model)") if len(members) < asked else ""
+    say(f"refit of study {study.study_name}: cycle{'s' if len(members) > 1 else ''} {cycles}{fewer} trained on all "
         f"{len(y)} training series ({len(data.y_train)} training + {len(data.y_val)} validation), "
         f"{train_cfg.epochs} epochs each")
     nets = data.n_folds  # as many networks as each cycle's own model averages, each on every series

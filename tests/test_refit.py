@@ -72,9 +72,14 @@ def test_refit_trains_the_best_cycles_on_every_training_series_and_the_best_mode
     assert cli.main(["report", str(path), "-o", str(tmp_path / "rep")]) == 0
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "refit: trained again on all training series" in text and "(refit)) scored" in text
-    # a second refit replaces the first: its files go once the study names the new ones
-    assert cli.main(["refit", str(path), "--no-test"]) == 0
+    assert "asked for" not in said  # three asked (the study's ensemble), three refit
+    # a second refit replaces the first: its files go once the study names the new ones; asked for
+    # more cycles than kept a model, it says how many it refits
+    capsys.readouterr()
+    assert cli.main(["refit", str(path), "--no-test", "--ensemble", "9"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
     again = api.load_study(path).user_attrs[api.REFIT_ATTR]["artifacts"]
+    assert f"(of the 9 asked for, the study has {len(again)} completed cycles with a saved model)" in said, said
     assert _refit_files(path) == sorted(again) and not set(again) & first_files
 
 
