@@ -384,14 +384,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from cycle_optuna import api, preflight, status, totals
+    from cycle_optuna import preflight, status, totals
 
     cfg, url = _load(args)
     preflight.for_read(url)
     study = status.load(cfg, url)
-    ours = study.user_attrs.get(api.CONFIG_ATTR) is not None or not study.get_trials(deepcopy=False)
-    total = totals.shown(study, cfg.study.n_trials) if ours else None  # the file's total is not another study's
-    out.print(status.render(status.collect(study, total), epochs=cfg.train.epochs if ours else None))
+    out.print(status.render(status.collect(study, totals.shown(study, cfg.study.n_trials)), epochs=cfg.train.epochs))
     return 0
 
 

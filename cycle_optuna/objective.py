@@ -469,5 +469,3 @@ def _improvement(first: float, best: float) -> float:
     if not (math.isfinite(first) and math.isfinite(best)) or first <= 0:
         return 0.0
     return round(100.0 * (first - best) / first, 3)
-
-

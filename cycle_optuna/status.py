@@ -42,9 +42,11 @@ class StudyStatus:
     finished: int = 0  # trials that ended for good: not running or waiting, and no retry stands in for them
 
 
-def collect(study: optuna.Study, n_trials: int | None) -> StudyStatus:
-    """Read the study's state from its storage."""
+def collect(study: optuna.Study, n_trials: int) -> StudyStatus:
+    """Read the study's state from its storage. `n_trials` is the study file's total; a study
+    that other code made (trials, but no cycle-optuna config on it) gets none."""
     trials = study.get_trials(deepcopy=False)
+    total = None if trials and study.user_attrs.get(api.CONFIG_ATTR) is None else n_trials
     states: dict[str, int] = {}
     for t in trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
@@ -62,7 +64,7 @@ def collect(study: optuna.Study, n_trials: int | None) -> StudyStatus:
     # short leaves it RUNNING beside its queued retry until a stale check fails it
     retried = stood_in_for(trials)
     finished = sum(t.state.is_finished() and t.number not in retried for t in trials)
-    return StudyStatus(study.study_name, n_trials, count(trials), states, running, best, failures,
+    return StudyStatus(study.study_name, total, count(trials), states, running, best, failures,
                        api.baselines(study), finished)
 
 
@@ -76,10 +78,12 @@ def _ago(age: float | None) -> str:
 
 
 def render(s: StudyStatus, *, epochs: int | None = None) -> Group:
-    """Rich tables: states, running trials with their workers, best so far."""
+    """Rich tables: states, running trials with their workers, best so far (the study file's
+    `epochs` only where the study is the file's)."""
     if s.n_trials is not None:
         title = f"study {s.name}: {s.finished} of {s.n_trials} trials finished"
     else:
+        epochs = None
         title = f"study {s.name}: {s.finished} trial{'' if s.finished == 1 else 's'} finished (no total: a study other code made)"
     head = Table(title=title, show_header=True)
     for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"):

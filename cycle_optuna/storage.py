@@ -344,18 +344,14 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True, versi
     check_url(url)
     try:
         parsed = make_url(url)
-    except (sqlalchemy.exc.ArgumentError, ValueError):
-        raise StorageError(
-            f"bad storage URL {mask(url)!r}: expected e.g. sqlite:///studies/x.db, "
-            "postgresql+psycopg://user:pass@host/db, mysql+pymysql://..., or journal:///path/x.log"
-        ) from None
-    try:
         parsed.get_dialect()  # the dialect's module only: the driver is imported when the engine starts
-    except sqlalchemy.exc.NoSuchModuleError:
-        backend, plus, driver = parsed.drivername.partition("+")
-        what = f"unknown database driver {driver!r} for {backend}" if plus else f"unknown storage scheme {backend!r}"
+    except (sqlalchemy.exc.ArgumentError, ValueError) as e:
+        what = ""
+        if isinstance(e, sqlalchemy.exc.NoSuchModuleError):  # a scheme or driver SQLAlchemy does not know
+            backend, plus, driver = parsed.drivername.partition("+")
+            what = f"unknown database driver {driver!r} for {backend}; " if plus else f"unknown storage scheme {backend!r}; "
         raise StorageError(
-            f"bad storage URL {mask(url)!r}: {what}; expected e.g. sqlite:///studies/x.db, "
+            f"bad storage URL {mask(url)!r}: {what}expected e.g. sqlite:///studies/x.db, "
             "postgresql+psycopg://user:pass@host/db, mysql+pymysql://..., or journal:///path/x.log"
         ) from None
     engine_kwargs: dict = {}

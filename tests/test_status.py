@@ -157,6 +157,7 @@ def test_a_hand_back_cut_short_is_not_counted_as_finished(tmp_path):
     from cycle_optuna import storage
 
     study = optuna.create_study(study_name="s", storage=storage.open_storage(f"sqlite:///{tmp_path / 's.db'}"))
+    study.set_user_attr(api.CONFIG_ATTR, {})  # a study cycle-optuna made: the total is the file's
     study.ask().suggest_float("x", 0, 1)
     storage.queue_retry(study, study.get_trials(deepcopy=False)[0])
     s = status.collect(study, 1)
