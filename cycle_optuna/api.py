@@ -19,6 +19,9 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from cycle_optuna import optuna_internals as internals
+from cycle_optuna.attrs import (  # noqa: F401 - re-exported: api.CONFIG_ATTR etc.
+    BASELINES_ATTR, CONFIG_ATTR, MODEL_ATTR, REFIT_ATTR, REFIT_PENDING_ATTR, SEARCH_ATTR, STATS_ATTR,
+)
 from cycle_optuna import redact
 from cycle_optuna import config as config_mod
 from cycle_optuna import storage as storage_mod
@@ -31,19 +34,6 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-# Same names as cycle_optuna.worker (kept here so queries do not import the training stack).
-CONFIG_ATTR = "cycle_optuna_config"
-STATS_ATTR = "data_stats"
-MODEL_ATTR = "model_artifact_id"
-BASELINES_ATTR = "cycle_optuna_baselines"  # study attr: {"majority": {"label", "val_accuracy", "test_accuracy"}, ...}
-# study attr written by `refit`: {"trials": [numbers, best first], "artifacts": [ids], "series": n, "epochs": n}
-REFIT_ATTR = "refit_model"
-# study attr: the samplers and pruners a study ran, one entry per change ([{"from_cycle", "sampler", "pruner"}]);
-# absent while the study runs with those it was created with
-SEARCH_ATTR = "search_settings"
-# study attr a running refit writes first: {"artifacts": [ids it will write], "worker": "host:pid", "started": when};
-# None once done
-REFIT_PENDING_ATTR = "refit_pending"
 
 StudyLike = Union[optuna.Study, str, os.PathLike]
 

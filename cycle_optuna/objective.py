@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from cycle_optuna import baselines, pack, space
 from cycle_optuna import storage as storage_mod
+from cycle_optuna.attrs import MODEL_ATTR
 from cycle_optuna.config import Hyperparams, PrunerConfig, StudyConfig
 from cycle_optuna.data import TaskData
 from cycle_optuna.jsonvalues import finite_or_none
@@ -355,7 +356,7 @@ class Objective:
                     trial.set_user_attr("unsaved_val_loss", finite_or_none(result.best_val_loss))
                     raise ModelNotSaved(f"model of trial {trial.number} (a new best, val loss "
                                         f"{result.best_val_loss:.4f}) not saved: {_reason(e)}") from e
-        trial.set_user_attr("model_artifact_id", artifact_id)
+        trial.set_user_attr(MODEL_ATTR, artifact_id)
 
 
 class TrialCheckpoints:

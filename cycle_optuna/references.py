@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-BASELINES_ATTR = "cycle_optuna_baselines"
+from cycle_optuna.attrs import BASELINES_ATTR  # noqa: F401 - re-exported
+
 LABELS = {"majority": "majority class", "1nn": "1-NN Euclidean",
           "1nn_z": "1-NN Euclidean on z-normalised series", "mlp": "MLP on summary features"}
 

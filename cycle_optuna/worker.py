@@ -23,6 +23,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from cycle_optuna import baselines
+from cycle_optuna.attrs import CONFIG_ATTR, STATS_ATTR
 from cycle_optuna import config as config_mod
 from cycle_optuna import optuna_internals as internals
 from cycle_optuna import placement
@@ -38,8 +39,6 @@ from cycle_optuna.space import InvalidCombination
 from cycle_optuna.totals import count_and_waiting as _count_and_waiting, trials_counted  # noqa: F401 - re-exported
 from cycle_optuna.train import EpochMetrics
 
-CONFIG_ATTR = "cycle_optuna_config"
-STATS_ATTR = "data_stats"
 _FINAL = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 POLL_SECONDS = 0.25  # how often an idle worker looks for retries while other workers finish
 LOCAL_CHECK_SECONDS = 5.0  # a journal file (no heartbeats): how often a worker looks for trials of dead local workers
