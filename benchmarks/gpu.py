@@ -33,6 +33,7 @@ import time
 import warnings
 from pathlib import Path
 
+import optuna
 import torch
 
 from cycle_optuna import config, pack, placement, storage, train, worker
@@ -154,7 +155,8 @@ def seed_study(args, device: str) -> list[tuple[str, float, float | None]]:
             rows.append((label, 3600 * len(done) / seconds, best))
             first = min((t.datetime_complete for t in done if t.datetime_complete), default=None)
             start = f", first trial done after {(first - t_start).total_seconds():.0f} s" if first else ""
-            print(f"  {label}: {len(done)} trials in {seconds:.0f} s{start}, best {best}", flush=True)
+            print(f"  {label}: {len(done)} trials in {seconds:.0f} s{start}, best "
+                  f"{'-' if best is None else f'{best:.4f}'}", flush=True)
     return rows
 
 
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch intra-op threads per worker (default: the workers' own default; quick 1)")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a "new study created" line per setting
     q = args.quick
     args.rounds = args.rounds or (1 if q else 3)
     args.epochs = args.epochs or (1 if q else 2)
