@@ -628,6 +628,7 @@ def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, w
         "datetime_start": t.datetime_start.strftime(fmt) if t.datetime_start else None,
         "datetime_complete": t.datetime_complete.strftime(fmt) if t.datetime_complete else None,
         "duration": str(t.duration) if t.duration is not None else None,
+        "duration_s": t.duration.total_seconds() if t.duration is not None else None,  # as `export` names it
         "params": dict(t.params),
         "user_attrs": {k: _json(v) for k, v in t.user_attrs.items()},
         "state": t.state.name,

@@ -393,6 +393,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds_text(seconds: float) -> str:
+    """A duration as people read it: 9.9 s, 4 min 12 s, 2 h 05 min."""
+    if round(seconds, 1) < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def cmd_best(args: argparse.Namespace) -> int:
     import json
 
@@ -430,10 +440,12 @@ def cmd_best(args: argparse.Namespace) -> int:
     for k, v in rec["hyperparams"].items():
         table.add_row(k if k in rec["params"] else f"{k} (fixed)", f"{v:.4g}" if isinstance(v, float) else str(v))
     table.add_section()
+    shown = {"improvement_pct": lambda v: f"{v:.1f}%", "train_seconds": _seconds_text}
     for k in ("diagnosis", "epochs_run", "n_params", "improvement_pct", "train_seconds"):
-        if attrs.get(k) is not None:
-            table.add_row(k, str(attrs[k]))
-    table.add_row("duration", str(rec["duration"]))
+        if (v := attrs.get(k)) is not None:
+            table.add_row(k, shown[k](v) if k in shown and isinstance(v, (int, float)) else str(v))
+    if rec.get("duration_s") is not None:
+        table.add_row("duration", _seconds_text(rec["duration_s"]))
     out.print(table)
     for b in rec["baselines"]:  # one line per reference baseline: does the tuned model beat it?
         out.print(f"vs {b['line']}", highlight=False, soft_wrap=True)

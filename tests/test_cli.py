@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,8 +51,21 @@ def test_best_prints_table_and_json(quick_study, capsys):
     assert best["number"] == 0
     assert set(best["params"]) == {"lr", "n_layers", "hidden_dim", "n_heads", "batch_size", "dropout", "patch_len",
                                    "conv_stem", "pos_encoding"}
+    trial = study_of(quick_study).trials[0]
+    assert best["duration_s"] == trial.duration.total_seconds() and best["duration"] == str(trial.duration)
     assert run_cli("best", str(quick_study)) == 0
-    assert "val loss" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "val loss" in out
+    # durations and the drop as people read them, not 0:00:03.141593 or 77.04839
+    assert re.search(r"│ duration +│ +\d+\.\d s │", out), out
+    assert re.search(r"│ train_seconds +│ +\d+\.\d s │", out), out
+    assert re.search(r"│ improvement_pct +│ +-?\d+\.\d% │", out), out
+
+
+@pytest.mark.parametrize("seconds, text", [(0.04, "0.0 s"), (9.95, "9.9 s"), (59.94, "59.9 s"), (59.97, "1 min 00 s"), (60, "1 min 00 s"),
+                                           (252.4, "4 min 12 s"), (3599.6, "1 h 00 min"), (7500, "2 h 05 min")])
+def test_durations_read_as_seconds_minutes_or_hours(seconds, text):
+    assert cli._seconds_text(seconds) == text
 
 
 def test_bad_study_file_exits_2_with_one_line_and_writes_nothing(quick_study, capsys):
