@@ -19,7 +19,8 @@ cross-validation runs over it when that split would hold at most 20 series) and 
 is `test_source`.
 
 UCR sets are read from DIR/<Name>/<Name>_TRAIN.ts and _TEST.ts (the layout of the UCR archive and
-of the aeon wheel's datasets/data folder; .arff, .tsv or .txt files when there is no .ts pair); DIR comes from --data-dir or $CYCLE_OPTUNA_UCR_DIR, and a
+of the aeon wheel's datasets/data folder, whose variants such as PickupGestureWiimoteZ_eq sit in
+their set's folder, where they are found too; .arff, .tsv or .txt files when there is no .ts pair); DIR comes from --data-dir or $CYCLE_OPTUNA_UCR_DIR, and a
 set whose files are absent is skipped with a message.
 """
 
@@ -128,11 +129,16 @@ ARCHIVE_SUFFIXES = (".ts", ".arff", ".tsv", ".txt")  # the archive's formats, in
 
 
 def archive_files(data_dir: Path, name: str) -> tuple[Path, Path] | tuple[None, None]:
-    """DIR/<Name>/<Name>_TRAIN and _TEST of the first archive format that has both."""
-    for suffix in ARCHIVE_SUFFIXES:
-        train, test = (data_dir / name / f"{name}_{split}{suffix}" for split in ("TRAIN", "TEST"))
-        if train.is_file() and test.is_file():
-            return train, test
+    """DIR/<Name>/<Name>_TRAIN and _TEST of the first archive format that has both; a variant that
+    shares its set's folder (the aeon wheel's PickupGestureWiimoteZ/PickupGestureWiimoteZ_eq_TRAIN.ts)
+    is looked for in DIR/<Base>/ for each <Base>_ that <Name> starts with."""
+    parts = name.split("_")
+    folders = [name, *("_".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))]
+    for folder in folders:
+        for suffix in ARCHIVE_SUFFIXES:
+            train, test = (data_dir / folder / f"{name}_{split}{suffix}" for split in ("TRAIN", "TEST"))
+            if train.is_file() and test.is_file():
+                return train, test
     return None, None
 
 

@@ -202,3 +202,25 @@ def test_make_sets_raw_variants_are_each_series_at_its_own_offset_and_gain(tmp_p
                 gains.append(gain)
                 offsets.append(offset)
             assert 0.3 <= min(gains) and max(gains) <= 3 and np.std(offsets) > 1  # not one shared transform
+
+
+def test_accuracy_benchmark_finds_a_variant_in_its_sets_folder(tmp_path):
+    """The aeon wheel keeps PickupGestureWiimoteZ_eq's files in PickupGestureWiimoteZ/: found there,
+    its own folder first, and a name no folder holds is still not found."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import accuracy
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    shared = tmp_path / "Gesture_Z"
+    shared.mkdir()
+    for split in ("TRAIN", "TEST"):
+        (shared / f"Gesture_Z_eq_{split}.ts").write_text("")
+    assert accuracy.archive_files(tmp_path, "Gesture_Z_eq") == (shared / "Gesture_Z_eq_TRAIN.ts",
+                                                                 shared / "Gesture_Z_eq_TEST.ts")
+    own = tmp_path / "Gesture_Z_eq"
+    own.mkdir()
+    for split in ("TRAIN", "TEST"):
+        (own / f"Gesture_Z_eq_{split}.arff").write_text("")
+    assert accuracy.archive_files(tmp_path, "Gesture_Z_eq")[0] == own / "Gesture_Z_eq_TRAIN.arff"
+    assert accuracy.archive_files(tmp_path, "Gesture_eq") == (None, None)
