@@ -53,7 +53,8 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
     cfg = api.study_config(study)
     if cfg is None:
         raise StorageError(f"study {study.study_name!r} has no stored cycle-optuna config; it cannot be refit")
-    members = api._members(study, api._completed(study), ensemble)
+    asked = ensemble if ensemble is not None else cfg.study.ensemble  # checked by _members
+    members = api._members(study, api._completed(study), asked)
     where = api.study_artifact_dir(study)
     if where is None:
         raise StorageError(f"study {study.study_name!r} names no artifact directory; it cannot be refit")
@@ -78,7 +79,6 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
     full = dataclasses.replace(data, x_train=x, y_train=y, x_val=x[scored], y_val=y[scored], fold_ids=None)
     train_cfg = dataclasses.replace(cfg.train, early_stopping_patience=0)
     cycles = ", ".join(str(t.number + 1) for t in members)
-    asked = ensemble if ensemble is not None else cfg.study.ensemble
     fewer = (f" (of the {asked} asked for, the study has {len(members)} completed cycle{'s' if len(members) > 1 else ''} "
              "with a saved model)") if len(members) < asked else ""
     say(f"refit of study {study.study_name}: cycle{'s' if len(members) > 1 else ''} {cycles}{fewer} trained on all "
