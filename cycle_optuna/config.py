@@ -378,6 +378,9 @@ class _Checker:
             raise self.fail(key, f"low must be <= high, got low={low}, high={high}")
         if log and low <= 0:
             raise self.fail(f"{key}.low", f"must be > 0 on a log scale, got {low}")
+        if step is not None and not _grid_size_ok(low, high, step):
+            raise self.fail(f"{key}.step", f"{step:g} is too small for low = {low:g}, high = {high:g}: "
+                            f"the grid would hold more than {MAX_GRID_POINTS:.0e} values")
         return ParamSpace(name, low=low, high=high, log=log, step=step)
 
 
@@ -477,6 +480,9 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool, as_written: bool
         c.at_least("data.n_classes", d.n_classes, 2)
         if d.n_samples < 3 * d.n_classes:  # a class needs a series in each of train, validation and test
             raise c.fail("data.n_samples", f"must be >= 3 x n_classes = {3 * d.n_classes}, got {d.n_samples}")
+        if (values := d.n_samples * d.seq_len * d.n_features) > MAX_SYNTHETIC_VALUES:
+            raise c.fail("data", f"n_samples x seq_len x n_features must be <= {MAX_SYNTHETIC_VALUES:,} (the synthetic "
+                         f"task is generated in memory), got {d.n_samples} x {d.seq_len} x {d.n_features} = {values:,}")
         c.at_least("data.noise", d.noise, 0)
     else:
         c.one_of("data.layout", d.layout, CSV_LAYOUTS)
@@ -660,6 +666,19 @@ def _same_path(a: Path | None, b: Path | None) -> bool:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
     except OSError:
         return False
+
+
+MAX_SYNTHETIC_VALUES = 2**26  # the synthetic task's N x T x F: 256 MiB as float32, a few GiB while it is made
+MAX_GRID_POINTS = 1e12  # a stepped range's values; beyond it (high - low) / step loses integer precision
+
+
+def _grid_size_ok(low: float, high: float, step: float) -> bool:
+    """(high - low) / step is a finite count of at most MAX_GRID_POINTS (5e-324 would overflow it)."""
+    try:
+        n = (high - low) / step
+    except OverflowError:  # ints too large for a float
+        return False
+    return math.isfinite(n) and n <= MAX_GRID_POINTS
 
 
 def _check_grid(c: _Checker, p: ParamSpace, baseline: Any) -> None:

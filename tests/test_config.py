@@ -153,6 +153,15 @@ def test_to_dict_round_trips():
         ("space", "hidden_dim = { low = 16, high = 40, step = 16 }",
          r"space\.hidden_dim\.step: 16 does not divide high - low: the grid from 16 stops at 32, short of high = 40"),
         ("space", "dropout = { low = 0.0, high = 0.3, step = 0.2 }", r"space\.dropout\.step: 0\.2 does not divide"),
+        # a grid too fine to count: (high - low) / step overflowed into a traceback
+        ("space", "dropout = { low = 0.0, high = 0.3, step = 5e-324 }",
+         r"space\.dropout\.step: 4\.94066e-324 is too small for low = 0, high = 0\.3: the grid would hold more than 1e\+12 values"),
+        ("space", "weight_decay = { low = 0.0, high = 1e300, step = 1e-300 }", r"space\.weight_decay\.step: 1e-300 is too small"),
+        # the synthetic task is made in memory: a size past it was a MemoryError, exit 1
+        ("data", "n_samples = 9223372036854775807",
+         r"data: n_samples x seq_len x n_features must be <= 67,108,864 \(the synthetic task is generated in memory\), "
+         r"got 9223372036854775807 x \d+ x \d+ = [\d,]+$"),
+        ("data", "seq_len = 100000000", r"data: n_samples x seq_len x n_features must be <= 67,108,864"),
     ],
 )
 def test_bad_study_file_names_file_key_and_allowed(tmp_path, section, line, pattern):
