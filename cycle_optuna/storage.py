@@ -320,7 +320,11 @@ def check_file_location(url: str, path: Path, *, create: bool) -> None:
 def check_url(url: str) -> None:
     """Refuse a database URL the driver would misread: an unencoded '@' in its user name or password
     (split at the first '@', the rest of the password taken for the host, and printed), or a SQLite
-    URL with a host (`sqlite://studies/x.db` opens x.db in the current directory)."""
+    URL with a host (`sqlite://studies/x.db` opens x.db in the current directory), or a journal URL
+    with '?' options or a '#' (they would become part of the file's name, a password with them)."""
+    if url.startswith("journal:") and re.search(r"[?#]", url):
+        raise StorageError(f"bad storage URL {mask(url)!r}: a journal URL is a file path only, without '?' options "
+                           "or '#'; expected journal:///path/to/study.log")
     if "://" not in url:
         return
     authority = re.split(r"[/?#]", url.split("://", 1)[1], maxsplit=1)[0]
@@ -339,9 +343,9 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True, versi
     schema-version bookkeeping on such a read-only open (it only reads a database that has it):
     optuna-dashboard asks for the schema version.
     """
+    check_url(url)
     if url.startswith("journal:"):
         return _journal(url, create=create)
-    check_url(url)
     try:
         parsed = make_url(url)
         parsed.get_dialect()  # the dialect's module only: the driver is imported when the engine starts

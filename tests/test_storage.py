@@ -91,6 +91,21 @@ def _journal_trials(log: Path) -> list:
         return []
 
 
+@pytest.mark.parametrize("tail", ["?password=hunter2", "#part"])
+def test_a_journal_url_with_options_is_refused_and_names_no_file_after_them(tmp_path: Path, capsys, tail: str):
+    """A journal URL is a path: '?password=...' became part of the journal's file name (a secret in
+    `ls`) and was masked in every message, so the user never saw the real name."""
+    study = write_study(tmp_path, n_trials=1)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    url = f"journal:///{tmp_path / 'x.log'}{tail}"
+    for command in (["run"], ["status"]):
+        assert main([*command, str(study), "--storage", url]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "a journal URL is a file path only, without '?' options or '#'" in err, err
+        assert "hunter2" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_a_killed_workers_trial_on_a_journal_file_is_retried_from_its_checkpoint(tmp_path: Path):
     """A journal file has no heartbeats: a trial whose worker process has ended (kill -9) is failed
     by the next worker on the machine and retried from its last epoch checkpoint."""
