@@ -206,6 +206,9 @@ def class_covariances(cfg: DataConfig) -> np.ndarray:
     return np.einsum("kpi,kqi->kpq", L, L) + noise + 1e-9 * np.eye(T * n_inf)
 
 
+BAYES_MAX_DIM = 4096  # seq_len x informative channels the oracle takes on: a [K, D, D] covariance and its Cholesky
+
+
 def bayes_predict(cfg: DataConfig, x_raw: np.ndarray) -> np.ndarray:
     """The Bayes-optimal (oracle) class for raw synthetic sequences [N, T, F].
 

@@ -6,6 +6,7 @@ The reasoning (samples, common-epoch comparisons, trends, recommendations, the s
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -58,6 +59,10 @@ def _bayes(cfg: StudyConfig | None) -> dict[str, float] | None:
     """The Bayes-optimal accuracy on the study's own val and test split, for the built-in synthetic task."""
     if cfg is None or cfg.data.source != "synthetic" or config_mod.resolve_data_path(cfg) is not None:
         return None
+    from cycle_optuna.data import BAYES_MAX_DIM, n_informative
+
+    if cfg.data.seq_len * n_informative(cfg.data.n_features) > BAYES_MAX_DIM:
+        return None  # its covariance would take minutes and gigabytes: the report goes without it
     try:
         from cycle_optuna.data import bayes_predict, make_synthetic, stratified_split
 
@@ -131,5 +136,10 @@ def write_report(
             shutil.rmtree(stage, ignore_errors=True)
     from cycle_optuna import dashboard
 
-    dashboard.write_notes(api.load_study(study, storage), summary=summary(a))
+    try:
+        dashboard.write_notes(api.load_study(study, storage), summary=summary(a))
+    except (optuna.exceptions.StorageInternalError, OSError) as e:  # a read-only database or journal: the report stands
+        cause = str(e.__cause__ or e).strip().splitlines()[0] if str(e.__cause__ or e).strip() else type(e).__name__
+        logging.getLogger(__name__).warning("%s written; the study's dashboard notes were not refreshed: %s", path,
+                                            storage_mod.mask(cause))
     return path

@@ -66,6 +66,28 @@ def pg_admin_connect():
                            autocommit=True, connect_timeout=3)
 
 
+@contextlib.contextmanager
+def pg_reader(pg_url: str):
+    """`pg_url` as a new login role that may read every table of the database but write none; the
+    role is dropped afterwards."""
+    import uuid
+
+    import psycopg
+
+    role, plain = f"reader_{uuid.uuid4().hex[:8]}", pg_url.replace("postgresql+psycopg", "postgresql")
+    with pg_admin_connect() as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
+        yield pg_url.replace(f"://{PG_USER}@", f"://{role}@")
+    finally:
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(f'DROP OWNED BY "{role}"')
+        with pg_admin_connect() as admin:
+            admin.execute(f'DROP ROLE "{role}"')
+
+
 # Tests run in parallel (pytest-xdist). A test that stops or restarts the server (marker
 # `pg_restarts`) holds this machine-wide lock alone; every other test using the server shares it.
 _PG_LOCK = Path(tempfile.gettempdir()) / "cycle-optuna-tests-postgres.lock"

@@ -221,33 +221,18 @@ def test_refit_of_a_postgresql_study_is_what_its_readers_load(tmp_path: Path, ca
 def test_refit_with_a_read_only_database_role_is_refused_before_training(tmp_path: Path, capsys, pg_url: str):
     """A role that may read the study but not write it: one line naming the study and the database's
     reason, exit 2, before any training and with no model file written."""
-    import uuid
-
-    import psycopg
-
-    from conftest import pg_admin_connect
+    from conftest import pg_reader
 
     path = write_study(tmp_path, n_trials=2, epochs=1, n_samples=60)
     assert cli.main(["run", str(path), "--storage", pg_url]) == 0
     capsys.readouterr()
-    role, db = f"reader_{uuid.uuid4().hex[:8]}", pg_url.rsplit("/", 1)[1]
-    with pg_admin_connect() as admin:
-        admin.execute(f'CREATE ROLE "{role}" LOGIN')
-    try:
-        with psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
-            conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
-        reader = pg_url.replace("://postgres@", f"://{role}@")
+    with pg_reader(pg_url) as reader:
         assert cli.main(["refit", str(path), "--storage", reader]) == 2
         out = capsys.readouterr()
         assert out.out == "" and len(out.err.strip().splitlines()) == 1, out
         assert "cannot write study 'tiny'" in out.err and "permission denied" in out.err, out.err
         assert _refit_files(path) == []
         assert api.REFIT_PENDING_ATTR not in api.load_study(path, storage=pg_url).user_attrs
-    finally:
-        with psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
-            conn.execute(f'DROP OWNED BY "{role}"')
-        with pg_admin_connect() as admin:
-            admin.execute(f'DROP ROLE "{role}"')
 
 
 def _npz(tmp_path: Path) -> Path:

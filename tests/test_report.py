@@ -18,6 +18,7 @@ SECTIONS = (
     "### 4. Parameter importances", "### 5. Epochs saved by pruning", "### What worked", "### What failed",
     "## Recommendations for the next run", "## Loss reduction analysis", "## Plots", "## Conclusion",
 )
+ROOT = Path(__file__).resolve().parents[1]
 PNGS = ("history.png", "curves.png", "lr_vs_loss.png", "capacity_vs_loss.png", "importances.png")
 
 
@@ -245,6 +246,20 @@ def test_the_result_is_put_in_context(tmp_path):
     assert re.search(r"reaches \d+% of the oracle's accuracy$", line)
 
 
+def test_the_oracle_is_left_out_where_its_covariance_would_take_gigabytes():
+    """The Bayes oracle inverts a (seq_len x informative channels)-square covariance per class: a
+    long synthetic task is reported without it rather than after minutes of linear algebra."""
+    from dataclasses import replace
+
+    from cycle_optuna import config
+
+    cfg = config.load(ROOT / "studies" / "quick.toml")
+    small = report._bayes(cfg)
+    assert small is not None and 0.33 < small["test"] <= 1
+    long = replace(cfg, data=replace(cfg.data, seq_len=3000, n_features=4, n_samples=60))  # 3000 x 2 channels
+    assert report._bayes(long) is None
+
+
 def test_an_interrupted_cycle_that_was_retried_is_not_counted_as_failed(tmp_path):
     import warnings
 
@@ -392,3 +407,27 @@ def test_a_report_of_an_empty_study_shows_no_placeholder(tmp_path):
     study = optuna.create_study(study_name="e", storage=f"sqlite:///{tmp_path / 'e.db'}")
     text = report.write_report(study, tmp_path / "out", test=False).read_text()
     assert "No cycle yet: no learning rate to show" in text and "stayed at ?" not in text
+
+
+def test_a_report_of_a_study_it_may_not_write_is_written_and_says_the_notes_were_not(tmp_path, capsys, caplog, pg_url):
+    """A role that may only read the study: report.md and the plots are written; the dashboard
+    notes the report refreshes are not, which one warning says, and the command exits 0."""
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    from conftest import pg_reader
+    from cycle_optuna.cli import main
+    from cycle_optuna.optuna_internals import storage_of, study_id_of
+    from workers_helpers import write_study
+
+    path = write_study(tmp_path, n_trials=2, epochs=1, n_samples=60)
+    assert main(["worker", str(path), "--storage", pg_url]) == 0  # a worker leaves the study note to `run` and `report`
+    caplog.clear()
+    with pg_reader(pg_url) as reader:
+        assert main(["report", str(path), "--storage", reader, "-o", str(tmp_path / "rep"), "--no-test"]) == 0
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == sorted(["report.md", *PNGS])
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "report.md written; the study's dashboard notes were not refreshed" in warning, warning
+    assert "permission denied" in warning, warning
+    assert "report of study" in capsys.readouterr().out
+    study = api.load_study(path, storage=pg_url)
+    assert get_note_from_system_attrs(storage_of(study).get_study_system_attrs(study_id_of(study)), None)["body"] == ""
