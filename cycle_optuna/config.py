@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import filecmp
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -623,9 +624,12 @@ def _check_written(c: _Checker, cfg: StudyConfig, written: dict[str, set[str]]) 
         if key in written["data"] and d.source != "synthetic":
             raise c.fail(f"data.{key}", f"only the synthetic task reads it, and data.source is the file {d.source!r} "
                          "(its size, length, features and classes are the file's own); remove the key")
-    if d.test_source is not None and _same_path(resolve_data_path(cfg), resolve_test_path(cfg)):
+    if d.test_source is not None and _same_path(train := resolve_data_path(cfg), test := resolve_test_path(cfg)):
         raise c.fail("data.test_source", f"is the training file itself ({d.source}): a test split must be held out; "
                      "leave test_source out to carve one from data.source")
+    if d.test_source is not None and _same_content(train, test):
+        raise c.fail("data.test_source", f"has the same content as the training file ({d.source}): a test split must "
+                     "be held out; leave test_source out to carve one from data.source")
     for key, (setting, readers) in TRAIN_KEYS_BY.items():
         value = getattr(t, setting)
         if key in written["train"] and value not in readers:
@@ -656,6 +660,16 @@ def _check_written(c: _Checker, cfg: StudyConfig, written: dict[str, set[str]]) 
             raise c.fail(f"pruner.{key}", f"not used by type = {pr.type!r} (which reads {', '.join(keys)}); it is a "
                          f"setting of type {', '.join(users)}")
     _check_pruner_reach(c, pr, t.epochs, written["pruner"])
+
+
+def _same_content(a: Path | None, b: Path | None) -> bool:
+    """Two readable files with the same bytes (a copy of the training file given as the test file); an
+    empty file is left to the data checks."""
+    try:
+        return (a is not None and b is not None and a.is_file() and b.is_file()
+                and 0 < a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False))
+    except OSError:  # unreadable: reading the data says so
+        return False
 
 
 def _same_path(a: Path | None, b: Path | None) -> bool:

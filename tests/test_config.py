@@ -414,6 +414,13 @@ def test_the_test_file_cannot_be_the_training_file(tmp_path):
     (tmp_path / "sub").mkdir()
     text = edit(edit(QUICK, "data", "source = 'd.npz'"), "data", "test_source = 'sub/../d.npz'")
     assert refused(tmp_path, text).startswith("data.test_source: is the training file itself (d.npz)")
+    (tmp_path / "d.npz").write_bytes(b"series")
+    (tmp_path / "copy.npz").write_bytes(b"series")  # a copy is no held-out split either
+    text = edit(edit(QUICK, "data", "source = 'd.npz'"), "data", "test_source = 'copy.npz'")
+    assert refused(tmp_path, text) == ("data.test_source: has the same content as the training file (d.npz): a test "
+                                       "split must be held out; leave test_source out to carve one from data.source")
+    (tmp_path / "copy.npz").write_bytes(b"serieS")
+    assert config.load(write(tmp_path, text))
 
 
 def test_test_source_that_is_a_directory_says_so(tmp_path):
