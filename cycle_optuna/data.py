@@ -78,6 +78,7 @@ class TaskData:
     class_names: tuple[str, ...] = ()  # the file's label for each class index; () for the synthetic task
     # k-fold cross-validation: the fold (0..k-1) of each series of x_train then x_val; None: holdout
     fold_ids: torch.Tensor | None = None
+    feature_names: tuple[str, ...] = ()  # a long .csv training file's feature columns; () for other data
 
     @property
     def n_folds(self) -> int:
@@ -115,6 +116,7 @@ class TaskData:
             "seq_len": self.seq_len,
             "n_classes": self.n_classes,
             **({"class_names": list(self.class_names)} if self.class_names else {}),
+            **({"feature_names": list(self.feature_names)} if self.feature_names else {}),
             "n_train": int(self.y_train.shape[0]),
             "n_val": int(self.y_val.shape[0]),
             "n_test": int(self.y_test.shape[0]),
@@ -307,12 +309,14 @@ def _apply_lengths(path: Path, x: np.ndarray, lengths: np.ndarray) -> np.ndarray
     return x
 
 
-def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True
-             ) -> tuple[np.ndarray, list[str] | None, list[str] | None]:
-    """Raw X (shorter sequences NaN-padded), each sequence's label name and each sequence's id
-    from a .csv file (see the module docstring). Without `need_labels` a file without the label
-    column is read with labels None (new data to predict on); ids are None for a wide file
-    without a sample column."""
+def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True, features: tuple[str, ...] | None = None
+             ) -> tuple[np.ndarray, list[str] | None, list[str] | None, tuple[str, ...] | None]:
+    """Raw X (shorter sequences NaN-padded), each sequence's label name, each sequence's id and the
+    feature columns' names (None for a wide file, whose columns are steps) from a .csv file (see the
+    module docstring). Without `need_labels` a file without the label column is read with labels
+    None (new data to predict on); ids are None for a wide file without a sample column.
+    ``features``: the training file's feature columns, by name: a long file's are read in that order
+    and must be those (a reordered export would otherwise be read as other features)."""
     text = _read_text(path)
     first = text.partition("\n")[0]
     # a comma-separated file, else what the header row is separated by (spreadsheets in many locales save ';')
@@ -330,7 +334,7 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True
     if dup := next((h for i, h in enumerate(header) if h in header[:i]), None):
         raise _fail(path, f"column {dup!r} appears twice in the header")
     if cfg.layout == "wide":
-        return _wide_csv(path, cfg, header, reader, number, need_labels)
+        return (*_wide_csv(path, cfg, header, reader, number, need_labels), None)
     for col, key in ((cfg.sample_column, "sample_column"), (cfg.label_column, "label_column")):
         if col not in header and (need_labels or key == "sample_column"):
             hint = "" if key != "sample_column" else (
@@ -342,6 +346,8 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True
     feat_idx = [i for i in range(len(header)) if i not in (i_sample, i_label)]
     if not feat_idx:
         raise _fail(path, "no feature columns besides the sample and label columns")
+    if features is not None:
+        feat_idx = _by_name(path, header, feat_idx, features)
     seqs: dict[str, list[list[float]]] = {}
     labels: dict[str, str] = {}
     for line, row in enumerate(reader, start=2):
@@ -368,7 +374,19 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True
         raise _fail(path, f"every sample has a single row, so each series would be one time step of "
                     f"{len(feat_idx)} features; if a row is a whole series, set [data] layout = \"wide\"")
     x = _pad([np.asarray(s, dtype=np.float64) for s in seqs.values()])
-    return x, None if i_label is None else [labels[sid] for sid in seqs], list(seqs)
+    return x, None if i_label is None else [labels[sid] for sid in seqs], list(seqs), tuple(header[i] for i in feat_idx)
+
+
+def _by_name(path: Path, header: list[str], feat_idx: list[int], features: tuple[str, ...]) -> list[int]:
+    """The columns of `features`, in that order; a file whose feature columns are other ones is refused."""
+    have = [header[i] for i in feat_idx]
+    if missing := [f for f in features if f not in have]:
+        raise _fail(path, f"missing feature column(s) {', '.join(map(repr, missing))}: the study was trained on "
+                    f"{_columns(list(features))}")
+    if extra := [f for f in have if f not in features]:
+        raise _fail(path, f"feature column(s) {', '.join(map(repr, extra))} not in the study's training file, "
+                    f"which has {_columns(list(features))}; remove them")
+    return [header.index(f) for f in features]
 
 
 def _rows(path: Path, reader: Any) -> Iterator[list[str]]:
@@ -823,29 +841,33 @@ def check_arrays(path: Path | str, x: Any, y: Any, *, named: bool = False) -> tu
     return x, y, k
 
 
-def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = None
-              ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Checked X, y and class names of a data file; ``classes``: the training file's, for a test file."""
-    x, y, names, _ = _read(path, cfg, classes, need_labels=True)
+def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = None, *,
+              features: tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Checked X, y and class names of a data file; ``classes`` and ``features`` (a .csv file's
+    feature columns): the training file's, for a test file."""
+    x, y, names, _, _ = _read(path, cfg, classes, need_labels=True, features=features)
     return x, y, names
 
 
-def read_inputs(path: Path, cfg: DataConfig, classes: tuple[str, ...]
+def read_inputs(path: Path, cfg: DataConfig, classes: tuple[str, ...], *, features: tuple[str, ...] | None = None
                 ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
     """New data for a study whose classes are `classes`: checked X, y indexed into `classes` (None
     when the file has no labels: a .csv without the label column, an .npz without y) and the
-    series' ids (a .csv file's sample ids, else None)."""
-    x, y, _, ids = _read(path, cfg, classes, need_labels=False)
+    series' ids (a .csv file's sample ids, else None); ``features``: the training file's .csv
+    feature columns, which a .csv file's are matched to by name."""
+    x, y, _, ids, _ = _read(path, cfg, classes, need_labels=False, features=features)
     return x, y, ids
 
 
-def _read(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None, *, need_labels: bool
-          ) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...], list[str] | None]:
-    """read_file, and without `need_labels` read_inputs: also a file without labels (y None), and ids."""
+def _read(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None, *, need_labels: bool,
+          features: tuple[str, ...] | None = None
+          ) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...], list[str] | None, tuple[str, ...] | None]:
+    """read_file, and without `need_labels` read_inputs: also a file without labels (y None), ids,
+    and a long .csv file's feature column names (None for other files)."""
     if path.exists() and not path.is_file():  # a directory, or a FIFO or device that would block the read
         raise _fail(path, "not a regular file")
     suffix = path.suffix.lower()
-    ids = None
+    ids = names_of_features = None
     if suffix in (".ts", ".arff", ".csv", ".tsv", ".txt"):  # labels are names
         if suffix in (".ts", ".arff"):
             x, labels, declared = load_ts(path) if suffix == ".ts" else load_arff(path)
@@ -858,11 +880,11 @@ def _read(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None, *, need_
                             f"{' '.join(found)}, the training file has {' '.join(classes)}")
         else:
             if suffix == ".csv":
-                x, labels, ids = load_csv(path, cfg, need_labels=need_labels)
+                x, labels, ids, names_of_features = load_csv(path, cfg, need_labels=need_labels, features=features)
             else:
                 x, labels = load_ucr_table(path)
             if labels is None:
-                return _unlabelled(path, x, classes, ids)
+                return (*_unlabelled(path, x, classes, ids), names_of_features)
             labels = _same_text(labels)
             if classes is not None:
                 labels = _as_classes(labels, classes)
@@ -878,11 +900,11 @@ def _read(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None, *, need_
         names = found if classes is None else classes
         index = {name: i for i, name in enumerate(names)}
         x, y, _ = check_arrays(path, x, np.asarray([index[label] for label in labels]), named=classes is not None)
-        return x, y, names, ids
+        return x, y, names, ids, names_of_features
     if suffix == ".npz":
         x, y = load_npz(path, need_y=need_labels)
         if y is None:
-            return _unlabelled(path, x, classes, None)
+            return (*_unlabelled(path, x, classes, None), None)
     else:
         raise _fail(path, f"unsupported data file type (expected {', '.join(DATA_SUFFIXES)})")
     x, y, k = check_arrays(path, x, y, named=classes is not None)  # a test file may lack a class
@@ -891,7 +913,7 @@ def _read(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None, *, need_
         shown = ", ".join(map(str, extra[:5])) + (f", ... ({len(extra)} in all)" if len(extra) > 5 else "")
         raise _fail(path, f"class set differs from the training file's: label{'s' if len(extra) > 1 else ''} {shown} "
                     f"here, 0..{len(classes) - 1} in the training file")
-    return x, y, classes if classes is not None else tuple(str(c) for c in range(k)), None
+    return x, y, classes if classes is not None else tuple(str(c) for c in range(k)), None, None
 
 
 def _as_classes(labels: list[str], classes: tuple[str, ...]) -> list[str]:
@@ -910,7 +932,8 @@ def _as_classes(labels: list[str], classes: tuple[str, ...]) -> list[str]:
 def _unlabelled(path: Path, x: np.ndarray, classes: tuple[str, ...] | None, ids: list[str] | None
                 ) -> tuple[np.ndarray, None, tuple[str, ...], list[str] | None]:
     """New data without its classes: X checked as a labelled file's is."""
-    return check_arrays(path, x, np.zeros(len(x)), named=True)[0], None, classes or (), ids
+    x = np.asarray(x)
+    return check_arrays(path, x, np.zeros(len(x) if x.ndim else 1), named=True)[0], None, classes or (), ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1012,20 +1035,21 @@ def load_task(cfg: DataConfig, seed: int, *, data_path: Path | None = None, test
     ``data_path`` alone.
     """
     names: tuple[str, ...] = ()
+    features = None  # a .csv training file's feature columns, by name
     if data_path is None:
         where: Path | str = "<synthetic task>"
         x, y = make_synthetic(cfg, seed)
         k = cfg.n_classes
     else:
         where = data_path = Path(data_path)
-        x, y, names = read_file(data_path, cfg)
+        x, y, names, _, features = _read(data_path, cfg, None, need_labels=True)
         k = len(names)
     if test_path is None:
         tr, va, te = stratified_split(where, y, k, cfg.val_fraction, cfg.test_fraction, seed)
         x_test, y_test = x[te], y[te]
     else:
         test_path = Path(test_path)
-        x_test, y_test, _ = read_file(test_path, cfg, classes=names or tuple(str(c) for c in range(k)))
+        x_test, y_test, _ = read_file(test_path, cfg, classes=names or tuple(str(c) for c in range(k)), features=features)
         if x_test.shape[2] != x.shape[2]:
             raise _fail(test_path, f"{x_test.shape[2]} feature(s) per step, but the training file {where} has "
                         f"{x.shape[2]}")
@@ -1053,7 +1077,7 @@ def load_task(cfg: DataConfig, seed: int, *, data_path: Path | None = None, test
     (xtr, ytr), (xva, yva), (xte, yte) = split(x[tr], y[tr]), split(x[va], y[va]), split(x_test, y_test)
     fold_ids = None if folds == 1 else torch.from_numpy(cv_folds(np.concatenate([y[tr], y[va]]), k, folds, seed))
     return TaskData(xtr, ytr, xva, yva, xte, yte, mean=mean, std=std, n_classes=k, class_names=names,
-                    fold_ids=fold_ids)
+                    fold_ids=fold_ids, feature_names=features or ())
 
 
 def _pad_steps(x: np.ndarray, t: int) -> np.ndarray:

@@ -81,7 +81,8 @@ def predict_file(study: api.StudyLike, path: str | Path, storage: str | BaseStor
                            "it cannot read a data file as its own")
     classes = tuple(stats.get("class_names") or (str(k) for k in range(int(stats["n_classes"]))))
     path = Path(path)
-    x, y, ids = read_inputs(path, cfg.data, classes)
+    features = tuple(stats["feature_names"]) if stats.get("feature_names") else None  # a .csv study's, by name
+    x, y, ids = read_inputs(path, cfg.data, classes, features=features)
     n_features, seq_len = int(stats["n_features"]), int(stats["seq_len"])
     if x.shape[2] != n_features:
         raise DataError(f"{path}: {x.shape[2]} feature(s) per step, the study's data has {n_features}")

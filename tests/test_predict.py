@@ -55,6 +55,35 @@ def test_a_labelled_file_gets_the_held_out_accuracy_and_an_unlabelled_one_the_sa
     np.testing.assert_allclose(predict_file(study, tmp_path / "new.npz").proba, pred.proba, rtol=1e-4)
 
 
+def test_csv_feature_columns_are_matched_by_name_not_position(tmp_path):
+    """A .csv file's columns in another order are the same features (exports reorder columns); read
+    by position they were silently other features. The test file is read the same way."""
+    def rows(n: int, seed: int, order: tuple[str, str]) -> list[str]:
+        rng = np.random.default_rng(seed)
+        out = []
+        for i in range(n):
+            for t in range(5):
+                value = {"temp": (i % 2) * 3 + rng.normal(0, 0.3), "load": 10 * t + rng.normal()}
+                out.append(f"s{i},{'ab'[i % 2]},{value[order[0]]:.4f},{value[order[1]]:.4f}")
+        return [f"sample,label,{order[0]},{order[1]}", *out]
+
+    (tmp_path / "train.csv").write_text("\n".join(rows(30, 0, ("temp", "load"))) + "\n")
+    (tmp_path / "test.csv").write_text("\n".join(rows(10, 1, ("load", "temp"))) + "\n")
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    path.write_text(drop_synthetic_keys(path.read_text()).replace(
+        "[data]\n", '[data]\nsource = "train.csv"\ntest_source = "test.csv"\n'))
+    api.run_study(path)
+    assert api.load_study(path).user_attrs[api.STATS_ATTR]["feature_names"] == ["temp", "load"]
+    (tmp_path / "same.csv").write_text("\n".join(rows(10, 1, ("temp", "load"))) + "\n")
+    swapped, same = predict_file(path, tmp_path / "test.csv"), predict_file(path, tmp_path / "same.csv")
+    np.testing.assert_allclose(swapped.proba, same.proba, rtol=1e-6)
+    assert swapped.accuracy == api.held_out_score(path).accuracy  # the test file was read by name too
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text((tmp_path / "same.csv").read_text().replace("sample,label,temp,load", "sample,label,temp,power"))
+    with pytest.raises(DataError, match=r"missing feature column\(s\) 'load': the study was trained on temp, load"):
+        predict_file(path, renamed)
+
+
 def test_cli_writes_one_row_per_series(study, tmp_path, capsys):
     out = tmp_path / "sub" / "p.csv"
     assert main(["predict", str(study), str(study.parent / "test.csv"), "-o", str(out)]) == 0
@@ -93,7 +122,8 @@ def test_output_to_dev_stdout_keeps_the_summary_out_of_the_csv(study):
         ("c.csv", "sample,label,f0\ns0,zebra,1\ns1,a,2\n", "class(es) zebra not in the training file's classes"),
         ("l.csv", "sample,f0\n" + "".join(f"s0,{t}\n" for t in range(9)), "series of up to 9 steps, the study's model "
                                                                              "reads at most 6"),
-        ("f.csv", "sample,f0,f1\ns0,1,2\n", "2 feature(s) per step, the study's data has 1"),
+        ("f.csv", "sample,f0,f1\ns0,1,2\n", "feature column(s) 'f1' not in the study's training file, which has f0"),
+        ("g.csv", "sample,g0\ns0,1\n", "missing feature column(s) 'f0': the study was trained on f0"),
         ("m.csv", "id,f0\ns0,1\n", "missing sample_column column 'sample'"),
         ("w.csv", "t0,t1,t2\n1,2,3\n", "the study reads a row per time step ([data] layout = \"long\")"),
         ("gone.csv", None, "data file not found"),
