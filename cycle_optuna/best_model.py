@@ -79,14 +79,28 @@ class CycleModel(torch.nn.Module):
     def _logits(self, x: Any) -> torch.Tensor:
         from cycle_optuna.errors import DataError
 
-        try:
-            x = torch.as_tensor(np.asarray(x, dtype=np.float64)) if not isinstance(x, torch.Tensor) else x
-        except (TypeError, ValueError) as e:
-            raise DataError(f"input must be numbers [N, T, F] or [T, F]: {e}") from None
+        if isinstance(x, torch.Tensor):
+            if x.dtype == torch.bool or x.is_complex():
+                raise DataError(f"input must be real numbers [N, T, F] or [T, F], got dtype {x.dtype}")
+        else:
+            raw = x if isinstance(x, np.ndarray) else None
+            if raw is not None and raw.dtype.kind not in "iufO":  # as a data file's X: bool, complex, text refused
+                raise DataError(f"input must be real numbers [N, T, F] or [T, F], got dtype {raw.dtype}")
+            try:
+                x = torch.as_tensor(np.asarray(x, dtype=np.float64))
+            except (TypeError, ValueError) as e:
+                raise DataError(f"input must be numbers [N, T, F] or [T, F]: {e}") from None
         single = x.dim() == 2
         self._check(x)
         with torch.inference_mode():
             logits = self._net_logits(x[None] if single else x)
+        if not (finite := torch.isfinite(logits).all(-1)).all():  # values far past the training data's overflow the net
+            bad = (~finite).nonzero().flatten().tolist()
+            which = "the sequence" if single else f"series {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+            err = DataError(f"{which}: {OVERFLOW} (largest |value| {float((x[None] if single else x)[bad[0]].abs().nan_to_num(0).max()):.3g}, "
+                            "far outside the training data's range)")
+            err.series = bad  # which series of this call: predict_file names them in the file
+            raise err
         return logits[0] if single else logits
 
     def predict_proba(self, x: Any) -> np.ndarray:
@@ -96,6 +110,9 @@ class CycleModel(torch.nn.Module):
     def predict(self, x: Any) -> np.ndarray:
         """Class indices for raw input ``[N, T, F]`` (or one ``[T, F]`` sequence)."""
         return self._logits(x).argmax(dim=-1).cpu().numpy()
+
+
+OVERFLOW = "the model's output is not finite"
 
 
 class Ensemble(torch.nn.Module):

@@ -71,6 +71,7 @@ class Predictions:
 def predict_file(study: api.StudyLike, path: str | Path, storage: str | BaseStorage | None = None, *,
                  model: CycleModel | None = None) -> Predictions:
     """The best model's (see :func:`api.load_best_model`) class probabilities for each series of `path`."""
+    from cycle_optuna.best_model import OVERFLOW
     from cycle_optuna.data import read_inputs
 
     study = api.load_study(study, storage)
@@ -92,7 +93,17 @@ def predict_file(study: api.StudyLike, path: str | Path, storage: str | BaseStor
             raise DataError(f"{path}: series of up to {longest} steps, the study's model reads at most {seq_len}")
         x = x[:, :seq_len]
     model = model if model is not None else api.load_best_model(study)
-    proba = np.concatenate([model.predict_proba(x[i:i + cfg.train.eval_batch_size])
-                            for i in range(0, len(x), cfg.train.eval_batch_size)])
+    step, parts = cfg.train.eval_batch_size, []
+    for i in range(0, len(x), step):
+        try:
+            parts.append(model.predict_proba(x[i:i + step]))
+        except DataError as e:
+            if (bad := getattr(e, "series", None)) is None:
+                raise
+            # what the file's checks cannot see: values the model overflows on
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise DataError(f"{path}: series {i + bad[0]}{more}: {OVERFLOW} (largest |value| "
+                            f"{np.nanmax(np.abs(x[i + bad[0]])):.3g}, far outside the training data's range)") from None
+    proba = np.concatenate(parts)
     return Predictions(path=path, classes=classes, ids=ids, proba=proba, labels=y,
                        cycles=tuple(n + 1 for n in model.trial_numbers), refit=bool(getattr(model, "refit", False)))

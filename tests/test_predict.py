@@ -84,6 +84,40 @@ def test_csv_feature_columns_are_matched_by_name_not_position(tmp_path):
         predict_file(path, renamed)
 
 
+def test_values_the_model_overflows_on_are_named_not_predicted_as_nan(study, tmp_path, capsys):
+    """1e20 is a float32 number, so the file's checks pass it, and the net's output was NaN: the CLI
+    wrote `nan` probabilities and class 0, exit 0."""
+    x = np.random.default_rng(0).normal(size=(5, 6, 1))
+    x[3] = 1e20
+    np.savez(tmp_path / "huge.npz", X=x)
+    assert main(["predict", str(study), str(tmp_path / "huge.npz"), "-o", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: {tmp_path / 'huge.npz'}: series 3: the model's output is not finite (largest "
+                           "|value| 1e+20, far outside the training data's range)")
+    assert not (tmp_path / "p.csv").exists()
+    model = api.load_best_model(study)
+    with pytest.raises(DataError, match=r"^series 3: the model's output is not finite"):
+        model.predict_proba(x)
+    assert model.predict(x[:3]).shape == (3,)
+
+
+@pytest.mark.parametrize("x", [np.ones((2, 6, 1), bool), np.full((2, 6, 1), "1"), np.ones((2, 6, 1), complex),
+                               "torch-bool"])
+def test_the_model_refuses_what_a_data_file_is_refused_for(study, x):
+    """Booleans, text and complex numbers were converted (complex: imaginary part dropped) and predicted."""
+    import torch
+
+    x = torch.ones(2, 6, 1, dtype=torch.bool) if isinstance(x, str) else x
+    with pytest.raises(DataError, match=r"input must be real numbers \[N, T, F\] or \[T, F\], got dtype"):
+        api.load_best_model(study).predict(x)
+
+
+def test_an_npz_whose_x_is_a_single_number_is_one_line(study, tmp_path, capsys):
+    np.savez(tmp_path / "one.npz", X=np.float32(1))
+    assert main(["predict", str(study), str(tmp_path / "one.npz")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'one.npz'}: X must be 3-D [N, T, F], got shape []"
+
+
 def test_cli_writes_one_row_per_series(study, tmp_path, capsys):
     out = tmp_path / "sub" / "p.csv"
     assert main(["predict", str(study), str(study.parent / "test.csv"), "-o", str(out)]) == 0
