@@ -427,7 +427,7 @@ def test_a_class_name_cannot_write_escape_sequences_to_the_terminal(quick_study,
 
 def test_an_empty_validation_split_is_bad_input_and_writes_nothing(quick_study, capsys):
     study = _csv_study(quick_study, {"a": 1, "b": 1, "c": 1, "d": 1}, '\nfolds = 1\ntest_source = "t.csv"')
-    (study.parent / "t.csv").write_text((study.parent / "d.csv").read_text())
+    (study.parent / "t.csv").write_text((study.parent / "d.csv").read_text() + "\n")  # not a copy: that is refused first
     assert "d.csv: the validation split is empty" in _bad_input(study.parent, capsys, "run", str(study))
     # without a test file its test split is empty too: named first, since cross-validation would not cure it
     study.write_text(study.read_text().replace('test_source = "t.csv"', ""))
