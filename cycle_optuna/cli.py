@@ -521,15 +521,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from cycle_optuna import files, preflight, references
-    from cycle_optuna.errors import StorageError
+    from cycle_optuna.errors import ConfigError, StorageError
     from cycle_optuna.predict import predict_file
 
     cfg, url = _load(args)
     preflight.for_read(url)
-    target = Path(args.output) if args.output is not None else None
+    target = Path(args.output) if args.output not in (None, "-") else None  # '-': stdout, as export's --csv -
     if target is not None:  # before the model is loaded: a path it cannot write is one line, nothing written
         preflight.check_output_file(target, what="predict output directory", example="predictions.csv")
         _not_an_input(target, cfg, url, args.file, flag="-o")
+        if target.suffix and target.suffix.lower() != ".csv" and not str(target).startswith("/dev/"):
+            raise ConfigError(f"-o {target}: predictions are written as CSV; name a .csv file (or - for stdout)")
     pred = predict_file(args.study, args.file, storage=url)
     labelled = (f"accuracy {pred.accuracy:.2%} against the file's labels" if pred.labels is not None
                 else f"the file has no labels (no {cfg.data.label_column!r} column or y array)")
@@ -715,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("file", metavar="FILE", type=_path, help="a data file in any format the study reads (labels optional "
                       "in .csv and .npz); relative to the current directory")
     pred.add_argument("-o", "--output", metavar="FILE.csv", type=_path,
-                      help="write the predictions to FILE.csv (default: CSV on stdout, the summary on stderr)")
+                      help="write the predictions to FILE.csv (default, or -: CSV on stdout, the summary on stderr)")
     dash = command("dashboard", cmd_dashboard, "serve optuna-dashboard on the study's storage and artifacts")
     dash.add_argument("--host", default="127.0.0.1",
                       help="address to bind (default 127.0.0.1; optuna-dashboard has no authentication)")

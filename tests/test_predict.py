@@ -118,6 +118,20 @@ def test_an_npz_whose_x_is_a_single_number_is_one_line(study, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'one.npz'}: X must be 3-D [N, T, F], got shape []"
 
 
+@pytest.mark.parametrize("name", ["p.npz", "p.parquet", "p.json"])
+def test_an_output_named_as_another_format_is_refused_and_dash_is_stdout(study, tmp_path, capsys, name):
+    """CSV text was written under any name (`-o p.parquet`), and `-o -` made a file named '-'."""
+    test = str(study.parent / "test.csv")
+    assert main(["predict", str(study), test, "-o", str(tmp_path / name)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: -o {tmp_path / name}: predictions are written as CSV; name a "
+                                               ".csv file (or - for stdout)")
+    assert list(tmp_path.iterdir()) == []
+    run = subprocess.run([sys.executable, "-m", "cycle_optuna.cli", "predict", str(study), test, "-o", "-"],
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert run.returncode == 0 and run.stdout.startswith("series,id,predicted"), run.stdout[:80] + run.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_writes_one_row_per_series(study, tmp_path, capsys):
     out = tmp_path / "sub" / "p.csv"
     assert main(["predict", str(study), str(study.parent / "test.csv"), "-o", str(out)]) == 0
