@@ -474,18 +474,22 @@ def cmd_refit(args: argparse.Namespace) -> int:
             err.print(f"[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True)
             return 1
     name = references.model_name([n + 1 for n in model.trial_numbers])
-    if args.no_test:
-        say(f"stored: best, predict, report and load_best_model() now use the refit model ({name})")
-        return 0
     study = api.load_study(args.study, storage=url)
+    default = api.load_best_model(study)  # what best and predict load: the refit only when it is of their cycles
+    used = (f"best, predict, report and load_best_model() now use the refit model ({name})" if default.refit else
+            f"load_best_model(ensemble={len(model.trial_numbers)}) uses the refit model ({name}); best, predict and "
+            f"report keep the {references.model_name([n + 1 for n in default.trial_numbers])} ([study] ensemble = "
+            f"{api.study_config(study).study.ensemble}), not refit")
+    if args.no_test:
+        say(f"stored: {used}")
+        return 0
     data = api.study_data(study, api.study_config(study), "its test split cannot be rebuilt")  # one read for both scores
     mine, own = api.held_out_score(study, model=model, data=data), None
     with contextlib.suppress(StorageError):
         own = api.held_out_score(study, model=api.load_best_model(
             study, ensemble=len(model.trial_numbers), refit=False), data=data)
     versus = f" (the cycles' own models: {own.accuracy:.2%})" if own is not None else ""
-    say(f"stored: best, predict, report and load_best_model() now use the refit model ({name}); held-out test accuracy "
-        f"{mine.accuracy:.2%} on {mine.n} series{versus}")
+    say(f"stored: {used}; held-out test accuracy {mine.accuracy:.2%} on {mine.n} series{versus}")
     return 0
 
 

@@ -90,13 +90,16 @@ def test_the_refit_model_serves_only_the_cycles_it_was_made_of(tmp_path: Path, c
     assert cli.main(["best", str(path)]) == 0  # a refit is not a sure gain: best does not urge one
     assert "refit" not in capsys.readouterr().out
     assert cli.main(["refit", str(path), "--ensemble", "1", "--no-test"]) == 0
-    capsys.readouterr()
+    said = " ".join(capsys.readouterr().out.split())
     alone = api.load_best_model(path, ensemble=1)
     assert alone.refit and len(alone.trial_numbers) == 1
     assert not api.load_best_model(path, ensemble=1, refit=False).refit
     three = api.load_best_model(path)  # the study's ensemble of 3: not what was refit
     assert not three.refit and len(three.trial_numbers) == 3
     cycles = ", ".join(str(n + 1) for n in three.trial_numbers)
+    # it said so: the claim that best and predict now use it was false here
+    assert said.endswith(f"stored: load_best_model(ensemble=1) uses the refit model (cycle {alone.trial_numbers[0] + 1}); "
+                         f"best, predict and report keep the mean of cycles {cycles} ([study] ensemble = 3), not refit"), said
     with pytest.raises(StorageError, match=rf"refit model is of cycles {alone.trial_numbers[0] + 1}, but the best "
                                            rf"model averages cycles {cycles}: run 'cycle-optuna refit STUDY.toml' again"):
         api.load_best_model(path, refit=True)
