@@ -180,8 +180,8 @@ def _no_completed(study: optuna.Study) -> str:
         return f"study {study.study_name!r} has no completed trials yet"
     what = " and ".join(f"{ended[s]} {word}" for s, word in ((TrialState.PRUNED, "pruned"), (TrialState.FAIL, "failed"))
                         if s in ended)
-    return (f"study {study.study_name!r} has no completed trial: all {sum(ended.values())} ended without a value "
-            f"({what}); see `status` for why, then run more trials (`run --n-trials N`; sampler and pruner may change) "
+    return (f"study {study.study_name!r} has no completed trial: all {sum(ended.values())} were stopped early or "
+            f"failed ({what}); see `status` for why, then run more trials (`run --n-trials N`; sampler and pruner may change) "
             "or a changed study under a new [study] name")
 
 
@@ -402,7 +402,9 @@ def _model_of(study: optuna.Study, done: list[FrozenTrial], *, artifact_dir: str
     use = refit is not False and rec["state"] == "current"
     where = Path(artifact_dir) if artifact_dir is not None else study_artifact_dir(study)
     if where is None or not where.is_dir():
-        raise StorageError(f"artifact directory of study {study.study_name!r} not found: {where}")
+        moved = "" if artifact_dir is not None else (f" (moved? set ${storage_mod.ARTIFACTS_ENV_VAR} to where it is "
+                                                     "now)")
+        raise StorageError(f"artifact directory of study {study.study_name!r} not found: {where}{moved}")
     store = optuna.artifacts.FileSystemArtifactStore(where)
     if use:
         named = [(a, f"refit model of cycle {t.number + 1}") for a, t in zip(rec["artifacts"], members)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,9 +72,13 @@ class Predictions:
 def predict_file(study: api.StudyLike, path: str | Path, storage: str | BaseStorage | None = None, *,
                  model: CycleModel | None = None) -> Predictions:
     """The best model's (see :func:`api.load_best_model`) class probabilities for each series of `path`."""
-    from cycle_optuna.best_model import OVERFLOW
+    from cycle_optuna.best_model import OVERFLOW, CycleModel
     from cycle_optuna.data import read_inputs
 
+    if model is not None and not isinstance(model, CycleModel):
+        raise TypeError(f"model: expected a CycleModel (load_best_model's), got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a file path, got {type(path).__name__}")
     study = api.load_study(study, storage)
     cfg = api.study_config(study)
     stats = study.user_attrs.get(api.STATS_ATTR)

@@ -80,7 +80,7 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
     train_cfg = dataclasses.replace(cfg.train, early_stopping_patience=0)
     cycles = ", ".join(str(t.number + 1) for t in members)
     fewer = (f" (of the {asked} asked for, the study has {len(members)} completed cycle{'s' if len(members) > 1 else ''} "
-             "with a saved model)") if len(members) < asked else ""
+             "that saved a model)") if len(members) < asked else ""
     say(f"refit of study {study.study_name}: cycle{'s' if len(members) > 1 else ''} {cycles}{fewer} trained on all "
         f"{len(y)} training series ({len(data.y_train)} training + {len(data.y_val)} validation), "
         f"{train_cfg.epochs} epochs each")

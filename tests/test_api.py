@@ -71,7 +71,7 @@ def test_no_completed_trials_is_a_clear_error(tmp_path):
     for state in (optuna.trial.TrialState.PRUNED,) * 3 + (optuna.trial.TrialState.FAIL,):
         study.tell(study.ask(), state=state)
     # finished without a value: waiting would not help, so the message says what happened instead of "yet"
-    with pytest.raises(StorageError, match=r"no completed trial: all 4 ended without a value \(3 pruned and 1 failed\)"):
+    with pytest.raises(StorageError, match=r"no completed trial: all 4 were stopped early or failed \(3 pruned and 1 failed\)"):
         best_trial(study)
     study.ask()  # one still running: it may yet complete
     with pytest.raises(StorageError, match="no completed trials yet"):

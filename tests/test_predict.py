@@ -112,6 +112,13 @@ def test_the_model_refuses_what_a_data_file_is_refused_for(study, x):
         api.load_best_model(study).predict(x)
 
 
+def test_predict_file_names_an_argument_of_the_wrong_kind(study):
+    with pytest.raises(TypeError, match=r"^model: expected a CycleModel \(load_best_model's\), got str$"):
+        predict_file(study, study.parent / "test.csv", model="x")
+    with pytest.raises(TypeError, match=r"^path: expected a file path, got NoneType$"):
+        predict_file(study, None)
+
+
 def test_an_npz_whose_x_is_a_single_number_is_one_line(study, tmp_path, capsys):
     np.savez(tmp_path / "one.npz", X=np.float32(1))
     assert main(["predict", str(study), str(tmp_path / "one.npz")]) == 2
