@@ -10,7 +10,7 @@ import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from cycle_optuna import config as config_mod
 from cycle_optuna import storage as storage_mod
@@ -86,6 +86,7 @@ def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[s
     if cfg.train.threads > cores:  # more threads than cores only slows a trial down (and crashes torch when huge)
         raise ConfigError(f"{where}train.threads: {cfg.train.threads} is more than this machine's {cores} cores; at most "
                           "that, or 0 = cores / workers")
+    _check_model_fits(cfg, device, where)
     own = os.environ.get(storage_mod.ARTIFACTS_ENV_VAR)  # the variable overrides the file: name the one used
     check_writable_dir(artifact_dir(cfg), what=f"${storage_mod.ARTIFACTS_ENV_VAR}" if own else f"{where}study.artifact_dir",
                        room=ROOM)
@@ -108,6 +109,37 @@ def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[s
     if reader is None:
         worker.check_joinable(cfg, writer, url)
     return data
+
+
+def _largest(cfg: StudyConfig, name: str) -> tuple[int, str]:
+    """The largest value `name` takes in the study (baseline or space) and the key that allows it."""
+    value, key = int(getattr(cfg.baseline, name)), f"baseline.{name}"
+    for p in cfg.space:
+        if p.name == name and (top := int(max(p.choices) if p.choices is not None else p.high)) > value:
+            value, key = top, f"space.{name}"
+    return value, key
+
+
+def _check_model_fits(cfg: StudyConfig, device: Any, where: str) -> None:
+    """The study's largest model must fit the device's memory: weights and gradients alone (8 bytes a
+    parameter, a bound below what any optimizer needs). A hidden_dim of 16384 was otherwise killed by
+    the kernel for memory after minutes, leaving a study behind."""
+    from cycle_optuna.model import CONV_KERNELS
+
+    h, key = _largest(cfg, "hidden_dim")
+    layers, _ = _largest(cfg, "n_layers")
+    stem, _ = _largest(cfg, "conv_stem")
+    params = (12 * layers + sum(CONV_KERNELS[:stem]) + 3) * h * h  # attention + MLP per layer, stem, summary
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        total, what = torch.cuda.get_device_properties(device).total_memory, "the GPU has"
+    else:
+        total, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+    if 8 * params > total:
+        raise ConfigError(f"{where}{key}: a model of hidden_dim {h} with {layers} layer(s) has about {params:.2g} "
+                          f"parameters; its weights and gradients alone take {8 * params / 2**30:,.0f} GiB, and {what} "
+                          f"{total / 2**30:,.0f} GiB")
 
 
 def _existing_sqlite(url: str):

@@ -434,6 +434,17 @@ def test_an_empty_validation_split_is_bad_input_and_writes_nothing(quick_study, 
     assert "d.csv: the test split is empty" in _bad_input(study.parent, capsys, "run", str(study))
 
 
+def test_a_model_too_large_for_the_machine_is_bad_input_and_writes_nothing(quick_study, capsys):
+    """Allowed values (hidden_dim up to 16384, n_layers up to 128) whose model cannot fit: the kernel
+    killed the worker for memory minutes later, with the study database left behind."""
+    quick_study.write_text(quick_study.read_text().replace("n_layers = { low = 1, high = 2 }", "n_layers = { low = 1, high = 128 }")
+                           .replace("hidden_dim = { choices = [16, 32] }", "hidden_dim = { choices = [32, 16384] }"))
+    line = _bad_input(quick_study.parent, capsys, "run", str(quick_study))
+    assert re.fullmatch(rf"error: {re.escape(str(quick_study))}: space\.hidden_dim: a model of hidden_dim 16384 with 128 "
+                        r"layer\(s\) has about 4\.2e\+11 parameters; its weights and gradients alone take [\d,]+ GiB, and "
+                        r"this machine has [\d,]+ GiB", line), line
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_a_device_is_bad_input_and_writes_nothing(quick_study, capsys):
     quick_study.write_text(quick_study.read_text().replace("[train]", '[train]\ndevice = "cuda"'))
