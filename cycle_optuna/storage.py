@@ -321,10 +321,10 @@ def check_url(url: str) -> None:
     """Refuse a database URL the driver would misread: an unencoded '@' in its user name or password
     (split at the first '@', the rest of the password taken for the host, and printed), or a SQLite
     URL with a host (`sqlite://studies/x.db` opens x.db in the current directory), or a journal URL
-    with '?' options or a '#' (they would become part of the file's name, a password with them)."""
-    if url.startswith("journal:") and re.search(r"[?#]", url):
-        raise StorageError(f"bad storage URL {mask(url)!r}: a journal URL is a file path only, without '?' options "
-                           "or '#'; expected journal:///path/to/study.log")
+    with '?key=value' options (they would become part of the file's name, a password with them)."""
+    if url.startswith("journal:") and re.search(r"\?[^/]*=", url):
+        raise StorageError(f"bad storage URL {mask(url)!r}: a journal URL is a file path only, without '?key=value' "
+                           "options; expected journal:///path/to/study.log")
     if "://" not in url:
         return
     authority = re.split(r"[/?#]", url.split("://", 1)[1], maxsplit=1)[0]
