@@ -87,6 +87,7 @@ def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[s
         raise ConfigError(f"{where}train.threads: {cfg.train.threads} is more than this machine's {cores} cores; at most "
                           "that, or 0 = cores / workers")
     _check_model_fits(cfg, device, where)
+    _check_synthetic_fits(cfg, where)
     own = os.environ.get(storage_mod.ARTIFACTS_ENV_VAR)  # the variable overrides the file: name the one used
     check_writable_dir(artifact_dir(cfg), what=f"${storage_mod.ARTIFACTS_ENV_VAR}" if own else f"{where}study.artifact_dir",
                        room=ROOM)
@@ -120,6 +121,11 @@ def _largest(cfg: StudyConfig, name: str) -> tuple[int, str]:
     return value, key
 
 
+def _values(cfg: StudyConfig, name: str) -> tuple:
+    """The values `name` takes: its space's choices, else the baseline's."""
+    return next((p.choices for p in cfg.space if p.name == name and p.choices is not None), (getattr(cfg.baseline, name),))
+
+
 def _check_model_fits(cfg: StudyConfig, device: Any, where: str) -> None:
     """The study's largest model must fit the device's memory: weights and gradients alone (8 bytes a
     parameter, a bound below what any optimizer needs). A hidden_dim of 16384 was otherwise killed by
@@ -129,17 +135,34 @@ def _check_model_fits(cfg: StudyConfig, device: Any, where: str) -> None:
     h, key = _largest(cfg, "hidden_dim")
     layers, _ = _largest(cfg, "n_layers")
     stem, _ = _largest(cfg, "conv_stem")
-    params = (12 * layers + sum(CONV_KERNELS[:stem]) + 3) * h * h  # attention + MLP per layer, stem, summary
+    summary = any(_values(cfg, "summary_features"))
+    params = (12 * layers + sum(CONV_KERNELS[:stem]) + 2 * summary) * h * h  # attention + MLP per layer, stem, summary
     if getattr(device, "type", "cpu") == "cuda":
         import torch
 
         total, what = torch.cuda.get_device_properties(device).total_memory, "the GPU has"
     else:
-        total, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+        total, what = _memory(), "this machine has"
     if 8 * params > total:
         raise ConfigError(f"{where}{key}: a model of hidden_dim {h} with {layers} layer(s) has about {params:.2g} "
                           f"parameters; its weights and gradients alone take {8 * params / 2**30:,.0f} GiB, and {what} "
                           f"{total / 2**30:,.0f} GiB")
+
+
+def _memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_synthetic_fits(cfg: StudyConfig, where: str) -> None:
+    """The synthetic task is made in memory: one larger than this machine can hold is refused before
+    anything is written (it was a MemoryError, or the kernel's kill, after the study existed)."""
+    d = cfg.data
+    if d.source != "synthetic" or config_mod.resolve_data_path(cfg) is not None:
+        return
+    need = d.n_samples * d.seq_len * d.n_features * config_mod.SYNTHETIC_BYTES_PER_VALUE
+    if need > _memory():
+        raise ConfigError(f"{where}data: a synthetic task of {d.n_samples} x {d.seq_len} x {d.n_features} values takes "
+                          f"about {need / 2**30:,.0f} GiB to make, and this machine has {_memory() / 2**30:,.0f} GiB")
 
 
 def _existing_sqlite(url: str):

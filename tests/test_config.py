@@ -159,9 +159,9 @@ def test_to_dict_round_trips():
         ("space", "weight_decay = { low = 0.0, high = 1e300, step = 1e-300 }", r"space\.weight_decay\.step: 1e-300 is too small"),
         # the synthetic task is made in memory: a size past it was a MemoryError, exit 1
         ("data", "n_samples = 9223372036854775807",
-         r"data: n_samples x seq_len x n_features must be <= 67,108,864 \(the synthetic task is generated in memory\), "
+         r"data: n_samples x seq_len x n_features must be <= 1,073,741,824 \(the synthetic task is generated in memory\), "
          r"got 9223372036854775807 x \d+ x \d+ = [\d,]+$"),
-        ("data", "seq_len = 100000000", r"data: n_samples x seq_len x n_features must be <= 67,108,864"),
+        ("data", "seq_len = 100000000", r"data: n_samples x seq_len x n_features must be <= 1,073,741,824"),
     ],
 )
 def test_bad_study_file_names_file_key_and_allowed(tmp_path, section, line, pattern):
