@@ -83,11 +83,17 @@ class CycleModel(torch.nn.Module):
             if x.dtype == torch.bool or x.is_complex():
                 raise DataError(f"input must be real numbers [N, T, F] or [T, F], got dtype {x.dtype}")
         else:
-            raw = x if isinstance(x, np.ndarray) else None
-            if raw is not None and raw.dtype.kind not in "iufO":  # as a data file's X: bool, complex, text refused
-                raise DataError(f"input must be real numbers [N, T, F] or [T, F], got dtype {raw.dtype}")
             try:
-                x = torch.as_tensor(np.asarray(x, dtype=np.float64))
+                raw = np.asarray(x)
+            except (TypeError, ValueError) as e:  # ragged nesting
+                raise DataError(f"input must be numbers [N, T, F] or [T, F]: {e}") from None
+            # as a data file's X: booleans, complex numbers and text are refused, in lists too
+            if raw.dtype.kind not in "iufO" or (raw.dtype.kind == "O" and any(
+                    isinstance(v, (str, bytes, bool, np.bool_, complex, np.complexfloating)) for v in raw.flat)):
+                kind = raw.dtype if raw.dtype.kind != "O" else "object holding text, booleans or complex numbers"
+                raise DataError(f"input must be real numbers [N, T, F] or [T, F], got dtype {kind}")
+            try:
+                x = torch.as_tensor(np.asarray(raw, dtype=np.float64))
             except (TypeError, ValueError) as e:
                 raise DataError(f"input must be numbers [N, T, F] or [T, F]: {e}") from None
         single = x.dim() == 2

@@ -475,8 +475,11 @@ def cmd_refit(args: argparse.Namespace) -> int:
             return 1
     name = references.model_name([n + 1 for n in model.trial_numbers])
     study = api.load_study(args.study, storage=url)
-    default = api.load_best_model(study)  # what best and predict load: the refit only when it is of their cycles
-    used = (f"best, predict, report and load_best_model() now use the refit model ({name})" if default.refit else
+    default = None
+    with contextlib.suppress(StorageError):  # the cycles' own models gone (a lost artifact folder): the refit stands
+        default = api.load_best_model(study)  # what best and predict load: the refit only when it is of their cycles
+    used = (f"the refit model ({name}); load_best_model(ensemble={len(model.trial_numbers)}) uses it" if default is None else
+            f"best, predict, report and load_best_model() now use the refit model ({name})" if default.refit else
             f"load_best_model(ensemble={len(model.trial_numbers)}) uses the refit model ({name}); best, predict and "
             f"report keep the {references.model_name([n + 1 for n in default.trial_numbers])} ([study] ensemble = "
             f"{api.study_config(study).study.ensemble}), not refit")
@@ -523,6 +526,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+NOT_CSV = (".npz", ".npy", ".parquet", ".feather", ".json", ".jsonl", ".ts", ".arff", ".tsv", ".txt", ".xlsx", ".xls",
+           ".pkl", ".pickle", ".h5", ".hdf5")  # other formats a table is written as: `predict -o` writes CSV only
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from cycle_optuna import files, preflight, references
     from cycle_optuna.errors import ConfigError, StorageError
@@ -534,7 +541,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if target is not None:  # before the model is loaded: a path it cannot write is one line, nothing written
         preflight.check_output_file(target, what="predict output directory", example="predictions.csv")
         _not_an_input(target, cfg, url, args.file, flag="-o")
-        if target.suffix and target.suffix.lower() != ".csv" and not str(target).startswith("/dev/"):
+        if target.suffix.lower() in NOT_CSV:  # CSV text under another format's name (`preds.v2` is a name, not a format)
             raise ConfigError(f"-o {target}: predictions are written as CSV; name a .csv file (or - for stdout)")
     pred = predict_file(args.study, args.file, storage=url)
     labelled = (f"accuracy {pred.accuracy:.2%} against the file's labels" if pred.labels is not None

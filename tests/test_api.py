@@ -126,7 +126,7 @@ def test_load_best_model_predicts_on_raw_data(studies):
     # input the model cannot read: one DataError naming what is wrong, not torch's error or silent NaN
     for bad, needle in [(np.zeros((2, 6, 4)), "F = 3 feature"), (np.zeros((2, 7, 3)), "input of 7 steps"),
                         (np.zeros((1, 2, 6, 3)), "input of shape [1, 2, 6, 3]"), (np.zeros((2, 0, 3)), "1 <= T"),
-                        (np.full((2, 6, 3), np.inf), "inf values"), ([["a"]], "must be numbers")]:
+                        (np.full((2, 6, 3), np.inf), "inf values"), ([["a"]], "must be real numbers")]:
         for call in (model.predict, model.predict_proba):
             with pytest.raises(DataError, match=re.escape(needle)):
                 call(bad)

@@ -442,7 +442,20 @@ def test_a_model_too_large_for_the_machine_is_bad_input_and_writes_nothing(quick
     line = _bad_input(quick_study.parent, capsys, "run", str(quick_study))
     assert re.fullmatch(rf"error: {re.escape(str(quick_study))}: space\.hidden_dim: a model of hidden_dim 16384 with 128 "
                         r"layer\(s\) has about 4\.2e\+11 parameters; its weights and gradients alone take [\d,]+ GiB, and "
-                        r"this machine has [\d,]+ GiB", line), line
+                        r"(this machine|the GPU) has [\d,]+ GiB", line), line
+
+
+def test_a_synthetic_task_too_large_to_make_here_is_bad_input_and_writes_nothing(quick_study, capsys):
+    """2^30 values is allowed by the study file; made in memory they take ~32 GiB."""
+    from cycle_optuna.preflight import _memory
+
+    if _memory() >= 32 * 2**30:
+        pytest.skip(f"this machine has {_memory() / 2**30:.0f} GiB: it can make the task")
+    quick_study.write_text(quick_study.read_text().replace("n_samples = 480", "n_samples = 4194304")
+                           .replace("seq_len = 16", "seq_len = 64"))
+    line = _bad_input(quick_study.parent, capsys, "run", str(quick_study))
+    assert re.fullmatch(rf"error: {re.escape(str(quick_study))}: data: a synthetic task of 4194304 x 64 x 4 values takes "
+                        r"about 32 GiB to make, and this machine has [\d,]+ GiB", line), line
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")

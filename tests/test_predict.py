@@ -102,7 +102,7 @@ def test_values_the_model_overflows_on_are_named_not_predicted_as_nan(study, tmp
 
 
 @pytest.mark.parametrize("x", [np.ones((2, 6, 1), bool), np.full((2, 6, 1), "1"), np.ones((2, 6, 1), complex),
-                               "torch-bool"])
+                               "torch-bool", [[[True]] * 6], [[["1"]] * 6], np.array([[["1"]] * 6], dtype=object)])
 def test_the_model_refuses_what_a_data_file_is_refused_for(study, x):
     """Booleans, text and complex numbers were converted (complex: imaginary part dropped) and predicted."""
     import torch
@@ -137,6 +137,8 @@ def test_an_output_named_as_another_format_is_refused_and_dash_is_stdout(study, 
                          capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=tmp_path)
     assert run.returncode == 0 and run.stdout.startswith("series,id,predicted"), run.stdout[:80] + run.stderr
     assert list(tmp_path.iterdir()) == []
+    assert main(["predict", str(study), test, "-o", str(tmp_path / "preds.v2")]) == 0  # a dot in a name is no format
+    assert (tmp_path / "preds.v2").read_text().startswith("series,id,predicted")
 
 
 def test_cli_writes_one_row_per_series(study, tmp_path, capsys):

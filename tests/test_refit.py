@@ -133,6 +133,13 @@ def test_a_refit_after_the_artifact_folder_was_lost_makes_a_best_model_again(tmp
     assert cli.main(["refit", str(path), "--no-test"]) == 0
     assert "tiny-artifacts is missing (the cycles' models with it): the refit models go to a new one" in capsys.readouterr().out
     assert api.load_best_model(path).refit and len(_refit_files(path)) == 3
+    # a refit of one cycle: best's 3-cycle model cannot be loaded now (its cycles' own files are gone); the
+    # refit is stored all the same, and says so, where its message's look at best's model made it exit 2
+    assert cli.main(["refit", str(path), "--no-test", "--ensemble", "1"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    one = api.load_best_model(path, ensemble=1)
+    assert said.endswith(f"stored: the refit model (cycle {one.trial_numbers[0] + 1}); load_best_model(ensemble=1) uses it"), said
+    assert one.refit
 
 
 def test_refit_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path: Path, capsys):
