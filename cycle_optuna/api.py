@@ -379,6 +379,8 @@ def load_best_model(
     """
     if refit is not None and not isinstance(refit, bool):  # "no" would read as True
         raise TypeError(f"refit: expected None, True or False, got {refit!r}")
+    if artifact_dir is not None and not isinstance(artifact_dir, (str, os.PathLike)):
+        raise TypeError(f"artifact_dir: expected a folder path, got {type(artifact_dir).__name__}")
     study = load_study(study, storage)
     return _model_of(study, _completed(study), artifact_dir=artifact_dir, ensemble=ensemble, refit=refit)
 
@@ -551,6 +553,8 @@ def held_out_score(study: StudyLike, storage: str | BaseStorage | None = None, *
 
     if model is not None and not isinstance(model, CycleModel):
         raise TypeError(f"model: expected a CycleModel (load_best_model's), got {type(model).__name__}")
+    if data is not None and not all(hasattr(data, k) for k in ("x_test", "y_test", "class_names")):
+        raise TypeError(f"data: expected the study's splits (study_data's), got {type(data).__name__}")
     study = load_study(study, storage)
     cfg = study_config(study)
     if cfg is None:

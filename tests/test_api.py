@@ -174,6 +174,10 @@ def test_wrong_argument_types_name_the_argument(studies, tmp_path):
         api.held_out_score(path, model="x")
     with pytest.raises(TypeError, match="refit: expected None, True or False, got 'no'"):
         load_best_model(path, refit="no")
+    with pytest.raises(TypeError, match=r"^data: expected the study's splits \(study_data's\), got int$"):
+        api.held_out_score(path, data=1)
+    with pytest.raises(TypeError, match="^artifact_dir: expected a folder path, got int$"):
+        load_best_model(path, artifact_dir=123)
     # a study handed over as an object is checked as one loaded by name: the queries rank by lowest value
     maxi = optuna.create_study(direction="maximize")
     maxi.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
