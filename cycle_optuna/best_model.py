@@ -103,9 +103,10 @@ class CycleModel(torch.nn.Module):
         if not (finite := torch.isfinite(logits).all(-1)).all():  # values far past the training data's overflow the net
             bad = (~finite).nonzero().flatten().tolist()
             which = "the sequence" if single else f"series {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
-            err = DataError(f"{which}: {OVERFLOW} (largest |value| {float((x[None] if single else x)[bad[0]].abs().nan_to_num(0).max()):.3g}, "
-                            "far outside the training data's range)")
-            err.series = bad  # which series of this call: predict_file names them in the file
+            largest = float((x[None] if single else x)[bad[0]].abs().nan_to_num(0).max())
+            detail = f"the model's output is not finite (largest |value| {largest:.3g}, far outside the training data's range)"
+            err = DataError(f"{which}: {detail}")
+            err.series, err.detail = bad, detail  # which series of this call: predict_file names them in its file
             raise err
         return logits[0] if single else logits
 
@@ -116,9 +117,6 @@ class CycleModel(torch.nn.Module):
     def predict(self, x: Any) -> np.ndarray:
         """Class indices for raw input ``[N, T, F]`` (or one ``[T, F]`` sequence)."""
         return self._logits(x).argmax(dim=-1).cpu().numpy()
-
-
-OVERFLOW = "the model's output is not finite"
 
 
 class Ensemble(torch.nn.Module):

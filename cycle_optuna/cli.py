@@ -475,13 +475,14 @@ def cmd_refit(args: argparse.Namespace) -> int:
             return 1
     name = references.model_name([n + 1 for n in model.trial_numbers])
     study = api.load_study(args.study, storage=url)
-    default = None
-    with contextlib.suppress(StorageError):  # the cycles' own models gone (a lost artifact folder): the refit stands
-        default = api.load_best_model(study)  # what best and predict load: the refit only when it is of their cycles
+    default = None  # the cycles best and predict average (their models are not loaded: a lost folder is no error here)
+    with contextlib.suppress(StorageError):
+        default = [t.number for t in api._members(study, api._completed(study), None)]
     used = (f"the refit model ({name}); load_best_model(ensemble={len(model.trial_numbers)}) uses it" if default is None else
-            f"best, predict, report and load_best_model() now use the refit model ({name})" if default.refit else
+            f"best, predict, report and load_best_model() now use the refit model ({name})"
+            if default == list(model.trial_numbers) else
             f"load_best_model(ensemble={len(model.trial_numbers)}) uses the refit model ({name}); best, predict and "
-            f"report keep the {references.model_name([n + 1 for n in default.trial_numbers])} ([study] ensemble = "
+            f"report keep the {references.model_name([n + 1 for n in default])} ([study] ensemble = "
             f"{api.study_config(study).study.ensemble}), not refit")
     if args.no_test:
         say(f"stored: {used}")

@@ -818,7 +818,9 @@ def _check_baseline_in_space(c: _Checker, p: ParamSpace, value: Any) -> None:
         raise c.fail(f"baseline.{p.name}", f"{value} is outside the space [{p.low}, {p.high}]")
 
 
-def _values(cfg: StudyConfig, name: str) -> tuple[Any, ...]:
+def param_values(cfg: StudyConfig, name: str) -> tuple[Any, ...]:
+    """The values parameter `name` takes: its space's choices or integer range (() when that range is
+    too wide to list), else the baseline's."""
     for p in cfg.space:
         if p.name == name:
             if p.choices is not None:
@@ -828,7 +830,7 @@ def _values(cfg: StudyConfig, name: str) -> tuple[Any, ...]:
 
 
 def _check_space_feasible(c: _Checker, cfg: StudyConfig) -> None:
-    hidden, heads = _values(cfg, "hidden_dim"), _values(cfg, "n_heads")
+    hidden, heads = param_values(cfg, "hidden_dim"), param_values(cfg, "n_heads")
     if hidden and heads and not any(h % n == 0 for h in hidden for n in heads):
         searched = {p.name for p in cfg.space}
         raise c.fail("space.n_heads" if "n_heads" in searched else "space.hidden_dim", f"no choice of n_heads {list(heads)} divides any hidden_dim {list(hidden)}")

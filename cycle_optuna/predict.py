@@ -72,7 +72,7 @@ class Predictions:
 def predict_file(study: api.StudyLike, path: str | Path, storage: str | BaseStorage | None = None, *,
                  model: CycleModel | None = None) -> Predictions:
     """The best model's (see :func:`api.load_best_model`) class probabilities for each series of `path`."""
-    from cycle_optuna.best_model import OVERFLOW, CycleModel
+    from cycle_optuna.best_model import CycleModel
     from cycle_optuna.data import read_inputs
 
     if model is not None and not isinstance(model, CycleModel):
@@ -107,8 +107,7 @@ def predict_file(study: api.StudyLike, path: str | Path, storage: str | BaseStor
                 raise
             # what the file's checks cannot see: values the model overflows on
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            raise DataError(f"{path}: series {i + bad[0]}{more}: {OVERFLOW} (largest |value| "
-                            f"{np.nanmax(np.abs(x[i + bad[0]])):.3g}, far outside the training data's range)") from None
+            raise DataError(f"{path}: series {i + bad[0]}{more}: {e.detail}") from None
     proba = np.concatenate(parts)
     return Predictions(path=path, classes=classes, ids=ids, proba=proba, labels=y,
                        cycles=tuple(n + 1 for n in model.trial_numbers), refit=bool(getattr(model, "refit", False)))

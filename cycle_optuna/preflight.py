@@ -121,11 +121,6 @@ def _largest(cfg: StudyConfig, name: str) -> tuple[int, str]:
     return value, key
 
 
-def _values(cfg: StudyConfig, name: str) -> tuple:
-    """The values `name` takes: its space's choices, else the baseline's."""
-    return next((p.choices for p in cfg.space if p.name == name and p.choices is not None), (getattr(cfg.baseline, name),))
-
-
 def _check_model_fits(cfg: StudyConfig, device: Any, where: str) -> None:
     """The study's largest model must fit the device's memory: weights and gradients alone (8 bytes a
     parameter, a bound below what any optimizer needs). A hidden_dim of 16384 was otherwise killed by
@@ -135,7 +130,7 @@ def _check_model_fits(cfg: StudyConfig, device: Any, where: str) -> None:
     h, key = _largest(cfg, "hidden_dim")
     layers, _ = _largest(cfg, "n_layers")
     stem, _ = _largest(cfg, "conv_stem")
-    summary = any(_values(cfg, "summary_features"))
+    summary = any(config_mod.param_values(cfg, "summary_features"))
     params = (12 * layers + sum(CONV_KERNELS[:stem]) + 2 * summary) * h * h  # attention + MLP per layer, stem, summary
     if getattr(device, "type", "cpu") == "cuda":
         import torch
