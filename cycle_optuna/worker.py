@@ -554,9 +554,13 @@ class _Loop:
         if self.share_cores:
             self._share_cores()
         try:
+            packed = len(trials) > 1
+            if packed and self.hooks.on_trial_begin is not None:
+                for trial in trials:  # a pack trains its trials together: each starts now, not when its outcome is told
+                    self.hooks.on_trial_begin(trial)
             for trial, objective in zip(trials, self._objectives(trials)):
                 try:
-                    told = self._run_trial(trial, objective)
+                    told = self._run_trial(trial, objective, begun=packed)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     # this worker was silent past the grace period (paused, cut off from the database)
                     _log.warning("cycle %d was taken over: another worker failed it as stale and queued its "
@@ -604,13 +608,14 @@ class _Loop:
             return [self.objective]
         return [lambda trial, outcome=outcome: _replay(outcome) for outcome in self.objective.run_pack(trials)]
 
-    def _run_trial(self, trial: optuna.Trial, objective: Callable[[optuna.Trial], float] | None = None) -> TrialState:
+    def _run_trial(self, trial: optuna.Trial, objective: Callable[[optuna.Trial], float] | None = None, *,
+                   begun: bool = False) -> TrialState:
         """Run the objective and tell its outcome, as study.optimize(catch=(Exception,)) would.
 
         A bad trial is recorded as FAIL with its reason (`fail_cause`) and the worker carries on.
         """
         value, state, cause = None, None, None
-        if self.hooks.on_trial_begin is not None:
+        if self.hooks.on_trial_begin is not None and not begun:
             self.hooks.on_trial_begin(trial)
         try:
             value = (objective or self.objective)(trial)

@@ -120,3 +120,20 @@ def test_a_long_trial_writes_its_epochs_at_most_once_an_interval(tmp_path):
     hooks = worker.Hooks(on_trial_begin=log.begin, on_epoch=log.epoch, on_trial_end=log.end)
     worker.run_worker(config.override(config.load(path), n_trials=2), url, hooks=hooks)
     assert len(lines) == 2 and " cycle 2 started " in lines[0], lines
+
+
+def test_a_packing_worker_logs_each_trial_start_before_the_pack_trains(tmp_path):
+    # a pack trains its trials together; their start lines came only once the pack had finished,
+    # each just before its end line, with a duration of a few milliseconds
+    import optuna
+
+    path = write_study(tmp_path, n_trials=2, epochs=3, n_samples=60)
+    path.write_text(path.read_text().replace("threads = 1", "threads = 1\npack = 2"))
+    proc = _cli("worker", str(path), "--log-json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    events = [(r["event"], r["cycle"]) for r in records if r["event"] in ("trial_start", "trial_end")]
+    assert events == [("trial_start", 1), ("trial_start", 2), ("trial_end", 1), ("trial_end", 2)]
+    trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}").trials
+    for r in (r for r in records if r["event"] == "trial_end"):
+        assert r["duration_s"] >= trials[r["trial"]].user_attrs["train_seconds"]  # it covers the training
