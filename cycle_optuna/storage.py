@@ -18,6 +18,7 @@ import sqlite3
 import sys
 import threading
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -371,6 +372,13 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True, versi
         # pre-ping + recycle let workers survive a database restart; a worker needs few connections
         engine_kwargs.update(pool_pre_ping=True, pool_size=2, max_overflow=2, pool_recycle=300)
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    with warnings.catch_warnings():  # Optuna calls heartbeats experimental: this package's choice, not the caller's
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _open_rdb(url, parsed, backend, engine_kwargs, heartbeat=heartbeat, create=create, versions=versions)
+
+
+def _open_rdb(url: str, parsed, backend: str, engine_kwargs: dict, *, heartbeat: bool, create: bool,
+              versions: bool) -> BaseStorage:
     beat = dict(
         heartbeat_interval=HEARTBEAT_SECONDS,
         grace_period=grace_period(),

@@ -361,6 +361,22 @@ def test_run_study_checks_what_run_checks_before_writing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
 
 
+def test_run_study_shows_the_caller_no_warning_about_optunas_experimental_heartbeat(tmp_path):
+    """The heartbeat (and its retry callback) is this package's choice: Optuna's ExperimentalWarning
+    for it is noise to the caller (two of them at every run_study and load_study)."""
+    import subprocess
+
+    from workers_helpers import write_study
+
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    code = ("import warnings, cycle_optuna.api as a; warnings.simplefilter('always'); "
+            f"a.run_study({str(path)!r}); a.run_study({str(path)!r}, n_trials=2); a.load_study({str(path)!r})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr
+    assert len(load_study(path).trials) == 2  # it ran
+
+
 def test_run_study_refuses_an_in_memory_database(tmp_path):
     from workers_helpers import write_study
 
