@@ -104,6 +104,16 @@ def delete_user_attr(conn: sqlalchemy.Connection, trial_id: int, key: str, value
     conn.execute(table.delete().where(where))
 
 
+def table_names() -> list[str]:
+    """The tables Optuna's RDB storage keeps (of its installed version)."""
+    return sorted(_models.BaseModel.metadata.tables)
+
+
+def missing_tables(present: set[str]) -> list[str]:
+    """Optuna's tables not among `present`."""
+    return [name for name in table_names() if name not in present]
+
+
 def has_tables(conn: sqlalchemy.Connection) -> bool:
     """Whether the database holds Optuna's tables (its `studies` table); creates nothing."""
     return sqlalchemy.inspect(conn).has_table(_models.StudyModel.__tablename__)

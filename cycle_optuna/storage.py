@@ -365,6 +365,10 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True, versi
         path = sqlite_path(url)
         if path is not None:
             check_file_location(url, path, create=create)
+            if path.is_file():
+                _check_sqlite_schema(url, path)
+            elif create:
+                _create_sqlite(url, parsed, path)
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_SECONDS}
         if path is not None and not create and not os.access(path.parent, os.W_OK):
             engine_kwargs["creator"] = _read_only_sqlite(path)
@@ -419,6 +423,65 @@ def _open_rdb(url: str, parsed, backend: str, engine_kwargs: dict, *, heartbeat:
         if "readonly database" in reason or "read-only" in reason:
             raise StorageError(f"cannot write {sqlite_path(url) or mask(url)}: read-only ({reason})") from None
         raise StorageError(f"cannot open storage {mask(url)}: {reason}") from None
+
+
+def _create_sqlite(url: str, parsed: sqlalchemy.URL, path: Path) -> None:
+    """A new SQLite study database, made whole beside its place and then linked in: SQLite creates
+    Optuna's tables one commit at a time, and a worker killed among them (kill -9, Ctrl-C, a closed
+    terminal in its first second) left a file of some tables that no command could open again.
+    Workers starting together each make their own; the first link wins, the others use it."""
+    for old in path.parent.glob(f".{glob.escape(path.name)}.new-*"):  # a killed creator's, and its journal
+        made_by = re.fullmatch(r".*\.new-(\d+)(-journal)?", old.name)
+        if made_by and not _alive(int(made_by[1])):
+            old.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.new-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        made = RDBStorage(parsed.set(database=str(tmp)).render_as_string(hide_password=False),
+                          engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_SECONDS}})
+        made.engine.dispose()
+        pause_for_tests("sqlite made")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another worker's is in place: use it
+        except OSError:  # a file system without hard links
+            if not path.exists():
+                os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_name(tmp.name + "-journal").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_sqlite_schema(url: str, path: Path) -> None:
+    """A SQLite file with some of Optuna's tables but not all: a first start cut off among them
+    (before this release made it whole first). One line, not the commit error Optuna raises."""
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=SQLITE_TIMEOUT_SECONDS)
+        try:
+            names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            # Optuna writes its version once every table is made: an older Optuna's complete
+            # database (fewer tables; `optuna storage upgrade` updates it) has it
+            versioned = "version_info" in names and con.execute("SELECT COUNT(*) FROM version_info").fetchone()[0] > 0
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return  # not a database, locked, ...: opening it says so
+    if not versioned and (missing := internals.missing_tables(names)):
+        if len(missing) < len(internals.table_names()):
+            raise StorageError(f"storage {mask(url)}: {path} holds only part of Optuna's tables (missing: "
+                               f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): its first start "
+                               "was cut off before it held a study; delete the file and run again")
 
 
 def _read_only_sqlite(path: Path) -> Callable[[], sqlite3.Connection]:
