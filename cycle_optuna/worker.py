@@ -479,9 +479,7 @@ class _Loop:
                 check_interrupted()
                 step = self._step()
             except KeyboardInterrupt:
-                self.heartbeat.beat_for(None)
-                name = signal.Signals(_SIGNALLED[0]).name if _SIGNALLED else "SIGINT"
-                self._hand_back(cause=f"worker interrupted ({self.stats.worker}, {name})")
+                self._interrupted()
                 raise
             except Exception as e:
                 self.heartbeat.beat_for(None)
@@ -493,15 +491,21 @@ class _Loop:
                     down_since = time.monotonic()
                     self.stats.reconnects += 1
                     held = f"; cycle {self.current + 1} (trial {self.current}) is handed back once it answers" if self.lost else ""
-                    _log.warning("lost the database: %s; retrying for up to %ds%s",
-                                 storage_mod.describe(e), RECONNECT_SECONDS, held)
+                    reason = storage_mod.describe(e)
+                    if "disk is full" in reason and (db := storage_mod.sqlite_path(self.url)) is not None:
+                        reason += f" (free space on the disk of {db})"
+                    _log.warning("lost the database: %s; retrying for up to %ds%s", reason, RECONNECT_SECONDS, held)
                 if time.monotonic() - down_since > RECONNECT_SECONDS:
                     raise StorageError(f"lost the storage {storage_mod.mask(self.url)} for "
                                        f"{RECONNECT_SECONDS}s: {storage_mod.describe(e)}") from None
                 if self.lost:
                     self.lost_cause = f"storage lost mid-trial ({fail_cause(_root(e))}); retried"
                 tries += 1
-                time.sleep(min(5.0, 2.0 ** min(tries, 4) / 8))
+                try:
+                    time.sleep(min(5.0, 2.0 ** min(tries, 4) / 8))
+                except KeyboardInterrupt:  # a signal while the database is away: its trial is handed back all the same
+                    self._interrupted()
+                    raise
                 continue
             if down_since is not None:
                 _log.warning("database back after %.0fs", time.monotonic() - down_since)
@@ -511,6 +515,21 @@ class _Loop:
             if step == "wait":
                 time.sleep(POLL_SECONDS)
 
+    def _interrupted(self) -> None:
+        """A signal stops the worker: hand its trial back, or say why that cannot be stored."""
+        self.heartbeat.beat_for(None)
+        name = signal.Signals(_SIGNALLED[0]).name if _SIGNALLED else "SIGINT"
+        try:
+            self._hand_back(cause=f"worker interrupted ({self.stats.worker}, {name})")
+        except Exception as e:
+            if not storage_mod.is_connection_error(e) or self.current is None:
+                raise
+            # the database is away (or its disk full): the trial stays running, its heartbeat
+            # stopped, and a worker's stale check fails it and queues its retry later
+            _log.warning("cycle %d (trial %d) could not be handed back (%s); a worker retries it once the database "
+                         "answers and its last heartbeat is %ds old", self.current + 1, self.current,
+                         storage_mod.describe(e), storage_mod.grace_period())
+
     def _fail_stale(self, conn: sqlalchemy.Connection | None, *, always: bool) -> None:
         # A dead worker's trial is failed (and its retry queued) GRACE_SECONDS after its last beat;
         # checking more often than once per beat interval finds nothing sooner.
@@ -519,8 +538,8 @@ class _Loop:
             return
         failed = storage_mod.fail_stale(self.study, conn, on_exhausted=getattr(self.objective, "trial_abandoned", None))
         if failed:
-            _log.warning("failed trial %s: its worker was lost (retried up to %d times)", ", ".join(map(str, failed)),
-                         storage_mod.MAX_RETRY)
+            _log.warning("failed %s: its worker was lost (retried up to %d times)",
+                         ", ".join(f"cycle {n + 1} (trial {n})" for n in failed), storage_mod.MAX_RETRY)
         self.stale_checked = time.monotonic()
 
     def _step(self) -> str:

@@ -469,6 +469,60 @@ def test_a_database_outage_is_one_line_and_the_cut_off_trial_is_handed_back_by_i
     assert failed and all(t.user_attrs["fail_cause"].startswith("storage lost mid-trial (") for t in failed)
 
 
+@pytest.mark.pg_restarts
+def test_a_signal_while_the_database_is_away_stops_the_worker_with_its_code_not_a_traceback(
+        tmp_path: Path, pg_url: str):
+    # its hand-back cannot be stored: that was a StorageInternalError traceback and exit 1
+    study = write_study(tmp_path, n_trials=1, epochs=8)
+    log = tmp_path / "w.log"
+    proc = start_cli(["worker", str(study), "--storage", pg_url], pause=0.3, log=log)
+    hit = wait_for(lambda: _running_with_checkpoint(pg_url, tmp_path), 120, "a trial with an epoch checkpoint")
+    pg_cluster("stop", "-m", "fast")
+    try:
+        wait_for(lambda: "lost the database" in log.read_text(), 60, "the worker to notice")
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        pg_cluster("start")
+    text = log.read_text()
+    assert rc == 143, text
+    assert "Traceback" not in text and "unexpected error" not in text
+    assert f"cycle {hit.number + 1} (trial {hit.number}) could not be handed back" in text
+    # still running in the database, its heartbeat stopped: the next worker fails it as stale and retries it
+    rc, out = _finish(start_cli(["worker", str(study), "--storage", pg_url]))
+    assert rc == 0, out
+    ts = trials(pg_url)
+    assert [t.state for t in ts] == [TrialState.FAIL, TrialState.COMPLETE], out
+    assert ts[1].user_attrs[RESUMED_ATTR].startswith(f"trial {hit.number}")
+
+
+def test_a_signal_while_the_sqlite_disk_is_full_stops_the_worker_with_its_code(tmp_path: Path):
+    # the full disk reads as a lost database; a SIGTERM during that wait tried the hand-back, whose
+    # write failed too: a StorageInternalError traceback and exit 1
+    from workers_helpers import fill_disk, small_tmpfs
+
+    study = write_study(tmp_path, n_trials=1, epochs=8)
+    with small_tmpfs(tmp_path / "disk", "2m") as disk:
+        url = f"sqlite:///{disk / 'tiny.db'}"
+        log = tmp_path / "w.log"
+        proc = start_cli(["worker", str(study), "--storage", url], pause=0.3, log=log)
+        hit = wait_for(lambda: running_with_checkpoint(trials(url), tmp_path), 120, "a trial with an epoch checkpoint")
+        filler = fill_disk(disk)
+        wait_for(lambda: "lost the database" in log.read_text() or proc.poll() is not None, 60, "the worker to notice")
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+        text = log.read_text()
+        assert rc == 143, text
+        assert "Traceback" not in text and "unexpected error" not in text
+        assert f"free space on the disk of {disk / 'tiny.db'}" in text
+        assert f"cycle {hit.number + 1} (trial {hit.number}) could not be handed back" in text
+        filler.unlink()
+        rc, out = _finish(start_cli(["worker", str(study), "--storage", url]))
+        assert rc == 0, out
+        ts = trials(url)
+    assert [t.state for t in ts] == [TrialState.FAIL, TrialState.COMPLETE], out
+
+
 def test_a_kill_after_the_result_is_stored_leaves_no_checkpoint_behind(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'tiny.db'}"
     study = write_study(tmp_path, n_trials=2, epochs=2)
@@ -695,3 +749,42 @@ def test_run_with_workers_ends_0_when_the_others_finish_a_killed_workers_study(t
     assert "a worker was killed by SIGKILL" in out and "the other workers took over" in out and "cycles of tiny" in out
     done = [t for t in trials(url) if t.state.is_finished() and t.state != TrialState.FAIL]
     assert len(done) == 3
+
+
+def test_a_worker_killed_while_making_a_new_sqlite_database_leaves_no_file_that_cannot_open(tmp_path):
+    # SQLite makes Optuna's tables one commit at a time: a worker killed among them (kill -9 or a
+    # Ctrl-C in its first second) left a file of some tables on which every command then failed
+    # with Optuna's "exception during the commit". Now the database is made whole beside its place
+    study = write_study(tmp_path, n_trials=1, epochs=1)
+    log = tmp_path / "victim.log"
+    victim = _start(["worker", str(study)], log, CYCLE_OPTUNA_TEST_PAUSE_SQLITE_MADE="60")
+    wait_for(_log_says(log, "paused sqlite made"), 90, "the worker to make its database")
+    victim.kill()
+    victim.wait(timeout=30)
+    assert not (tmp_path / "tiny.db").exists()
+    assert [p.name for p in tmp_path.glob(".tiny.db.new-*")]  # what it left beside it
+    done = subprocess.run([sys.executable, "-m", "cycle_optuna.cli", "worker", str(study)], env=worker_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [t.state for t in trials(f"sqlite:///{tmp_path / 'tiny.db'}")] == [TrialState.COMPLETE]
+    assert not list(tmp_path.glob(".tiny.db.new-*"))  # the dead worker's half-made file is gone
+
+
+def test_a_sqlite_file_of_part_of_optunas_tables_is_one_line_naming_it(tmp_path):
+    import sqlite3
+
+    study = write_study(tmp_path, n_trials=1, epochs=1)
+    db = tmp_path / "tiny.db"
+    with sqlite3.connect(db) as con:  # what a start cut off among the tables left (an earlier release)
+        con.execute("CREATE TABLE studies (study_id INTEGER PRIMARY KEY, study_name VARCHAR(512))")
+        con.execute("CREATE TABLE version_info (version_info_id INTEGER PRIMARY KEY, schema_version INTEGER, "
+                    "library_version VARCHAR(256))")
+    before = db.read_bytes()
+    for command in ("worker", "run", "status", "best"):
+        proc = subprocess.run([sys.executable, "-m", "cycle_optuna.cli", command, str(study)], env=worker_env(),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (command, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "tiny.db holds only part of Optuna's tables" in lines[0], (command, proc.stderr)
+        assert "delete the file" in lines[0]
+    assert db.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["tiny.db", "tiny.toml"]
