@@ -89,6 +89,11 @@ class ParentCurvePruner(BasePruner):
         finished = [t for t in trials if t.state == TrialState.COMPLETE]
         if len(finished) < self._n_startup:
             return False
+        if _is_baseline(trial):
+            # the cycles' reference: first of all it has nothing to be judged against; a retry of it
+            # (its worker lost) runs once others have finished, and pruned it would leave the study
+            # without a finished baseline
+            return False
         kind = _move_kind(trial)
         if kind is not None and step < self._first_try:
             if not any(t.number < trial.number and _move_kind(t) == kind for t in trials):
@@ -136,6 +141,12 @@ def _parent_of(trial: FrozenTrial) -> int | None:
     prop = trial.system_attrs.get(PROPOSAL_ATTR)
     parent = prop.get("parent") if isinstance(prop, dict) else None
     return parent if isinstance(parent, int) and not isinstance(parent, bool) else None
+
+
+def _is_baseline(trial: FrozenTrial) -> bool:
+    """The CycleSampler's baseline trial, or a retry of it (a retry keeps the user attrs)."""
+    prop = trial.system_attrs.get(PROPOSAL_ATTR)
+    return (isinstance(prop, dict) and prop.get("kind") == "baseline") or trial.user_attrs.get("cycle_move") == "baseline"
 
 
 def _move_kind(trial: FrozenTrial) -> str | None:

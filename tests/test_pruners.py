@@ -98,6 +98,23 @@ def test_without_a_parent_the_best_finished_trial_is_the_reference():
     assert first_pruned_step(study, [v * 0.99 for v in PARENT]) is None
 
 
+def test_the_baseline_and_a_retry_of_it_are_never_pruned():
+    # a retry of cycle 1 (its worker lost) runs once moves have finished; pruned behind the best of
+    # them, the study had no finished baseline. A retry keeps the user attrs, not the proposal
+    study = new_study()
+    finished(study, PARENT)
+    behind = [v * 1.3 for v in PARENT]
+    assert first_pruned_step(study, behind) == 3  # any other trial without a parent is
+    assert first_pruned_step(study, behind, {"kind": "baseline", "parent": None, "move": "baseline"}) is None
+    retry = study.ask()
+    retry.set_user_attr("cycle_move", "baseline")
+    steps = []
+    for step, v in enumerate(behind):
+        retry.report(v, step)
+        steps.append(retry.should_prune())
+    assert not any(steps)
+
+
 def test_margin_tolerates_small_gaps():
     study = new_study(margin=0.1)
     finished(study, PARENT)
