@@ -27,6 +27,7 @@ class RunningTrial:
     heartbeat_age: float | None  # seconds since the last beat, by the database's clock; None without heartbeats (journal)
     resumed_from: str | None
     device: str = "-"  # "cpu" or "gpu <id>", as the worker wrote it
+    alive: bool | None = None  # its worker a live process of this machine; None: another machine's, or unknown
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,11 @@ def collect(study: optuna.Study, n_trials: int) -> StudyStatus:
     for t in trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
     ages = storage_mod.heartbeat_ages(internals.storage_of(study), study)
+    journal = storage_mod.journal_file(internals.storage_of(study))
     running = [
         RunningTrial(t.number, str(t.user_attrs.get(storage_mod.WORKER_ATTR, "?")), len(t.intermediate_values),
                      ages.get(t.number), t.user_attrs.get("resumed_from"),
-                     str(t.user_attrs.get(storage_mod.DEVICE_ATTR, "-")))
+                     str(t.user_attrs.get(storage_mod.DEVICE_ATTR, "-")), storage_mod.local_alive(t, journal))
         for t in trials if t.state == TrialState.RUNNING
     ]
     done = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -68,7 +70,10 @@ def collect(study: optuna.Study, n_trials: int) -> StudyStatus:
                        api.baselines(study), finished)
 
 
-def _ago(age: float | None) -> str:
+def _ago(age: float | None, alive: bool | None = None) -> str:
+    if alive is False:  # a process of this machine that has ended (kill -9, a crash): no need to wait out the grace
+        gone = "worker's process has ended, retried by the next worker"
+        return gone if age is None else f"{age:.0f}s ago: {gone}"
     if age is None:
         return "-"
     if age > storage_mod.grace_period():
@@ -96,7 +101,7 @@ def render(s: StudyStatus, *, epochs: int | None = None) -> Group:
             run.add_column(col)
         for r in sorted(s.running, key=lambda r: r.number):
             run.add_row(str(r.number + 1), f"{r.epochs_done}" + (f"/{epochs}" if epochs else ""), r.worker,
-                        r.device, _ago(r.heartbeat_age), r.resumed_from or "")
+                        r.device, _ago(r.heartbeat_age, r.alive), r.resumed_from or "")
         parts.append(run)
     if s.best is not None:
         b = s.best

@@ -89,7 +89,7 @@ WORKER_ATTR = "worker"  # user attr "host:pid" of the worker running a trial
 # user attr beside it: when that process started ("<boot id>:<clock ticks since boot>", None off
 # Linux), which tells a dead worker from a later process given its pid (a restarted container)
 WORKER_START_ATTR = "worker_start"
-# journal files: the lock file a worker holds while it lives, beside the journal (see _local_alive)
+# journal files: the lock file a worker holds while it lives, beside the journal (see local_alive)
 WORKER_LOCK_ATTR = "worker_lock"
 DEVICE_ATTR = "device"  # user attr beside it: "cpu" or "gpu <id>"
 FAIL_CAUSE_ATTR = "fail_cause"  # user attr on a failed trial: why it failed, in one line
@@ -832,7 +832,7 @@ def register_trial(study: optuna.Study, trial: optuna.Trial, worker: str,
              **({DEVICE_ATTR: device} if device is not None else {})}
     backend = _unwrap(internals.storage_of(study))
     if not isinstance(backend, RDBStorage):
-        journal = _journal_file(backend)
+        journal = journal_file(backend)
         if journal is not None and (token := _hold_alive_lock(journal)) is not None:
             attrs[WORKER_LOCK_ATTR] = token
         for key, value in attrs.items():
@@ -971,7 +971,7 @@ def retry_missing(trial: FrozenTrial, trials: list[FrozenTrial]) -> bool:
 def _fail_gone_local(study: optuna.Study, storage: JournalStorage,
                      on_exhausted: Callable[[optuna.Study, FrozenTrial], None] | None) -> list[int]:
     """fail_stale for a journal file, which has no heartbeats: a running trial whose worker was a
-    process of this machine that no longer runs it (see :func:`_local_alive`) is failed and retried
+    process of this machine that no longer runs it (see :func:`local_alive`) is failed and retried
     the same way. A worker on another machine (a journal on a shared disk) cannot be checked from
     here and is left alone."""
     failed = []
@@ -979,7 +979,7 @@ def _fail_gone_local(study: optuna.Study, storage: JournalStorage,
         worker = trial.user_attrs.get(WORKER_ATTR)
         if worker is None and _orphaned(trial):
             cause = f"{LOST_CAUSE} (it ended between creating the trial and naming itself on it)"
-        elif _local_alive(trial, _journal_file(storage)) is False:
+        elif local_alive(trial, journal_file(storage)) is False:
             cause = f"{LOST_CAUSE} ({worker}: its process has ended)"
         else:
             continue
@@ -996,7 +996,7 @@ def _orphaned(trial: FrozenTrial) -> bool:
     return started is not None and (datetime.now() - started).total_seconds() > ORPHAN_SECONDS
 
 
-def _local_alive(trial: FrozenTrial, journal: Path | None = None) -> bool | None:
+def local_alive(trial: FrozenTrial, journal: Path | None = None) -> bool | None:
     """Whether the process a running trial's "host:pid" worker attr names still runs it; None when
     it is not a process of this machine (another host's cannot be checked from here).
 
@@ -1089,7 +1089,7 @@ def _lock_held(path: Path) -> bool | None:
         return None
 
 
-def _journal_file(storage: BaseStorage) -> Path | None:
+def journal_file(storage: BaseStorage) -> Path | None:
     """The file behind a journal storage (None for other storages)."""
     backend = _unwrap(storage)  # a JournalStorage's backend, or the backend itself
     return Path(internals.journal_path_of(backend)).resolve() if isinstance(backend, JournalFileBackend) else None
@@ -1116,8 +1116,8 @@ def running_here(study: optuna.Study) -> bool:
 def local_workers(study: optuna.Study) -> int:
     """How many live processes of this machine run trials of the study (by the trials' worker attrs)."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    journal = _journal_file(internals.storage_of(study))
-    return len({t.user_attrs.get(WORKER_ATTR) for t in running if _local_alive(t, journal)})
+    journal = journal_file(internals.storage_of(study))
+    return len({t.user_attrs.get(WORKER_ATTR) for t in running if local_alive(t, journal)})
 
 
 def retries_exhausted(trial: FrozenTrial) -> bool:
