@@ -337,8 +337,9 @@ def _key_change(t: FrozenTrial, ref: FrozenTrial | None, base: dict[str, Any]) -
     if move == "baseline" or (ref is None and {**base, **t.params} == base):
         return "baseline configuration"
     before = {**base, **(ref.params if ref is not None else {})}
-    diff = ", ".join(
-        f"{k} {_fmt(before.get(k))} -> {_fmt(v)}" for k, v in t.params.items() if before.get(k) != v
+    diff = ", ".join(  # the first trial of another program's study: its parameters are not ours to compare
+        f"{k} {_fmt(before.get(k))} -> {_fmt(v)}" for k, v in t.params.items()
+        if before.get(k) != v and (ref is not None or k in base)
     )
     if move:
         if not diff or str(move).replace(" ", "") == diff.replace(" ", ""):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
 
@@ -422,3 +423,12 @@ def test_a_switch_flip_is_said_once_in_the_key_change():
     step = optuna.trial.create_trial(params={"instance_norm": False, "lr": 1e-3}, distributions=dists, value=0.9,
                                      user_attrs={"cycle_move": "lr x2"})
     assert api._key_change(step, parent, {}) == "lr x2: lr 0.0005 -> 0.001"  # a move with more to say keeps it
+
+
+def test_the_first_trial_of_another_programs_study_is_the_first_trial_not_a_change_from_none(tmp_path):
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    study = optuna.create_study(study_name="other", storage=url)
+    study.optimize(lambda t: (t.suggest_float("x", -1, 1) - 0.2) ** 2 + t.suggest_int("k", 1, 3), n_trials=3)
+    rows = cycles("other", storage=url)
+    assert rows[0].key_change == "first trial"  # it was "x None -> 0.7588, k None -> 2"
+    assert "None" not in rows[1].key_change and rows[1].key_change.startswith("x ")
