@@ -160,3 +160,77 @@ def fill_disk(disk: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+# A TCP proxy in front of the local PostgreSQL server, so a test can take the database away from
+# the processes that use the proxy's URL (new connections refused, open ones cut) and bring it back,
+# without stopping the server other tests share.
+_PROXY = """
+import asyncio, sys
+port, host, target = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+async def pipe(r, w):
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    except Exception:
+        pass
+    finally:
+        w.close()
+async def handle(cr, cw):
+    try:
+        sr, sw = await asyncio.open_connection(host, target)
+    except Exception:
+        cw.close()
+        return
+    await asyncio.gather(pipe(cr, sw), pipe(sr, cw))
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", port, reuse_address=True)
+    print("listening", flush=True)
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+class PgProxy:
+    """`url`: the database of `pg_url` through a proxy on a free local port; `stop()` takes the
+    database away (the proxy process ends: connecting is refused, open connections are cut),
+    `start()` brings it back on the same port."""
+
+    def __init__(self, pg_url: str):
+        import socket
+
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(pg_url)
+        self.host, self.target = parsed.host, parsed.port or 5432
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = parsed.set(host="127.0.0.1", port=self.port).render_as_string(hide_password=False)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        assert self.proc is None
+        self.proc = subprocess.Popen([sys.executable, "-c", _PROXY, str(self.port), self.host, str(self.target)],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "listening", "the proxy did not start"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc.stdout.close()
+            self.proc = None
+
+
+@contextlib.contextmanager
+def pg_proxy(pg_url: str):
+    """A started PgProxy in front of `pg_url`'s database, stopped afterwards."""
+    proxy = PgProxy(pg_url)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
