@@ -279,7 +279,7 @@ def _after_run(study, cfg, stats) -> int:
 
 def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None], data) -> int:
     """`run --workers K`: K local worker processes, one combined view polled from the storage."""
-    from cycle_optuna import config, dashboard, status, worker
+    from cycle_optuna import config, dashboard, status, storage, worker
 
     # created once here, with its stats and reference baselines, so the children do not race
     study = worker.open_study(cfg, url, data=data)
@@ -311,9 +311,18 @@ def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None]
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
             else f"exited with code {code}"
         err.print(f"a worker {how}: {lines[-1] if lines else ''} (log: {log})", highlight=False, soft_wrap=True)
-    if failed and not _study_done(study, cfg.study.n_trials):
-        return failed[0][0] if failed[0][0] > 0 else 1
-    if failed:  # the other workers retried its trial and finished the study: the job is done
+    if failed:
+        code = failed[0][0] if failed[0][0] > 0 else 0
+        try:
+            with storage.named_errors(url):
+                done = _study_done(study, cfg.study.n_trials)
+        except StorageError as e:  # e.g. the database the workers died of is still away
+            err.print(f"[bold red]error:[/] could not read the database to tell whether the study finished: "
+                      f"{escape(one_line(str(e)))}", highlight=False, soft_wrap=True)
+            return code or 2
+        if not done:
+            return code or 1
+        # the other workers retried its trial and finished the study: the job is done
         err.print("the study holds all its trials: the other workers took over", highlight=False)
     _print_cycles(study)
     dashboard.write_notes(study)

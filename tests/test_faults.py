@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from cycle_optuna.objective import RESUMED_ATTR
 from conftest import pg_cluster
-from workers_helpers import running_with_checkpoint, start_cli, trials, wait_for, write_study
+from workers_helpers import pg_proxy, running_with_checkpoint, start_cli, trials, wait_for, write_study
 
 pytestmark = pytest.mark.postgres
 
@@ -788,3 +788,50 @@ def test_a_sqlite_file_of_part_of_optunas_tables_is_one_line_naming_it(tmp_path)
         assert len(lines) == 1 and "tiny.db holds only part of Optuna's tables" in lines[0], (command, proc.stderr)
         assert "delete the file" in lines[0]
     assert db.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["tiny.db", "tiny.toml"]
+
+
+# ---------------------------------------------------------------------------------------------
+# `run --workers K` and a database that goes away as it starts its workers (a proxy in front of
+# the server takes the database away from the run alone).
+# ---------------------------------------------------------------------------------------------
+
+# In the `run` process only (its workers are processes of their own): `worker.<name>` waits for the
+# test's go-ahead, a file, so the test can take the database away at that very point.
+_GATED = (
+    "import os, time, cycle_optuna.worker as w\n"
+    "real = w.{name}\n"
+    "def gated(*a, **k):\n"
+    "    print('at {name}', flush=True)\n"
+    "    while not os.path.exists({gate!r}):\n"
+    "        time.sleep(0.05)\n"
+    "    return real(*a, **k)\n"
+    "w.{name} = gated\n"
+)
+
+
+def _run_gated(tmp_path: Path, url: str, at: str, *flags: str) -> tuple[subprocess.Popen, Path, Path]:
+    """`run --workers 2` on a two-trial study, held at `worker.<at>`; (process, its log, the gate)."""
+    study = write_study(tmp_path, n_trials=2, epochs=1)
+    log, gate = tmp_path / "run.log", tmp_path / "gate"
+    run = _start(["run", str(study), "--workers", "2", "--storage", url, *flags], log,
+                 prelude=_GATED.format(name=at, gate=str(gate)))
+    wait_for(lambda: f"at {at}" in log.read_text() or run.poll() is not None, 90, f"run to reach {at}")
+    assert run.poll() is None, log.read_text()
+    return run, log, gate
+
+
+def test_run_workers_says_in_one_line_that_the_database_its_workers_died_of_cannot_be_read(tmp_path: Path, pg_url: str):
+    """Its workers exit 2 (the database is away as they start, no --wait-for-storage); `run`
+    cannot read the study to tell whether the others finished it: one line and their code, no
+    traceback."""
+    with pg_proxy(pg_url) as db:
+        run, log, gate = _run_gated(tmp_path, db.url, "start_local_workers")
+        db.stop()
+        gate.touch()
+        rc = run.wait(timeout=120)
+    text = log.read_text()
+    assert rc == 2, text
+    assert text.count("a worker exited with code 2: error: cannot open storage") == 2, text
+    assert "error: could not read the database to tell whether the study finished: storage " in text, text
+    assert "Traceback" not in text
+
