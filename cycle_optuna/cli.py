@@ -194,8 +194,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                                f"{worker.available_cores()} cores ({most}); each worker is a process with PyTorch "
                                "loaded: start workers on more machines with `cycle-optuna worker` instead")
     logs = config.study_dir(cfg) if len(gpus) > 1 else None  # where the workers' logs go
-    data = preflight.for_run(cfg, url, wait_s=args.wait_for_storage, say=_say_err, logs=logs)  # bad input: one line, first
-    cfg, note, held = _with_total(args, cfg, url)
+    # one allowance for every wait on the database until the study is open (the workers' included)
+    wait = storage.StorageWait(url, args.wait_for_storage, _say_err)
+    data = preflight.for_run(cfg, url, wait=wait, say=_say_err, logs=logs)  # bad input: one line, first
+    cfg, note, held = wait.call(lambda: _with_total(args, cfg, url))
     if note:
         out.print(note, highlight=False, soft_wrap=True)
         _print_cycles(worker.open_study(cfg, url, create=False))
@@ -224,7 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         out.print(fewer, highlight=False, soft_wrap=True)
     if len(gpus) > 1:
         worker.install_signal_handlers(does=f"stopping the {len(gpus)} workers, which hand back their running trials")
-        return _run_workers(args, cfg, url, gpus, data)
+        return _run_workers(args, cfg, url, gpus, data, wait)
     worker.install_signal_handlers()
     if gpus[0] is not None:
         os.environ[placement.GPU_ENV_VAR] = gpus[0]  # this process is the one worker; CUDA has not started
@@ -233,7 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log = _trial_log(args, lambda line: out.print(line, highlight=False, soft_wrap=True, markup=False))
         try:
             hooks = worker.Hooks(on_trial_begin=log.begin, on_epoch=log.epoch, on_trial_end=_noted(log.end))
-            study = worker.run_worker(cfg, url, stats=stats, data=data, hooks=hooks)
+            study = worker.run_worker(cfg, url, stats=stats, data=data, hooks=hooks, wait=wait)
         except KeyboardInterrupt:
             err.print(f"interrupted: {stats.summary()}")
             return worker.interrupt_exit_code()
@@ -258,7 +260,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         hooks = worker.Hooks(on_trial_start=on_trial_start, on_epoch=on_epoch, on_trial_end=_noted(on_trial_end))
         try:
-            study = worker.run_worker(cfg, url, hooks=hooks, stats=stats, data=data)
+            study = worker.run_worker(cfg, url, hooks=hooks, stats=stats, data=data, wait=wait)
         except KeyboardInterrupt:
             err.print(f"interrupted: {stats.summary()}")
             return worker.interrupt_exit_code()
@@ -277,15 +279,16 @@ def _after_run(study, cfg, stats) -> int:
     return 0
 
 
-def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None], data) -> int:
-    """`run --workers K`: K local worker processes, one combined view polled from the storage."""
+def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None], data, wait) -> int:
+    """`run --workers K`: K local worker processes, one combined view polled from the storage.
+    `wait`: what is left of --wait-for-storage, for opening the study and then for the workers."""
     from cycle_optuna import config, dashboard, status, storage, worker
 
     # created once here, with its stats and reference baselines, so the children do not race
-    study = worker.open_study(cfg, url, data=data)
+    study = wait.call(lambda: worker.open_study(cfg, url, data=data))
     prefix = str(config.study_dir(cfg) / cfg.study.name)
     procs = worker.start_local_workers(cfg.path, url, len(gpus), n_trials=cfg.study.n_trials, log_prefix=prefix,
-                                       gpus=gpus, log_json=args.log_json)
+                                       gpus=gpus, log_json=args.log_json, wait_for_storage=wait.left)
     worker.stop_too([p.pid for p, _ in procs])  # a second signal here stops them at once too
     try:
         if args.log_json or not out.is_terminal:  # a live view in a log file shows only its last frame
@@ -370,8 +373,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     cfg, url = _load(args, trains=True)
     if args.gpus is not None:
         placement.pin(args.gpus)  # before anything starts CUDA
-    data = preflight.for_run(cfg, url, wait_s=args.wait_for_storage, say=_say_err)  # a bad input: one line, first
-    cfg, note, _ = _with_total(args, cfg, url)
+    wait = storage.StorageWait(url, args.wait_for_storage, _say_err)  # one allowance until the study is open
+    data = preflight.for_run(cfg, url, wait=wait, say=_say_err)  # a bad input: one line, first
+    cfg, note, _ = wait.call(lambda: _with_total(args, cfg, url))
     if note:  # a worker can do nothing useful: say so and stop before anything else
         raise CycleOptunaError(note)
     worker.install_signal_handlers()
@@ -381,7 +385,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     stats = worker.WorkerStats()
     log = _trial_log(args, lambda line: err.print(line, highlight=False, soft_wrap=True, markup=False))
     try:
-        study = worker.run_worker(cfg, url, stats=stats, data=data,
+        study = worker.run_worker(cfg, url, stats=stats, data=data, wait=wait,
                                   hooks=worker.Hooks(on_trial_begin=log.begin, on_epoch=log.epoch,
                                                      on_trial_end=_noted(log.end)))
     except KeyboardInterrupt:
@@ -716,8 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one JSON line per trial start and end, and per epoch every 30 s of a long trial "
                             "(default: text lines when not on a terminal)")
         p.add_argument("--wait-for-storage", type=_seconds, metavar="SECONDS", default=0,
-                       help="wait up to SECONDS for a database server that does not answer yet (restarting, "
-                            "starting up) before giving up; default 0: fail at once")
+                       help="wait up to SECONDS in all for a database server that does not answer yet (restarting, "
+                            "starting up) before giving up; run --workers K gives its workers what is left; "
+                            "default 0: fail at once")
     command("status", cmd_status, "trials by state, running trials with their workers, best so far")
     best = command("best", cmd_best, "print the best trial's parameters and metrics")
     best.add_argument("--json", action="store_true", help="machine-readable output (optuna best-trial's field names)")

@@ -60,14 +60,15 @@ def artifact_dir(cfg: StudyConfig) -> Path:
     return Path(env) if env else config_mod.resolve_artifact_dir(cfg)
 
 
-def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[str], None] = print,
-            logs: Path | None = None) -> TaskData:
+def for_run(cfg: StudyConfig, url: str, *, wait: storage_mod.StorageWait | None = None,
+            say: Callable[[str], None] = print, logs: Path | None = None) -> TaskData:
     """Everything `run`/`worker` needs, checked in order of cost; the loaded data, to reuse.
 
     The storage is opened last (for a new SQLite file, that creates it): after it nothing but
     a study created with a different trial definition can be refused, and that writes nothing.
-    With `wait_s`, a database server that does not answer yet is waited for (saying so once)
-    before it is opened. `logs`: a folder that must take files too (`run --workers K`'s logs).
+    With `wait` (`--wait-for-storage`), a database server that does not answer yet is waited for
+    (saying so once) before it is opened, and again should it stop answering while it is opened,
+    within the one allowance. `logs`: a folder that must take files too (`run --workers K`'s logs).
     """
     from cycle_optuna import worker
     from cycle_optuna.train import resolve_device
@@ -101,14 +102,19 @@ def for_run(cfg: StudyConfig, url: str, *, wait_s: float = 0.0, say: Callable[[s
 
     data = load_study_data(cfg)  # with its test file, when [data] test_source names one
     config_mod.check_patch_len(cfg, data.seq_len)  # a file's length is known only once it is read
-    storage_mod.wait_until_answers(url, wait_s, say)
+    wait = wait or storage_mod.StorageWait(url, 0, say)
+    wait.until_answers()
     storage_mod.note_if_locked(url, say)
     reader = _existing_sqlite(url)
     if reader is not None:  # read first: a study it cannot join leaves the file untouched
         worker.check_joinable(cfg, reader, url)
-    writer = storage_mod.open_storage(url)  # a read-only file or an unreachable server: one line, here
-    if reader is None:
-        worker.check_joinable(cfg, writer, url)
+
+    def open_writer() -> None:  # a read-only file or an unreachable server: one line, here
+        writer = storage_mod.open_storage(url)
+        if reader is None:
+            worker.check_joinable(cfg, writer, url)
+
+    wait.call(open_writer)
     return data
 
 

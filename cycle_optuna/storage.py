@@ -21,7 +21,7 @@ import time
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, TypeVar
 
 import optuna
 import sqlalchemy
@@ -38,6 +38,8 @@ from cycle_optuna import optuna_internals as internals
 from cycle_optuna.config import StudyConfig, resolve_artifact_dir, sqlite_host_problem, study_dir
 from cycle_optuna.errors import ConfigError, StorageError
 from cycle_optuna.redact import mask, remember
+
+_T = TypeVar("_T")
 
 ENV_VAR = "CYCLE_OPTUNA_STORAGE"
 ARTIFACTS_ENV_VAR = "CYCLE_OPTUNA_ARTIFACT_DIR"  # overrides [study] artifact_dir (a volume shared by machines)
@@ -650,16 +652,17 @@ def _is_connection_error(e: BaseException) -> bool:
 _NOT_TRANSIENT = ("authentication", "password", "does not exist", "unknown database", "access denied")
 
 
-def wait_until_answers(url: str, seconds: float, say: Callable[[str], None]) -> None:
+def wait_until_answers(url: str, seconds: float, say: Callable[[str], None]) -> bool:
     """For a database server: poll until it accepts a connection, for up to `seconds`.
 
     For workers launched while the server restarts or is still coming up. It only waits on
     "not answering" (refused, reset, starting up); a wrong password, a missing database or a
     missing driver return at once, and so does the time running out: opening the storage next
     reports what is wrong as usual. File storages return at once.
+    True when it waited and the server then answered (what failed meanwhile is worth trying again).
     """
     if seconds <= 0 or url.startswith(("sqlite", "journal:")):
-        return
+        return False
     check_url(url)
     try:
         parsed = make_url(url)
@@ -667,7 +670,7 @@ def wait_until_answers(url: str, seconds: float, say: Callable[[str], None]) -> 
         args = {"connect_timeout": 5} if backend in ("postgresql", "mysql", "mariadb") else {}
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=args)
     except (sqlalchemy.exc.ArgumentError, ValueError, ImportError):
-        return
+        return False
     deadline, said, pause = time.monotonic() + seconds, False, 0.25
     try:
         while True:
@@ -677,9 +680,9 @@ def wait_until_answers(url: str, seconds: float, say: Callable[[str], None]) -> 
             except sqlalchemy.exc.SQLAlchemyError as e:
                 reason = describe(e)
                 if not is_connection_error(e) or any(w in reason.lower() for w in _NOT_TRANSIENT):
-                    return
+                    return False
                 if time.monotonic() >= deadline:
-                    return
+                    return False
                 if not said:
                     say(f"waiting up to {seconds:.0f}s for the database at {mask(url)}: {reason}")
                     said = True
@@ -688,9 +691,39 @@ def wait_until_answers(url: str, seconds: float, say: Callable[[str], None]) -> 
                 continue
             if said:
                 say(f"the database at {mask(url)} answers")
-            return
+            return said
     finally:
         engine.dispose()
+
+
+class StorageWait:
+    """`--wait-for-storage SECONDS`: one allowance of waiting for a database server that does not
+    answer, spent across a command's start-up: the wait before the storage is first opened, an
+    outage while the storage or the study is opened after it, and what `run --workers K` hands its
+    workers. Only the time spent waiting counts."""
+
+    def __init__(self, url: str, seconds: float, say: Callable[[str], None]) -> None:
+        self.url, self.left, self.say = url, max(0.0, float(seconds)), say
+
+    def until_answers(self) -> bool:
+        """:func:`wait_until_answers` with what is left of the allowance; True when it waited and
+        the server then answered."""
+        start = time.monotonic()
+        try:
+            return wait_until_answers(self.url, self.left, self.say)
+        finally:
+            self.left = max(0.0, self.left - (time.monotonic() - start))
+
+    def call(self, fn: Callable[[], _T]) -> _T:
+        """`fn()`; when it fails on the storage while the server does not answer, wait for the
+        server (within what is left) and call it again. Any other failure, or the time running
+        out, is raised as it came."""
+        while True:
+            try:
+                return fn()
+            except (StorageError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
+                if self.left <= 0 or not self.until_answers():
+                    raise
 
 
 MYSQL_LOCK_WAIT_S = 600  # one GET_LOCK call's wait; cap_lock calls it again until it holds the lock

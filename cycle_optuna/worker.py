@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -379,10 +380,13 @@ def run_worker(
     hooks: Hooks | None = None,
     stats: WorkerStats | None = None,
     data: TaskData | None = None,
+    wait: storage_mod.StorageWait | None = None,
 ) -> optuna.Study:
     """Run trials until the study holds cfg.study.n_trials of them (shared cap across workers).
 
     ``data``: the study's task when the caller has read it already (else it is read here).
+    ``wait``: what is left of ``--wait-for-storage``; a database server that stops answering
+    while the study is opened is waited for within it.
 
     The cap is exact: workers count and create trials under a storage lock. Retries of trials whose
     worker died are run first. Once the cap is reached the worker stays while other workers' trials
@@ -402,7 +406,7 @@ def run_worker(
     if data is None:  # the CLI passes the data it validated before printing anything
         data = load_study_data(cfg)
         config_mod.check_patch_len(cfg, data.seq_len)  # a file's length is known only once it is read
-    study = open_study(cfg, url, data=data)
+    study = open_study(cfg, url, data=data) if wait is None else wait.call(lambda: open_study(cfg, url, data=data))
     with storage_mod.named_errors(url):
         totals.record(study, cfg.study.n_trials)  # status and progress bars read the total from the study
 
@@ -735,13 +739,15 @@ def _training_device(objective: object) -> str:
 
 def start_local_workers(
     study_file: str, url: str, workers: int, *, n_trials: int | None, log_prefix: str,
-    gpus: list[str | None] | None = None, log_json: bool = False,
+    gpus: list[str | None] | None = None, log_json: bool = False, wait_for_storage: float = 0,
 ) -> list[tuple[subprocess.Popen, str]]:
     """Start `workers` `cycle-optuna worker` processes on one study; (process, log file) pairs.
 
     The URL travels in the environment, so its password never shows in `ps`. ``gpus[i]`` puts
     worker i on that GPU (its CUDA_VISIBLE_DEVICES; see placement.plan); None leaves it as is.
-    ``log_json``: each worker logs JSON lines (``worker --log-json``).
+    ``log_json``: each worker logs JSON lines (``worker --log-json``). ``wait_for_storage``: each
+    worker waits up to that many seconds (rounded up) for a database server that does not answer
+    as it starts (``worker --wait-for-storage``); 0: none.
     """
     # cores / workers each, unless the user fixed the threads for every worker in the environment
     threads = os.environ.get(THREADS_ENV_VAR, "").strip() or str(default_threads(workers))
@@ -751,6 +757,8 @@ def start_local_workers(
         args += ["--n-trials", str(n_trials)]
     if log_json:
         args.append("--log-json")
+    if wait_for_storage > 0:
+        args += ["--wait-for-storage", str(math.ceil(wait_for_storage))]
     os.makedirs(os.path.dirname(log_prefix) or ".", exist_ok=True)
     procs, stop_with_parent = [], _parent_death_signal()
     for i in range(workers):

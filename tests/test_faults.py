@@ -820,6 +820,10 @@ def _run_gated(tmp_path: Path, url: str, at: str, *flags: str) -> tuple[subproce
     return run, log, gate
 
 
+def _worker_logs(tmp_path: Path) -> list[str]:
+    return [p.read_text() if p.exists() else "" for p in (tmp_path / "tiny-worker-1.log", tmp_path / "tiny-worker-2.log")]
+
+
 def test_run_workers_says_in_one_line_that_the_database_its_workers_died_of_cannot_be_read(tmp_path: Path, pg_url: str):
     """Its workers exit 2 (the database is away as they start, no --wait-for-storage); `run`
     cannot read the study to tell whether the others finished it: one line and their code, no
@@ -835,3 +839,65 @@ def test_run_workers_says_in_one_line_that_the_database_its_workers_died_of_cann
     assert "error: could not read the database to tell whether the study finished: storage " in text, text
     assert "Traceback" not in text
 
+
+def test_run_workers_hands_wait_for_storage_to_its_workers(tmp_path: Path, pg_url: str):
+    """The database away as `run --workers 2 --wait-for-storage 120` starts its workers: they wait
+    for it (with what is left of the 120 s) and finish the study once it is back."""
+    with pg_proxy(pg_url) as db:
+        run, log, gate = _run_gated(tmp_path, db.url, "start_local_workers", "--wait-for-storage", "120")
+        db.stop()
+        gate.touch()
+        wait_for(lambda: all("s for the database at" in t for t in _worker_logs(tmp_path)) or run.poll() is not None,
+                 90, "both workers waiting for the database")
+        assert run.poll() is None, log.read_text()
+        db.start()
+        rc = run.wait(timeout=180)
+    text = log.read_text()
+    assert rc == 0, text
+    for worker_log in _worker_logs(tmp_path):
+        assert "waiting up to " in worker_log and "answers" in worker_log, worker_log
+    ts = trials(pg_url)
+    assert len(ts) == 2 and all(t.state in FINISHED for t in ts), ts
+
+
+def test_run_workers_waits_for_a_database_lost_while_it_opens_the_study(tmp_path: Path, pg_url: str):
+    """The database answered `run`'s check before anything was opened, then went away as `run`
+    opened the study for its workers: with --wait-for-storage it waits, within the same allowance."""
+    with pg_proxy(pg_url) as db:
+        run, log, gate = _run_gated(tmp_path, db.url, "open_study", "--wait-for-storage", "120")
+        db.stop()
+        gate.touch()
+        wait_for(lambda: "s for the database at" in log.read_text() or run.poll() is not None, 90,
+                 "run waiting for the database")
+        assert run.poll() is None, log.read_text()
+        db.start()
+        rc = run.wait(timeout=180)
+    text = log.read_text()
+    assert rc == 0, text
+    assert "waiting up to " in text and "answers" in text, text
+    ts = trials(pg_url)
+    assert len(ts) == 2 and all(t.state in FINISHED for t in ts), ts
+
+
+def test_a_worker_waits_for_a_database_lost_while_it_opens_the_study(tmp_path: Path, pg_url: str):
+    """As for `run`: `worker --wait-for-storage` waits out an outage between its check of the
+    database and its opening of the study."""
+    study = write_study(tmp_path, n_trials=1, epochs=1)
+    log, gate = tmp_path / "worker.log", tmp_path / "gate"
+    with pg_proxy(pg_url) as db:
+        proc = _start(["worker", str(study), "--storage", db.url, "--wait-for-storage", "120"], log,
+                      prelude=_GATED.format(name="open_study", gate=str(gate)))
+        wait_for(lambda: "at open_study" in log.read_text() or proc.poll() is not None, 90, "the worker to open the study")
+        assert proc.poll() is None, log.read_text()
+        db.stop()
+        gate.touch()
+        wait_for(lambda: "s for the database at" in log.read_text() or proc.poll() is not None, 90,
+                 "the worker waiting for the database")
+        assert proc.poll() is None, log.read_text()
+        db.start()
+        rc = proc.wait(timeout=180)
+    text = log.read_text()
+    assert rc == 0, text
+    assert "answers" in text, text
+    ts = trials(pg_url)
+    assert len(ts) == 1 and ts[0].state in FINISHED, ts
