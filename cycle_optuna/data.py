@@ -369,14 +369,10 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True, features:
             raise _fail(path, f"line {line}: column '{header[bad]}' value {row[bad]!r} is not a number") from None
     if not seqs:
         raise _fail(path, "no data rows")
-    if need_labels and all(len(v) == 1 for v in seqs.values()):
-        # a row per series read as a row per step: every "series" would be one step (of many features)
-        if len(feat_idx) > 1:
-            raise _fail(path, f"every sample has a single row, so each series would be one time step of "
-                        f"{len(feat_idx)} features; if a row is a whole series, set [data] layout = \"wide\"")
-        raise _fail(path, f"every sample has a single row, so each series would be one value of column "
-                    f"'{header[feat_idx[0]]}'; a series has a row per time step (if a row is a whole series, "
-                    f"with a column per step, set [data] layout = \"wide\")")
+    if need_labels and len(feat_idx) > 1 and all(len(v) == 1 for v in seqs.values()):
+        # a row per series read as a row per step: every "series" would be one step of many features
+        raise _fail(path, f"every sample has a single row, so each series would be one time step of "
+                    f"{len(feat_idx)} features; if a row is a whole series, set [data] layout = \"wide\"")
     x = _pad([np.asarray(s, dtype=np.float64) for s in seqs.values()])
     return x, None if i_label is None else [labels[sid] for sid in seqs], list(seqs), tuple(header[i] for i in feat_idx)
 

@@ -908,19 +908,6 @@ def test_a_row_per_series_read_as_a_row_per_step_says_to_set_wide(tmp_path):
     assert x.shape == (6, 3, 1)
 
 
-def test_one_value_per_sample_in_a_long_csv_is_refused_not_trained_as_one_step_series(tmp_path):
-    # with a single feature column this trained, exit 0, on series one step long
-    from cycle_optuna.data import read_file
-
-    path = tmp_path / "d.csv"
-    path.write_text("sample,label,value\n" + "\n".join(f"{i},{'ab'[i % 2]},{i * 0.5}" for i in range(8)) + "\n")
-    with pytest.raises(DataError, match=r"d\.csv.*every sample has a single row.*one value of column 'value'"):
-        read_file(path, DataConfig())
-    path.write_text("sample,label,value\n" + "\n".join(f"{i // 2},{'ab'[i // 2 % 2]},{i}" for i in range(8)) + "\n")
-    x, y, _ = read_file(path, DataConfig())  # two rows a sample: series of two steps
-    assert x.shape == (4, 2, 1) and y.tolist() == [0, 1, 0, 1]
-
-
 def test_a_tsv_line_with_an_empty_label_cell_is_refused_not_shifted(tmp_path):
     from cycle_optuna.data import read_file
 
