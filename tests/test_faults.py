@@ -901,3 +901,32 @@ def test_a_worker_waits_for_a_database_lost_while_it_opens_the_study(tmp_path: P
     assert "answers" in text, text
     ts = trials(pg_url)
     assert len(ts) == 1 and ts[0].state in FINISHED, ts
+
+
+def test_a_database_lost_in_the_middle_of_a_command_is_one_line_not_an_unexpected_error(tmp_path: Path, pg_url: str):
+    """`status` has opened the study; the database goes away before it reads the trials: that was
+    "unexpected error: OperationalError ..." and exit 1."""
+    study = write_study(tmp_path, n_trials=1, epochs=1)
+    rc, out = _finish(start_cli(["worker", str(study), "--storage", pg_url]))
+    assert rc == 0, out
+    gate = tmp_path / "gate"
+    prelude = ("import os, time, cycle_optuna.status as s\n"
+               "real = s.collect\n"
+               "def gated(*a, **k):\n"
+               "    print('at collect', flush=True)\n"
+               f"    while not os.path.exists({str(gate)!r}):\n"
+               "        time.sleep(0.05)\n"
+               "    return real(*a, **k)\n"
+               "s.collect = gated\n")
+    with pg_proxy(pg_url) as db:
+        log = tmp_path / "status.log"
+        proc = _start(["status", str(study), "--storage", db.url], log, prelude=prelude)
+        wait_for(lambda: "at collect" in log.read_text() or proc.poll() is not None, 90, "status to open the study")
+        db.stop()
+        gate.touch()
+        rc = proc.wait(timeout=120)
+    text = log.read_text()
+    assert rc == 2, text
+    lines = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: lost the database: ") and "run again once it answers" in text
+    assert "unexpected error" not in text and "Traceback" not in text
