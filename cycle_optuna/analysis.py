@@ -225,7 +225,9 @@ def _edge(name: str, p: ParamSpace, v: Any) -> str | None:
 
 DIAGNOSIS_ADVICE = {
     "converging": "The best cycle was still improving at its last epoch: raise train.epochs",
-    "underfit": "The best cycle underfits (loss near chance): raise capacity or epochs",
+    # the diagnosis' two cases: near chance, or below a reference baseline with training loss no better than validation
+    "underfit": "The best cycle underfits (its training loss is not well below its validation loss, or both are near "
+                "chance): raise capacity or epochs",
     "below_baseline": "The best cycle is below a reference baseline: raise capacity or epochs, or check the data",
     "overfit": "The best cycle overfits: raise dropout or weight_decay, or add data",
     "unstable": "The best cycle's loss was unstable: lower the learning rate or add warmup",

@@ -47,9 +47,9 @@ def compare(baselines: dict[str, dict[str, Any]] | None, *, val_accuracy: float 
             if mine is None or theirs is None:
                 rec[f"{split}_margin"] = None
                 continue
-            margin = round(100.0 * (mine - theirs), 2)
-            rec[f"{split}_margin"] = margin
-            shown = round(margin, 1) + 0.0  # the verdict goes with the figure printed; never "-0.0"
+            points = 100.0 * (mine - theirs)
+            rec[f"{split}_margin"] = round(points, 2) + 0.0  # never -0.0
+            shown = round(points, 1) + 0.0  # rounded once (2.745 is +2.7, not 2.75 then +2.8); the verdict goes with it
             who = f"{names[split]}: " if names[split] else ""
             parts.append(f"{_verdict(shown)} on {split} ({who}{mine:.1%} vs {theirs:.1%}, {shown:+.1f} points)")
         rec["line"] = f"{rec['label']}: " + ("; ".join(parts) if parts else "no comparable accuracy")

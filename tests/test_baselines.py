@@ -162,6 +162,17 @@ def test_compare_says_beats_or_below_with_the_margin_on_val_and_test():
     assert baselines.best_reference(None) is None
 
 
+def test_compare_rounds_the_margin_once_and_never_stores_minus_zero():
+    import math
+
+    # 87.843 vs 85.098: 2.745 points is +2.7 (it was rounded to 2.75 first, then printed +2.8)
+    rows = baselines.compare({"mlp": {"label": "MLP", "val_accuracy": 0.85098, "test_accuracy": 0.9}},
+                             val_accuracy=0.87843, test_accuracy=0.9 - 1e-9)
+    assert "+2.7 points" in rows[0]["line"]
+    assert rows[0]["test_margin"] == 0.0 and math.copysign(1.0, rows[0]["test_margin"]) == 1.0  # not -0.0 in --json
+    assert "ties it on test" in rows[0]["line"]
+
+
 # --- honest diagnosis ----------------------------------------------------------------------------------
 
 
