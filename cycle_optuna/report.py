@@ -42,7 +42,7 @@ def analyse(study: api.StudyLike, storage: str | BaseStorage | None = None, *, t
     best = min(complete, key=lambda c: c.value) if complete else None
     a = Analysis(study.study_name, api.study_config(study), study.user_attrs.get(api.STATS_ATTR), cyc, best,
                  storage=url, baselines=api.baselines(study), search=api.search_settings(study))
-    a.bayes = _bayes(a.cfg)
+    a.bayes = _bayes(a.cfg, folds=(a.stats or {}).get("folds", 1))
     if best is not None and test:
         try:
             a.test = api.held_out_score(study)
@@ -55,8 +55,10 @@ def analyse(study: api.StudyLike, storage: str | BaseStorage | None = None, *, t
     return a
 
 
-def _bayes(cfg: StudyConfig | None) -> dict[str, float] | None:
-    """The Bayes-optimal accuracy on the study's own val and test split, for the built-in synthetic task."""
+def _bayes(cfg: StudyConfig | None, *, folds: int = 1) -> dict[str, float] | None:
+    """The Bayes-optimal accuracy on the series the cycles are scored on (the val split, or under
+    cross-validation the train and val series its folds pool) and on the test split, for the
+    built-in synthetic task."""
     if cfg is None or cfg.data.source != "synthetic" or config_mod.resolve_data_path(cfg) is not None:
         return None
     from cycle_optuna.data import BAYES_MAX_DIM, n_informative
@@ -67,9 +69,10 @@ def _bayes(cfg: StudyConfig | None) -> dict[str, float] | None:
         from cycle_optuna.data import bayes_predict, make_synthetic, stratified_split
 
         x, y = make_synthetic(cfg.data, cfg.study.seed)
-        _, va, te = stratified_split("<synthetic task>", y, cfg.data.n_classes, cfg.data.val_fraction,
-                                     cfg.data.test_fraction, cfg.study.seed)
-        return {name: float(np.mean(bayes_predict(cfg.data, x[idx]) == y[idx])) for name, idx in (("val", va), ("test", te))}
+        tr, va, te = stratified_split("<synthetic task>", y, cfg.data.n_classes, cfg.data.val_fraction,
+                                      cfg.data.test_fraction, cfg.study.seed)
+        scored = np.concatenate([tr, va]) if isinstance(folds, int) and folds > 1 else va
+        return {name: float(np.mean(bayes_predict(cfg.data, x[idx]) == y[idx])) for name, idx in (("val", scored), ("test", te))}
     except Exception:  # noqa: BLE001 - context only: a task the oracle does not cover is reported without it
         return None
 

@@ -168,7 +168,9 @@ def _context(a: Analysis) -> list[str]:
         test = f", test {_pct(ref['test_accuracy'], 1)}" if isinstance(ref.get("test_accuracy"), (int, float)) else ""
         out.append(f"{ref.get('label', key)} {_pct(ref['val_accuracy'], 1)}{test}")
     if a.bayes:
-        out.append(f"Bayes-optimal oracle {_pct(a.bayes['val'], 1)} on this val split "
+        where = (f"the {a.stats['n_train'] + a.stats['n_val']} cross-validated series" if a.stats and a.stats.get("folds", 1) > 1
+                 and isinstance(a.stats.get("n_train"), int) and isinstance(a.stats.get("n_val"), int) else "this val split")
+        out.append(f"Bayes-optimal oracle {_pct(a.bayes['val'], 1)} on {where} "
                    f"({_pct(a.bayes['test'], 1)} on the test split)")
     if not out:
         return []

@@ -246,6 +246,27 @@ def test_the_result_is_put_in_context(tmp_path):
     assert re.search(r"reaches \d+% of the oracle's accuracy$", line)
 
 
+def test_under_cross_validation_the_oracle_is_scored_on_the_series_the_cycles_are(tmp_path):
+    """Cross-validated cycles are scored over the pooled train and val series: the oracle was
+    scored on the val split alone, so "reaches N% of the oracle" compared two sets of series."""
+    import numpy as np
+
+    from cycle_optuna.data import bayes_predict, make_synthetic, stratified_split
+
+    path = make_study(tmp_path, "tpe", with_model=False)
+    study = api.load_study(path)
+    stats = dict(study.user_attrs[api.STATS_ATTR], folds=5)
+    study.set_user_attr(api.STATS_ATTR, stats)
+    cfg = api.study_config(study)
+    x, y = make_synthetic(cfg.data, cfg.study.seed)
+    tr, va, _ = stratified_split("s", y, cfg.data.n_classes, cfg.data.val_fraction, cfg.data.test_fraction, cfg.study.seed)
+    pooled = np.concatenate([tr, va])
+    oracle = float(np.mean(bayes_predict(cfg.data, x[pooled]) == y[pooled]))
+    text = report.write_report(study, tmp_path / "cv", test=False).read_text()
+    line = next(x for x in text.splitlines() if x.startswith("- **In context**"))
+    assert f"Bayes-optimal oracle {100 * oracle:.1f}% on the {len(pooled)} cross-validated series" in line, line
+
+
 def test_the_oracle_is_left_out_where_its_covariance_would_take_gigabytes():
     """The Bayes oracle inverts a (seq_len x informative channels)-square covariance per class: a
     long synthetic task is reported without it rather than after minutes of linear algebra."""
