@@ -109,6 +109,13 @@ class Trend:
                 and (self.rho_complete > 0) != (self.rho > 0))
 
 
+def model_size(c: Cycle) -> float | None:
+    """hidden_dim^2 x n_layers: the block size every cycle has, pruned ones too (they stop before
+    counting their parameters); what the report's capacity trend and plot read."""
+    h, n = c.params.get("hidden_dim"), c.params.get("n_layers")
+    return float(h * h * n) if h and n else None
+
+
 def trend(cycles: Sequence[Cycle], x_of: Callable[[Cycle], float | None]) -> Trend:
     """Quantity vs val loss at the common epoch over complete and pruned cycles."""
     pool = [c for c in informative(cycles) if x_of(c) is not None]

@@ -124,7 +124,7 @@ def curves(cycles: Sequence[Cycle], path: Path) -> Path:
         line.set_gid(f"cycle {top.cycle}")
         extra.append(Line2D([], [], color=BEST_COLOR, lw=2.4, label=f"best: cycle {top.cycle}"))
     handles = [Line2D([], [], color=STATES[k], ls=style[k], label=f"{k} ({n})")
-               for k in style if (n := sum(outcome(c) == k and c is not top for c in cycles))]
+               for k in style if (n := sum(outcome(c) == k for c in cycles))]  # the best counted too, as the text counts it
     ax.legend(handles=handles + extra, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.set(xlabel="epoch", ylabel="validation loss", title="Validation loss per epoch, every cycle")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -182,21 +182,15 @@ def lr_vs_loss(cycles: Sequence[Cycle], path: Path) -> Path:
     return _scatter(cycles, lambda c: c.params.get("lr"), path, xlabel="learning rate", title="Learning rate vs loss")
 
 
-RATE_PARAMS = ("lr", "dropout", "weight_decay", "batch_size")  # change no parameter count
 
 
 def capacity_vs_loss(cycles: Sequence[Cycle], path: Path) -> Path:
-    """Trainable parameters (log) against val loss. A cycle without its own count (pruned before it
-    stored one) takes that of a cycle with the same architecture; without one it is left out."""
-    def shape(c: Cycle) -> tuple:
-        return tuple(sorted((k, repr(v)) for k, v in c.params.items() if k not in RATE_PARAMS))
+    """Model size (hidden_dim^2 x n_layers, log) against val loss: every cycle, pruned ones too, the
+    measure the report's text reads (a pruned cycle stops before it counts its parameters: plotted
+    by parameter count, the cycles that changed the size were the ones left out)."""
+    from cycle_optuna.analysis import model_size
 
-    known = {shape(c): c.n_params for c in cycles if c.n_params}
-
-    def size(c: Cycle) -> float | None:
-        return c.n_params or known.get(shape(c))
-
-    return _scatter(cycles, size, path, xlabel="trainable parameters", title="Model capacity vs loss")
+    return _scatter(cycles, model_size, path, xlabel="model size (hidden_dim² × n_layers)", title="Model capacity vs loss")
 
 
 def importances(values: dict[str, float], path: Path, *, note: str = "", warning: str = "") -> Path:

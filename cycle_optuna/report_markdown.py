@@ -203,12 +203,6 @@ LR_WORDS = ("log learning rate", "higher learning rates gave higher loss", "high
             "no clear relation to loss")
 
 
-def _size(c: Cycle) -> float | None:
-    # the block size every cycle has, pruned ones too (they stop before counting their parameters)
-    h, n = c.params.get("hidden_dim"), c.params.get("n_layers")
-    return float(h * h * n) if h and n else None
-
-
 def _log_lr(c: Cycle) -> float | None:
     return math.log(c.params["lr"]) if c.params.get("lr") else None
 
@@ -231,7 +225,7 @@ def _too_few(t: an.Trend, what: str) -> str:
 
 def _capacity(a: Analysis) -> list[str]:
     lines = ["### 1. Model capacity vs performance", ""]
-    t = an.trend(a.cycles, _size)
+    t = an.trend(a.cycles, an.model_size)
     if t.rho is None:
         return lines + [_too_few(t, "capacities"), ""]
     lines.append(_trend_line(t, *CAPACITY_WORDS))
@@ -486,7 +480,7 @@ def summary(a: Analysis) -> str:
               + (f", held-out test accuracy of {_model(a)} {_pct(a.test.accuracy)}" if a.test else "") + f" ({_arch(b)}, "
               f"lr {_fmt(b.params.get('lr'))})", ""]
     lines += _context(a)
-    for t, words in ((an.trend(a.cycles, _size), CAPACITY_WORDS), (an.trend(a.cycles, _log_lr), LR_WORDS)):
+    for t, words in ((an.trend(a.cycles, an.model_size), CAPACITY_WORDS), (an.trend(a.cycles, _log_lr), LR_WORDS)):
         if t.rho is not None:
             lines.append(_trend_line(t, *words))
     recs = an.recommendations(a.cycles, a.best, _space(a.cfg), importance=a.importance,

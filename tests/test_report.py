@@ -183,10 +183,33 @@ def test_plots_colour_by_outcome_with_the_best_distinct(tmp_path, monkeypatch):
     assert colours == {"cycle 1": plots.BEST_COLOR, "cycle 2": plots.STATES["complete"],
                        "cycle 3": plots.STATES["complete"], "cycle 4": plots.STATES["diverged"],
                        "cycle 5": plots.STATES["pruned"]}
-    assert legend == ["complete (2)", "pruned (1)", "diverged (1)", "best: cycle 1"]
+    # the best is counted with its outcome, as the history plot and the text count it (it said 2 of 3)
+    assert legend == ["complete (3)", "pruned (1)", "diverged (1)", "best: cycle 1"]
     plots.history(cyc, tmp_path / "h.png")
     assert drawn["h.png"][1] == ["complete (3)", "diverged (1)", "pruned (1)", "failed (1)", "best cycle",
                                  "best so far"]
+
+
+def test_the_capacity_plot_shows_pruned_cycles_that_changed_the_size(tmp_path, monkeypatch):
+    """A pruned cycle stores no parameter count: plotted by count, a pruned cycle of a size no complete
+    cycle had was left out (the very cycles that changed the size), while the text's trend counted it."""
+    base = {"lr": 1e-3, "hidden_dim": 32, "n_layers": 2}
+    cyc = [api.Cycle(cycle=1, number=0, state="COMPLETE", value=0.5, params=base, searched={}, key_change="",
+                     curve=[0.9, 0.5], metrics={"n_params": 20000}),
+           api.Cycle(cycle=2, number=1, state="PRUNED", value=0.8, params={**base, "n_layers": 4}, searched={},
+                     key_change="", curve=[0.95, 0.8], metrics={}),
+           api.Cycle(cycle=3, number=2, state="PRUNED", value=0.85, params={**base, "hidden_dim": 64}, searched={},
+                     key_change="", curve=[0.97, 0.85], metrics={})]
+    points = {}
+    real = plots._save
+
+    def grab(fig, path):
+        points[path.name] = sum(len(c.get_offsets()) for c in fig.axes[0].collections)
+        return real(fig, path)
+
+    monkeypatch.setattr(plots, "_save", grab)
+    plots.capacity_vs_loss(cyc, tmp_path / "cap.png")
+    assert points["cap.png"] == 3 + 1  # every cycle, and the best's star over its point
 
 
 def test_scatter_labels_never_overlap(tmp_path, monkeypatch):
