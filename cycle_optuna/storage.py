@@ -427,17 +427,22 @@ def _open_rdb(url: str, parsed, backend: str, engine_kwargs: dict, *, heartbeat:
         raise StorageError(f"cannot open storage {mask(url)}: {reason}") from None
 
 
+NEW_SQLITE_PREFIX = ".cycle-optuna-new-"  # a SQLite database being made, beside its place (a hidden file)
+NEW_SQLITE_STALE_S = 3600  # one older than this was left by a creator that died: removed
+
+
 def _create_sqlite(url: str, parsed: sqlalchemy.URL, path: Path) -> None:
     """A new SQLite study database, made whole beside its place and then linked in: SQLite creates
     Optuna's tables one commit at a time, and a worker killed among them (kill -9, Ctrl-C, a closed
     terminal in its first second) left a file of some tables that no command could open again.
-    Workers starting together each make their own; the first link wins, the others use it."""
-    for old in path.parent.glob(f".{glob.escape(path.name)}.new-*"):  # a killed creator's, and its journal
-        made_by = re.fullmatch(r".*\.new-(\d+)(-journal)?", old.name)
-        if made_by and not _alive(int(made_by[1])):
-            old.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.new-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
+    Workers starting together each make their own under a random name (containers sharing the
+    folder may all be PID 1); the first link wins, the others use it. One clear StorageError."""
+    now = time.time()
+    for old in path.parent.glob(f"{NEW_SQLITE_PREFIX}*"):  # what creators that died left, once surely stale
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > NEW_SQLITE_STALE_S:
+                old.unlink()
+    tmp = path.with_name(f"{NEW_SQLITE_PREFIX}{os.urandom(8).hex()}.db")
     try:
         made = RDBStorage(parsed.set(database=str(tmp)).render_as_string(hide_password=False),
                           engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_SECONDS}})
@@ -447,22 +452,17 @@ def _create_sqlite(url: str, parsed: sqlalchemy.URL, path: Path) -> None:
             os.link(tmp, path)
         except FileExistsError:
             pass  # another worker's is in place: use it
-        except OSError:  # a file system without hard links
-            if not path.exists():
-                os.replace(tmp, path)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+                raise
+            if not path.exists():  # a file system without hard links: moved in whole (two creators at
+                os.replace(tmp, path)  # the same instant there: the later one's empty database wins)
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, OSError) as e:
+        raise StorageError(f"cannot create {path}: {_reason(e) if not isinstance(e, OSError) else e.strerror}") from None
     finally:
-        tmp.unlink(missing_ok=True)
-        tmp.with_name(tmp.name + "-journal").unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
 
 def _check_sqlite_schema(url: str, path: Path) -> None:

@@ -688,3 +688,23 @@ def test_an_append_only_journal_file_can_be_written(tmp_path: Path):
         subprocess.run(["chattr", "-a", str(log)], check=True)
     assert optuna.load_study(study_name="a", storage=storage.open_storage(f"journal://{log}", create=False)).user_attrs == {
         "after": 1}
+
+
+def test_workers_in_their_own_pid_namespaces_create_one_sqlite_database_together(tmp_path):
+    """Containers sharing a folder may all be PID 1: a new database's temporary name must not be the pid
+    (each creator deleted the others' half-made file: disk I/O errors, no database)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a PID namespace needs root and unshare")
+    code = ("import optuna, sys; from cycle_optuna import storage; optuna.logging.set_verbosity(optuna.logging.WARNING); "
+            "optuna.create_study(study_name='x', storage=storage.open_storage(sys.argv[1]), load_if_exists=True); "
+            "import os; print('pid', os.getpid())")
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    procs = [subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code, url],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    if any("unshare failed" in o or "Operation not permitted" in o for o in outs):
+        pytest.skip("running as root without permission to make a PID namespace")
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    assert all("pid 1" in o for o in outs), outs  # each was PID 1 in its namespace
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.db"]
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["x"]
