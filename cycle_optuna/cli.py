@@ -851,9 +851,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         from cycle_optuna import storage as storage_mod
 
-        if storage_mod.is_connection_error(e):  # the database went away in the middle of a command's reads or writes
+        if (lost := storage_mod.lost_server(e)) is not None:  # the server went away in the middle of a command
             trains = args.command in ("run", "worker")
-            err.print(f"[bold red]error:[/] lost the database: {escape(one_line(storage_mod.describe(e)))}; run again once "
+            err.print(f"[bold red]error:[/] lost the database: {escape(one_line(storage_mod.describe(lost)))}; run again once "
                       f"it answers{' (a trial cut off is retried)' if trains else ''}", highlight=False, soft_wrap=True)
             return 2
         err.print(f"[bold red]unexpected error:[/] {escape(one_line(mask(f'{type(e).__name__}: {e}')))} (rerun with --debug for the traceback)",

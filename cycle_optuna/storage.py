@@ -639,6 +639,23 @@ def is_connection_error(e: BaseException) -> bool:
     return False
 
 
+def lost_server(e: BaseException) -> BaseException | None:
+    """The link of `e`'s chain that says a database server stopped answering (restart, network),
+    else None. Not SQLite's: its OperationalError is any fault of the file (a schema, a full disk)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, sqlalchemy.exc.DBAPIError):
+            if type(getattr(e, "orig", None)).__module__.startswith("sqlite3"):
+                return None
+            if _is_connection_error(e):
+                return e
+        elif isinstance(e, (sqlalchemy.exc.DisconnectionError, sqlalchemy.exc.TimeoutError)):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _is_connection_error(e: BaseException) -> bool:
     if isinstance(e, optuna.exceptions.StorageInternalError):
         e = e.__cause__ or e

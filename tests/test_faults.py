@@ -933,3 +933,18 @@ def test_a_database_lost_in_the_middle_of_a_command_is_one_line_not_an_unexpecte
     lines = [line for line in text.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith("error: lost the database: ") and "run again once it answers" in text
     assert "unexpected error" not in text and "Traceback" not in text
+
+
+def test_a_damaged_sqlite_database_is_not_called_a_lost_one(tmp_path: Path):
+    """SQLite's OperationalError is any fault of the file: "run again once it answers" would be false."""
+    import sqlite3
+
+    study = write_study(tmp_path, n_trials=1, epochs=1)
+    rc, out = _finish(start_cli(["worker", str(study)]))
+    assert rc == 0, out
+    with sqlite3.connect(tmp_path / "tiny.db") as con:
+        con.execute("ALTER TABLE trial_values DROP COLUMN value_type")
+    proc = subprocess.run([sys.executable, "-m", "cycle_optuna.cli", "status", str(study)], env=worker_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "lost the database" not in proc.stderr and "unexpected error" in proc.stderr
