@@ -182,8 +182,6 @@ def lr_vs_loss(cycles: Sequence[Cycle], path: Path) -> Path:
     return _scatter(cycles, lambda c: c.params.get("lr"), path, xlabel="learning rate", title="Learning rate vs loss")
 
 
-
-
 def capacity_vs_loss(cycles: Sequence[Cycle], path: Path) -> Path:
     """Model size (hidden_dim^2 x n_layers, log) against val loss: every cycle, pruned ones too, the
     measure the report's text reads (a pruned cycle stops before it counts its parameters: plotted

@@ -52,11 +52,15 @@ def collect(study: optuna.Study, n_trials: int) -> StudyStatus:
     for t in trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
     ages = storage_mod.heartbeat_ages(internals.storage_of(study), study)
+    # a journal file has no heartbeats: its workers' lock files tell whether one of this machine has
+    # ended (what its stale check reads). A database's heartbeats tell: a pid seen from here may be
+    # another PID namespace's (containers that share the host's name)
     journal = storage_mod.journal_file(internals.storage_of(study))
     running = [
         RunningTrial(t.number, str(t.user_attrs.get(storage_mod.WORKER_ATTR, "?")), len(t.intermediate_values),
                      ages.get(t.number), t.user_attrs.get("resumed_from"),
-                     str(t.user_attrs.get(storage_mod.DEVICE_ATTR, "-")), storage_mod.local_alive(t, journal))
+                     str(t.user_attrs.get(storage_mod.DEVICE_ATTR, "-")),
+                     None if journal is None else storage_mod.local_alive(t, journal, tidy=False))
         for t in trials if t.state == TrialState.RUNNING
     ]
     done = [t for t in trials if t.state == TrialState.COMPLETE]

@@ -469,7 +469,7 @@ def _check_sqlite_schema(url: str, path: Path) -> None:
     """A SQLite file with some of Optuna's tables but not all: a first start cut off among them
     (before this release made it whole first). One line, not the commit error Optuna raises."""
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=SQLITE_TIMEOUT_SECONDS)
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=SQLITE_TIMEOUT_SECONDS)
         try:
             names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             # Optuna writes its version once every table is made: an older Optuna's complete
@@ -1046,7 +1046,7 @@ def _orphaned(trial: FrozenTrial) -> bool:
     return started is not None and (datetime.now() - started).total_seconds() > ORPHAN_SECONDS
 
 
-def local_alive(trial: FrozenTrial, journal: Path | None = None) -> bool | None:
+def local_alive(trial: FrozenTrial, journal: Path | None = None, *, tidy: bool = True) -> bool | None:
     """Whether the process a running trial's "host:pid" worker attr names still runs it; None when
     it is not a process of this machine (another host's cannot be checked from here).
 
@@ -1065,7 +1065,7 @@ def local_alive(trial: FrozenTrial, journal: Path | None = None) -> bool | None:
     if journal is not None and isinstance(token, str) and token and Path(token).name == token:  # a name, no path
         if token == _ALIVE_TOKENS.get(journal):
             return internals.trial_id_of(trial) in _RUNNING_HERE
-        return _lock_held(_alive_dir(journal) / f"{token}.lock")
+        return _lock_held(_alive_dir(journal) / f"{token}.lock", remove=tidy)
     if int(pid) == os.getpid():
         return internals.trial_id_of(trial) in _RUNNING_HERE
     return process_alive(trial.user_attrs.get(WORKER_ATTR), trial.user_attrs.get(WORKER_START_ATTR))
@@ -1121,8 +1121,9 @@ def _hold_alive_lock(journal: Path) -> str | None:
     return token
 
 
-def _lock_held(path: Path) -> bool | None:
-    """Whether a live process holds the lock file at `path`; a free one (its holder ended) is removed."""
+def _lock_held(path: Path, *, remove: bool = True) -> bool | None:
+    """Whether a live process holds the lock file at `path`; a free one (its holder ended) is
+    removed, unless `remove` is False (a reader's look)."""
     import fcntl
 
     try:
@@ -1131,7 +1132,8 @@ def _lock_held(path: Path) -> bool | None:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return True
-            path.unlink(missing_ok=True)
+            if remove:
+                path.unlink(missing_ok=True)
             return False
     except FileNotFoundError:  # its worker ended cleanly, or another worker found it ended
         return False

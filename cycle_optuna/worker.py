@@ -530,9 +530,11 @@ class _Loop:
                 raise
             # the database is away (or its disk full): the trial stays running, its heartbeat
             # stopped, and a worker's stale check fails it and queues its retry later
-            _log.warning("cycle %d (trial %d) could not be handed back (%s); a worker retries it once the database "
-                         "answers and its last heartbeat is %ds old", self.current + 1, self.current,
-                         storage_mod.describe(e), storage_mod.grace_period())
+            held = [self.current, *self.packed]  # a pack's trials wait with it
+            named = ", ".join(f"cycle {n + 1} (trial {n})" for n in held)
+            _log.warning("%s could not be handed back (%s); a worker retries %s once the database answers and "
+                         "the last heartbeat is %ds old", named, storage_mod.describe(e), "it" if len(held) == 1 else "them",
+                         storage_mod.grace_period())
 
     def _fail_stale(self, conn: sqlalchemy.Connection | None, *, always: bool) -> None:
         # A dead worker's trial is failed (and its retry queued) GRACE_SECONDS after its last beat;
