@@ -125,8 +125,8 @@ def make_dashboard(
     # the dashboard reads the artifacts (models, checkpoints): a read-only folder serves, as a missing
     # one does until the workers create it; nothing is created here
     db = storage_mod.file_path(url)
-    # a SQLite or journal file must already hold the study's database: never created here
-    reader = storage_mod.open_storage(url, heartbeat=False, create=False) if db is not None else None
+    # a SQLite or journal file, or a database server, must already hold Optuna's tables: never created here
+    reader = storage_mod.open_storage(url, heartbeat=False, create=False)
     # bound before the storage is opened for writing: a host or port it cannot listen on changes nothing
     server_class = _Server6 if ":" in host.strip("[]") else _Server
     try:
@@ -137,7 +137,7 @@ def make_dashboard(
         # notes are written through it; a file in a folder this process cannot write is served read-only
         writable = db is None or os.access(db.parent, os.W_OK) and os.access(db, os.W_OK)
         _dispose(reader)
-        store = storage_mod.open_storage(url, heartbeat=False, create=writable, versions=True)
+        store = storage_mod.open_storage(url, heartbeat=False, create=writable and db is not None, versions=True)
     except BaseException:
         server.server_close()
         raise

@@ -204,3 +204,20 @@ def test_sigterm_stops_the_dashboard_and_leaves_no_sqlite_side_files(tmp_path):
     finally:
         proc.kill()
     assert sorted(p.name for p in tmp_path.glob("*.db*")) == [db.name]
+
+
+@pytest.mark.postgres
+def test_an_empty_server_database_is_one_line_and_gets_no_tables(tmp_path, pg_url):
+    """A reader creates nothing: on an empty PostgreSQL database the dashboard made Optuna's 13 tables."""
+    import sqlalchemy
+
+    from cycle_optuna.errors import StorageError
+
+    path = make_study(tmp_path, "cycle")
+    with pytest.raises(StorageError, match="holds no studies"):
+        dashboard.make_dashboard(path, port=0, storage=pg_url)
+    engine = sqlalchemy.create_engine(pg_url)
+    try:
+        assert sqlalchemy.inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
