@@ -377,7 +377,7 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True, versi
     elif backend in ("postgresql", "mysql", "mariadb"):
         # pre-ping + recycle let workers survive a database restart; a worker needs few connections
         engine_kwargs.update(pool_pre_ping=True, pool_size=2, max_overflow=2, pool_recycle=300)
-        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+        engine_kwargs["connect_args"] = {"connect_timeout": 10, **_read_timeouts(parsed)}
     with warnings.catch_warnings():  # Optuna calls heartbeats experimental: this package's choice, not the caller's
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return _open_rdb(url, parsed, backend, engine_kwargs, heartbeat=heartbeat, create=create, versions=versions)
@@ -684,7 +684,7 @@ def wait_until_answers(url: str, seconds: float, say: Callable[[str], None]) -> 
     try:
         parsed = make_url(url)
         backend = parsed.get_backend_name()
-        args = {"connect_timeout": 5} if backend in ("postgresql", "mysql", "mariadb") else {}
+        args = {"connect_timeout": 5, **_read_timeouts(parsed, 5)} if backend in ("postgresql", "mysql", "mariadb") else {}
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=args)
     except (sqlalchemy.exc.ArgumentError, ValueError, ImportError):
         return False
@@ -743,7 +743,18 @@ class StorageWait:
                     raise
 
 
-MYSQL_LOCK_WAIT_S = 600  # one GET_LOCK call's wait; cap_lock calls it again until it holds the lock
+MYSQL_LOCK_WAIT_S = 30  # one GET_LOCK call's wait; cap_lock calls it again until it holds the lock
+MYSQL_READ_TIMEOUT_S = 60  # a MySQL server that takes a connection and never answers: a lost database, not a hang
+
+
+def _read_timeouts(parsed: sqlalchemy.URL, seconds: float | None = None) -> dict:
+    """pymysql and mysqlclient wait forever on a server that accepted the connection and says nothing
+    (connect_timeout covers the TCP connect only): bound each read and write. Longer than a GET_LOCK
+    wait. PostgreSQL's connect_timeout covers its whole start-up."""
+    if parsed.get_backend_name() in ("mysql", "mariadb") and parsed.get_driver_name() in ("pymysql", "mysqldb"):
+        seconds = MYSQL_READ_TIMEOUT_S if seconds is None else seconds
+        return {"read_timeout": seconds, "write_timeout": seconds}
+    return {}
 
 
 @contextlib.contextmanager
@@ -764,8 +775,8 @@ def cap_lock(storage: BaseStorage, url: str, study_name: str) -> Iterator[sqlalc
             if backend == "postgresql":
                 number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
                 lock, unlock = f"SELECT pg_advisory_lock({number})", f"SELECT pg_advisory_unlock({number})"
-            else:
-                name = hashlib.sha256(key.encode()).hexdigest()[:60]
+            else:  # GET_LOCK's names are the server's, not one database's: the database is part of it
+                name = hashlib.sha256(f"{key}@{make_url(storage.url).database}".encode()).hexdigest()[:60]
                 lock, unlock = f"SELECT GET_LOCK('{name}', {MYSQL_LOCK_WAIT_S})", f"SELECT RELEASE_LOCK('{name}')"
             with storage.engine.connect() as conn:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")

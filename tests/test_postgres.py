@@ -74,7 +74,7 @@ def test_a_mariadb_cap_lock_waits_past_get_locks_timeout(monkeypatch):
         pytest.skip(f"MariaDB not usable: {e}")
     monkeypatch.setattr(storage, "MYSQL_LOCK_WAIT_S", 1)
     study_name = "cycle-mysql-wait"
-    name = hashlib.sha256(f"cycle-optuna:{study_name}".encode()).hexdigest()[:60]
+    name = hashlib.sha256(f"cycle-optuna:{study_name}@test".encode()).hexdigest()[:60]
     holder = sqlalchemy.create_engine(url)
     entered = threading.Event()
 
@@ -108,3 +108,49 @@ def test_status_ages_heartbeats_by_the_database_clock_in_any_time_zone(tmp_path:
     assert main(["status", str(study), "--storage", pg_url]) == 0
     out = capsys.readouterr().out
     assert "box:123" in out and "s ago" in out and "worker lost" not in out
+
+
+def test_a_mariadb_cap_lock_is_one_databases_not_the_servers():
+    """GET_LOCK names are server-wide: a same-named study in another database waited for this one's lock."""
+    import threading
+
+    import sqlalchemy
+
+    url = "mysql+pymysql://root@127.0.0.1:3306/test"
+    try:
+        here = storage.open_storage(url)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"MariaDB not usable: {e}")
+    admin = sqlalchemy.create_engine(url)
+    other_db = "cycle_test_lock_other"
+    with admin.connect() as c:
+        c.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS {other_db}")
+    other_url = url.rsplit("/", 1)[0] + "/" + other_db
+    other = storage.open_storage(other_url)
+    holding, release, entered = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:  # a worker of the study on `test`, counting its trials
+        with storage.cap_lock(here, url, "same-name"):
+            holding.set()
+            release.wait(30)
+
+    def take() -> None:  # a worker of the same-named study in the other database
+        with storage.cap_lock(other, other_url, "same-name"):
+            entered.set()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    try:
+        holder.start()
+        assert holding.wait(20)
+        taker = threading.Thread(target=take, daemon=True)
+        taker.start()
+        assert entered.wait(10), "a study in another database waited for this database's lock"
+        taker.join(10)
+    finally:
+        release.set()
+        holder.join(30)
+        for s in (here, other):
+            s.engine.dispose()
+        with admin.connect() as c:
+            c.exec_driver_sql(f"DROP DATABASE IF EXISTS {other_db}")
+        admin.dispose()

@@ -708,3 +708,28 @@ def test_workers_in_their_own_pid_namespaces_create_one_sqlite_database_together
     assert all("pid 1" in o for o in outs), outs  # each was PID 1 in its namespace
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.db"]
     assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["x"]
+
+
+def test_a_mysql_server_that_takes_the_connection_and_never_answers_is_one_line_not_a_hang(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """pymysql's connect_timeout covers the TCP connect only: a server (or a frozen proxy) that accepts
+    and says nothing held `status` and `worker` forever, --wait-for-storage included."""
+    import socket
+    import threading
+
+    pytest.importorskip("pymysql")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    held = []
+    threading.Thread(target=lambda: held.extend(iter(lambda: silent.accept()[0], None)), daemon=True).start()
+    monkeypatch.setattr(storage, "MYSQL_READ_TIMEOUT_S", 2)
+    study = write_study(tmp_path, n_trials=1)
+    url = f"mysql+pymysql://u:hunter22@127.0.0.1:{silent.getsockname()[1]}/db"
+    try:
+        assert main(["status", str(study), "--storage", url]) == 2
+    finally:
+        silent.close()
+    err = capsys.readouterr().err
+    assert "cannot open storage mysql+pymysql://u:***@127.0.0.1" in err and "timed out" in err
+    assert "hunter22" not in err
