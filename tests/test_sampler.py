@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 from cycle_optuna.config import SamplerConfig
 from cycle_optuna.sampler import CycleSampler, ReferenceScheduleSampler, Roles, make_sampler
+from cycle_optuna.storage import retry_callback
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -134,6 +135,40 @@ def test_reason_names_parent_result_and_move():
 )
 def test_reason_sentences(outcomes, phrase):
     assert phrase in last(run(outcomes)).user_attrs["cycle_reason"]
+
+
+def test_a_repeat_after_another_cycle_finished_names_the_cycle_it_repeats():
+    # two cycles run at once: cycle 2 (lr x2) improves, cycle 3 (another move from cycle 1) is
+    # pruned after it; the next cycle repeats cycle 2's move, and must say it starts from cycle 2
+    study = optuna.create_study(sampler=CycleSampler(baseline=BASELINE, seed=0))
+    study.tell(study.ask(dict(SPACE)), 1.0)
+    second, third = study.ask(dict(SPACE)), study.ask(dict(SPACE))
+    assert second.user_attrs["cycle_move"] == "lr x2" and third.user_attrs["cycle_parent"] == 1
+    study.tell(second, 0.9)
+    study.tell(third, state=TrialState.PRUNED)
+    t = study.ask(dict(SPACE))
+    assert t.user_attrs["cycle_parent"] == 2 and t.params["lr"] == pytest.approx(2e-3)
+    assert t.user_attrs["cycle_reason"] == (
+        f"cycle 4: cycle 3 ({third.user_attrs['cycle_move']}) was pruned; back to cycle 2 (lr x2), trying lr x2 again"
+    )
+
+
+def test_a_retry_says_which_cycle_it_retries_under_its_own_number():
+    # Optuna's retry callback copies the failed trial's attrs, its "cycle 2: ..." reason included
+    study = optuna.create_study(sampler=CycleSampler(baseline=BASELINE, seed=0))
+    study.tell(study.ask(dict(SPACE)), 1.0)
+    failed = study.ask(dict(SPACE))
+    original = failed.user_attrs["cycle_reason"]
+    assert original.startswith("cycle 2: ")
+    retry = retry_callback()  # the one workers use
+    for number in (2, 3):  # the retry fails too: the retry of the retry names the first cycle once
+        study.tell(failed, state=TrialState.FAIL)
+        retry(study, study.trials[failed.number])
+        failed = study.ask(dict(SPACE))
+        assert failed.number == number and failed.params == study.trials[1].params
+        assert failed.user_attrs["cycle_reason"] == f"cycle {number + 1}: retry of cycle 2; " + original.split(": ", 1)[1]
+        assert failed.user_attrs["cycle_parent"] == 1
+    assert study.trials[1].user_attrs["cycle_reason"] == original
 
 
 def test_repeat_on_an_unevenly_spaced_list_says_again():

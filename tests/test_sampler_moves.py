@@ -140,6 +140,10 @@ def check_reasons(trials: list[FrozenTrial], decided: dict[int, datetime.datetim
         reason = t.user_attrs["cycle_reason"]
         assert reason.startswith(f"cycle {t.number + 1}: "), reason
         parent = t.user_attrs.get("cycle_parent")
+        if isinstance(parent, int) and t.user_attrs.get("cycle_move") != "baseline":
+            # a move names the cycle it starts from, as "cycle P" (improved, looks ..., from, back to, ...)
+            assert re.search(rf"\bcycle {parent}\b", reason.split(": ", 1)[1]), reason
+            checked += 1
         for m in re.finditer(r"(?:from|back to) cycle (\d+)", reason):
             assert int(m.group(1)) == parent, reason
             checked += 1

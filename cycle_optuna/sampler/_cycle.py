@@ -6,6 +6,7 @@ import copy
 import datetime
 import heapq
 import math
+import re
 import warnings
 import threading
 import time
@@ -190,6 +191,21 @@ class CycleSampler(BaseSampler):
             self._raise_error_if_multi_objective(study)
         self._fallback.before_trial(study, trial)
         self._entry(study, trial, wait=True)
+        self._renumber_retry(study, trial)
+
+    def _renumber_retry(self, study: Study, trial: FrozenTrial) -> None:
+        """A retry (Optuna's retry callback copies the failed trial's attrs) runs the same move,
+        but its reason began with the failed cycle's number: say which cycle it retries."""
+        failed, reason = trial.system_attrs.get("failed_trial"), trial.user_attrs.get(REASON_ATTR)
+        own = f"cycle {trial.number + 1}: "
+        if not isinstance(failed, int) or not isinstance(reason, str) or reason.startswith(own):
+            return
+        rest = reason.split(": ", 1)[1] if re.match(r"cycle \d+: ", reason) else reason
+        rest = re.sub(r"^retry of cycle \d+; ", "", rest)  # a retry of a retry: one mark
+        reason = f"{own}retry of cycle {failed + 1}; {rest}"
+        internals.storage_of(study).set_trial_user_attr(internals.trial_id_of(trial), REASON_ATTR, reason)
+        if isinstance(trial.user_attrs, dict):
+            trial.user_attrs[REASON_ATTR] = reason
 
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         self._raise_error_if_multi_objective(study)

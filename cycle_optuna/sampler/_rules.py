@@ -418,15 +418,18 @@ class Planner:
     def _action_clause(self, base: Rec, config: Mapping[str, Any], c: _Candidate, label: str) -> str:
         last = self.hist.fold.last_finished
         where = f"from cycle {base.cycle}" if last is base or last is None else f"back to cycle {base.cycle}"
+        # a repeat or a re-probe follows from the base's own move: when another cycle finished
+        # since, say which cycle it starts from
+        back = "" if last is base or last is None else f"back to cycle {base.cycle} ({base.move}), "
         if c.why == "keep":
-            return f"trying {label} {self._compared_step(base, config, c.param)}"
+            return f"{back}trying {label} {self._compared_step(base, config, c.param)}"
         if c.why == "tie":
             last = self.hist.fold.last_finished
             assert last is not None
             return (f"cycle {last.cycle} ended within {TIE:.0%} of cycle {base.cycle}, too close to tell; "
                     f"trying a larger step the same way: {label}")
         if c.why == "reprobe":
-            return f"re-probing lr after the capacity change: {label}"
+            return f"{back}re-probing lr after the capacity change: {label}"
         if c.why == "diverged":
             return f"{where}, lowering lr: {label}"
         if c.why == "diagnosis":
