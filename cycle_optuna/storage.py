@@ -627,32 +627,32 @@ class _Storage(RDBStorage):
             self._beat_failing = True
 
 
-def is_connection_error(e: BaseException) -> bool:
-    """True when `e`, or what it arose from, means the database went away (restart, network)."""
+def error_chain(e: BaseException | None) -> Iterator[BaseException]:
+    """`e` and what it arose from (cause, else context), each once."""
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
-        # e.g. Optuna's trial runner fails with UnboundLocalError while handling a lost connection
-        if _is_connection_error(e):
-            return True
+        yield e
         seen.add(id(e))
         e = e.__cause__ or e.__context__
-    return False
+
+
+def is_connection_error(e: BaseException) -> bool:
+    """True when `e`, or what it arose from, means the database went away (restart, network)."""
+    # e.g. Optuna's trial runner fails with UnboundLocalError while handling a lost connection
+    return any(_is_connection_error(link) for link in error_chain(e))
 
 
 def lost_server(e: BaseException) -> BaseException | None:
     """The link of `e`'s chain that says a database server stopped answering (restart, network),
     else None. Not SQLite's: its OperationalError is any fault of the file (a schema, a full disk)."""
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, sqlalchemy.exc.DBAPIError):
-            if type(getattr(e, "orig", None)).__module__.startswith("sqlite3"):
+    for link in error_chain(e):
+        if isinstance(link, sqlalchemy.exc.DBAPIError):
+            if type(getattr(link, "orig", None)).__module__.startswith("sqlite3"):
                 return None
-            if _is_connection_error(e):
-                return e
-        elif isinstance(e, (sqlalchemy.exc.DisconnectionError, sqlalchemy.exc.TimeoutError)):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
+            if _is_connection_error(link):
+                return link
+        elif isinstance(link, (sqlalchemy.exc.DisconnectionError, sqlalchemy.exc.TimeoutError)):
+            return link
     return None
 
 

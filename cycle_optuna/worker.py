@@ -61,10 +61,7 @@ def _root(e: BaseException) -> BaseException:
     """The innermost chained exception that says something: Optuna wraps a dropped connection in a
     generic storage error, and SQLAlchemy's pool adds a bare one (`InvalidatePoolError: ()`) beneath
     the server's own reason."""
-    chain, seen = [e], {id(e)}
-    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and id(nxt) not in seen:
-        seen.add(id(nxt))
-        chain.append(nxt)
+    chain = list(storage_mod.error_chain(e))
     return next((x for x in reversed(chain) if str(x).strip("() ")), chain[-1])
 
 
