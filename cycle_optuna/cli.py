@@ -13,7 +13,7 @@ import threading
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -21,6 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cycle_optuna.errors import CycleOptunaError, StorageError
+from cycle_optuna.redact import mask
+
 
 class _Console(Console):
     """rich's Console, whose closed pipe (`best | head -2`) ends the command as `export | head` does:
@@ -42,7 +44,8 @@ EXAMPLES = {
   cycle-optuna run studies/seed.toml --workers 4
   cycle-optuna run studies/seed.toml --workers-per-gpu 4        # 4 workers on each visible GPU
   cycle-optuna run studies/seed.toml --workers 2 --gpus 0,2
-  cycle-optuna run studies/seed.toml --storage postgresql+psycopg://user:pass@db/optuna""",
+  cycle-optuna run studies/seed.toml --storage postgresql+psycopg://user@db/optuna   # password: ~/.pgpass or $PGPASSWORD
+  CYCLE_OPTUNA_STORAGE=postgresql+psycopg://user:pass@db/optuna cycle-optuna run studies/seed.toml   # not in argv, which other users can read""",
     "worker": """examples:
   cycle-optuna worker studies/seed.toml
   cycle-optuna worker studies/seed.toml --gpus 1
@@ -50,7 +53,7 @@ EXAMPLES = {
   cycle-optuna worker studies/seed.toml --storage postgresql+psycopg://db/optuna --wait-for-storage 120""",
     "status": """examples:
   cycle-optuna status studies/seed.toml
-  cycle-optuna status studies/seed.toml --storage postgresql+psycopg://user:pass@db/optuna""",
+  cycle-optuna status studies/seed.toml --storage postgresql+psycopg://user@db/optuna   # password: ~/.pgpass or $PGPASSWORD""",
     "best": """examples:
   cycle-optuna best studies/seed.toml
   cycle-optuna best studies/seed.toml --json""",
@@ -125,7 +128,7 @@ def _noted(on_end: Callable | None = None) -> Callable:
         try:
             dashboard.write_trial_note(study, t)
         except Exception as e:  # noqa: BLE001 - a note is a convenience: it must never stop a worker
-            logging.getLogger(__name__).warning("dashboard note of trial %d not written: %s", t.number, e)
+            logging.getLogger(__name__).warning("dashboard note of trial %d not written: %s", t.number, mask(str(e)))
         if on_end is not None:
             on_end(study, t)
 
@@ -677,6 +680,15 @@ def _port(text: str) -> int:
 
 class _Parser(argparse.ArgumentParser):
     """argparse whose bad input is one line, like every other (no usage block before it), exit 2."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        from cycle_optuna.redact import remember
+
+        # a URL's password is known before any error can quote it (`--storge URL`: "unrecognized arguments")
+        for token in sys.argv[1:] if args is None else args:
+            if isinstance(token, str) and "://" in token:
+                remember(token.split("=", 1)[1] if token.startswith("--") and "=" in token.split("://")[0] else token)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         from cycle_optuna.storage import mask  # a mistyped flag may sit beside a storage URL

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cycle_optuna.errors import ConfigError
-from cycle_optuna.redact import mask
+from cycle_optuna.redact import mask, mask_userinfo, remember
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "sophia")
 SCHEDULES = ("constant", "cosine", "cyclical", "onecycle")
@@ -52,8 +52,9 @@ def sqlite_host_problem(url: str) -> str | None:
     authority = rest.split("/", 1)[0].split("?", 1)[0]
     if not sep or scheme.lower().split("+")[0] != "sqlite" or not authority:
         return None
-    return (f"a SQLite URL has no host ({authority!r} would be dropped); write sqlite:///{rest} for a path "
-            "relative to the current directory, sqlite:////abs/path.db for an absolute one")
+    shown = mask_userinfo(authority)  # a password in it (SQLCipher's sqlite+pysqlcipher://:key@/x.db) is not shown
+    return (f"a SQLite URL has no host ({shown!r} would be dropped); write sqlite:///{shown}{mask(rest[len(authority):])} "
+            "for a path relative to the current directory, sqlite:////abs/path.db for an absolute one")
 
 
 def check_n_trials(value: object, key: str) -> int:
@@ -212,6 +213,7 @@ class StudyConfig:
             out["data"]["test_source"] = str(test_path.resolve())
         out["study"]["artifact_dir"] = str(resolve_artifact_dir(self).resolve())
         if out["study"]["storage"]:  # stored on the study, which the dashboard serves: no password
+            remember(out["study"]["storage"])  # also when --storage overrode it: mask knows only the URL in use
             out["study"]["storage"] = mask(out["study"]["storage"])
         out["space"] = {p["name"]: {k: v for k, v in p.items() if k != "name" and v is not None and v is not False} for p in out["space"]}
         for p in out["space"].values():
@@ -615,6 +617,8 @@ def _check_written(c: _Checker, cfg: StudyConfig, written: dict[str, set[str]]) 
     for key in ("storage", "artifact_dir"):
         if key in written["study"] and not getattr(st, key).strip():
             raise c.fail(f"study.{key}", "is empty; leave the key out for the default (beside the study file)")
+    if "storage" in written["study"]:
+        remember(st.storage)  # its password is masked wherever it turns up, even when --storage overrides it
     if "storage" in written["study"] and (problem := sqlite_host_problem(st.storage)):
         raise c.fail("study.storage", f"{mask(st.storage)!r}: {problem}")
     for key in CSV_ONLY_KEYS:

@@ -2,7 +2,13 @@
 
 
 class CycleOptunaError(Exception):
-    """Base of every error caused by the user's input or environment (exit code 2)."""
+    """Base of every error caused by the user's input or environment (exit code 2). Its message
+    is masked (redact.mask): the Python API raises it to callers that print it as it is."""
+
+    def __init__(self, *args: object) -> None:
+        from cycle_optuna.redact import mask
+
+        super().__init__(*(mask(a) if isinstance(a, str) else a for a in args))
 
 
 class ConfigError(CycleOptunaError):

@@ -6,7 +6,11 @@ import re
 
 # a URL runs to the next blank or quote; its password may hold '@', ':' or '/'
 _URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>`]+", re.IGNORECASE)
-_SECRET_SETTING = re.compile(r"\b(password|passwd|pwd|sslpassword|secret|token|api_key)=([^&\s'\"]*)", re.IGNORECASE)
+_SECRET_KEYS = r"password|passwd|pwd|sslpassword|secret|token|api_key"
+# a quoted value runs to its closing quote; an unquoted one to the next '&', blank or quote (a ':'
+# before a blank is the message's, as in "URL: reason")
+_SECRET_SETTING = re.compile(rf"\b({_SECRET_KEYS})=('[^']*'?|\"[^\"]*\"?|[^&\s'\"]*?(?=:?(?:[&\s'\"]|$)))", re.IGNORECASE)
+_SECRET_KEY = re.compile(rf"(?:{_SECRET_KEYS})", re.IGNORECASE)
 
 
 MIN_REMEMBERED = 4
@@ -17,19 +21,35 @@ def remember(url: object) -> None:
     """Note the password of a storage URL, so that :func:`mask` hides it wherever it turns up, also
     where the URL is too malformed for the URL pattern (``postgresql//user:pw@host``, ``user:pw@host``)
     or the password holds a blank, a quote or a line break."""
-    if not isinstance(url, str) or "@" not in url:
+    if not isinstance(url, str):
+        return
+    from urllib.parse import unquote, unquote_plus
+
+    def note(*pieces: str) -> None:
+        # a password of 1-3 characters would mask those letters in every word: the URL pattern alone hides it
+        _KNOWN.update(p for p in pieces if len(p) >= MIN_REMEMBERED)
+
+    query = url.partition("?")[2]
+    for pair in query.split("&") if query else ():  # ?password=..., however it is quoted or spaced
+        key, eq, value = pair.partition("=")
+        if eq and value and _SECRET_KEY.fullmatch(key.strip()):
+            note(value, unquote_plus(value), value.strip("'\" "), unquote_plus(value).strip("'\" "))
+    if "@" not in url:
         return
     before = url[:url.rfind("@")]  # user and password: everything before the host's '@'
     if "://" in before:
         before = before.split("://", 1)[1]
     secret = before.partition(":")[2]
     if secret:
-        from urllib.parse import unquote
-
-        # a password of 1-3 characters would mask those letters in every word: the URL pattern alone hides it;
         # its pieces around an unencoded '@' too: a driver that split the URL at the first '@' echoes the rest as the host
-        pieces = (secret, unquote(secret), *secret.split("@"), *unquote(secret).split("@"))
-        _KNOWN.update(s for s in pieces if len(s) >= MIN_REMEMBERED)
+        note(secret, unquote(secret), *secret.split("@"), *unquote(secret).split("@"))
+
+
+def mask_userinfo(authority: str) -> str:
+    """`user:password@host` as `user:***@host` (the host follows the last '@'); unchanged without a password."""
+    at = authority.rfind("@")
+    user, colon, _ = authority[:at].partition(":") if at >= 0 else ("", "", "")
+    return f"{user}:***{authority[at:]}" if colon else authority
 
 
 def mask(text: str) -> str:

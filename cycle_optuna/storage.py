@@ -420,11 +420,22 @@ def _open_rdb(url: str, parsed, backend: str, engine_kwargs: dict, *, heartbeat:
         driver = parsed.get_driver_name()
         hint = _DRIVER_HINTS.get(driver, f"pip install {driver}")
         raise StorageError(f"storage {mask(url)}: database driver {driver!r} is not installed ({hint})") from None
+    except TypeError as e:
+        if (option := _unknown_option(e)) is None:
+            raise
+        raise StorageError(f"cannot open storage {mask(url)}: the driver has no connection option {option!r} "
+                           "(from the URL's query string)") from None
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
         reason = _reason(e)
         if "readonly database" in reason or "read-only" in reason:
             raise StorageError(f"cannot write {sqlite_path(url) or mask(url)}: read-only ({reason})") from None
         raise StorageError(f"cannot open storage {mask(url)}: {reason}") from None
+
+
+def _unknown_option(e: TypeError) -> str | None:
+    """The option a driver's connect() refused (pymysql: "got an unexpected keyword argument 'x'"), else None."""
+    m = re.search(r"unexpected keyword argument '([^']*)'", str(e))
+    return m[1] if m else None
 
 
 NEW_SQLITE_PREFIX = ".cycle-optuna-new-"  # a SQLite database being made, beside its place (a hidden file)
@@ -694,6 +705,10 @@ def wait_until_answers(url: str, seconds: float, say: Callable[[str], None]) -> 
             try:
                 with engine.connect():
                     pass
+            except TypeError as e:  # an option the driver does not know: opening the storage says which
+                if _unknown_option(e) is None:
+                    raise
+                return False
             except sqlalchemy.exc.SQLAlchemyError as e:
                 reason = describe(e)
                 if not is_connection_error(e) or any(w in reason.lower() for w in _NOT_TRANSIENT):

@@ -272,6 +272,14 @@ def test_the_stored_config_holds_no_password(tmp_path):
     assert stored["study"]["storage"] == "postgresql+psycopg://alice:***@db/optuna"
 
 
+def test_the_stored_config_holds_no_password_the_url_pattern_alone_would_miss(tmp_path):
+    # a quote in the password: the URL pattern stops before it; --storage overriding the file's URL
+    # meant nothing remembered this one
+    text = "[study]\nname = 'x'\nstorage = \"postgresql+psycopg://alice:'St0redPW@db/optuna\"\n"
+    stored = config.load(write(tmp_path, text)).to_dict()
+    assert "St0redPW" not in str(stored) and stored["study"]["storage"].startswith("postgresql+psycopg://alice:***")
+
+
 def test_a_printed_config_shows_no_password(tmp_path):
     """print(load_config(...)) is what a notebook or a log line shows of a study file."""
     from cycle_optuna import load_config

@@ -43,6 +43,12 @@ from workers_helpers import fill_disk, small_tmpfs, start_cli, wait_for, worker_
     ("postgresql+psycopg://u:n0h0st", "n0h0st", "bad storage URL"),  # "user:password" with no host
     # a SQLite URL with a host: the driver would drop it and read (or create) another file
     ("sqlite://studies/x.db", "n0secret", "a SQLite URL has no host ('studies' would be dropped); write sqlite:///studies/x.db"),
+    ("sqlite+pysqlcipher://:C1pherKey@/x.db", "C1pherKey", "a SQLite URL has no host (':***@' would be dropped)"),
+    # a query-string password, quoted or holding blanks (the URL pattern stops at a quote or a blank)
+    ("postgresql+psycopg://u@127.0.0.1:1/x?password='Qu0tedPW'", "Qu0tedPW", "cannot open storage"),
+    ("postgresql+psycopg://u@127.0.0.1:1/x?password=c0rrect horse battery", "horse battery", "?password=***: "),
+    # an option the driver does not know: one line, not pymysql's TypeError
+    ("mysql+pymysql://root@127.0.0.1:3306/x?b0gus=1", "n0secret", "the driver has no connection option 'b0gus'"),
 ])
 def test_bad_storage_is_one_masked_line_and_exit_2(tmp_path: Path, capsys, url: str, secret: str, words: str):
     study = write_study(tmp_path)
@@ -50,6 +56,26 @@ def test_bad_storage_is_one_masked_line_and_exit_2(tmp_path: Path, capsys, url: 
     err = capsys.readouterr().err
     assert words in err and secret not in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.strip()]) <= 3  # one message (rich may wrap it)
+
+
+@pytest.mark.parametrize("flag", ["--storge", "--storage-url="])
+def test_a_mistyped_flag_does_not_show_its_urls_password(tmp_path: Path, capsys, flag: str):
+    url = "postgresql+psycopg://u:'Typ0Secret@127.0.0.1:1/x"  # a quote: the URL pattern alone stops before it
+    args = [f"{flag}{url}"] if flag.endswith("=") else [flag, url]
+    with pytest.raises(SystemExit) as e:  # argparse's error exits
+        main(["status", str(write_study(tmp_path)), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err and "Typ0Secret" not in err
+
+
+def test_api_errors_are_masked_for_callers_that_print_them(tmp_path: Path):
+    from cycle_optuna import api
+    from cycle_optuna.errors import StorageError
+
+    with pytest.raises(StorageError) as e:
+        api.load_study(write_study(tmp_path), storage="sqlite://user:Ap1Secret@host/x.db")
+    assert "a SQLite URL has no host" in str(e.value) and "Ap1Secret" not in str(e.value)
 
 
 def test_a_malformed_url_in_the_environment_is_masked_too(tmp_path: Path, capsys, monkeypatch):
@@ -375,6 +401,8 @@ def test_a_trial_out_of_retries_is_handed_to_on_exhausted(tmp_path: Path, monkey
     ("cannot open 'mysql+pymysql://bob:s3cret@h:1/x': refused", "s3cret"),
     ("host=db user=alice password=s3cret dbname=x", "s3cret"),
     ("postgresql://:s3cret@db/x", "s3cret"),
+    ("postgresql+psycopg://alice@db/x?password='s3cret pw'&sslmode=require", "s3cret pw"),
+    ("host=db user=alice password=\"s3cret pw\" dbname=x", "s3cret pw"),
 ])
 def test_mask_hides_passwords_in_every_form(text: str, secret: str):
     masked = storage.mask(text)
