@@ -174,14 +174,49 @@ def small_validation_note(cfg, data) -> str | None:
         return note
     unscored = sorted(set(range(data.n_classes)) - set(data.y_val.tolist()))
     if unscored:
+        total = n + int(data.y_train.shape[0])
+        cure = ("[data] folds = 5 cross-validates every series" if total >= 10 else
+                f"with {total} training and validation series there are too few to cross-validate (5 folds take 10)")
         return (f"note: class(es) {named(unscored)} have too few series to spare one for the validation split (all "
-                "of them train), so cycles are never scored on them; [data] folds = 5 cross-validates every series")
+                f"of them train), so cycles are never scored on them; {cure}")
     if n >= SMALL_VAL:
         return None
     return (f"note: the validation split holds {n} series (val_fraction={cfg.data.val_fraction}): one series is "
             f"{100 / n:.0f} points of val accuracy, so cycles are ranked on little evidence and the best cycle "
             'is partly luck; [data] folds = 5 cross-validates instead, and more data or more cycles steady the '
             "choice")
+
+
+def length_note(cfg, data) -> str | None:
+    """When series lengths differ widely and patch_len is automatic: the patch follows the longest
+    series, which leaves a typical one a token or two (a 16-step series in a set with one 20,000-step
+    series was one patch of 1024 steps, and the study stayed at chance)."""
+    import math
+
+    import torch
+
+    from cycle_optuna.model import auto_patch_len
+
+    if cfg.baseline.patch_len != 0:
+        return None
+    xs = [x for x in (data.x_train, data.x_val) if x.shape[0]]
+    if not xs:
+        return None
+    steps = torch.cat([(~torch.isnan(x).all(dim=-1)) for x in xs])  # [N, T]: observed steps
+    t = steps.shape[1]
+    lengths = t - torch.argmax(steps.flip(1).int(), dim=1)  # last observed step + 1
+    typical, longest = int(lengths.median()), int(lengths.max())
+    auto, fits = auto_patch_len(longest), auto_patch_len(typical)
+    if longest <= 8 * typical or auto <= fits:
+        return None
+    return (f"note: series lengths run up to {longest} steps, the median is {typical}: the automatic patch_len "
+            f"({auto}) follows the longest, which makes a series of the median length {math.ceil(typical / auto)} "
+            f"token(s); for the typical series set [baseline] patch_len = {fits} (or search patch_len in [space])")
+
+
+def data_notes(cfg, data) -> list[str]:
+    """What `run` and `worker` say about the data before the first cycle."""
+    return [n for n in (small_validation_note(cfg, data), length_note(cfg, data)) if n is not None]
 
 
 WORKERS_PER_CORE = 16  # `run --workers K` beyond this many a core is refused: each is a process with PyTorch
@@ -223,8 +258,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             gpus = gpus[:left]
     out.print(f"study [bold]{cfg.study.name}[/] on {storage.mask(url)}: "
               f"{cfg.study.n_trials} trials, sampler {cfg.sampler.type}, pruner {cfg.pruner.type}")
-    if (small := small_validation_note(cfg, data)) is not None:
-        out.print(small, highlight=False, soft_wrap=True, markup=False)
+    for note in data_notes(cfg, data):
+        out.print(note, highlight=False, soft_wrap=True, markup=False)
     if fewer:
         out.print(fewer, highlight=False, soft_wrap=True)
     if len(gpus) > 1:
@@ -383,8 +418,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise CycleOptunaError(note)
     worker.install_signal_handlers()
     err.print(f"worker on study {cfg.study.name} at {storage.mask(url)}")
-    if (small := small_validation_note(cfg, data)) is not None:
-        err.print(small, highlight=False, soft_wrap=True, markup=False)
+    for note in data_notes(cfg, data):
+        err.print(note, highlight=False, soft_wrap=True, markup=False)
     stats = worker.WorkerStats()
     log = _trial_log(args, lambda line: err.print(line, highlight=False, soft_wrap=True, markup=False))
     try:
@@ -440,7 +475,7 @@ def cmd_best(args: argparse.Namespace) -> int:
         table.add_row(f"val accuracy{cv}", f"{val_accuracy:.2%}")
     if rec.get("test_accuracy") is not None:
         table.add_row("test accuracy (held out)", f"{rec['test_accuracy']:.2%}")
-        table.add_row("test loss (held out)", f"{rec['test_loss']:.4f}")
+        table.add_row("test loss (held out)", "n/a" if rec["test_loss"] is None else f"{rec['test_loss']:.4f}")
         recall = rec.get("test_class_recall") or {}
         if len(recall) > 1:  # accuracy alone hides a class the model gets wrong (95/5: 95% for "always the first")
             if len({r["n"] for r in recall.values()}) > 1:  # equal classes: the same figure as accuracy

@@ -41,6 +41,7 @@ import csv
 import dataclasses
 import io
 import math
+import re
 import unicodedata
 import zipfile
 from dataclasses import dataclass
@@ -350,6 +351,7 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True, features:
         feat_idx = _by_name(path, header, feat_idx, features)
     seqs: dict[str, list[list[float]]] = {}
     labels: dict[str, str] = {}
+    label_name = _LabelNames(path)
     for line, row in enumerate(reader, start=2):
         if not row:
             continue
@@ -357,7 +359,7 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True, features:
             raise _fail(path, f"line {line}: {len(row)} fields, the header has {len(header)}")
         sid = row[i_sample].strip()
         if i_label is not None:
-            label = _label_name(path, line, number(row[i_label]))
+            label = label_name(line, number(row[i_label]))
             if sid in labels and labels[sid] != label:
                 raise _fail(path, f"line {line}: sample {sid!r} changes label from {labels[sid]} to {label}; "
                             "the label must be constant within a sequence")
@@ -434,6 +436,7 @@ def _wide_csv(path: Path, cfg: DataConfig, header: list[str], reader: Any, numbe
     if not steps:
         raise _fail(path, "no value columns besides the label column")
     seqs, labels, ids = [], [], {}
+    label_name = _LabelNames(path)
     for line, row in enumerate(reader, start=2):
         if not row:
             continue
@@ -446,7 +449,7 @@ def _wide_csv(path: Path, cfg: DataConfig, header: list[str], reader: Any, numbe
                             "each row is one whole series")
             ids[sid] = line
         if i_label is not None:
-            labels.append(_label_name(path, line, number(row[i_label])))
+            labels.append(label_name(line, number(row[i_label])))
         try:
             seqs.append(np.asarray([[_csv_float(number(row[i]))] for i in steps], dtype=np.float64))
         except ValueError:
@@ -491,6 +494,7 @@ def load_ucr_table(path: Path) -> tuple[np.ndarray, list[str]]:
     tabs = path.suffix.lower() == ".tsv"
     seqs: list[np.ndarray] = []
     labels: list[str] = []
+    label_name = _LabelNames(path)
     for n, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
@@ -499,7 +503,7 @@ def load_ucr_table(path: Path) -> tuple[np.ndarray, list[str]]:
         if len(cells) < 2:
             raise _fail(path, f"line {n}: a label and no values (expected {'tab' if tabs else 'space'}-separated: "
                         "label, then the series)")
-        labels.append(_label_name(path, n, cells[0]))
+        labels.append(label_name(n, cells[0]))
         try:
             values = np.asarray([_csv_float(v) for v in cells[1:]], dtype=np.float64)
         except ValueError:
@@ -620,12 +624,33 @@ def _arff_classes(path: Path, attrs: list[tuple[str, str]]) -> list[str]:
     return classes
 
 
+class _LabelNames:
+    """A file's label cells as class names (:func:`_label_name`); two integer spellings of one class
+    in one file (007 and 7, +7 and 7) are refused rather than merged into one class unseen."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.spelled: dict[str, tuple[str, int]] = {}  # class -> its first integer spelling and line
+
+    def __call__(self, line: int, cell: str) -> str:
+        name = _label_name(self.path, line, cell)
+        written = cell.strip()
+        if re.fullmatch(r"[+-]?\d+", written):  # 7.0 and 7 are one class, as documented; 007 and 7 would be a guess
+            first, at = self.spelled.setdefault(name, (written, line))
+            if first != written:
+                raise _fail(self.path, f"line {line}: label {written!r} and label {first!r} (line {at}) are the "
+                            f"same integer, {name}: write every label of a class the same way")
+        return name
+
+
 def _label_name(path: Path, line: int, cell: str) -> str:
     """A label cell as a class name: a name as written, or an integer in canonical form (1.0 -> 1)."""
     name = cell.strip()
     if not name:
         raise _fail(path, f"line {line}: empty label")
-    if not _is_float(name):
+    if name.lower() in MISSING:
+        raise _fail(path, f"line {line}: missing label ({name!r}): every series needs its class")
+    if not _is_number(name):
         return name
     try:
         return str(int(name))  # an integer literal exactly, however long (a float would merge 2**53 + 1 into 2**53)
@@ -1049,7 +1074,14 @@ def load_task(cfg: DataConfig, seed: int, *, data_path: Path | None = None, test
         x_test, y_test = x[te], y[te]
     else:
         test_path = Path(test_path)
-        x_test, y_test, _ = read_file(test_path, cfg, classes=names or tuple(str(c) for c in range(k)), features=features)
+        indices = tuple(str(c) for c in range(k))
+        if test_path.suffix.lower() == ".npz" and names and names != indices:
+            # an .npz's y holds indices; which name each stands for would be a guess (sorted? as first seen?)
+            shown = ", ".join(repr(n) for n in names[:4]) + (", ..." if len(names) > 4 else "")
+            raise _fail(test_path, f"an .npz's y holds class indices, and the classes of the training file {where} "
+                        f"are names ({shown}): write the test file as a {where.suffix or 'text'} file with the "
+                        "labels as they are written there")
+        x_test, y_test, _ = read_file(test_path, cfg, classes=names or indices, features=features)
         if x_test.shape[2] != x.shape[2]:
             raise _fail(test_path, f"{x_test.shape[2]} feature(s) per step, but the training file {where} has "
                         f"{x.shape[2]}")
@@ -1071,10 +1103,18 @@ def load_task(cfg: DataConfig, seed: int, *, data_path: Path | None = None, test
     # with cross-validation every training series is also validated on: statistics of both splits
     mean, std = train_stats(x[tr] if folds == 1 else x[np.concatenate([tr, va])], where=where)
 
-    def split(xs: np.ndarray, ys: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(fill_partial(normalise(xs, mean, std))), torch.from_numpy(ys)
+    def split(xs: np.ndarray, ys: np.ndarray, rows: np.ndarray | None, source: Path | str) -> tuple[torch.Tensor, torch.Tensor]:
+        xn = normalise(xs, mean, std)
+        if np.isinf(xn).any():  # finite as read, beyond float32 once scaled: the loss would be NaN, unexplained
+            i, step, f = (int(v) for v in np.argwhere(np.isinf(xn))[0])
+            sample = int(rows[i]) if rows is not None else i
+            raise _fail(Path(source), f"series {sample + 1} (in file order), step {step + 1}, feature {f + 1}: value "
+                        f"{float(xs[i, step, f]):.4g} is {abs(float(xs[i, step, f]) - mean[f]) / std[f]:.3g} training "
+                        "standard deviations from the mean, too far for 32-bit floats; fix or drop that value")
+        return torch.from_numpy(fill_partial(xn)), torch.from_numpy(ys)
 
-    (xtr, ytr), (xva, yva), (xte, yte) = split(x[tr], y[tr]), split(x[va], y[va]), split(x_test, y_test)
+    (xtr, ytr), (xva, yva) = split(x[tr], y[tr], tr, where), split(x[va], y[va], va, where)
+    xte, yte = split(x_test, y_test, None if test_path is not None else te, test_path or where)
     fold_ids = None if folds == 1 else torch.from_numpy(cv_folds(np.concatenate([y[tr], y[va]]), k, folds, seed))
     return TaskData(xtr, ytr, xva, yva, xte, yte, mean=mean, std=std, n_classes=k, class_names=names,
                     fold_ids=fold_ids, feature_names=features or ())

@@ -303,6 +303,12 @@ def _npy_bytes(a: np.ndarray) -> bytes:
         ("sample,label,f0\ns0,0,1\ns0,x,2\n", "line 3: sample 's0' changes label from 0 to x"),
         ("sample,label,f0\ns0,0.5,1\ns1,1,2\n", "line 2: label '0.5' is not a class: labels are integers or names"),
         ("sample,label,f0\ns0,,1\ns1,1,2\n", "line 2: empty label"),
+        # R's NA and the like: a missing label, not a number and not a class name
+        ("sample,label,f0\ns0,x,1\ns1,NA,2\n", "line 3: missing label ('NA')"),
+        ("sample,label,f0\ns0,x,1\ns1,null,2\n", "line 3: missing label ('null')"),
+        # two spellings of one integer would be merged into one class unseen
+        ("sample,label,f0\ns0,7,1\ns1,x,2\ns2,007,3\n", "line 4: label '007' and label '7' (line 2) are the same integer, 7"),
+        ("sample,label,f0\ns0,+1,1\ns1,1,2\n", "line 3: label '1' and label '+1' (line 2)"),
         ("sample,label,f0\ns0,0,1\ns0,1,2\n", "changes label from 0 to 1"),
         ("sample,label,f0\ns0,0,1\ns1,1\n", "line 3: 2 fields"),
         ("sample,label,f0\n", "no data rows"),
@@ -530,6 +536,7 @@ def test_labels_that_differ_only_in_unicode_composition_are_one_class(tmp_path):
     ("1\t0.5\t1.5\n2\n", "line 2: a label and no values"),
     ("1,0.5,1.5\n2,0.5,1\n", "line 1: a label and no values (expected tab-separated"),
     ("0.5\t1\t2\n1\t2\t3\n", "line 1: label '0.5' is not a class"),
+    ("1\t0.5\t1.5\nN/A\t0.5\t1\n", "line 2: missing label ('N/A')"),
     ("", "no data rows"),
 ])
 def test_ucr_tsv_errors(tmp_path, text, needle):
@@ -787,6 +794,45 @@ def test_test_source_is_the_test_split_and_val_comes_from_train_only(tmp_path):
     d2 = load_task(DataConfig(val_fraction=0.2), 0, data_path=train, test_path=test2)
     np.testing.assert_array_equal(d.mean, d2.mean)
     assert torch.equal(d.x_train, d2.x_train) and torch.equal(d.x_val, d2.x_val)
+
+
+def test_integral_float_spellings_of_a_label_stay_one_class(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("sample,label,f0\n" + "".join(f"s{i},{lab},{i}\n" for i, lab in enumerate(["1", "1.0", "2", "2.00"] * 5)))
+    d = load_task(DataConfig(folds=1, val_fraction=0.2, test_fraction=0.2), 0, data_path=path)
+    assert d.class_names == ("1", "2")
+
+
+@pytest.mark.parametrize("labels", [["run", "walk"], ["1", "2"]])
+def test_an_npz_test_file_beside_named_classes_is_refused(tmp_path, labels):
+    """An .npz's y holds indices: which training class each stands for would be a guess."""
+    x, y = _toy(k=2)
+    train = _write_csv(tmp_path / "train.csv", x[:, :, :2], np.array(labels)[y])
+    test = _write_npz(tmp_path / "test.npz", x[:10, :, :2], y[:10])
+    with pytest.raises(DataError, match=r"test\.npz: an \.npz's y holds class indices, and the classes of the training "
+                       r"file .*train\.csv are names \('(run|1)', '(walk|2)'\)"):
+        load_task(DataConfig(), 0, data_path=train, test_path=test)
+    indices = _write_csv(tmp_path / "indices.csv", x[:, :, :2], y)  # classes 0..K-1: the indices are the names
+    assert load_task(DataConfig(), 0, data_path=indices, test_path=test).y_test.tolist() == y[:10].tolist()
+
+
+@pytest.mark.parametrize("where", ["test", "val"])
+def test_a_value_beyond_32_bit_floats_once_normalised_is_named(tmp_path, where):
+    """Finite as read, inf once scaled by the training spread: every loss would be NaN, unexplained."""
+    x, y = _toy(n=60)
+    x = x * 0.01
+    if where == "test":
+        big = x[:10].copy()
+        big[2, 3, 0] = 1e37
+        test = _write_npz(tmp_path / "test.npz", big, y[:10])
+        with pytest.raises(DataError, match=r"test\.npz: series 3 \(in file order\), step 4, feature 1: value 1e\+37 "):
+            load_task(DataConfig(), 0, data_path=_write_npz(tmp_path / "a.npz", x, y), test_path=test)
+    else:
+        cfg = DataConfig(folds=1)
+        _, rows_va, _ = stratified_split("a", y, 3, cfg.val_fraction, cfg.test_fraction, 0)  # load_task's split
+        x[rows_va[0], 3, 0] = 3e38
+        with pytest.raises(DataError, match=rf"a\.npz: series {rows_va[0] + 1} \(in file order\), step 4, feature 1"):
+            load_task(cfg, 0, data_path=_write_npz(tmp_path / "a.npz", x, y))
 
 
 def test_test_source_ts_maps_labels_like_the_training_file(tmp_path):

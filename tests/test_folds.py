@@ -71,6 +71,41 @@ def test_auto_cross_validates_a_split_of_few_series_per_class(tmp_path):
     assert len(enough.y_val) == 24 and load_task(DataConfig(), 0, data_path=classes(12, 14)).n_folds == 1
 
 
+def test_the_unscored_class_note_offers_folds_only_where_they_can_run(tmp_path):
+    from types import SimpleNamespace
+
+    from cycle_optuna.cli import small_validation_note
+
+    rng = np.random.default_rng(0)
+    train, test = tmp_path / "train.npz", tmp_path / "test.npz"
+    np.savez(train, X=rng.normal(size=(3, 8, 1)), y=np.array([0, 1, 1]))  # class 0: one series, it trains
+    np.savez(test, X=rng.normal(size=(4, 8, 1)), y=np.array([0, 1, 0, 1]))
+    cfg = DataConfig(folds=1, val_fraction=0.4)
+    note = small_validation_note(SimpleNamespace(data=cfg), load_task(cfg, 0, data_path=train, test_path=test))
+    assert "never scored on them" in note and "folds = 5" not in note and "too few to cross-validate" in note
+
+
+def test_a_length_note_when_the_longest_series_sets_the_automatic_patch(tmp_path):
+    from types import SimpleNamespace
+
+    from cycle_optuna.cli import length_note
+
+    rng = np.random.default_rng(0)
+    x = np.full((40, 2000, 1), np.nan)
+    x[:, :16] = rng.normal(size=(40, 16, 1))
+    x[0] = rng.normal(size=(2000, 1))  # one long series among 16-step ones
+    path = tmp_path / "a.npz"
+    np.savez(path, X=x, y=np.arange(40) % 2)
+    data = load_task(DataConfig(folds=1), 0, data_path=path)
+    note = length_note(SimpleNamespace(baseline=Hyperparams()), data)
+    assert note.startswith("note: series lengths run up to 2000 steps, the median is 16: the automatic patch_len (128)")
+    assert "set [baseline] patch_len = 1" in note
+    assert length_note(SimpleNamespace(baseline=Hyperparams(patch_len=4)), data) is None  # chosen: not auto
+    x[0, 16:] = np.nan  # every series 16 steps: nothing to say
+    np.savez(path, X=x, y=np.arange(40) % 2)
+    assert length_note(SimpleNamespace(baseline=Hyperparams()), load_task(DataConfig(folds=1), 0, data_path=path)) is None
+
+
 def test_folds_partition_train_and_val_stratified_and_never_touch_test(tmp_path):
     path, x, y = _npz(tmp_path / "a.npz", n=60)
     d = load_task(DataConfig(), 0, data_path=path)
