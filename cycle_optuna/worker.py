@@ -116,7 +116,15 @@ def _open_study(cfg: StudyConfig, url: str, *, data: TaskData | None, create: bo
         # baselines existed); under the cap lock, so workers starting together compute them once
         with storage_mod.cap_lock(storage, url, name):
             if baselines.BASELINES_ATTR not in study.user_attrs:
+                queries, refs, values = baselines.nn_work(data)
+                slow = 2 * queries * refs * values > SLOW_BASELINES  # multiply-adds of both 1-NNs
+                if slow:  # minutes of silence after the banner, on a large data set
+                    _log.warning(f"scoring the reference baselines once for the study: each 1-NN compares {queries} "
+                                 f"series with {refs} of {values} values; this can take minutes")
+                began = time.monotonic()
                 study.set_user_attr(baselines.BASELINES_ATTR, baselines.compute(data, seed=cfg.study.seed))
+                if slow:
+                    _log.warning(f"reference baselines scored in {time.monotonic() - began:.0f} s")
     if cfg.sampler.type not in ("cycle", "reference"):
         # cycle 1 is the baseline for every sampler; the cycle samplers propose it themselves.
         # Under the cap lock, so workers starting together enqueue it once.
@@ -124,6 +132,9 @@ def _open_study(cfg: StudyConfig, url: str, *, data: TaskData | None, create: bo
             if not study.get_trials(deepcopy=False):
                 study.enqueue_trial({p.name: getattr(cfg.baseline, p.name) for p in cfg.space})
     return study
+
+
+SLOW_BASELINES = 2e11  # multiply-adds: about 10 s of a core, a minute on a busy one
 
 
 def _record_search(study: optuna.Study, cfg: StudyConfig) -> str | None:

@@ -223,6 +223,26 @@ def test_baselines_are_computed_at_creation_before_any_trial_and_never_again(tmp
     assert len(again.trials) == 1
 
 
+def test_long_baselines_are_said_before_and_timed_after(tmp_path, caplog, monkeypatch):
+    """On a large data set the 1-NNs take minutes after the banner: the worker says what it is doing."""
+    path = _study_file(tmp_path)
+    cfg, url = load(path), f"sqlite:///{tmp_path / 'tiny.db'}"
+    data = load_study_data(cfg)
+    queries, refs, values = baselines.nn_work(data)
+    assert refs == len(data.y_train) + (len(data.y_val) if data.n_folds > 1 else 0) and values == data.x_train[0].numel()
+    monkeypatch.setattr(worker, "SLOW_BASELINES", 2 * queries * refs * values - 1)  # this data set counts as large
+    with caplog.at_level("WARNING", logger=worker.__name__):
+        worker.open_study(cfg, url, data=data)
+    said = [r.getMessage() for r in caplog.records if r.name == worker.__name__]
+    assert said[0] == (f"scoring the reference baselines once for the study: each 1-NN compares {queries} series "
+                       f"with {refs} of {values} values; this can take minutes")
+    assert said[1].startswith("reference baselines scored in ")
+    caplog.clear()
+    monkeypatch.setattr(worker, "SLOW_BASELINES", 2 * queries * refs * values)  # at the threshold: quiet
+    worker.open_study(cfg, f"sqlite:///{tmp_path / 'other.db'}", data=data)
+    assert not [r for r in caplog.records if r.name == worker.__name__]
+
+
 def test_a_study_below_its_reference_is_never_converged(tmp_path):
     path = _study_file(tmp_path)
     cfg, url = load(path), f"sqlite:///{tmp_path / 'tiny.db'}"
