@@ -599,7 +599,7 @@ def _test_pass(net: Any, data: Any, batch_size: int) -> tuple[float, float, dict
 def study_data(study: optuna.Study, cfg: StudyConfig, consequence: str) -> Any:
     """The study's splits (TaskData) rebuilt from its data, refused (StorageError ending with
     `consequence`) when the data changed since the study ran."""
-    from cycle_optuna.data import load_study_data
+    from cycle_optuna.data import as_it_ran, load_study_data
     from cycle_optuna.digests import DIGESTS_ATTR, changed
 
     # by content, since a changed test file changes no stored statistic
@@ -607,7 +607,8 @@ def study_data(study: optuna.Study, cfg: StudyConfig, consequence: str) -> Any:
         key, path = found
         raise StorageError(f"data of study {study.study_name!r} changed since it ran ({path}: other content "
                            f"than data.{key} had); {consequence}")
-    data = load_study_data(cfg)
+    with as_it_ran():  # a check added since the study ran refuses new cycles, not reading these
+        data = load_study_data(cfg)
     stats = study.user_attrs.get(STATS_ATTR)
     if stats and not np.allclose(stats["mean"], data.mean, rtol=1e-4, atol=1e-5):
         raise StorageError(f"data of study {study.study_name!r} changed since it ran; {consequence}")

@@ -188,30 +188,35 @@ def small_validation_note(cfg, data) -> str | None:
 
 
 def length_note(cfg, data) -> str | None:
-    """When series lengths differ widely and patch_len is automatic: the patch follows the longest
-    series, which leaves a typical one a token or two (a 16-step series in a set with one 20,000-step
-    series was one patch of 1024 steps, and the study stayed at chance)."""
+    """When series lengths differ widely and patch_len is automatic: the patch follows the padded
+    length (the longest series, a longer test file's included), which leaves a typical series a token
+    or two (a 16-step series in a set with one 20,000-step series was one patch of 1024 steps, and
+    the study stayed at chance)."""
     import math
 
     import torch
 
     from cycle_optuna.model import auto_patch_len
 
-    if cfg.baseline.patch_len != 0:
+    if cfg.baseline.patch_len != 0 or any(p.name == "patch_len" for p in getattr(cfg, "space", ())):
+        return None  # chosen, or searched
+    lengths = []
+    for x in (data.x_train, data.x_val):
+        t = x.shape[1]
+        steps = torch.arange(1, t + 1)
+        for i in range(0, x.shape[0], max(1, 2**22 // max(t, 1))):  # bounded memory on long series
+            observed = ~torch.isnan(x[i:i + max(1, 2**22 // max(t, 1))]).all(dim=-1)
+            lengths.append((observed * steps).amax(dim=1))  # last observed step + 1
+    if not lengths:
         return None
-    xs = [x for x in (data.x_train, data.x_val) if x.shape[0]]
-    if not xs:
+    typical, padded = int(torch.cat(lengths).median()), int(data.seq_len)
+    auto, fits = auto_patch_len(padded), auto_patch_len(typical)
+    if padded <= 8 * typical or auto <= fits:
         return None
-    steps = torch.cat([(~torch.isnan(x).all(dim=-1)) for x in xs])  # [N, T]: observed steps
-    t = steps.shape[1]
-    lengths = t - torch.argmax(steps.flip(1).int(), dim=1)  # last observed step + 1
-    typical, longest = int(lengths.median()), int(lengths.max())
-    auto, fits = auto_patch_len(longest), auto_patch_len(typical)
-    if longest <= 8 * typical or auto <= fits:
-        return None
-    return (f"note: series lengths run up to {longest} steps, the median is {typical}: the automatic patch_len "
-            f"({auto}) follows the longest, which makes a series of the median length {math.ceil(typical / auto)} "
-            f"token(s); for the typical series set [baseline] patch_len = {fits} (or search patch_len in [space])")
+    return (f"note: the series are padded to {padded} steps, the median training series has {typical}: the automatic "
+            f"patch_len ({auto}) follows the padded length, which makes a series of the median length "
+            f"{math.ceil(typical / auto)} token(s); set [baseline] patch_len (a patch of {fits} suits the median series "
+            f"and makes the padded length {math.ceil(padded / fits)} tokens), or trim or drop the longest series")
 
 
 def data_notes(cfg, data) -> list[str]:

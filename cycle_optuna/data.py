@@ -37,6 +37,8 @@ trained on by some fold, and the statistics come from both (never from test).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import dataclasses
 import io
@@ -624,6 +626,22 @@ def _arff_classes(path: Path, attrs: list[tuple[str, str]]) -> list[str]:
     return classes
 
 
+# Checks added after studies already ran on such files (two spellings of one integer label, an .npz
+# test file beside named classes) refuse new work only: reading an existing study's data, as
+# best/report/refit/predict do, keeps the mapping it ran with (see `as_it_ran`).
+_STRICT: contextvars.ContextVar[bool] = contextvars.ContextVar("cycle_optuna_data_strict", default=True)
+
+
+@contextlib.contextmanager
+def as_it_ran() -> Iterator[None]:
+    """Read an existing study's data as the study read it, without the checks added since."""
+    token = _STRICT.set(False)
+    try:
+        yield
+    finally:
+        _STRICT.reset(token)
+
+
 class _LabelNames:
     """A file's label cells as class names (:func:`_label_name`); two integer spellings of one class
     in one file (007 and 7, +7 and 7) are refused rather than merged into one class unseen."""
@@ -635,7 +653,7 @@ class _LabelNames:
     def __call__(self, line: int, cell: str) -> str:
         name = _label_name(self.path, line, cell)
         written = cell.strip()
-        if re.fullmatch(r"[+-]?\d+", written):  # 7.0 and 7 are one class, as documented; 007 and 7 would be a guess
+        if re.fullmatch(r"[+-]?\d+", written) and _STRICT.get():  # 7.0 and 7 are one class, as documented; 007 and 7 a guess
             first, at = self.spelled.setdefault(name, (written, line))
             if first != written:
                 raise _fail(self.path, f"line {line}: label {written!r} and label {first!r} (line {at}) are the "
@@ -1075,7 +1093,7 @@ def load_task(cfg: DataConfig, seed: int, *, data_path: Path | None = None, test
     else:
         test_path = Path(test_path)
         indices = tuple(str(c) for c in range(k))
-        if test_path.suffix.lower() == ".npz" and names and names != indices:
+        if test_path.suffix.lower() == ".npz" and names and names != indices and _STRICT.get():
             # an .npz's y holds indices; which name each stands for would be a guess (sorted? as first seen?)
             shown = ", ".join(repr(n) for n in names[:4]) + (", ..." if len(names) > 4 else "")
             raise _fail(test_path, f"an .npz's y holds class indices, and the classes of the training file {where} "

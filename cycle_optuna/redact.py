@@ -7,9 +7,9 @@ import re
 # a URL runs to the next blank or quote; its password may hold '@', ':' or '/'
 _URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>`]+", re.IGNORECASE)
 _SECRET_KEYS = r"password|passwd|pwd|sslpassword|secret|token|api_key"
-# a quoted value runs to its closing quote; an unquoted one to the next '&', blank or quote (a ':'
-# before a blank is the message's, as in "URL: reason")
-_SECRET_SETTING = re.compile(rf"\b({_SECRET_KEYS})=('[^']*'?|\"[^\"]*\"?|[^&\s'\"]*?(?=:?(?:[&\s'\"]|$)))", re.IGNORECASE)
+# a quoted value runs to its closing quote (one that ends the value: followed by a delimiter); an
+# unquoted one to the next '&', blank or quote (a ':' before a blank is the message's, "URL: reason")
+_SECRET_SETTING = re.compile(rf"\b({_SECRET_KEYS})=((?:'[^'\n]+'|\"[^\"\n]+\")(?=[&\s:;,)\]}}]|$)|[^&\s'\"]*?(?=:?(?:[&\s'\"]|$)))", re.IGNORECASE)
 _SECRET_KEY = re.compile(rf"(?:{_SECRET_KEYS})", re.IGNORECASE)
 
 
@@ -52,10 +52,23 @@ def mask_userinfo(authority: str) -> str:
     return f"{user}:***{authority[at:]}" if colon else authority
 
 
+_PATTERNS: dict[str, re.Pattern[str]] = {}
+
+
+def _known(secret: str) -> re.Pattern[str]:
+    """A remembered password as it turns up: not inside a longer word (a password "test" is not the
+    start of "test_source"), where its own first or last character is a word character."""
+    if secret not in _PATTERNS:
+        before = r"(?<!\w)" if re.match(r"\w", secret[0]) else ""
+        after = r"(?!\w)" if re.match(r"\w", secret[-1]) else ""
+        _PATTERNS[secret] = re.compile(before + re.escape(secret) + after)
+    return _PATTERNS[secret]
+
+
 def mask(text: str) -> str:
     """`text` with every password in a URL, and every `password=...` setting, replaced by ***."""
     for secret in sorted(_KNOWN, key=len, reverse=True):
-        text = text.replace(secret, "***")
+        text = _known(secret).sub("***", text)
     return _SECRET_SETTING.sub(lambda m: f"{m[1]}=***", _URL.sub(lambda m: _mask_url(m[0]), text))
 
 

@@ -421,7 +421,7 @@ def _open_rdb(url: str, parsed, backend: str, engine_kwargs: dict, *, heartbeat:
         hint = _DRIVER_HINTS.get(driver, f"pip install {driver}")
         raise StorageError(f"storage {mask(url)}: database driver {driver!r} is not installed ({hint})") from None
     except TypeError as e:
-        if (option := _unknown_option(e)) is None:
+        if (option := _unknown_option(e)) is None or option not in parsed.query:
             raise
         raise StorageError(f"cannot open storage {mask(url)}: the driver has no connection option {option!r} "
                            "(from the URL's query string)") from None
@@ -706,7 +706,7 @@ def wait_until_answers(url: str, seconds: float, say: Callable[[str], None]) -> 
                 with engine.connect():
                     pass
             except TypeError as e:  # an option the driver does not know: opening the storage says which
-                if _unknown_option(e) is None:
+                if (option := _unknown_option(e)) is None or option not in parsed.query:
                     raise
                 return False
             except sqlalchemy.exc.SQLAlchemyError as e:

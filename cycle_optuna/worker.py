@@ -103,8 +103,8 @@ def _open_study(cfg: StudyConfig, url: str, *, data: TaskData | None, create: bo
     stored = study.user_attrs.get(CONFIG_ATTR)
     if stored is None:
         study.set_user_attr(CONFIG_ATTR, cfg.to_dict())  # its storage URL without the password
-    elif _holds_secret(stored):  # written by an older release: the dashboard serves it
-        study.set_user_attr(CONFIG_ATTR, json.loads(storage_mod.mask(json.dumps(stored))))
+    elif (scrubbed := _without_secret(stored)) is not None:  # written by an older release: the dashboard serves it
+        study.set_user_attr(CONFIG_ATTR, scrubbed)
     if stored is not None and (note := _record_search(study, cfg)) is not None:
         _log.warning(note)
     if DIGESTS_ATTR not in study.user_attrs and (digests := data_digests(cfg)):
@@ -183,9 +183,14 @@ def _check_same_artifact_dir(cfg: StudyConfig, stored: dict) -> None:
                           "under another [study] name)")
 
 
-def _holds_secret(stored: dict) -> bool:
-    text = json.dumps(stored)
-    return storage_mod.mask(text) != text
+def _without_secret(stored: dict) -> dict | None:
+    """The stored config with its storage URL's password masked, or None when it holds none. Only
+    that value: masking the whole text would also hit a remembered password that is a word of a key
+    (a password "test" made data.test_source "data.***_source", and the study unreadable)."""
+    url = (stored.get("study") or {}).get("storage") if isinstance(stored.get("study"), dict) else None
+    if not isinstance(url, str) or storage_mod.mask(url) == url:
+        return None
+    return {**stored, "study": {**stored["study"], "storage": storage_mod.mask(url)}}
 
 
 def _check_same_definition(cfg: StudyConfig, stored: dict, digests: dict[str, str]) -> None:

@@ -796,6 +796,17 @@ def test_test_source_is_the_test_split_and_val_comes_from_train_only(tmp_path):
     assert torch.equal(d.x_train, d2.x_train) and torch.equal(d.x_val, d2.x_val)
 
 
+def test_a_study_that_ran_on_two_spellings_of_a_label_is_read_as_it_ran(tmp_path):
+    from cycle_optuna.data import as_it_ran
+
+    path = tmp_path / "a.csv"
+    path.write_text("sample,label,f0\n" + "".join(f"s{i},{lab},{i}\n" for i, lab in enumerate(["7", "007", "x"] * 6)))
+    with pytest.raises(DataError, match="are the same integer"):
+        load_task(DataConfig(folds=1), 0, data_path=path)
+    with as_it_ran():
+        assert load_task(DataConfig(folds=1), 0, data_path=path).class_names == ("7", "x")
+
+
 def test_integral_float_spellings_of_a_label_stay_one_class(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text("sample,label,f0\n" + "".join(f"s{i},{lab},{i}\n" for i, lab in enumerate(["1", "1.0", "2", "2.00"] * 5)))
@@ -812,6 +823,10 @@ def test_an_npz_test_file_beside_named_classes_is_refused(tmp_path, labels):
     with pytest.raises(DataError, match=r"test\.npz: an \.npz's y holds class indices, and the classes of the training "
                        r"file .*train\.csv are names \('(run|1)', '(walk|2)'\)"):
         load_task(DataConfig(), 0, data_path=train, test_path=test)
+    from cycle_optuna.data import as_it_ran
+
+    with as_it_ran():  # a study that ran on these files is read as it ran: y indexes the training classes
+        assert load_task(DataConfig(), 0, data_path=train, test_path=test).y_test.tolist() == y[:10].tolist()
     indices = _write_csv(tmp_path / "indices.csv", x[:, :, :2], y)  # classes 0..K-1: the indices are the names
     assert load_task(DataConfig(), 0, data_path=indices, test_path=test).y_test.tolist() == y[:10].tolist()
 

@@ -85,7 +85,8 @@ def test_the_unscored_class_note_offers_folds_only_where_they_can_run(tmp_path):
     assert "never scored on them" in note and "folds = 5" not in note and "too few to cross-validate" in note
 
 
-def test_a_length_note_when_the_longest_series_sets_the_automatic_patch(tmp_path):
+@pytest.mark.parametrize("where", ["train", "test file"])
+def test_a_length_note_when_the_longest_series_sets_the_automatic_patch(tmp_path, where):
     from types import SimpleNamespace
 
     from cycle_optuna.cli import length_note
@@ -93,17 +94,25 @@ def test_a_length_note_when_the_longest_series_sets_the_automatic_patch(tmp_path
     rng = np.random.default_rng(0)
     x = np.full((40, 2000, 1), np.nan)
     x[:, :16] = rng.normal(size=(40, 16, 1))
-    x[0] = rng.normal(size=(2000, 1))  # one long series among 16-step ones
+    test = None
+    if where == "train":
+        x[0] = rng.normal(size=(2000, 1))  # one long series among 16-step ones
+    else:  # the training series are short, a test series is long: the padding is the test file's
+        test = tmp_path / "test.npz"
+        np.savez(test, X=rng.normal(size=(4, 2000, 1)), y=np.arange(4) % 2)
     path = tmp_path / "a.npz"
-    np.savez(path, X=x, y=np.arange(40) % 2)
-    data = load_task(DataConfig(folds=1), 0, data_path=path)
-    note = length_note(SimpleNamespace(baseline=Hyperparams()), data)
-    assert note.startswith("note: series lengths run up to 2000 steps, the median is 16: the automatic patch_len (128)")
-    assert "set [baseline] patch_len = 1" in note
-    assert length_note(SimpleNamespace(baseline=Hyperparams(patch_len=4)), data) is None  # chosen: not auto
-    x[0, 16:] = np.nan  # every series 16 steps: nothing to say
-    np.savez(path, X=x, y=np.arange(40) % 2)
-    assert length_note(SimpleNamespace(baseline=Hyperparams()), load_task(DataConfig(folds=1), 0, data_path=path)) is None
+    np.savez(path, X=x if where == "train" else x[:, :16], y=np.arange(40) % 2)
+    data = load_task(DataConfig(folds=1), 0, data_path=path, test_path=test)
+    note = length_note(SimpleNamespace(baseline=Hyperparams(), space=()), data)
+    assert note.startswith("note: the series are padded to 2000 steps, the median training series has 16: the "
+                           "automatic patch_len (128) follows the padded length, which makes a series of the median "
+                           "length 1 token(s); set [baseline] patch_len (a patch of 1 suits the median series and "
+                           "makes the padded length 2000 tokens)"), note
+    assert length_note(SimpleNamespace(baseline=Hyperparams(patch_len=4), space=()), data) is None  # chosen: not auto
+    searched = SimpleNamespace(baseline=Hyperparams(), space=(SimpleNamespace(name="patch_len"),))
+    assert length_note(searched, data) is None
+    np.savez(path, X=x[:, :16], y=np.arange(40) % 2)  # every series 16 steps, no padding: nothing to say
+    assert length_note(SimpleNamespace(baseline=Hyperparams(), space=()), load_task(DataConfig(folds=1), 0, data_path=path)) is None
 
 
 def test_folds_partition_train_and_val_stratified_and_never_touch_test(tmp_path):

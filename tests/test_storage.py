@@ -410,6 +410,22 @@ def test_mask_hides_passwords_in_every_form(text: str, secret: str):
     assert "alice" in masked or "bob" in masked or "://:" in masked  # the user stays, to tell URLs apart
 
 
+def test_a_remembered_password_is_masked_as_a_word_not_inside_other_words(monkeypatch):
+    from cycle_optuna import redact
+    from cycle_optuna.redact import remember
+
+    monkeypatch.setattr(redact, "_KNOWN", set())
+
+    remember("postgresql+psycopg://alice@db/optuna?password=w0rd")
+    assert storage.mask("data.w0rd_source: the w0rd file; x://alice:w0rd@db; 'w0rd'") == (
+        "data.w0rd_source: the *** file; x://alice:***@db; '***'")
+
+
+def test_an_empty_setting_does_not_swallow_the_text_after_it():
+    assert storage.mask("cannot open 'x://u@h/x?password=': refused") == "cannot open 'x://u@h/x?password=***': refused"
+    assert storage.mask('{"note": "set token=", "seed": 1}') == '{"note": "set token=***", "seed": 1}'
+
+
 def test_mask_keeps_urls_without_a_password():
     for text in ("sqlite:///studies/a@b.db", "postgresql+psycopg://alice@db/x", "journal:///x.log",
                  "postgresql://db:5432/x", "postgresql://[::1]:5432/x", "http://127.0.0.1:8080/",
@@ -439,6 +455,28 @@ def test_a_password_in_the_study_file_is_never_stored_on_the_study(tmp_path: Pat
     finally:
         dash.close()
     assert "cycle_optuna_config" in served and "s3cret" not in served
+
+
+def test_scrubbing_a_stored_config_touches_its_storage_url_only(tmp_path: Path, monkeypatch):
+    """A remembered password that is a word of a key ("test") must not rename data.test_source."""
+    from cycle_optuna import config, redact, worker
+    from cycle_optuna.redact import remember
+
+    monkeypatch.setattr(redact, "_KNOWN", set())  # "test" is forgotten after this test
+
+    remember("postgresql+psycopg://alice@db/optuna?password=test")
+    cfg = config.load(write_study(tmp_path, n_trials=1))
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    worker.open_study(cfg, url, data=None)
+    stored = optuna.load_study(study_name="tiny", storage=url).user_attrs["cycle_optuna_config"]
+    old = {**stored, "study": {**stored["study"], "storage": "postgresql+psycopg://alice:test@db/optuna"}}
+    study = optuna.load_study(study_name="tiny", storage=url)
+    study.set_user_attr("cycle_optuna_config", old)  # as an older release stored it
+    worker.open_study(cfg, url, data=None)
+    again = optuna.load_study(study_name="tiny", storage=url).user_attrs["cycle_optuna_config"]
+    assert again["study"]["storage"] == "postgresql+psycopg://alice:***@db/optuna"
+    assert {k: v for k, v in again.items() if k != "study"} == {k: v for k, v in old.items() if k != "study"}
+    assert "test_source" in again["data"]
 
 
 def test_a_study_stored_with_a_password_by_an_older_release_is_scrubbed(tmp_path: Path):
