@@ -59,8 +59,8 @@ class TrialLog:
             text += f" (retry of cycle {retry + 1})"
         if move:
             text += f": {move}"
-        if reason:
-            text += f" ({reason})"
+        if reason:  # said once: the reason of a retry begins with the same words
+            text += f" ({reason.replace(f': retry of cycle {retry + 1}; ', ': ', 1) if retry is not None else reason})"
         self._emit(record, text)
 
     def epoch(self, trial: optuna.Trial, m: Any) -> None:

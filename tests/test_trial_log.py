@@ -137,3 +137,26 @@ def test_a_packing_worker_logs_each_trial_start_before_the_pack_trains(tmp_path)
     trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}").trials
     for r in (r for r in records if r["event"] == "trial_end"):
         assert r["duration_s"] >= trials[r["trial"]].user_attrs["train_seconds"]  # it covers the training
+
+
+def test_a_retrys_start_line_says_retry_once():
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState
+
+    from cycle_optuna.sampler import CycleSampler
+    from cycle_optuna.storage import retry_callback
+    from cycle_optuna.trial_log import TrialLog
+
+    space = {"lr": FloatDistribution(1e-4, 1e-2, log=True)}
+    study = optuna.create_study(sampler=CycleSampler(baseline={"lr": 1e-3}, seed=0))
+    study.tell(study.ask(space), 1.0)
+    lost = study.ask(space)
+    study.tell(lost, state=TrialState.FAIL)
+    retry_callback()(study, study.trials[lost.number])
+    lines: list[str] = []
+    log = TrialLog(echo=lines.append, worker="w:1")
+    log.begin(study.ask(space))
+    assert lines[0].endswith(f"cycle 3 started on w:1 (retry of cycle 2): lr x2 (cycle 3: "
+                             f"{lost.user_attrs['cycle_reason'].split(': ', 1)[1]})"), lines
+    assert lines[0].count("retry of cycle 2") == 1
