@@ -597,7 +597,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     target = Path(args.output) if args.output not in (None, "-") else None  # '-': stdout, as export's --csv -
     if target is not None:  # before the model is loaded: a path it cannot write is one line, nothing written
         preflight.check_output_file(target, what="predict output directory", example="predictions.csv")
-        _not_an_input(target, cfg, url, args.file, flag="-o")
+        preflight.not_an_input(target, cfg, url, args.file, flag="-o")
         if target.suffix.lower() in NOT_CSV:  # CSV text under another format's name (`preds.v2` is a name, not a format)
             raise ConfigError(f"-o {target}: predictions are written as CSV; name a .csv file (or - for stdout)")
     pred = predict_file(args.study, args.file, storage=url)
@@ -634,40 +634,8 @@ def _beside(target: Path) -> Console:
     return err if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) else out
 
 
-def _not_an_input(target: Path, cfg, url: str, data_file: str | None, *, flag: str) -> None:
-    """`predict -o`, `export --csv/--parquet`: the output is none of the files the command or the
-    study reads (it would be replaced: a study database overwritten by a table is lost)."""
-    from cycle_optuna import config, storage
-    from cycle_optuna.errors import ConfigError
-
-    db = storage.file_path(url)
-    # SQLite's companions, whether there now or not: replacing one under a running worker loses its
-    # commits, and SQLite deletes one it finds when the database closes (the output with it)
-    if db is not None and target.resolve() in {Path(f"{db.resolve()}{end}") for end in ("-wal", "-shm", "-journal")}:
-        raise ConfigError(f"{flag} {target}: that is a file of the study's database; name another file to write")
-    if not target.is_file():
-        return
-    inputs = [(data_file, "the data file to predict on"), (cfg.path, "the study file"),
-              (db, "the study's database"),
-              (config.resolve_data_path(cfg), "the study's data.source"),
-              (config.resolve_test_path(cfg), "the study's data.test_source")]
-    for path, what in inputs:
-        try:
-            same = path is not None and os.path.samefile(target, path)
-        except OSError:  # it does not exist: nothing to overwrite
-            same = False
-        if same:
-            raise ConfigError(f"{flag} {target}: that is {what}; name another file to write")
-    from cycle_optuna.preflight import artifact_dir
-
-    artifacts = artifact_dir(cfg).resolve()  # $CYCLE_OPTUNA_ARTIFACT_DIR over the study file's, as workers use
-    if artifacts in target.resolve().parents:  # the study's saved models and checkpoints
-        raise ConfigError(f"{flag} {target}: that is in the study's artifact folder {artifacts} (its models and "
-                          "checkpoints); name a file elsewhere")
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    from cycle_optuna import export
+    from cycle_optuna import export, preflight
 
     cfg, url = _load(args)
     target = args.csv if args.csv is not None else args.parquet
@@ -680,7 +648,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CycleOptunaError(f"{flag} {target}: names a folder; give a file in it, e.g. {target}cycles"
                                f"{'.csv' if args.csv is not None else '.parquet'}")
     if target is not None:
-        _not_an_input(Path(target), cfg, url, None, flag=flag)
+        preflight.not_an_input(Path(target), cfg, url, None, flag=flag)
     if target is None:
         export.frame(args.study, url).to_csv(sys.stdout, index=False)
         return 0

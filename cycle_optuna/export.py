@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import optuna
+
 from cycle_optuna import api, files
 from cycle_optuna.errors import ConfigError, StorageError
 from cycle_optuna.preflight import check_output_file
@@ -47,6 +49,23 @@ def frame(study: api.StudyLike, storage: str | None = None):
     return df[FIRST + [c for c in rest if c.startswith("params_")] + [c for c in rest if not c.startswith("params_")]]
 
 
+def _not_the_studys_own(path: Path, given: api.StudyLike, storage: str | None, study: optuna.Study) -> None:
+    """The output is no file the study reads (its database, study file, data, models): it would be
+    replaced by the table, as `cycle-optuna export` refuses."""
+    from cycle_optuna import config as config_mod
+    from cycle_optuna import optuna_internals as internals
+    from cycle_optuna import storage as storage_mod
+    from cycle_optuna.preflight import not_an_input
+
+    if isinstance(given, (str, os.PathLike)) and Path(given).is_file():  # a study file: it is one of them
+        cfg = config_mod.load(Path(given), check_files=False)
+        url = storage_mod.resolve_url(cfg, storage if isinstance(storage, str) else None)
+    else:  # a study or a name: its stored config, and the database it was loaded from
+        cfg = api.study_config(study)
+        url = getattr(internals.backend_of(internals.storage_of(study)), "url", None)
+    not_an_input(path, cfg, url if isinstance(url, str) else None, None, flag="path")
+
+
 def write(study: api.StudyLike, path: str | os.PathLike, *, storage: str | None = None, fmt: str | None = None) -> Path:
     """Write the cycle table to `path` as CSV or Parquet (by `fmt`, else the file's suffix); returns the path."""
     path = Path(path)
@@ -65,7 +84,9 @@ def write(study: api.StudyLike, path: str | os.PathLike, *, storage: str | None 
                               "(or export --csv FILE)") from None
     # the output path before the study is read: a path it cannot write is one line, nothing written
     check_output_file(path, what="export output directory", example=f"cycles.{fmt}")
-    df = frame(study, storage)
+    loaded = api.load_study(study, storage)
+    _not_the_studys_own(path, study, storage, loaded)
+    df = frame(loaded)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with files.replacing(path) as tmp:  # a failed write leaves no truncated file

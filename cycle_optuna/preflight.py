@@ -197,3 +197,35 @@ def check_output_file(path: Path, *, what: str, example: str) -> None:
 def for_report(out_dir: Path) -> None:
     """`report`: its output directory can be written (or created)."""
     check_writable_dir(out_dir, what="report output directory")
+
+
+def not_an_input(target: Path, cfg: StudyConfig | None, url: str | None, data_file: str | None, *, flag: str) -> None:
+    """`predict -o`, `export --csv/--parquet`, `export.write`: the output is none of the files the
+    command or the study reads (it would be replaced: a study database overwritten by a table is
+    lost). `cfg` None: a study made elsewhere, of which only its database is known."""
+    from cycle_optuna import config, storage
+
+    db = storage.file_path(url) if url else None
+    # SQLite's companions, whether there now or not: replacing one under a running worker loses its
+    # commits, and SQLite deletes one it finds when the database closes (the output with it)
+    if db is not None and target.resolve() in {Path(f"{db.resolve()}{end}") for end in ("-wal", "-shm", "-journal")}:
+        raise ConfigError(f"{flag} {target}: that is a file of the study's database; name another file to write")
+    if not target.is_file():
+        return
+    inputs = [(data_file, "the data file to predict on"), (db, "the study's database")]
+    if cfg is not None:
+        inputs += [(cfg.path, "the study file"), (config.resolve_data_path(cfg), "the study's data.source"),
+                   (config.resolve_test_path(cfg), "the study's data.test_source")]
+    for path, what in inputs:
+        try:
+            same = path is not None and os.path.samefile(target, path)
+        except OSError:  # it does not exist: nothing to overwrite
+            same = False
+        if same:
+            raise ConfigError(f"{flag} {target}: that is {what}; name another file to write")
+    if cfg is None:
+        return
+    artifacts = artifact_dir(cfg).resolve()  # $CYCLE_OPTUNA_ARTIFACT_DIR over the study file's, as workers use
+    if artifacts in target.resolve().parents:  # the study's saved models and checkpoints
+        raise ConfigError(f"{flag} {target}: that is in the study's artifact folder {artifacts} (its models and "
+                          "checkpoints); name a file elsewhere")

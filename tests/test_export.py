@@ -117,6 +117,18 @@ def test_export_never_overwrites_the_study_file_or_its_database(study_file, caps
     assert {p: p.read_bytes() for p in before} == before
 
 
+@pytest.mark.parametrize("given", ["file", "study"])
+def test_write_from_python_never_overwrites_the_study_file_or_its_database(study_file, given):
+    db = next(study_file.parent.glob("*.db"))
+    before = {p: p.read_bytes() for p in (study_file, db)}
+    study = study_file if given == "file" else api.load_study(study_file)
+    targets = [db] if given == "study" else [study_file, db]  # a loaded study does not know its file
+    for target in targets:
+        with pytest.raises(ConfigError, match=rf"path {target}: that is the study"):
+            export.write(study, target, fmt="csv")
+    assert {p: p.read_bytes() for p in before} == before
+
+
 @pytest.mark.parametrize("argv", [["export", "{s}", "--csv", ""], ["export", "{s}", "--parquet", " "],
                                   ["report", "{s}", "-o", ""], ["predict", "{s}", ""]])
 def test_an_empty_path_is_refused_not_read_as_no_flag(study_file, tmp_path, capsys, monkeypatch, argv):
