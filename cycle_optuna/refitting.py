@@ -21,6 +21,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -48,6 +49,9 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
     ``say`` receives a line per model; ``on_epoch(k, metrics)`` each epoch of the k-th (from 0).
     Nothing is recorded until every model is stored: an interrupted refit leaves the study as it was.
     """
+    for name, fn in (("say", say), ("on_epoch", on_epoch)):
+        if fn is not None and not callable(fn):  # found out after the study is marked as being refit, it locked others out
+            raise TypeError(f"{name}: expected a function, got {type(fn).__name__}")
     load = CoreLoad()  # other processes' use of the cores, measured over the start-up
     study = api.load_study(study, storage)
     cfg = api.study_config(study)
@@ -71,60 +75,11 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:  # before any training
         raise StorageError(f"cannot write study {study.study_name!r} (a refit records its models on the study): "
                            f"{storage_mod.describe(e)}") from None
-    _remove_left(store, left, say)
-    if not where.is_dir():  # lost with the cycles' models: the refit ones make the study's best model again
-        say(f"the artifact directory {where} is missing (the cycles' models with it): the refit models go to a new one")
-    x, y = data.pooled()
-    scored = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.study.seed))[:EVAL_SERIES]
-    full = dataclasses.replace(data, x_train=x, y_train=y, x_val=x[scored], y_val=y[scored], fold_ids=None)
-    train_cfg = dataclasses.replace(cfg.train, early_stopping_patience=0)
-    cycles = ", ".join(str(t.number + 1) for t in members)
-    fewer = (f" (of the {asked} asked for, the study has {len(members)} completed cycle{'s' if len(members) > 1 else ''} "
-             "that saved a model)") if len(members) < asked else ""
-    say(f"refit of study {study.study_name}: cycle{'s' if len(members) > 1 else ''} {cycles}{fewer} trained on all "
-        f"{len(y)} training series ({len(data.y_train)} training + {len(data.y_val)} validation), "
-        f"{train_cfg.epochs} epochs each")
-    nets = data.n_folds  # as many networks as each cycle's own model averages, each on every series
-    if nets > 1:
-        say(f"the cycles were cross-validated: each refit model averages {nets} networks, as each cycle's own "
-            f"averaged its {nets} folds' (seeds {cfg.study.seed}..{cfg.study.seed + nets - 1})")
     written: list[str] = []
     threads = torch.get_num_threads()
-    chosen = given_threads(cfg)
-    if chosen:
-        torch.set_num_threads(chosen)
-    else:  # as a worker on its own: the cores other jobs leave free (a spinning thread kept off its core stalls every step)
-        cores = available_cores()
-        torch.set_num_threads(threads_beside(cores, cores, load.others(wait=True)))
-    try:
-        for k, t in enumerate(members):
-            hp = space.to_hyperparams(cfg, t.params)
-            t0 = time.perf_counter()
-            results = []
-            for j in range(nets):
-                result = train_and_evaluate(full, hp, train_cfg, seed=cfg.study.seed + j, last_weights=True,
-                                            report=(lambda m, k=k: on_epoch(k, m)) if on_epoch else None)
-                if result.diverged:
-                    raise TrainingError(f"cycle {t.number + 1} diverged when trained on all training series (epoch "
-                                        f"{result.epochs_run}); nothing was stored: the best model stays the cycles' own")
-                results.append(result)
-            model = results[0].model if nets == 1 else Ensemble([r.model for r in results])
-            buf = io.BytesIO()
-            torch.save(model_payload(model, model_kwargs(full, hp, cfg.train.init_gain), data, t.params), buf)
-            buf.seek(0)
-            artifact_id = ids[k]
-            where.mkdir(parents=True, exist_ok=True)
-            written.append(artifact_id)
-            store.write(artifact_id, buf)
-            storage_mod.pause_for_tests("refit model written")
-            last = [r.history[-1] for r in results]
-            say(f"cycle {t.number + 1} refit ({k + 1} of {len(members)}): training loss "
-                f"{sum(m.val_loss for m in last) / nets:.4f}, accuracy {sum(m.val_accuracy for m in last) / nets:.2%} "
-                f"on {len(full.y_val)} of its series{' (mean of its networks)' if nets > 1 else ''}, "
-                f"{time.perf_counter() - t0:.0f} s")
-        old = study.user_attrs.get(api.REFIT_ATTR)
-        study.set_user_attr(api.REFIT_ATTR, {"trials": [t.number for t in members], "artifacts": written,
-                                             "series": int(len(y)), "epochs": train_cfg.epochs})
+    try:  # from here on, whatever fails (a `say` that raises included) ends the refit's claim on the study
+        _remove_left(store, left, say)
+        old = _refit_models(study, cfg, data, members, asked, where, store, ids, written, load, say, on_epoch)
     except BaseException:
         for artifact_id in written:  # not named anywhere yet: an interrupted refit leaves nothing behind
             with contextlib.suppress(OSError):
@@ -141,6 +96,64 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
                 with contextlib.suppress(OSError, optuna.artifacts.exceptions.ArtifactNotFound):
                     store.remove_all(artifact_id)
     return api.load_best_model(study, ensemble=len(members), refit=True)
+
+
+def _refit_models(study: optuna.Study, cfg: Any, data: Any, members: list, asked: int, where: Path, store: Any,
+                  ids: list[str], written: list[str], load: CoreLoad, say: Callable[[str], None],
+                  on_epoch: Callable[[int, EpochMetrics], None] | None) -> Any:
+    """Train and store the refit models (their ids appended to `written` as each is written) and
+    record them on the study; returns the refit record they replace."""
+    if not where.is_dir():  # lost with the cycles' models: the refit ones make the study's best model again
+        say(f"the artifact directory {where} is missing (the cycles' models with it): the refit models go to a new one")
+    x, y = data.pooled()
+    scored = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.study.seed))[:EVAL_SERIES]
+    full = dataclasses.replace(data, x_train=x, y_train=y, x_val=x[scored], y_val=y[scored], fold_ids=None)
+    train_cfg = dataclasses.replace(cfg.train, early_stopping_patience=0)
+    cycles = ", ".join(str(t.number + 1) for t in members)
+    fewer = (f" (of the {asked} asked for, the study has {len(members)} completed cycle{'s' if len(members) > 1 else ''} "
+             "that saved a model)") if len(members) < asked else ""
+    say(f"refit of study {study.study_name}: cycle{'s' if len(members) > 1 else ''} {cycles}{fewer} trained on all "
+        f"{len(y)} training series ({len(data.y_train)} training + {len(data.y_val)} validation), "
+        f"{train_cfg.epochs} epochs each")
+    nets = data.n_folds  # as many networks as each cycle's own model averages, each on every series
+    if nets > 1:
+        say(f"the cycles were cross-validated: each refit model averages {nets} networks, as each cycle's own "
+            f"averaged its {nets} folds' (seeds {cfg.study.seed}..{cfg.study.seed + nets - 1})")
+    chosen = given_threads(cfg)
+    if chosen:
+        torch.set_num_threads(chosen)
+    else:  # as a worker on its own: the cores other jobs leave free (a spinning thread kept off its core stalls every step)
+        cores = available_cores()
+        torch.set_num_threads(threads_beside(cores, cores, load.others(wait=True)))
+    for k, t in enumerate(members):
+        hp = space.to_hyperparams(cfg, t.params)
+        t0 = time.perf_counter()
+        results = []
+        for j in range(nets):
+            result = train_and_evaluate(full, hp, train_cfg, seed=cfg.study.seed + j, last_weights=True,
+                                        report=(lambda m, k=k: on_epoch(k, m)) if on_epoch else None)
+            if result.diverged:
+                raise TrainingError(f"cycle {t.number + 1} diverged when trained on all training series (epoch "
+                                    f"{result.epochs_run}); nothing was stored: the best model stays the cycles' own")
+            results.append(result)
+        model = results[0].model if nets == 1 else Ensemble([r.model for r in results])
+        buf = io.BytesIO()
+        torch.save(model_payload(model, model_kwargs(full, hp, cfg.train.init_gain), data, t.params), buf)
+        buf.seek(0)
+        artifact_id = ids[k]
+        where.mkdir(parents=True, exist_ok=True)
+        written.append(artifact_id)
+        store.write(artifact_id, buf)
+        storage_mod.pause_for_tests("refit model written")
+        last = [r.history[-1] for r in results]
+        say(f"cycle {t.number + 1} refit ({k + 1} of {len(members)}): training loss "
+            f"{sum(m.val_loss for m in last) / nets:.4f}, accuracy {sum(m.val_accuracy for m in last) / nets:.2%} "
+            f"on {len(full.y_val)} of its series{' (mean of its networks)' if nets > 1 else ''}, "
+            f"{time.perf_counter() - t0:.0f} s")
+    old = study.user_attrs.get(api.REFIT_ATTR)
+    study.set_user_attr(api.REFIT_ATTR, {"trials": [t.number for t in members], "artifacts": written,
+                                         "series": int(len(y)), "epochs": train_cfg.epochs})
+    return old
 
 
 def _left_behind(study: optuna.Study) -> dict[str, Any]:

@@ -153,6 +153,25 @@ def test_refit_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path: P
     assert e.value.code == 2 and "--ensemble: must be a positive integer, got 0" in capsys.readouterr().err
 
 
+def test_a_refit_from_python_whose_callback_fails_leaves_no_claim_on_the_study(tmp_path: Path, capsys, one_thread):
+    """A notebook's bad `say` must not leave the study marked as being refit: every other refit
+    was refused while that kernel lived."""
+    from cycle_optuna.refitting import refit
+
+    path = _study(tmp_path, capsys)
+    with pytest.raises(TypeError, match="say: expected a function, got str"):
+        refit(path, say="progress.txt")
+    assert api.REFIT_PENDING_ATTR not in api.load_study(path).user_attrs  # refused before the claim
+
+    def broken(line: str) -> None:
+        raise RuntimeError("the user's logger is down")
+
+    with pytest.raises(RuntimeError, match="logger is down"):
+        refit(path, say=broken)
+    assert api.load_study(path).user_attrs.get(api.REFIT_PENDING_ATTR) is None and _refit_files(path) == []
+    assert cli.main(["refit", str(path)]) == 0  # another refit is not refused
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_refit_stopped_after_writing_a_model_leaves_the_study_as_it_was(tmp_path: Path, capsys, sig, one_thread):
     path = _study(tmp_path, capsys)
