@@ -118,7 +118,16 @@ def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: 
     except StorageError:
         held = None  # not created yet
     total = totals.resolve(held, flag=n_trials, file=cfg.study.n_trials)
-    return run_worker(config_mod.override(cfg, n_trials=total), url, data=data)
+    import torch
+
+    # the caller's process, e.g. a notebook: its thread count and random stream are as it left them
+    # (training seeds torch's global generator and picks its own thread count)
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            return run_worker(config_mod.override(cfg, n_trials=total), url, data=data)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _open(url: str) -> BaseStorage:

@@ -57,6 +57,8 @@ class CycleModel(torch.nn.Module):
         shape, inf (or beyond 32-bit floats), a series with no observed value."""
         from cycle_optuna.errors import DataError
 
+        if x.dtype == torch.bool or x.is_complex():  # model(x) as predict: not numbers of a series
+            raise DataError(f"input must be real numbers [N, T, F] or [T, F], got dtype {x.dtype}")
         shape = list(x.shape)
         if x.dim() not in (2, 3) or 0 in shape[-2:] or shape[-1] != self.n_features:
             raise DataError(f"input of shape {shape}: expected [N, T, F] or [T, F] with F = {self.n_features} "
@@ -79,10 +81,7 @@ class CycleModel(torch.nn.Module):
     def _logits(self, x: Any) -> torch.Tensor:
         from cycle_optuna.errors import DataError
 
-        if isinstance(x, torch.Tensor):
-            if x.dtype == torch.bool or x.is_complex():
-                raise DataError(f"input must be real numbers [N, T, F] or [T, F], got dtype {x.dtype}")
-        else:
+        if not isinstance(x, torch.Tensor):
             try:
                 raw = np.asarray(x)
             except (TypeError, ValueError) as e:  # ragged nesting

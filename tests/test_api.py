@@ -378,6 +378,28 @@ def test_run_study_shows_the_caller_no_warning_about_optunas_experimental_heartb
     assert len(load_study(path).trials) == 2  # it ran
 
 
+def test_run_study_leaves_the_callers_threads_and_random_stream_as_they_were(tmp_path):
+    """A notebook's torch.manual_seed(1) and thread count survive a run_study (training seeds the
+    global generator with the study seed and sets its own threads)."""
+    import torch
+
+    from workers_helpers import write_study
+
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        torch.manual_seed(1)
+        expected = torch.rand(3)
+        torch.manual_seed(1)
+        api.run_study(path)
+        assert torch.get_num_threads() == 2
+        assert torch.equal(torch.rand(3), expected)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(load_study(path).trials) == 1  # it ran
+
+
 def test_run_study_refuses_an_in_memory_database(tmp_path):
     from workers_helpers import write_study
 

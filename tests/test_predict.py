@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from cycle_optuna import api
@@ -110,6 +111,13 @@ def test_the_model_refuses_what_a_data_file_is_refused_for(study, x):
     x = torch.ones(2, 6, 1, dtype=torch.bool) if isinstance(x, str) else x
     with pytest.raises(DataError, match=r"input must be real numbers \[N, T, F\] or \[T, F\], got dtype"):
         api.load_best_model(study).predict(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.complex64])
+def test_calling_the_model_refuses_what_predict_refuses(study, dtype):
+    """model(x) returned logits for booleans, and for complex numbers with their imaginary part dropped."""
+    with pytest.raises(DataError, match=rf"input must be real numbers \[N, T, F\] or \[T, F\], got dtype {dtype}"):
+        api.load_best_model(study)(torch.ones(2, 6, 1, dtype=dtype))
 
 
 def test_predict_file_names_an_argument_of_the_wrong_kind(study):
