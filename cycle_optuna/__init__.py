@@ -22,11 +22,15 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+# modules the docs name as cycle_optuna.<module>.<function>
+_SUBMODULES = {"api", "export", "predict", "report", "refitting", "dashboard", "config", "data", "storage", "sampler"}
 
 
 def __getattr__(name: str) -> Any:
     where = _EXPORTS.get(name)
     if where is None:
+        if name in _SUBMODULES:  # `import cycle_optuna` then cycle_optuna.export.frame(...), as the docs write it
+            return importlib.import_module(f"cycle_optuna.{name}")
         raise AttributeError(f"module 'cycle_optuna' has no attribute {name!r}")
     module, attr = where if isinstance(where, tuple) else (where, name)
     value = getattr(importlib.import_module(f"cycle_optuna.{module}"), attr)

@@ -454,3 +454,15 @@ def test_the_first_trial_of_another_programs_study_is_the_first_trial_not_a_chan
     rows = cycles("other", storage=url)
     assert rows[0].key_change == "first trial"  # it was "x None -> 0.7588, k None -> 2"
     assert "None" not in rows[1].key_change and rows[1].key_change.startswith("x ")
+
+
+def test_the_docs_qualified_names_work_after_import_cycle_optuna_alone():
+    """docs/python-api.md writes cycle_optuna.export.frame(...), cycle_optuna.api.held_out_score(...):
+    in a fresh process `import cycle_optuna` must be enough."""
+    import subprocess
+
+    code = ("import cycle_optuna as c; print(c.export.frame.__name__, c.api.held_out_score.__name__, "
+            "c.predict.predict_file.__name__, c.report.write_report.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["frame", "held_out_score", "predict_file", "write_report"]
