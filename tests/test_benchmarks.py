@@ -177,6 +177,18 @@ def test_make_sets_writes_generated_sets_the_loader_reads(tmp_path):
         assert np.isfinite(x).all()
 
 
+def test_make_kinds_writes_sets_the_loader_reads(tmp_path):
+    from cycle_optuna.config import DataConfig
+    from cycle_optuna.data import load_task
+
+    out = _run("make_kinds.py", str(tmp_path), "MultiSparse", "Imbalanced")
+    assert "Imbalanced, MultiSparse" in out
+    for name, steps, channels, classes, n_test in (("MultiSparse", 100, 10, 4, 400), ("Imbalanced", 128, 1, 3, 500)):
+        train, test = (tmp_path / name / f"{name}_{part}.ts" for part in ("TRAIN", "TEST"))
+        data = load_task(DataConfig(source=str(train), test_source=str(test)), 0, data_path=train, test_path=test)
+        assert (data.seq_len, data.n_features, data.n_classes, len(data.y_test)) == (steps, channels, classes, n_test)
+
+
 def test_make_sets_raw_variants_are_each_series_at_its_own_offset_and_gain(tmp_path):
     from cycle_optuna.data import load_ts
 
