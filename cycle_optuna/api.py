@@ -673,9 +673,12 @@ def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, w
     from cycle_optuna.references import compare, model_name
 
     stored = study.user_attrs.get(BASELINES_ATTR)
+    sizes = {r["n"] for r in (rec.get("test_class_recall") or {}).values()}
     rec["baselines"] = compare(stored, val_accuracy=finite_number(t.user_attrs.get("val_accuracy")),
                                test_accuracy=rec.get("test_accuracy"), val_model=model_name([t.number + 1]),
-                               test_model=model_name(rec.get("model_cycles"), bool(rec.get("model_refit"))))
+                               test_model=model_name(rec.get("model_cycles"), bool(rec.get("model_refit"))),
+                               # test classes of different sizes: accuracy alone flatters the majority
+                               test_balanced_accuracy=rec.get("test_balanced_accuracy") if len(sizes) > 1 else None)
     if stored is None:
         rec["baselines_note"] = "no reference baselines stored yet: the next worker on this study computes them"
     return finite_or_none(rec)  # strict JSON: a value of inf (a trial added by hand) reads as null

@@ -39,12 +39,11 @@ def compute(data: TaskData, *, seed: int) -> dict[str, dict[str, Any]]:
     try:
         if data.n_folds > 1:
             return _cross_validated(data, seed=seed)
-        return {
-            "majority": _entry("majority", *majority_class(data)),
-            "1nn": _entry("1nn", *nearest_neighbour(data)),
-            "1nn_z": _entry("1nn_z", *nearest_neighbour(data, per_series=True)),
-            "mlp": _entry("mlp", *summary_mlp(data, seed=seed)),
-        }
+        pred_va, proba_te = _fit_mlp(data, seed=seed)
+        preds = {"majority": _majority_predictions(data), "1nn": _nn_predictions(data),
+                 "1nn_z": _nn_predictions(data, per_series=True), "mlp": (pred_va, proba_te.argmax(1).numpy())}
+        return {key: _entry(key, _accuracy(va, data.y_val), _accuracy(te, data.y_test), _balanced(te, data.y_test))
+                for key, (va, te) in preds.items()}
     finally:
         torch.set_num_threads(threads)
 
@@ -77,30 +76,45 @@ def _cross_validated(data: TaskData, *, seed: int) -> dict[str, dict[str, Any]]:
 
     mlps = [_fit_mlp(v, seed=seed + j) for j, v in enumerate(views)]
     proba = torch.stack([p for _, p in mlps]).mean(0)
-    mlp_test = _accuracy(proba.argmax(1).numpy(), data.y_test) if len(data.y_test) else math.nan
-    return {
-        "majority": _entry("majority", pooled([majority_class(v)[0] for v in views]), majority_class(whole)[1]),
-        "1nn": _entry("1nn", pooled([nearest_neighbour(v)[0] for v in views]), nearest_neighbour(whole)[1]),
-        "1nn_z": _entry("1nn_z", pooled([nearest_neighbour(v, per_series=True)[0] for v in views]),
-                        nearest_neighbour(whole, per_series=True)[1]),
-        "mlp": _entry("mlp", pooled([_accuracy(pred, v.y_val) for v, (pred, _) in zip(views, mlps)]), mlp_test),
-    }
+    test_preds = {"majority": _majority_predictions(whole)[1], "1nn": _nn_predictions(whole)[1],
+                  "1nn_z": _nn_predictions(whole, per_series=True)[1],
+                  "mlp": proba.argmax(1).numpy() if len(data.y_test) else np.zeros(0, dtype=np.int64)}
+    vals = {"majority": pooled([majority_class(v)[0] for v in views]),
+            "1nn": pooled([nearest_neighbour(v)[0] for v in views]),
+            "1nn_z": pooled([nearest_neighbour(v, per_series=True)[0] for v in views]),
+            "mlp": pooled([_accuracy(pred, v.y_val) for v, (pred, _) in zip(views, mlps)])}
+    return {key: _entry(key, vals[key], _accuracy(test_preds[key], data.y_test), _balanced(test_preds[key], data.y_test))
+            for key in vals}
 
 
-def _entry(key: str, val: float, test: float) -> dict[str, Any]:
+def _entry(key: str, val: float, test: float, test_balanced: float = math.nan) -> dict[str, Any]:
     return {"label": LABELS[key], "val_accuracy": round(float(val), 6),
-            "test_accuracy": None if math.isnan(test) else round(float(test), 6)}
+            "test_accuracy": None if math.isnan(test) else round(float(test), 6),
+            # the mean recall over the test split's classes: on imbalanced classes accuracy alone
+            # lets "always the majority" look good
+            "test_balanced_accuracy": None if math.isnan(test_balanced) else round(float(test_balanced), 6)}
 
 
 def _accuracy(pred: np.ndarray, y: torch.Tensor) -> float:
     return float((pred == y.numpy()).mean()) if len(y) else math.nan
 
 
+def _balanced(pred: np.ndarray, y: torch.Tensor) -> float:
+    """Mean recall over the classes present in `y` (as the tuned model's balanced accuracy)."""
+    labels = y.numpy()
+    recalls = [float((pred[labels == k] == k).mean()) for k in np.unique(labels)]
+    return float(np.mean(recalls)) if recalls else math.nan
+
+
+def _majority_predictions(data: TaskData) -> tuple[np.ndarray, np.ndarray]:
+    top = int(torch.bincount(data.y_train, minlength=data.n_classes).argmax())
+    return np.full(len(data.y_val), top), np.full(len(data.y_test), top)
+
+
 def majority_class(data: TaskData) -> tuple[float, float]:
     """(val, test) accuracy of always answering the most frequent training class."""
-    top = int(torch.bincount(data.y_train, minlength=data.n_classes).argmax())
-    return (_accuracy(np.full(len(data.y_val), top), data.y_val),
-            _accuracy(np.full(len(data.y_test), top), data.y_test))
+    pred_va, pred_te = _majority_predictions(data)
+    return _accuracy(pred_va, data.y_val), _accuracy(pred_te, data.y_test)
 
 
 def _flat(x: torch.Tensor, per_series: bool = False) -> torch.Tensor:
@@ -113,6 +127,11 @@ def _flat(x: torch.Tensor, per_series: bool = False) -> torch.Tensor:
 def nearest_neighbour(data: TaskData, *, chunk: int = 1024, per_series: bool = False) -> tuple[float, float]:
     """(val, test) accuracy of 1-NN with Euclidean distance on the normalised series, or with
     `per_series` on each series z-normalised on its own (z_normalise)."""
+    pred_va, pred_te = _nn_predictions(data, chunk=chunk, per_series=per_series)
+    return _accuracy(pred_va, data.y_val), _accuracy(pred_te, data.y_test)
+
+
+def _nn_predictions(data: TaskData, *, chunk: int = 1024, per_series: bool = False) -> tuple[np.ndarray, np.ndarray]:
     ref = _flat(data.x_train, per_series)
     ref_sq = (ref * ref).sum(1)
     labels = data.y_train.numpy()
@@ -126,7 +145,7 @@ def nearest_neighbour(data: TaskData, *, chunk: int = 1024, per_series: bool = F
             out.append(labels[d.argmin(1).numpy()])
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
-    return _accuracy(predict(data.x_val), data.y_val), _accuracy(predict(data.x_test), data.y_test)
+    return predict(data.x_val), predict(data.x_test)
 
 
 def summary_mlp(data: TaskData, *, seed: int) -> tuple[float, float]:

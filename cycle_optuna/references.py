@@ -32,10 +32,12 @@ def model_name(cycles: list[int] | tuple[int, ...] | None, refit: bool = False) 
 
 def compare(baselines: dict[str, dict[str, Any]] | None, *, val_accuracy: float | None,
             test_accuracy: float | None, val_model: str | None = None,
-            test_model: str | None = None) -> list[dict[str, Any]]:
+            test_model: str | None = None, test_balanced_accuracy: float | None = None) -> list[dict[str, Any]]:
     """One record per baseline: whether the tuned model beats it, by how many points, on val and test.
     `val_model` / `test_model` name the model each figure belongs to ("cycle 4", "mean of cycles
-    4, 7, 2"): the val figure is the best cycle's, the test figure the model `best` loads."""
+    4, 7, 2"): the val figure is the best cycle's, the test figure the model `best` loads.
+    `test_balanced_accuracy` (given where the test classes differ in size): the test comparison
+    also on balanced accuracy, for baselines that stored theirs."""
     out = []
     names = {"val": val_model, "test": test_model}
     for key, b in (baselines or {}).items():
@@ -51,7 +53,14 @@ def compare(baselines: dict[str, dict[str, Any]] | None, *, val_accuracy: float 
             rec[f"{split}_margin"] = round(points, 2) + 0.0  # never -0.0
             shown = round(points, 1) + 0.0  # rounded once (2.745 is +2.7, not 2.75 then +2.8); the verdict goes with it
             who = f"{names[split]}: " if names[split] else ""
-            parts.append(f"{_verdict(shown)} on {split} ({who}{mine:.1%} vs {theirs:.1%}, {shown:+.1f} points)")
+            balanced = ""
+            theirs_b = b.get("test_balanced_accuracy") if split == "test" else None
+            if split == "test" and test_balanced_accuracy is not None and theirs_b is not None:
+                points_b = round(100.0 * (test_balanced_accuracy - theirs_b), 1) + 0.0
+                rec["test_balanced_accuracy"], rec["test_balanced_margin"] = theirs_b, points_b
+                balanced = (f"; balanced accuracy {test_balanced_accuracy:.1%} vs {theirs_b:.1%}, {points_b:+.1f} "
+                            f"points: {_verdict(points_b)}")
+            parts.append(f"{_verdict(shown)} on {split} ({who}{mine:.1%} vs {theirs:.1%}, {shown:+.1f} points{balanced})")
         rec["line"] = f"{rec['label']}: " + ("; ".join(parts) if parts else "no comparable accuracy")
         out.append(rec)
     return out

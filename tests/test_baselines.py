@@ -83,6 +83,17 @@ def test_majority_class_answers_the_most_frequent_training_class():
     assert baselines.majority_class(d) == (0.5, 0.0)
 
 
+def test_each_baseline_stores_its_balanced_test_accuracy():
+    """On imbalanced test classes accuracy flatters "always the majority": 80% of a 4-to-1 test split
+    is a balanced accuracy of 50% (the mean of its recalls, 1 and 0)."""
+    z = np.zeros((1, 3, 1), np.float32)
+    d = _task(np.repeat(z, 6, 0), np.array([0, 0, 0, 0, 1, 1]), np.repeat(z, 2, 0), np.array([0, 1]),
+              np.repeat(z, 5, 0), np.array([0, 0, 0, 0, 1]), 2)
+    stored = baselines.compute(d, seed=0)
+    assert stored["majority"]["test_accuracy"] == 0.8 and stored["majority"]["test_balanced_accuracy"] == 0.5
+    assert all(v["test_balanced_accuracy"] is not None for v in stored.values())
+
+
 def test_nearest_neighbour_is_euclidean_and_treats_missing_steps_as_zero():
     ref = np.array([[[0.0], [0.0]], [[3.0], [3.0]], [[0.0], [10.0]]], np.float32)
     # query 0 is nearest to ref 1 by Euclidean distance; query 1 has a missing step (NaN -> 0): nearest ref 0
@@ -114,7 +125,7 @@ def test_z_normalised_nearest_neighbour_compares_shapes_whatever_each_series_off
     assert max(baselines.nearest_neighbour(d)) < 0.7  # the offsets decide the plain 1-NN's neighbours
     stored = baselines.compute(d, seed=0)
     assert stored["1nn_z"] == {"label": "1-NN Euclidean on z-normalised series", "val_accuracy": 1.0,
-                               "test_accuracy": 1.0}
+                               "test_accuracy": 1.0, "test_balanced_accuracy": 1.0}
     assert baselines.best_reference(stored)[0] == "1nn_z"
 
 
@@ -160,6 +171,18 @@ def test_compare_says_beats_or_below_with_the_margin_on_val_and_test():
                             val_accuracy=0.92826, test_accuracy=0.9111)
     assert tie[0]["line"] == "MLP: ties it on val (92.8% vs 92.8%, +0.0 points); ties it on test (91.1% vs 91.1%, +0.0 points)"
     assert baselines.best_reference(None) is None
+
+
+def test_compare_on_imbalanced_test_classes_also_says_balanced_accuracy():
+    stored = {"majority": {"label": "majority class", "val_accuracy": 0.8, "test_accuracy": 0.8,
+                           "test_balanced_accuracy": 0.333333},
+              "old": {"label": "stored by an older release", "val_accuracy": 0.5, "test_accuracy": 0.5}}
+    rows = baselines.compare(stored, val_accuracy=0.9, test_accuracy=0.902, test_balanced_accuracy=0.66)
+    assert rows[0]["line"] == ("majority class: beats it on val (90.0% vs 80.0%, +10.0 points); beats it on test "
+                               "(90.2% vs 80.0%, +10.2 points; balanced accuracy 66.0% vs 33.3%, +32.7 points: beats it)")
+    assert rows[0]["test_balanced_margin"] == 32.7 and "balanced" not in rows[1]["line"]
+    even = baselines.compare(stored, val_accuracy=0.9, test_accuracy=0.902)  # equal classes: accuracy says it all
+    assert "balanced" not in even[0]["line"]
 
 
 def test_compare_rounds_the_margin_once_and_never_stores_minus_zero():
@@ -213,7 +236,7 @@ def test_baselines_are_computed_at_creation_before_any_trial_and_never_again(tmp
     assert all(t.state == optuna.trial.TrialState.WAITING for t in study.trials)  # no trial has run yet
     assert stored == baselines.compute(data, seed=0)
     assert set(stored) == {"majority", "1nn", "1nn_z", "mlp"}
-    assert all(set(v) == {"label", "val_accuracy", "test_accuracy"} for v in stored.values())
+    assert all(set(v) == {"label", "val_accuracy", "test_accuracy", "test_balanced_accuracy"} for v in stored.values())
     # a second worker (and a later run) reads them: mark the stored value, it must survive
     marked = {**stored, "majority": {**stored["majority"], "label": "as stored"}}
     study.set_user_attr(baselines.BASELINES_ATTR, marked)
