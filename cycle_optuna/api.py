@@ -49,6 +49,9 @@ def load_study(path_or_name: StudyLike, storage: str | BaseStorage | None = None
         raise TypeError(f"study: expected a study file path, a study name or an optuna.Study, "
                         f"got {type(path_or_name).__name__}")
     path, cfg = Path(path_or_name), None
+    if path.suffix.lower() in (".db", ".sqlite", ".sqlite3") and path.is_file():  # the database, not the study file
+        raise ConfigError(f"{path}: that is a database, not a study file; load_study(<study file .toml>) or "
+                          f"load_study(<study name>, storage='sqlite:///{path}')")
     if path.suffix.lower() == ".toml" or path.is_file():
         cfg = config_mod.load(path, check_files=False)  # a read: the data file may have moved
         name = cfg.study.name
@@ -144,13 +147,16 @@ def _open(url: str) -> BaseStorage:
 _STUDY_FILE: weakref.WeakKeyDictionary[optuna.Study, StudyConfig] = weakref.WeakKeyDictionary()
 
 
-def study_config(study: optuna.Study) -> StudyConfig | None:
-    """The config stored on the study when it was created; None for studies made elsewhere.
+def study_config(study: StudyLike) -> StudyConfig | None:
+    """The config stored on the study when it was created; None for studies made elsewhere
+    (`study`: a loaded study, or what :func:`load_study` takes).
 
     A study loaded from a study file on a machine that keeps the data or the artifacts at other
     paths than the study's creator gets this machine's paths, where the stored ones do not exist (a
     data file only when its content is the one the study was made with).
     """
+    if not isinstance(study, optuna.Study):  # a study file's path, as every other query takes
+        study = load_study(study)
     stored = study.user_attrs.get(CONFIG_ATTR)
     if not stored:
         return None
@@ -169,7 +175,7 @@ def search_settings(study: optuna.Study) -> list[dict[str, Any]]:
     return [{"from_cycle": 1, "sampler": cfg.sampler.type, "pruner": cfg.pruner.type}] if cfg is not None else []
 
 
-def baseline_params(study: optuna.Study) -> dict[str, Any]:
+def baseline_params(study: StudyLike) -> dict[str, Any]:
     """Every hyperparameter's baseline value (stored config, else the defaults)."""
     cfg = study_config(study)
     base = cfg.baseline if cfg is not None else Hyperparams()
@@ -361,7 +367,7 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def study_artifact_dir(study: optuna.Study) -> Path | None:
+def study_artifact_dir(study: StudyLike) -> Path | None:
     """Where the study's artifacts live: $CYCLE_OPTUNA_ARTIFACT_DIR, else the stored config's dir."""
     env = os.environ.get(storage_mod.ARTIFACTS_ENV_VAR)
     if env:

@@ -116,6 +116,15 @@ def make_dashboard(
     """Bind optuna-dashboard for the study file's storage (flag > env > file > local SQLite)."""
     from optuna_dashboard import wsgi
 
+    from cycle_optuna.api import check_storage_arg
+
+    if not isinstance(study_path, (str, os.PathLike)):
+        raise TypeError(f"study_path: expected a study file path, got {type(study_path).__name__}")
+    check_storage_arg(storage, objects=False)
+    if not isinstance(host, str):
+        raise TypeError(f"host: expected a host name or address string, got {type(host).__name__}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port: expected a port number 0-65535, got {port!r}")
     cfg = config_mod.load(study_path, check_files=False)
     url = storage_mod.resolve_url(cfg, storage)
     artifacts = _artifact_dir(cfg)
@@ -132,6 +141,7 @@ def make_dashboard(
     try:
         server = server_class((host.strip("[]"), port), _Handler)
     except OSError as e:
+        _dispose(reader)  # its SQLite -wal/-shm files would stay for the life of the process
         raise CycleOptunaError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     try:
         # notes are written through it; a file in a folder this process cannot write is served read-only

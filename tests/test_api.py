@@ -466,3 +466,23 @@ def test_the_docs_qualified_names_work_after_import_cycle_optuna_alone():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["frame", "held_out_score", "predict_file", "write_report"]
+
+
+def test_queries_and_dashboard_name_a_wrong_argument(tmp_path):
+    """A study file's path where a study was expected, the database given as the study, a port as
+    text: one clear error naming the argument, not an AttributeError from inside."""
+    from cycle_optuna import dashboard
+    from workers_helpers import write_study
+
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    api.run_study(path)
+    assert api.study_config(path).study.name == "tiny" and api.baseline_params(path)["lr"] > 0
+    assert api.study_artifact_dir(path) == tmp_path / "tiny-artifacts"
+    with pytest.raises(ConfigError, match=r"tiny\.db: that is a database, not a study file; .*storage='sqlite:///"):
+        api.load_study(tmp_path / "tiny.db")
+    for kwargs, error, words in ((dict(port="8080"), ValueError, "port: expected a port number 0-65535, got '8080'"),
+                                 (dict(port=70000), ValueError, "port: expected a port number"),
+                                 (dict(host=123), TypeError, "host: expected a host name"),
+                                 (dict(storage=tmp_path / "tiny.db"), TypeError, "storage: expected a URL string")):
+        with pytest.raises(error, match=re.escape(words)):
+            dashboard.make_dashboard(path, **kwargs)
