@@ -166,6 +166,9 @@ def _context(a: Analysis) -> list[str]:
         out.append(f"chance {_pct(1 / a.stats['n_classes'], 1)}")
     for key, ref in a.baselines.items():
         test = f", test {_pct(ref['test_accuracy'], 1)}" if isinstance(ref.get("test_accuracy"), (int, float)) else ""
+        balanced = ref.get("test_balanced_accuracy")
+        if test and isinstance(balanced, (int, float)) and round(balanced, 3) != round(ref["test_accuracy"], 3):
+            test += f" (balanced {_pct(balanced, 1)})"  # classes of different sizes: accuracy flatters the majority
         out.append(f"{ref.get('label', key)} {_pct(ref['val_accuracy'], 1)}{test}")
     if a.bayes:
         where = (f"the {a.stats['n_train'] + a.stats['n_val']} cross-validated series" if a.stats and a.stats.get("folds", 1) > 1

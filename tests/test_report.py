@@ -260,12 +260,14 @@ def test_the_result_is_put_in_context(tmp_path):
     text = report.write_report(study, tmp_path / "plain", test=False).read_text()
     assert "Bayes-optimal oracle" in text and "baselines" not in text.lower()  # none stored: none shown
     study.set_user_attr("cycle_optuna_baselines", {
-        "majority": {"label": "majority class", "val_accuracy": 0.3333, "test_accuracy": 0.3333},
+        "majority": {"label": "majority class", "val_accuracy": 0.3333, "test_accuracy": 0.3333,
+                     "test_balanced_accuracy": 0.3333},
+        "mlp": {"label": "MLP", "val_accuracy": 0.4, "test_accuracy": 0.8, "test_balanced_accuracy": 0.5},
         "1nn": {"label": "1-NN", "val_accuracy": 0.5, "test_accuracy": None}})
     text = report.write_report(study, tmp_path / "ctx", test=False).read_text()
     line = next(x for x in text.splitlines() if x.startswith("- **In context**"))
     assert line.startswith("- **In context** (validation accuracy 74.0%): chance 33.3%; majority class 33.3%, "
-                           "test 33.3%; 1-NN 50.0%; Bayes-optimal oracle ")
+                           "test 33.3%; MLP 40.0%, test 80.0% (balanced 50.0%); 1-NN 50.0%; Bayes-optimal oracle ")
     assert re.search(r"reaches \d+% of the oracle's accuracy$", line)
 
 
