@@ -685,7 +685,11 @@ MISSING = {"", "na", "n/a", "null", "none", "?"}  # cells that mean "no value" (
 
 def _csv_float(s: str) -> float:
     # an empty cell is a missing value, like NaN
-    return math.nan if s.strip().lower() in MISSING else float(s)
+    if s.strip().lower() in MISSING:
+        return math.nan
+    if "_" in s:  # Python reads 1_000 as 1000; no spreadsheet writes it: a value to look at, not to guess
+        raise ValueError(f"could not convert string to float: {s!r}")
+    return float(s)
 
 
 def _is_float(s: str) -> bool:
@@ -694,6 +698,8 @@ def _is_float(s: str) -> bool:
 
 
 def _is_number(s: str) -> bool:
+    if "_" in s:
+        return False
     try:
         float(s)
         return True

@@ -300,6 +300,7 @@ def _npy_bytes(a: np.ndarray) -> bytes:
         ("sample,label,f0,f0\ns0,0,1,2\n", "column 'f0' appears twice in the header"),
         ("sample,label\ns0,0\n", "no feature columns"),
         ("sample,label,f0\ns0,0,1\ns0,0,abc\n", "line 3: column 'f0' value 'abc' is not a number"),
+        ("sample,label,f0\ns0,0,1\ns0,0,1_000\n", "line 3: column 'f0' value '1_000' is not a number"),
         ("sample,label,f0\ns0,0,1\ns0,x,2\n", "line 3: sample 's0' changes label from 0 to x"),
         ("sample,label,f0\ns0,0.5,1\ns1,1,2\n", "line 2: label '0.5' is not a class: labels are integers or names"),
         ("sample,label,f0\ns0,,1\ns1,1,2\n", "line 2: empty label"),
