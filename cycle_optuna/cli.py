@@ -219,9 +219,21 @@ def length_note(cfg, data) -> str | None:
             f"and makes the padded length {math.ceil(padded / fits)} tokens), or trim or drop the longest series")
 
 
+def constant_note(data) -> str | None:
+    """Every training value the same: only the series' lengths (their padding) can tell the classes."""
+    import torch
+
+    xs = [x for x in (data.x_train, data.x_val) if x.shape[0]]
+    if not xs or any(bool(torch.nan_to_num(x).abs().amax() > 0) for x in xs):  # normalised: constant is 0
+        return None
+    return ("note: every value of the training and validation series is the same, so nothing but the series' "
+            "lengths can tell the classes apart; expect chance accuracy unless the lengths differ by class")
+
+
 def data_notes(cfg, data) -> list[str]:
     """What `run` and `worker` say about the data before the first cycle."""
-    return [n for n in (small_validation_note(cfg, data), length_note(cfg, data)) if n is not None]
+    notes = (small_validation_note(cfg, data), length_note(cfg, data), constant_note(data))
+    return [n for n in notes if n is not None]
 
 
 WORKERS_PER_CORE = 16  # `run --workers K` beyond this many a core is refused: each is a process with PyTorch

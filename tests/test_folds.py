@@ -115,6 +115,19 @@ def test_a_length_note_when_the_longest_series_sets_the_automatic_patch(tmp_path
     assert length_note(SimpleNamespace(baseline=Hyperparams(), space=()), load_task(DataConfig(folds=1), 0, data_path=path)) is None
 
 
+def test_data_that_is_constant_everywhere_gets_a_note(tmp_path):
+    from cycle_optuna.cli import constant_note
+
+    path = tmp_path / "a.npz"
+    np.savez(path, X=np.full((40, 8, 2), 3.5), y=np.arange(40) % 2)
+    note = constant_note(load_task(DataConfig(folds=1), 0, data_path=path))
+    assert note.startswith("note: every value of the training and validation series is the same")
+    x = np.full((40, 8, 2), 3.5)
+    x[3, 2, 1] = 4.0  # one value differs: the model has something to read
+    np.savez(path, X=x, y=np.arange(40) % 2)
+    assert constant_note(load_task(DataConfig(folds=1), 0, data_path=path)) is None
+
+
 def test_folds_partition_train_and_val_stratified_and_never_touch_test(tmp_path):
     path, x, y = _npz(tmp_path / "a.npz", n=60)
     d = load_task(DataConfig(), 0, data_path=path)
