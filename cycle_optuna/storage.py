@@ -620,7 +620,9 @@ def _is_record(line: bytes) -> bool:
 
 def retry_callback() -> RetryHeartbeatStaleTrialCallback:
     """Re-queues a failed trial (same params, same learning curve) as a WAITING retry."""
-    return RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=True)
+    with warnings.catch_warnings():  # the package's choice, as the heartbeat's: Optuna's notice is noise to a caller
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=True)
 
 
 class _Storage(RDBStorage):

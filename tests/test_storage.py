@@ -799,3 +799,13 @@ def test_a_mysql_server_that_takes_the_connection_and_never_answers_is_one_line_
     err = capsys.readouterr().err
     assert "cannot open storage mysql+pymysql://u:***@127.0.0.1" in err and "timed out" in err
     assert "hunter22" not in err
+
+
+def test_the_retry_callback_shows_the_caller_no_experimental_warning():
+    """An interrupted run_study showed Optuna's notice that the retry callback is experimental."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        storage.retry_callback()
+    assert not [w for w in seen if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
