@@ -49,7 +49,7 @@ def load_study(path_or_name: StudyLike, storage: str | BaseStorage | None = None
         raise TypeError(f"study: expected a study file path, a study name or an optuna.Study, "
                         f"got {type(path_or_name).__name__}")
     path, cfg = Path(path_or_name), None
-    if path.suffix.lower() in (".db", ".sqlite", ".sqlite3") and path.is_file():  # the database, not the study file
+    if path.is_file() and _is_sqlite_file(path):  # the database, not the study file
         raise ConfigError(f"{path}: that is a database, not a study file; load_study(<study file .toml>) or "
                           f"load_study(<study name>, storage='sqlite:///{path}')")
     if path.suffix.lower() == ".toml" or path.is_file():
@@ -131,6 +131,14 @@ def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: 
             return run_worker(config_mod.override(cfg, n_trials=total), url, data=data)
         finally:
             torch.set_num_threads(threads)
+
+
+def _is_sqlite_file(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
 
 
 def _open(url: str) -> BaseStorage:

@@ -60,9 +60,12 @@ def _not_the_studys_own(path: Path, given: api.StudyLike, storage: str | None, s
     if isinstance(given, (str, os.PathLike)) and Path(given).is_file():  # a study file: it is one of them
         cfg = config_mod.load(Path(given), check_files=False)
         url = storage_mod.resolve_url(cfg, storage if isinstance(storage, str) else None)
-    else:  # a study or a name: its stored config, and the database it was loaded from
+    else:  # a study or a name: its stored config, and the database or journal it was loaded from
         cfg = api.study_config(study)
-        url = getattr(internals.backend_of(internals.storage_of(study)), "url", None)
+        store = internals.storage_of(study)
+        url = storage if isinstance(storage, str) else getattr(internals.backend_of(store), "url", None)
+        if not isinstance(url, str) and (journal := storage_mod.journal_file(store)) is not None:
+            url = f"journal:{journal}"
     not_an_input(path, cfg, url if isinstance(url, str) else None, None, flag="path")
 
 

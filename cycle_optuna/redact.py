@@ -7,9 +7,14 @@ import re
 # a URL runs to the next blank or quote; its password may hold '@', ':' or '/'
 _URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>`]+", re.IGNORECASE)
 _SECRET_KEYS = r"password|passwd|pwd|sslpassword|secret|token|api_key"
-# a quoted value runs to its closing quote (one that ends the value: followed by a delimiter); an
-# unquoted one to the next '&', blank or quote (a ':' before a blank is the message's, "URL: reason")
-_SECRET_SETTING = re.compile(rf"\b({_SECRET_KEYS})=((?:'[^'\n]+'|\"[^\"\n]+\")(?=[&\s:;,)\]}}]|$)|[^&\s'\"]*?(?=:?(?:[&\s'\"]|$)))", re.IGNORECASE)
+# A quoted value runs to its closing quote (a value with a letter or digit in it: `token=", "seed"`
+# in JSON is an empty value, not a quoted one), an unclosed one to the next blank; an unquoted value
+# runs to the next '&', blank or quote (a ':' before a blank is the message's, "URL: reason").
+_SECRET_SETTING = re.compile(
+    rf"\b({_SECRET_KEYS})=("
+    r"""'[^'\n]*\w[^'\n]*'|"[^"\n]*\w[^"\n]*"|'[^'\s:,;]+(?=\s|$)|"[^"\s:,;]+(?=\s|$)"""
+    r"""|[^&\s'"]*?(?=:?(?:[&\s'"]|$)))""",
+    re.IGNORECASE)
 _SECRET_KEY = re.compile(rf"(?:{_SECRET_KEYS})", re.IGNORECASE)
 
 

@@ -56,10 +56,11 @@ def compare(baselines: dict[str, dict[str, Any]] | None, *, val_accuracy: float 
             balanced = ""
             theirs_b = b.get("test_balanced_accuracy") if split == "test" else None
             if split == "test" and test_balanced_accuracy is not None and theirs_b is not None:
-                points_b = round(100.0 * (test_balanced_accuracy - theirs_b), 1) + 0.0
-                rec["test_balanced_accuracy"], rec["test_balanced_margin"] = theirs_b, points_b
-                balanced = (f"; balanced accuracy {test_balanced_accuracy:.1%} vs {theirs_b:.1%}, {points_b:+.1f} "
-                            f"points: {_verdict(points_b)}")
+                points_b = 100.0 * (test_balanced_accuracy - theirs_b)
+                rec["test_balanced_accuracy"], rec["test_balanced_margin"] = theirs_b, round(points_b, 2) + 0.0
+                shown_b = round(points_b, 1) + 0.0  # rounded once, as the accuracy margin
+                balanced = (f"; balanced accuracy {test_balanced_accuracy:.1%} vs {theirs_b:.1%}, {shown_b:+.1f} "
+                            f"points: {_verdict(shown_b)}")
             parts.append(f"{_verdict(shown)} on {split} ({who}{mine:.1%} vs {theirs:.1%}, {shown:+.1f} points{balanced})")
         rec["line"] = f"{rec['label']}: " + ("; ".join(parts) if parts else "no comparable accuracy")
         out.append(rec)

@@ -49,6 +49,7 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
     ``say`` receives a line per model; ``on_epoch(k, metrics)`` each epoch of the k-th (from 0).
     Nothing is recorded until every model is stored: an interrupted refit leaves the study as it was.
     """
+    say = say if say is not None else (lambda line: None)  # None: silent, as the default
     for name, fn in (("say", say), ("on_epoch", on_epoch)):
         if fn is not None and not callable(fn):  # found out after the study is marked as being refit, it locked others out
             raise TypeError(f"{name}: expected a function, got {type(fn).__name__}")

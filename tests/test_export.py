@@ -129,6 +129,21 @@ def test_write_from_python_never_overwrites_the_study_file_or_its_database(study
     assert {p: p.read_bytes() for p in before} == before
 
 
+def test_write_from_python_never_overwrites_a_journal_study(tmp_path):
+    from cycle_optuna import cli as cli_mod
+    from workers_helpers import write_study
+
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    journal = tmp_path / "q.log"
+    path.write_text(path.read_text().replace("[study]\n", f'[study]\nstorage = "journal://{journal}"\n'))
+    assert cli_mod.main(["worker", str(path)]) == 0
+    before = journal.read_bytes()
+    for given in (api.load_study(path), path):
+        with pytest.raises(ConfigError, match="that is the study's database"):
+            export.write(given, journal, fmt="csv")
+    assert journal.read_bytes() == before
+
+
 @pytest.mark.parametrize("argv", [["export", "{s}", "--csv", ""], ["export", "{s}", "--parquet", " "],
                                   ["report", "{s}", "-o", ""], ["predict", "{s}", ""]])
 def test_an_empty_path_is_refused_not_read_as_no_flag(study_file, tmp_path, capsys, monkeypatch, argv):

@@ -426,6 +426,17 @@ def test_an_empty_setting_does_not_swallow_the_text_after_it():
     assert storage.mask('{"note": "set token=", "seed": 1}') == '{"note": "set token=***", "seed": 1}'
 
 
+@pytest.mark.parametrize("text, secret", [
+    ("invalid dsn: \"host=x password='q1uoted9'\"", "q1uoted9"),  # a DSN quoted inside a quoted message
+    ("password='q1uoted9'.", "q1uoted9"),
+    ("password='q1 uoted9'!", "uoted9"),
+    ("password='q1uoted9", "q1uoted9"),  # never closed
+    ("{\"s\": \"password='q1 uoted9'\"}", "uoted9"),
+])
+def test_quoted_settings_are_masked_whatever_follows_them(text: str, secret: str):
+    assert secret not in storage.mask(text) and "password=***" in storage.mask(text)
+
+
 def test_mask_keeps_urls_without_a_password():
     for text in ("sqlite:///studies/a@b.db", "postgresql+psycopg://alice@db/x", "journal:///x.log",
                  "postgresql://db:5432/x", "postgresql://[::1]:5432/x", "http://127.0.0.1:8080/",
