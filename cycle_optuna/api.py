@@ -501,13 +501,16 @@ def refit_state(study: optuna.Study, members: list[FrozenTrial]) -> dict[str, An
 
 def _net_of(payload: dict[str, Any], what: str, where: Path) -> Any:
     """The network a model payload describes, with its weights."""
+    import torch
+
     from cycle_optuna.best_model import Ensemble
     from cycle_optuna.model import TransformerClassifier
 
     try:
         folds = int(payload.get("folds", 1))  # a cross-validated trial's model: its folds' models averaged
-        net = TransformerClassifier(**payload["model_kwargs"]) if folds == 1 else \
-            Ensemble([TransformerClassifier(**payload["model_kwargs"]) for _ in range(folds)])
+        with torch.random.fork_rng(devices=[]):  # the initial weights, replaced at once, draw from the caller's stream
+            net = TransformerClassifier(**payload["model_kwargs"]) if folds == 1 else \
+                Ensemble([TransformerClassifier(**payload["model_kwargs"]) for _ in range(folds)])
         net.load_state_dict(payload["state_dict"])
     except (RuntimeError, TypeError, ValueError) as e:  # weights of another shape, kwargs of another version
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__

@@ -198,8 +198,8 @@ def length_note(cfg, data) -> str | None:
 
     from cycle_optuna.model import auto_patch_len
 
-    if cfg.baseline.patch_len != 0 or any(p.name == "patch_len" for p in getattr(cfg, "space", ())):
-        return None  # chosen, or searched
+    if cfg.baseline.patch_len != 0:
+        return None  # chosen: cycle 1 runs it (a search moves from it)
     lengths = []
     for x in (data.x_train, data.x_val):
         t = x.shape[1]
@@ -216,7 +216,9 @@ def length_note(cfg, data) -> str | None:
     return (f"note: the series are padded to {padded} steps, the median training series has {typical}: the automatic "
             f"patch_len ({auto}) follows the padded length, which makes a series of the median length "
             f"{math.ceil(typical / auto)} token(s); set [baseline] patch_len (a patch of {fits} suits the median series "
-            f"and makes the padded length {math.ceil(padded / fits)} tokens), or trim or drop the longest series")
+            f"and makes the padded length {math.ceil(padded / fits)} tokens), or trim or drop the longest series"
+            + ("; patch_len is searched, but cycle 1 runs the automatic one" if any(
+                p.name == "patch_len" for p in getattr(cfg, "space", ())) else ""))
 
 
 def constant_note(data) -> str | None:

@@ -41,7 +41,8 @@ def compare(baselines: dict[str, dict[str, Any]] | None, *, val_accuracy: float 
     out = []
     names = {"val": val_model, "test": test_model}
     for key, b in (baselines or {}).items():
-        rec: dict[str, Any] = {"baseline": key, "label": b.get("label", key)}
+        rec: dict[str, Any] = {"baseline": key, "label": b.get("label", key),
+                               "test_balanced_accuracy": None, "test_balanced_margin": None}  # set where compared
         parts = []
         for split, mine in (("val", val_accuracy), ("test", test_accuracy)):
             theirs = b.get(f"{split}_accuracy")

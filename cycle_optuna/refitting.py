@@ -80,7 +80,8 @@ def refit(study: api.StudyLike, storage: str | None = None, *, ensemble: int | N
     threads = torch.get_num_threads()
     try:  # from here on, whatever fails (a `say` that raises included) ends the refit's claim on the study
         _remove_left(store, left, say)
-        old = _refit_models(study, cfg, data, members, asked, where, store, ids, written, load, say, on_epoch)
+        with torch.random.fork_rng(devices=[]):  # training seeds torch's generator: the caller's stays as it was
+            old = _refit_models(study, cfg, data, members, asked, where, store, ids, written, load, say, on_epoch)
     except BaseException:
         for artifact_id in written:  # not named anywhere yet: an interrupted refit leaves nothing behind
             with contextlib.suppress(OSError):

@@ -170,6 +170,11 @@ def test_a_refit_from_python_whose_callback_fails_leaves_no_claim_on_the_study(t
         refit(path, say=broken)
     assert api.load_study(path).user_attrs.get(api.REFIT_PENDING_ATTR) is None and _refit_files(path) == []
     assert cli.main(["refit", str(path)]) == 0  # another refit is not refused
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    refit(path, say=None)  # None: silent; the caller's random stream is left as it was
+    assert torch.equal(torch.rand(3), expected)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
