@@ -201,12 +201,9 @@ def length_note(cfg, data) -> str | None:
     if cfg.baseline.patch_len != 0:
         return None  # chosen: cycle 1 runs it (a search moves from it)
     lengths = []
-    for x in (data.x_train, data.x_val):
-        t = x.shape[1]
-        steps = torch.arange(1, t + 1)
-        for i in range(0, x.shape[0], max(1, 2**22 // max(t, 1))):  # bounded memory on long series
-            observed = ~torch.isnan(x[i:i + max(1, 2**22 // max(t, 1))]).all(dim=-1)
-            lengths.append((observed * steps).amax(dim=1))  # last observed step + 1
+    for part in _series_chunks(data):
+        observed = ~torch.isnan(part).all(dim=-1)
+        lengths.append((observed * torch.arange(1, part.shape[1] + 1)).amax(dim=1))  # last observed step + 1
     if not lengths:
         return None
     typical, padded = int(torch.cat(lengths).median()), int(data.seq_len)
@@ -221,12 +218,20 @@ def length_note(cfg, data) -> str | None:
                 p.name == "patch_len" for p in getattr(cfg, "space", ())) else ""))
 
 
+def _series_chunks(data):
+    """The training and validation series, a few million values at a time (no copy of a large set)."""
+    for x in (data.x_train, data.x_val):
+        rows = max(1, 2**22 // max(x[0].numel() if x.shape[0] else 1, 1))
+        for i in range(0, x.shape[0], rows):
+            yield x[i:i + rows]
+
+
 def constant_note(data) -> str | None:
     """Every training value the same: only the series' lengths (their padding) can tell the classes."""
     import torch
 
-    xs = [x for x in (data.x_train, data.x_val) if x.shape[0]]
-    if not xs or any(bool(torch.nan_to_num(x).abs().amax() > 0) for x in xs):  # normalised: constant is 0
+    parts = list(_series_chunks(data))  # views, not copies
+    if not parts or any(bool((torch.nan_to_num(part) != 0).any()) for part in parts):  # normalised: constant is 0
         return None
     return ("note: every value of the training and validation series is the same, so nothing but the series' "
             "lengths can tell the classes apart; expect chance accuracy unless the lengths differ by class")
