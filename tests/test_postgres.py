@@ -48,12 +48,20 @@ def test_status_shows_states_running_worker_and_heartbeat(tmp_path: Path, pg_url
     assert "2 of 2 trials finished" in out and "box:123" in out and "s ago" in out and "best so far" in out
 
 
-def test_mariadb_storage_when_reachable():
-    url = "mysql+pymysql://root@127.0.0.1:3306/test"
+MARIADB_URL = "mysql+pymysql://root@127.0.0.1:3306/test"
+
+
+def _mariadb_storage():
+    """The local MariaDB's test database as a storage, or the test skipped saying why."""
     try:
-        st = storage.open_storage(url)
+        return storage.open_storage(MARIADB_URL)
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"MariaDB not usable: {e}")
+
+
+def test_mariadb_storage_when_reachable():
+    url = MARIADB_URL
+    st = _mariadb_storage()
     name = "cycle-mysql-lock"
     with storage.cap_lock(st, url, name):
         pass
@@ -67,11 +75,8 @@ def test_a_mariadb_cap_lock_waits_past_get_locks_timeout(monkeypatch):
 
     import sqlalchemy
 
-    url = "mysql+pymysql://root@127.0.0.1:3306/test"
-    try:
-        st = storage.open_storage(url)
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"MariaDB not usable: {e}")
+    url = MARIADB_URL
+    st = _mariadb_storage()
     monkeypatch.setattr(storage, "MYSQL_LOCK_WAIT_S", 1)
     study_name = "cycle-mysql-wait"
     name = hashlib.sha256(f"cycle-optuna:{study_name}@test".encode()).hexdigest()[:60]
@@ -116,11 +121,8 @@ def test_a_mariadb_cap_lock_is_one_databases_not_the_servers():
 
     import sqlalchemy
 
-    url = "mysql+pymysql://root@127.0.0.1:3306/test"
-    try:
-        here = storage.open_storage(url)
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"MariaDB not usable: {e}")
+    url = MARIADB_URL
+    here = _mariadb_storage()
     admin = sqlalchemy.create_engine(url)
     other_db = "cycle_test_lock_other"
     with admin.connect() as c:
