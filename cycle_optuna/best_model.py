@@ -82,19 +82,7 @@ class CycleModel(torch.nn.Module):
         from cycle_optuna.errors import DataError
 
         if not isinstance(x, torch.Tensor):
-            try:
-                raw = np.asarray(x)
-            except (TypeError, ValueError) as e:  # ragged nesting
-                raise DataError(f"input must be numbers [N, T, F] or [T, F]: {e}") from None
-            # as a data file's X: booleans, complex numbers and text are refused, in lists too
-            if raw.dtype.kind not in "iufO" or (raw.dtype.kind == "O" and any(
-                    isinstance(v, (str, bytes, bool, np.bool_, complex, np.complexfloating)) for v in raw.flat)):
-                kind = raw.dtype if raw.dtype.kind != "O" else "object holding text, booleans or complex numbers"
-                raise DataError(f"input must be real numbers [N, T, F] or [T, F], got dtype {kind}")
-            try:
-                x = torch.as_tensor(np.asarray(raw, dtype=np.float64))
-            except (TypeError, ValueError) as e:
-                raise DataError(f"input must be numbers [N, T, F] or [T, F]: {e}") from None
+            x = torch.from_numpy(_numbers(x))
         single = x.dim() == 2
         self._check(x)
         with torch.inference_mode():
@@ -116,6 +104,36 @@ class CycleModel(torch.nn.Module):
     def predict(self, x: Any) -> np.ndarray:
         """Class indices for raw input ``[N, T, F]`` (or one ``[T, F]`` sequence)."""
         return self._logits(x).argmax(dim=-1).cpu().numpy()
+
+
+def _numbers(x: Any) -> np.ndarray:
+    """`x` (an array, nested lists, a pandas frame) as a writable float64 array, missing values NaN.
+
+    What a data file marks missing is missing here too: NaN, None, pandas' NA, and the masked entries
+    of a numpy masked array (whose data beneath the mask is not a measurement). Booleans, complex
+    numbers and text are refused, as in a data file's X."""
+    from cycle_optuna.errors import DataError
+
+    mask = np.ma.getmaskarray(x) if isinstance(x, np.ma.MaskedArray) else None
+    try:
+        raw = np.asarray(np.ma.getdata(x) if mask is not None else x)
+    except (TypeError, ValueError) as e:  # ragged nesting
+        raise DataError(f"input must be numbers [N, T, F] or [T, F]: {e}") from None
+    if raw.dtype.kind == "O":  # pandas' nullable columns hold pd.NA; lists may hold None
+        raw = raw.copy()
+        raw[np.frompyfunc(lambda v: v is None or type(v).__name__ == "NAType", 1, 1)(raw).astype(bool)] = np.nan
+    if raw.dtype.kind not in "iufO" or (raw.dtype.kind == "O" and any(
+            isinstance(v, (str, bytes, bool, np.bool_, complex, np.complexfloating)) for v in raw.flat)):
+        kind = raw.dtype if raw.dtype.kind != "O" else "object holding text, booleans or complex numbers"
+        raise DataError(f"input must be real numbers [N, T, F] or [T, F], got dtype {kind}")
+    try:
+        out = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"input must be numbers [N, T, F] or [T, F]: {e}") from None
+    if mask is not None and mask.any():
+        out = np.where(mask, np.nan, out)
+    # a read-only view (a pandas frame's): torch warns on wrapping one; nothing here writes to the input
+    return out if out.flags.writeable else out.copy()
 
 
 class Ensemble(torch.nn.Module):

@@ -113,6 +113,34 @@ def test_the_model_refuses_what_a_data_file_is_refused_for(study, x):
         api.load_best_model(study).predict(x)
 
 
+def test_masked_entries_and_pandas_missing_values_are_missing_as_nan_is(study):
+    """A masked array's mask was dropped (the data beneath it, here 1e3, was predicted on); pandas'
+    NA was refused as not a number; a pandas frame made torch warn of a non-writable array."""
+    import warnings
+
+    import pandas as pd
+
+    model = api.load_best_model(study)
+    x = np.random.default_rng(3).normal(size=(3, 6, 1))
+    gaps = x.copy()
+    gaps[0, :2] = np.nan
+    expected = model.predict_proba(gaps)
+    masked = np.ma.masked_array(x.copy(), mask=np.isnan(gaps))
+    masked.data[0, :2] = 1e3
+    np.testing.assert_allclose(model.predict_proba(masked), expected, rtol=1e-6)
+    assert not np.allclose(model.predict_proba(masked.data), expected, rtol=1e-3)  # the data beneath counts otherwise
+    frame = pd.DataFrame(gaps[0]).astype("Float64")
+    assert frame.isna().sum().sum() == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(model.predict_proba(frame), expected[0], rtol=1e-6)
+        np.testing.assert_allclose(model.predict_proba(pd.DataFrame(x[1])), expected[1], rtol=1e-6)
+    listed = [[[None if np.isnan(v) else float(v)] for v in row[:, 0]] for row in gaps]
+    np.testing.assert_allclose(model.predict_proba(listed), expected, rtol=1e-6)
+    with pytest.raises(DataError, match=r"^series 0 \(and 2 more\) has no observed values \(all NaN\)$"):
+        model.predict(np.ma.masked_array(x, mask=np.ones_like(x, bool)))
+
+
 @pytest.mark.parametrize("dtype", [torch.bool, torch.complex64])
 def test_calling_the_model_refuses_what_predict_refuses(study, dtype):
     """model(x) returned logits for booleans, and for complex numbers with their imaginary part dropped."""
