@@ -121,6 +121,11 @@ def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: 
     except StorageError:
         held = None  # not created yet
     total = totals.resolve(held, flag=n_trials, file=cfg.study.n_trials)
+    if held is not None:
+        counted, waiting = totals.count_and_waiting(held)
+        if counted >= total and not waiting:  # the CLI says so too: a silent return reads as a finished run
+            _log.warning("study %r already holds %d trial%s and its total is %d: nothing to run; pass n_trials=%d or "
+                         "more to grow it", held.study_name, counted, "" if counted == 1 else "s", total, counted + 1)
     import torch
 
     # the caller's process, e.g. a notebook: its thread count and random stream are as it left them
@@ -652,6 +657,8 @@ def reference_baselines(study: StudyLike, storage: str | BaseStorage | None = No
 
 def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, with_test: bool = True) -> dict[str, Any]:
     """The best trial as JSON-ready data, with the field names of ``optuna best-trial -f json``."""
+    if not isinstance(with_test, bool):  # "no" or 0.0 would read as its truth value
+        raise TypeError(f"with_test: expected True or False, got {with_test!r}")
     study = load_study(study, storage)
     done = _completed(study)  # one snapshot: the trial, its hyperparameters and its model agree while workers run
     t = done[0]

@@ -175,6 +175,8 @@ def test_wrong_argument_types_name_the_argument(studies, tmp_path):
         api.held_out_score(path, model="x")
     with pytest.raises(TypeError, match="refit: expected None, True or False, got 'no'"):
         load_best_model(path, refit="no")
+    with pytest.raises(TypeError, match="^with_test: expected True or False, got 'no'$"):
+        api.best_record(path, with_test="no")
     with pytest.raises(TypeError, match=r"^data: expected the study's splits \(study_data's\), got int$"):
         api.held_out_score(path, data=1)
     with pytest.raises(TypeError, match="^artifact_dir: expected a folder path, got int$"):
@@ -398,6 +400,27 @@ def test_run_study_leaves_the_callers_threads_and_random_stream_as_they_were(tmp
     finally:
         torch.set_num_threads(threads)
     assert len(load_study(path).trials) == 1  # it ran
+
+
+def test_run_study_says_when_the_study_already_holds_its_total(tmp_path, caplog):
+    """The CLI prints that the study already holds its trials; run_study returned in silence, which
+    reads as a run that finished."""
+    from workers_helpers import write_study
+
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    api.run_study(path)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cycle_optuna.api"):
+        api.run_study(path)
+        api.run_study(path, n_trials=1)
+    said = [r.getMessage() for r in caplog.records if r.name == "cycle_optuna.api"]
+    assert said == ["study 'tiny' already holds 1 trial and its total is 1: nothing to run; pass n_trials=2 or more "
+                    "to grow it"] * 2
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cycle_optuna.api"):
+        api.run_study(path, n_trials=2)
+    assert not [r for r in caplog.records if r.name == "cycle_optuna.api"]
+    assert len(load_study(path).trials) == 2
 
 
 def test_run_study_refuses_an_in_memory_database(tmp_path):
