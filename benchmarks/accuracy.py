@@ -74,7 +74,7 @@ epochs = {epochs}
 [baseline]
 patch_len = {patch}
 
-[space]  # a file without [space] searches config.DEFAULT_SPACE; here it also moves patch_len
+[space]  # what a file without [space] searches: patch_len around the automatic one, then config.DEFAULT_SPACE
 patch_len = {{ choices = {patches} }}
 {default_space}
 

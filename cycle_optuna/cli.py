@@ -262,7 +262,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg, note, held = wait.call(lambda: _with_total(args, cfg, url))
     if note:
         out.print(note, highlight=False, soft_wrap=True)
-        _print_cycles(worker.open_study(cfg, url, create=False))
+        _print_cycles(worker.open_study(cfg, url, data=data, create=False))
         return 0
     fewer = None
     if len(gpus) > 1:  # no more workers than trials left to run: the others would start only to stop

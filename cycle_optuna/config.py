@@ -199,11 +199,15 @@ class StudyConfig:
     sampler: SamplerConfig
     pruner: PrunerConfig
     path: str | None = field(default=None, compare=False)
+    # False for a study file without a [space] table (it searches DEFAULT_SPACE, and, once the data's
+    # length is known, the automatic patch_len's neighbours: with_data_defaults)
+    space_written: bool = field(default=True, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, stored on the study."""
         out = dataclasses.asdict(self)
         out.pop("path")
+        out.pop("space_written")
         # absolute paths, so the stored config works without the study file (best, report, dashboard)
         data_path = resolve_data_path(self)
         if data_path is not None:
@@ -410,6 +414,36 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
 }
 
 
+def auto_patch_len(seq_len: int, *, tokens: int = 16) -> int:
+    """patch_len 0 ("auto"): the largest power of two that still leaves at least `tokens` tokens."""
+    p = 1
+    while math.ceil(seq_len / (2 * p)) >= tokens:
+        p *= 2
+    return p
+
+
+def with_data_defaults(cfg: StudyConfig, seq_len: int, stored: Mapping[str, Any] | None) -> StudyConfig:
+    """The config a study runs with once its data's length is known.
+
+    A study file without [space] whose patch_len is automatic also searches patch_len: cycle 1 runs
+    the automatic patch for this length, and the space holds it and its neighbours (half, double).
+    No single patch suits every data set (a short motif at a random position wants tokens of a few
+    steps; aligned outlines scored better with longer ones), and the length is known only once the
+    data is read. `stored`: the config stored on the study when it exists; a study made before this
+    (its stored space without patch_len) keeps the definition it was made with.
+    """
+    if cfg.space_written or cfg.baseline.patch_len != 0 or any(p.name == "patch_len" for p in cfg.space):
+        return cfg
+    if stored is not None and "patch_len" not in (stored.get("space") or {}):
+        return cfg
+    p = auto_patch_len(seq_len)
+    choices = tuple(sorted(v for v in {max(1, p // 2), p, 2 * p} if v <= seq_len))
+    if len(choices) < 2:
+        return cfg
+    return dataclasses.replace(cfg, baseline=dataclasses.replace(cfg.baseline, patch_len=p),
+                               space=(ParamSpace(name="patch_len", choices=choices), *cfg.space))
+
+
 def default_space(baseline: Hyperparams) -> dict[str, dict[str, Any]]:
     """DEFAULT_SPACE widened to hold `baseline` (a default never contradicts the file's own values)."""
     out = {}
@@ -453,7 +487,7 @@ def parse(raw: Mapping[str, Any], where: str = "<study>", *, check_files: bool =
             parts["study"] = dataclasses.replace(parts["study"], n_trials=1)
         elif parts["study"].n_trials > 1:
             raise c.fail("study.n_trials", _empty_space_repeats(parts["study"].n_trials))
-    cfg = StudyConfig(space=space, path=None if where.startswith("<") else where, **parts)
+    cfg = StudyConfig(space=space, path=None if where.startswith("<") else where, space_written="space" in raw, **parts)
     _validate(c, cfg, check_files, as_written)
     if as_written:
         _check_written(c, cfg, {name: set(raw.get(name, {})) for name in _SECTIONS})

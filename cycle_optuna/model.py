@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cycle_optuna.config import auto_patch_len  # noqa: F401 (model.auto_patch_len, as it was)
 from cycle_optuna.features import summary_features as summary_features_of
 from cycle_optuna.features import shape_summary
 
@@ -22,14 +23,6 @@ CONV_KERNELS = (5, 3, 3)  # kernel of each conv layer of the stem: conv_stem = h
 STEP_KERNEL = 7  # step_conv: steps each output of the convolution over the raw steps reads
 INIT_STD = 0.02  # the small-transformer codebases' N(0, 0.02), times init_gain
 _EPS = 1e-5
-
-
-def auto_patch_len(seq_len: int, *, tokens: int = 16) -> int:
-    """patch_len 0 ("auto"): the largest power of two that still leaves at least `tokens` tokens."""
-    p = 1
-    while math.ceil(seq_len / (2 * p)) >= tokens:
-        p *= 2
-    return p
 
 
 def sinusoid_table(n: int, dim: int) -> torch.Tensor:

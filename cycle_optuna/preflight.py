@@ -107,12 +107,12 @@ def for_run(cfg: StudyConfig, url: str, *, wait: storage_mod.StorageWait | None 
     storage_mod.note_if_locked(url, say)
     reader = _existing_sqlite(url)
     if reader is not None:  # read first: a study it cannot join leaves the file untouched
-        worker.check_joinable(cfg, reader, url)
+        worker.check_joinable(cfg, reader, url, seq_len=data.seq_len)
 
     def open_writer() -> None:  # a read-only file or an unreachable server: one line, here
         writer = storage_mod.open_storage(url)
         if reader is None:
-            worker.check_joinable(cfg, writer, url)
+            worker.check_joinable(cfg, writer, url, seq_len=data.seq_len)
 
     wait.call(open_writer)
     return data

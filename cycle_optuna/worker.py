@@ -89,7 +89,7 @@ def _open_study(cfg: StudyConfig, url: str, *, data: TaskData | None, create: bo
     cfg = _with_env_artifacts(cfg)
     storage = storage_mod.open_storage(url)
     name = cfg.study.name
-    exists = check_joinable(cfg, storage, url)
+    exists, cfg = _joinable(cfg, storage, url, data.seq_len if data is not None else None)
     if not exists and not create:
         raise StorageError(f"no study named {name!r} in {storage_mod.mask(url)}")
     study = optuna.create_study(
@@ -153,21 +153,33 @@ def _record_search(study: optuna.Study, cfg: StudyConfig) -> str | None:
             f"sampler {last.get('sampler')} and pruner {last.get('pruner')} before); the report names both")
 
 
-def check_joinable(cfg: StudyConfig, storage: optuna.storages.BaseStorage, url: str) -> bool:
-    """Whether the study exists; refuses one whose stored trial definition differs from `cfg`."""
+def check_joinable(cfg: StudyConfig, storage: optuna.storages.BaseStorage, url: str, *,
+                   seq_len: int | None = None) -> bool:
+    """Whether the study exists; refuses one whose stored trial definition differs from `cfg` (with
+    `seq_len`, the data's length: as the study runs it, config.with_data_defaults)."""
+    return _joinable(cfg, storage, url, seq_len)[0]
+
+
+def _joinable(cfg: StudyConfig, storage: optuna.storages.BaseStorage, url: str,
+              seq_len: int | None) -> tuple[bool, StudyConfig]:
+    """(whether the study exists, the config to run it with); refuses a study `cfg` cannot join."""
     name = cfg.study.name
     exists = name in {s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
+    stored = None
     if exists:
         study = optuna.load_study(study_name=name, storage=storage)
         attrs = study.user_attrs
-        if attrs.get(CONFIG_ATTR) is not None:
-            _check_same_definition(cfg, attrs[CONFIG_ATTR], attrs.get(DIGESTS_ATTR) or {})
-            _check_same_artifact_dir(cfg, attrs[CONFIG_ATTR])
-        elif held := len(study.get_trials(deepcopy=False)):
+        stored = attrs.get(CONFIG_ATTR)
+        if stored is None and (held := len(study.get_trials(deepcopy=False))):
             # made by other code (an empty one may be ours, cut off before its config was stored)
             raise StorageError(f"study {name!r} in {storage_mod.mask(url)} holds {held} trial(s) that cycle-optuna "
                                "did not make (no study config stored on it); give [study] name another name")
-    return exists
+    if seq_len is not None:
+        cfg = config_mod.with_data_defaults(cfg, seq_len, stored)
+    if stored is not None:
+        _check_same_definition(cfg, stored, attrs.get(DIGESTS_ATTR) or {})
+        _check_same_artifact_dir(cfg, stored)
+    return exists, cfg
 
 
 def _check_same_artifact_dir(cfg: StudyConfig, stored: dict) -> None:
@@ -420,6 +432,8 @@ def run_worker(
         data = load_study_data(cfg)
         config_mod.check_patch_len(cfg, data.seq_len)  # a file's length is known only once it is read
     study = open_study(cfg, url, data=data) if wait is None else wait.call(lambda: open_study(cfg, url, data=data))
+    # a file without [space] also searches patch_len, when the study was made so (as open_study stored it)
+    cfg = config_mod.with_data_defaults(cfg, data.seq_len, study.user_attrs.get(CONFIG_ATTR))
     with storage_mod.named_errors(url):
         totals.record(study, cfg.study.n_trials)  # status and progress bars read the total from the study
 

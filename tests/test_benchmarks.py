@@ -236,3 +236,27 @@ def test_accuracy_benchmark_finds_a_variant_in_its_sets_folder(tmp_path):
         (own / f"Gesture_Z_eq_{split}.arff").write_text("")
     assert accuracy.archive_files(tmp_path, "Gesture_Z_eq")[0] == own / "Gesture_Z_eq_TRAIN.arff"
     assert accuracy.archive_files(tmp_path, "Gesture_eq") == (None, None)
+
+
+def test_the_accuracy_benchmarks_study_is_what_a_file_without_space_searches(tmp_path):
+    """accuracy.py writes its study's [baseline] patch_len and [space] out; a user's file without
+    [space] must run that same study, or the benchmark measures a study nobody gets."""
+    from cycle_optuna import config
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import accuracy
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        y = np.arange(20) % 2
+        np.savez(tmp_path / f"{split}.npz", X=rng.normal(size=(20, 300, 1)), y=y)
+    bench = config.load(accuracy.file_study("b", tmp_path / "train.npz", tmp_path / "test.npz", trials=20, epochs=20,
+                                            template=accuracy.FILE_STUDY, where=tmp_path))
+    mine = config.parse({"study": {"name": "b"}, "data": {"source": str(tmp_path / "train.npz"),
+                                                         "test_source": str(tmp_path / "test.npz")}})
+    mine = config.with_data_defaults(mine, 300, None)
+    assert bench.baseline.patch_len == mine.baseline.patch_len == 16
+    assert bench.baseline == mine.baseline and bench.space == mine.space
+    assert list(mine.to_dict()["space"])[0] == "patch_len" and mine.space[0].choices == (8, 16, 32)
