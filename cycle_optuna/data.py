@@ -321,12 +321,21 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True, features:
     ``features``: the training file's feature columns, by name: a long file's are read in that order
     and must be those (a reordered export would otherwise be read as other features)."""
     text = _read_text(path)
-    first = text.partition("\n")[0]
-    # a comma-separated file, else what the header row is separated by (spreadsheets in many locales save ';')
-    delimiter = "," if "," in first else max(";\t", key=first.count)
+    first = text.partition("\n")[0].rstrip("\r")
+    # Excel's "sep=;" first line names the delimiter; the header follows it
+    hint = re.fullmatch(r"(?i)sep=([,;\t])", first.strip(" "))
+    if hint:
+        first = text.partition("\n")[2].partition("\n")[0]
+    # a comma-separated file, else what the header row is separated by (spreadsheets in many locales
+    # save ';'); a comma inside a quoted column name is not a delimiter
+    bare = re.sub(r'"[^"]*"', "", first)
+    delimiter = hint.group(1) if hint else "," if "," in bare else max(";\t", key=bare.count)
     # those locales write 1,5 for 1.5, and a ';'-separated cell holds no other comma
     number = (lambda v: v.replace(",", ".")) if delimiter == ";" else (lambda v: v)
     reader = _rows(path, csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+    if hint:
+        next(reader)  # read, not cut from the text: a quote error's line number stays the file's
+    first_row = 3 if hint else 2  # the file's line of the first data row, for messages
     header = next(reader, None)
     if not header or not "".join(header).strip():  # nothing, or only blanks, on the first line
         raise _fail(path, "empty csv file (expected a header row)")
@@ -337,7 +346,7 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True, features:
     if dup := next((h for i, h in enumerate(header) if h in header[:i]), None):
         raise _fail(path, f"column {dup!r} appears twice in the header")
     if cfg.layout == "wide":
-        return (*_wide_csv(path, cfg, header, reader, number, need_labels), None)
+        return (*_wide_csv(path, cfg, header, reader, number, need_labels, first_row), None)
     for col, key in ((cfg.sample_column, "sample_column"), (cfg.label_column, "label_column")):
         if col not in header and (need_labels or key == "sample_column"):
             hint = "" if key != "sample_column" else (
@@ -354,7 +363,7 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True, features:
     seqs: dict[str, list[list[float]]] = {}
     labels: dict[str, str] = {}
     label_name = _LabelNames(path)
-    for line, row in enumerate(reader, start=2):
+    for line, row in enumerate(reader, start=first_row):
         if not row:
             continue
         if len(row) != len(header):
@@ -426,7 +435,7 @@ def _columns(header: list[str], most: int = 12) -> str:
 
 
 def _wide_csv(path: Path, cfg: DataConfig, header: list[str], reader: Any, number: Callable[[str], str],
-              need_labels: bool) -> tuple[np.ndarray, list[str] | None, list[str] | None]:
+              need_labels: bool, first_row: int = 2) -> tuple[np.ndarray, list[str] | None, list[str] | None]:
     """`[data] layout = "wide"`: one univariate series a row, its steps the columns other than the
     label (and the sample id, when the header has one), in header order; empty cells at the end
     pad a shorter series, inside it they are missing values."""
@@ -439,7 +448,7 @@ def _wide_csv(path: Path, cfg: DataConfig, header: list[str], reader: Any, numbe
         raise _fail(path, "no value columns besides the label column")
     seqs, labels, ids = [], [], {}
     label_name = _LabelNames(path)
-    for line, row in enumerate(reader, start=2):
+    for line, row in enumerate(reader, start=first_row):
         if not row:
             continue
         if len(row) != len(header):

@@ -411,6 +411,34 @@ def test_semicolon_csv_reads_decimal_commas(tmp_path):
     _assert_one_line_error(tmp_path / "bad.csv", "sample;label;f0\ns0;1;1,5,2\ns1;2;3\n", "line 2: column 'f0' value '1,5,2' is not a number")
 
 
+@pytest.mark.parametrize("sep", [";", ",", "\t"])
+def test_excels_sep_line_names_the_delimiter(tmp_path, sep):
+    """Excel writes (and reads) a first line "sep=;": it was read as the header, and the file refused
+    as having a column without a name."""
+    from cycle_optuna.data import read_file
+
+    path = tmp_path / "excel.csv"
+    decimal = "," if sep == ";" else "."
+    rows = [("sample", "label", "f0"), ("s0", "a", f"1{decimal}5"), ("s0", "a", "2"), ("s1", "b", "3"), ("s1", "b", "x")]
+    path.write_text(f"sep={sep}\r\n" + "\r\n".join(sep.join(r) for r in rows[:-1]) + "\r\n")
+    x, y, names = read_file(path, DataConfig())
+    assert names == ("a", "b") and x.shape == (2, 2, 1)
+    np.testing.assert_allclose(x[:, :, 0], [[1.5, 2.0], [3.0, np.nan]])
+    # line numbers in messages are the file's, the sep line counted
+    _assert_one_line_error(tmp_path / "bad.csv", f"sep={sep}\n" + "\n".join(sep.join(r) for r in rows) + "\n",
+                           "line 6: column 'f0' value 'x' is not a number")
+
+
+def test_a_quoted_comma_in_a_semicolon_header_is_not_the_delimiter(tmp_path):
+    """A header row holding a comma only inside a quoted name ("temp, C") was read as comma-separated."""
+    from cycle_optuna.data import read_file
+
+    path = tmp_path / "de.csv"
+    path.write_text('sample;label;"temp, C"\ns0;a;1,5\ns1;b;2\n')
+    x, y, names = read_file(path, DataConfig())
+    assert names == ("a", "b") and x[:, 0, 0].tolist() == [1.5, 2.0]
+
+
 def test_unsupported_suffix(tmp_path):
     path = tmp_path / "a.parquet"
     path.write_text("x")
