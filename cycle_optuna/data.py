@@ -570,8 +570,9 @@ def load_arff(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
             continue
         if line.startswith("{"):
             raise _fail(path, f"line {n}: sparse ARFF rows are not supported")
-        body, _, label = line.rpartition(",")
-        label = unicodedata.normalize("NFC", label.strip().strip("'\""))
+        cut = _arff_commas(line)[-1:] or [-1]  # a quoted label may hold a comma ('a,b')
+        body, label = line[:max(cut[0], 0)], line[cut[0] + 1:]
+        label = unicodedata.normalize("NFC", _unquote(label))
         if label not in declared:
             raise _fail(path, f"line {n}: class label {label!r} is not declared by the class attribute "
                         f"{attrs[-1][0]} ({', '.join(declared)})")
@@ -614,6 +615,29 @@ def _arff_attribute(path: Path, n: int, rest: str) -> tuple[str, str]:
     return name, kind.strip()
 
 
+def _arff_commas(text: str) -> list[int]:
+    """Positions of the commas outside quotes ('...' or "...", a backslash escaping the next character)."""
+    out, quote, escaped = [], None, False
+    for i, ch in enumerate(text):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == ",":
+            out.append(i)
+    return out
+
+
+def _unquote(value: str) -> str:
+    """An ARFF value without its blanks and its quotes."""
+    value = value.strip()
+    return value[1:-1] if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"" else value.strip("'\"")
+
+
 def _arff_classes(path: Path, attrs: list[tuple[str, str]]) -> list[str]:
     """The class names the last attribute declares; the others must be numeric (or one relational)."""
     if len(attrs) < 2:
@@ -623,7 +647,9 @@ def _arff_classes(path: Path, attrs: list[tuple[str, str]]) -> list[str]:
     if not (kind.startswith("{") and kind.endswith("}")):
         raise _fail(path, f"the last attribute {name!r} is the class and must be nominal ({{a,b,...}}), got "
                     f"{kind!r}: cycle-optuna classifies")
-    classes = _same_text(c.strip().strip("'\"") for c in kind[1:-1].split(",") if c.strip())
+    inner = kind[1:-1]
+    cuts = [-1, *_arff_commas(inner), len(inner)]
+    classes = _same_text(_unquote(inner[a + 1:b]) for a, b in zip(cuts, cuts[1:]) if inner[a + 1:b].strip())
     if len(classes) < 2 or len(set(classes)) != len(classes):
         raise _fail(path, f"the class attribute {name!r} needs two or more distinct labels, got {kind}")
     series = attrs[:-1]

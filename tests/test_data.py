@@ -641,6 +641,19 @@ def test_arff_header_words_separated_by_tabs_read_as_by_blanks(tmp_path):
     assert (labels, declared) == (labels2, declared2)
 
 
+def test_arff_quoted_class_labels_may_hold_commas(tmp_path):
+    """A quoted label with a comma ('a,b', as Weka writes a nominal value) was cut at its comma: the
+    row's last number read as "'a" and the file refused."""
+    from cycle_optuna.data import read_file
+
+    path = tmp_path / "q.arff"
+    path.write_text("@relation q\n@attribute t0 numeric\n@attribute t1 numeric\n"
+                    "@attribute target {'a,b', \"c d\", e}\n@data\n1,2,'a,b'\n3,4,\"c d\"\n5,6,e\n7,8, 'a,b'\n")
+    x, y, names = read_file(path, DataConfig())
+    assert names == ("a,b", "c d", "e") and y.tolist() == [0, 1, 2, 0]
+    np.testing.assert_array_equal(x[:, :, 0], [[1, 2], [3, 4], [5, 6], [7, 8]])
+
+
 def test_arff_multivariate_relational_matches_the_ts_file(tmp_path):
     from cycle_optuna.data import read_file
 
