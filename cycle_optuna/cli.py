@@ -215,7 +215,8 @@ def length_note(cfg, data) -> str | None:
             f"{math.ceil(typical / auto)} token(s); set [baseline] patch_len (a patch of {fits} suits the median series "
             f"and makes the padded length {math.ceil(padded / fits)} tokens), or trim or drop the longest series"
             + ("; patch_len is searched, but cycle 1 runs the automatic one" if any(
-                p.name == "patch_len" for p in getattr(cfg, "space", ())) else ""))
+                p.name == "patch_len" for p in getattr(cfg, "space", ())) or not getattr(cfg, "space_written", True)
+               else ""))  # a file without [space]: its half and double (config.with_data_defaults)
 
 
 def _series_chunks(data):

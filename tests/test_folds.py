@@ -111,6 +111,8 @@ def test_a_length_note_when_the_longest_series_sets_the_automatic_patch(tmp_path
     assert length_note(SimpleNamespace(baseline=Hyperparams(patch_len=4), space=()), data) is None  # chosen: not auto
     searched = SimpleNamespace(baseline=Hyperparams(), space=(SimpleNamespace(name="patch_len"),))
     assert length_note(searched, data).endswith("; patch_len is searched, but cycle 1 runs the automatic one")
+    default = SimpleNamespace(baseline=Hyperparams(), space=(), space_written=False)  # a file without [space]
+    assert length_note(default, data).endswith("; patch_len is searched, but cycle 1 runs the automatic one")
     np.savez(path, X=x[:, :16], y=np.arange(40) % 2)  # every series 16 steps, no padding: nothing to say
     assert length_note(SimpleNamespace(baseline=Hyperparams(), space=()), load_task(DataConfig(folds=1), 0, data_path=path)) is None
 
