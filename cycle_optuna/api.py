@@ -123,7 +123,10 @@ def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: 
     total = totals.resolve(held, flag=n_trials, file=cfg.study.n_trials)
     if held is not None:
         counted, waiting = totals.count_and_waiting(held)
-        if counted >= total and not waiting:  # the CLI says so too: a silent return reads as a finished run
+        # the CLI says so too: a silent return reads as a finished run. A running trial (maybe a lost
+        # worker's, which this worker fails and retries) or a waiting retry still needs a worker.
+        running = held.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if counted >= total else ()
+        if counted >= total and not waiting and not running:
             _log.warning("study %r already holds %d trial%s and its total is %d: nothing to run; pass n_trials=%d or "
                          "more to grow it", held.study_name, counted, "" if counted == 1 else "s", total, counted + 1)
     import torch

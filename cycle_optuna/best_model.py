@@ -132,7 +132,9 @@ def _numbers(x: Any) -> np.ndarray:
         raise DataError(f"input must be numbers [N, T, F] or [T, F]: {e}") from None
     if mask is not None and mask.any():
         out = np.where(mask, np.nan, out)
-    # a read-only view (a pandas frame's): torch warns on wrapping one; nothing here writes to the input
+    # torch wraps neither a reversed view (negative strides) nor, without a warning, a read-only one
+    # (a pandas frame's); nothing here writes to the input, so the caller's array is used where it can be
+    out = np.ascontiguousarray(out)
     return out if out.flags.writeable else out.copy()
 
 

@@ -570,8 +570,7 @@ def load_arff(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
             continue
         if line.startswith("{"):
             raise _fail(path, f"line {n}: sparse ARFF rows are not supported")
-        cut = _arff_commas(line)[-1:] or [-1]  # a quoted label may hold a comma ('a,b')
-        body, label = line[:max(cut[0], 0)], line[cut[0] + 1:]
+        body, label = _arff_label(line)
         label = unicodedata.normalize("NFC", _unquote(label))
         if label not in declared:
             raise _fail(path, f"line {n}: class label {label!r} is not declared by the class attribute "
@@ -616,20 +615,38 @@ def _arff_attribute(path: Path, n: int, rest: str) -> tuple[str, str]:
 
 
 def _arff_commas(text: str) -> list[int]:
-    """Positions of the commas outside quotes ('...' or "...", a backslash escaping the next character)."""
-    out, quote, escaped = [], None, False
+    """Positions of the commas outside quotes: a value that starts with ' or " is quoted to the same
+    quote (a backslash escapes the next character); a quote inside a bare value (don't) is a letter."""
+    out, quote, escaped, start = [], None, False, True
     for i, ch in enumerate(text):
         if escaped:
             escaped = False
-        elif ch == "\\":
-            escaped = True
         elif quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
+            if ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = None
         elif ch == ",":
             out.append(i)
+            start = True
+        elif start and ch in "'\"":
+            quote, start = ch, False
+        elif not ch.isspace():
+            start = False
     return out
+
+
+def _arff_label(line: str) -> tuple[str, str]:
+    """A data row's values and its class label, the last value (a quoted one may hold commas: 'a,b').
+    Read from the end of the row: rows of thousands of values are not walked character by character."""
+    end = line.rstrip()
+    quote, pos = end[-1:], len(end) - 1
+    while quote in ("'", '"') and (pos := end.rfind(quote, 0, pos)) >= 0:
+        before = end[:pos].rstrip()
+        if not before or before.endswith(","):  # the quote that opens the last value
+            return before[:-1], end[len(before):]
+    body, _, label = line.rpartition(",")
+    return body, label
 
 
 def _unquote(value: str) -> str:

@@ -423,6 +423,30 @@ def test_run_study_says_when_the_study_already_holds_its_total(tmp_path, caplog)
     assert len(load_study(path).trials) == 2
 
 
+def test_run_study_does_not_say_nothing_to_run_when_a_lost_workers_trial_needs_a_retry(tmp_path, caplog, monkeypatch):
+    """A worker killed mid-trial leaves it RUNNING: the study holds its total, yet the next run_study
+    fails that trial and runs its retry. It said "nothing to run" and then ran a trial."""
+    import signal
+
+    from optuna.trial import TrialState
+
+    from workers_helpers import start_cli, trials, wait_for, write_study
+
+    path = write_study(tmp_path, n_trials=1, epochs=3)
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    victim = start_cli(["run", str(path)], pause=1.0)
+    wait_for(lambda: any(t.state == TrialState.RUNNING and t.intermediate_values for t in trials(url)), 90,
+             "a trial with a reported epoch")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    monkeypatch.setenv("CYCLE_OPTUNA_HEARTBEAT_SECONDS", "1")
+    monkeypatch.setenv("CYCLE_OPTUNA_GRACE_SECONDS", "3")
+    with caplog.at_level("WARNING", logger="cycle_optuna.api"):
+        api.run_study(path)
+    assert not [r for r in caplog.records if "nothing to run" in r.getMessage()]
+    assert [t.state for t in trials(url)] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
 def test_run_study_refuses_an_in_memory_database(tmp_path):
     from workers_helpers import write_study
 

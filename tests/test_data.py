@@ -652,6 +652,8 @@ def test_arff_quoted_class_labels_may_hold_commas(tmp_path):
     x, y, names = read_file(path, DataConfig())
     assert names == ("a,b", "c d", "e") and y.tolist() == [0, 1, 2, 0]
     np.testing.assert_array_equal(x[:, :, 0], [[1, 2], [3, 4], [5, 6], [7, 8]])
+    path.write_text("@relation q\n@attribute t0 numeric\n@attribute target {don't,do}\n@data\n1,don't\n2,do\n")
+    assert read_file(path, DataConfig())[2] == ("don't", "do")  # a quote inside a bare value is a letter
 
 
 def test_arff_multivariate_relational_matches_the_ts_file(tmp_path):

@@ -115,7 +115,8 @@ def test_the_model_refuses_what_a_data_file_is_refused_for(study, x):
 
 def test_masked_entries_and_pandas_missing_values_are_missing_as_nan_is(study):
     """A masked array's mask was dropped (the data beneath it, here 1e3, was predicted on); pandas'
-    NA was refused as not a number; a pandas frame made torch warn of a non-writable array."""
+    NA in a list or an object column was refused as not a number; a pandas frame made torch warn of
+    a non-writable array; a reversed view was refused."""
     import warnings
 
     import pandas as pd
@@ -135,8 +136,14 @@ def test_masked_entries_and_pandas_missing_values_are_missing_as_nan_is(study):
         warnings.simplefilter("error")
         np.testing.assert_allclose(model.predict_proba(frame), expected[0], rtol=1e-6)
         np.testing.assert_allclose(model.predict_proba(pd.DataFrame(x[1])), expected[1], rtol=1e-6)
-    listed = [[[None if np.isnan(v) else float(v)] for v in row[:, 0]] for row in gaps]
-    np.testing.assert_allclose(model.predict_proba(listed), expected, rtol=1e-6)
+    for missing in (None, pd.NA):
+        listed = [[[missing if np.isnan(v) else float(v)] for v in row[:, 0]] for row in gaps]
+        np.testing.assert_allclose(model.predict_proba(listed), expected, rtol=1e-6)
+    objects = pd.DataFrame(gaps[0], dtype=object)
+    objects.iloc[:2, 0] = pd.NA
+    np.testing.assert_allclose(model.predict_proba(objects), expected[0], rtol=1e-6)
+    np.testing.assert_allclose(model.predict_proba(x[::-1]), model.predict_proba(x.copy()[::-1].copy()), rtol=1e-6)
+    np.testing.assert_allclose(model.predict_proba(x[:, ::-1])[0], model.predict_proba(x[0, ::-1].copy()), rtol=1e-6)
     with pytest.raises(DataError, match=r"^series 0 \(and 2 more\) has no observed values \(all NaN\)$"):
         model.predict(np.ma.masked_array(x, mask=np.ones_like(x, bool)))
 
