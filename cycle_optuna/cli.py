@@ -187,7 +187,7 @@ def small_validation_note(cfg, data) -> str | None:
             "choice")
 
 
-def length_note(cfg, data) -> str | None:
+def length_note(cfg, data, stored: dict | None = None) -> str | None:
     """When series lengths differ widely and patch_len is automatic: the patch follows the padded
     length (the longest series, a longer test file's included), which leaves a typical series a token
     or two (a 16-step series in a set with one 20,000-step series was one patch of 1024 steps, and
@@ -214,9 +214,15 @@ def length_note(cfg, data) -> str | None:
             f"patch_len ({auto}) follows the padded length, which makes a series of the median length "
             f"{math.ceil(typical / auto)} token(s); set [baseline] patch_len (a patch of {fits} suits the median series "
             f"and makes the padded length {math.ceil(padded / fits)} tokens), or trim or drop the longest series"
-            + ("; patch_len is searched, but cycle 1 runs the automatic one" if any(
-                p.name == "patch_len" for p in getattr(cfg, "space", ())) or not getattr(cfg, "space_written", True)
-               else ""))  # a file without [space]: its half and double (config.with_data_defaults)
+            + ("; patch_len is searched, but cycle 1 runs the automatic one" if _searches_patch(cfg, stored) else ""))
+
+
+def _searches_patch(cfg, stored: dict | None) -> bool:
+    """Whether the study searches patch_len: its [space] says so, or a file without [space] resolves it
+    (config.with_data_defaults), unless the study (`stored`: its stored config) was made before that."""
+    if any(p.name == "patch_len" for p in getattr(cfg, "space", ())):
+        return True
+    return not getattr(cfg, "space_written", True) and (stored is None or "patch_len" in (stored.get("space") or {}))
 
 
 def _series_chunks(data):
@@ -238,9 +244,36 @@ def constant_note(data) -> str | None:
             "lengths can tell the classes apart; expect chance accuracy unless the lengths differ by class")
 
 
-def data_notes(cfg, data) -> list[str]:
-    """What `run` and `worker` say about the data before the first cycle."""
-    notes = (small_validation_note(cfg, data), length_note(cfg, data), constant_note(data))
+IMBALANCE_NOTE_RATIO = 4  # largest training class / smallest, from which the note below is said
+
+
+def imbalance_note(cfg, data) -> str | None:
+    """Classes of very different sizes, trained as they come: accuracy, the loss and the cycles'
+    ranking favour the large classes, and a small one may be recalled little (generated 80/15/5
+    set: 0.20 of its 5% class on test, balanced accuracy 0.55-0.58; with class_weights = "balanced"
+    0.60-0.72 and 0.68-0.70, docs/model.md)."""
+    import torch
+
+    if cfg.train.class_weights != "none":
+        return None
+    counts = torch.bincount(torch.cat([data.y_train, data.y_val]), minlength=data.n_classes)
+    if int(counts.min()) == 0 or int(counts.max()) < IMBALANCE_NOTE_RATIO * int(counts.min()):
+        return None
+    names = data.class_names or tuple(str(i) for i in range(data.n_classes))
+    big, small = int(counts.argmax()), int(counts.argmin())
+    return (f"note: the training classes differ in size ({int(counts[big])} series of {names[big]!r} to "
+            f"{int(counts[small])} of {names[small]!r}): training and the cycles' ranking favour the large ones, "
+            "and `best` gives the balanced accuracy and the lowest class recall; [train] class_weights = "
+            "\"balanced\" weighs every class equally in training")
+
+
+def data_notes(cfg, data, held=None) -> list[str]:
+    """What `run` and `worker` say about the data before the first cycle (`held`: the study, when it exists)."""
+    from cycle_optuna.attrs import CONFIG_ATTR
+
+    stored = held.user_attrs.get(CONFIG_ATTR) if held is not None else None
+    notes = (small_validation_note(cfg, data), length_note(cfg, data, stored), constant_note(data),
+             imbalance_note(cfg, data))
     return [n for n in notes if n is not None]
 
 
@@ -283,7 +316,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             gpus = gpus[:left]
     out.print(f"study [bold]{cfg.study.name}[/] on {storage.mask(url)}: "
               f"{cfg.study.n_trials} trials, sampler {cfg.sampler.type}, pruner {cfg.pruner.type}")
-    for note in data_notes(cfg, data):
+    for note in data_notes(cfg, data, held):
         out.print(note, highlight=False, soft_wrap=True, markup=False)
     if fewer:
         out.print(fewer, highlight=False, soft_wrap=True)
@@ -438,12 +471,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         placement.pin(args.gpus)  # before anything starts CUDA
     wait = storage.StorageWait(url, args.wait_for_storage, _say_err)  # one allowance until the study is open
     data = preflight.for_run(cfg, url, wait=wait, say=_say_err)  # a bad input: one line, first
-    cfg, note, _ = wait.call(lambda: _with_total(args, cfg, url))
+    cfg, note, held = wait.call(lambda: _with_total(args, cfg, url))
     if note:  # a worker can do nothing useful: say so and stop before anything else
         raise CycleOptunaError(note)
     worker.install_signal_handlers()
     err.print(f"worker on study {cfg.study.name} at {storage.mask(url)}")
-    for note in data_notes(cfg, data):
+    for note in data_notes(cfg, data, held):
         err.print(note, highlight=False, soft_wrap=True, markup=False)
     stats = worker.WorkerStats()
     log = _trial_log(args, lambda line: err.print(line, highlight=False, soft_wrap=True, markup=False))

@@ -127,6 +127,7 @@ class TrainConfig:
     eval_batch_size: int = 512
     min_epoch_samples: int = 1024  # a smaller training set is repeated within an epoch up to this; 0 = off
     label_smoothing: float = 0.1  # training loss only; validation loss stays plain cross-entropy
+    class_weights: str = "none"  # "balanced": each class weighs as much in the training loss, whatever its size
 
 
 @dataclass(frozen=True)
@@ -244,8 +245,9 @@ DEFINITION_ONLY = {"study": ("seed",)}
 EXECUTION_KEYS = {"train": ("device", "threads", "compile", "pack", "eval_batch_size")}
 # keys added after studies existed, with the value that reproduces what those studies did
 CSV_LAYOUTS = ("long", "wide")
-DEFINITION_ADDED = {"data": {"folds": 1, "layout": "long"},
+DEFINITION_ADDED = {"data": {"folds": 1, "layout": "long"}, "train": {"class_weights": "none"},
                     "baseline": {"summary_features": False, "step_conv": False}}
+CLASS_WEIGHTS = ("none", "balanced")
 
 
 def without_execution(section: str, values: Any) -> Any:
@@ -558,6 +560,7 @@ def _validate(c: _Checker, cfg: StudyConfig, check_files: bool, as_written: bool
         raise c.fail("train.augment_scale", f"must be < 1, got {t.augment_scale}")
     if not 0 <= t.label_smoothing < 1:
         raise c.fail("train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
+    c.one_of("train.class_weights", t.class_weights, CLASS_WEIGHTS)
     c.at_least("train.init_gain", t.init_gain, 0, strict=True)
     c.at_least("train.max_bad_batches", t.max_bad_batches, 1)
     c.at_least("train.early_stopping_patience", t.early_stopping_patience, 0)

@@ -139,6 +139,8 @@ class Population:
         self.guard = train._Guard((m,), device, cfg.max_bad_batches)
         self.shuffle = torch.Generator().manual_seed(seed)
         self.x_tr, self.y_tr = train.to_device(data.x_train, device), train.to_device(data.y_train, device)
+        weight = train.class_weight(data.y_train, data.n_classes, cfg.class_weights)
+        self.weight = None if weight is None else train.to_device(weight, device)
         self.x_va, self.y_va = train.to_device(data.x_val, device), train.to_device(data.y_val, device)
         # the summary branch's inputs, once for all members (as train._Single computes them)
         self.f_tr = None if train.augments(cfg) else train.summaries(self.template, self.x_tr)
@@ -268,7 +270,7 @@ class Population:
 
     def _loss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor,
               summary: torch.Tensor | None) -> torch.Tensor:
-        return F.cross_entropy(self._forward(params, buffers, x, summary).float(), y,
+        return F.cross_entropy(self._forward(params, buffers, x, summary).float(), y, weight=self.weight,
                                label_smoothing=self.cfg.label_smoothing)
 
     @staticmethod

@@ -269,6 +269,17 @@ def _masks_on_device(opt: torch.optim.Optimizer) -> bool:
     return isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and all(g.get("fused") for g in opt.param_groups)
 
 
+def class_weight(y: torch.Tensor, n_classes: int, mode: str) -> torch.Tensor | None:
+    """The training loss's per-class weights: None for `[train] class_weights = "none"`; "balanced":
+    a class of n_c of the split's n series weighs n / (K * n_c), K the classes present (one absent
+    from this split, a cross-validation fold's: 0), so each class counts as much as an average-sized one."""
+    if mode == "none":
+        return None
+    counts = torch.bincount(y.detach().cpu().long(), minlength=n_classes).double()
+    present = counts > 0
+    return torch.where(present, counts.sum() / (present.sum() * counts.clamp(min=1)), 0.0).float()
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
              summary: torch.Tensor | None = None) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) in eval mode under inference_mode; ``summary``: the
@@ -617,6 +628,8 @@ class _Single:
         self.shuffle = torch.Generator().manual_seed(seed)
         self.x_tr, self.y_tr = to_device(data.x_train, device), to_device(data.y_train, device)
         self.x_va, self.y_va = to_device(data.x_val, device), to_device(data.y_val, device)
+        weight = class_weight(data.y_train, data.n_classes, cfg.class_weights)
+        self.weight = None if weight is None else to_device(weight, device)
         # the summary branch's inputs, once per trial; per step instead where augmentation changes the series
         self.f_tr = None if augments(cfg) else summaries(self.model, self.x_tr)
         self.f_va = summaries(self.model, self.x_va)
@@ -664,7 +677,7 @@ class _Single:
             hessian_step = sophia and opt.param_groups[0].get("step", 0) % opt.update_period == 0
             with sdpa_kernel(SDPBackend.MATH) if hessian_step else contextlib.nullcontext():
                 logits = self.net(xb) if fs is None else self.net(xb, fs[i:i + bs])
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(logits.float(), yb, weight=self.weight, label_smoothing=cfg.label_smoothing)
             if hessian_step:
                 with warnings.catch_warnings():
                     # torch warns of a grad<->param cycle; zero_grad(set_to_none=True) below breaks it.

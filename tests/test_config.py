@@ -111,6 +111,7 @@ def test_to_dict_round_trips():
         ("pruner", "type = 'medain'", r"pruner\.type: 'medain' is not one of .* \(did you mean 'median'\?\)"),
         ("train", "optimizer = 'adamx'", r"train\.optimizer: 'adamx' is not one of adamw, adam, sgd, lion, sophia"),
         ("train", "schedule = 'cosin'", r"train\.schedule: 'cosin' is not one of .* \(did you mean 'cosine'\?\)"),
+        ("train", "class_weights = 'balance'", r"train\.class_weights: 'balance' is not one of none, balanced \(did you mean 'balanced'\?\)"),
         ("data", "source = 'missing.npz'", r"data\.source: file not found: .*missing\.npz"),
         ("data", "source = 'data.parquet'", r"data\.source: must be 'synthetic' or a \.npz/\.csv/\.ts/\.arff/\.tsv/\.txt file"),
         ("data", "test_source = 'test.npz'", r"data\.test_source: needs a data file in data\.source"),

@@ -113,6 +113,10 @@ def test_a_length_note_when_the_longest_series_sets_the_automatic_patch(tmp_path
     assert length_note(searched, data).endswith("; patch_len is searched, but cycle 1 runs the automatic one")
     default = SimpleNamespace(baseline=Hyperparams(), space=(), space_written=False)  # a file without [space]
     assert length_note(default, data).endswith("; patch_len is searched, but cycle 1 runs the automatic one")
+    made_so = {"space": {"patch_len": {"choices": [64, 128, 256]}}}  # a study that stored the resolved space
+    assert length_note(default, data, made_so).endswith("; patch_len is searched, but cycle 1 runs the automatic one")
+    made_before = {"space": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}  # before the default searched it
+    assert length_note(default, data, made_before).endswith("or trim or drop the longest series")
     np.savez(path, X=x[:, :16], y=np.arange(40) % 2)  # every series 16 steps, no padding: nothing to say
     assert length_note(SimpleNamespace(baseline=Hyperparams(), space=()), load_task(DataConfig(folds=1), 0, data_path=path)) is None
 
@@ -306,3 +310,32 @@ def test_a_cross_validated_study_stores_and_loads_the_folds_model(tmp_path):
 
     text = report.write_report(study, tmp_path / "out", test=False).read_text()
     assert f"Cycles are scored by 5-fold cross-validation over the {len(d.pooled()[1])} train and val sequences" in text
+
+
+def test_an_imbalance_note_names_the_largest_and_the_smallest_class(tmp_path):
+    """Classes of 40 and 10 series: the note says which, and how to weigh them equally."""
+    from types import SimpleNamespace
+
+    from cycle_optuna.cli import imbalance_note
+    from cycle_optuna.config import TrainConfig
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "a.csv"
+    rows = ["sample,label,f0", *(f"s{i},{'ok' if i < 40 else 'fault'},{v:.3f}" for i in range(50)
+                                 for v in rng.normal(size=4))]
+    path.write_text("\n".join(rows) + "\n")
+    test = tmp_path / "test.csv"  # a test file of its own: none is carved from the training file
+    test.write_text("sample,label,f0\nt0,ok,1\nt1,fault,2\n")
+    data = load_task(DataConfig(folds=1), 0, data_path=path, test_path=test)
+    note = imbalance_note(SimpleNamespace(train=TrainConfig()), data)
+    assert note == ("note: the training classes differ in size (40 series of 'ok' to 10 of 'fault'): training and the "
+                    "cycles' ranking favour the large ones, and `best` gives the balanced accuracy and the lowest "
+                    "class recall; [train] class_weights = \"balanced\" weighs every class equally in training")
+    assert imbalance_note(SimpleNamespace(train=TrainConfig(class_weights="balanced")), data) is None
+    path.write_text("\n".join(rows[:1 + 4 * 40] + [r.replace("fault", "ok") for r in rows[1 + 4 * 40:1 + 4 * 42]]
+                              + rows[1 + 4 * 42:]) + "\n")  # 42 to 8: a note; the same classes 4 to 1 below
+    assert "(42 series of 'ok' to 8 of 'fault')" in imbalance_note(SimpleNamespace(train=TrainConfig()),
+                                                                   load_task(DataConfig(folds=1), 0, data_path=path, test_path=test))
+    path.write_text("\n".join(rows[:1 + 4 * 39] + [r.replace("ok", "fault") for r in rows[1 + 4 * 39:1 + 4 * 40]]
+                              + rows[1 + 4 * 40:]) + "\n")  # 39 to 11: less than 4 to 1
+    assert imbalance_note(SimpleNamespace(train=TrainConfig()), load_task(DataConfig(folds=1), 0, data_path=path, test_path=test)) is None

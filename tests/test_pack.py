@@ -72,6 +72,18 @@ def test_a_model_switch_packs_as_it_trains_alone(data, knob):
     assert pack.pack_key(hps[0]) != pack.pack_key(MOVES[0])  # a shape of its own
 
 
+def test_balanced_class_weights_pack_as_they_train_alone(data):
+    """[train] class_weights = "balanced" weighs the training loss by class, packed as alone."""
+    keep = (data.y_train == 0) | (torch.arange(len(data.y_train)) % 4 == 0)  # classes 1 and 2 thinned to a quarter
+    skewed = dataclasses.replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
+    cfg = dataclasses.replace(CFG, class_weights="balanced")
+    packed = pack.train_pack(skewed, MOVES[:2], cfg, seed=0)
+    for p, hp in zip(packed, MOVES[:2]):
+        _assert_close(p, train_and_evaluate(skewed, hp, cfg, seed=0))
+    plain = train_and_evaluate(skewed, MOVES[0], CFG, seed=0)  # the weights do change the training
+    assert packed[0].history[0].train_loss != pytest.approx(plain.history[0].train_loss, rel=1e-3)
+
+
 def test_packed_summary_statistics_computed_once_train_as_recomputed_per_step(data, monkeypatch):
     from cycle_optuna import train
 

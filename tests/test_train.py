@@ -398,3 +398,13 @@ def test_cuda_graphs_wait_until_a_shape_has_trained_enough_steps_in_the_worker(e
               train.graph_shape(HP, (32, *easy.x_train.shape[1:]))]
     assert not any(train._graphs_pay(shape, 400) for shape in others)
     assert train._graphs_pay(others[0], 600)
+
+
+def test_balanced_class_weights_make_each_class_weigh_as_an_average_sized_one():
+    from cycle_optuna.train import class_weight
+
+    y = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 2])  # 6, 2, 4 of 12: an average class holds 4
+    w = class_weight(y, 4, "balanced")  # class 3 absent from this split (a cross-validation fold's)
+    assert w.tolist() == pytest.approx([12 / 18, 12 / 6, 12 / 12, 0.0])
+    assert float((w[y]).sum()) == pytest.approx(len(y))  # the loss's scale stays that of the unweighted mean
+    assert class_weight(y, 4, "none") is None
