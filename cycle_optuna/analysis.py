@@ -200,6 +200,17 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _toml(v: Any) -> str:
+    """`v` as a study file writes it (true, "mean", 0.00061234): a line to paste, not a display."""
+    import json
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and math.isfinite(v):
+        return repr(v)
+    return json.dumps(v) if isinstance(v, str) else str(v)
+
+
 def _edge(name: str, p: ParamSpace, v: Any) -> str | None:
     """The range advice for a best value at an edge of its range or choices; None when inside or impossible."""
     if p.choices is not None:
@@ -305,8 +316,8 @@ def recommendations(
         if top[1] >= 0.5:
             recs.append(f"Focus on {top[0]} (importance {top[1]:.2f})"
                         + (f"; fix {', '.join(weak)} at the best values to shrink the space" if weak else ""))
-    toml = ", ".join(f"{k} = {_fmt(v)}" for k, v in best.params.items())
-    recs.append(f"Use cycle {best.cycle} as the next baseline: `[baseline] {toml}`")
+    toml = ", ".join(f"`{k} = {_toml(v)}`" for k, v in best.params.items())
+    recs.append(f"Use cycle {best.cycle} as the next baseline, in [baseline]: {toml}")
     seen: set[str] = set()
     return [r for r in recs if not (r in seen or seen.add(r))]
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import csv
+import difflib
 import dataclasses
 import io
 import math
@@ -349,10 +350,7 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True, features:
         return (*_wide_csv(path, cfg, header, reader, number, need_labels, first_row), None)
     for col, key in ((cfg.sample_column, "sample_column"), (cfg.label_column, "label_column")):
         if col not in header and (need_labels or key == "sample_column"):
-            hint = "" if key != "sample_column" else (
-                "; one series per row? set [data] layout = \"wide\"" if need_labels  # training or test file
-                else "; the study reads a row per time step ([data] layout = \"long\"), not a row per series")
-            raise _fail(path, f"missing {key} column '{col}' (columns: {_columns(header)}){hint}")
+            raise _fail(path, f"missing {key} column '{col}' (columns: {_columns(header)}){_column_hint(header, col, key, need_labels)}")
     i_sample = header.index(cfg.sample_column)
     i_label = header.index(cfg.label_column) if cfg.label_column in header else None
     feat_idx = [i for i in range(len(header)) if i not in (i_sample, i_label)]
@@ -427,6 +425,23 @@ def _drop_empty_unnamed(path: Path, header: list[str], rows: list[list[str]]) ->
             raise _fail(path, f"column {i + 1} has no name in the header (a row index, as pandas' to_csv() or R's "
                         "write.csv write?); write the file without it (index=False, row.names=FALSE) or name it")
     return [header[i] for i in keep], [[r[i] for i in keep if i < len(r)] if r else r for r in rows]
+
+
+def _column_hint(header: list[str], col: str, key: str, need_labels: bool) -> str:
+    """What to do about a missing sample or label column: the column of another case or spelling, the
+    key that names another one, or (sample, in a training or test file) the wide layout."""
+    close = next((h for h in header if h.lower() == col.lower()), None) or next(
+        iter(difflib.get_close_matches(col, header, n=1, cutoff=0.8)), None)
+    if not need_labels:  # new data for a finished study: the study's column names hold
+        return (f"; did you mean {close!r}? name it {col!r}, as in the study's training file" if close else
+                f"; new data needs the study's columns: each series' id in a column named {col!r}, a row per time "
+                "step ([data] layout = \"long\")")
+    if close:
+        return f"; did you mean {close!r}? set [data] {key} = {close!r}"
+    if key == "label_column":
+        return "; set [data] label_column to the column that holds each series' class"
+    return ("; set [data] sample_column to the column that holds each series' id (and label_column to its class), "
+            "or, for one series per row, [data] layout = \"wide\"")
 
 
 def _columns(header: list[str], most: int = 12) -> str:
@@ -883,12 +898,15 @@ def class_order(declared: list[str]) -> tuple[str, ...]:
     return tuple(declared)
 
 
-def check_arrays(path: Path | str, x: Any, y: Any, *, named: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+def check_arrays(path: Path | str, x: Any, y: Any, *, named: bool = False,
+                 ids: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Validate raw arrays; return X float64 (NaN = missing; every value finite in float32, which the
     model sees after normalisation), y int64 and the number of classes.
 
     ``named``: y indexes a test file's labels into the training file's classes, already checked by
-    name; such a file may lack classes (a small test file), so only X is checked further.
+    name; such a file may lack classes (a small test file), so only X is checked further. ``ids``:
+    each series' id in the file (a .csv file's sample column), which messages name it by; else its
+    position (0-based).
     """
     path = Path(path)
     x, y = np.asarray(x), np.asarray(y)
@@ -907,11 +925,11 @@ def check_arrays(path: Path | str, x: Any, y: Any, *, named: bool = False) -> tu
     if np.isinf(x32).any():
         bad = np.argwhere(np.isinf(x32))[0]
         big = "" if np.isinf(x).any() else " after conversion to 32-bit floats (|x| > 3.4e38)"
-        raise _fail(path, f"X has {int(np.isinf(x32).sum())} inf values{big} (first at sample {bad[0]}, "
+        raise _fail(path, f"X has {int(np.isinf(x32).sum())} inf values{big} (first at {_series(bad[0], ids)}, "
                     f"step {bad[1]}, feature {bad[2]}); only NaN may mark a missing value")
     empty = np.flatnonzero(np.isnan(x).all(axis=(1, 2)))
     if len(empty):
-        raise _fail(path, f"sample {empty[0]} has no observed values (all NaN)"
+        raise _fail(path, f"{_series(empty[0], ids)} has no observed values (all NaN)"
                     f"{f' and {len(empty) - 1} more' if len(empty) > 1 else ''}")
     if not np.isfinite(y).all():
         raise _fail(path, "y has NaN/inf labels")
@@ -940,6 +958,12 @@ def check_arrays(path: Path | str, x: Any, y: Any, *, named: bool = False) -> tu
         raise _fail(path, f"labels must be 0..K-1 with every class present: labels go up to {k - 1} but "
                     f"{k - len(present)} class(es) have no samples ({shown})")
     return x, y, k
+
+
+def _series(i: int, ids: list[str] | None) -> str:
+    """Series i as a message names it: by its id in the file when it has one ("sample 'b7'"), else by
+    its position ("sample 3"; a .csv file's id column is also called sample, so an id is quoted)."""
+    return f"sample {ids[i]!r}" if ids is not None and i < len(ids) else f"sample {i}"
 
 
 def read_file(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None = None, *,
@@ -1000,7 +1024,8 @@ def _read(path: Path, cfg: DataConfig, classes: tuple[str, ...] | None, *, need_
                         "series of every class it declares (remove them from the declaration)")
         names = found if classes is None else classes
         index = {name: i for i, name in enumerate(names)}
-        x, y, _ = check_arrays(path, x, np.asarray([index[label] for label in labels]), named=classes is not None)
+        x, y, _ = check_arrays(path, x, np.asarray([index[label] for label in labels]), named=classes is not None,
+                               ids=ids)
         return x, y, names, ids, names_of_features
     if suffix == ".npz":
         x, y = load_npz(path, need_y=need_labels)
@@ -1034,7 +1059,7 @@ def _unlabelled(path: Path, x: np.ndarray, classes: tuple[str, ...] | None, ids:
                 ) -> tuple[np.ndarray, None, tuple[str, ...], list[str] | None]:
     """New data without its classes: X checked as a labelled file's is."""
     x = np.asarray(x)
-    return check_arrays(path, x, np.zeros(len(x) if x.ndim else 1), named=True)[0], None, classes or (), ids
+    return check_arrays(path, x, np.zeros(len(x) if x.ndim else 1), named=True, ids=ids)[0], None, classes or (), ids
 
 
 # ---------------------------------------------------------------------------------------------

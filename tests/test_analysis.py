@@ -124,3 +124,16 @@ def test_nothing_complete_means_run_the_study():
     done = an.recommendations([cyc(1, "PRUNED", curve=[1.2]), cyc(2, "FAIL")], None, SPACE)
     assert done[0].startswith("No cycle completed: all 2 were pruned, diverged or failed")
     assert an.plateau([cyc(1, "PRUNED", curve=[1.2])]) is None
+
+
+def test_the_next_baseline_advice_pastes_into_a_study_file():
+    """It read `[baseline] lr = 0.0061, pos_encoding = sinusoidal, instance_norm = False`: not TOML
+    (a bare string, Python's False, commas between keys) and lr rounded to 4 digits."""
+    import re
+    import tomllib
+
+    best = cyc(1, lr=0.0061234567, pos_encoding="sinusoidal", instance_norm=False, summary_features=True, curve=[0.5])
+    advice = next(r for r in an.recommendations([best, cyc(2, curve=[0.9])], best, SPACE) if r.startswith("Use cycle"))
+    assert advice.startswith("Use cycle 1 as the next baseline, in [baseline]: `")
+    pasted = tomllib.loads("\n".join(re.findall(r"`([^`]*)`", advice)))
+    assert pasted == best.params

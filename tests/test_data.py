@@ -314,7 +314,13 @@ def _npy_bytes(a: np.ndarray) -> bytes:
         ("sample,label,f0\ns0,0,1\ns1,1\n", "line 3: 2 fields"),
         ("sample,label,f0\n", "no data rows"),
         ("", "empty csv"),
-        ("sample,label,f0\ns0,0,nan\ns1,1,2\n", "sample 0 has no observed values"),
+        ("sample,label,f0\ns1,1,2\ns0,0,nan\n", "sample 's0' has no observed values"),  # by its id, not its position
+        # a column of another case or spelling, or other names for id and class: what to set
+        ("Sample,label,f0\ns0,a,1\ns1,b,2\n", "missing sample_column column 'sample' (columns: Sample, label, f0); "
+                                                "did you mean 'Sample'? set [data] sample_column = 'Sample'"),
+        ("sample,lable,f0\ns0,a,1\ns1,b,2\n", "did you mean 'lable'? set [data] label_column = 'lable'"),
+        ("sample,activity,f0\ns0,a,1\ns1,b,2\n", "missing label_column column 'label' (columns: sample, activity, "
+                                                  "f0); set [data] label_column to the column that holds each series' class"),
         ("sample,label,f0\ns0,0,inf\ns1,1,2\n", "inf values"),
         ("sample,label,f0\ns0,run,1\ns1,run,2\n", "only one class ('run')"),
         ("\x1b[2J\x07,x\ns0,1\n", "(columns: '\\x1b[2J\\x07', x)"),  # a binary file: no control bytes echoed
@@ -358,8 +364,9 @@ def test_wide_csv_is_one_series_a_row(tmp_path):
     assert task.x_test.shape[1:] == (3, 1)
     # the same file read as long format says how to read it
     _assert_one_line_error(tmp_path / "bad.csv", "label,t0,t1\nup,1,2\ndown,3,4\n",
-                           "missing sample_column column 'sample' (columns: label, t0, t1); one series per row? "
-                           "set [data] layout = \"wide\"")
+                           "missing sample_column column 'sample' (columns: label, t0, t1); set [data] sample_column "
+                           "to the column that holds each series' id (and label_column to its class), or, for one "
+                           "series per row, [data] layout = \"wide\"")
 
 
 @pytest.mark.parametrize(

@@ -339,3 +339,33 @@ def test_an_imbalance_note_names_the_largest_and_the_smallest_class(tmp_path):
     path.write_text("\n".join(rows[:1 + 4 * 39] + [r.replace("ok", "fault") for r in rows[1 + 4 * 39:1 + 4 * 40]]
                               + rows[1 + 4 * 40:]) + "\n")  # 39 to 11: less than 4 to 1
     assert imbalance_note(SimpleNamespace(train=TrainConfig()), load_task(DataConfig(folds=1), 0, data_path=path, test_path=test)) is None
+
+
+def test_a_value_far_outside_the_rest_is_named_as_a_likely_missing_value_code(tmp_path):
+    """One 999999 among values near 0 (a missing-value code held as a number) set the scale every
+    series was normalised by: cycles and baselines sat at chance, and nothing said why."""
+    from cycle_optuna.cli import outlier_note
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(40, 12, 2))
+    labels = ["up" if i % 2 else "down" for i in range(40)]
+
+    def task(v):
+        path = tmp_path / "a.csv"
+        path.write_text("\n".join(["sample,label,power,temp", *(f"s{i},{labels[i]},{v[i, t, 0]:.6g},{v[i, t, 1]:.6g}"
+                                                                for i in range(40) for t in range(12))]) + "\n")
+        test = tmp_path / "t.csv"
+        test.write_text("sample,label,power,temp\nt0,up,1,2\nt0,up,1,2\nt1,down,2,3\nt1,down,2,3\n")
+        return load_task(DataConfig(folds=1), 0, data_path=path, test_path=test)
+
+    assert outlier_note(task(values)) is None  # 960 normal values: the farthest is a few spreads out
+    coded = values.copy()
+    coded[3, 5, 1] = 999999
+    coded[7, 0, 1] = -9999
+    note = outlier_note(task(coded))
+    assert note.startswith("note: 2 training values of feature 'temp' lie far outside the rest (the farthest 999999, "
+                           "where 98% of the values lie between "), note
+    assert note.endswith("leave missing values empty (or NaN) in the file")
+    events = np.zeros_like(values)  # a feature that is mostly 0 with a rare event: its middle 98% is 0 wide
+    events[5, 3, 0] = 50
+    assert outlier_note(task(np.concatenate([events[..., :1], values[..., 1:]], axis=2))) is None

@@ -225,7 +225,8 @@ def test_output_to_dev_stdout_keeps_the_summary_out_of_the_csv(study):
         ("f.csv", "sample,f0,f1\ns0,1,2\n", "feature column(s) 'f1' not in the study's training file, which has f0"),
         ("g.csv", "sample,g0\ns0,1\n", "missing feature column(s) 'f0': the study was trained on f0"),
         ("m.csv", "id,f0\ns0,1\n", "missing sample_column column 'sample'"),
-        ("w.csv", "t0,t1,t2\n1,2,3\n", "the study reads a row per time step ([data] layout = \"long\")"),
+        ("w.csv", "t0,t1,t2\n1,2,3\n", "new data needs the study's columns: each series' id in a column named "
+                                       "'sample', a row per time step ([data] layout = \"long\")"),
         ("gone.csv", None, "data file not found"),
     ],
 )
