@@ -25,7 +25,7 @@ from cycle_optuna.attrs import (  # noqa: F401 - re-exported: api.CONFIG_ATTR et
 from cycle_optuna import redact
 from cycle_optuna import config as config_mod
 from cycle_optuna import storage as storage_mod
-from cycle_optuna.config import PARAM_NAMES, Hyperparams, StudyConfig
+from cycle_optuna.config import PARAM_NAMES, StudyConfig
 from cycle_optuna.errors import ConfigError, DataError, StorageError
 from cycle_optuna.jsonvalues import finite_or_none
 
@@ -192,10 +192,10 @@ def search_settings(study: optuna.Study) -> list[dict[str, Any]]:
 
 
 def baseline_params(study: StudyLike) -> dict[str, Any]:
-    """Every hyperparameter's baseline value (stored config, else the defaults)."""
+    """Every hyperparameter's baseline value (the stored config's); {} for a study cycle-optuna did not
+    make, whose trials' own parameters are all there is (this project's defaults are not its baseline)."""
     cfg = study_config(study)
-    base = cfg.baseline if cfg is not None else Hyperparams()
-    return {name: getattr(base, name) for name in PARAM_NAMES}
+    return {name: getattr(cfg.baseline, name) for name in PARAM_NAMES} if cfg is not None else {}
 
 
 def best_trial(study: StudyLike, storage: str | BaseStorage | None = None) -> FrozenTrial:

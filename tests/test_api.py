@@ -447,6 +447,18 @@ def test_run_study_does_not_say_nothing_to_run_when_a_lost_workers_trial_needs_a
     assert [t.state for t in trials(url)] == [TrialState.FAIL, TrialState.COMPLETE]
 
 
+def test_a_study_other_code_made_shows_its_own_parameters_only(tmp_path):
+    """best_params and cycles() filled a foreign study's trials with this project's defaults (lr 5e-4,
+    hidden_dim 64, ...) beside its real parameter, as if that were its baseline."""
+    url = f"sqlite:///{tmp_path / 'foreign.db'}"
+    foreign = optuna.create_study(study_name="foreign", storage=url)
+    foreign.optimize(lambda t: (t.suggest_float("x", -1, 1) - 0.2) ** 2, n_trials=3)
+    study = load_study("foreign", storage=url)
+    assert best_params(study) == foreign.best_params
+    assert [c.params for c in cycles(study)] == [t.params for t in foreign.trials]
+    assert api.baseline_params(study) == {}
+
+
 def test_run_study_refuses_an_in_memory_database(tmp_path):
     from workers_helpers import write_study
 
