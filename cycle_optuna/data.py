@@ -350,7 +350,8 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True, features:
         return (*_wide_csv(path, cfg, header, reader, number, need_labels, first_row), None)
     for col, key in ((cfg.sample_column, "sample_column"), (cfg.label_column, "label_column")):
         if col not in header and (need_labels or key == "sample_column"):
-            raise _fail(path, f"missing {key} column '{col}' (columns: {_columns(header)}){_column_hint(header, col, key, need_labels)}")
+            hint = _column_hint(header, col, key, need_labels, second=features is not None)
+            raise _fail(path, f"missing {key} column '{col}' (columns: {_columns(header)}){hint}")
     i_sample = header.index(cfg.sample_column)
     i_label = header.index(cfg.label_column) if cfg.label_column in header else None
     feat_idx = [i for i in range(len(header)) if i not in (i_sample, i_label)]
@@ -427,11 +428,14 @@ def _drop_empty_unnamed(path: Path, header: list[str], rows: list[list[str]]) ->
     return [header[i] for i in keep], [[r[i] for i in keep if i < len(r)] if r else r for r in rows]
 
 
-def _column_hint(header: list[str], col: str, key: str, need_labels: bool) -> str:
+def _column_hint(header: list[str], col: str, key: str, need_labels: bool, second: bool = False) -> str:
     """What to do about a missing sample or label column: the column of another case or spelling, the
-    key that names another one, or (sample, in a training or test file) the wide layout."""
+    key that names another one, or (sample, in a training or test file) the wide layout. `second`: a
+    test file read beside a .csv training file, which the key also names: its column is renamed."""
     close = next((h for h in header if h.lower() == col.lower()), None) or next(
         iter(difflib.get_close_matches(col, header, n=1, cutoff=0.8)), None)
+    if second and need_labels:
+        return (f"; did you mean {close!r}? " if close else "; ") + f"name it {col!r}, as in the training file"
     if not need_labels:  # new data for a finished study: the study's column names hold
         return (f"; did you mean {close!r}? name it {col!r}, as in the study's training file" if close else
                 f"; new data needs the study's columns: each series' id in a column named {col!r}, a row per time "

@@ -270,8 +270,7 @@ class Population:
 
     def _loss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor,
               summary: torch.Tensor | None) -> torch.Tensor:
-        return F.cross_entropy(self._forward(params, buffers, x, summary).float(), y, weight=self.weight,
-                               label_smoothing=self.cfg.label_smoothing)
+        return train.training_loss(self._forward(params, buffers, x, summary), y, self.weight, self.cfg.label_smoothing)
 
     @staticmethod
     def _attention():

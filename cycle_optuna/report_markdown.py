@@ -50,11 +50,27 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _generic(c: Cycle) -> str:
+    """A cycle of a study other code made: its own parameters, as they are."""
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in c.params.items()) or "no parameters"
+
+
 def _arch(c: Cycle) -> str:
     p = c.params
+    if not all(k in p for k in ("hidden_dim", "n_layers", "n_heads")):
+        return _generic(c)
     layers, heads = p.get("n_layers"), p.get("n_heads")
     return (f"hidden {p.get('hidden_dim')}, {_n(layers, 'layer') if isinstance(layers, int) else f'{layers} layers'}, "
             f"{_n(heads, 'head') if isinstance(heads, int) else f'{heads} heads'}")
+
+
+_OURS = ("lr", "hidden_dim", "n_layers", "n_heads", "batch_size", "dropout")
+
+
+def _config(c: Cycle) -> str:
+    """A cycle's configuration in a few words: lr and the model's shape; a study other code made has
+    other parameters (or none), named as they are."""
+    return f"lr {_fmt(c.params['lr'])}, {_arch(c)}" if all(k in c.params for k in _OURS) else _generic(c)
 
 
 def _tried(c: Cycle) -> str:
@@ -62,7 +78,7 @@ def _tried(c: Cycle) -> str:
     if c.key_change and c.key_change not in ("baseline configuration", "first trial", "no change"):
         return c.key_change
     lead = f"{c.key_change}: " if c.key_change else ""
-    return f"{lead}lr {_fmt(c.params.get('lr'))}, {_arch(c)}"
+    return f"{lead}{_config(c)}"
 
 
 def _state(c: Cycle) -> str:
@@ -271,8 +287,8 @@ def _lr(a: Analysis) -> list[str]:
     div = sorted(c.params["lr"] for c in a.diverged if c.params.get("lr"))
     if div:
         lines.append(f"- **Diverged** at learning rates {', '.join(_fmt(v) for v in div)}")
-    if a.best is not None:
-        lines.append(f"- The best cycle used {_fmt(a.best.params.get('lr'))}")
+    if a.best is not None and "lr" in a.best.params:
+        lines.append(f"- The best cycle used {_fmt(a.best.params['lr'])}")
     return lines + [""]
 
 
@@ -449,9 +465,10 @@ def _conclusion(a: Analysis) -> list[str]:
         return []
     b = a.best
     test = (f" On the held-out test split {_model(a)} scored {_pct(a.test.accuracy)} accuracy." if a.test else "")
+    what = (f"{_arch(b)}, lr {_fmt(b.params['lr'])}, batch {b.params['batch_size']}, dropout {_fmt(b.params['dropout'])}"
+            if all(k in b.params for k in _OURS) else _config(b))
     return ["## Conclusion", "",
-            f"**Key takeaway:** cycle {b.cycle} ({_arch(b)}, lr {_fmt(b.params.get('lr'))}, batch "
-            f"{b.params.get('batch_size')}, dropout {_fmt(b.params.get('dropout'))}) reached validation loss "
+            f"**Key takeaway:** cycle {b.cycle} ({what}) reached validation loss "
             f"{b.value:.4f} and accuracy {_pct(b.val_accuracy)} after {_n(len(a.cycles), 'cycle')}.{test}", ""]
 
 
@@ -480,8 +497,7 @@ def summary(a: Analysis) -> str:
         return "\n".join(lines + ["", "No cycle has completed yet."]) + "\n"
     b = a.best
     lines += ["", f"**Best: cycle {b.cycle}**, val loss {b.value:.4f}, val accuracy {_pct(b.val_accuracy)}"
-              + (f", held-out test accuracy of {_model(a)} {_pct(a.test.accuracy)}" if a.test else "") + f" ({_arch(b)}, "
-              f"lr {_fmt(b.params.get('lr'))})", ""]
+              + (f", held-out test accuracy of {_model(a)} {_pct(a.test.accuracy)}" if a.test else "") + f" ({_config(b)})", ""]
     lines += _context(a)
     for t, words in ((an.trend(a.cycles, an.model_size), CAPACITY_WORDS), (an.trend(a.cycles, _log_lr), LR_WORDS)):
         if t.rho is not None:

@@ -280,6 +280,18 @@ def class_weight(y: torch.Tensor, n_classes: int, mode: str) -> torch.Tensor | N
     return torch.where(present, counts.sum() / (present.sum() * counts.clamp(min=1)), 0.0).float()
 
 
+def training_loss(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, smoothing: float) -> torch.Tensor:
+    """The batch's training loss: cross-entropy against targets smoothed by `smoothing`, each series
+    weighed by its class's `weight` when given. Per series, not F.cross_entropy's `weight`: that one
+    also weighs the smoothed targets' share of every other class by that class's weight, which pulls
+    every series towards the small classes (at 99 to 1 the best answer for a large-class series
+    became 84% the small class), and divides by the batch's weights, which under-weighs a batch
+    without a small-class series. The mean over the batch keeps the expected loss the balanced one."""
+    if weight is None:
+        return F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+    return (F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=smoothing) * weight[y]).mean()
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
              summary: torch.Tensor | None = None) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) in eval mode under inference_mode; ``summary``: the
@@ -677,7 +689,7 @@ class _Single:
             hessian_step = sophia and opt.param_groups[0].get("step", 0) % opt.update_period == 0
             with sdpa_kernel(SDPBackend.MATH) if hessian_step else contextlib.nullcontext():
                 logits = self.net(xb) if fs is None else self.net(xb, fs[i:i + bs])
-                loss = F.cross_entropy(logits.float(), yb, weight=self.weight, label_smoothing=cfg.label_smoothing)
+                loss = training_loss(logits, yb, self.weight, cfg.label_smoothing)
             if hessian_step:
                 with warnings.catch_warnings():
                     # torch warns of a grad<->param cycle; zero_grad(set_to_none=True) below breaks it.

@@ -1107,3 +1107,14 @@ def test_a_feature_never_observed_is_named_by_its_place(tmp_path):
     with pytest.raises(DataError, match=r"d\.csv: feature 1 \(feature column 2 of 3 in file order, not counting the "
                                         r"sample and label columns\) has no observed value in the training split"):
         load_task(DataConfig(), 0, data_path=path)
+
+
+def test_a_test_files_missing_column_is_renamed_not_the_key_changed(tmp_path):
+    """The hint told a test file with 'Label' to set [data] label_column = 'Label', which the training
+    file (with 'label') then failed on."""
+    train, test = tmp_path / "tr.csv", tmp_path / "te.csv"
+    train.write_text("sample,label,f0\ns0,a,1\ns0,a,2\ns1,b,3\ns1,b,4\n")
+    test.write_text("sample,Label,f0\nt0,a,1\nt0,a,2\n")
+    with pytest.raises(DataError, match=r"te\.csv: missing label_column column 'label' \(columns: sample, Label, f0\); "
+                                        r"did you mean 'Label'\? name it 'label', as in the training file$"):
+        load_task(DataConfig(), 0, data_path=train, test_path=test)

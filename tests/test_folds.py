@@ -328,13 +328,13 @@ def test_an_imbalance_note_names_the_largest_and_the_smallest_class(tmp_path):
     test.write_text("sample,label,f0\nt0,ok,1\nt1,fault,2\n")
     data = load_task(DataConfig(folds=1), 0, data_path=path, test_path=test)
     note = imbalance_note(SimpleNamespace(train=TrainConfig()), data)
-    assert note == ("note: the training classes differ in size (40 series of 'ok' to 10 of 'fault'): training and the "
+    assert note == ("note: the classes differ in size (40 training and validation series of 'ok' to 10 of 'fault'): training and the "
                     "cycles' ranking favour the large ones, and `best` gives the balanced accuracy and the lowest "
                     "class recall; [train] class_weights = \"balanced\" weighs every class equally in training")
     assert imbalance_note(SimpleNamespace(train=TrainConfig(class_weights="balanced")), data) is None
     path.write_text("\n".join(rows[:1 + 4 * 40] + [r.replace("fault", "ok") for r in rows[1 + 4 * 40:1 + 4 * 42]]
                               + rows[1 + 4 * 42:]) + "\n")  # 42 to 8: a note; the same classes 4 to 1 below
-    assert "(42 series of 'ok' to 8 of 'fault')" in imbalance_note(SimpleNamespace(train=TrainConfig()),
+    assert "(42 training and validation series of 'ok' to 8 of 'fault')" in imbalance_note(SimpleNamespace(train=TrainConfig()),
                                                                    load_task(DataConfig(folds=1), 0, data_path=path, test_path=test))
     path.write_text("\n".join(rows[:1 + 4 * 39] + [r.replace("ok", "fault") for r in rows[1 + 4 * 39:1 + 4 * 40]]
                               + rows[1 + 4 * 40:]) + "\n")  # 39 to 11: less than 4 to 1
@@ -363,9 +363,21 @@ def test_a_value_far_outside_the_rest_is_named_as_a_likely_missing_value_code(tm
     coded[3, 5, 1] = 999999
     coded[7, 0, 1] = -9999
     note = outlier_note(task(coded))
-    assert note.startswith("note: 2 training values of feature 'temp' lie far outside the rest (the farthest 999999, "
-                           "where 98% of the values lie between "), note
+    assert note.startswith("note: 2 training values of feature 'temp' lie far outside the rest (the farthest about "
+                           "999999, where half the values lie between "), note
     assert note.endswith("leave missing values empty (or NaN) in the file")
+    common = values.copy()  # a code on 3% of the steps: the 1-99% range held it and said nothing
+    common.reshape(-1, 2)[::33, 1] = 999999
+    assert "values of feature 'temp' lie far outside the rest (the farthest about 999999" in outlier_note(task(common))
+    counts = np.round(np.abs(values) * 2)  # integers 0..7 in the file: the note says them as the file does
+    counts[2, 2, 0] = 99999
+    assert "(the farthest about 99999, where half the values lie between 1 and 2)" in outlier_note(task(counts))
+    # only the series that set the scale count: a validation value does not (the split's own scale is the training one's)
+    data = task(values)
+    data.x_val[0, 0, 1] = 1e6
+    assert outlier_note(data) is None
+    data.x_train[0, 0, 1] = 1e6
+    assert "1 training value of feature 'temp' lies far outside the rest" in outlier_note(data)
     events = np.zeros_like(values)  # a feature that is mostly 0 with a rare event: its middle 98% is 0 wide
     events[5, 3, 0] = 50
     assert outlier_note(task(np.concatenate([events[..., :1], values[..., 1:]], axis=2))) is None

@@ -126,7 +126,8 @@ def test_report_of_a_study_without_completed_cycles(tmp_path):
     # its only cycle ended pruned and nothing runs: waiting would not help, so the report says what happened
     assert "No cycle completed: every one was pruned, diverged or failed." in text
     assert "1. No cycle completed: its only cycle was pruned, diverged or failed" in text
-    assert "cycle 1 (baseline configuration: lr 0.0005, hidden 64" in text and "fell behind" in text
+    # a study other code made: its cycle's own parameters (none), not this project's defaults as if its baseline
+    assert "cycle 1 (baseline configuration: no parameters)" in text and "fell behind" in text
     assert all((path.parent / png).stat().st_size > 5_000 for png in PNGS)
 
 
@@ -329,7 +330,8 @@ def test_an_interrupted_cycle_that_was_retried_is_not_counted_as_failed(tmp_path
     text = report.write_report(study, tmp_path / "out", test=False).read_text()
     assert "(2 complete, 0 pruned, 0 diverged, 0 failed, 1 interrupted and retried)" in text
     assert "- **Failed:** 0" in text and "- **Interrupted and retried:** 1" in text
-    assert "cycle 2 (no change: lr 0.0005" in text and "SIGINT); retried as cycle 3" in text
+    assert "cycle 2 (no change: no parameters)" in text and "SIGINT); retried as cycle 3" in text
+    assert "None" not in text, [ln for ln in text.splitlines() if "None" in ln]  # no value of a parameter it lacks
 
 
 def test_a_report_onto_a_full_disk_is_one_line_naming_it_and_exit_2(tmp_path, capsys):

@@ -408,3 +408,25 @@ def test_balanced_class_weights_make_each_class_weigh_as_an_average_sized_one():
     assert w.tolist() == pytest.approx([12 / 18, 12 / 6, 12 / 12, 0.0])
     assert float((w[y]).sum()) == pytest.approx(len(y))  # the loss's scale stays that of the unweighted mean
     assert class_weight(y, 4, "none") is None
+
+
+def test_balanced_weights_with_label_smoothing_keep_a_series_answer_its_own_class():
+    """F.cross_entropy's own `weight` also weighs the smoothed targets by the other classes' weights:
+    at 99 to 1 the loss was lowest when a large-class series answered the small class (84%), and a
+    study with class_weights = "balanced" predicted the small class for every series."""
+    from cycle_optuna.train import class_weight, training_loss
+
+    w = class_weight(torch.tensor([0] * 99 + [1]), 2, "balanced")
+    for label in (0, 1):
+        z = torch.zeros(1, 2, requires_grad=True)
+        opt = torch.optim.Adam([z], lr=0.1)
+        for _ in range(300):
+            opt.zero_grad()
+            training_loss(z, torch.tensor([label]), w, 0.1).backward()
+            opt.step()
+        p = torch.softmax(z.detach(), dim=1)[0]
+        assert p[label] == pytest.approx(0.95, abs=0.01)  # the smoothed target of its own class, whatever its weight
+    # weighed per series, the batch mean: a batch's loss is its series' losses times their class weights
+    logits, y = torch.randn(4, 2), torch.tensor([0, 0, 0, 1])
+    each = torch.nn.functional.cross_entropy(logits, y, reduction="none", label_smoothing=0.1)
+    assert float(training_loss(logits, y, w, 0.1)) == pytest.approx(float((each * w[y]).mean()))
