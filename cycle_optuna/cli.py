@@ -308,8 +308,8 @@ IMBALANCE_NOTE_RATIO = 4  # largest training class / smallest, from which the no
 def imbalance_note(cfg, data) -> str | None:
     """Classes of very different sizes, trained as they come: accuracy, the loss and the cycles'
     ranking favour the large classes, and a small one may be recalled little (generated 80/15/5
-    set: 0.20 of its 5% class on test, balanced accuracy 0.55-0.58; with class_weights = "balanced"
-    0.60-0.72 and 0.68-0.70, docs/model.md)."""
+    set, 20-cycle studies: 0.36-0.40 of its 5% class on test; with class_weights = "balanced"
+    0.48-0.60, docs/model.md)."""
     import torch
 
     if cfg.train.class_weights != "none":
