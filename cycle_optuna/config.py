@@ -886,6 +886,12 @@ def _check_space_feasible(c: _Checker, cfg: StudyConfig) -> None:
                 raise c.fail("space.hidden_dim.choices", f"{h} is divided by no n_heads {list(heads)}: it could never be tried")
 
 
+def _data_not_study(path: Path) -> str:
+    """A data file given where a study file goes (it read as neither UTF-8 nor TOML)."""
+    return (f"{path}: a data file, not a study file: give the study file (.toml) whose [data] source names it, e.g. "
+            f"[study] name = \"mine\" and [data] source = \"{path.name}\" (see studies/quick.toml and docs/data.md)")
+
+
 def load(path: str | Path, *, check_files: bool = True) -> StudyConfig:
     """Read and validate a study file. ``check_files=False`` (commands that only read a study:
     its definition is stored on it) accepts data files that are no longer where it says."""
@@ -897,6 +903,8 @@ def load(path: str | Path, *, check_files: bool = True) -> StudyConfig:
     except FileNotFoundError:
         raise ConfigError(f"{path}: study file not found") from None
     except UnicodeDecodeError as e:
+        if path.suffix.lower() in DATA_SUFFIXES:
+            raise ConfigError(_data_not_study(path)) from None
         raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.object[e.start]:#04x} at offset {e.start}); "
                           "save it as UTF-8") from None
     except OSError as e:
@@ -904,6 +912,8 @@ def load(path: str | Path, *, check_files: bool = True) -> StudyConfig:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
+        if path.suffix.lower() in DATA_SUFFIXES:
+            raise ConfigError(_data_not_study(path)) from e
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
     if not raw:  # an empty file is a mistake, not a request for an all-default study
         raise ConfigError(f"{path}: the study file is empty; give at least [study] name "

@@ -228,6 +228,21 @@ def test_broken_toml_and_missing_file(tmp_path):
         config.load(tmp_path / "nope.toml")
 
 
+def test_a_data_file_given_for_the_study_file_is_named_as_one(tmp_path):
+    """`best data.npz` said "not a UTF-8 text file ...; save it as UTF-8" (re-save the data?), and
+    `run data.csv` "not valid TOML"."""
+    import numpy as np
+
+    np.savez(tmp_path / "d.npz", X=np.zeros((2, 3, 1)), y=np.array([0, 1]))
+    (tmp_path / "d.csv").write_text("sample,label,f0\ns0,a,1\n")
+    for name in ("d.npz", "d.csv"):
+        with pytest.raises(ConfigError, match=rf"{name}: a data file, not a study file: give the study file \(\.toml\) "
+                                              rf"whose \[data\] source names it, e\.g\. \[study\] name = \"mine\" and "
+                                              rf"\[data\] source = \"{name}\""):
+            config.load(tmp_path / name)
+    assert config.load(write(tmp_path, QUICK, "study.txt")).study.name == "quick"  # a study file is one, whatever its suffix
+
+
 def test_data_path_is_relative_to_the_study_file(tmp_path):
     (tmp_path / "d.npz").write_bytes(b"")
     cfg = config.load(write(tmp_path, edit(QUICK, "data", "source = 'd.npz'")))
