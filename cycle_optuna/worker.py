@@ -274,7 +274,7 @@ class WorkerStats:
     started: float = field(default_factory=time.monotonic)
 
     def summary(self) -> str:
-        done = ", ".join(f"{n} {s.lower()}" for s, n in sorted(self.states.items())) or "no trials"
+        done = ", ".join(f"{n} {s.lower()}" for s, n in sorted(self.states.items())) or "no trial finished"
         handed = ", ".join(str(n + 1) for n in self.requeued)  # "cycle N" is trial N - 1, as everywhere
         extra = f"; handed back cycle {handed} for retry" if self.requeued else ""
         again = f"; reconnected {self.reconnects}x" if self.reconnects else ""

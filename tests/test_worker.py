@@ -405,3 +405,9 @@ def test_a_study_made_before_patch_len_was_searched_is_joined_as_it_was_made(tmp
     path.write_text(_NO_SPACE.format(n_trials=2, baseline="", space=""))
     study = worker.run_worker(config.load(path), url)
     assert len(study.trials) == 2 and not any("patch_len" in t.params for t in study.trials)
+
+
+def test_a_worker_interrupted_in_its_first_trial_says_none_finished():
+    """It said "no trials in 7s; handed back cycle 1", as if no trial had run."""
+    line = worker.WorkerStats(worker="vm:1", requeued=[0]).summary()
+    assert re.fullmatch(r"worker vm:1: no trial finished in \d+s; handed back cycle 1 for retry", line), line
