@@ -362,13 +362,16 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True, features:
     seqs: dict[str, list[list[float]]] = {}
     labels: dict[str, str] = {}
     label_name = _LabelNames(path)
+    unlabelled = None  # new data: the first line whose label cell is empty (a label column left blank is no labels)
     for line, row in enumerate(reader, start=first_row):
         if not row:
             continue
         if len(row) != len(header):
             raise _fail(path, f"line {line}: {len(row)} fields, the header has {len(header)}")
         sid = row[i_sample].strip()
-        if i_label is not None:
+        if i_label is not None and not need_labels and row[i_label].strip().lower() in ("", *MISSING):
+            unlabelled = unlabelled or line
+        elif i_label is not None:
             label = label_name(line, number(row[i_label]))
             if sid in labels and labels[sid] != label:
                 raise _fail(path, f"line {line}: sample {sid!r} changes label from {labels[sid]} to {label}; "
@@ -385,6 +388,11 @@ def load_csv(path: Path, cfg: DataConfig, *, need_labels: bool = True, features:
         # a row per series read as a row per step: every "series" would be one step of many features
         raise _fail(path, f"every sample has a single row, so each series would be one time step of "
                     f"{len(feat_idx)} features; if a row is a whole series, set [data] layout = \"wide\"")
+    if unlabelled is not None:
+        if labels:  # some series labelled, some not: a half-filled column is a mistake, not new data
+            raise _fail(path, f"line {unlabelled}: empty label, where other series have theirs: label every series, "
+                        "or leave the whole label column empty")
+        i_label = None
     x = _pad([np.asarray(s, dtype=np.float64) for s in seqs.values()])
     return x, None if i_label is None else [labels[sid] for sid in seqs], list(seqs), tuple(header[i] for i in feat_idx)
 

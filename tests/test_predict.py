@@ -352,3 +352,19 @@ def test_a_balanced_test_split_gets_its_lowest_class_recall_but_no_second_accura
     assert main(["report", str(study), "-o", str(tmp_path / "rep")]) == 0
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "- **Lowest class recall (held out):** " in report and "balanced accuracy" not in report
+
+
+def test_new_data_whose_label_column_is_left_empty_is_unlabelled(study, tmp_path):
+    """A copy of the training file's layout with the labels cleared was refused ("line 2: empty
+    label"), although new data's labels are optional; a half-filled column still is."""
+    rows = _rows(20, 1)
+    blank = tmp_path / "blank.csv"
+    blank.write_text("\n".join(["sample,label,f0", *(",".join([r.split(",")[0], "", r.split(",")[2]]) for r in rows)]) + "\n")
+    pred = predict_file(study, blank)
+    assert pred.labels is None and pred.accuracy is None
+    np.testing.assert_allclose(pred.proba, predict_file(study, study.parent / "test.csv").proba, rtol=1e-5)
+    half = tmp_path / "half.csv"
+    half.write_text("\n".join(["sample,label,f0", *rows[:6], *(",".join([r.split(",")[0], "", r.split(",")[2]])
+                                                              for r in rows[6:])]) + "\n")
+    with pytest.raises(DataError, match=r"half\.csv: line 8: empty label, where other series have theirs"):
+        predict_file(study, half)
