@@ -401,8 +401,12 @@ def _by_name(path: Path, header: list[str], feat_idx: list[int], features: tuple
     """The columns of `features`, in that order; a file whose feature columns are other ones is refused."""
     have = [header[i] for i in feat_idx]
     if missing := [f for f in features if f not in have]:
+        extra = [h for h in have if h not in features]
+        close = {f: next((h for h in extra if h.lower() == f.lower()), None) or next(
+            iter(difflib.get_close_matches(f, extra, n=1, cutoff=0.8)), None) for f in missing}
+        hint = "; ".join(f"{c!r} is {f!r}?" for f, c in close.items() if c)
         raise _fail(path, f"missing feature column(s) {', '.join(map(repr, missing))}: the study was trained on "
-                    f"{_columns(list(features))}")
+                    f"{_columns(list(features))}" + (f" ({hint} rename it as in the training file)" if hint else ""))
     if extra := [f for f in have if f not in features]:
         raise _fail(path, f"feature column(s) {', '.join(map(repr, extra))} not in the study's training file, "
                     f"which has {_columns(list(features))}; remove them")

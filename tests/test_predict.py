@@ -83,6 +83,11 @@ def test_csv_feature_columns_are_matched_by_name_not_position(tmp_path):
     renamed.write_text((tmp_path / "same.csv").read_text().replace("sample,label,temp,load", "sample,label,temp,power"))
     with pytest.raises(DataError, match=r"missing feature column\(s\) 'load': the study was trained on temp, load"):
         predict_file(path, renamed)
+    cased = tmp_path / "cased.csv"  # another case of the same name: said, not left to spot
+    cased.write_text((tmp_path / "same.csv").read_text().replace("sample,label,temp,load", "sample,label,temp,Load"))
+    with pytest.raises(DataError, match=r"missing feature column\(s\) 'load': the study was trained on temp, load "
+                                        r"\('Load' is 'load'\? rename it as in the training file\)$"):
+        predict_file(path, cased)
 
 
 def test_values_the_model_overflows_on_are_named_not_predicted_as_nan(study, tmp_path, capsys):
