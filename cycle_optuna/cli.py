@@ -196,7 +196,7 @@ def length_note(cfg, data, stored: dict | None = None) -> str | None:
 
     import torch
 
-    from cycle_optuna.model import auto_patch_len
+    from cycle_optuna.config import auto_patch_len, with_data_defaults
 
     if cfg.baseline.patch_len != 0:
         return None  # chosen: cycle 1 runs it (a search moves from it)
@@ -214,20 +214,14 @@ def length_note(cfg, data, stored: dict | None = None) -> str | None:
             f"patch_len ({auto}) follows the padded length, which makes a series of the median length "
             f"{math.ceil(typical / auto)} token(s); set [baseline] patch_len (a patch of {fits} suits the median series "
             f"and makes the padded length {math.ceil(padded / fits)} tokens), or trim or drop the longest series"
-            + ("; patch_len is searched, but cycle 1 runs the automatic one" if _searches_patch(cfg, stored) else ""))
+            + ("; patch_len is searched, but cycle 1 runs the automatic one" if any(  # as the study will run
+                p.name == "patch_len" for p in with_data_defaults(cfg, padded, stored).space) else ""))
 
 
-def _searches_patch(cfg, stored: dict | None) -> bool:
-    """Whether the study searches patch_len: its [space] says so, or a file without [space] resolves it
-    (config.with_data_defaults), unless the study (`stored`: its stored config) was made before that."""
-    if any(p.name == "patch_len" for p in getattr(cfg, "space", ())):
-        return True
-    return not getattr(cfg, "space_written", True) and (stored is None or "patch_len" in (stored.get("space") or {}))
-
-
-def _series_chunks(data):
-    """The training and validation series, a few million values at a time (no copy of a large set)."""
-    for x in (data.x_train, data.x_val):
+def _series_chunks(data, tensors=None):
+    """The training and validation series (or `tensors`), a few million values at a time (views, no
+    copy of a large set)."""
+    for x in tensors if tensors is not None else (data.x_train, data.x_val):
         rows = max(1, 2**22 // max(x[0].numel() if x.shape[0] else 1, 1))
         for i in range(0, x.shape[0], rows):
             yield x[i:i + rows]
@@ -279,15 +273,13 @@ def outlier_note(data) -> str | None:
     mid = torch.from_numpy(np.nan_to_num(mid)).float()
     worst, count = torch.zeros(n_feat), torch.zeros(n_feat, dtype=torch.int64)
     far = torch.zeros(n_feat)
-    for p in parts:
-        rows = max(1, 2**22 // max(p[0].numel() if p.shape[0] else 1, 1))
-        for i in range(0, p.shape[0], rows):
-            part = p[i:i + rows].reshape(-1, n_feat)
-            dev = torch.where(usable, ((part - mid) / spread.clamp(min=1e-30)).abs(), 0.0).nan_to_num(0.0)
-            count += (dev > OUTLIER_SPREADS).sum(dim=0)
-            top, at = dev.max(dim=0)
-            better = top > worst
-            worst, far = torch.where(better, top, worst), torch.where(better, part.gather(0, at[None])[0], far)
+    for chunk in _series_chunks(data, parts):
+        part = chunk.reshape(-1, n_feat)
+        dev = torch.where(usable, ((part - mid) / spread.clamp(min=1e-30)).abs(), 0.0).nan_to_num(0.0)
+        count += (dev > OUTLIER_SPREADS).sum(dim=0)
+        top, at = dev.max(dim=0)
+        better = top > worst
+        worst, far = torch.where(better, top, worst), torch.where(better, part.gather(0, at[None])[0], far)
     j = int(worst.argmax())
     if float(worst[j]) <= OUTLIER_SPREADS:
         return None

@@ -87,8 +87,6 @@ def test_the_unscored_class_note_offers_folds_only_where_they_can_run(tmp_path):
 
 @pytest.mark.parametrize("where", ["train", "test file"])
 def test_a_length_note_when_the_longest_series_sets_the_automatic_patch(tmp_path, where):
-    from types import SimpleNamespace
-
     from cycle_optuna.cli import length_note
 
     rng = np.random.default_rng(0)
@@ -103,22 +101,28 @@ def test_a_length_note_when_the_longest_series_sets_the_automatic_patch(tmp_path
     path = tmp_path / "a.npz"
     np.savez(path, X=x if where == "train" else x[:, :16], y=np.arange(40) % 2)
     data = load_task(DataConfig(folds=1), 0, data_path=path, test_path=test)
-    note = length_note(SimpleNamespace(baseline=Hyperparams(), space=()), data)
+    from cycle_optuna import config
+
+    def study(space, patch_len=0):  # a study file's config: [space] as written (None: no [space] table)
+        return config.parse({"study": {"name": "x"}, "baseline": {"patch_len": patch_len},
+                             **({"space": space} if space is not None else {})})
+
+    note = length_note(study({}), data)
     assert note.startswith("note: the series are padded to 2000 steps, the median training series has 16: the "
                            "automatic patch_len (128) follows the padded length, which makes a series of the median "
                            "length 1 token(s); set [baseline] patch_len (a patch of 1 suits the median series and "
                            "makes the padded length 2000 tokens)"), note
-    assert length_note(SimpleNamespace(baseline=Hyperparams(patch_len=4), space=()), data) is None  # chosen: not auto
-    searched = SimpleNamespace(baseline=Hyperparams(), space=(SimpleNamespace(name="patch_len"),))
+    assert length_note(study({}, patch_len=4), data) is None  # chosen: not auto
+    searched = study({"patch_len": {"choices": [0, 8]}})
     assert length_note(searched, data).endswith("; patch_len is searched, but cycle 1 runs the automatic one")
-    default = SimpleNamespace(baseline=Hyperparams(), space=(), space_written=False)  # a file without [space]
+    default = study(None)  # a file without [space]
     assert length_note(default, data).endswith("; patch_len is searched, but cycle 1 runs the automatic one")
     made_so = {"space": {"patch_len": {"choices": [64, 128, 256]}}}  # a study that stored the resolved space
     assert length_note(default, data, made_so).endswith("; patch_len is searched, but cycle 1 runs the automatic one")
     made_before = {"space": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}  # before the default searched it
     assert length_note(default, data, made_before).endswith("or trim or drop the longest series")
     np.savez(path, X=x[:, :16], y=np.arange(40) % 2)  # every series 16 steps, no padding: nothing to say
-    assert length_note(SimpleNamespace(baseline=Hyperparams(), space=()), load_task(DataConfig(folds=1), 0, data_path=path)) is None
+    assert length_note(study({}), load_task(DataConfig(folds=1), 0, data_path=path)) is None
 
 
 def test_data_that_is_constant_everywhere_gets_a_note(tmp_path):
