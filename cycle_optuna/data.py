@@ -402,9 +402,7 @@ def _by_name(path: Path, header: list[str], feat_idx: list[int], features: tuple
     have = [header[i] for i in feat_idx]
     if missing := [f for f in features if f not in have]:
         extra = [h for h in have if h not in features]
-        close = {f: next((h for h in extra if h.lower() == f.lower()), None) or next(
-            iter(difflib.get_close_matches(f, extra, n=1, cutoff=0.8)), None) for f in missing}
-        hint = "; ".join(f"{c!r} is {f!r}?" for f, c in close.items() if c)
+        hint = "; ".join(f"{c!r} is {f!r}?" for f in missing if (c := _close_name(f, extra)))
         raise _fail(path, f"missing feature column(s) {', '.join(map(repr, missing))}: the study was trained on "
                     f"{_columns(list(features))}" + (f" ({hint} rename it as in the training file)" if hint else ""))
     if extra := [f for f in have if f not in features]:
@@ -440,12 +438,17 @@ def _drop_empty_unnamed(path: Path, header: list[str], rows: list[list[str]]) ->
     return [header[i] for i in keep], [[r[i] for i in keep if i < len(r)] if r else r for r in rows]
 
 
+def _close_name(name: str, names: list[str]) -> str | None:
+    """The column of `names` that is `name` in another case, else one spelled nearly like it."""
+    return next((h for h in names if h.lower() == name.lower()), None) or next(
+        iter(difflib.get_close_matches(name, names, n=1, cutoff=0.8)), None)
+
+
 def _column_hint(header: list[str], col: str, key: str, need_labels: bool, second: bool = False) -> str:
     """What to do about a missing sample or label column: the column of another case or spelling, the
     key that names another one, or (sample, in a training or test file) the wide layout. `second`: a
     test file read beside a .csv training file, which the key also names: its column is renamed."""
-    close = next((h for h in header if h.lower() == col.lower()), None) or next(
-        iter(difflib.get_close_matches(col, header, n=1, cutoff=0.8)), None)
+    close = _close_name(col, header)
     if second and need_labels:
         return (f"; did you mean {close!r}? " if close else "; ") + f"name it {col!r}, as in the training file"
     if not need_labels:  # new data for a finished study: the study's column names hold
