@@ -79,9 +79,12 @@ def _cross_validated(data: TaskData, *, seed: int) -> dict[str, dict[str, Any]]:
     test_preds = {"majority": _majority_predictions(whole)[1], "1nn": _nn_predictions(whole)[1],
                   "1nn_z": _nn_predictions(whole, per_series=True)[1],
                   "mlp": proba.argmax(1).numpy() if len(data.y_test) else np.zeros(0, dtype=np.int64)}
-    vals = {"majority": pooled([majority_class(v)[0] for v in views]),
-            "1nn": pooled([nearest_neighbour(v)[0] for v in views]),
-            "1nn_z": pooled([nearest_neighbour(v, per_series=True)[0] for v in views]),
+    # each fold's majority and 1-NNs answer its validation series only: the test series are scored
+    # once, by `whole` above (each fold scored all of them again, k times the test set's 1-NN work, unused)
+    folds = [dataclasses.replace(v, x_test=v.x_test[:0], y_test=v.y_test[:0]) for v in views]
+    vals = {"majority": pooled([majority_class(v)[0] for v in folds]),
+            "1nn": pooled([nearest_neighbour(v)[0] for v in folds]),
+            "1nn_z": pooled([nearest_neighbour(v, per_series=True)[0] for v in folds]),
             "mlp": pooled([_accuracy(pred, v.y_val) for v, (pred, _) in zip(views, mlps)])}
     return {key: _entry(key, vals[key], _accuracy(test_preds[key], data.y_test), _balanced(test_preds[key], data.y_test))
             for key in vals}
