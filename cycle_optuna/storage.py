@@ -52,6 +52,9 @@ ENV_WHOLE_NUMBERS = {  # variable: (default, least allowed, most allowed)
     "CYCLE_OPTUNA_GRACE_SECONDS": (30, 1, 7 * 86_400),
     # intra-op threads `run --workers K` gives its children; 0 = cores // workers; more than the cores only slows
     "CYCLE_OPTUNA_THREADS": (0, 0, os.cpu_count() or 1),
+    # a PostgreSQL server gone without a word (host down, network cut): the worker calls the database
+    # lost after this long, not when TCP gives up (unanswered writes: about 15 minutes; idle: 2 hours)
+    "CYCLE_OPTUNA_PG_TIMEOUT_SECONDS": (60, 3, 3_600),
 }
 
 
@@ -767,10 +770,19 @@ MYSQL_READ_TIMEOUT_S = 60  # a MySQL server that takes a connection and never an
 def _read_timeouts(parsed: sqlalchemy.URL, seconds: float | None = None) -> dict:
     """pymysql and mysqlclient wait forever on a server that accepted the connection and says nothing
     (connect_timeout covers the TCP connect only): bound each read and write. Longer than a GET_LOCK
-    wait. PostgreSQL's connect_timeout covers its whole start-up."""
+    wait. PostgreSQL's connect_timeout covers its whole start-up; after it, libpq waits on a server
+    that vanished (host down, network cut) until the kernel gives up: TCP keepalives bound an idle
+    wait (a query blocked on a lock included: a live server's kernel answers the probes) and
+    tcp_user_timeout a write left unacknowledged. The URL's own settings of these win."""
     if parsed.get_backend_name() in ("mysql", "mariadb") and parsed.get_driver_name() in ("pymysql", "mysqldb"):
         seconds = MYSQL_READ_TIMEOUT_S if seconds is None else seconds
         return {"read_timeout": seconds, "write_timeout": seconds}
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("psycopg", "psycopg2"):
+        limit = env_whole_number("CYCLE_OPTUNA_PG_TIMEOUT_SECONDS")
+        interval = max(1, limit // 6)  # three unanswered probes after half the limit idle
+        libpq = {"keepalives": 1, "keepalives_idle": max(1, limit - 3 * interval), "keepalives_interval": interval,
+                 "keepalives_count": 3, "tcp_user_timeout": limit * 1000}
+        return {k: v for k, v in libpq.items() if k not in parsed.query}
     return {}
 
 

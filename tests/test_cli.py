@@ -99,6 +99,7 @@ def test_a_value_is_printed_as_written_not_as_an_emoji(quick_study, capsys):
     # too large: the heartbeat thread died of an overflow, torch of a thread count it cannot unpack
     ("CYCLE_OPTUNA_HEARTBEAT_SECONDS", "9" * 23), ("CYCLE_OPTUNA_THREADS", "9" * 23),
     ("CYCLE_OPTUNA_THREADS", str((__import__("os").cpu_count() or 1) + 1)),
+    ("CYCLE_OPTUNA_PG_TIMEOUT_SECONDS", "2"),  # below a keepalive probe a second
     ("CYCLE_OPTUNA_ARTIFACT_DIR", " "),  # made a folder named " "
 ])
 def test_a_bad_environment_variable_is_one_line_and_nothing_runs(quick_study, capsys, monkeypatch, name, value):

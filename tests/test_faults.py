@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from cycle_optuna.objective import RESUMED_ATTR
 from conftest import pg_cluster
-from workers_helpers import pg_proxy, running_with_checkpoint, start_cli, trials, wait_for, write_study
+from workers_helpers import NetworkLink, pg_proxy, running_with_checkpoint, start_cli, trials, wait_for, write_study
 
 pytestmark = pytest.mark.postgres
 
@@ -467,6 +467,54 @@ def test_a_database_outage_is_one_line_and_the_cut_off_trial_is_handed_back_by_i
     assert sum(t.state == TrialState.COMPLETE for t in ts) == 3
     failed = [t for t in ts if t.state == TrialState.FAIL]
     assert failed and all(t.user_attrs["fail_cause"].startswith("storage lost mid-trial (") for t in failed)
+
+
+def test_a_database_host_gone_without_a_word_is_a_lost_database_not_a_hang(tmp_path: Path, pg_url: str):
+    """The worker's network to PostgreSQL is cut with no reset or refusal (a host down, a cable
+    pulled): every packet dropped. libpq waited on its query until TCP gave up (about 15 minutes;
+    2 hours on an idle connection); bounded by $CYCLE_OPTUNA_PG_TIMEOUT_SECONDS, the worker calls
+    the database lost, waits for it, and hands its cut-off trial back once the link is mended."""
+    study = write_study(tmp_path, n_trials=2, epochs=8)
+    log = tmp_path / "w.log"
+    with NetworkLink(pg_url) as link:
+        # a grace period far longer than the test: only the worker's own hand-back can retry a trial
+        env = worker_env(CYCLE_OPTUNA_PG_TIMEOUT_SECONDS="4", CYCLE_OPTUNA_GRACE_SECONDS="600")
+        proc = start_cli(["worker", str(study), "--storage", link.url], pause=0.3, log=log, env=env, prefix=link.prefix)
+        try:
+            hit = wait_for(lambda: _running_with_checkpoint(pg_url, tmp_path) or proc.poll() is not None, 120,
+                           "a trial with an epoch checkpoint")
+            assert proc.poll() is None, log.read_text()
+            link.cut()
+            try:
+                wait_for(lambda: "lost the database" in log.read_text() or proc.poll() is not None, 60,
+                         "the worker to notice")
+            finally:
+                link.mend()
+            rc = proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log.read_text()
+    assert rc == 0, text
+    assert "Traceback" not in text and "database back after" in text, text
+    ts = trials(pg_url)
+    assert not [t for t in ts if t.state in (TrialState.RUNNING, TrialState.WAITING)], ts
+    assert sum(t.state == TrialState.COMPLETE for t in ts) == 2
+    failed = [t for t in ts if t.state == TrialState.FAIL]
+    assert [t.number for t in failed] == [hit.number], ts
+    assert failed[0].user_attrs["fail_cause"].startswith("storage lost mid-trial ("), failed[0].user_attrs
+
+
+def test_postgresql_connections_bound_a_silent_network_and_the_urls_own_settings_win(pg_url: str):
+    engine = lambda url: storage._unwrap(storage.open_storage(url)).engine  # noqa: E731
+    with engine(pg_url).connect() as c:
+        params = c.connection.dbapi_connection.info.get_parameters()
+    assert params["keepalives"] == "1" and params["tcp_user_timeout"] == "60000", params
+    assert int(params["keepalives_idle"]) + 3 * int(params["keepalives_interval"]) <= 60, params
+    with engine(pg_url + "?tcp_user_timeout=5000&keepalives_idle=7").connect() as c:
+        params = c.connection.dbapi_connection.info.get_parameters()
+    assert params["tcp_user_timeout"] == "5000" and params["keepalives_idle"] == "7", params
 
 
 @pytest.mark.pg_restarts

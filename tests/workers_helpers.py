@@ -88,14 +88,14 @@ def worker_env(**extra: str) -> dict[str, str]:
 
 
 def start_cli(args: list[str], *, pause: float = 0.0, env: dict | None = None, cwd: Path | None = None,
-              log: Path | None = None, nohup: bool = False) -> subprocess.Popen:
+              log: Path | None = None, nohup: bool = False, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
     """`cycle-optuna ARGS` in a new process (epochs slowed by `pause` seconds); `nohup`: with SIGHUP
     ignored, as `nohup` starts it (else SIGHUP does what it does by default, whatever the test
-    runner was started with)."""
+    runner was started with); `prefix`: the command that runs it (e.g. in a network namespace)."""
     hangup = "SIG_IGN" if nohup else "SIG_DFL"
     code = f"import signal; signal.signal(signal.SIGHUP, signal.{hangup})\n" + SLOW_EPOCHS.format(pause=pause)
     out = open(log, "w") if log else subprocess.PIPE
-    return subprocess.Popen([sys.executable, "-c", code, *args], env=env or worker_env(), cwd=cwd,
+    return subprocess.Popen([*prefix, sys.executable, "-c", code, *args], env=env or worker_env(), cwd=cwd,
                             stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
@@ -167,7 +167,7 @@ def fill_disk(disk: Path) -> Path:
 # without stopping the server other tests share.
 _PROXY = """
 import asyncio, sys
-port, host, target = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+port, host, target, listen = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 async def pipe(r, w):
     try:
         while data := await r.read(65536):
@@ -185,7 +185,7 @@ async def handle(cr, cw):
         return
     await asyncio.gather(pipe(cr, sw), pipe(sr, cw))
 async def main():
-    server = await asyncio.start_server(handle, "127.0.0.1", port, reuse_address=True)
+    server = await asyncio.start_server(handle, listen, port, reuse_address=True)
     print("listening", flush=True)
     async with server:
         await server.serve_forever()
@@ -198,22 +198,22 @@ class PgProxy:
     database away (the proxy process ends: connecting is refused, open connections are cut),
     `start()` brings it back on the same port."""
 
-    def __init__(self, pg_url: str):
+    def __init__(self, pg_url: str, listen: str = "127.0.0.1"):
         import socket
 
         from sqlalchemy.engine import make_url
 
         parsed = make_url(pg_url)
-        self.host, self.target = parsed.host, parsed.port or 5432
+        self.host, self.target, self.listen = parsed.host, parsed.port or 5432, listen
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
+            s.bind((listen, 0))
             self.port = s.getsockname()[1]
-        self.url = parsed.set(host="127.0.0.1", port=self.port).render_as_string(hide_password=False)
+        self.url = parsed.set(host=listen, port=self.port).render_as_string(hide_password=False)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         assert self.proc is None
-        self.proc = subprocess.Popen([sys.executable, "-c", _PROXY, str(self.port), self.host, str(self.target)],
+        self.proc = subprocess.Popen([sys.executable, "-c", _PROXY, str(self.port), self.host, str(self.target), self.listen],
                                      stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout.readline().strip() == "listening", "the proxy did not start"
 
@@ -234,3 +234,63 @@ def pg_proxy(pg_url: str):
         yield proxy
     finally:
         proxy.stop()
+
+
+class NetworkLink:
+    """A network link a test can cut without a word, as a host that goes down or a network cable
+    pulled does: no reset, no refusal, every packet dropped. A network namespace joined to this one
+    by a virtual ethernet pair; processes started with `prefix` live behind it and reach `url`, a
+    PgProxy on this side of the link (to the local server). `cut()` takes this side's end down,
+    `mend()` brings it back. Needs root and `ip` (iproute2); skips the test otherwise."""
+
+    def __init__(self, pg_url: str):
+        import shutil
+
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            pytest.skip("cutting a network link needs root and iproute2's `ip` (network namespaces)")
+        tag = f"{os.getpid() % 100_000}"
+        self.ns, self.outer, self.inner = f"co-net-{tag}", f"co{tag}a", f"co{tag}b"
+        octet = 16 + os.getpid() % 200
+        self.outer_ip, self.inner_ip = f"10.231.{octet}.1", f"10.231.{octet}.2"
+        self.prefix = ("ip", "netns", "exec", self.ns)
+        self.pg_url = pg_url
+        self.proxy: PgProxy | None = None
+
+    def _ip(self, *args: str, inside: bool = False) -> None:
+        cmd = [*self.prefix, "ip", *args] if inside else ["ip", *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        if done.returncode:
+            raise OSError(f"{' '.join(cmd)}: {done.stderr.strip()}")
+
+    def __enter__(self) -> "NetworkLink":
+        try:
+            self._ip("netns", "add", self.ns)
+        except OSError as e:
+            pytest.skip(f"no network namespace here ({e})")
+        try:
+            self._ip("link", "add", self.outer, "type", "veth", "peer", "name", self.inner)
+            self._ip("link", "set", self.inner, "netns", self.ns)
+            self._ip("addr", "add", f"{self.outer_ip}/30", "dev", self.outer)
+            self._ip("link", "set", self.outer, "up")
+            self._ip("addr", "add", f"{self.inner_ip}/30", "dev", self.inner, inside=True)
+            self._ip("link", "set", self.inner, "up", inside=True)
+            self._ip("link", "set", "lo", "up", inside=True)
+            self.proxy = PgProxy(self.pg_url, listen=self.outer_ip)
+            self.proxy.start()
+        except BaseException:
+            self.__exit__()
+            raise
+        self.url = self.proxy.url
+        return self
+
+    def cut(self) -> None:
+        self._ip("link", "set", self.outer, "down")
+
+    def mend(self) -> None:
+        self._ip("link", "set", self.outer, "up")
+
+    def __exit__(self, *exc) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
+        subprocess.run(["ip", "link", "del", self.outer], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=30)
