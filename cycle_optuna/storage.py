@@ -21,7 +21,7 @@ import time
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, TypeVar
+from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
 import optuna
 import sqlalchemy
@@ -413,6 +413,8 @@ def _open_rdb(url: str, parsed, backend: str, engine_kwargs: dict, *, heartbeat:
                 elif backend == "sqlite" and parsed.database and parsed.database != ":memory:":
                     # a writer's switch only: the pragma writes the file, and WAL persists in it for readers
                     _use_wal(storage.engine)
+                if backend == "postgresql":
+                    _server_keepalives(storage.engine)
                 return storage
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
                 # workers starting together on an empty database race to create Optuna's tables
@@ -526,6 +528,37 @@ def _use_wal(engine: sqlalchemy.Engine) -> None:
 
     sqlalchemy.event.listen(engine, "connect", on_connect)
     engine.dispose()  # connections opened while Optuna set up its tables reconnect with the pragmas
+
+
+def _server_keepalives(engine: sqlalchemy.Engine) -> None:
+    """The server's side of a worker gone without a word: its session, and the study's lock if it
+    held it (`cap_lock`), stayed until the server's TCP gave up (2 hours by default), every other
+    worker waiting at the lock meanwhile. Each session asks the server to probe this end as this end
+    probes it ($CYCLE_OPTUNA_PG_TIMEOUT_SECONDS). A SET, not libpq's `options` (a pooler such as
+    PgBouncer refuses that start-up parameter); a server that knows no such setting is left as it is."""
+    limit = env_whole_number("CYCLE_OPTUNA_PG_TIMEOUT_SECONDS")
+    interval = max(1, limit // 6)
+    keepalives = {"tcp_keepalives_idle": max(1, limit - 3 * interval), "tcp_keepalives_interval": interval,
+                  "tcp_keepalives_count": 3}
+    # and for what the server sent that the worker never acknowledged (a reply in flight at the cut;
+    # PostgreSQL 12 and later)
+    unacknowledged = {"tcp_user_timeout": limit * 1000}
+
+    def on_connect(dbapi_conn: Any, record: object) -> None:
+        cursor = dbapi_conn.cursor()
+        try:
+            for settings in (keepalives, unacknowledged):
+                try:
+                    for name, value in settings.items():
+                        cursor.execute(f"SET {name} = {int(value)}")
+                    dbapi_conn.commit()  # a session setting made in a transaction that is rolled back is undone
+                except Exception:  # noqa: BLE001 - a server (older, or PostgreSQL-like) without these settings
+                    dbapi_conn.rollback()
+        finally:
+            cursor.close()
+
+    sqlalchemy.event.listen(engine, "connect", on_connect)
+    engine.dispose()  # connections opened while Optuna set up its tables reconnect with the settings
 
 
 def _journal(url: str, *, create: bool) -> BaseStorage:
@@ -781,9 +814,25 @@ def _read_timeouts(parsed: sqlalchemy.URL, seconds: float | None = None) -> dict
         limit = env_whole_number("CYCLE_OPTUNA_PG_TIMEOUT_SECONDS")
         interval = max(1, limit // 6)  # three unanswered probes after half the limit idle
         libpq = {"keepalives": 1, "keepalives_idle": max(1, limit - 3 * interval), "keepalives_interval": interval,
-                 "keepalives_count": 3, "tcp_user_timeout": limit * 1000}
+                 "keepalives_count": 3}
+        if _libpq_version(parsed.get_driver_name()) >= 120000:  # an older libpq refuses the option
+            libpq["tcp_user_timeout"] = limit * 1000
         return {k: v for k, v in libpq.items() if k not in parsed.query}
     return {}
+
+
+def _libpq_version(driver: str) -> int:
+    """The libpq the driver runs on (e.g. 180006), 0 when it cannot tell."""
+    try:
+        if driver == "psycopg":
+            import psycopg
+
+            return psycopg.pq.version()
+        import psycopg2
+
+        return psycopg2.__libpq_version__
+    except (ImportError, AttributeError):
+        return 0
 
 
 @contextlib.contextmanager

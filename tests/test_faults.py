@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from cycle_optuna.objective import RESUMED_ATTR
 from conftest import pg_cluster
-from workers_helpers import NetworkLink, pg_proxy, running_with_checkpoint, start_cli, trials, wait_for, write_study
+from workers_helpers import NetworkLink, ThrowawayPostgres, pg_proxy, running_with_checkpoint, start_cli, trials, wait_for, write_study
 
 pytestmark = pytest.mark.postgres
 
@@ -138,8 +138,8 @@ from workers_helpers import ROOT, worker_env  # noqa: E402,F401
 _WITH = "import sys\n{prelude}\nfrom cycle_optuna.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 
 
-def _start(args: list[str], log: Path, *, prelude: str = "", **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", _WITH.format(prelude=prelude), *args], env=worker_env(**env),
+def _start(args: list[str], log: Path, *, prelude: str = "", prefix: tuple[str, ...] = (), **env: str) -> subprocess.Popen:
+    return subprocess.Popen([*prefix, sys.executable, "-c", _WITH.format(prelude=prelude), *args], env=worker_env(**env),
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
 
 
@@ -506,12 +506,49 @@ def test_a_database_host_gone_without_a_word_is_a_lost_database_not_a_hang(tmp_p
     assert failed[0].user_attrs["fail_cause"].startswith("storage lost mid-trial ("), failed[0].user_attrs
 
 
-def test_postgresql_connections_bound_a_silent_network_and_the_urls_own_settings_win(pg_url: str):
+def test_a_worker_gone_without_a_word_while_it_holds_the_study_lock_holds_up_no_other_worker(tmp_path: Path):
+    """A worker's host goes down while it holds the study's lock (taken to count and create a
+    trial). The server kept its session, and so the lock, until its own TCP gave up: 2 hours by
+    default, every other worker waiting at the lock. Each session now has the server probe the
+    worker ($CYCLE_OPTUNA_PG_TIMEOUT_SECONDS): the session ends and another worker takes the lock.
+    A server of its own, so that its sockets cross the cut link."""
+    study = write_study(tmp_path, n_trials=1, epochs=1)
+    with NetworkLink(None) as link, ThrowawayPostgres(listen=link.outer_ip) as server:
+        held, other = tmp_path / "held.log", tmp_path / "other.log"
+        gated = _GATED.format(name="_count_and_waiting", gate=str(tmp_path / "never"))
+        gone = _start(["worker", str(study), "--storage", server.url], held, prelude=gated, prefix=link.prefix,
+                      CYCLE_OPTUNA_PG_TIMEOUT_SECONDS="4")
+        try:
+            wait_for(lambda: "at _count_and_waiting" in held.read_text() or gone.poll() is not None, 90,
+                     "the worker to hold the study's lock")
+            assert gone.poll() is None, held.read_text()
+            link.cut()
+            proc = _start(["worker", str(study), "--storage", server.socket_url], other)
+            try:
+                rc = proc.wait(timeout=90)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            assert rc == 0, other.read_text()
+            ts = trials(server.socket_url)
+            assert [t.state for t in ts] == [TrialState.COMPLETE], ts
+        finally:
+            gone.kill()
+            gone.wait()
+
+
+def test_postgresql_connections_bound_a_silent_network_on_both_ends_and_the_urls_own_settings_win(pg_url: str):
     engine = lambda url: storage._unwrap(storage.open_storage(url)).engine  # noqa: E731
     with engine(pg_url).connect() as c:
         params = c.connection.dbapi_connection.info.get_parameters()
+        server = {k: c.exec_driver_sql(f"SHOW {k}").scalar()
+                  for k in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "tcp_user_timeout")}
     assert params["keepalives"] == "1" and params["tcp_user_timeout"] == "60000", params
     assert int(params["keepalives_idle"]) + 3 * int(params["keepalives_interval"]) <= 60, params
+    # the server probes this end the same way (a session of a worker gone without a word ends)
+    assert server["tcp_user_timeout"] == "60000" and server["tcp_keepalives_count"] == "3", server
+    assert int(server["tcp_keepalives_idle"]) + 3 * int(server["tcp_keepalives_interval"]) <= 60, server
     with engine(pg_url + "?tcp_user_timeout=5000&keepalives_idle=7").connect() as c:
         params = c.connection.dbapi_connection.info.get_parameters()
     assert params["tcp_user_timeout"] == "5000" and params["keepalives_idle"] == "7", params

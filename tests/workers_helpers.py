@@ -240,10 +240,11 @@ class NetworkLink:
     """A network link a test can cut without a word, as a host that goes down or a network cable
     pulled does: no reset, no refusal, every packet dropped. A network namespace joined to this one
     by a virtual ethernet pair; processes started with `prefix` live behind it and reach `url`, a
-    PgProxy on this side of the link (to the local server). `cut()` takes this side's end down,
-    `mend()` brings it back. Needs root and `ip` (iproute2); skips the test otherwise."""
+    PgProxy on this side of the link (to the local server of `pg_url`; None: no proxy, `outer_ip` is
+    this side's address). `cut()` takes this side's end down, `mend()` brings it back. Needs root
+    and `ip` (iproute2); skips the test otherwise."""
 
-    def __init__(self, pg_url: str):
+    def __init__(self, pg_url: str | None):
         import shutil
 
         if os.geteuid() != 0 or shutil.which("ip") is None:
@@ -275,12 +276,13 @@ class NetworkLink:
             self._ip("addr", "add", f"{self.inner_ip}/30", "dev", self.inner, inside=True)
             self._ip("link", "set", self.inner, "up", inside=True)
             self._ip("link", "set", "lo", "up", inside=True)
-            self.proxy = PgProxy(self.pg_url, listen=self.outer_ip)
-            self.proxy.start()
+            if self.pg_url is not None:
+                self.proxy = PgProxy(self.pg_url, listen=self.outer_ip)
+                self.proxy.start()
+                self.url = self.proxy.url
         except BaseException:
             self.__exit__()
             raise
-        self.url = self.proxy.url
         return self
 
     def cut(self) -> None:
@@ -294,3 +296,64 @@ class NetworkLink:
             self.proxy.stop()
         subprocess.run(["ip", "link", "del", self.outer], capture_output=True, timeout=30)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=30)
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL server of its own for one test, listening on `listen` (e.g. a NetworkLink's
+    `outer_ip`, so that the server's own sockets cross the link) and on a Unix socket. `url`: its
+    `postgres` database over TCP; `socket_url`: the same over the socket, which no link cut reaches.
+    Needs root (initdb runs as the `postgres` user) and the server's binaries; skips the test otherwise."""
+
+    def __init__(self, listen: str):
+        import glob
+        import pwd
+        import shutil
+        import socket
+
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            bins = []
+        if os.geteuid() != 0 or not bins or shutil.which("runuser") is None:
+            pytest.skip("a throwaway PostgreSQL server needs root, runuser, the postgres user and initdb")
+        self.bin = Path(bins[-1]).parent
+        # its own folder under /tmp: a test's tmp_path is closed to other users, and a Unix socket's
+        # path must stay short
+        import tempfile
+
+        self.folder, self.listen = Path(tempfile.mkdtemp(prefix="cycle-pg-")), listen
+        with socket.socket() as s:
+            s.bind((listen, 0))
+            self.port = s.getsockname()[1]
+        self.url = f"postgresql+psycopg://postgres@{listen}:{self.port}/postgres"
+        self.socket_url = f"postgresql+psycopg://postgres@/postgres?host={self.folder}&port={self.port}"
+
+    def _as_postgres(self, *args: str) -> None:
+        done = subprocess.run(["runuser", "-u", "postgres", "--", *args], capture_output=True, text=True, timeout=60)
+        if done.returncode:
+            raise OSError(f"{' '.join(args)}: {done.stdout.strip()} {done.stderr.strip()}")
+
+    def __enter__(self) -> "ThrowawayPostgres":
+        import shutil
+
+        data = self.folder / "data"
+        try:
+            shutil.chown(self.folder, "postgres")
+            self._as_postgres(str(self.bin / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
+            with open(data / "pg_hba.conf", "a") as f:
+                f.write(f"host all all {self.listen}/24 trust\n")
+            options = f"-c listen_addresses={self.listen} -p {self.port} -k {self.folder} -c fsync=off"
+            self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(self.folder / "server.log"), "-w",
+                              "-o", options, "start")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"),
+                        "-m", "immediate", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(self.folder, ignore_errors=True)
