@@ -536,10 +536,8 @@ def _server_keepalives(engine: sqlalchemy.Engine) -> None:
     worker waiting at the lock meanwhile. Each session asks the server to probe this end as this end
     probes it ($CYCLE_OPTUNA_PG_TIMEOUT_SECONDS). A SET, not libpq's `options` (a pooler such as
     PgBouncer refuses that start-up parameter); a server that knows no such setting is left as it is."""
-    limit = env_whole_number("CYCLE_OPTUNA_PG_TIMEOUT_SECONDS")
-    interval = max(1, limit // 6)
-    keepalives = {"tcp_keepalives_idle": max(1, limit - 3 * interval), "tcp_keepalives_interval": interval,
-                  "tcp_keepalives_count": 3}
+    limit, idle, interval, count = _keepalive_timing()
+    keepalives = {"tcp_keepalives_idle": idle, "tcp_keepalives_interval": interval, "tcp_keepalives_count": count}
     # and for what the server sent that the worker never acknowledged (a reply in flight at the cut;
     # PostgreSQL 12 and later)
     unacknowledged = {"tcp_user_timeout": limit * 1000}
@@ -811,14 +809,21 @@ def _read_timeouts(parsed: sqlalchemy.URL, seconds: float | None = None) -> dict
         seconds = MYSQL_READ_TIMEOUT_S if seconds is None else seconds
         return {"read_timeout": seconds, "write_timeout": seconds}
     if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("psycopg", "psycopg2"):
-        limit = env_whole_number("CYCLE_OPTUNA_PG_TIMEOUT_SECONDS")
-        interval = max(1, limit // 6)  # three unanswered probes after half the limit idle
-        libpq = {"keepalives": 1, "keepalives_idle": max(1, limit - 3 * interval), "keepalives_interval": interval,
-                 "keepalives_count": 3}
+        limit, idle, interval, count = _keepalive_timing()
+        libpq = {"keepalives": 1, "keepalives_idle": idle, "keepalives_interval": interval, "keepalives_count": count}
         if _libpq_version(parsed.get_driver_name()) >= 120000:  # an older libpq refuses the option
             libpq["tcp_user_timeout"] = limit * 1000
         return {k: v for k, v in libpq.items() if k not in parsed.query}
     return {}
+
+
+def _keepalive_timing() -> tuple[int, int, int, int]:
+    """$CYCLE_OPTUNA_PG_TIMEOUT_SECONDS, and the TCP keepalives that call a silent peer gone by then
+    (seconds idle before the first probe, seconds between probes, probes): three unanswered probes
+    after about half the limit idle."""
+    limit = env_whole_number("CYCLE_OPTUNA_PG_TIMEOUT_SECONDS")
+    interval = max(1, limit // 6)
+    return limit, max(1, limit - 3 * interval), interval, 3
 
 
 def _libpq_version(driver: str) -> int:
