@@ -251,7 +251,10 @@ class NetworkLink:
             pytest.skip("cutting a network link needs root and iproute2's `ip` (network namespaces)")
         tag = f"{os.getpid() % 100_000}"
         self.ns, self.outer, self.inner = f"co-net-{tag}", f"co{tag}a", f"co{tag}b"
-        octet = 16 + os.getpid() % 200
+        # a /30 of its own: another test's link (another pytest worker) may be up at the same time
+        shown = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=30).stdout
+        used = {int(m) for m in re.findall(r"inet 10\.231\.(\d+)\.", shown)}
+        octet = next(16 + (os.getpid() + k) % 200 for k in range(200) if 16 + (os.getpid() + k) % 200 not in used)
         self.outer_ip, self.inner_ip = f"10.231.{octet}.1", f"10.231.{octet}.2"
         self.prefix = ("ip", "netns", "exec", self.ns)
         self.pg_url = pg_url
@@ -269,7 +272,10 @@ class NetworkLink:
         except OSError as e:
             pytest.skip(f"no network namespace here ({e})")
         try:
-            self._ip("link", "add", self.outer, "type", "veth", "peer", "name", self.inner)
+            try:
+                self._ip("link", "add", self.outer, "type", "veth", "peer", "name", self.inner)
+            except OSError as e:
+                pytest.skip(f"no virtual ethernet pair here ({e})")
             self._ip("link", "set", self.inner, "netns", self.ns)
             self._ip("addr", "add", f"{self.outer_ip}/30", "dev", self.outer)
             self._ip("link", "set", self.outer, "up")
