@@ -545,11 +545,12 @@ def _server_keepalives(engine: sqlalchemy.Engine) -> None:
     def on_connect(dbapi_conn: Any, record: object) -> None:
         cursor = dbapi_conn.cursor()
         try:
-            for settings in (keepalives, unacknowledged):
+            # one round trip (and the commit's) for the lot on a server that knows every setting
+            for settings in ({**keepalives, **unacknowledged}, keepalives):
                 try:
-                    for name, value in settings.items():
-                        cursor.execute(f"SET {name} = {int(value)}")
+                    cursor.execute("SELECT " + ", ".join(f"set_config('{k}', '{int(v)}', false)" for k, v in settings.items()))
                     dbapi_conn.commit()  # a session setting made in a transaction that is rolled back is undone
+                    break
                 except Exception:  # noqa: BLE001 - a server (older, or PostgreSQL-like) without these settings
                     dbapi_conn.rollback()
         finally:
