@@ -111,14 +111,15 @@ def test_duplicate_check_covers_string_parameters():
 
 
 def test_a_move_that_lost_with_another_change_is_retried_alone():
-    study = optuna.create_study(sampler=CycleSampler(baseline=STEPS_BASE, seed=0, plateau_cycles=100))
+    base = {**STEPS_BASE, "patch_len": 1}  # at its finest: no finer patch comes first
+    study = optuna.create_study(sampler=CycleSampler(baseline=base, seed=0, plateau_cycles=100))
     study.tell(study.ask(dict(STEPS)), 1.0)
     # lr x2 together with another pooling: worse
-    study.enqueue_trial({**STEPS_BASE, "lr": 2e-3, "pooling": "last"})
+    study.enqueue_trial({**base, "lr": 2e-3, "pooling": "last"})
     study.tell(study.ask(dict(STEPS)), 1.5)
     trial = study.ask(dict(STEPS))
     assert trial.user_attrs["cycle_move"] == "lr x2"
-    assert trial.params == {**STEPS_BASE, "lr": 2e-3}
+    assert trial.params == {**base, "lr": 2e-3}
 
 
 def test_values_alone_are_enough():
@@ -270,11 +271,36 @@ def test_reasons_are_true_with_three_worker_processes_on_sqlite(tmp_path: Path):
 
 @pytest.mark.parametrize("diagnosis", ["underfit", "below_baseline"])
 def test_below_baseline_is_treated_like_underfit(diagnosis):
-    study = optuna.create_study(sampler=CycleSampler(baseline=STEPS_BASE, seed=0))
+    study = optuna.create_study(sampler=CycleSampler(baseline={**STEPS_BASE, "patch_len": 1}, seed=0))
     trial = study.ask(dict(STEPS))
     trial.set_user_attr("diagnosis", diagnosis)
     study.tell(trial, 1.0)
     assert study.ask(dict(STEPS)).user_attrs["cycle_move"] == "layers +1"
+
+
+@pytest.mark.parametrize("diagnosis, first", [
+    (None, "patch_len 2->1"), ("overfit", "patch_len 2->1"), ("underfit", "patch_len 2->1"),
+    ("unstable", "lr /2"), ("diverged", "lr /2"),
+])
+def test_a_finer_patch_comes_before_the_training_settings_unless_training_is_in_trouble(diagnosis, first):
+    study = optuna.create_study(sampler=CycleSampler(baseline=STEPS_BASE, seed=0, plateau_cycles=100))
+    trial = study.ask(dict(STEPS))
+    if diagnosis:
+        trial.set_user_attr("diagnosis", diagnosis)
+    study.tell(trial, 1.0)
+    trial = study.ask(dict(STEPS))
+    assert trial.user_attrs["cycle_move"] == first
+    assert [k for k in STEPS if trial.params[k] != STEPS_BASE[k]] == [first.split()[0]]  # one change
+    if first.startswith("patch"):
+        assert "trying a finer patch before the training's settings" in trial.user_attrs["cycle_reason"]
+        study.tell(trial, 1.2)  # it lost: the patch takes its usual place behind the others from then on
+        assert not study.ask(dict(STEPS)).user_attrs["cycle_move"].startswith("patch")
+
+
+def test_a_patch_at_its_finest_keeps_its_place():
+    study = optuna.create_study(sampler=CycleSampler(baseline={**STEPS_BASE, "patch_len": 1}, seed=0))
+    study.tell(study.ask(dict(STEPS)), 1.0)
+    assert study.ask(dict(STEPS)).user_attrs["cycle_move"] == "lr x2"
 
 
 @pytest.mark.parametrize("improves", [True, False])

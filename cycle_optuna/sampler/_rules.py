@@ -148,6 +148,14 @@ class Planner:
         untried = (x for x in self.space if x not in role_names and x not in hist.fold.moved)
         for name in sorted(x for x in untried if _is_switch(self.space[x])):
             pairs += [_Candidate(name, 0, 1.0, "switch", v) for v in _other_choices(self.space[name], config.get(name))]
+        # Then the input's representation before the training's settings: a patch length no cycle has
+        # moved yet is halved (finer tokens) next, unless the training itself is in trouble. A short motif
+        # anywhere in the series needs a finer patch than the automatic one, and a search reached it
+        # only after every lr, capacity, dropout and batch move (MotifPos, 10 cycles: 0.665 -> 0.985).
+        patch = self._name("patch")
+        if (patch and patch not in hist.fold.moved and is_ordered(self.space[patch])
+                and base.diagnosis not in ("diverged", "unstable")):
+            pairs.append(_Candidate(patch, -1, 1.0, "patch"))
         for role, d in DIAGNOSIS_FIRST.get(base.diagnosis or "", ()):
             name = self._name(role)
             if name:
@@ -434,6 +442,8 @@ class Planner:
             return f"{where}, lowering lr: {label}"
         if c.why == "diagnosis":
             return f"cycle {base.cycle} looks {base.diagnosis}: trying {label}"
+        if c.why == "patch":
+            return f"{where}, trying a finer patch before the training's settings: {label}"
         if c.why == "switch":
             return f"{where}, trying a switch no cycle has flipped yet: {label}"
         if c.why == "smaller":
