@@ -316,7 +316,10 @@ class ThrowawayPostgres:
         import shutil
         import socket
 
-        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        def version(path: str) -> tuple[int, ...]:
+            return tuple(int(x) for x in re.findall(r"\d+", Path(path).parent.parent.name))
+
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=version)  # the newest last
         try:
             pwd.getpwnam("postgres")
         except KeyError:
