@@ -413,7 +413,8 @@ def _open_rdb(url: str, parsed, backend: str, engine_kwargs: dict, *, heartbeat:
                 elif backend == "sqlite" and parsed.database and parsed.database != ":memory:":
                     # a writer's switch only: the pragma writes the file, and WAL persists in it for readers
                     _use_wal(storage.engine)
-                if backend == "postgresql":
+                elif backend == "postgresql":
+                    # writers only (they take the study's lock); a reader's start-up keeps its connection
                     _server_keepalives(storage.engine)
                 return storage
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
