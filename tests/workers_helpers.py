@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
+import pwd
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -245,8 +250,6 @@ class NetworkLink:
     and `ip` (iproute2); skips the test otherwise."""
 
     def __init__(self, pg_url: str | None):
-        import shutil
-
         if os.geteuid() != 0 or shutil.which("ip") is None:
             pytest.skip("cutting a network link needs root and iproute2's `ip` (network namespaces)")
         tag = f"{os.getpid() % 100_000}"
@@ -311,11 +314,6 @@ class ThrowawayPostgres:
     Needs root (initdb runs as the `postgres` user) and the server's binaries; skips the test otherwise."""
 
     def __init__(self, listen: str):
-        import glob
-        import pwd
-        import shutil
-        import socket
-
         def version(path: str) -> tuple[int, ...]:
             return tuple(int(x) for x in re.findall(r"\d+", Path(path).parent.parent.name))
 
@@ -329,8 +327,6 @@ class ThrowawayPostgres:
         self.bin = Path(bins[-1]).parent
         # its own folder under /tmp: a test's tmp_path is closed to other users, and a Unix socket's
         # path must stay short
-        import tempfile
-
         self.folder, self.listen = Path(tempfile.mkdtemp(prefix="cycle-pg-")), listen
         with socket.socket() as s:
             s.bind((listen, 0))
@@ -344,8 +340,6 @@ class ThrowawayPostgres:
             raise OSError(f"{' '.join(args)}: {done.stdout.strip()} {done.stderr.strip()}")
 
     def __enter__(self) -> "ThrowawayPostgres":
-        import shutil
-
         data = self.folder / "data"
         try:
             shutil.chown(self.folder, "postgres")
@@ -361,8 +355,6 @@ class ThrowawayPostgres:
         return self
 
     def __exit__(self, *exc) -> None:
-        import shutil
-
         subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"),
                         "-m", "immediate", "stop"], capture_output=True, timeout=60)
         shutil.rmtree(self.folder, ignore_errors=True)
