@@ -797,6 +797,14 @@ class StorageWait:
 
 
 MYSQL_LOCK_WAIT_S = 30  # one GET_LOCK call's wait; cap_lock calls it again until it holds the lock
+# The lock's session closes when it sends nothing for this long while it holds the lock (its
+# wait_timeout): the server cannot tell a worker whose host vanished from an idle one, and its own
+# limit, 8 hours by default, would keep every other worker of the study waiting. The holder's work
+# under the lock (count, ask, register) takes well under a second; a holder silent this long (paused,
+# cut off) gives the lock up, and on waking finds its session gone: a lost database, ridden out. (The
+# reference baselines, scored once per study under the lock, may take longer on a large data set:
+# a worker starting meanwhile may then score them too, to the same values.)
+MYSQL_LOCK_IDLE_S = 120
 MYSQL_READ_TIMEOUT_S = 60  # a MySQL server that takes a connection and never answers: a lost database, not a hang
 
 
@@ -846,8 +854,9 @@ def _libpq_version(driver: str) -> int:
 def cap_lock(storage: BaseStorage, url: str, study_name: str) -> Iterator[sqlalchemy.Connection | None]:
     """Serialise "count the study's trials, then create one" across workers, so n_trials is exact.
 
-    PostgreSQL: a session advisory lock; MySQL/MariaDB: GET_LOCK; SQLite and journal files: an
-    flock beside the file (their workers share one machine). Held only while a trial is created or
+    PostgreSQL: a session advisory lock; MySQL/MariaDB: GET_LOCK, its session closed by the server
+    after MYSQL_LOCK_IDLE_S silent; SQLite and journal files: an flock beside the file (their
+    workers share one machine). Held only while a trial is created or
     a lost trial is failed and its retry queued (stale checks, hand-backs).
     Yields the database connection that holds the lock (autocommit), for :func:`count_trials` and
     :func:`register_trial` to reuse, or None for a file lock.
@@ -866,6 +875,11 @@ def cap_lock(storage: BaseStorage, url: str, study_name: str) -> Iterator[sqlalc
             with storage.engine.connect() as conn:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
                 try:
+                    after = []
+                    if backend != "postgresql":  # the session's own idle limit while it holds the lock, put back after
+                        conn.exec_driver_sql("SET @cycle_optuna_wait_timeout = @@SESSION.wait_timeout, "
+                                             f"SESSION wait_timeout = {int(MYSQL_LOCK_IDLE_S)}")
+                        after.append("SET SESSION wait_timeout = @cycle_optuna_wait_timeout")
                     got = conn.exec_driver_sql(lock).scalar()
                     # GET_LOCK gives up after its wait with 0 (and NULL on an error); pg_advisory_lock
                     # only returns once it holds the lock. Wait as long as PostgreSQL would.
@@ -875,7 +889,10 @@ def cap_lock(storage: BaseStorage, url: str, study_name: str) -> Iterator[sqlalc
                         got = conn.exec_driver_sql(lock).scalar()
                     yield conn
                     with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
-                        conn.exec_driver_sql(unlock)
+                        # a session the server closed meanwhile (MYSQL_LOCK_IDLE_S) holds nothing: both fail,
+                        # and SQLAlchemy drops the connection from the pool
+                        for statement in (unlock, *after):
+                            conn.exec_driver_sql(statement)
                 except BaseException:
                     # cut off anywhere (a signal between two statements): close the session, which
                     # ends its lock, rather than pool a connection that may still hold it

@@ -538,6 +538,65 @@ def test_a_worker_gone_without_a_word_while_it_holds_the_study_lock_holds_up_no_
             gone.wait()
 
 
+@pytest.fixture
+def mariadb_url():
+    """A new, empty database on the local MariaDB (127.0.0.1:3306, root), dropped after the test;
+    skipped saying why where none answers."""
+    import uuid
+
+    import sqlalchemy
+
+    pytest.importorskip("pymysql")
+    admin = sqlalchemy.create_engine("mysql+pymysql://root@127.0.0.1:3306/")
+    name = f"cycle_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as c:
+            c.exec_driver_sql(f"CREATE DATABASE {name}")
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        admin.dispose()
+        pytest.skip(f"MariaDB not usable on 127.0.0.1:3306: {str(e).splitlines()[0]}")
+    yield f"mysql+pymysql://root@127.0.0.1:3306/{name}"
+    with admin.connect() as c:
+        c.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+    admin.dispose()
+
+
+def test_a_mariadb_worker_silent_inside_the_study_lock_holds_up_no_other_worker(tmp_path: Path, mariadb_url: str):
+    """MySQL/MariaDB has no keepalive setting per session: a worker whose host vanished while it held
+    the study's lock (GET_LOCK) kept it until the server's wait_timeout, 8 hours by default. The
+    lock's session now has an idle limit of its own (storage.MYSQL_LOCK_IDLE_S, 3 s here): another
+    worker finishes the study, and the silent one, woken, finds its session closed, rides that out as
+    a lost database and stops with the cap kept (its host gone, the server's view is the same: a
+    session that sends nothing)."""
+    study = write_study(tmp_path, n_trials=2, epochs=1)
+    held, other, gate = tmp_path / "held.log", tmp_path / "other.log", tmp_path / "gate"
+    prelude = ("import cycle_optuna.storage as s\ns.MYSQL_LOCK_IDLE_S = 3\n"
+               + _GATED.format(name="_count_and_waiting", gate=str(gate)))
+    silent = _start(["worker", str(study), "--storage", mariadb_url], held, prelude=prelude)
+    try:
+        wait_for(lambda: "at _count_and_waiting" in held.read_text() or silent.poll() is not None, 90,
+                 "the worker to hold the study's lock")
+        assert silent.poll() is None, held.read_text()
+        second = start_cli(["worker", str(study), "--storage", mariadb_url])
+        try:
+            rc, out = _finish(second, timeout=90)
+        finally:
+            if second.poll() is None:
+                second.kill()
+                second.wait()
+        assert rc == 0, out
+        assert [t.state for t in trials(mariadb_url)] == [TrialState.COMPLETE] * 2, out
+        gate.touch()
+        assert silent.wait(timeout=90) == 0, held.read_text()
+    finally:
+        if silent.poll() is None:
+            silent.kill()
+            silent.wait()
+    text = held.read_text()
+    assert "lost the database" in text and "Traceback" not in text, text
+    assert [t.state for t in trials(mariadb_url)] == [TrialState.COMPLETE] * 2  # the cap held
+
+
 def test_postgresql_connections_bound_a_silent_network_on_both_ends_and_the_urls_own_settings_win(pg_url: str):
     engine = lambda url: storage._unwrap(storage.open_storage(url)).engine  # noqa: E731
     with engine(pg_url).connect() as c:

@@ -100,6 +100,62 @@ def test_a_mariadb_cap_lock_waits_past_get_locks_timeout(monkeypatch):
         holder.dispose()
 
 
+def test_a_mariadb_cap_lock_held_by_a_silent_session_is_freed_by_the_server(monkeypatch):
+    """A worker whose host vanished inside the cap lock sends nothing more; the server cannot tell it
+    from an idle one and kept the lock until its wait_timeout, 8 hours by default, while every other
+    worker of the study waited. The lock's session now carries its own idle limit: a holder silent
+    for MYSQL_LOCK_IDLE_S loses it (the session's view is the same whether the holder's host is gone
+    or the holder sits idle, as here), and its own release then fails quietly."""
+    import threading
+
+    import sqlalchemy
+
+    url = MARIADB_URL
+    st = _mariadb_storage()
+    monkeypatch.setattr(storage, "MYSQL_LOCK_IDLE_S", 2)
+    holding, release, entered, left = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def hold() -> None:  # a worker gone silent while it holds the lock
+        try:
+            with storage.cap_lock(st, url, "silent-holder") as conn:
+                holding.set()
+                release.wait(60)
+                with pytest.raises(sqlalchemy.exc.OperationalError):  # its session was closed under it
+                    conn.exec_driver_sql("SELECT 1")
+            left.set()
+        except BaseException as e:  # noqa: BLE001 - reported by the test below
+            errors.append(e)
+
+    def take() -> None:  # another worker of the study
+        with storage.cap_lock(st, url, "silent-holder"):
+            entered.set()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    taker = threading.Thread(target=take, daemon=True)
+    try:
+        holder.start()
+        assert holding.wait(20)
+        taker.start()
+        assert entered.wait(30), "the lock stayed with a session that had sent nothing for longer than its idle limit"
+        taker.join(10)
+    finally:
+        release.set()
+        holder.join(30)
+    assert not errors and left.is_set()
+    # a lock taken and given back in time leaves its pooled session with the server's own idle limit
+    monkeypatch.setattr(storage, "MYSQL_LOCK_IDLE_S", 120)
+    st.engine.dispose()  # a pool of one session from here on
+    with storage.cap_lock(st, url, "silent-holder") as conn:
+        inside, limit = conn.exec_driver_sql("SELECT CONNECTION_ID(), @@SESSION.wait_timeout").one()
+        assert limit == 120
+    with st.engine.connect() as conn:
+        ids = {conn.exec_driver_sql("SELECT CONNECTION_ID()").scalar()}
+        session, server = conn.exec_driver_sql("SELECT @@SESSION.wait_timeout, @@GLOBAL.wait_timeout").one()
+    st.engine.dispose()
+    assert inside in ids and session == server
+
+
 def test_status_ages_heartbeats_by_the_database_clock_in_any_time_zone(tmp_path: Path, pg_url: str, capsys):
     """PostgreSQL stamps a beat in the database's own time zone (a naive local time)."""
     from conftest import pg_admin_connect
