@@ -300,8 +300,8 @@ IMBALANCE_NOTE_RATIO = 4  # largest training class / smallest, from which the no
 def imbalance_note(cfg, data) -> str | None:
     """Classes of very different sizes, trained as they come: accuracy, the loss and the cycles'
     ranking favour the large classes, and a small one may be recalled little (generated 80/15/5
-    set, 20-cycle studies: 0.36-0.40 of its 5% class on test; with class_weights = "balanced"
-    0.48-0.60, docs/model.md)."""
+    set, 20-cycle studies: 0.36-0.40 of its 5% class on test; with class_weights = "balanced",
+    which weighs the training and the validation loss by class, 0.44-0.60, docs/model.md)."""
     import torch
 
     if cfg.train.class_weights != "none":
@@ -314,7 +314,7 @@ def imbalance_note(cfg, data) -> str | None:
     return (f"note: the classes differ in size ({int(counts[big])} training and validation series of {names[big]!r} "
             f"to {int(counts[small])} of {names[small]!r}): training and the cycles' ranking favour the large ones, "
             "and `best` gives the balanced accuracy and the lowest class recall; [train] class_weights = "
-            "\"balanced\" weighs every class equally in training")
+            "\"balanced\" weighs every class equally in training and in the ranking")
 
 
 def data_notes(cfg, data, held=None) -> list[str]:

@@ -142,6 +142,7 @@ class Population:
         weight = train.class_weight(data.y_train, data.n_classes, cfg.class_weights)
         self.weight = None if weight is None else train.to_device(weight, device)
         self.x_va, self.y_va = train.to_device(data.x_val, device), train.to_device(data.y_val, device)
+        self.w_va = train.validation_weight(self.y_va, data.n_classes, cfg.class_weights)
         # the summary branch's inputs, once for all members (as train._Single computes them)
         self.f_tr = None if train.augments(cfg) else train.summaries(self.template, self.x_tr)
         self.f_va = train.summaries(self.template, self.x_va)
@@ -226,10 +227,13 @@ class Population:
                 fb = None if self.f_va is None else self.f_va[sl]
                 logits = self._logits(self.params, self.buffers, self.x_va[sl], fb).float()  # [members, batch, classes]
                 yb = self.y_va[sl]
-                per_sample = F.cross_entropy(logits.flatten(0, 1), yb.repeat(m), reduction="none")
-                loss_sum += per_sample.view(m, -1).sum(dim=1)
+                per_sample = F.cross_entropy(logits.flatten(0, 1), yb.repeat(m), reduction="none").view(m, -1)
+                if self.w_va is not None:
+                    per_sample = per_sample * self.w_va[sl]
+                loss_sum += per_sample.sum(dim=1)
                 correct += (logits.argmax(dim=2) == yb).sum(dim=1)
-        rows = torch.stack([(loss_sum / n).double(), correct.double() / n], dim=1).tolist()
+        total = n if self.w_va is None else self.w_va.sum()
+        rows = torch.stack([(loss_sum / total).double(), correct.double() / n], dim=1).tolist()
         return [(math.nan, math.nan) if d else (loss, acc) for (loss, acc), d in zip(rows, diverged)]
 
     def weights(self, i: int) -> dict[str, torch.Tensor]:

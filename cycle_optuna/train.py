@@ -292,10 +292,21 @@ def training_loss(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | 
     return (F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=smoothing) * weight[y]).mean()
 
 
+def validation_weight(y: torch.Tensor, n_classes: int, mode: str) -> torch.Tensor | None:
+    """Each validation series' weight in the validation loss (the objective): None (a plain mean) for
+    `[train] class_weights = "none"`; "balanced": its class's `class_weight` over `y`, so the
+    weighted mean is the mean over the classes present of each class's mean loss, and cycles are
+    ranked on the balance their training was asked for. Under cross-validation `y` is every fold's
+    validation series pooled, so the folds' losses combine into that one balanced mean."""
+    weight = class_weight(y, n_classes, mode)
+    return None if weight is None else weight.to(y.device)[y.long()]
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-             summary: torch.Tensor | None = None) -> tuple[float, float]:
+             summary: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) in eval mode under inference_mode; ``summary``: the
-    transformer's ``summary_of(x)`` where it was computed beforehand (see `summaries`)."""
+    transformer's ``summary_of(x)`` where it was computed beforehand (see `summaries`); ``weight``:
+    each series' weight in the mean cross-entropy (`validation_weight`), None for equal weights."""
     n = len(x)
     if n == 0:
         return math.nan, math.nan
@@ -309,9 +320,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
                 logits = model(x[i:i + batch_size]) if summary is None else model(x[i:i + batch_size],
                                                                                     summary[i:i + batch_size])
                 yb = y[i:i + batch_size]
-                loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
+                if weight is None:
+                    loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
+                else:
+                    loss_sum += (F.cross_entropy(logits.float(), yb, reduction="none") * weight[i:i + batch_size]).sum()
                 correct += (logits.argmax(dim=1) == yb).sum()
-            loss, acc = torch.stack([(loss_sum / n).double(), correct.double() / n]).tolist()  # one host read
+            total = torch.tensor(float(n), device=x.device) if weight is None else weight.sum()
+            loss, acc = torch.stack([(loss_sum / total).double(), correct.double() / n]).tolist()  # one host read
             return loss, acc
     finally:
         model.train(was_training)
@@ -642,6 +657,8 @@ class _Single:
         self.x_va, self.y_va = to_device(data.x_val, device), to_device(data.y_val, device)
         weight = class_weight(data.y_train, data.n_classes, cfg.class_weights)
         self.weight = None if weight is None else to_device(weight, device)
+        # the validation loss's weights (a _Folds replaces them by the pooled folds')
+        self.w_va = validation_weight(self.y_va, data.n_classes, cfg.class_weights)
         # the summary branch's inputs, once per trial; per step instead where augmentation changes the series
         self.f_tr = None if augments(cfg) else summaries(self.model, self.x_tr)
         self.f_va = summaries(self.model, self.x_va)
@@ -720,7 +737,7 @@ class _Single:
     def evaluate(self, diverged: list[bool]) -> list[tuple[float, float]]:
         if diverged[0]:
             return [(math.nan, math.nan)]
-        return [evaluate(self.net, self.x_va, self.y_va, self.cfg.eval_batch_size, self.f_va)]
+        return [evaluate(self.net, self.x_va, self.y_va, self.cfg.eval_batch_size, self.f_va, self.w_va)]
 
     def weights(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -749,6 +766,14 @@ class _Folds:
         self.runs = [Run(hp) for _ in self.parts]  # each fold's schedule position
         self.model = Ensemble([p.model for p in self.parts])
         self.n_val = [len(p.y_va) for p in self.parts]
+        # each fold's share of the pooled validation loss: its series, or under class weights the
+        # pooled series' weights it holds (every fold's series weighed by the classes of all of them)
+        self.w_val = [float(n) for n in self.n_val]
+        pooled = validation_weight(torch.cat([p.y_va for p in self.parts]), data.n_classes, cfg.class_weights)
+        if pooled is not None:
+            for part, w in zip(self.parts, pooled.split(self.n_val)):
+                part.w_va = w
+            self.w_val = [float(w.sum()) for w in pooled.split(self.n_val)]
 
     def resume(self, run: Run, state: dict) -> int:
         self.model.load_state_dict(state["model"])
@@ -780,9 +805,8 @@ class _Folds:
         if diverged[0]:
             return [(math.nan, math.nan)]
         scores = [part.evaluate([False])[0] for part in self.parts]
-        n = sum(self.n_val)
-        return [(sum(k * loss for k, (loss, _) in zip(self.n_val, scores)) / n,
-                 sum(k * acc for k, (_, acc) in zip(self.n_val, scores)) / n)]
+        return [(sum(w * loss for w, (loss, _) in zip(self.w_val, scores)) / sum(self.w_val),
+                 sum(k * acc for k, (_, acc) in zip(self.n_val, scores)) / sum(self.n_val))]
 
     def weights(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}

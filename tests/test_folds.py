@@ -219,6 +219,31 @@ def test_a_cross_validated_epoch_scores_every_series_by_the_model_that_did_not_t
     assert len(res.model.nets) == 5
 
 
+def test_under_balanced_class_weights_the_folds_pool_into_one_balanced_loss(tmp_path):
+    """Each series is scored by the fold model that did not train on it, and the cross-validated loss
+    is the mean over classes of each class's mean loss over every fold's series, the classes
+    weighed by their pooled size (not each fold by its own)."""
+    rng = np.random.default_rng(2)
+    y = np.array([0] * 40 + [1] * 12 + [2] * 8)
+    x = rng.normal(size=(60, 6, 2)).astype(np.float32)
+    x[:, :, 0] += 1.2 * (y[:, None] - 1)
+    path = tmp_path / "skew.npz"
+    np.savez(path, X=x, y=y)
+    d = load_task(DataConfig(folds=3), 0, data_path=path)
+    cfg = dataclasses.replace(CFG, class_weights="balanced")
+    res = train_and_evaluate(d, HP, cfg, seed=7)
+    losses, labels = [], []
+    with torch.inference_mode():
+        for net, view in zip(res.model.nets, d.cv_views()):
+            net.eval()
+            losses.append(torch.nn.functional.cross_entropy(net(view.x_val).float(), view.y_val, reduction="none"))
+            labels.append(view.y_val)
+    each, pooled = torch.cat(losses), torch.cat(labels)
+    balanced = float(torch.stack([each[pooled == c].mean() for c in pooled.unique()]).mean())
+    assert res.best_val_loss == pytest.approx(balanced, rel=1e-5)
+    assert res.best_val_loss != pytest.approx(float(each.mean()), rel=1e-3)
+
+
 def test_a_cross_validated_run_resumes_exactly(tmp_path):
     path, _, _ = _npz(tmp_path / "a.npz", n=60)
     d = load_task(DataConfig(folds=3), 0, data_path=path)
@@ -334,7 +359,7 @@ def test_an_imbalance_note_names_the_largest_and_the_smallest_class(tmp_path):
     note = imbalance_note(SimpleNamespace(train=TrainConfig()), data)
     assert note == ("note: the classes differ in size (40 training and validation series of 'ok' to 10 of 'fault'): training and the "
                     "cycles' ranking favour the large ones, and `best` gives the balanced accuracy and the lowest "
-                    "class recall; [train] class_weights = \"balanced\" weighs every class equally in training")
+                    "class recall; [train] class_weights = \"balanced\" weighs every class equally in training and in the ranking")
     assert imbalance_note(SimpleNamespace(train=TrainConfig(class_weights="balanced")), data) is None
     path.write_text("\n".join(rows[:1 + 4 * 40] + [r.replace("fault", "ok") for r in rows[1 + 4 * 40:1 + 4 * 42]]
                               + rows[1 + 4 * 42:]) + "\n")  # 42 to 8: a note; the same classes 4 to 1 below

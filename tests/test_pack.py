@@ -73,9 +73,11 @@ def test_a_model_switch_packs_as_it_trains_alone(data, knob):
 
 
 def test_balanced_class_weights_pack_as_they_train_alone(data):
-    """[train] class_weights = "balanced" weighs the training loss by class, packed as alone."""
+    """[train] class_weights = "balanced" weighs the training and the validation loss by class, packed as alone."""
     keep = (data.y_train == 0) | (torch.arange(len(data.y_train)) % 4 == 0)  # classes 1 and 2 thinned to a quarter
-    skewed = dataclasses.replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
+    keep_va = (data.y_val == 0) | (torch.arange(len(data.y_val)) % 4 == 0)  # and in the validation loss's weights
+    skewed = dataclasses.replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep],
+                                 x_val=data.x_val[keep_va], y_val=data.y_val[keep_va])
     cfg = dataclasses.replace(CFG, class_weights="balanced")
     packed = pack.train_pack(skewed, MOVES[:2], cfg, seed=0)
     for p, hp in zip(packed, MOVES[:2]):

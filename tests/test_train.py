@@ -410,6 +410,39 @@ def test_balanced_class_weights_make_each_class_weigh_as_an_average_sized_one():
     assert class_weight(y, 4, "none") is None
 
 
+def _balanced_loss(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """The mean over the classes present of each class's mean cross-entropy, written out."""
+    each = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    return statistics.mean(float(each[y == c].mean()) for c in y.unique())
+
+
+def test_under_balanced_class_weights_cycles_are_ranked_on_the_balanced_validation_loss(easy):
+    """The objective follows the training's weights: with class_weights = "balanced" the validation
+    loss is each class's mean loss averaged over the classes, so a model that gives up a small class
+    no longer ranks first by doing well on the large one."""
+    keep = (easy.y_val == 0) | (torch.arange(len(easy.y_val)) % 5 == 0)  # classes 1 and 2 thinned to a fifth
+    skewed = dataclasses.replace(easy, x_val=easy.x_val[keep], y_val=easy.y_val[keep])
+    cfg = dataclasses.replace(CFG, epochs=3, class_weights="balanced")
+    res = _run(skewed, cfg=cfg)
+    with torch.inference_mode():
+        res.model.eval()
+        logits = res.model(skewed.x_val).float()
+    plain = float(torch.nn.functional.cross_entropy(logits, skewed.y_val))
+    assert res.best_val_loss == pytest.approx(_balanced_loss(logits, skewed.y_val), rel=1e-5)
+    assert res.best_val_loss != pytest.approx(plain, rel=1e-3)  # the skew does change it
+    # unweighted without class weights, and `evaluate` weighs per series as given
+    unweighted = _run(skewed, cfg=dataclasses.replace(cfg, class_weights="none"))
+    with torch.inference_mode():
+        unweighted.model.eval()
+        assert unweighted.best_val_loss == pytest.approx(
+            float(torch.nn.functional.cross_entropy(unweighted.model(skewed.x_val).float(), skewed.y_val)), rel=1e-5)
+    from cycle_optuna.train import validation_weight
+    w = validation_weight(skewed.y_val, skewed.n_classes, "balanced")
+    assert evaluate(res.model, skewed.x_val, skewed.y_val, 7, weight=w)[0] == pytest.approx(
+        _balanced_loss(logits, skewed.y_val), rel=1e-5)  # batches of 7: the weights follow their series
+    assert validation_weight(skewed.y_val, skewed.n_classes, "none") is None
+
+
 def test_balanced_weights_with_label_smoothing_keep_a_series_answer_its_own_class():
     """F.cross_entropy's own `weight` also weighs the smoothed targets by the other classes' weights:
     at 99 to 1 the loss was lowest when a large-class series answered the small class (84%), and a
