@@ -34,7 +34,7 @@ import optuna
 import _machine  # benchmarks/: the directory of this script
 from cycle_optuna import config as config_mod
 from cycle_optuna.config import ParamSpace, SamplerConfig, StudyConfig
-from cycle_optuna.sampler import CycleSampler, make_sampler
+from cycle_optuna.sampler import REASON_ATTR, CycleSampler, make_sampler
 from cycle_optuna.space import distributions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +91,8 @@ def run_search(kind: str, seed: int, n_trials: int, size: dict[str, int]) -> dic
             "state": t.state.name,
             "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else None,
             "epochs": t.user_attrs.get("epochs_run", len(t.intermediate_values)),
+            "params": t.params,
+            "reason": t.user_attrs.get(REASON_ATTR),  # the CycleSampler's "why this cycle"
         }
         for t in study.trials
     ]
