@@ -131,10 +131,12 @@ def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: 
                          "more to grow it", held.study_name, counted, "" if counted == 1 else "s", total, counted + 1)
     import torch
 
-    # the caller's process, e.g. a notebook: its thread count and random stream are as it left them
-    # (training seeds torch's global generator and picks its own thread count)
+    # the caller's process, e.g. a notebook: its thread count and random streams are as it left them
+    # (training seeds torch's global generators, every CUDA device's too, and picks its own thread
+    # count). The CUDA streams are saved only where the study trains there: reading them starts CUDA.
     threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
+    on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if on_cuda else []):
         try:
             return run_worker(config_mod.override(cfg, n_trials=total), url, data=data)
         finally:

@@ -402,6 +402,24 @@ def test_run_study_leaves_the_callers_threads_and_random_stream_as_they_were(tmp
     assert len(load_study(path).trials) == 1  # it ran
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_run_study_leaves_the_callers_cuda_random_stream_as_it_was(tmp_path):
+    """Training on the GPU seeds every CUDA generator with the study seed: a notebook's CUDA stream
+    was reseeded by run_study."""
+    import torch
+
+    from workers_helpers import write_study
+
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    path.write_text(path.read_text().replace("[train]\n", "[train]\ndevice = \"cuda\"\n", 1))
+    torch.cuda.manual_seed_all(1)
+    expected = torch.rand(3, device="cuda")
+    torch.cuda.manual_seed_all(1)
+    api.run_study(path)
+    assert torch.equal(torch.rand(3, device="cuda"), expected)
+    assert len(load_study(path).trials) == 1  # it ran
+
+
 def test_run_study_says_when_the_study_already_holds_its_total(tmp_path, caplog):
     """The CLI prints that the study already holds its trials; run_study returned in silence, which
     reads as a run that finished."""
