@@ -63,12 +63,17 @@ def make_pruner(cfg: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def prior_loss(y: torch.Tensor, n_classes: int) -> float:
-    """Cross-entropy of a model that predicts the labels' class frequencies and nothing else (the
-    entropy of the class prior): log(n_classes) for balanced classes, less for imbalanced ones."""
+def prior_loss(y: torch.Tensor, n_classes: int, class_weights: str = "none") -> float:
+    """Cross-entropy of a model that learned nothing but the best constant answer: the labels' class
+    frequencies, whose loss is the entropy of the class prior (log(n_classes) for balanced classes,
+    less for imbalanced ones). Under `[train] class_weights = "balanced"` every class weighs the same
+    in the training and the validation loss, so the best constant answer is uniform over the classes
+    present: log of their number, whatever their sizes."""
     p = torch.bincount(y.flatten().long(), minlength=n_classes).double()
     p = p[p > 0] / p.sum()
-    return float(-(p * p.log()).sum()) if len(p) > 1 else 0.0
+    if len(p) <= 1:
+        return 0.0
+    return math.log(len(p)) if class_weights == "balanced" else float(-(p * p.log()).sum())
 
 
 def diagnose(result: TrainResult, n_classes: int, *, reference: float | None = None,
@@ -287,7 +292,8 @@ class Objective:
                 ckpt: TrialCheckpoints | None = None) -> float:
         """The trial contract's user attrs; PRUNED (raised) when it diverged; the value otherwise."""
         if self._chance is None:  # the training labels' prior: the loss of a model that learned nothing else
-            self._chance = prior_loss(torch.cat([self.data.y_train, self.data.y_val]), self.data.n_classes)
+            self._chance = prior_loss(torch.cat([self.data.y_train, self.data.y_val]), self.data.n_classes,
+                                      self.cfg.train.class_weights)
         diagnosis = diagnose(result, self.data.n_classes, reference=self._reference_accuracy(trial), chance=self._chance)
         first = next((h.val_loss for h in result.history if math.isfinite(h.val_loss)), math.nan)
         attrs = {

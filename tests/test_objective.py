@@ -179,3 +179,11 @@ def test_a_model_that_learned_only_the_class_prior_is_underfit_on_imbalanced_cla
     assert objective.diagnose(prior_only, n_classes=2, chance=chance) == "underfit"
     learned = curve([0.15, 0.09, 0.06, 0.06], [0.2, 0.1, 0.07, 0.06])  # well below the prior's loss
     assert objective.diagnose(learned, n_classes=2, chance=chance) == "converged"
+    # class_weights = "balanced": both classes weigh the same, so a constant answer scores log 2 at
+    # best; judged against the prior's 0.199, a balanced loss of 0.5 (well learned) read as underfit
+    balanced = objective.prior_loss(y, 2, "balanced")
+    assert balanced == pytest.approx(math.log(2))
+    assert objective.prior_loss(torch.tensor([1, 1]), 3, "balanced") == 0.0
+    weighed = curve([0.55, 0.5, 0.45, 0.42], [0.6, 0.5, 0.45, 0.42])
+    assert objective.diagnose(weighed, n_classes=2, chance=chance) == "underfit"
+    assert objective.diagnose(weighed, n_classes=2, chance=balanced) != "underfit"
