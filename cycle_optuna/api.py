@@ -683,6 +683,8 @@ def best_record(study: StudyLike, storage: str | BaseStorage | None = None, *, w
         "hyperparams": {**baseline_params(study), **t.params},
         # 1: value and val_accuracy are on the validation split; k: k-fold cross-validated ([data] folds)
         "folds": int((study.user_attrs.get(STATS_ATTR) or {}).get("folds", 1)),
+        # "balanced": value is the class-balanced validation loss (each class's mean loss, averaged)
+        "class_weights": str(((study.user_attrs.get(CONFIG_ATTR) or {}).get("train") or {}).get("class_weights", "none")),
     }
     if with_test:
         try:

@@ -578,7 +578,8 @@ def cmd_best(args: argparse.Namespace) -> int:
     table.add_column("name")
     table.add_column("value", justify="right")
     cv = f" ({rec['folds']}-fold cross-validation)" if rec.get("folds", 1) > 1 else ""
-    table.add_row(f"val loss{cv}", "-" if rec["value"] is None else f"{rec['value']:.4f}")  # None: inf, added by hand
+    balanced = ", class-balanced" if rec.get("class_weights") == "balanced" else ""  # the test loss is plain
+    table.add_row(f"val loss{balanced}{cv}", "-" if rec["value"] is None else f"{rec['value']:.4f}")  # None: inf, added by hand
     if (val_accuracy := api.finite_number(attrs.get("val_accuracy"))) is not None:
         table.add_row(f"val accuracy{cv}", f"{val_accuracy:.2%}")
     if rec.get("test_accuracy") is not None:

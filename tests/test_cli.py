@@ -53,13 +53,26 @@ def test_best_prints_table_and_json(quick_study, capsys):
                                    "conv_stem", "pos_encoding"}
     trial = study_of(quick_study).trials[0]
     assert best["duration_s"] == trial.duration.total_seconds() and best["duration"] == str(trial.duration)
+    assert best["class_weights"] == "none"
     assert run_cli("best", str(quick_study)) == 0
     out = capsys.readouterr().out
-    assert "val loss" in out
+    assert "val loss" in out and "class-balanced" not in out
     # durations and the drop as people read them, not 0:00:03.141593 or 77.04839
     assert re.search(r"│ duration +│ +\d+\.\d s │", out), out
     assert re.search(r"│ train_seconds +│ +\d+\.\d s │", out), out
     assert re.search(r"│ improvement_pct +│ +-?\d+\.\d% │", out), out
+
+
+def test_best_says_when_the_val_loss_is_class_balanced(quick_study, capsys):
+    """Under class_weights = "balanced" the objective is the class-balanced validation loss, while the
+    test loss beside it is the plain mean: the row says which."""
+    quick_study.write_text(quick_study.read_text().replace("[train]\n", "[train]\nclass_weights = \"balanced\"\n", 1))
+    assert run_cli("run", str(quick_study), "--n-trials", "1") == 0
+    capsys.readouterr()
+    assert run_cli("best", str(quick_study), "--json") == 0
+    assert json.loads(capsys.readouterr().out)["class_weights"] == "balanced"
+    assert run_cli("best", str(quick_study)) == 0
+    assert re.search(r"│ val loss, class-balanced +│ +\d\.\d{4} │", capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("seconds, text", [(0.04, "0.0 s"), (9.95, "9.9 s"), (59.94, "59.9 s"), (59.97, "1 min 00 s"), (60, "1 min 00 s"),
