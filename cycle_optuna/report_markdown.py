@@ -209,7 +209,9 @@ def _table(a: Analysis) -> list[str]:
         mark = " **best**" if c is a.best else ""
         lines.append(f"| {c.cycle} | {'-' if loss is None else f'{loss:.4f}'}{mark} | {_pct(c.val_accuracy)} | "
                      f"{'-' if imp is None else f'{imp:.2f}%'} | {_cell(c.key_change)} | {_state(c)} |")
-    lines += ["", "Final val loss is the best validation loss the cycle reached: a complete cycle's objective value "
+    balanced = (" (class-balanced, as `class_weights = \"balanced\"` asks: each class's mean loss, averaged)"
+                if a.cfg is not None and a.cfg.train.class_weights == "balanced" else "")
+    lines += ["", f"Final val loss is the best validation loss{balanced} the cycle reached: a complete cycle's objective value "
               "(a pruned cycle's Optuna value, which `export` and the trial logs show, is its loss at the epoch it was "
               "stopped); accuracy is at the best epoch for a complete cycle, at the last epoch for a pruned one; "
               "improvement is first-to-best validation loss within the cycle's epochs.", ""]

@@ -73,6 +73,8 @@ def test_best_says_when_the_val_loss_is_class_balanced(quick_study, capsys):
     assert json.loads(capsys.readouterr().out)["class_weights"] == "balanced"
     assert run_cli("best", str(quick_study)) == 0
     assert re.search(r"│ val loss, class-balanced +│ +\d\.\d{4} │", capsys.readouterr().out)
+    assert run_cli("report", str(quick_study), "-o", str(quick_study.parent / "r")) == 0
+    assert "best validation loss (class-balanced" in (quick_study.parent / "r" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("seconds, text", [(0.04, "0.0 s"), (9.95, "9.9 s"), (59.94, "59.9 s"), (59.97, "1 min 00 s"), (60, "1 min 00 s"),
