@@ -325,8 +325,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
                 else:
                     loss_sum += (F.cross_entropy(logits.float(), yb, reduction="none") * weight[i:i + batch_size]).sum()
                 correct += (logits.argmax(dim=1) == yb).sum()
-            total = torch.tensor(float(n), device=x.device) if weight is None else weight.sum()
-            loss, acc = torch.stack([(loss_sum / total).double(), correct.double() / n]).tolist()  # one host read
+            mean = loss_sum / n if weight is None else loss_sum / weight.sum()  # no host value made a device tensor
+            loss, acc = torch.stack([mean.double(), correct.double() / n]).tolist()  # one host read
             return loss, acc
     finally:
         model.train(was_training)
