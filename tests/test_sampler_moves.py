@@ -104,6 +104,21 @@ def test_ordered_list_steps_to_a_neighbour_and_never_skips_one():
     assert [t.params["patch_len"] for t in study.trials] == [1, 2, 4, 8]
 
 
+@pytest.mark.parametrize("ceilings, tried", [(None, [16, 32, 64]), ({"batch_size": 29}, [16, 32])])
+def test_batch_sizes_that_all_train_as_the_whole_split_are_one_configuration(ceilings, tried):
+    """A batch never holds more series than the training split: with 29 series, 32, 64 and 128 all
+    train as 29. A move between two of them was a cycle that trained exactly as its parent."""
+    space = {"batch_size": CategoricalDistribution([16, 32, 64, 128]), "dropout": FloatDistribution(0.0, 0.5)}
+    study = optuna.create_study(sampler=CycleSampler(baseline={"batch_size": 32, "dropout": 0.1}, seed=0,
+                                                     plateau_cycles=100, ceilings=ceilings))
+    for _ in range(8):
+        trial = study.ask(dict(space))
+        study.tell(trial, 1.0 + trial.params["dropout"])  # no batch move improves: each is tried once and left
+    assert sorted({t.params["batch_size"] for t in study.trials}) == tried
+    with pytest.raises(ValueError, match="ceilings must map parameter names to finite numbers"):
+        CycleSampler(ceilings={"batch_size": float("inf")})
+
+
 def test_duplicate_check_covers_string_parameters():
     study = run_mixed(40, plateau_cycles=100)
     configs = [tuple(sorted(t.params.items())) for t in study.trials]

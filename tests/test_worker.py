@@ -78,6 +78,24 @@ def test_the_loop_records_each_outcome_as_optimize_would_and_carries_on(tmp_path
     assert study.best_value == 0.5
 
 
+@pytest.mark.parametrize("folds", [1, 3])
+def test_the_cycle_sampler_learns_from_the_data_which_batch_sizes_train_the_same(tmp_path: Path, folds):
+    """A batch never holds more series than the training split; the sampler is told the largest
+    split (a fold's, under cross-validation), above which every batch size is one configuration."""
+    from cycle_optuna.data import load_study_data
+
+    path = write_study(tmp_path, n_samples=60)
+    path.write_text(path.read_text().replace('type = "random"', 'type = "cycle"').replace("folds = 1", f"folds = {folds}")
+                    .replace("[space]\n", "[space]\nbatch_size = { choices = [16, 32, 64] }\n"))
+    cfg = config.load(path)
+    data = load_study_data(cfg)
+    views = data.cv_views() if folds > 1 else [data]
+    largest = max(len(v.y_train) for v in views)
+    assert largest < 64
+    assert worker.build_sampler(cfg, data).ceilings == {"batch_size": largest}
+    assert worker.build_sampler(cfg).ceilings == {}  # without the data (status, best): none
+
+
 def test_a_retry_is_renamed_to_the_worker_that_runs_it(tmp_path: Path):
     study, url = _sqlite_study(tmp_path)
     study.enqueue_trial({"x": 0.25}, user_attrs={storage.WORKER_ATTR: "deadhost:1"})

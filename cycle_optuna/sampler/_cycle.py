@@ -125,6 +125,10 @@ class CycleSampler(BaseSampler):
         roles: Which parameter is the lr, layers, hidden, heads, dropout, batch size and patch
             length (a ``Roles``).
         generic_moves: Move numeric parameters that have no role by stepping them up/down.
+        ceilings: Parameter -> the value at and above which every value trains the same (the
+            study's worker passes the batch size's: its largest training split, since a batch
+            never holds more series than the split): a move between two such values is a
+            configuration already tried, and is not made.
     """
 
     def __init__(
@@ -138,6 +142,7 @@ class CycleSampler(BaseSampler):
         fallback: BaseSampler | Callable[[int | None], BaseSampler] | None = None,
         roles: Roles | None = None,
         generic_moves: bool = True,
+        ceilings: Mapping[str, float] | None = None,
     ) -> None:
         if baseline is not None and not isinstance(baseline, Mapping):
             raise ValueError(f"baseline must map parameter names to values, but got {baseline=}.")
@@ -155,6 +160,10 @@ class CycleSampler(BaseSampler):
             raise ValueError(f"fallback must be an optuna sampler or a function seed -> sampler, but got {fallback=}.")
         if roles is not None and not isinstance(roles, Roles):
             raise ValueError(f"roles must be a cycle_optuna.sampler.Roles, but got {roles=}.")
+        if ceilings is not None and not (isinstance(ceilings, Mapping) and all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for k, v in ceilings.items())):
+            raise ValueError(f"ceilings must map parameter names to finite numbers, but got {ceilings=}.")
         self._baseline = dict(baseline or {})
         self._lr_factor = float(lr_factor)
         self._plateau_cycles = plateau_cycles
@@ -166,7 +175,7 @@ class CycleSampler(BaseSampler):
             self._fallback = self._make_fallback(seed)
         self._roles = roles or Roles()
         self._generic_moves = bool(generic_moves)
-        self._history = HistoryCache(self._movable, float(noise_margin))
+        self._history = HistoryCache(self._movable, float(noise_margin), ceilings)
         self._entries: OrderedDict[tuple[int, int], _Entry] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -182,6 +191,11 @@ class CycleSampler(BaseSampler):
 
     def reseed_rng(self) -> None:
         self._fallback.reseed_rng()
+
+    @property
+    def ceilings(self) -> dict[str, float]:
+        """Parameter -> the value at and above which every value trains the same (see the class doc)."""
+        return dict(self._history._ceilings)
 
     # -- BaseSampler -------------------------------------------------------------------------
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
@@ -347,7 +361,7 @@ class CycleSampler(BaseSampler):
             self._write(study, trial, payload, reason)
             # Written, then checked: of two workers that claim the same move at once, at least
             # one sees the other's claim here, and it decides again.
-            claims = _claims(payload)
+            claims = _claims(payload, hist.key)
             if not claims or attempt == _MAX_REDECIDE:
                 break
             hist = self._view(study, trial)
@@ -413,11 +427,12 @@ class CycleSampler(BaseSampler):
         return params
 
 
-def _claims(payload: Mapping[str, Any]) -> list[tuple]:
+def _claims(payload: Mapping[str, Any], key: Callable[[Mapping[str, Any]], tuple] = config_key) -> list[tuple]:
     """The history keys a proposal holds, for moves and local explorations; the baseline, an
-    enqueued trial and a fallback's exploration claim nothing."""
+    enqueued trial and a fallback's exploration claim nothing. `key`: the history's own
+    (:meth:`History.key`)."""
     kind, params = payload.get("kind"), payload.get("params") or {}
-    keys = [config_key(params)] if params and kind in ("move", "explore") else []
+    keys = [key(params)] if params and kind in ("move", "explore") else []
     if kind in ("move", "lazy") and payload.get("param"):
         param, direction = payload["param"], int(payload.get("dir", 0) or 0)
         keys.append(move_key(payload.get("parent"), param, direction, float(payload.get("scale", 1.0) or 1.0), params.get(param)))

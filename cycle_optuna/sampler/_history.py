@@ -11,7 +11,7 @@ import math
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage
@@ -94,6 +94,11 @@ class History:
     _keys: dict[tuple, Rec | None]
     _tail_keys: dict[tuple, Rec | None]
     pending: list[FrozenTrial]  # unfinished trials other than the current one
+    ceilings: Mapping[str, float] | None = None  # config_key's: values that train the same share a key
+
+    def key(self, config: Mapping[str, Any]) -> tuple:
+        """`config` as this history's keys are made (:func:`config_key` with its ceilings)."""
+        return config_key(config, self.ceilings)
 
     def rec(self, number: int | None) -> Rec | None:
         if number is None:
@@ -134,17 +139,19 @@ class _Cache:
 class HistoryCache:
     """Per-process cache of folded trials, one entry per (storage, study)."""
 
-    def __init__(self, movable: Callable[[str, BaseDistribution], bool], noise_margin: float) -> None:
+    def __init__(self, movable: Callable[[str, BaseDistribution], bool], noise_margin: float,
+                 ceilings: Mapping[str, float] | None = None) -> None:
         self._movable = movable
         self._margin = noise_margin
+        self._ceilings = dict(ceilings or {})
         self._caches: dict[tuple[int, int], _Cache] = {}
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"_movable": self._movable, "_margin": self._margin}
+        return {"_movable": self._movable, "_margin": self._margin, "_ceilings": self._ceilings}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["_movable"], state["_margin"])  # type: ignore[misc]
+        self.__init__(state["_movable"], state["_margin"], state.get("_ceilings"))  # type: ignore[misc]
 
     def better(self, a: float, b: float, direction: StudyDirection) -> bool:
         """`a` improves on `b` by more than the relative noise margin."""
@@ -183,7 +190,7 @@ class HistoryCache:
             if not t.state.is_finished():
                 pending.append(t)
             self._fold(fold, tail_recs, tail_keys, t, direction)
-        return History(fold, recs, tail_recs, keys, tail_keys, pending)
+        return History(fold, recs, tail_recs, keys, tail_keys, pending, self._ceilings)
 
     def _fold(
         self, f: Fold, recs: dict[int, Rec], keys: dict[tuple, Rec | None], t: FrozenTrial, direction: StudyDirection
@@ -191,7 +198,7 @@ class HistoryCache:
         if t.state == TrialState.WAITING:
             fixed = t.system_attrs.get(FIXED_ATTR)
             if isinstance(fixed, dict) and fixed:
-                keys.setdefault(config_key(fixed), None)
+                keys.setdefault(config_key(fixed, self._ceilings), None)
             return
         prop = t.system_attrs.get(PROPOSAL_ATTR)
         prop = prop if isinstance(prop, dict) else {}
@@ -236,12 +243,12 @@ class HistoryCache:
             keys.setdefault(move_key(rec.parent, rec.param, rec.direction, rec.scale, moved), rec)
             f.moved.add(rec.param)
         if proposed and rec.kind in ("move", "explore") and t.state.is_finished():
-            keys.setdefault(config_key(proposed), rec)  # the proposal itself, whatever ran
+            keys.setdefault(config_key(proposed, self._ceilings), rec)  # the proposal itself, whatever ran
         if (rec.kind == "move" and rec.param in proposed and rec.param in t.params
                 and norm(t.params[rec.param]) != norm(proposed[rec.param])):
             f.conflicts.add(rec.param)
         if config and (rec.kind != "lazy" or t.state.is_finished()):  # a running lazy trial's params are partial
-            key = config_key(config)
+            key = config_key(config, self._ceilings)
             if keys.get(key) is None or not keys[key].state.is_finished():  # type: ignore[union-attr]
                 keys[key] = rec
         if f.base is None and rec.kind != "explore" and (config or rec.kind == "baseline"):

@@ -108,8 +108,17 @@ def norm(value: Any) -> Any:
     return value
 
 
-def config_key(config: Mapping[str, Any]) -> tuple:
+def config_key(config: Mapping[str, Any], ceilings: Mapping[str, float] | None = None) -> tuple:
+    """A configuration as a history key. ``ceilings``: parameter -> the value at and above which
+    every value trains the same (a batch size at or above the largest training split trains as the
+    whole split); such values share one key, so a move between two of them is a known configuration."""
+    if ceilings:
+        config = {k: ceilings[k] if k in ceilings and _at_or_above(v, ceilings[k]) else v for k, v in config.items()}
     return tuple(sorted((k, norm(v)) for k, v in config.items()))
+
+
+def _at_or_above(value: Any, ceiling: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= ceiling
 
 
 def _grid_values(dist: BaseDistribution) -> list[Any] | None:

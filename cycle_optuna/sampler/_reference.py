@@ -118,12 +118,15 @@ class ReferenceScheduleSampler(BaseSampler):
         return room
 
 
-def make_sampler(cfg: SamplerConfig, *, baseline: Mapping[str, Any], seed: int) -> BaseSampler:
-    """The sampler a study file's [sampler] section names, seeded by the study seed."""
+def make_sampler(cfg: SamplerConfig, *, baseline: Mapping[str, Any], seed: int,
+                 ceilings: Mapping[str, float] | None = None) -> BaseSampler:
+    """The sampler a study file's [sampler] section names, seeded by the study seed; `ceilings`: the
+    CycleSampler's (values of a parameter that all train the same)."""
     if cfg.type == "cycle":
         return CycleSampler(
             baseline=baseline,
             seed=seed,
+            ceilings=ceilings,
             lr_factor=cfg.lr_factor,
             noise_margin=cfg.noise_margin,
             plateau_cycles=cfg.plateau_cycles,

@@ -14,7 +14,6 @@ from cycle_optuna.sampler._history import History, Rec, move_key, move_kind
 from cycle_optuna.sampler._moves import (
     Roles,
     coerce,
-    config_key,
     describe,
     divisors_nearest,
     is_numeric_choice,
@@ -100,7 +99,7 @@ class Planner:
             if moved is None:
                 continue
             cfg, label = moved
-            if self.hist.known(config_key(cfg)):
+            if self.hist.known(self.hist.key(cfg)):
                 continue
             if self.hist.known(move_key(base.number, c.param, c.direction, c.scale, cfg.get(c.param))):
                 continue
@@ -331,7 +330,7 @@ class Planner:
                 if moved is not None:
                     cfg, label = moved
                     labels.append(label)
-            if len(labels) >= 2 and not self.hist.known(config_key(cfg)):
+            if len(labels) >= 2 and not self.hist.known(self.hist.key(cfg)):
                 return cfg, labels
         return None
 
@@ -450,7 +449,7 @@ class Planner:
             return f"{where}, every one-step move from cycle {base.cycle} is taken; trying a smaller step: {label}"
         if c.direction:
             opposite = self._apply(config, _Candidate(c.param, -c.direction, c.scale, "pair"))
-            other = self.hist.holder(config_key(opposite[0])) if opposite else None
+            other = self.hist.holder(self.hist.key(opposite[0])) if opposite else None
             # only a move of this parameter the other way from this same cycle is "the opposite";
             # the trial holding that configuration may be the baseline, or another parent's move
             if (other is not None and other.state.is_finished() and other.kind == "move"
