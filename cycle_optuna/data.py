@@ -93,6 +93,13 @@ class TaskData:
         """The training and validation series together (what cross-validation splits)."""
         return torch.cat([self.x_train, self.x_val]), torch.cat([self.y_train, self.y_val])
 
+    def largest_training_split(self) -> int:
+        """Series the largest training part holds: the training split, or under cross-validation
+        the pooled series less the smallest fold (counted, not copied as cv_views does)."""
+        if self.fold_ids is None:
+            return int(self.y_train.shape[0])
+        return int(self.fold_ids.numel() - torch.bincount(self.fold_ids.long()).min())
+
     def cv_views(self) -> list[TaskData]:
         """Per fold, this task with that fold of the pooled series as validation and the others as training."""
         x, y = self.pooled()

@@ -76,8 +76,7 @@ def build_sampler(cfg: StudyConfig, data: TaskData | None = None) -> optuna.samp
     if cfg.sampler.type in ("cycle", "reference"):  # their rules are a function of the trials
         ceilings = None
         if data is not None and any(p.name == "batch_size" for p in cfg.space):
-            views = data.cv_views() if data.n_folds > 1 else [data]
-            ceilings = {"batch_size": max(1, max(len(v.y_train) for v in views))}
+            ceilings = {"batch_size": max(1, data.largest_training_split())}
         return make_sampler(cfg.sampler, baseline=baseline, seed=cfg.study.seed, ceilings=ceilings)
     # Optuna's samplers seeded per trial: workers sharing the study, or a resumed one, draw anew
     return PerTrialSeeded(lambda seed: make_sampler(cfg.sampler, baseline=baseline, seed=seed), cfg.study.seed)
