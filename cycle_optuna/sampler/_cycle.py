@@ -26,7 +26,7 @@ from cycle_optuna import optuna_internals as internals
 from cycle_optuna.sampler._history import (
     FIXED_ATTR, PROPOSAL_ATTR, History, HistoryCache, move_key, ref_to, same_object,
 )
-from cycle_optuna.sampler._moves import Roles, coerce, config_key, contains, repair, step_value
+from cycle_optuna.sampler._moves import Roles, coerce, contains, repair, step_value
 from cycle_optuna.sampler._rules import MULTIPLICATIVE, Planner, Settings
 
 PARENT_ATTR, MOVE_ATTR, REASON_ATTR = "cycle_parent", "cycle_move", "cycle_reason"
@@ -427,7 +427,7 @@ class CycleSampler(BaseSampler):
         return params
 
 
-def _claims(payload: Mapping[str, Any], key: Callable[[Mapping[str, Any]], tuple] = config_key) -> list[tuple]:
+def _claims(payload: Mapping[str, Any], key: Callable[[Mapping[str, Any]], tuple]) -> list[tuple]:
     """The history keys a proposal holds, for moves and local explorations; the baseline, an
     enqueued trial and a fallback's exploration claim nothing. `key`: the history's own
     (:meth:`History.key`)."""
