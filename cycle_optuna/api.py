@@ -135,7 +135,7 @@ def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: 
     # (training seeds torch's global generators, every CUDA device's too, and picks its own thread
     # count). The CUDA streams are saved only where the study trains there: reading them starts CUDA.
     threads = torch.get_num_threads()
-    on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    on_cuda = cfg.train.device != "cpu" and torch.cuda.is_available()  # "auto" or "cuda" where there is one
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if on_cuda else []):
         try:
             return run_worker(config_mod.override(cfg, n_trials=total), url, data=data)
