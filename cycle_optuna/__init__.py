@@ -36,3 +36,9 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f"cycle_optuna.{module}"), attr)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    """What `dir(cycle_optuna)` and an editor's completion list: the lazy exports and the modules the
+    docs name, beside what the module holds already (without this, only its own few globals)."""
+    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})

@@ -545,6 +545,19 @@ def test_the_docs_qualified_names_work_after_import_cycle_optuna_alone():
     assert proc.stdout.split() == ["frame", "held_out_score", "predict_file", "write_report"]
 
 
+def test_dir_of_the_package_lists_its_lazy_exports_before_any_is_used():
+    """`dir(cycle_optuna)` (an editor's or IPython's completion) in a fresh process names the public
+    functions and the modules the docs use, though none of them is imported yet."""
+    import subprocess
+
+    code = "import sys, cycle_optuna as c; print(' '.join(dir(c))); print('cycle_optuna.api' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    names, imported = proc.stdout.splitlines()
+    assert {"load_best_model", "run_study", "CycleSampler", "refit", "export", "predict", "report"} <= set(names.split())
+    assert imported == "False"  # listing them imported nothing
+
+
 def test_queries_and_dashboard_name_a_wrong_argument(tmp_path):
     """A study file's path where a study was expected, the database given as the study, a port as
     text: one clear error naming the argument, not an AttributeError from inside."""
