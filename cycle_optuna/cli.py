@@ -365,7 +365,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             fewer = f"note: {left} trial(s) left to run: starting {left} worker(s), not {len(gpus)}"
             gpus = gpus[:left]
     out.print(f"study [bold]{cfg.study.name}[/] on {storage.mask(url)}: "
-              f"{cfg.study.n_trials} trials, sampler {cfg.sampler.type}, pruner {cfg.pruner.type}")
+              f"{cfg.study.n_trials} trial{'s' if cfg.study.n_trials != 1 else ''}, sampler {cfg.sampler.type}, "
+              f"pruner {cfg.pruner.type}")
     for note in data_notes(cfg, data, held):
         out.print(note, highlight=False, soft_wrap=True, markup=False)
     if fewer:

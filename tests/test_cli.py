@@ -829,6 +829,14 @@ def test_a_storage_flag_leaves_the_study_files_url_unread(tmp_path: Path, monkey
     assert (tmp_path / "other.db").is_file() and not (tmp_path / "sub" / "here.db").exists()
 
 
+def test_the_run_banner_counts_one_trial_as_one(tmp_path: Path, capsys):
+    study = write_study(tmp_path, n_trials=1, epochs=1)
+    assert run_cli("run", str(study)) == 0
+    assert "1 trial, sampler random, pruner none" in capsys.readouterr().out  # was "1 trials"
+    assert run_cli("run", str(study), "--n-trials", "2") == 0
+    assert "2 trials, sampler random" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command", ["status", "export"])
 def test_output_to_a_full_disk_is_one_line_without_the_training_hint(tmp_path: Path, command: str):
     study = write_study(tmp_path, n_trials=1, epochs=1)
