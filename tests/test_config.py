@@ -501,3 +501,28 @@ def test_a_stored_config_past_the_new_upper_bounds_stays_readable(tmp_path):
     stored["train"].update(epochs=200_000, eval_batch_size=2_000_000, min_epoch_samples=20_000_000)
     cfg = config.from_dict(stored)
     assert (cfg.train.epochs, cfg.train.eval_batch_size, cfg.train.min_epoch_samples) == (200_000, 2_000_000, 20_000_000)
+
+
+# defaults README's table states in words rather than as a value
+_DEFAULTS_IN_WORDS = {("study", "storage"), ("study", "artifact_dir"), ("data", "test_source")}
+
+
+@pytest.mark.parametrize("section", ["study", "data", "train", "baseline", "sampler", "pruner"])
+def test_readme_table_of_keys_states_every_default_as_the_code_has_it(section: str):
+    """README.md's "Sections and their defaults" row of each section: every key of its dataclass is
+    listed, with the code's default first in its parentheses (a user's first contact: a default
+    changed in the code and not there would mislead everyone who reads it)."""
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(f"| `[{section}]`"))
+    stated = dict(re.findall(r"`(\w+)` \(([^()]*(?:\([^()]*\))?[^()]*)\)", row))
+    for f in dataclasses.fields(config._SECTIONS[section]):
+        assert f.name in stated or (section, f.name) in _DEFAULTS_IN_WORDS, f"[{section}] {f.name} not in README's table"
+        if (section, f.name) in _DEFAULTS_IN_WORDS:
+            continue
+        first = re.split(r"[,;:/ ]", stated[f.name].strip())[0].strip('"')
+        if isinstance(f.default, bool):
+            assert first.lower() == str(f.default).lower(), (section, f.name, stated[f.name])
+        elif isinstance(f.default, (int, float)):
+            assert float(first) == float(f.default), (section, f.name, stated[f.name])
+        else:
+            assert first == str(f.default), (section, f.name, stated[f.name])
+    assert set(stated) <= {f.name for f in dataclasses.fields(config._SECTIONS[section])}
