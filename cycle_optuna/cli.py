@@ -367,13 +367,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.print(f"study [bold]{cfg.study.name}[/] on {storage.mask(url)}: "
               f"{cfg.study.n_trials} trial{'s' if cfg.study.n_trials != 1 else ''}, sampler {cfg.sampler.type}, "
               f"pruner {cfg.pruner.type}")
-    for note in data_notes(cfg, data, held):
+    notes = data_notes(cfg, data, held)
+    for note in notes:
         out.print(note, highlight=False, soft_wrap=True, markup=False)
     if fewer:
         out.print(fewer, highlight=False, soft_wrap=True)
     if len(gpus) > 1:
         worker.install_signal_handlers(does=f"stopping the {len(gpus)} workers, which hand back their running trials")
-        return _run_workers(args, cfg, url, gpus, data, wait)
+        return _run_workers(args, cfg, url, gpus, data, wait, said=set(notes))
     worker.install_signal_handlers()
     if gpus[0] is not None:
         os.environ[placement.GPU_ENV_VAR] = gpus[0]  # this process is the one worker; CUDA has not started
@@ -426,9 +427,11 @@ def _after_run(study, cfg, stats) -> int:
     return 0
 
 
-def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None], data, wait) -> int:
+def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None], data, wait,
+                 said: set[str] = frozenset()) -> int:
     """`run --workers K`: K local worker processes, one combined view polled from the storage.
-    `wait`: what is left of --wait-for-storage, for opening the study and then for the workers."""
+    `wait`: what is left of --wait-for-storage, for opening the study and then for the workers;
+    `said`: the notes printed already, which each worker's log repeats (not echoed again)."""
     from cycle_optuna import config, dashboard, status, storage, worker
 
     # created once here, with its stats and reference baselines, so the children do not race
@@ -439,7 +442,8 @@ def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None]
     worker.stop_too([p.pid for p, _ in procs])  # a second signal here stops them at once too
     try:
         if args.log_json or not out.is_terminal:  # a live view in a log file shows only its last frame
-            status.follow(procs, lambda line: out.print(line, highlight=False, soft_wrap=True, markup=False))
+            status.follow(procs, lambda line: out.print(line, highlight=False, soft_wrap=True, markup=False),
+                          said=said)
         else:
             status.watch(study, cfg.study.n_trials, procs, epochs=cfg.train.epochs, console=out)
     except KeyboardInterrupt:

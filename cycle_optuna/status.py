@@ -150,9 +150,11 @@ def watch(study: optuna.Study, n_trials: int, procs: list, *, epochs: int | None
             time.sleep(interval)
 
 
-def follow(procs: list, echo, *, interval: float = 1.0) -> None:
+def follow(procs: list, echo, *, interval: float = 1.0, said: set[str] | frozenset[str] = frozenset()) -> None:
     """Echo the local workers' log lines as they are written, until every worker has exited: what
-    `run --workers K` prints instead of a live view when its output is a file (nohup, SLURM, CI)."""
+    `run --workers K` prints instead of a live view when its output is a file (nohup, SLURM, CI).
+    Lines in `said` (the notes `run` printed before starting them, which each worker writes again
+    into its own log) are not echoed."""
     read = {log: 0 for _, log in procs}  # bytes of each log already echoed
     while True:
         alive = any(p.poll() is None for p, _ in procs)
@@ -167,7 +169,8 @@ def follow(procs: list, echo, *, interval: float = 1.0) -> None:
             end = chunk.rfind(b"\n") + 1 if alive else len(chunk)
             read[log] += end
             for line in chunk[:end].decode("utf-8", "replace").splitlines():
-                echo(line)
+                if line not in said:
+                    echo(line)
         if not alive:
             return
         time.sleep(interval)
