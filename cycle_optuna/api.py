@@ -7,6 +7,7 @@ import math
 import operator
 import os
 import tempfile
+import time
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -102,14 +103,21 @@ def check_storage_arg(storage: object, *, objects: bool = True) -> None:
                     f"got {type(storage).__name__}")
 
 
-def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: int | None = None) -> optuna.Study:
-    """Run a study file's trials in this process until the study holds its total (none when it already does)."""
+def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: int | None = None,
+              timeout: float | None = None) -> optuna.Study:
+    """Run a study file's trials in this process until the study holds its total (none when it already
+    does); with ``timeout`` (seconds, as `run --timeout`), start no trial after that long: the one
+    running then finishes, and a later call goes on from there."""
     from cycle_optuna import preflight, totals
     from cycle_optuna.worker import run_worker
 
+    began = time.monotonic()
     check_storage_arg(storage, objects=False)
     if n_trials is not None:  # checked as --n-trials is, before anything is read or written
         config_mod.check_n_trials(n_trials, "n_trials")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout < math.inf):
+        raise ValueError(f"timeout: expected a number of seconds above 0, got {timeout!r}")
     cfg = config_mod.load(path)
     url = storage_mod.resolve_url(cfg, storage)
     if storage_mod.in_memory(url):  # each connection would get its own empty database, gone with it
@@ -138,7 +146,8 @@ def run_study(path: str | os.PathLike, storage: str | None = None, *, n_trials: 
     on_cuda = cfg.train.device != "cpu" and torch.cuda.is_available()  # "auto" or "cuda" where there is one
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if on_cuda else []):
         try:
-            return run_worker(config_mod.override(cfg, n_trials=total), url, data=data)
+            return run_worker(config_mod.override(cfg, n_trials=total), url, data=data,
+                              deadline=None if timeout is None else began + timeout)
         finally:
             torch.set_num_threads(threads)
 

@@ -7,9 +7,11 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -41,6 +43,7 @@ EXAMPLES = {
     "run": """examples:
   cycle-optuna run studies/quick.toml
   cycle-optuna run studies/seed.toml --n-trials 30
+  cycle-optuna run studies/seed.toml --timeout 1h30m      # start no cycle after 90 minutes
   cycle-optuna run studies/seed.toml --workers 4
   cycle-optuna run studies/seed.toml --workers-per-gpu 4        # 4 workers on each visible GPU
   cycle-optuna run studies/seed.toml --workers 2 --gpus 0,2
@@ -49,6 +52,7 @@ EXAMPLES = {
     "worker": """examples:
   cycle-optuna worker studies/seed.toml
   cycle-optuna worker studies/seed.toml --gpus 1
+  cycle-optuna worker studies/seed.toml --timeout 8h      # start no cycle after 8 hours
   CYCLE_OPTUNA_STORAGE=postgresql+psycopg://user:pass@db/optuna cycle-optuna worker studies/seed.toml
   cycle-optuna worker studies/seed.toml --storage postgresql+psycopg://db/optuna --wait-for-storage 120""",
     "status": """examples:
@@ -333,6 +337,7 @@ WORKERS_PER_CORE = 16  # `run --workers K` beyond this many a core is refused: e
 def cmd_run(args: argparse.Namespace) -> int:
     from cycle_optuna import config, placement, preflight, storage, totals, worker
 
+    deadline = _deadline(args)
     cfg, url = _load(args, trains=True)
     gpus = _placement(args)
     if len(gpus) > (most := WORKERS_PER_CORE * worker.available_cores()):
@@ -374,7 +379,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         out.print(fewer, highlight=False, soft_wrap=True)
     if len(gpus) > 1:
         worker.install_signal_handlers(does=f"stopping the {len(gpus)} workers, which hand back their running trials")
-        return _run_workers(args, cfg, url, gpus, data, wait, said=set(notes))
+        return _run_workers(args, cfg, url, gpus, data, wait, said=set(notes), deadline=deadline)
     worker.install_signal_handlers()
     if gpus[0] is not None:
         os.environ[placement.GPU_ENV_VAR] = gpus[0]  # this process is the one worker; CUDA has not started
@@ -383,11 +388,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         log = _trial_log(args, lambda line: out.print(line, highlight=False, soft_wrap=True, markup=False))
         try:
             hooks = worker.Hooks(on_trial_begin=log.begin, on_epoch=log.epoch, on_trial_end=_noted(log.end))
-            study = worker.run_worker(cfg, url, stats=stats, data=data, hooks=hooks, wait=wait)
+            study = worker.run_worker(cfg, url, stats=stats, data=data, hooks=hooks, wait=wait, deadline=deadline)
         except KeyboardInterrupt:
             err.print(f"interrupted: {stats.summary()}")
             return worker.interrupt_exit_code()
-        return _after_run(study, cfg, stats)
+        return _after_run(study, cfg, stats, args.timeout)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}"))
     with Progress(*columns, console=out, transient=False) as progress:
@@ -408,19 +413,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         hooks = worker.Hooks(on_trial_start=on_trial_start, on_epoch=on_epoch, on_trial_end=_noted(on_trial_end))
         try:
-            study = worker.run_worker(cfg, url, hooks=hooks, stats=stats, data=data, wait=wait)
+            study = worker.run_worker(cfg, url, hooks=hooks, stats=stats, data=data, wait=wait, deadline=deadline)
         except KeyboardInterrupt:
             err.print(f"interrupted: {stats.summary()}")
             return worker.interrupt_exit_code()
         progress.update(trials, completed=worker.trials_counted(study))
-    return _after_run(study, cfg, stats)
+    return _after_run(study, cfg, stats, args.timeout)
 
 
-def _after_run(study, cfg, stats) -> int:
+def _deadline(args: argparse.Namespace) -> float | None:
+    """`--timeout`'s moment on the monotonic clock, counted from the command's start; None without it."""
+    return time.monotonic() + args.timeout if args.timeout else None
+
+
+def _timed_out(study, cfg, timeout: float) -> str:
+    from cycle_optuna import totals, worker
+
+    said = f"{timeout:g} s" if timeout < 60 else _seconds_text(timeout)
+    return (f"time limit reached (--timeout {said}): the study holds {worker.trials_counted(study)} "
+            f"of {totals.shown(study, cfg.study.n_trials)} trials; the same command goes on from there")
+
+
+def _after_run(study, cfg, stats, timeout: float | None = None) -> int:
     from cycle_optuna import dashboard, totals, worker
 
     _print_cycles(study)
-    if not stats.states:
+    if stats.timed_out:
+        out.print(_timed_out(study, cfg, timeout or 0), highlight=False, soft_wrap=True)
+    elif not stats.states:
         out.print(f"the study already holds {worker.trials_counted(study)} of {totals.shown(study, cfg.study.n_trials)} trials; "
                   "pass a larger total with --n-trials N to grow it")
     dashboard.write_notes(study)
@@ -428,7 +448,7 @@ def _after_run(study, cfg, stats) -> int:
 
 
 def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None], data, wait,
-                 said: set[str] = frozenset()) -> int:
+                 said: set[str] = frozenset(), deadline: float | None = None) -> int:
     """`run --workers K`: K local worker processes, one combined view polled from the storage.
     `wait`: what is left of --wait-for-storage, for opening the study and then for the workers;
     `said`: the notes printed already, which each worker's log repeats (not echoed again)."""
@@ -438,7 +458,8 @@ def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None]
     study = wait.call(lambda: worker.open_study(cfg, url, data=data))
     prefix = str(config.study_dir(cfg) / cfg.study.name)
     procs = worker.start_local_workers(cfg.path, url, len(gpus), n_trials=cfg.study.n_trials, log_prefix=prefix,
-                                       gpus=gpus, log_json=args.log_json, wait_for_storage=wait.left)
+                                       gpus=gpus, log_json=args.log_json, wait_for_storage=wait.left,
+                                       timeout=None if deadline is None else deadline - time.monotonic())
     worker.stop_too([p.pid for p, _ in procs])  # a second signal here stops them at once too
     try:
         if args.log_json or not out.is_terminal:  # a live view in a log file shows only its last frame
@@ -479,6 +500,8 @@ def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None]
         # the other workers retried its trial and finished the study: the job is done
         err.print("the study holds all its trials: the other workers took over", highlight=False)
     _print_cycles(study)
+    if deadline is not None and not _study_done(study, cfg.study.n_trials):
+        out.print(_timed_out(study, cfg, args.timeout), highlight=False, soft_wrap=True)
     dashboard.write_notes(study)
     return 0
 
@@ -521,6 +544,7 @@ def _print_cycles(study) -> None:
 def cmd_worker(args: argparse.Namespace) -> int:
     from cycle_optuna import placement, preflight, storage, totals, worker
 
+    deadline = _deadline(args)
     cfg, url = _load(args, trains=True)
     if args.gpus is not None:
         placement.pin(args.gpus)  # before anything starts CUDA
@@ -536,7 +560,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     stats = worker.WorkerStats()
     log = _trial_log(args, lambda line: err.print(line, highlight=False, soft_wrap=True, markup=False))
     try:
-        study = worker.run_worker(cfg, url, stats=stats, data=data, wait=wait,
+        study = worker.run_worker(cfg, url, stats=stats, data=data, wait=wait, deadline=deadline,
                                   hooks=worker.Hooks(on_trial_begin=log.begin, on_epoch=log.epoch,
                                                      on_trial_end=_noted(log.end)))
     except KeyboardInterrupt:
@@ -848,6 +872,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--log-json", action="store_true",
                        help="one JSON line per trial start and end, and per epoch every 30 s of a long trial "
                             "(default: text lines when not on a terminal)")
+        p.add_argument("--timeout", type=_duration, metavar="DURATION",
+                       help="start no trial after DURATION (90 or 90s, 45m, 2h, 1h30m); the trials running then "
+                            "finish, and the study keeps the rest for the next run (default: none)")
         p.add_argument("--wait-for-storage", type=_seconds, metavar="SECONDS", default=0,
                        help="wait up to SECONDS in all for a database server that does not answer yet (restarting, "
                             "starting up) before giving up; run --workers K gives its workers what is left; "
@@ -914,6 +941,25 @@ def _whole_number(low: int, what: str, high: int | None = None) -> Callable[[str
 _positive = _whole_number(1, "a positive integer")
 _trials = _whole_number(1, "a whole number of trials from 1 to 1000000", 1_000_000)  # config.MAX_TRIALS
 _seconds = _whole_number(0, "a whole number of seconds from 0 to 604800 (a week)", 7 * 86_400)
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+MAX_TIMEOUT_S = 365 * 86_400
+
+
+def _duration(text: str) -> float:
+    """An argparse type: a duration in seconds from "90", "90s", "45m", "2h", "1.5h" or "1h30m" (ASCII digits)."""
+    number, part = r"(\d+(?:\.\d+)?|\.\d+)", r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([smhd])"
+    low = text.lower() if text.isascii() else ""
+    if re.fullmatch(rf"\s*{number}\s*", low):
+        value: float | None = float(low)
+    elif re.fullmatch(rf"(?:{part})+\s*", low):
+        value = sum(float(n) * _DURATION_UNITS[u] for n, u in re.findall(part, low))
+    else:
+        value = None
+    if value is None or not 0 < value <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"must be a duration such as 90, 90s, 45m or 2h, more than 0 and at most "
+                                         f"365 days, got {text!r}")
+    return value
 
 
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}

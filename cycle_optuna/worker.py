@@ -278,13 +278,15 @@ class WorkerStats:
     requeued: list[int] = field(default_factory=list)  # trials it handed back (interrupt, lost database)
     reconnects: int = 0
     started: float = field(default_factory=time.monotonic)
+    timed_out: bool = False  # it stopped taking trials at its deadline (--timeout) with trials left
 
     def summary(self) -> str:
         done = ", ".join(f"{n} {s.lower()}" for s, n in sorted(self.states.items())) or "no trial finished"
         handed = ", ".join(str(n + 1) for n in self.requeued)  # "cycle N" is trial N - 1, as everywhere
         extra = f"; handed back cycle {handed} for retry" if self.requeued else ""
         again = f"; reconnected {self.reconnects}x" if self.reconnects else ""
-        return f"worker {self.worker}: {done} in {time.monotonic() - self.started:.0f}s{extra}{again}"
+        limit = "; stopped at its time limit" if self.timed_out else ""
+        return f"worker {self.worker}: {done} in {time.monotonic() - self.started:.0f}s{extra}{again}{limit}"
 
 
 _SIGNALLED: list[int] = []
@@ -412,12 +414,16 @@ def run_worker(
     stats: WorkerStats | None = None,
     data: TaskData | None = None,
     wait: storage_mod.StorageWait | None = None,
+    deadline: float | None = None,
 ) -> optuna.Study:
     """Run trials until the study holds cfg.study.n_trials of them (shared cap across workers).
 
     ``data``: the study's task when the caller has read it already (else it is read here).
     ``wait``: what is left of ``--wait-for-storage``; a database server that stops answering
     while the study is opened is waited for within it.
+    ``deadline``: a `time.monotonic()` value (``--timeout``) after which no trial is started (nor a
+    retry taken up: it waits for the next run); the trials running then finish, and
+    ``stats.timed_out`` says whether it stopped so.
 
     The cap is exact: workers count and create trials under a storage lock. Retries of trials whose
     worker died are run first. Once the cap is reached the worker stays while other workers' trials
@@ -451,7 +457,8 @@ def run_worker(
     objective = Objective(cfg, data, artifact_store=storage_mod.artifact_store(cfg), on_epoch=on_epoch,
                           defer_cleanup=True)
     objective.sweep_checkpoints(study)  # a worker killed after a trial's tell leaves its checkpoint
-    run_trials(study, url, cfg.study.n_trials, objective, hooks=hooks, stats=stats, share_cores=share_cores, load=load)
+    run_trials(study, url, cfg.study.n_trials, objective, hooks=hooks, stats=stats, share_cores=share_cores, load=load,
+               deadline=deadline)
     return study
 
 
@@ -465,13 +472,14 @@ def run_trials(
     stats: WorkerStats | None = None,
     share_cores: bool = False,
     load: placement.CoreLoad | None = None,
+    deadline: float | None = None,
 ) -> None:
     """The worker loop of :func:`run_worker` for any objective (benchmarks, custom studies).
     ``share_cores``: before each trial, set torch's threads to the cores divided by the study's
     live workers on this machine, less those other processes keep busy (``load``: measuring since
-    the caller began; else from here)."""
+    the caller began; else from here). ``deadline``: as in :func:`run_worker`."""
     _Loop(study, url, n_trials, objective, hooks or Hooks(), stats if stats is not None else WorkerStats(),
-          share_cores=share_cores, load=load).run()
+          share_cores=share_cores, load=load, deadline=deadline).run()
 
 
 class _Loop:
@@ -489,8 +497,9 @@ class _Loop:
 
     def __init__(self, study: optuna.Study, url: str, n_trials: int, objective: Callable,
                  hooks: Hooks, stats: WorkerStats, *, share_cores: bool = False,
-                 load: placement.CoreLoad | None = None) -> None:
+                 load: placement.CoreLoad | None = None, deadline: float | None = None) -> None:
         self.study, self.url, self.n_trials = study, url, n_trials
+        self.deadline = deadline
         self.objective, self.hooks, self.stats = objective, hooks, stats
         self.storage = internals.storage_of(study)
         self.current: int | None = None  # number of the trial this worker runs
@@ -587,6 +596,10 @@ class _Loop:
         with storage_mod.cap_lock(self.storage, self.url, study.study_name) as conn:
             self._fail_stale(conn, always=False)
             counted, waiting = _count_and_waiting(study, conn)
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                # out of time: no new trial, no retry (it waits for the next run), no waiting on others
+                self.stats.timed_out = counted < self.n_trials or bool(waiting)
+                return "done"
             if counted >= self.n_trials and not waiting:
                 # the cap is met unless a running trial's worker died: fail those, run their retries
                 self._fail_stale(conn, always=True)
@@ -775,6 +788,7 @@ def _training_device(objective: object) -> str:
 def start_local_workers(
     study_file: str, url: str, workers: int, *, n_trials: int | None, log_prefix: str,
     gpus: list[str | None] | None = None, log_json: bool = False, wait_for_storage: float = 0,
+    timeout: float | None = None,
 ) -> list[tuple[subprocess.Popen, str]]:
     """Start `workers` `cycle-optuna worker` processes on one study; (process, log file) pairs.
 
@@ -782,7 +796,8 @@ def start_local_workers(
     worker i on that GPU (its CUDA_VISIBLE_DEVICES; see placement.plan); None leaves it as is.
     ``log_json``: each worker logs JSON lines (``worker --log-json``). ``wait_for_storage``: each
     worker waits up to that many seconds (rounded up) for a database server that does not answer
-    as it starts (``worker --wait-for-storage``); 0: none.
+    as it starts (``worker --wait-for-storage``); 0: none. ``timeout``: seconds after which each
+    worker starts no trial (``worker --timeout``; at least a millisecond); None: none.
     """
     # cores / workers each, unless the user fixed the threads for every worker in the environment
     threads = os.environ.get(THREADS_ENV_VAR, "").strip() or str(default_threads(workers))
@@ -794,6 +809,8 @@ def start_local_workers(
         args.append("--log-json")
     if wait_for_storage > 0:
         args += ["--wait-for-storage", str(math.ceil(wait_for_storage))]
+    if timeout is not None:
+        args += ["--timeout", f"{max(timeout, 0.001):.3f}"]
     os.makedirs(os.path.dirname(log_prefix) or ".", exist_ok=True)
     procs, stop_with_parent = [], _parent_death_signal()
     for i in range(workers):

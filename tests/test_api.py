@@ -203,6 +203,25 @@ def test_run_study_checks_n_trials_before_writing(tmp_path, bad):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
 
 
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), True, "60"])
+def test_run_study_checks_timeout_before_writing(tmp_path, bad):
+    from workers_helpers import write_study
+
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    with pytest.raises(ValueError, match=re.escape(f"timeout: expected a number of seconds above 0, got {bad!r}")):
+        api.run_study(path, timeout=bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
+
+
+def test_run_study_out_of_time_starts_nothing_and_a_later_call_goes_on(tmp_path):
+    from workers_helpers import write_study
+
+    path = write_study(tmp_path, n_trials=2, epochs=1)
+    study = api.run_study(path, timeout=1e-6)  # up before the first trial: reading the file takes longer
+    assert [t.state.name for t in study.trials] == ["WAITING"]  # the baseline, enqueued at creation
+    assert [t.state.name for t in api.run_study(path, timeout=3600).trials] == ["COMPLETE", "COMPLETE"]
+
+
 def test_load_best_model_without_artifact(tmp_path):
     path = make_study(tmp_path, "tpe", with_model=False)
     with pytest.raises(StorageError, match="no saved model"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -397,6 +398,8 @@ def test_auto_folds_cross_validate_a_small_split_and_say_so(quick_study, capsys)
     (["run", "{study}", "--bogus"], "error: cycle-optuna: unrecognized arguments: --bogus"),
     (["worker", "{study}", "--wait-for-storage", "9" * 23],
      "error: cycle-optuna worker: argument --wait-for-storage: must be a whole number of seconds from 0 to 604800"),
+    (["run", "{study}", "--timeout", "0"], "error: cycle-optuna run: argument --timeout: must be a duration such as 90, "
+                                           "90s, 45m or 2h, more than 0 and at most 365 days, got '0'"),
     (["frob"], "error: cycle-optuna: argument COMMAND: invalid choice: 'frob'"),
     (["run", "{study}", "postgresql://u:hunter2@db/x"], "error: cycle-optuna: unrecognized arguments: postgresql://u:***@db/x"),
     # an unset shell variable: not silently the default SQLite file
@@ -411,6 +414,35 @@ def test_a_bad_flag_is_one_line_and_exit_2_with_nothing_written(quick_study, arg
     assert proc.stdout == "" and proc.stderr.count("\n") == 1 and proc.stderr.startswith(says)
     assert "usage:" not in proc.stderr and "hunter2" not in proc.stderr
     assert sorted(p.name for p in quick_study.parent.iterdir()) == before
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("45m", 2700), ("2h", 7200), ("1.5h", 5400),
+                                           (" 2H ", 7200), (".5m", 30), ("1d", 86_400), ("0.001", 0.001),
+                                           ("1h30m", 5400), ("1h 30m 10s", 5410)])
+def test_a_timeout_reads_as_people_write_durations(text, seconds):
+    assert cli._duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["0", "0s", "-5", "1y", "inf", "nan", "", "1e3", "1h30", "h", "\uff19\uff10", "366d"])
+def test_a_timeout_that_is_no_duration_is_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"must be a duration such as 90, 90s, 45m or 2h"):
+        cli._duration(text)
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["run", "run-workers"])
+def test_run_out_of_time_says_so_exits_0_and_the_same_command_goes_on(tmp_path: Path, capsys, workers):
+    """A time limit that is up before the first trial (1 ms: reading the file takes longer): no
+    trial starts, the study and its retries stay as they were, and the next run goes on."""
+    study = write_study(tmp_path, n_trials=2, epochs=1)
+    assert run_cli("run", str(study), *workers, "--timeout", "0.001") == 0
+    out = capsys.readouterr().out
+    # the random sampler's study holds its baseline, enqueued at creation, waiting
+    assert "time limit reached (--timeout 0.001 s): the study holds 1 of 2 trials; the same command goes on" in out
+    held = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}")
+    assert [t.state.name for t in held.trials] == ["WAITING"]
+    assert run_cli("run", str(study), *workers) == 0
+    assert [t.state.name for t in held.trials] == ["COMPLETE", "COMPLETE"]
+    assert "time limit" not in capsys.readouterr().out
 
 
 def _csv_study(quick_study: Path, counts: dict[str, int], extra: str = "") -> Path:

@@ -78,6 +78,40 @@ def test_the_loop_records_each_outcome_as_optimize_would_and_carries_on(tmp_path
     assert study.best_value == 0.5
 
 
+def test_a_deadline_lets_the_running_trial_finish_and_starts_no_other(tmp_path: Path):
+    """`--timeout`: the trial running when the time is up ends as it would have (COMPLETE, its value
+    kept); no trial starts after it; the next run without a deadline goes on to the total."""
+    study, url = _sqlite_study(tmp_path)
+    deadline = time.monotonic() + 2.0
+
+    def until_the_deadline(t):  # the first trial is still running when the time is up
+        x = t.suggest_float("x", 0, 1)
+        while time.monotonic() <= deadline:
+            time.sleep(0.02)
+        return x
+
+    stats = worker.WorkerStats()
+    worker.run_trials(study, url, 4, until_the_deadline, stats=stats, deadline=deadline)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] and stats.timed_out
+    assert "stopped at its time limit" in stats.summary()
+    again = worker.WorkerStats()
+    worker.run_trials(study, url, 4, lambda t: t.suggest_float("x", 0, 1), stats=again)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4 and not again.timed_out
+
+
+def test_a_deadline_past_leaves_a_waiting_retry_for_the_next_run_and_a_full_study_is_no_timeout(tmp_path: Path):
+    study, url = _sqlite_study(tmp_path)
+    study.enqueue_trial({"x": 0.25})  # a retry waiting to run
+    stats = worker.WorkerStats()
+    worker.run_trials(study, url, 1, lambda t: t.suggest_float("x", 0, 1), stats=stats, deadline=time.monotonic())
+    assert [t.state for t in study.trials] == [TrialState.WAITING] and stats.timed_out and not stats.states
+    worker.run_trials(study, url, 1, lambda t: t.suggest_float("x", 0, 1))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+    full = worker.WorkerStats()
+    worker.run_trials(study, url, 1, lambda t: t.suggest_float("x", 0, 1), stats=full, deadline=time.monotonic())
+    assert not full.timed_out  # nothing was left to run: not cut short
+
+
 @pytest.mark.parametrize("folds", [1, 3])
 def test_the_cycle_sampler_learns_from_the_data_which_batch_sizes_train_the_same(tmp_path: Path, folds):
     """A batch never holds more series than the training split; the sampler is told the largest
