@@ -928,6 +928,8 @@ def _whole_number(low: int, what: str, high: int | None = None) -> Callable[[str
 
     def parse(text: str) -> int:
         try:
+            if not text.isascii():  # int() reads other scripts' digits too ('\uff15' is 5)
+                raise ValueError(text)
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None

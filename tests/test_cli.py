@@ -400,6 +400,9 @@ def test_auto_folds_cross_validate_a_small_split_and_say_so(quick_study, capsys)
      "error: cycle-optuna worker: argument --wait-for-storage: must be a whole number of seconds from 0 to 604800"),
     (["run", "{study}", "--timeout", "0"], "error: cycle-optuna run: argument --timeout: must be a duration such as 90, "
                                            "90s, 45m or 2h, more than 0 and at most 365 days, got '0'"),
+    # int() and float() read other scripts' digits; a flag takes the ones a shell user types
+    (["worker", "{study}", "--n-trials", "\uff15"], "error: cycle-optuna worker: argument --n-trials: must be a whole "
+                                                   "number of trials from 1 to 1000000, got '\uff15'"),
     (["frob"], "error: cycle-optuna: argument COMMAND: invalid choice: 'frob'"),
     (["run", "{study}", "postgresql://u:hunter2@db/x"], "error: cycle-optuna: unrecognized arguments: postgresql://u:***@db/x"),
     # an unset shell variable: not silently the default SQLite file
