@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from cycle_optuna import baselines, pack, space
 from cycle_optuna import storage as storage_mod
 from cycle_optuna.attrs import MODEL_ATTR
-from cycle_optuna.config import Hyperparams, PrunerConfig, StudyConfig
+from cycle_optuna.config import Hyperparams, PrunerConfig, StudyConfig, warmup_steps
 from cycle_optuna.data import TaskData
 from cycle_optuna.jsonvalues import finite_or_none
 from cycle_optuna.model import count_params
@@ -40,7 +40,7 @@ class ModelNotSaved(OSError):
 
 def make_pruner(cfg: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
     """The pruner named in [pruner]; epochs bound the resource of the halving pruners."""
-    median = dict(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps)
+    median = dict(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=warmup_steps(cfg, epochs))
     halving = dict(min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor)
     if cfg.type == "median":
         return optuna.pruners.MedianPruner(**median)

@@ -392,6 +392,19 @@ def test_a_pruner_warmup_that_leaves_the_last_prunable_epoch_is_accepted(tmp_pat
     assert config.load(write(tmp_path, with_pruner(QUICK, body))).pruner.type == body.split("'")[1]
 
 
+@pytest.mark.parametrize("value, says", [("'soon'", "must be an integer, or 'auto', got 'soon'"),
+                                         ("true", "must be an integer, or 'auto', got True"),
+                                         ("2.5", "must be an integer, or 'auto', got 2.5"),
+                                         ("-1", "must be >= 0, got -1")])
+def test_n_warmup_steps_is_a_count_or_auto(tmp_path, value, says):
+    assert refused(tmp_path, with_pruner(QUICK, f"type = 'median'\nn_warmup_steps = {value}")) == f"pruner.n_warmup_steps: {says}"
+
+
+def test_n_warmup_steps_auto_may_be_written_and_is_the_default(tmp_path):
+    assert config.load(write(tmp_path, with_pruner(QUICK, "type = 'median'\nn_warmup_steps = 'auto'"))).pruner.n_warmup_steps == "auto"
+    assert config.PrunerConfig().n_warmup_steps == "auto"
+
+
 def test_a_one_epoch_study_has_nothing_to_prune_and_its_pruner_keys_are_not_blamed(tmp_path):
     text = edit(edit(QUICK, "train", "epochs = 1"), "train", "warmup_epochs = 0.5")
     assert config.load(write(tmp_path, text)).pruner.warmup_fraction == 0.5  # QUICK's parent pruner, as written

@@ -210,3 +210,16 @@ def test_a_pruned_trial_gets_the_reason_in_numbers():
                    "at 2 reported epochs in a row")
     assert study.pruner.pop_reason(3) is None  # taken once
 
+
+
+@pytest.mark.parametrize("kind", ["median", "percentile"])
+@pytest.mark.parametrize("epochs, written, first", [(20, "auto", 2), (23, "auto", 2), (40, "auto", 5), (100, "auto", 12),
+                                                    (100, 2, 2), (6, 0, 0)])
+def test_the_optuna_pruners_warm_up_scales_with_the_epochs_unless_written(kind, epochs, written, first):
+    """`n_warmup_steps = "auto"` (the default): an eighth of the epochs, at least 2. A fixed 2 judged
+    a 100-epoch cycle on its first 3 epochs; 20 epochs (the default) keep 2, as before."""
+    cfg = PrunerConfig(type=kind, n_startup_trials=1, n_warmup_steps=written)
+    study = optuna.create_study(pruner=make_pruner(cfg, epochs))
+    finished(study, [1.0] * epochs)
+    step = first_pruned_step(study, [2.0] * epochs)
+    assert step == first
