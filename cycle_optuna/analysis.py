@@ -61,6 +61,15 @@ def common_epoch(cycles: Sequence[Cycle]) -> int | None:
     return min(lengths) if lengths else None
 
 
+def shown_loss(c: Cycle) -> float | None:
+    """The cycle's val loss as the report and its plots show it: the objective when complete, else
+    the best epoch it reached (a pruned trial's Optuna value is its last reported epoch, not its best)."""
+    if c.state == "COMPLETE" and c.value is not None:
+        return c.value
+    finite = [v for v in c.curve if math.isfinite(v)]
+    return min(finite) if finite else c.value
+
+
 def loss_at(c: Cycle, epoch: int) -> float | None:
     """The cycle's best validation loss over its first `epoch` epochs; None when it ran fewer."""
     if len(c.curve) < epoch:

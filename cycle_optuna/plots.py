@@ -15,6 +15,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from cycle_optuna import files  # noqa: E402
+from cycle_optuna.analysis import shown_loss as _loss  # noqa: E402
 from cycle_optuna.api import Cycle  # noqa: E402
 
 # One colour per outcome, used by every plot; the best-so-far line and the best cycle get black and
@@ -35,15 +36,6 @@ def outcome(c: Cycle) -> str:
 
 def _color(c: Cycle) -> str:
     return STATES.get(outcome(c), "tab:purple")
-
-
-def _loss(c: Cycle) -> float | None:
-    """The cycle's val loss: the objective when complete, else the best epoch it reached (a pruned
-    trial's Optuna value is its last reported epoch, not its best)."""
-    if c.state == "COMPLETE" and c.value is not None:
-        return c.value
-    finite = [v for v in c.curve if math.isfinite(v)]
-    return min(finite) if finite else c.value
 
 
 def _best(cycles: Sequence[Cycle]) -> Cycle | None:

@@ -19,7 +19,7 @@ import optuna
 from optuna.storages import BaseStorage
 
 from cycle_optuna import analysis as an
-from cycle_optuna import api, plots
+from cycle_optuna import api
 from cycle_optuna import config as config_mod
 from cycle_optuna import storage as storage_mod
 from cycle_optuna.analysis import Analysis
@@ -124,6 +124,8 @@ def write_report(
         # every file is written in a folder beside the report first, then renamed in, report.md
         # last: a full disk leaves the folder as it was, not new plots beside an old report.md
         stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+        from cycle_optuna import plots  # matplotlib: only where plots are drawn (the dashboard's notes draw none)
+
         pngs = plots.write_all(a.cycles, a.importance, stage, note=a.importance_note, warning=a.importance_warning)
         (stage / "report.md").write_text(render(a, {k: p.name for k, p in pngs.items()}))
         for p in [*pngs.values(), stage / "report.md"]:

@@ -10,7 +10,6 @@ import numpy as np
 
 from cycle_optuna import analysis as an
 from cycle_optuna import config as config_mod
-from cycle_optuna import plots
 from cycle_optuna.analysis import Analysis
 from cycle_optuna.api import Cycle
 from cycle_optuna.config import StudyConfig
@@ -34,7 +33,7 @@ def _pct(v: float | None, digits: int = 2) -> str:
 
 
 def _loss(c: Cycle) -> float | None:
-    return plots._loss(c)
+    return an.shown_loss(c)
 
 
 def _model(a: Analysis) -> str:

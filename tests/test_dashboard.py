@@ -221,3 +221,19 @@ def test_an_empty_server_database_is_one_line_and_gets_no_tables(tmp_path, pg_ur
         assert sqlalchemy.inspect(engine).get_table_names() == []
     finally:
         engine.dispose()
+
+
+def test_the_notes_run_writes_at_its_end_load_no_plotting_library(tmp_path):
+    """`run` ends by writing the dashboard notes, whose study note is the report's summary: drawing
+    nothing, they imported matplotlib (a second of every run's end) through the report's plots."""
+    from workers_helpers import write_study
+
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    code = ("import sys\nfrom cycle_optuna import api, dashboard\n"
+            f"study = api.run_study({str(path)!r})\n"
+            "assert dashboard.write_notes(study) >= 0\n"
+            "print('matplotlib' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "CYCLE_OPTUNA_STORAGE"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"
