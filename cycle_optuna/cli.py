@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cycle_optuna.durations import seconds_text
 from cycle_optuna.errors import CycleOptunaError, StorageError
 from cycle_optuna.redact import mask
 
@@ -429,7 +430,7 @@ def _deadline(args: argparse.Namespace) -> float | None:
 def _timed_out(study, cfg, timeout: float) -> str:
     from cycle_optuna import totals, worker
 
-    said = f"{timeout:g} s" if timeout < 60 else _seconds_text(timeout)
+    said = f"{timeout:g} s" if timeout < 60 else seconds_text(timeout)
     return (f"time limit reached (--timeout {said}): the study holds {worker.trials_counted(study)} "
             f"of {totals.shown(study, cfg.study.n_trials)} trials; the same command goes on from there")
 
@@ -581,16 +582,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seconds_text(seconds: float) -> str:
-    """A duration as people read it: 9.9 s, 4 min 12 s, 2 h 05 min."""
-    if round(seconds, 1) < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    return f"{minutes // 60} h {minutes % 60:02d} min"
-
-
 def cmd_best(args: argparse.Namespace) -> int:
     import json
 
@@ -629,12 +620,12 @@ def cmd_best(args: argparse.Namespace) -> int:
     for k, v in rec["hyperparams"].items():
         table.add_row(k if k in rec["params"] else f"{k} (fixed)", f"{v:.4g}" if isinstance(v, float) else str(v))
     table.add_section()
-    shown = {"improvement_pct": lambda v: f"{v:.1f}%", "train_seconds": _seconds_text}
+    shown = {"improvement_pct": lambda v: f"{v:.1f}%", "train_seconds": seconds_text}
     for k in ("diagnosis", "epochs_run", "n_params", "improvement_pct", "train_seconds"):
         if (v := attrs.get(k)) is not None:
             table.add_row(k, shown[k](v) if k in shown and isinstance(v, (int, float)) else str(v))
     if rec.get("duration_s") is not None:
-        table.add_row("duration", _seconds_text(rec["duration_s"]))
+        table.add_row("duration", seconds_text(rec["duration_s"]))
     out.print(table)
     for b in rec["baselines"]:  # one line per reference baseline: does the tuned model beat it?
         out.print(f"vs {b['line']}", highlight=False, soft_wrap=True)

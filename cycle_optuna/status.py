@@ -13,6 +13,7 @@ from rich.table import Table
 from cycle_optuna import optuna_internals as internals
 from cycle_optuna import api
 from cycle_optuna import storage as storage_mod
+from cycle_optuna.durations import seconds_text
 from cycle_optuna.totals import count, shown, stood_in_for
 
 
@@ -41,6 +42,32 @@ class StudyStatus:
     failures: list[tuple[int, str]] = field(default_factory=list)  # (cycle, cause) of failed trials
     baselines: dict = field(default_factory=dict)  # the study's reference baselines, when it has them
     finished: int = 0  # trials that ended for good: not running or waiting, and no retry stands in for them
+    pace: Pace | None = None  # how long the rest should take, while workers run and a trial has ended
+
+
+@dataclass(frozen=True)
+class Pace:
+    """The time left at the pace so far: every trial left takes the mean of the ended ones (pruned,
+    failed and complete alike), a running one less what it has run, shared by the running workers."""
+
+    left_s: float
+    mean_s: float
+    workers: int
+
+
+def pace(trials: list[FrozenTrial], left: int) -> Pace | None:
+    """The Pace of `left` trials to finish (running ones included); None while no worker runs a
+    trial (nothing moves) or before any trial has ended (nothing to go by)."""
+    now = time.time()
+    ended = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+             if t.state.is_finished() and t.datetime_start and t.datetime_complete]
+    running = [t for t in trials if t.state == TrialState.RUNNING and t.datetime_start]
+    if not ended or not running or left <= 0:
+        return None
+    mean = sum(ended) / len(ended)
+    spent = sum(min(mean, max(0.0, now - t.datetime_start.timestamp())) for t in running)
+    workers = len({t.user_attrs.get(storage_mod.WORKER_ATTR, t.number) for t in running})
+    return Pace(max(0.0, left * mean - spent) / workers, mean, workers)
 
 
 def collect(study: optuna.Study, n_trials: int) -> StudyStatus:
@@ -70,8 +97,9 @@ def collect(study: optuna.Study, n_trials: int) -> StudyStatus:
     # short leaves it RUNNING beside its queued retry until a stale check fails it
     retried = stood_in_for(trials)
     finished = sum(t.state.is_finished() and t.number not in retried for t in trials)
+    left = (total - finished) if total is not None else 0
     return StudyStatus(study.study_name, total, count(trials), states, running, best, failures,
-                       api.baselines(study), finished)
+                       api.baselines(study), finished, pace(trials, left))
 
 
 def _ago(age: float | None, alive: bool | None = None) -> str:
@@ -99,6 +127,10 @@ def render(s: StudyStatus, *, epochs: int | None = None) -> Group:
         head.add_column(state.lower(), justify="right")
     head.add_row(*(str(s.states.get(state, 0)) for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")))
     parts: list = [head]
+    if s.pace is not None:
+        p = s.pace
+        parts.append(f"about {seconds_text(p.left_s)} left at the pace so far ({seconds_text(p.mean_s)} a cycle on "
+                     f"average, {p.workers} worker{'' if p.workers == 1 else 's'} running)")
     if s.running:
         run = Table(title="running")
         for col in ("cycle", "epochs", "worker", "device", "last heartbeat", "resumed from"):

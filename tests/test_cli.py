@@ -81,7 +81,9 @@ def test_best_says_when_the_val_loss_is_class_balanced(quick_study, capsys):
 @pytest.mark.parametrize("seconds, text", [(0.04, "0.0 s"), (9.95, "9.9 s"), (59.94, "59.9 s"), (59.97, "1 min 00 s"), (60, "1 min 00 s"),
                                            (252.4, "4 min 12 s"), (3599.6, "1 h 00 min"), (7500, "2 h 05 min")])
 def test_durations_read_as_seconds_minutes_or_hours(seconds, text):
-    assert cli._seconds_text(seconds) == text
+    from cycle_optuna.durations import seconds_text
+
+    assert seconds_text(seconds) == text
 
 
 def test_bad_study_file_exits_2_with_one_line_and_writes_nothing(quick_study, capsys):

@@ -195,3 +195,37 @@ def test_a_hand_back_cut_short_is_not_counted_as_finished(tmp_path):
     s = status.collect(study, 1)
     assert s.states == {"RUNNING": 1, "WAITING": 1} and s.finished == 0
     assert status.render(s).renderables[0].title == "study s: 0 of 1 trials finished"
+
+
+def _frozen(number: int, state: TrialState, start_ago: float, took: float | None = None, worker: str = "a"):
+    from datetime import datetime, timedelta
+
+    start = datetime.now() - timedelta(seconds=start_ago)
+    return optuna.trial.FrozenTrial(
+        number=number, state=state, value=1.0 if state == TrialState.COMPLETE else None, values=None,
+        datetime_start=start, datetime_complete=None if took is None else start + timedelta(seconds=took),
+        params={}, distributions={}, user_attrs={"worker": worker}, system_attrs={}, intermediate_values={},
+        trial_id=number)
+
+
+def test_the_time_left_is_the_mean_cycle_for_each_left_less_what_running_ones_ran_over_the_workers():
+    ended = [_frozen(0, TrialState.COMPLETE, 500, 60), _frozen(1, TrialState.PRUNED, 400, 120)]  # mean 90 s
+    one = status.pace([*ended, _frozen(2, TrialState.RUNNING, 30)], left=4)
+    assert one.mean_s == pytest.approx(90) and one.workers == 1
+    assert one.left_s == pytest.approx(4 * 90 - 30, abs=2)
+    two = status.pace([*ended, _frozen(2, TrialState.RUNNING, 30), _frozen(3, TrialState.RUNNING, 500, worker="b")], left=4)
+    assert two.workers == 2 and two.left_s == pytest.approx((4 * 90 - 30 - 90) / 2, abs=2)  # one ran past the mean
+    assert status.pace(ended, left=4) is None  # no worker running: nothing moves
+    assert status.pace([_frozen(0, TrialState.RUNNING, 30)], left=4) is None  # nothing ended yet to go by
+
+
+def test_status_says_how_long_the_rest_takes_while_a_worker_runs(tmp_path, capsys):
+    study = write_study(tmp_path, n_trials=1)
+    assert cli.main(["run", str(study)]) == 0
+    db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}")
+    totals.record(db, 3)  # as `worker --n-trials 3` elsewhere would: 2 trials left
+    assert "left at the pace so far" not in _status(capsys, study)  # idle study: no estimate
+    running = db.ask()
+    db._storage.set_trial_user_attr(running._trial_id, "worker", "host:1")
+    out = _status(capsys, study)
+    assert "left at the pace so far (" in out and "a cycle on average, 1 worker running)" in out, out
