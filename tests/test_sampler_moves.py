@@ -338,3 +338,24 @@ def test_each_switch_is_flipped_first_once_then_takes_its_place(improves):
     assert trial.params["instance_norm"] == study.best_params["instance_norm"], trial.user_attrs["cycle_move"]
     assert trial.params["summary"] == study.best_params["summary"], trial.user_attrs["cycle_move"]
     assert "a switch no cycle has flipped yet" in study.trials[1].user_attrs["cycle_reason"]
+
+
+def test_a_local_exploration_lists_no_change_that_trains_as_before():
+    """Above the batch ceiling every batch size is one configuration: an exploration that moved the
+    batch from 64 to 128 there said "2 changes at once" with one of them changing nothing."""
+    space = {"batch_size": CategoricalDistribution([16, 32, 64, 128]), "dropout": FloatDistribution(0.0, 0.5),
+             "n_layers": IntDistribution(1, 6)}
+    study = optuna.create_study(sampler=CycleSampler(baseline={"batch_size": 64, "dropout": 0.1, "n_layers": 3},
+                                                     seed=0, plateau_cycles=1, ceilings={"batch_size": 29}))
+    explored = 0
+    for _ in range(40):
+        trial = study.ask(dict(space))
+        study.tell(trial, 1.0)  # nothing improves: explorations keep coming
+        if trial.user_attrs["cycle_move"] == "explore (local)":
+            explored += 1
+            parent = study.trials[trial.user_attrs["cycle_parent"] - 1].params
+            moved = {k for k in space if trial.params[k] != parent[k]
+                     and not (k == "batch_size" and min(trial.params[k], parent[k]) >= 29)}
+            said = trial.user_attrs["cycle_reason"].split("changes at once: ")[1]
+            assert len(moved) == said.count(", ") + 1 >= 2, (trial.params, parent, said)
+    assert explored >= 3

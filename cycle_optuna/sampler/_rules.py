@@ -321,12 +321,14 @@ class Planner:
                 dist = self.space[name]
                 if is_ordered(dist):
                     d = rng.choice((1, -1))
-                    moved = self._apply(cfg, _Candidate(name, d, 1.0, "explore")) or self._apply(
-                        cfg, _Candidate(name, -d, 1.0, "explore")
-                    )
+                    tries = [_Candidate(name, d, 1.0, "explore"), _Candidate(name, -d, 1.0, "explore")]
                 else:
                     others = _other_choices(dist, cfg.get(name))
-                    moved = self._apply(cfg, _Candidate(name, 0, 1.0, "explore", rng.choice(others))) if others else None
+                    tries = [_Candidate(name, 0, 1.0, "explore", rng.choice(others))] if others else []
+                # a step that trains as before (between two batch sizes above the ceiling) is no change
+                now = self.hist.key(cfg)
+                moved = next((m for c in tries if (m := self._apply(cfg, c)) is not None and self.hist.key(m[0]) != now),
+                             None)
                 if moved is not None:
                     cfg, label = moved
                     labels.append(label)
