@@ -336,7 +336,7 @@ WORKERS_PER_CORE = 16  # `run --workers K` beyond this many a core is refused: e
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cycle_optuna import config, placement, preflight, storage, totals, worker
+    from cycle_optuna import config, placement, preflight, status, storage, totals, worker
 
     deadline = _deadline(args)
     cfg, url = _load(args, trains=True)
@@ -409,8 +409,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                             info=f"val loss {m.val_loss:.4f}  acc {m.val_accuracy:.1%}")
 
         def on_trial_end(study, t) -> None:  # the stored total: another worker may have raised it
-            progress.update(trials, total=totals.shown(study, cfg.study.n_trials),
-                            completed=worker.trials_counted(study), info=_trial_line(t))
+            total, done = totals.shown(study, cfg.study.n_trials), worker.trials_counted(study)
+            p = status.pace(study.get_trials(deepcopy=False), total - done, workers=1)
+            left = f"; about {seconds_text(p.left_s)} left" if p is not None else ""
+            progress.update(trials, total=total, completed=done, info=_trial_line(t) + left)
 
         hooks = worker.Hooks(on_trial_start=on_trial_start, on_epoch=on_epoch, on_trial_end=_noted(on_trial_end))
         try:

@@ -55,18 +55,19 @@ class Pace:
     workers: int
 
 
-def pace(trials: list[FrozenTrial], left: int) -> Pace | None:
+def pace(trials: list[FrozenTrial], left: int, *, workers: int | None = None) -> Pace | None:
     """The Pace of `left` trials to finish (running ones included); None while no worker runs a
-    trial (nothing moves) or before any trial has ended (nothing to go by)."""
+    trial (nothing moves) or before any trial has ended (nothing to go by). ``workers``: how many
+    go on, where the caller knows (`run`'s own worker between two trials); else the running ones'."""
     now = time.time()
     ended = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials
              if t.state.is_finished() and t.datetime_start and t.datetime_complete]
     running = [t for t in trials if t.state == TrialState.RUNNING and t.datetime_start]
-    if not ended or not running or left <= 0:
+    if not ended or (workers is None and not running) or left <= 0:
         return None
     mean = sum(ended) / len(ended)
     spent = sum(min(mean, max(0.0, now - t.datetime_start.timestamp())) for t in running)
-    workers = len({t.user_attrs.get(storage_mod.WORKER_ATTR, t.number) for t in running})
+    workers = workers or len({t.user_attrs.get(storage_mod.WORKER_ATTR, t.number) for t in running})
     return Pace(max(0.0, left * mean - spent) / workers, mean, workers)
 
 

@@ -216,6 +216,7 @@ def test_the_time_left_is_the_mean_cycle_for_each_left_less_what_running_ones_ra
     two = status.pace([*ended, _frozen(2, TrialState.RUNNING, 30), _frozen(3, TrialState.RUNNING, 500, worker="b")], left=4)
     assert two.workers == 2 and two.left_s == pytest.approx((4 * 90 - 30 - 90) / 2, abs=2)  # one ran past the mean
     assert status.pace(ended, left=4) is None  # no worker running: nothing moves
+    assert status.pace(ended, left=4, workers=1).left_s == pytest.approx(360)  # `run` between two of its trials
     assert status.pace([_frozen(0, TrialState.RUNNING, 30)], left=4) is None  # nothing ended yet to go by
 
 
