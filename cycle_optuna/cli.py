@@ -408,9 +408,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress.update(epochs, completed=m.epoch + 1, description=f"cycle {trial.number + 1}",
                             info=f"val loss {m.val_loss:.4f}  acc {m.val_accuracy:.1%}")
 
+        ended = []  # this worker's own trials: the pace without reading the whole study again each time
+
         def on_trial_end(study, t) -> None:  # the stored total: another worker may have raised it
             total, done = totals.shown(study, cfg.study.n_trials), worker.trials_counted(study)
-            p = status.pace(study.get_trials(deepcopy=False), total - done, workers=1)
+            ended.append(t)
+            p = status.pace(ended, total - done, workers=1)
             left = f"; about {seconds_text(p.left_s)} left" if p is not None else ""
             progress.update(trials, total=total, completed=done, info=_trial_line(t) + left)
 

@@ -874,6 +874,17 @@ def test_the_run_banner_counts_one_trial_as_one(tmp_path: Path, capsys):
     assert "2 trials, sampler random" in capsys.readouterr().out
 
 
+def test_run_on_a_terminal_says_the_time_left_after_each_cycle_but_the_last(tmp_path: Path, monkeypatch):
+    import io
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "out", cli._Console(emoji=False, force_terminal=True, file=screen, width=200))
+    assert run_cli("run", str(write_study(tmp_path, n_trials=3, epochs=1))) == 0
+    lines = set(re.findall(r"last: cycle \d \w+ [\d.]+(?:; about [\d.]+ s left)?", screen.getvalue()))
+    assert any(re.fullmatch(r"last: cycle 1 \w+ [\d.]+; about [\d.]+ s left", line) for line in lines), lines
+    assert any(re.fullmatch(r"last: cycle 3 \w+ [\d.]+", line) for line in lines), lines  # nothing left: no estimate
+
+
 @pytest.mark.parametrize("command", ["status", "export"])
 def test_output_to_a_full_disk_is_one_line_without_the_training_hint(tmp_path: Path, command: str):
     study = write_study(tmp_path, n_trials=1, epochs=1)
