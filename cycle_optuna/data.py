@@ -760,7 +760,8 @@ def _label_name(path: Path, line: int, cell: str) -> str:
     if not name:
         raise _fail(path, f"line {line}: empty label")
     if name.lower() in MISSING:
-        raise _fail(path, f"line {line}: missing label ({name!r}): every series needs its class")
+        raise _fail(path, f"line {line}: missing label ({name!r}): every series needs its class (an empty cell, "
+                    "NA, N/A, null, none, ? and NaN mean no value; a class of that name needs another, e.g. none_)")
     if not _is_number(name):
         return name
     try:
@@ -768,7 +769,9 @@ def _label_name(path: Path, line: int, cell: str) -> str:
     except ValueError:
         pass
     value = float(name)
-    if not math.isfinite(value) or value != round(value):
+    if math.isinf(value):  # "inf", "Infinity": no number of a class, and no tool's word for a missing one
+        return name
+    if value != round(value):
         raise _fail(path, f"line {line}: label {name!r} is not a class: labels are integers or names")
     return str(int(value))
 

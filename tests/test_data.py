@@ -307,6 +307,10 @@ def _npy_bytes(a: np.ndarray) -> bytes:
         # R's NA and the like: a missing label, not a number and not a class name
         ("sample,label,f0\ns0,x,1\ns1,NA,2\n", "line 3: missing label ('NA')"),
         ("sample,label,f0\ns0,x,1\ns1,null,2\n", "line 3: missing label ('null')"),
+        # a class really named so is told what to do
+        ("sample,label,f0\ns0,x,1\ns1,none,2\n", "line 3: missing label ('none'): every series needs its class (an "
+                                               "empty cell, NA, N/A, null, none, ? and NaN mean no value; a class of "
+                                               "that name needs another, e.g. none_)"),
         # two spellings of one integer would be merged into one class unseen
         ("sample,label,f0\ns0,7,1\ns1,x,2\ns2,007,3\n", "line 4: label '007' and label '7' (line 2) are the same integer, 7"),
         ("sample,label,f0\ns0,+1,1\ns1,1,2\n", "line 3: label '1' and label '+1' (line 2)"),
@@ -934,6 +938,17 @@ def test_csv_labels_are_names_and_a_test_file_maps_them_by_name(tmp_path):
     train.write_text("sample,label,f0\ns0,1,0\ns1,10,1\ns2,2.0,2\ns3,-1,3\n")
     x, y, names = read_file(train, DataConfig())
     assert names == ("-1", "1", "2", "10") and y.tolist() == [1, 3, 2, 0]
+
+
+def test_inf_is_a_class_name_not_a_number_that_is_no_class(tmp_path):
+    """'inf' and 'Infinity' parse as floats, so they were refused as "not a class: labels are integers
+    or names" (a pair of classes inf/sup, say); they are names, as any word."""
+    from cycle_optuna.data import read_file
+
+    path = tmp_path / "a.csv"
+    path.write_text("sample,label,f0\n" + "".join(f"s{i},{lab},{i}\n" for i, lab in enumerate(["inf", "sup", "Infinity"])))
+    _, y, names = read_file(path, DataConfig())
+    assert names == ("Infinity", "inf", "sup") and y.tolist() == [1, 2, 0]
 
 
 def test_npz_test_file_may_lack_a_class(tmp_path):
