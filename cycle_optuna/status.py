@@ -99,8 +99,11 @@ def collect(study: optuna.Study, n_trials: int) -> StudyStatus:
     retried = stood_in_for(trials)
     finished = sum(t.state.is_finished() and t.number not in retried for t in trials)
     left = (total - finished) if total is not None else 0
+    # a running trial whose worker is gone (heartbeat past the grace period) is no worker going on
+    lost = {t.number for t in trials if t.state == TrialState.RUNNING
+            and (ages.get(t.number) or 0) > storage_mod.grace_period()}
     return StudyStatus(study.study_name, total, count(trials), states, running, best, failures,
-                       api.baselines(study), finished, pace(trials, left))
+                       api.baselines(study), finished, pace([t for t in trials if t.number not in lost], left))
 
 
 def _ago(age: float | None, alive: bool | None = None) -> str:

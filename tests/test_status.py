@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import optuna
@@ -230,3 +231,21 @@ def test_status_says_how_long_the_rest_takes_while_a_worker_runs(tmp_path, capsy
     db._storage.set_trial_user_attr(running._trial_id, "worker", "host:1")
     out = _status(capsys, study)
     assert "left at the pace so far (" in out and "a cycle on average, 1 worker running)" in out, out
+
+
+def test_a_running_trial_whose_worker_is_lost_is_no_worker_going_on(tmp_path, capsys, monkeypatch):
+    from cycle_optuna import storage
+
+    study = write_study(tmp_path, n_trials=1)
+    assert cli.main(["run", str(study)]) == 0
+    db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}")
+    totals.record(db, 3)
+    running = db.ask()
+    db._storage.set_trial_user_attr(running._trial_id, "worker", "host:1")
+    db._storage.record_heartbeat(running._trial_id)
+    assert "1 worker running)" in _status(capsys, study)
+    monkeypatch.setattr(storage, "GRACE_SECONDS", 1)
+    monkeypatch.setattr(storage, "HEARTBEAT_SECONDS", 1)  # the grace period: 2 s
+    time.sleep(2.5)  # its last beat is past the grace period: its worker is gone
+    out = _status(capsys, study)
+    assert "left at the pace so far" not in out and "worker lost" in out, out
