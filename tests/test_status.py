@@ -246,6 +246,8 @@ def test_a_running_trial_whose_worker_is_lost_is_no_worker_going_on(tmp_path, ca
     assert "1 worker running)" in _status(capsys, study)
     monkeypatch.setattr(storage, "GRACE_SECONDS", 1)
     monkeypatch.setattr(storage, "HEARTBEAT_SECONDS", 1)  # the grace period: 2 s
-    time.sleep(2.5)  # its last beat is past the grace period: its worker is gone
+    # its last beat is past the grace period: its worker is gone (the database's clock counts whole
+    # seconds, so 3.5 s are at least 3 by it)
+    time.sleep(3.5)
     out = _status(capsys, study)
     assert "left at the pace so far" not in out and "worker lost" in out, out
