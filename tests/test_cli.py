@@ -880,8 +880,9 @@ def test_run_on_a_terminal_says_the_time_left_after_each_cycle_but_the_last(tmp_
     screen = io.StringIO()
     monkeypatch.setattr(cli, "out", cli._Console(emoji=False, force_terminal=True, file=screen, width=200))
     assert run_cli("run", str(write_study(tmp_path, n_trials=3, epochs=1))) == 0
-    lines = set(re.findall(r"last: cycle \d \w+ [\d.]+(?:; about [\d.]+ s left)?", screen.getvalue()))
-    assert any(re.fullmatch(r"last: cycle 1 \w+ [\d.]+; about [\d.]+ s left", line) for line in lines), lines
+    lines = set(re.findall(r"last: cycle \d \w+ [\d.]+(?:; about [\d.]+ (?:s|min [\d]+ s|h [\d]+ min) left)?",
+                           screen.getvalue()))
+    assert any(re.fullmatch(r"last: cycle 1 \w+ [\d.]+; about .+ left", line) for line in lines), lines
     assert any(re.fullmatch(r"last: cycle 3 \w+ [\d.]+", line) for line in lines), lines  # nothing left: no estimate
 
 

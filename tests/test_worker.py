@@ -82,7 +82,7 @@ def test_a_deadline_lets_the_running_trial_finish_and_starts_no_other(tmp_path: 
     """`--timeout`: the trial running when the time is up ends as it would have (COMPLETE, its value
     kept); no trial starts after it; the next run without a deadline goes on to the total."""
     study, url = _sqlite_study(tmp_path)
-    deadline = time.monotonic() + 2.0
+    deadline = time.monotonic() + 5.0  # time enough for the first ask on a loaded machine
 
     def until_the_deadline(t):  # the first trial is still running when the time is up
         x = t.suggest_float("x", 0, 1)
