@@ -41,4 +41,5 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     """What `dir(cycle_optuna)` and an editor's completion list: the lazy exports and the modules the
     docs name, beside what the module holds already (without this, only its own few globals)."""
-    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
+    own = {n for n in globals() if not n.startswith("_")} - {"annotations", "importlib", "Any", "TYPE_CHECKING"}
+    return sorted({*own, *_EXPORTS, *_SUBMODULES})
