@@ -544,11 +544,16 @@ class _Loop:
                 if time.monotonic() - down_since > RECONNECT_SECONDS:
                     raise StorageError(f"lost the storage {storage_mod.mask(self.url)} for "
                                        f"{RECONNECT_SECONDS}s: {storage_mod.describe(e)}") from None
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    raise StorageError(self._out_of_time_while_down(e)) from None
                 if self.lost:
                     self.lost_cause = f"storage lost mid-trial ({fail_cause(_root(e))}); retried"
                 tries += 1
+                pause = min(5.0, 2.0 ** min(tries, 4) / 8)
+                if self.deadline is not None:  # wake at the deadline, not past it
+                    pause = max(0.0, min(pause, self.deadline - time.monotonic()))
                 try:
-                    time.sleep(min(5.0, 2.0 ** min(tries, 4) / 8))
+                    time.sleep(pause)
                 except KeyboardInterrupt:  # a signal while the database is away: its trial is handed back all the same
                     self._interrupted()
                     raise
@@ -561,6 +566,22 @@ class _Loop:
             if step == "wait":
                 time.sleep(POLL_SECONDS)
 
+    def _out_of_time_while_down(self, e: BaseException) -> str:
+        """The time limit came while the database was away: the worker stops waiting for it (a job's
+        wall-time does not wait either); a trial it held is retried by a worker once the database answers."""
+        after = f"; {self._not_handed_back()}" if self.lost and self.current is not None else ""
+        return (f"time limit reached (--timeout) while the storage {storage_mod.mask(self.url)} was away "
+                f"({storage_mod.describe(e)}){after}")
+
+    def _not_handed_back(self, cause: str = "") -> str:
+        """What becomes of the trials this worker holds when the database is away as it stops: they stay
+        running, their heartbeat stopped, and a worker's stale check fails them and queues their retry."""
+        held = [self.current, *self.packed]  # a pack's trials wait with it
+        named = ", ".join(f"cycle {n + 1} (trial {n})" for n in held)
+        return (f"{named} could not be handed back{f' ({cause})' if cause else ''}; a worker retries "
+                f"{'it' if len(held) == 1 else 'them'} once the database answers and the last heartbeat is "
+                f"{storage_mod.grace_period()}s old")
+
     def _interrupted(self) -> None:
         """A signal stops the worker: hand its trial back, or say why that cannot be stored."""
         self.heartbeat.beat_for(None)
@@ -570,13 +591,7 @@ class _Loop:
         except Exception as e:
             if not storage_mod.is_connection_error(e) or self.current is None:
                 raise
-            # the database is away (or its disk full): the trial stays running, its heartbeat
-            # stopped, and a worker's stale check fails it and queues its retry later
-            held = [self.current, *self.packed]  # a pack's trials wait with it
-            named = ", ".join(f"cycle {n + 1} (trial {n})" for n in held)
-            _log.warning("%s could not be handed back (%s); a worker retries %s once the database answers and "
-                         "the last heartbeat is %ds old", named, storage_mod.describe(e), "it" if len(held) == 1 else "them",
-                         storage_mod.grace_period())
+            _log.warning("%s", self._not_handed_back(storage_mod.describe(e)))  # the database is away, or its disk full
 
     def _fail_stale(self, conn: sqlalchemy.Connection | None, *, always: bool) -> None:
         # A dead worker's trial is failed (and its retry queued) GRACE_SECONDS after its last beat;

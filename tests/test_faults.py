@@ -640,6 +640,33 @@ def test_a_signal_while_the_database_is_away_stops_the_worker_with_its_code_not_
     assert ts[1].user_attrs[RESUMED_ATTR].startswith(f"trial {hit.number}")
 
 
+@pytest.mark.pg_restarts
+def test_a_worker_whose_time_limit_comes_while_the_database_is_away_stops_at_it(tmp_path: Path, pg_url: str):
+    """`--timeout` is a wall-time (a batch job's, an evening's): a worker waiting for its database does
+    not wait past it (it waited the full 300 s reconnect window), and says what became of its trial."""
+    study = write_study(tmp_path, n_trials=1, epochs=60)
+    log = tmp_path / "w.log"
+    proc = start_cli(["worker", str(study), "--storage", pg_url, "--timeout", "30"], pause=1.0, log=log)
+    try:
+        hit = wait_for(lambda: _running_with_checkpoint(pg_url, tmp_path), 120, "a trial with an epoch checkpoint")
+        pg_cluster("stop", "-m", "fast")
+        try:
+            rc = proc.wait(timeout=240)  # the deadline is at most 30 s away; the reconnect window 300 s
+        finally:
+            pg_cluster("start")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert rc == 2, text
+    assert "error: time limit reached (--timeout) while the storage" in text and "Traceback" not in text, text
+    assert f"cycle {hit.number + 1} (trial {hit.number}) could not be handed back" in text, text
+    assert "for 300s" not in text
+    # left running with its heartbeat stopped, for a later worker's stale check to retry
+    assert [t.state for t in trials(pg_url)] == [TrialState.RUNNING]
+
+
 def test_a_signal_while_the_sqlite_disk_is_full_stops_the_worker_with_its_code(tmp_path: Path):
     # the full disk reads as a lost database; a SIGTERM during that wait tried the hand-back, whose
     # write failed too: a StorageInternalError traceback and exit 1
