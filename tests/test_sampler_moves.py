@@ -125,6 +125,23 @@ def test_duplicate_check_covers_string_parameters():
     assert len(set(configs)) == len(configs)
 
 
+def test_a_value_reached_again_by_multiplicative_steps_is_not_tried_twice():
+    """8 x 1.41 and back gives 8.000000001 after rounding: the configuration of 8, tried already
+    (it was a second trial of the same thing, a wasted cycle on a deterministic objective)."""
+    space = {"C": FloatDistribution(1e-3, 1e3, log=True), "x": FloatDistribution(-5.0, 5.0)}
+    study = optuna.create_study(sampler=CycleSampler(baseline={"C": 1.0, "x": 3.0}, seed=0))
+    for _ in range(40):
+        trial = study.ask(dict(space))
+        study.tell(trial, (math.log10(trial.params["C"]) - 1) ** 2 + trial.params["x"] ** 2 / 10)
+    seen: list[tuple[float, float]] = []
+    for t in study.trials:
+        c, x = t.params["C"], t.params["x"]
+        twin = next((s for s in seen if math.isclose(s[0], c, rel_tol=1e-7) and math.isclose(s[1], x, abs_tol=1e-9)), None)
+        assert twin is None, f"cycle {t.number + 1} ({t.user_attrs['cycle_move']}) repeats C={twin[0]}, x={twin[1]} as {c}, {x}"
+        seen.append((c, x))
+    assert len(seen) == 40 and study.best_value < 0.01  # the search went on past the twins it no longer makes
+
+
 def test_a_move_that_lost_with_another_change_is_retried_alone():
     base = {**STEPS_BASE, "patch_len": 1}  # at its finest: no finer patch comes first
     study = optuna.create_study(sampler=CycleSampler(baseline=base, seed=0, plateau_cycles=100))

@@ -114,7 +114,18 @@ def config_key(config: Mapping[str, Any], ceilings: Mapping[str, float] | None =
     whole split); such values share one key, so a move between two of them is a known configuration."""
     if ceilings:
         config = {k: ceilings[k] if k in ceilings and _at_or_above(v, ceilings[k]) else v for k, v in config.items()}
-    return tuple(sorted((k, norm(v)) for k, v in config.items()))
+    return tuple(sorted((k, _key_value(v)) for k, v in config.items()))
+
+
+def _key_value(value: Any) -> Any:
+    """A float as a key holds 6 significant digits, and one within 1e-12 of zero is zero: a value
+    reached by two routes of steps (8 x 1.41 / 1.41 = 8.000000001, 8 / 1.41 = 5.656854249 against
+    8 x 1.41 / 2 = 5.65685425, 0.15 - 0.05 - 0.1 = 1.4e-17) is the configuration tried already. The
+    routes differ in the 10th digit; no rule steps by less than 9%, so coarser keys merge nothing
+    the rules propose, and the digits two routes differ in rarely straddle a rounding boundary."""
+    if isinstance(value, float) and math.isfinite(value):
+        return 0.0 if abs(value) < 1e-12 else float(f"{value:.6g}")
+    return value
 
 
 def _at_or_above(value: Any, ceiling: float) -> bool:
