@@ -704,7 +704,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     cfg, url = _load(args)
     preflight.for_read(url)
-    preflight.for_report(Path(args.output) if args.output is not None else report.default_dir(args.study, cfg.study.name))
+    preflight.for_report(Path(args.output) if args.output is not None else report.default_dir(args.study, cfg.study.name), cfg)
     path = report.write_report(args.study, args.output, storage=url, test=not args.no_test)
     plots = sorted(plot_files.values())  # the plots it wrote, not other PNGs in the folder
     out.print(f"report of study [bold]{cfg.study.name}[/]: {path} with {len(plots)} plots ({', '.join(plots)})",

@@ -194,8 +194,13 @@ def check_output_file(path: Path, *, what: str, example: str) -> None:
     check_writable_dir((path.resolve() if path.is_symlink() else path).parent, what=what)
 
 
-def for_report(out_dir: Path) -> None:
-    """`report`: its output directory can be written (or created)."""
+def for_report(out_dir: Path, cfg: StudyConfig) -> None:
+    """`report`: its output directory can be written (or created), and is not the study's artifact
+    folder (its models and checkpoints: the report's files would sit among them, served by the dashboard)."""
+    artifacts = artifact_dir(cfg).resolve()
+    if artifacts == out_dir.resolve() or artifacts in out_dir.resolve().parents:
+        raise ConfigError(f"-o {out_dir}: that is the study's artifact folder {artifacts} (its models and "
+                          "checkpoints); name a folder elsewhere")
     check_writable_dir(out_dir, what="report output directory")
 
 

@@ -285,6 +285,19 @@ def test_report_onto_an_existing_file_is_refused_before_anything_is_written(quic
     assert (quick_study.parent / "report.md").read_text() == "mine"
 
 
+@pytest.mark.parametrize("target", ["quick-artifacts", "quick-artifacts/report"])
+def test_report_into_the_artifact_folder_is_refused(quick_study, capsys, target):
+    """The artifact folder holds the study's models and checkpoints (the dashboard serves it): the
+    report's files do not go among them."""
+    assert run_cli("run", str(quick_study), "--n-trials", "1") == 0
+    artifacts = quick_study.parent / "quick-artifacts"
+    before = sorted(p.name for p in artifacts.iterdir())
+    capsys.readouterr()
+    line = _bad_input(quick_study.parent, capsys, "report", "quick.toml", "-o", target, "--no-test")
+    assert f"-o {target}: that is the study's artifact folder" in line
+    assert sorted(p.name for p in artifacts.iterdir()) == before
+
+
 @pytest.mark.parametrize("space, key", [
     ("dropout = { low = 0.0, high = 1.5 }", "space.dropout.high: dropout must be in [0, 1), got 1.5"),
     ("batch_size = { choices = [-8, 32] }", "space.batch_size.choices: batch_size must be in [1, 1048576], got -8"),
