@@ -980,12 +980,21 @@ def _terminal_gone() -> bool:
     return False
 
 
+def _quiet_fallback(record: logging.LogRecord) -> bool:
+    """Optuna's "Caught an error from sqlalchemy: ... Falling back to a slower alternative." (its SQL
+    and parameters included) when a query fails, mostly because the database went away, which the
+    worker says in one line of its own: shown with --debug only."""
+    return not record.getMessage().startswith("Caught an error from sqlalchemy")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns 0 ok, 2 bad input, 1 unexpected error, 130 interrupted."""
     args = build_parser().parse_args(argv)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if not args.debug:
+        logging.getLogger("optuna.storages._rdb.storage").addFilter(_quiet_fallback)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     logging.captureWarnings(True)
     from cycle_optuna.storage import check_environment, mask

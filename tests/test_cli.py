@@ -960,3 +960,18 @@ def test_a_sampler_or_pruner_changed_between_runs_is_noted_and_reported(tmp_path
     caplog.clear()
     assert run_cli("run", str(path), "--n-trials", "2") == 0  # unchanged since: nothing more to note
     assert "note: sampler" not in caplog.text
+
+
+def test_optunas_sql_fallback_warning_is_left_to_debug(tmp_path: Path, caplog):
+    """When a query fails (mostly: the database went away), Optuna logs "Caught an error from
+    sqlalchemy" with the SQL and its parameters; the worker's own line says what happened."""
+    import logging
+
+    study = write_study(tmp_path, n_trials=1, epochs=1)
+    assert run_cli("status", str(study)) in (0, 2)  # any command sets the logging up
+    rdb = logging.getLogger("optuna.storages._rdb.storage")
+    with caplog.at_level(logging.WARNING, logger="optuna"):
+        rdb.warning("Caught an error from sqlalchemy: (psycopg.errors.AdminShutdown) terminating connection. "
+                    "Falling back to a slower alternative.")
+        rdb.warning("another warning of Optuna's")
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("optuna")] == ["another warning of Optuna's"]
