@@ -833,6 +833,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {one_line(mask(message))} (see '{self.prog} --help')\n")
 
 
+def _versions() -> str:
+    """`--version`: read from the installed packages' metadata (importing torch would take seconds)."""
+    from importlib import metadata
+
+    def of(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (f"cycle-optuna {of('cycle-optuna')} (optuna {of('optuna')}, torch {of('torch')}, "
+            f"python {sys.version.split()[0]})")
+
+
+class _Version(argparse.Action):
+    """`--version`, its text read only when asked (package metadata costs ~40 ms: every command would pay it)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(_versions())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cycle-optuna",
@@ -840,6 +865,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'cycle-optuna COMMAND --help' for a command's options and examples.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    parser.add_argument("--version", action=_Version, help="this package's version and those of Optuna, PyTorch and Python")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:

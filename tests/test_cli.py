@@ -975,3 +975,14 @@ def test_optunas_sql_fallback_warning_is_left_to_debug(tmp_path: Path, caplog):
                     "Falling back to a slower alternative.")
         rdb.warning("another warning of Optuna's")
     assert [r.getMessage() for r in caplog.records if r.name.startswith("optuna")] == ["another warning of Optuna's"]
+
+
+def test_version_names_this_package_and_what_it_runs_on(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"cycle-optuna {metadata.version('cycle-optuna')} (optuna {optuna.__version__}, torch ")
+    assert f"python {sys.version.split()[0]})" in line and "\n" not in line
