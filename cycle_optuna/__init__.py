@@ -27,6 +27,10 @@ _SUBMODULES = {"api", "export", "predict", "report", "refitting", "dashboard", "
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # the installed package's, read when asked
+        from importlib.metadata import version
+
+        return version("cycle-optuna")
     where = _EXPORTS.get(name)
     if where is None:
         if name in _SUBMODULES:  # `import cycle_optuna` then cycle_optuna.export.frame(...), as the docs write it

@@ -986,3 +986,6 @@ def test_version_names_this_package_and_what_it_runs_on(capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"cycle-optuna {metadata.version('cycle-optuna')} (optuna {optuna.__version__}, torch ")
     assert f"python {sys.version.split()[0]})" in line and "\n" not in line
+    import cycle_optuna
+
+    assert cycle_optuna.__version__ == metadata.version("cycle-optuna")
