@@ -483,8 +483,17 @@ def _model_of(study: optuna.Study, done: list[FrozenTrial], *, artifact_dir: str
                       trial_numbers=[t.number for t in members], refit=use).eval()
 
 
+# a runner-up joins the best model only with a validation loss at most this far above the best's (mean
+# cross-entropy, nats: 0.25 is a model that gives the true class about a fifth less probability): in a
+# short study the second best can be a cycle that lost the signal (a switch that hurt: 0.85 against
+# 0.15), and averaging it in pulls every prediction toward it. Runners-up within the noise of the
+# best stay in (docs/model.md)
+ENSEMBLE_SPREAD = 0.25
+
+
 def _members(study: optuna.Study, done: list[FrozenTrial], ensemble: int | None) -> list[FrozenTrial]:
-    """The trials the best model averages: the best, then the next best that kept a model, `ensemble` in all."""
+    """The trials the best model averages: the best, then the next best that kept a model and whose
+    validation loss is at most ENSEMBLE_SPREAD above the best's, `ensemble` in all."""
     trial = done[0]
     if not trial.user_attrs.get(MODEL_ATTR):
         why = trial.user_attrs.get("model_save_error", "it ran without an artifact store, or was added to the study by other code")
@@ -499,7 +508,8 @@ def _members(study: optuna.Study, done: list[FrozenTrial], ensemble: int | None)
         ensemble = None
     if ensemble is None or ensemble < 1:
         raise ConfigError(f"ensemble: expected a whole number >= 1, got {given!r}")
-    return [trial, *(t for t in done[1:] if t.user_attrs.get(MODEL_ATTR))][:ensemble]
+    near = [t for t in done[1:] if t.user_attrs.get(MODEL_ATTR) and t.value <= trial.value + ENSEMBLE_SPREAD]
+    return [trial, *near][:ensemble]
 
 
 def refit_state(study: optuna.Study, members: list[FrozenTrial]) -> dict[str, Any]:
