@@ -440,10 +440,37 @@ def _timed_out(study, cfg, timeout: float) -> str:
             f"of {totals.shown(study, cfg.study.n_trials)} trials; the same command goes on from there")
 
 
+def _best_line(study, cfg) -> str | None:
+    """One line under the cycle table: the best cycle, whether a reference baseline still beats it on
+    validation (a tuned model below 1-NN is not done), and where its test score and model are."""
+    from optuna.trial import TrialState
+
+    from cycle_optuna import api
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    if not done:
+        return None
+    best = min(done, key=lambda t: (t.value, t.number))
+    acc = best.user_attrs.get("val_accuracy")
+    line = f"best: cycle {best.number + 1}, val loss {best.value:.4f}"
+    if isinstance(acc, (int, float)):
+        line += f", accuracy {acc:.2%}"
+        above = [(b["val_accuracy"], b.get("label", k)) for k, b in api.baselines(study).items() if b["val_accuracy"] > acc]
+        if above:
+            top, label = max(above)
+            line += (f"; a reference baseline scores higher on validation ({label}: {top:.2%}): more cycles "
+                     "(--n-trials) or another search space may close the gap")
+    where = f" {cfg.path}" if cfg.path else ""
+    return line + f"; 'cycle-optuna best{where}' gives its held-out test accuracy and the model"
+
+
 def _after_run(study, cfg, stats, timeout: float | None = None) -> int:
     from cycle_optuna import dashboard, totals, worker
 
     _print_cycles(study)
+    closing = _best_line(study, cfg)
+    if closing:
+        out.print(closing, highlight=False, soft_wrap=True)
     if stats.timed_out:
         out.print(_timed_out(study, cfg, timeout or 0), highlight=False, soft_wrap=True)
     elif not stats.states:

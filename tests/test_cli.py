@@ -44,6 +44,28 @@ def test_run_twice_grows_the_same_study_with_nothing_lost(quick_study, capsys):
     assert "already holds 3 of 3 trials" in capsys.readouterr().out
 
 
+def test_run_closes_with_the_best_cycle_and_a_reference_that_still_beats_it(quick_study, capsys):
+    """Under the cycle table: the best cycle, whether a reference baseline still scores higher on
+    validation (a tuned model below 1-NN is not done), and the command that gives the rest."""
+    from cycle_optuna import api, config
+
+    assert run_cli("run", str(quick_study), "--n-trials", "2") == 0
+    study = study_of(quick_study)
+    best = min((t for t in study.trials if t.value is not None), key=lambda t: t.value)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"best: cycle {best.number + 1}, val loss {best.value:.4f}, "
+                           f"accuracy {best.user_attrs['val_accuracy']:.2%}")
+    assert line.endswith(f"'cycle-optuna best {quick_study}' gives its held-out test accuracy and the model")
+    above = [b for b in api.baselines(study).values() if b["val_accuracy"] > best.user_attrs["val_accuracy"]]
+    assert ("a reference baseline scores higher on validation" in line) == bool(above)
+    # a stronger reference on record: named, with its score
+    refs = dict(study.user_attrs[api.BASELINES_ATTR])
+    refs["1nn"] = {**refs["1nn"], "val_accuracy": 1.0}
+    study.set_user_attr(api.BASELINES_ATTR, refs)
+    line = cli._best_line(study, config.load(quick_study))
+    assert f"a reference baseline scores higher on validation ({refs['1nn']['label']}: 100.00%)" in line
+
+
 def test_best_prints_table_and_json(quick_study, capsys):
     assert run_cli("run", str(quick_study), "--n-trials", "1") == 0
     capsys.readouterr()
