@@ -533,6 +533,9 @@ def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None]
         # the other workers retried its trial and finished the study: the job is done
         err.print("the study holds all its trials: the other workers took over", highlight=False)
     _print_cycles(study)
+    closing = _best_line(study, cfg)
+    if closing:
+        out.print(closing, highlight=False, soft_wrap=True)
     if deadline is not None and not _study_done(study, cfg.study.n_trials):
         out.print(_timed_out(study, cfg, args.timeout), highlight=False, soft_wrap=True)
     dashboard.write_notes(study)

@@ -60,6 +60,8 @@ def test_run_with_workers_without_a_terminal_prints_the_workers_lines(tmp_path):
     assert len({w for _, w in started}) == 2  # both workers' lines, as they wrote them
     assert not re.search(r"trials +━", proc.stdout)  # no frame of a live view in a log
     assert re.search(r"(?m)^ *cycles of tiny *$", proc.stdout)  # the table's title on a line of its own
+    assert re.search(r"(?m)^best: cycle \d, val loss \d\.\d{4}.*'cycle-optuna best \S+' gives its held-out test accuracy "
+                     r"and the model$", proc.stdout), proc.stdout  # under it, as a single worker's run closes
     # the data's note once, from `run`; each worker's log keeps its own copy, which is not echoed
     note = [line for line in proc.stdout.splitlines() if line.startswith("note: the validation split holds 6 series")]
     assert len(note) == 1, proc.stdout
