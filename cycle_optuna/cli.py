@@ -440,17 +440,23 @@ def _timed_out(study, cfg, timeout: float) -> str:
             f"of {totals.shown(study, cfg.study.n_trials)} trials; the same command goes on from there")
 
 
+def _print_closing(study, cfg) -> None:
+    """The cycle table, then the best-cycle line under it (`run`, one worker or K)."""
+    _print_cycles(study)
+    closing = _best_line(study, cfg)
+    if closing:
+        out.print(closing, highlight=False, soft_wrap=True)
+
+
 def _best_line(study, cfg) -> str | None:
     """One line under the cycle table: the best cycle, whether a reference baseline still beats it on
     validation (a tuned model below 1-NN is not done), and where its test score and model are."""
-    from optuna.trial import TrialState
-
     from cycle_optuna import api
 
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    if not done:
+    try:
+        best = api._completed(study)[0]  # the best cycle as `best` ranks it
+    except StorageError:  # no cycle completed
         return None
-    best = min(done, key=lambda t: (t.value, t.number))
     acc = best.user_attrs.get("val_accuracy")
     line = f"best: cycle {best.number + 1}, val loss {best.value:.4f}"
     if isinstance(acc, (int, float)):
@@ -467,10 +473,7 @@ def _best_line(study, cfg) -> str | None:
 def _after_run(study, cfg, stats, timeout: float | None = None) -> int:
     from cycle_optuna import dashboard, totals, worker
 
-    _print_cycles(study)
-    closing = _best_line(study, cfg)
-    if closing:
-        out.print(closing, highlight=False, soft_wrap=True)
+    _print_closing(study, cfg)
     if stats.timed_out:
         out.print(_timed_out(study, cfg, timeout or 0), highlight=False, soft_wrap=True)
     elif not stats.states:
@@ -532,10 +535,7 @@ def _run_workers(args: argparse.Namespace, cfg, url: str, gpus: list[str | None]
             return code or 1
         # the other workers retried its trial and finished the study: the job is done
         err.print("the study holds all its trials: the other workers took over", highlight=False)
-    _print_cycles(study)
-    closing = _best_line(study, cfg)
-    if closing:
-        out.print(closing, highlight=False, soft_wrap=True)
+    _print_closing(study, cfg)
     if deadline is not None and not _study_done(study, cfg.study.n_trials):
         out.print(_timed_out(study, cfg, args.timeout), highlight=False, soft_wrap=True)
     dashboard.write_notes(study)

@@ -194,11 +194,18 @@ def check_output_file(path: Path, *, what: str, example: str) -> None:
     check_writable_dir((path.resolve() if path.is_symlink() else path).parent, what=what)
 
 
+def _artifacts_holding(path: Path, cfg: StudyConfig, *, itself: bool = False) -> Path | None:
+    """The study's artifact folder ($CYCLE_OPTUNA_ARTIFACT_DIR over the study file's, as workers use)
+    when `path` lies inside it (or, with `itself`, is it); else None."""
+    artifacts, where = artifact_dir(cfg).resolve(), path.resolve()
+    return artifacts if artifacts in where.parents or (itself and artifacts == where) else None
+
+
 def for_report(out_dir: Path, cfg: StudyConfig) -> None:
     """`report`: its output directory can be written (or created), and is not the study's artifact
     folder (its models and checkpoints: the report's files would sit among them, served by the dashboard)."""
-    artifacts = artifact_dir(cfg).resolve()
-    if artifacts == out_dir.resolve() or artifacts in out_dir.resolve().parents:
+    artifacts = _artifacts_holding(out_dir, cfg, itself=True)
+    if artifacts is not None:
         raise ConfigError(f"-o {out_dir}: that is the study's artifact folder {artifacts} (its models and "
                           "checkpoints); name a folder elsewhere")
     check_writable_dir(out_dir, what="report output directory")
@@ -230,7 +237,7 @@ def not_an_input(target: Path, cfg: StudyConfig | None, url: str | None, data_fi
             raise ConfigError(f"{flag} {target}: that is {what}; name another file to write")
     if cfg is None:
         return
-    artifacts = artifact_dir(cfg).resolve()  # $CYCLE_OPTUNA_ARTIFACT_DIR over the study file's, as workers use
-    if artifacts in target.resolve().parents:  # the study's saved models and checkpoints
+    artifacts = _artifacts_holding(target, cfg)
+    if artifacts is not None:  # the study's saved models and checkpoints
         raise ConfigError(f"{flag} {target}: that is in the study's artifact folder {artifacts} (its models and "
                           "checkpoints); name a file elsewhere")
